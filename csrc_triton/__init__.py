@@ -1,0 +1,24 @@
+"""Triton kernels of prefixattn (``@triton.jit`` functions only; launchers live in
+``prefixattn.ops.launch``).
+
+Import this module lazily: Triton decides at decoration time whether a kernel is compiled
+or interpreted (``TRITON_INTERPRET=1``), so ``prefixattn`` imports it on the first call.
+"""
+
+from .prefix_attention_bwd import (
+    _attn_bwd_dkdv,
+    _attn_bwd_dq,
+    _attn_bwd_prefix_dkdv,
+    _attn_bwd_preprocess,
+    _prefix_grad_reduce,
+)
+from .prefix_attention_fwd import _attn_fwd
+
+__all__ = [
+    "_attn_bwd_dkdv",
+    "_attn_bwd_dq",
+    "_attn_bwd_prefix_dkdv",
+    "_attn_bwd_preprocess",
+    "_attn_fwd",
+    "_prefix_grad_reduce",
+]

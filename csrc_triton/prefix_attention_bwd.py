@@ -1,0 +1,640 @@
+"""Backward kernels of prefix attention.
+
+With P = softmax(s) (rows over the prefix and sequence columns), Z the dropout keep mask
+scaled by 1/(1-p) (all ones without dropout), O = (P*Z) V and dO the output gradient:
+
+    Delta_i = rowsum(dO_i * O_i)
+    dV_j    = sum_i (P*Z)_ij dO_i
+    dP_ij   = (dO_i . V_j) Z_ij
+    dS_ij   = P_ij (dP_ij - Delta_i)
+    dQ_i    = sm_scale * sum_j dS_ij K_j          dK_j = sm_scale * sum_i dS_ij Q_i
+
+P is recomputed from the forward's log2 logsumexp (LSE, +inf for an empty row, so P = 0
+and every gradient of that row is 0). Kernels:
+
+    _attn_bwd_preprocess    Delta, one program per (query block, b*h)
+    _attn_bwd_dkdv          dK, dV of sequence keys, one program per (key block, b*hkv),
+                            walking the GQA group's heads and only the query blocks that
+                            see the key block (on-band masked, then off-band unmasked)
+    _attn_bwd_dq            dQ, one program per (query block, b*h), prefix then sequence
+    _attn_bwd_prefix_dkdv   per-row fp32 partial dK, dV of the prefix, one program per
+                            (prefix block, b*hkv, query split)
+    _prefix_grad_reduce     sums the partials of the rows that use each prefix entry, in
+                            a fixed order: bitwise reproducible, no atomics
+"""
+
+import triton
+import triton.language as tl
+
+from .prefix_attention_fwd import PREFIX_BANK, PREFIX_PER_ROW, _dropout_keep, _prefix_entry
+
+
+@triton.jit
+def _attn_bwd_preprocess(
+    O,
+    DO,
+    Delta,
+    stride_oz,
+    stride_oh,
+    stride_om,
+    stride_od,
+    stride_doz,
+    stride_doh,
+    stride_dom,
+    stride_dod,
+    H,
+    N_Q,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """Delta[b, h, i] = sum_d O[b, h, i, d] * dO[b, h, i, d] in fp32.
+
+    Grid: (cdiv(Nq, BLOCK_M), B * H); one program does BLOCK_M rows of one (b, h).
+    """
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // H).to(tl.int64)
+    off_h = (off_bh % H).to(tl.int64)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    msk = (offs_m[:, None] < N_Q) & (offs_d[None, :] < D)
+    rows = offs_m[:, None].to(tl.int64)
+    o = tl.load(
+        O + off_b * stride_oz + off_h * stride_oh + rows * stride_om + offs_d[None, :] * stride_od,
+        mask=msk,
+        other=0.0,
+    ).to(tl.float32)
+    do = tl.load(
+        DO
+        + off_b * stride_doz
+        + off_h * stride_doh
+        + rows * stride_dom
+        + offs_d[None, :] * stride_dod,
+        mask=msk,
+        other=0.0,
+    ).to(tl.float32)
+    tl.store(Delta + off_bh.to(tl.int64) * N_Q + offs_m, tl.sum(o * do, 1), mask=offs_m < N_Q)
+
+
+@triton.jit
+def _attn_bwd_kv_inner(
+    dk,
+    dv,
+    k,
+    v,
+    Q,
+    DO,
+    LSE,
+    Delta,
+    stride_qm,
+    stride_qd,
+    stride_dom,
+    stride_dod,
+    lo,
+    hi,
+    cols,
+    key_real,
+    N_Q,
+    causal_off,
+    qk_scale,
+    seed,
+    drop_base,
+    n_tot,
+    col_base,
+    dropout_p,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    MASK_CAUSAL: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """Accumulate dK, dV [BLOCK_N, BLOCK_D] of one key block over query blocks [lo, hi).
+
+    Q, DO point at query 0 of this (b, h); LSE, Delta at this (b, h)'s row vector.
+    Out-of-range query rows load q = dO = 0 and LSE = +inf, so they contribute nothing.
+    """
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + offs_m0
+        m_ok = offs_m < N_Q
+        ld = m_ok[:, None] & d_ok[None, :]
+        q = tl.load(
+            Q + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd,
+            mask=ld,
+            other=0.0,
+        )
+        do = tl.load(
+            DO + offs_m[:, None].to(tl.int64) * stride_dom + offs_d[None, :] * stride_dod,
+            mask=ld,
+            other=0.0,
+        )
+        lse = tl.load(LSE + offs_m, mask=m_ok, other=float("inf"))
+        delta = tl.load(Delta + offs_m, mask=m_ok, other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale  # [M, N]
+        p = tl.exp2(qk - lse[:, None])
+        if MASK_CAUSAL:
+            p = tl.where(cols[None, :] <= offs_m[:, None] + causal_off, p, 0.0)
+        if HAS_KEY_MASK:
+            p = tl.where(key_real[None, :], p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(
+                seed, (drop_base + offs_m.to(tl.int64)) * n_tot, col_base + cols, dropout_p
+            )
+            inv_keep = 1.0 / (1.0 - dropout_p)
+            pz = tl.where(keep, p * inv_keep, 0.0)
+            dp = tl.where(keep, dp * inv_keep, 0.0)
+        else:
+            pz = p
+        dv = tl.dot(tl.trans(pz.to(do.dtype)), do, dv, input_precision=INPUT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=INPUT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv(
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    Delta,
+    KPM,
+    DK,
+    DV,
+    stride_qz,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kz,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vz,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_doz,
+    stride_doh,
+    stride_dom,
+    stride_dod,
+    stride_kpmz,
+    stride_kpmn,
+    stride_dkz,
+    stride_dkh,
+    stride_dkn,
+    stride_dkd,
+    H,
+    HKV,
+    GROUP,
+    N_Q,
+    N_K,
+    N_P,
+    sm_scale,
+    dropout_p,
+    seed,
+    TUNE_NQ,
+    TUNE_NK,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """dK, dV of the sequence keys.
+
+    Grid: (cdiv(Nk, BLOCK_N), B * Hkv). One program owns BLOCK_N keys of one (b, kv head)
+    and sums over the GROUP query heads that share it and every query that sees them:
+    with causal alignment, query i sees key j iff i >= j - (Nk - Nq), so the walk starts
+    at the first such query block, masks the on-band blocks and runs the rest unmasked.
+    DK and DV share strides (both are allocated contiguous [B, Hkv, Nk, D]).
+    """
+    start_n = tl.program_id(0) * BLOCK_N
+    off_bhk = tl.program_id(1)
+    off_b = off_bhk // HKV
+    off_hk = off_bhk % HKV
+    b64 = off_b.to(tl.int64)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_ok = offs_n < N_K
+    ld = n_ok[:, None] & (offs_d[None, :] < D)
+    rows_n = offs_n[:, None].to(tl.int64)
+    k = tl.load(
+        K + b64 * stride_kz + off_hk.to(tl.int64) * stride_kh + rows_n * stride_kn
+        + offs_d[None, :] * stride_kd,
+        mask=ld, other=0.0,
+    )  # fmt: skip
+    v = tl.load(
+        V + b64 * stride_vz + off_hk.to(tl.int64) * stride_vh + rows_n * stride_vn
+        + offs_d[None, :] * stride_vd,
+        mask=ld, other=0.0,
+    )  # fmt: skip
+    key_real = n_ok
+    if HAS_KPM:
+        real = tl.load(KPM + b64 * stride_kpmz + offs_n * stride_kpmn, mask=n_ok, other=0)
+        key_real = real != 0
+
+    causal_off = N_K - N_Q
+    if IS_CAUSAL:
+        first = tl.maximum(start_n - causal_off, 0)  # first query that sees key start_n
+        band_lo = (first // BLOCK_M) * BLOCK_M
+        # from this query on, every key of the block is visible
+        full = tl.maximum(start_n + BLOCK_N - 1 - causal_off, 0)
+        q_end = ((N_Q + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
+        band_hi = tl.minimum(((full + BLOCK_M - 1) // BLOCK_M) * BLOCK_M, q_end)
+        band_hi = tl.maximum(band_hi, band_lo)
+    else:
+        band_lo = 0
+        band_hi = 0
+
+    qk_scale = sm_scale * 1.44269504089
+    n_tot = N_P + N_K
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for g in range(GROUP):
+        off_h = off_hk * GROUP + g
+        off_bh = off_b * H + off_h
+        q_ptr = Q + b64 * stride_qz + off_h.to(tl.int64) * stride_qh
+        do_ptr = DO + b64 * stride_doz + off_h.to(tl.int64) * stride_doh
+        lse_ptr = LSE + off_bh.to(tl.int64) * N_Q
+        delta_ptr = Delta + off_bh.to(tl.int64) * N_Q
+        drop_base = off_bh.to(tl.int64) * N_Q
+        if IS_CAUSAL:
+            dk, dv = _attn_bwd_kv_inner(
+                dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr,
+                stride_qm, stride_qd, stride_dom, stride_dod,
+                band_lo, band_hi, offs_n, key_real, N_Q, causal_off, qk_scale,
+                seed, drop_base, n_tot, N_P, dropout_p,
+                D, BLOCK_D, BLOCK_M, True, HAS_KPM, HAS_DROPOUT, INPUT_PRECISION,
+            )  # fmt: skip
+        dk, dv = _attn_bwd_kv_inner(
+            dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr,
+            stride_qm, stride_qd, stride_dom, stride_dod,
+            band_hi, N_Q, offs_n, key_real, N_Q, causal_off, qk_scale,
+            seed, drop_base, n_tot, N_P, dropout_p,
+            D, BLOCK_D, BLOCK_M, False, HAS_KPM, HAS_DROPOUT, INPUT_PRECISION,
+        )  # fmt: skip
+
+    dk = dk * sm_scale
+    out_off = b64 * stride_dkz + off_hk.to(tl.int64) * stride_dkh + rows_n * stride_dkn
+    out_off = out_off + offs_d[None, :] * stride_dkd
+    tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=ld)
+    tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=ld)
+
+
+@triton.jit
+def _attn_bwd_dq_inner(
+    dq,
+    q,
+    do,
+    lse,
+    delta,
+    K,
+    V,
+    stride_kn,
+    stride_kd,
+    stride_vn,
+    stride_vd,
+    KPM,
+    stride_kpmn,
+    lo,
+    hi,
+    n_valid,
+    causal_off,
+    offs_m,
+    qk_scale,
+    seed,
+    drop_rows,
+    col_base,
+    dropout_p,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASK_BOUNDS: tl.constexpr,
+    MASK_CAUSAL: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """Accumulate dQ [BLOCK_M, BLOCK_D] (without sm_scale) over key blocks [lo, hi)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        kv_ok = d_ok[None, :]
+        if MASK_BOUNDS:
+            kv_ok = kv_ok & (cols[:, None] < n_valid)
+        k = tl.load(
+            K + cols[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kd,
+            mask=kv_ok,
+            other=0.0,
+        )
+        v = tl.load(
+            V + cols[:, None].to(tl.int64) * stride_vn + offs_d[None, :] * stride_vd,
+            mask=kv_ok,
+            other=0.0,
+        )
+        qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+        p = tl.exp2(qk - lse[:, None])
+        if MASK_BOUNDS:
+            p = tl.where(cols[None, :] < n_valid, p, 0.0)
+        if MASK_CAUSAL:
+            p = tl.where(cols[None, :] <= offs_m[:, None] + causal_off, p, 0.0)
+        if HAS_KPM:
+            real = tl.load(KPM + cols * stride_kpmn, mask=cols < n_valid, other=0)
+            p = tl.where(real[None, :] != 0, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, drop_rows, col_base + cols, dropout_p)
+            dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq(
+    Q,
+    K,
+    V,
+    PK,
+    PV,
+    PIDX,
+    KPM,
+    DO,
+    LSE,
+    Delta,
+    DQ,
+    stride_qz,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kz,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vz,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_pkz,
+    stride_pkh,
+    stride_pkn,
+    stride_pkd,
+    stride_pvz,
+    stride_pvh,
+    stride_pvn,
+    stride_pvd,
+    stride_kpmz,
+    stride_kpmn,
+    stride_doz,
+    stride_doh,
+    stride_dom,
+    stride_dod,
+    stride_dqz,
+    stride_dqh,
+    stride_dqm,
+    stride_dqd,
+    H,
+    GROUP,
+    N_Q,
+    N_K,
+    N_P,
+    sm_scale,
+    dropout_p,
+    seed,
+    TUNE_NQ,
+    TUNE_NK,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    PREFIX_MODE: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """dQ. Grid: (cdiv(Nq, BLOCK_M), B * H); same key stages as the forward."""
+    start_m = tl.program_id(0) * BLOCK_M
+    off_bh = tl.program_id(1)
+    off_b = off_bh // H
+    off_h = off_bh % H
+    off_hk = off_h // GROUP
+    b64 = off_b.to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < N_Q
+    ld = m_ok[:, None] & (offs_d[None, :] < D)
+    rows = offs_m[:, None].to(tl.int64)
+    q = tl.load(
+        Q + b64 * stride_qz + off_h.to(tl.int64) * stride_qh + rows * stride_qm
+        + offs_d[None, :] * stride_qd,
+        mask=ld, other=0.0,
+    )  # fmt: skip
+    do = tl.load(
+        DO + b64 * stride_doz + off_h.to(tl.int64) * stride_doh + rows * stride_dom
+        + offs_d[None, :] * stride_dod,
+        mask=ld, other=0.0,
+    )  # fmt: skip
+    lse = tl.load(LSE + off_bh.to(tl.int64) * N_Q + offs_m, mask=m_ok, other=float("inf"))
+    delta = tl.load(Delta + off_bh.to(tl.int64) * N_Q + offs_m, mask=m_ok, other=0.0)
+
+    qk_scale = sm_scale * 1.44269504089
+    n_tot = N_P + N_K
+    drop_rows = (off_bh.to(tl.int64) * N_Q + offs_m) * n_tot
+    causal_off = N_K - N_Q
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if PREFIX_MODE != 0:
+        entry = _prefix_entry(PIDX, off_b, PREFIX_MODE)
+        pk = PK + entry * stride_pkz + off_hk.to(tl.int64) * stride_pkh
+        pv = PV + entry * stride_pvz + off_hk.to(tl.int64) * stride_pvh
+        dq = _attn_bwd_dq_inner(
+            dq, q, do, lse, delta, pk, pv, stride_pkn, stride_pkd, stride_pvn, stride_pvd,
+            KPM, stride_kpmn, 0, N_P, N_P, causal_off, offs_m, qk_scale,
+            seed, drop_rows, 0, dropout_p,
+            D, BLOCK_D, BLOCK_N, True, False, False, HAS_DROPOUT, INPUT_PRECISION,
+        )  # fmt: skip
+    k_base = K + b64 * stride_kz + off_hk.to(tl.int64) * stride_kh
+    v_base = V + b64 * stride_vz + off_hk.to(tl.int64) * stride_vh
+    kpm_base = KPM + b64 * stride_kpmz
+    if IS_CAUSAL:
+        full_hi = tl.maximum(start_m + causal_off + 1, 0)
+        full_hi = (full_hi // BLOCK_N) * BLOCK_N
+        hi = tl.minimum(tl.maximum(start_m + BLOCK_M + causal_off, 0), N_K)
+    else:
+        full_hi = (N_K // BLOCK_N) * BLOCK_N
+        hi = N_K
+    dq = _attn_bwd_dq_inner(
+        dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+        kpm_base, stride_kpmn, 0, full_hi, N_K, causal_off, offs_m, qk_scale,
+        seed, drop_rows, N_P, dropout_p,
+        D, BLOCK_D, BLOCK_N, False, False, HAS_KPM, HAS_DROPOUT, INPUT_PRECISION,
+    )  # fmt: skip
+    dq = _attn_bwd_dq_inner(
+        dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+        kpm_base, stride_kpmn, full_hi, hi, N_K, causal_off, offs_m, qk_scale,
+        seed, drop_rows, N_P, dropout_p,
+        D, BLOCK_D, BLOCK_N, True, IS_CAUSAL, HAS_KPM, HAS_DROPOUT, INPUT_PRECISION,
+    )  # fmt: skip
+    dq = dq * sm_scale
+    dq_ptrs = (
+        DQ + b64 * stride_dqz + off_h.to(tl.int64) * stride_dqh + rows * stride_dqm
+        + offs_d[None, :] * stride_dqd
+    )  # fmt: skip
+    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=ld)
+
+
+@triton.jit
+def _attn_bwd_prefix_dkdv(
+    Q,
+    PK,
+    PV,
+    PIDX,
+    DO,
+    LSE,
+    Delta,
+    DPK,
+    DPV,
+    stride_qz,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_pkz,
+    stride_pkh,
+    stride_pkn,
+    stride_pkd,
+    stride_pvz,
+    stride_pvh,
+    stride_pvn,
+    stride_pvd,
+    stride_doz,
+    stride_doh,
+    stride_dom,
+    stride_dod,
+    H,
+    HKV,
+    GROUP,
+    N_Q,
+    N_K,
+    N_P,
+    sm_scale,
+    dropout_p,
+    seed,
+    TUNE_NQ,
+    TUNE_NK,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PREFIX_MODE: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """Per-row partial gradients of the prefix keys and values, in fp32.
+
+    Grid: (cdiv(P, BLOCK_N), B * Hkv, S). Program (n, b*Hkv + hk, s) takes BLOCK_N prefix
+    keys of the entry row b reads, and sums over the GROUP heads of kv head hk and the
+    s-th of S equal runs of query blocks of row b (no causal mask: every query
+    sees every prefix key). It writes DPK/DPV[(b * S + s), hk, n:n+BLOCK_N, :], contiguous
+    [B * S, Hkv, P, D]. Nothing is shared between programs, so nothing is atomic.
+    """
+    start_n = tl.program_id(0) * BLOCK_N
+    off_bhk = tl.program_id(1)
+    split = tl.program_id(2)
+    n_split = tl.num_programs(2)
+    off_b = off_bhk // HKV
+    off_hk = off_bhk % HKV
+    b64 = off_b.to(tl.int64)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    ld = (offs_n[:, None] < N_P) & (offs_d[None, :] < D)
+    entry = _prefix_entry(PIDX, off_b, PREFIX_MODE)
+    rows_n = offs_n[:, None].to(tl.int64)
+    k = tl.load(
+        PK + entry * stride_pkz + off_hk.to(tl.int64) * stride_pkh + rows_n * stride_pkn
+        + offs_d[None, :] * stride_pkd,
+        mask=ld, other=0.0,
+    )  # fmt: skip
+    v = tl.load(
+        PV + entry * stride_pvz + off_hk.to(tl.int64) * stride_pvh + rows_n * stride_pvn
+        + offs_d[None, :] * stride_pvd,
+        mask=ld, other=0.0,
+    )  # fmt: skip
+    q_per_split = tl.cdiv(tl.cdiv(N_Q, BLOCK_M), n_split) * BLOCK_M
+    q_lo = split * q_per_split
+    q_hi = tl.minimum(q_lo + q_per_split, N_Q)
+    qk_scale = sm_scale * 1.44269504089
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for g in range(GROUP):
+        off_h = off_hk * GROUP + g
+        off_bh = off_b * H + off_h
+        dk, dv = _attn_bwd_kv_inner(
+            dk, dv, k, v,
+            Q + b64 * stride_qz + off_h.to(tl.int64) * stride_qh,
+            DO + b64 * stride_doz + off_h.to(tl.int64) * stride_doh,
+            LSE + off_bh.to(tl.int64) * N_Q, Delta + off_bh.to(tl.int64) * N_Q,
+            stride_qm, stride_qd, stride_dom, stride_dod,
+            q_lo, q_hi, offs_n, offs_n < N_P, q_hi, 0, qk_scale,
+            seed, off_bh.to(tl.int64) * N_Q, N_P + N_K, 0, dropout_p,
+            D, BLOCK_D, BLOCK_M, False, False, HAS_DROPOUT, INPUT_PRECISION,
+        )  # fmt: skip
+    dk = dk * sm_scale
+    part = (b64 * n_split + split) * HKV + off_hk
+    out_off = (part * N_P + rows_n) * D + offs_d[None, :]
+    tl.store(DPK + out_off, dk, mask=ld)
+    tl.store(DPV + out_off, dv, mask=ld)
+
+
+@triton.jit
+def _prefix_grad_reduce(
+    DPK,
+    DPV,
+    PIDX,
+    GPK,
+    GPV,
+    N_ROWS,
+    N_SPLIT,
+    NUMEL,
+    PREFIX_MODE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Prefix gradient of one entry: the sum of the partials of the rows that read it.
+
+    Grid: (n_entries, cdiv(NUMEL, BLOCK)), NUMEL = Hkv * P * D. Program (z, c) walks the
+    partials [N_ROWS * N_SPLIT, NUMEL] in order and adds those whose row reads entry z
+    (shared: every row; per-row: row z; bank: rows with PIDX[b] == z), then writes
+    GPK/GPV[z, c*BLOCK : (c+1)*BLOCK] (contiguous) in the prefix dtype. The fixed order
+    makes the result bitwise identical from run to run.
+    """
+    z = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < NUMEL
+    acc_k = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_v = tl.zeros([BLOCK], dtype=tl.float32)
+    if PREFIX_MODE == PREFIX_PER_ROW:
+        row_lo = z
+        row_hi = z + 1
+    else:
+        row_lo = 0
+        row_hi = N_ROWS
+    for b in range(row_lo, row_hi):
+        take = ok
+        if PREFIX_MODE == PREFIX_BANK:
+            take = ok & (tl.load(PIDX + b) == z)
+        for s in range(N_SPLIT):
+            part = (b * N_SPLIT + s) * NUMEL
+            acc_k += tl.load(DPK + part + offs, mask=take, other=0.0)
+            acc_v += tl.load(DPV + part + offs, mask=take, other=0.0)
+    tl.store(GPK + z * NUMEL + offs, acc_k.to(GPK.dtype.element_ty), mask=ok)
+    tl.store(GPV + z * NUMEL + offs, acc_v.to(GPV.dtype.element_ty), mask=ok)

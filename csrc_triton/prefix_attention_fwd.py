@@ -1,0 +1,273 @@
+"""Forward kernel of prefix attention (FlashAttention-2 style, fp32 online softmax).
+
+Notation (shapes as the launcher passes them; any strides):
+    Q   [B, H,   Nq, D]      K, V  [B, Hkv, Nk, D]      GROUP = H // Hkv
+    PK, PV: the prefix, read from its own buffer through PREFIX_MODE:
+        1 shared   [Hkv, P, D]      (entry 0 for every row; its batch stride is 0)
+        2 per-row  [B, Hkv, P, D]   (entry b for row b)
+        3 bank     [T, Hkv, P, D]   (entry PIDX[b] for row b, read inside the kernel)
+    KPM [B, Nk] uint8, 1 = real key (only with HAS_KPM)
+    Out [B, H, Nq, D]; LSE [B, H, Nq] fp32, log2-domain logsumexp (+inf for an empty row)
+
+Query i of a row sees every prefix key, and sequence key j iff j <= i + (Nk - Nq) when
+IS_CAUSAL (bottom-right alignment), and KPM[b, j] when HAS_KPM. With dropout, kept
+probabilities are scaled by 1 / (1 - dropout_p); the keep mask of element (b, h, i, c),
+c the column in [0, P + Nk) (prefix columns first), is ``rand(seed, row*(P+Nk) + c) >= p``
+with row = (b*H + h)*Nq + i, so the backward regenerates it exactly.
+"""
+
+import triton
+import triton.language as tl
+
+PREFIX_NONE: tl.constexpr = tl.constexpr(0)
+PREFIX_SHARED: tl.constexpr = tl.constexpr(1)
+PREFIX_PER_ROW: tl.constexpr = tl.constexpr(2)
+PREFIX_BANK: tl.constexpr = tl.constexpr(3)
+
+
+@triton.jit
+def _prefix_entry(PIDX, off_b, PREFIX_MODE: tl.constexpr):
+    """Which prefix entry row ``off_b`` reads (int64): 0, b, or PIDX[b]."""
+    if PREFIX_MODE == PREFIX_BANK:
+        entry = tl.load(PIDX + off_b).to(tl.int64)
+    elif PREFIX_MODE == PREFIX_PER_ROW:
+        entry = off_b.to(tl.int64)
+    else:
+        entry = off_b.to(tl.int64) * 0
+    return entry
+
+
+@triton.jit
+def _dropout_keep(seed, drop_rows, cols, dropout_p):
+    """Keep mask [BLOCK_M, BLOCK_N]: drop_rows int64 [BLOCK_M] = row*(P+Nk), cols int32."""
+    offs = drop_rows[:, None] + cols[None, :]
+    return tl.rand(seed, offs) >= dropout_p
+
+
+@triton.jit
+def _attn_fwd_inner(
+    acc,
+    l_i,
+    m_i,
+    q,
+    K,
+    V,
+    stride_kn,
+    stride_kd,
+    stride_vn,
+    stride_vd,
+    KPM,
+    stride_kpmn,
+    lo,
+    hi,
+    n_valid,
+    causal_off,
+    offs_m,
+    qk_scale,
+    seed,
+    drop_rows,
+    col_base,
+    dropout_p,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASK_BOUNDS: tl.constexpr,
+    MASK_CAUSAL: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """One stage of the key loop: key blocks [lo, hi) of one source (prefix or sequence).
+
+    K, V point at key 0 of this (row, kv head). Scores are in the log2 domain
+    (qk_scale = sm_scale * log2(e)). A fully masked row keeps m_i = -inf and l_i = 0;
+    ``m_safe`` keeps exp2 away from (-inf) - (-inf).
+    """
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        kv_ok = d_ok[None, :]
+        if MASK_BOUNDS:
+            kv_ok = kv_ok & (cols[:, None] < n_valid)
+        rows = cols[:, None].to(tl.int64)
+        k = tl.load(
+            K + rows * stride_kn + offs_d[None, :] * stride_kd,
+            mask=kv_ok,
+            other=0.0,
+        )
+        qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+        if MASK_BOUNDS:
+            qk = tl.where(cols[None, :] < n_valid, qk, float("-inf"))
+        if MASK_CAUSAL:
+            qk = tl.where(cols[None, :] <= offs_m[:, None] + causal_off, qk, float("-inf"))
+        if HAS_KPM:
+            real = tl.load(KPM + cols * stride_kpmn, mask=cols < n_valid, other=0)
+            qk = tl.where(real[None, :] != 0, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(qk - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, drop_rows, col_base + cols, dropout_p)
+            p = tl.where(keep, p, 0.0)
+        v = tl.load(
+            V + rows * stride_vn + offs_d[None, :] * stride_vd,
+            mask=kv_ok,
+            other=0.0,
+        )
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd(
+    Q,
+    K,
+    V,
+    PK,
+    PV,
+    PIDX,
+    KPM,
+    Out,
+    LSE,
+    stride_qz,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kz,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vz,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_pkz,
+    stride_pkh,
+    stride_pkn,
+    stride_pkd,
+    stride_pvz,
+    stride_pvh,
+    stride_pvn,
+    stride_pvd,
+    stride_kpmz,
+    stride_kpmn,
+    stride_oz,
+    stride_oh,
+    stride_om,
+    stride_od,
+    H,
+    GROUP,
+    N_Q,
+    N_K,
+    N_P,
+    sm_scale,
+    dropout_p,
+    seed,
+    TUNE_NQ,
+    TUNE_NK,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    PREFIX_MODE: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """Prefix-aware attention forward.
+
+    Grid: (cdiv(Nq, BLOCK_M), B * H). One program computes BLOCK_M query rows of one
+    (batch row b, head h): O = softmax(s) V over the P prefix keys then the Nk sequence
+    keys, s = sm_scale * q k^T, and the log2-domain logsumexp of each row.
+
+    Key loop, in three stages:
+      1. prefix blocks [0, P) through PK/PV of entry ``_prefix_entry(b)``; only the tail
+         past P is masked (no causal mask on prefix keys);
+      2. off-band sequence blocks: every row of the block sees every key, no mask;
+      3. on-band blocks: the causal band (and the Nk bound) is masked. Blocks above the
+         band are never visited.
+
+    TUNE_NQ / TUNE_NK are power-of-two buckets of Nq / Nk: autotune keys only, unused.
+    """
+    start_m = tl.program_id(0) * BLOCK_M
+    off_bh = tl.program_id(1)
+    off_b = off_bh // H
+    off_h = off_bh % H
+    off_hk = off_h // GROUP
+    b64 = off_b.to(tl.int64)
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < N_Q
+    d_ok = offs_d < D
+
+    q_ptrs = (
+        Q + b64 * stride_qz + off_h.to(tl.int64) * stride_qh
+        + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd
+    )  # fmt: skip
+    q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+
+    qk_scale = sm_scale * 1.44269504089
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    n_tot = N_P + N_K
+    drop_rows = (off_bh.to(tl.int64) * N_Q + offs_m) * n_tot
+    causal_off = N_K - N_Q
+
+    # -- stage 1: prefix keys, read from their own buffer -------------------------------
+    if PREFIX_MODE != PREFIX_NONE:
+        entry = _prefix_entry(PIDX, off_b, PREFIX_MODE)
+        pk = PK + entry * stride_pkz + off_hk.to(tl.int64) * stride_pkh
+        pv = PV + entry * stride_pvz + off_hk.to(tl.int64) * stride_pvh
+        acc, l_i, m_i = _attn_fwd_inner(
+            acc, l_i, m_i, q, pk, pv, stride_pkn, stride_pkd, stride_pvn, stride_pvd,
+            KPM, stride_kpmn, 0, N_P, N_P, causal_off, offs_m, qk_scale,
+            seed, drop_rows, 0, dropout_p,
+            D, BLOCK_D, BLOCK_N, True, False, False, HAS_DROPOUT, INPUT_PRECISION,
+        )  # fmt: skip
+
+    # -- stages 2 and 3: sequence keys ---------------------------------------------------
+    k_base = K + b64 * stride_kz + off_hk.to(tl.int64) * stride_kh
+    v_base = V + b64 * stride_vz + off_hk.to(tl.int64) * stride_vh
+    kpm_base = KPM + b64 * stride_kpmz
+    if IS_CAUSAL:
+        # keys [0, start_m + off] are visible to every row of the block
+        full_hi = tl.maximum(start_m + causal_off + 1, 0)
+        full_hi = (full_hi // BLOCK_N) * BLOCK_N
+        hi = tl.minimum(tl.maximum(start_m + BLOCK_M + causal_off, 0), N_K)
+    else:
+        full_hi = (N_K // BLOCK_N) * BLOCK_N
+        hi = N_K
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+        kpm_base, stride_kpmn, 0, full_hi, N_K, causal_off, offs_m, qk_scale,
+        seed, drop_rows, N_P, dropout_p,
+        D, BLOCK_D, BLOCK_N, False, False, HAS_KPM, HAS_DROPOUT, INPUT_PRECISION,
+    )  # fmt: skip
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+        kpm_base, stride_kpmn, full_hi, hi, N_K, causal_off, offs_m, qk_scale,
+        seed, drop_rows, N_P, dropout_p,
+        D, BLOCK_D, BLOCK_N, True, IS_CAUSAL, HAS_KPM, HAS_DROPOUT, INPUT_PRECISION,
+    )  # fmt: skip
+
+    # -- epilogue: normalise; a row that saw nothing writes zeros and lse = +inf ---------
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    if HAS_DROPOUT:
+        out = out * (1.0 / (1.0 - dropout_p))
+    lse = tl.where(empty, float("inf"), m_i + tl.log2(l_safe))
+    tl.store(LSE + off_bh.to(tl.int64) * N_Q + offs_m, lse, mask=m_ok)
+    o_base = Out + b64 * stride_oz + off_h.to(tl.int64) * stride_oh
+    o_ptrs = o_base + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])

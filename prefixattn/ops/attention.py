@@ -1,0 +1,91 @@
+"""The public kernel entry point, :func:`prefix_attention`."""
+
+from __future__ import annotations
+
+import torch
+
+from .autograd import PrefixAttentionFunction
+from .launch import check_triton_device
+from .reference import reference_prefix_attention
+from .validation import KERNEL_DTYPES, PREFIX_NONE, validate
+
+
+def resolve_backend(backend: str, q: torch.Tensor) -> str:
+    """``"auto"``: the Triton kernel for CUDA tensors of a kernel dtype, else the reference."""
+    if backend == "auto":
+        return "triton" if q.is_cuda and q.dtype in KERNEL_DTYPES else "reference"
+    return backend
+
+
+def prefix_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_k: torch.Tensor | None = None,
+    prefix_v: torch.Tensor | None = None,
+    *,
+    prefix_index: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    causal: bool = True,
+    sm_scale: float | None = None,
+    dropout_p: float = 0.0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Attention over a prefix of P virtual keys plus the sequence keys, fused.
+
+    The prefix K/V is read from its own buffer inside the kernel: no concatenation with
+    K/V and no per-row copy of a shared prefix, in forward or backward.
+
+    Arguments:
+        q: [B, H, Nq, D] queries.
+        k, v: [B, Hkv, Nk, D] sequence keys and values; H % Hkv == 0 (GQA / MQA: query
+            head h reads kv head h // (H // Hkv)).
+        prefix_k, prefix_v: the prefix, one of
+            [Hkv, P, D]     one prefix shared by every row (never expanded or copied);
+            [B, Hkv, P, D]  one prefix per row;
+            [T, Hkv, P, D]  a bank of T prefixes, with ``prefix_index``.
+            ``None`` or P == 0 is plain attention.
+        prefix_index: int64 [B]; row b uses bank entry ``prefix_index[b]``.
+        key_padding_mask: bool [B, Nk], True = real token. Masks sequence keys only.
+        causal: causal mask on the sequence keys, aligned bottom-right.
+        sm_scale: softmax scale, default 1 / sqrt(D).
+        dropout_p: attention dropout probability (Philox; backward regenerates the mask).
+        backend: "auto" (Triton on CUDA, reference on CPU), "triton" (CUDA, or CPU under
+            TRITON_INTERPRET=1) or "reference" (pure PyTorch).
+
+    Returns:
+        [B, H, Nq, D] in the dtype of q.
+
+    The mask, for P = 3, Nq = 4, Nk = 6 (e.g. 2 cached + 4 new tokens): every query sees
+    every prefix key; query i sees sequence key j iff j <= i + (Nk - Nq)::
+
+                  prefix  | sequence keys
+                  0 1 2   | 0 1 2 3 4 5
+        query 0   x x x   | x x x . . .
+        query 1   x x x   | x x x x . .
+        query 2   x x x   | x x x x x .
+        query 3   x x x   | x x x x x x
+
+    With Nq = 1 (decoding with a KV cache) the query sees the whole cache. A row with
+    nothing to attend to (possible only when P == 0) outputs zeros and gets zero
+    gradients. Gradients flow to q, k, v, prefix_k and prefix_v: a shared prefix gets the
+    sum over rows, a bank each row's gradient added at its index, bitwise reproducibly.
+
+    Raises:
+        TypeError, ValueError: on bad input, naming the argument and what was expected.
+    """
+    prob = validate(
+        q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
+        causal, sm_scale, dropout_p, backend,
+    )  # fmt: skip
+    if prob.prefix_mode == PREFIX_NONE:
+        prefix_k = prefix_v = prefix_index = None
+    dropout_p = float(dropout_p)
+    if resolve_backend(backend, q) == "triton":
+        check_triton_device(q)
+        return PrefixAttentionFunction.apply(
+            q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, causal, dropout_p, prob
+        )
+    return reference_prefix_attention(
+        q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, causal, dropout_p, prob
+    )

@@ -1,0 +1,449 @@
+"""Launchers of the Triton kernels: device checks, block choice, allocation, grids.
+
+Inputs arrive validated (``validation.validate``). Nothing here copies K, V or the prefix:
+every tensor goes to the kernels with its own strides. On CUDA the block sizes, warps and
+stages come from ``triton.autotune`` over a short per-kernel list, keyed on the head dim,
+the flags and power-of-two buckets of Nq and Nk (so a growing KV cache does not re-tune
+every step); ``PREFIXATTN_AUTOTUNE=0`` uses the first config of each list instead. Under
+``TRITON_INTERPRET=1`` one small fixed config runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from .validation import (
+    PREFIX_NONE,
+    AttnProblem,
+    check_kernel_dtype,
+)
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tile sizes and launch options of one kernel."""
+
+    BLOCK_M: int
+    BLOCK_N: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+# Candidate configs per kernel (first = default when autotuning is off). BLOCK_M tiles
+# queries, BLOCK_N tiles keys.
+FWD_CONFIGS = [
+    KernelConfig(128, 64, 4, 3),
+    KernelConfig(128, 64, 8, 3),
+    KernelConfig(128, 128, 8, 3),
+    KernelConfig(64, 64, 4, 3),
+    KernelConfig(64, 32, 4, 4),
+    KernelConfig(16, 64, 4, 3),
+    KernelConfig(16, 128, 4, 3),
+]
+DKDV_CONFIGS = [
+    KernelConfig(32, 128, 4, 3),
+    KernelConfig(64, 128, 8, 3),
+    KernelConfig(32, 64, 4, 3),
+    KernelConfig(64, 64, 4, 2),
+    KernelConfig(16, 64, 4, 3),
+]
+DQ_CONFIGS = [
+    KernelConfig(128, 32, 4, 3),
+    KernelConfig(128, 64, 8, 3),
+    KernelConfig(64, 64, 4, 3),
+    KernelConfig(64, 32, 4, 2),
+    KernelConfig(16, 64, 4, 3),
+]
+PREFIX_DKDV_CONFIGS = [
+    KernelConfig(64, 64, 4, 3),
+    KernelConfig(32, 64, 4, 3),
+    KernelConfig(64, 128, 8, 3),
+    KernelConfig(32, 32, 4, 2),
+    KernelConfig(16, 64, 4, 3),
+]
+INTERPRET_CONFIG = KernelConfig(32, 32, 1, 1)
+REDUCE_BLOCK = 1024
+
+# Test hook: force one config for every kernel (see ``forced_config``).
+_forced: dict[str, KernelConfig | int] = {}
+
+
+@contextlib.contextmanager
+def forced_config(
+    fwd: KernelConfig | None = None,
+    dkdv: KernelConfig | None = None,
+    dq: KernelConfig | None = None,
+    prefix_dkdv: KernelConfig | None = None,
+    prefix_splits: int | None = None,
+) -> Iterator[None]:
+    """Run the kernels with the given configs (tests use it to cover BLOCK_M != BLOCK_N
+    and split prefix reductions); ``None`` keeps the normal choice."""
+    saved = dict(_forced)
+    for name, cfg in (
+        ("fwd", fwd),
+        ("dkdv", dkdv),
+        ("dq", dq),
+        ("prefix_dkdv", prefix_dkdv),
+        ("prefix_splits", prefix_splits),
+    ):
+        if cfg is not None:
+            _forced[name] = cfg
+    try:
+        yield
+    finally:
+        _forced.clear()
+        _forced.update(saved)
+
+
+def interpreter_requested() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def _kernels():  # -> module csrc_triton
+    import csrc_triton
+
+    return csrc_triton
+
+
+def kernels_interpreted() -> bool:
+    """True when the kernels were built by Triton's CPU interpreter."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(_kernels()._attn_fwd, InterpretedFunction)
+
+
+def check_triton_device(q: torch.Tensor) -> None:
+    """Raise a clear ValueError when ``backend='triton'`` cannot run on q's device."""
+    check_kernel_dtype(q)
+    if q.device.type == "cuda":
+        return
+    if q.device.type == "cpu":
+        if not interpreter_requested():
+            raise ValueError(
+                "backend='triton' needs CUDA tensors; on CPU it runs only under Triton's "
+                "interpreter (set TRITON_INTERPRET=1 before the first call), or use "
+                "backend='reference' / 'auto'"
+            )
+        if not kernels_interpreted():
+            raise ValueError(
+                "backend='triton' on CPU: the Triton kernels were already compiled for the "
+                "GPU in this process; TRITON_INTERPRET=1 must be set before the first call"
+            )
+        return
+    raise ValueError(f"backend='triton' supports CUDA (or CPU with TRITON_INTERPRET=1), got {q.device}")
+
+
+def _autotune_enabled(q: torch.Tensor) -> bool:
+    return (
+        q.device.type == "cuda"
+        and not kernels_interpreted()
+        and os.environ.get("PREFIXATTN_AUTOTUNE", "1") != "0"
+    )
+
+
+def _bucket(n: int) -> int:
+    """Power-of-two bucket in [16, 16384]: an autotune key that is stable while a KV cache
+    grows."""
+    return min(max(16, 1 << max(0, (n - 1)).bit_length()), 16384)
+
+
+def _prune_for(block_d: int, n_q: int, n_k_or_p: int, configs: list) -> list:
+    """Drop configs whose tiles are far larger than the problem or too big for D."""
+    out = []
+    for c in configs:
+        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        if block_d >= 256 and bm * bn > 64 * 64:
+            continue
+        if bm > max(16, triton_next_pow2(n_q)) or bn > max(16, triton_next_pow2(n_k_or_p)):
+            continue
+        out.append(c)
+    return out or configs[-1:]
+
+
+def triton_next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1)).bit_length()
+
+
+@functools.cache
+def _tuned(name: str):  # -> autotuned kernel
+    """Wrap one jit kernel in ``triton.autotune`` (built on first use, GPU only)."""
+    import triton
+
+    ks = _kernels()
+    kernel, cfgs, n_key = {
+        "fwd": (ks._attn_fwd, FWD_CONFIGS, "N_K"),
+        "dkdv": (ks._attn_bwd_dkdv, DKDV_CONFIGS, "N_K"),
+        "dq": (ks._attn_bwd_dq, DQ_CONFIGS, "N_K"),
+        "prefix_dkdv": (ks._attn_bwd_prefix_dkdv, PREFIX_DKDV_CONFIGS, "N_P"),
+    }[name]
+    configs = [
+        triton.Config(
+            {"BLOCK_M": c.BLOCK_M, "BLOCK_N": c.BLOCK_N},
+            num_warps=c.num_warps,
+            num_stages=c.num_stages,
+        )
+        for c in cfgs
+    ]
+
+    def prune(configs, named_args, **kwargs):
+        return _prune_for(kwargs["BLOCK_D"], named_args["N_Q"], named_args[n_key], configs)
+
+    common = ["TUNE_NQ", "TUNE_NK", "D", "HAS_DROPOUT"]
+    key = common + {
+        "fwd": ["IS_CAUSAL", "PREFIX_MODE", "HAS_KPM"],
+        "dkdv": ["IS_CAUSAL", "HAS_KPM"],
+        "dq": ["IS_CAUSAL", "PREFIX_MODE", "HAS_KPM"],
+        "prefix_dkdv": ["PREFIX_MODE"],
+    }[name]
+    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune})(
+        kernel
+    )
+
+
+def _launch(name: str, kernel, grid_fn, q: torch.Tensor, n_q: int, n_kp: int, *args, **kwargs) -> None:
+    """Launch ``kernel`` autotuned on CUDA, or with one fixed config otherwise.
+
+    ``grid_fn(BLOCK_M, BLOCK_N)`` gives the grid for a config.
+    """
+    if _autotune_enabled(q) and name not in _forced:
+        _tuned(name)[lambda meta: grid_fn(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **kwargs)
+        return
+    if name in _forced:
+        cfg = _forced[name]
+    elif kernels_interpreted():
+        cfg = INTERPRET_CONFIG
+    else:
+        cfgs = {
+            "fwd": FWD_CONFIGS,
+            "dkdv": DKDV_CONFIGS,
+            "dq": DQ_CONFIGS,
+            "prefix_dkdv": PREFIX_DKDV_CONFIGS,
+        }[name]
+        cfg = _default_config(cfgs, kwargs["BLOCK_D"], n_q, n_kp)
+    kernel[grid_fn(cfg.BLOCK_M, cfg.BLOCK_N)](
+        *args,
+        BLOCK_M=cfg.BLOCK_M,
+        BLOCK_N=cfg.BLOCK_N,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+        **kwargs,
+    )
+
+
+def _default_config(cfgs: list[KernelConfig], block_d: int, n_q: int, n_kp: int) -> KernelConfig:
+    for c in cfgs:
+        if block_d >= 256 and c.BLOCK_M * c.BLOCK_N > 64 * 64:
+            continue
+        if c.BLOCK_M > max(16, triton_next_pow2(n_q)) or c.BLOCK_N > max(16, triton_next_pow2(n_kp)):
+            continue
+        return c
+    return cfgs[-1]
+
+
+def _input_precision(q: torch.Tensor) -> str:
+    """fp32 inputs get true fp32 products unless the user allowed TF32 for matmuls."""
+    if q.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _strides4(t: torch.Tensor | None) -> tuple[int, int, int, int]:
+    """Strides of a [Z, H, N, D] view; a 3-D shared prefix gets batch stride 0."""
+    if t is None:
+        return (0, 0, 0, 0)
+    if t.dim() == 3:
+        return (0, *t.stride())
+    return tuple(t.stride())
+
+
+def _prefix_args(
+    q: torch.Tensor,
+    prefix_k: torch.Tensor | None,
+    prefix_v: torch.Tensor | None,
+    prefix_index: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None,
+):
+    """Pointers for optional inputs: absent ones get a dummy tensor the kernel never reads."""
+    pk = prefix_k if prefix_k is not None else q
+    pv = prefix_v if prefix_v is not None else q
+    pidx = prefix_index if prefix_index is not None else q
+    if key_padding_mask is not None:
+        kpm = key_padding_mask.view(torch.uint8)
+        kpm_strides = kpm.stride()
+    else:
+        kpm, kpm_strides = q, (0, 0)
+    return pk, pv, pidx, kpm, kpm_strides
+
+
+def new_seed() -> int:
+    """A Philox seed drawn from torch's default CPU generator (so torch.manual_seed
+    reproduces dropout)."""
+    return int(torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64).item())
+
+
+def attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_k: torch.Tensor | None,
+    prefix_v: torch.Tensor | None,
+    prefix_index: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None,
+    causal: bool,
+    dropout_p: float,
+    seed: int,
+    prob: AttnProblem,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run ``_attn_fwd``; returns (out [B, H, Nq, D] in q's dtype, lse [B, H, Nq] fp32)."""
+    B, H, Nq, Nk, P, D = prob.B, prob.H, prob.Nq, prob.Nk, prob.P, prob.D
+    out = torch.empty((B, H, Nq, D), device=q.device, dtype=q.dtype)
+    lse = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
+    if B * H * Nq == 0:
+        return out, lse
+    mode = prob.prefix_mode
+    pk, pv, pidx, kpm, kpm_strides = _prefix_args(q, prefix_k, prefix_v, prefix_index, key_padding_mask)
+    block_d = max(16, triton_next_pow2(D))
+    _launch(
+        "fwd",
+        _kernels()._attn_fwd,
+        lambda bm, bn: (math.ceil(Nq / bm), B * H),
+        q,
+        Nq,
+        max(Nk, P),
+        q, k, v, pk, pv, pidx, kpm, out, lse,
+        *q.stride(), *k.stride(), *v.stride(),
+        *_strides4(prefix_k if mode != PREFIX_NONE else None),
+        *_strides4(prefix_v if mode != PREFIX_NONE else None),
+        *kpm_strides, *out.stride(),
+        H, prob.group, Nq, Nk, P if mode != PREFIX_NONE else 0,
+        prob.sm_scale, float(dropout_p), seed, _bucket(Nq), _bucket(Nk),
+        D=D,
+        BLOCK_D=block_d,
+        IS_CAUSAL=causal,
+        PREFIX_MODE=mode,
+        HAS_KPM=key_padding_mask is not None,
+        HAS_DROPOUT=dropout_p > 0.0,
+        INPUT_PRECISION=_input_precision(q),
+    )  # fmt: skip
+    return out, lse
+
+
+def _prefix_splits(prob: AttnProblem, q: torch.Tensor, interpreted: bool) -> int:
+    """How many query runs the prefix-gradient kernel splits each row into, so that small
+    batches still fill the GPU. Each split adds one fp32 partial per row."""
+    if "prefix_splits" in _forced:
+        return max(1, min(int(_forced["prefix_splits"]), prob.Nq))
+    if interpreted:
+        return 1
+    n_sm = torch.cuda.get_device_properties(q.device).multi_processor_count
+    programs = math.ceil(prob.P / 64) * prob.B * prob.Hkv
+    want = math.ceil(2 * n_sm / max(programs, 1))
+    return max(1, min(want, math.ceil(prob.Nq / 64), 16))
+
+
+def attention_backward(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_k: torch.Tensor | None,
+    prefix_v: torch.Tensor | None,
+    prefix_index: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    causal: bool,
+    dropout_p: float,
+    seed: int,
+    prob: AttnProblem,
+    needs: tuple[bool, bool, bool, bool],
+) -> tuple[torch.Tensor | None, ...]:
+    """Gradients (dq, dk, dv, dprefix_k, dprefix_v); ``needs`` = (q, k, v, prefix) flags.
+
+    Prefix gradients come back in the prefix's own layout: [Hkv, P, D] shared (summed over
+    rows), [B, Hkv, P, D] per row, [T, Hkv, P, D] bank (each row added at its index).
+    """
+    ks = _kernels()
+    B, H, Hkv, Nq, Nk, P, D = prob.B, prob.H, prob.Hkv, prob.Nq, prob.Nk, prob.P, prob.D
+    mode = prob.prefix_mode
+    need_q, need_k, need_v, need_p = needs
+    need_p = need_p and mode != PREFIX_NONE
+    block_d = max(16, triton_next_pow2(D))
+    flags = dict(
+        D=D,
+        BLOCK_D=block_d,
+        HAS_DROPOUT=dropout_p > 0.0,
+        INPUT_PRECISION=_input_precision(q),
+    )
+    pk, pv, pidx, kpm, kpm_strides = _prefix_args(q, prefix_k, prefix_v, prefix_index, key_padding_mask)
+    pk_strides = _strides4(prefix_k if mode != PREFIX_NONE else None)
+    pv_strides = _strides4(prefix_v if mode != PREFIX_NONE else None)
+    n_p = P if mode != PREFIX_NONE else 0
+    scalars = (prob.sm_scale, float(dropout_p), seed, _bucket(Nq), _bucket(Nk))
+
+    dq = torch.zeros_like(q, memory_format=torch.contiguous_format) if need_q else None
+    dk = torch.zeros(k.shape, device=k.device, dtype=k.dtype) if (need_k or need_v) else None
+    dv = torch.zeros(v.shape, device=v.device, dtype=v.dtype) if (need_k or need_v) else None
+    dpk = dpv = None
+    if need_p:
+        dpk = torch.zeros(prefix_k.shape, device=q.device, dtype=prefix_k.dtype)
+        dpv = torch.zeros(prefix_v.shape, device=q.device, dtype=prefix_v.dtype)
+    if B * H * Nq == 0:
+        return dq, dk, dv, dpk, dpv
+
+    delta = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
+    pre_bm = 64 if not kernels_interpreted() else 32
+    ks._attn_bwd_preprocess[(math.ceil(Nq / pre_bm), B * H)](
+        out, do, delta, *out.stride(), *do.stride(), H, Nq,
+        D=D, BLOCK_D=block_d, BLOCK_M=pre_bm,
+    )  # fmt: skip
+
+    if need_q:
+        _launch(
+            "dq", ks._attn_bwd_dq, lambda bm, bn: (math.ceil(Nq / bm), B * H), q, Nq, max(Nk, P),
+            q, k, v, pk, pv, pidx, kpm, do, lse, delta, dq,
+            *q.stride(), *k.stride(), *v.stride(), *pk_strides, *pv_strides, *kpm_strides,
+            *do.stride(), *dq.stride(),
+            H, prob.group, Nq, Nk, n_p, *scalars,
+            IS_CAUSAL=causal, PREFIX_MODE=mode, HAS_KPM=key_padding_mask is not None, **flags,
+        )  # fmt: skip
+    if (need_k or need_v) and Nk > 0:
+        _launch(
+            "dkdv", ks._attn_bwd_dkdv, lambda bm, bn: (math.ceil(Nk / bn), B * Hkv), q, Nq, Nk,
+            q, k, v, do, lse, delta, kpm, dk, dv,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *kpm_strides, *dk.stride(),
+            H, Hkv, prob.group, Nq, Nk, n_p, *scalars,
+            IS_CAUSAL=causal, HAS_KPM=key_padding_mask is not None, **flags,
+        )  # fmt: skip
+    if need_p:
+        interpreted = kernels_interpreted()
+        splits = _prefix_splits(prob, q, interpreted)
+        part_k = torch.empty((B * splits, Hkv, P, D), device=q.device, dtype=torch.float32)
+        part_v = torch.empty_like(part_k)
+        if part_k.numel() >= 2**31:
+            raise ValueError(
+                f"prefix gradient partials of {part_k.numel()} elements exceed 2^31; "
+                "use a smaller batch per call"
+            )
+        _launch(
+            "prefix_dkdv", ks._attn_bwd_prefix_dkdv,
+            lambda bm, bn: (math.ceil(P / bn), B * Hkv, splits), q, Nq, P,
+            q, pk, pv, pidx, do, lse, delta, part_k, part_v,
+            *q.stride(), *pk_strides, *pv_strides, *do.stride(),
+            H, Hkv, prob.group, Nq, Nk, P, *scalars,
+            PREFIX_MODE=mode, **flags,
+        )  # fmt: skip
+        numel = Hkv * P * D
+        ks._prefix_grad_reduce[(prob.T, math.ceil(numel / REDUCE_BLOCK))](
+            part_k, part_v, pidx, dpk, dpv, B, splits, numel,
+            PREFIX_MODE=mode, BLOCK=REDUCE_BLOCK,
+        )  # fmt: skip
+    return dq, dk, dv, dpk, dpv

@@ -1,0 +1,88 @@
+"""Pure-PyTorch prefix attention: the CPU path and the semantics the kernel must match.
+
+It computes scores against the prefix keys and the sequence keys separately (the prefix is
+never concatenated with K/V; only the two score blocks are joined for one softmax), in
+float32 for half-precision inputs. Autograd gives all five gradients. It is exact but
+materialises the [B, H, Nq, P + Nk] score matrix, so it is for CPU work and for checking.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .validation import PREFIX_BANK, PREFIX_NONE, AttnProblem
+
+
+def visible_mask(
+    Nq: int,
+    Nk: int,
+    causal: bool,
+    key_padding_mask: torch.Tensor | None,
+    device: torch.device,
+) -> torch.Tensor | None:
+    """Which sequence keys each query sees: bool [B or 1, Nq, Nk], or None for all.
+
+    Causal is aligned bottom-right: query i sees key j iff j <= i + (Nk - Nq).
+    """
+    mask = None
+    if causal:
+        i = torch.arange(Nq, device=device)[:, None]
+        j = torch.arange(Nk, device=device)[None, :]
+        mask = (j <= i + (Nk - Nq))[None]  # [1, Nq, Nk]
+    if key_padding_mask is not None:
+        kpm = key_padding_mask[:, None, :]  # [B, 1, Nk]
+        mask = kpm if mask is None else mask & kpm
+    return mask
+
+
+def reference_prefix_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_k: torch.Tensor | None,
+    prefix_v: torch.Tensor | None,
+    prefix_index: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None,
+    causal: bool,
+    dropout_p: float,
+    prob: AttnProblem,
+) -> torch.Tensor:
+    """Prefix attention in plain PyTorch ops (differentiable). Inputs already validated."""
+    B, H, Hkv, Nq, Nk, D = prob.B, prob.H, prob.Hkv, prob.Nq, prob.Nk, prob.D
+    G = prob.group
+    cdt = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    qf = q.to(cdt).reshape(B, Hkv, G * Nq, D)  # [B, Hkv, G*Nq, D]: a GQA group shares K/V
+    kf, vf = k.to(cdt), v.to(cdt)  # [B, Hkv, Nk, D]
+
+    s_seq = torch.matmul(qf, kf.transpose(-1, -2)).view(B, Hkv, G, Nq, Nk)
+    mask = visible_mask(Nq, Nk, causal, key_padding_mask, q.device)
+    if mask is not None:
+        s_seq = s_seq.masked_fill(~mask[:, None, None], float("-inf"))  # [B|1, 1, 1, Nq, Nk]
+
+    P = prob.P if prob.prefix_mode != PREFIX_NONE else 0
+    if P > 0:
+        pk, pv = prefix_k.to(cdt), prefix_v.to(cdt)
+        if prob.prefix_mode == PREFIX_BANK:
+            pk, pv = pk[prefix_index], pv[prefix_index]  # [B, Hkv, P, D]
+        # shared [Hkv, P, D] broadcasts over the batch; per-row/bank are [B, Hkv, P, D]
+        s_pre = torch.matmul(qf, pk.transpose(-1, -2)).view(B, Hkv, G, Nq, P)
+        scores = torch.cat([s_pre, s_seq], dim=-1) * prob.sm_scale  # [B, Hkv, G, Nq, P+Nk]
+    else:
+        scores = s_seq * prob.sm_scale
+
+    # Softmax that gives an all-zero row (and zero gradients) when nothing is visible.
+    row_max = scores.amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    e = torch.exp(scores - row_max.detach())
+    denom = e.sum(dim=-1, keepdim=True)
+    probs = e / torch.where(denom > 0, denom, torch.ones_like(denom))
+    if dropout_p > 0.0:
+        probs = F.dropout(probs, p=dropout_p, training=True)
+
+    p_seq = probs[..., P:].reshape(B, Hkv, G * Nq, Nk)
+    out = torch.matmul(p_seq, vf)  # [B, Hkv, G*Nq, D]
+    if P > 0:
+        p_pre = probs[..., :P].reshape(B, Hkv, G * Nq, P)
+        out = out + torch.matmul(p_pre, pv)
+    return out.view(B, H, Nq, D).to(q.dtype)

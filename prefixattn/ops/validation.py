@@ -1,0 +1,235 @@
+"""Input checking for :func:`prefixattn.prefix_attention`.
+
+Every rule of the public contract that can be checked on the host lives here, so the
+reference path and the Triton path accept and refuse exactly the same inputs. Errors are
+``TypeError`` (wrong Python type or dtype) or ``ValueError`` (wrong shape, value, device)
+and always name the argument and what was expected.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+import torch
+
+BACKENDS = ("auto", "triton", "reference")
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# The reference path also takes float64 (useful for gradcheck); the kernel does not.
+REFERENCE_DTYPES = (*KERNEL_DTYPES, torch.float64)
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
+
+# Prefix layouts, also the kernel's PREFIX_MODE constexpr values.
+PREFIX_NONE, PREFIX_SHARED, PREFIX_PER_ROW, PREFIX_BANK = 0, 1, 2, 3
+PREFIX_MODE_NAMES = {
+    PREFIX_NONE: "none",
+    PREFIX_SHARED: "shared",
+    PREFIX_PER_ROW: "per-row",
+    PREFIX_BANK: "bank",
+}
+
+
+@dataclass(frozen=True)
+class AttnProblem:
+    """The sizes of one validated call. ``P == 0`` means no prefix."""
+
+    B: int
+    H: int
+    Hkv: int
+    Nq: int
+    Nk: int
+    P: int
+    D: int
+    T: int  # number of prefix entries: 1 shared, B per-row, bank size for a bank
+    prefix_mode: int
+    sm_scale: float
+
+    @property
+    def group(self) -> int:
+        return self.H // self.Hkv
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "[" + ", ".join(str(s) for s in t.shape) + "]"
+
+
+def _check_tensor(name: str, t: object, ndim: int | tuple[int, ...], layout: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {layout}, got {type(t).__name__}")
+    dims = (ndim,) if isinstance(ndim, int) else ndim
+    if t.dim() not in dims:
+        raise ValueError(f"{name} must have shape {layout}, got {t.dim()}-D tensor {_shape(t)}")
+    return t
+
+
+def _check_float_dtype(name: str, t: torch.Tensor, allowed: tuple[torch.dtype, ...]) -> None:
+    if t.dtype not in allowed:
+        names = ", ".join(str(d).replace("torch.", "") for d in allowed)
+        raise TypeError(f"{name} must have dtype in ({names}), got {t.dtype}")
+
+
+def validate(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_k: torch.Tensor | None,
+    prefix_v: torch.Tensor | None,
+    prefix_index: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None,
+    causal: bool,
+    sm_scale: float | None,
+    dropout_p: float,
+    backend: str,
+    check_index_values: bool = True,
+) -> AttnProblem:
+    """Check every argument against the contract; return the problem sizes.
+
+    ``check_index_values=False`` skips the range check of ``prefix_index`` (it costs a
+    device sync); callers that built the index themselves use it.
+    """
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    _check_tensor("q", q, 4, "[B, H, Nq, D]")
+    _check_tensor("k", k, 4, "[B, Hkv, Nk, D]")
+    _check_tensor("v", v, 4, "[B, Hkv, Nk, D]")
+    _check_float_dtype("q", q, REFERENCE_DTYPES)
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} must have the dtype of q ({q.dtype}), got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on the device of q ({q.device}), got {t.device}")
+    B, H, Nq, D = q.shape
+    Bk, Hkv, Nk, Dk = k.shape
+    if Bk != B:
+        raise ValueError(f"k must have batch size B={B} (from q), got k of shape {_shape(k)}")
+    if Dk != D:
+        raise ValueError(f"k must have head dim D={D} (from q), got k of shape {_shape(k)}")
+    if tuple(v.shape) != tuple(k.shape):
+        raise ValueError(f"v must have the shape of k {_shape(k)}, got {_shape(v)}")
+    if Hkv == 0 or H % Hkv != 0:
+        raise ValueError(
+            f"the number of query heads H={H} (q) must be a multiple of the number of "
+            f"key/value heads Hkv={Hkv} (k, v)"
+        )
+    if not MIN_HEAD_DIM <= D <= MAX_HEAD_DIM:
+        raise ValueError(
+            f"head dim D of q/k/v must be in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}], got D={D}"
+        )
+
+    # --- prefix -------------------------------------------------------------------
+    if (prefix_k is None) != (prefix_v is None):
+        missing = "prefix_v" if prefix_v is None else "prefix_k"
+        raise ValueError(f"{missing} must be given together with the other prefix tensor")
+    P, T, mode = 0, 0, PREFIX_NONE
+    if prefix_k is not None:
+        layouts = "[Hkv, P, D] (shared), [B, Hkv, P, D] (per row) or [T, Hkv, P, D] (bank)"
+        _check_tensor("prefix_k", prefix_k, (3, 4), layouts)
+        _check_tensor("prefix_v", prefix_v, (3, 4), layouts)
+        for name, t in (("prefix_k", prefix_k), ("prefix_v", prefix_v)):
+            if t.dtype != q.dtype:
+                raise TypeError(f"{name} must have the dtype of q ({q.dtype}), got {t.dtype}")
+            if t.device != q.device:
+                raise ValueError(f"{name} must be on the device of q ({q.device}), got {t.device}")
+        if tuple(prefix_v.shape) != tuple(prefix_k.shape):
+            raise ValueError(
+                f"prefix_v must have the shape of prefix_k {_shape(prefix_k)}, "
+                f"got {_shape(prefix_v)}"
+            )
+        ph, P, pd = prefix_k.shape[-3:]
+        if ph != Hkv or pd != D:
+            raise ValueError(
+                f"prefix_k must have Hkv={Hkv} heads and head dim D={D} in its last three "
+                f"dims [.., Hkv, P, D], got {_shape(prefix_k)}"
+            )
+        if prefix_k.dim() == 3:
+            if prefix_index is not None:
+                raise ValueError(
+                    "prefix_index selects entries of a bank prefix [T, Hkv, P, D]; "
+                    f"prefix_k is a shared prefix {_shape(prefix_k)}"
+                )
+            mode, T = PREFIX_SHARED, 1
+        elif prefix_index is None:
+            if prefix_k.shape[0] != B:
+                raise ValueError(
+                    f"prefix_k of shape [B, Hkv, P, D] must have B={B} rows (from q), got "
+                    f"{_shape(prefix_k)}; for a bank of T prefixes pass prefix_index"
+                )
+            mode, T = PREFIX_PER_ROW, B
+        else:
+            mode, T = PREFIX_BANK, prefix_k.shape[0]
+            if T == 0:
+                raise ValueError("prefix_k bank [T, Hkv, P, D] must have T >= 1 entries")
+    if prefix_index is not None:
+        if prefix_k is None:
+            raise ValueError("prefix_index was given without prefix_k/prefix_v")
+        if not isinstance(prefix_index, torch.Tensor):
+            raise TypeError(
+                f"prefix_index must be an int64 torch.Tensor of shape [B], got "
+                f"{type(prefix_index).__name__}"
+            )
+        if prefix_index.dtype != torch.int64:
+            raise TypeError(f"prefix_index must have dtype torch.int64, got {prefix_index.dtype}")
+        if tuple(prefix_index.shape) != (B,):
+            raise ValueError(
+                f"prefix_index must have shape [B]=[{B}], got {_shape(prefix_index)}"
+            )
+        if prefix_index.device != q.device:
+            raise ValueError(
+                f"prefix_index must be on the device of q ({q.device}), got {prefix_index.device}"
+            )
+        if check_index_values and B > 0:
+            lo, hi = int(prefix_index.min()), int(prefix_index.max())
+            if lo < 0 or hi >= T:
+                raise ValueError(
+                    f"prefix_index values must be in [0, T) with T={T} bank entries, "
+                    f"got values in [{lo}, {hi}]"
+                )
+    if P == 0:
+        mode = PREFIX_NONE
+
+    # --- mask, flags, scalars --------------------------------------------------------
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, torch.Tensor):
+            raise TypeError(
+                f"key_padding_mask must be a bool torch.Tensor of shape [B, Nk], got "
+                f"{type(key_padding_mask).__name__}"
+            )
+        if key_padding_mask.dtype != torch.bool:
+            raise TypeError(
+                f"key_padding_mask must have dtype torch.bool (True = real token), got "
+                f"{key_padding_mask.dtype}; convert with .bool()"
+            )
+        if tuple(key_padding_mask.shape) != (B, Nk):
+            raise ValueError(
+                f"key_padding_mask must have shape [B, Nk]=[{B}, {Nk}], got "
+                f"{_shape(key_padding_mask)}"
+            )
+        if key_padding_mask.device != q.device:
+            raise ValueError(
+                f"key_padding_mask must be on the device of q ({q.device}), got "
+                f"{key_padding_mask.device}"
+            )
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if sm_scale is None:
+        scale = 1.0 / math.sqrt(D)
+    else:
+        if isinstance(sm_scale, bool) or not isinstance(sm_scale, numbers.Real):
+            raise TypeError(f"sm_scale must be a float or None, got {type(sm_scale).__name__}")
+        scale = float(sm_scale)
+        if not math.isfinite(scale) or scale <= 0:
+            raise ValueError(f"sm_scale must be a finite positive float, got {sm_scale!r}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+        raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
+    if not 0.0 <= float(dropout_p) < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+
+    return AttnProblem(
+        B=B, H=H, Hkv=Hkv, Nq=Nq, Nk=Nk, P=P, D=D, T=T, prefix_mode=mode, sm_scale=scale
+    )
+
+
+def check_kernel_dtype(q: torch.Tensor) -> None:
+    """The Triton kernel takes float16, bfloat16 and float32."""
+    _check_float_dtype("q", q, KERNEL_DTYPES)
