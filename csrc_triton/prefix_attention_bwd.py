@@ -631,7 +631,8 @@ def _prefix_grad_reduce(
     for b in range(row_lo, row_hi):
         take = ok
         if PREFIX_MODE == PREFIX_BANK:
-            take = ok & (tl.load(PIDX + b) == z)
+            # a vector load of one address (the interpreter cannot mask with a scalar)
+            take = ok & (tl.load(PIDX + b + offs * 0) == z)
         for s in range(N_SPLIT):
             part = (b * N_SPLIT + s) * NUMEL
             acc_k += tl.load(DPK + part + offs, mask=take, other=0.0)

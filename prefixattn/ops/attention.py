@@ -7,7 +7,7 @@ import torch
 from .autograd import PrefixAttentionFunction
 from .launch import check_triton_device
 from .reference import reference_prefix_attention
-from .validation import KERNEL_DTYPES, PREFIX_NONE, validate
+from .validation import KERNEL_DTYPES, validate
 
 
 def resolve_backend(backend: str, q: torch.Tensor) -> str:
@@ -78,8 +78,6 @@ def prefix_attention(
         q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
         causal, sm_scale, dropout_p, backend,
     )  # fmt: skip
-    if prob.prefix_mode == PREFIX_NONE:
-        prefix_k = prefix_v = prefix_index = None
     dropout_p = float(dropout_p)
     if resolve_backend(backend, q) == "triton":
         check_triton_device(q)

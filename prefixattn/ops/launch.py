@@ -138,7 +138,9 @@ def check_triton_device(q: torch.Tensor) -> None:
                 "GPU in this process; TRITON_INTERPRET=1 must be set before the first call"
             )
         return
-    raise ValueError(f"backend='triton' supports CUDA (or CPU with TRITON_INTERPRET=1), got {q.device}")
+    raise ValueError(
+        f"backend='triton' supports CUDA (or CPU with TRITON_INTERPRET=1), got {q.device}"
+    )
 
 
 def _autotune_enabled(q: torch.Tensor) -> bool:
@@ -197,18 +199,23 @@ def _tuned(name: str):  # -> autotuned kernel
         return _prune_for(kwargs["BLOCK_D"], named_args["N_Q"], named_args[n_key], configs)
 
     common = ["TUNE_NQ", "TUNE_NK", "D", "HAS_DROPOUT"]
-    key = common + {
-        "fwd": ["IS_CAUSAL", "PREFIX_MODE", "HAS_KPM"],
-        "dkdv": ["IS_CAUSAL", "HAS_KPM"],
-        "dq": ["IS_CAUSAL", "PREFIX_MODE", "HAS_KPM"],
-        "prefix_dkdv": ["PREFIX_MODE"],
-    }[name]
-    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune})(
-        kernel
+    key = (
+        common
+        + {
+            "fwd": ["IS_CAUSAL", "PREFIX_MODE", "HAS_KPM"],
+            "dkdv": ["IS_CAUSAL", "HAS_KPM"],
+            "dq": ["IS_CAUSAL", "PREFIX_MODE", "HAS_KPM"],
+            "prefix_dkdv": ["PREFIX_MODE"],
+        }[name]
     )
+    return triton.autotune(
+        configs=configs, key=key, prune_configs_by={"early_config_prune": prune}
+    )(kernel)
 
 
-def _launch(name: str, kernel, grid_fn, q: torch.Tensor, n_q: int, n_kp: int, *args, **kwargs) -> None:
+def _launch(
+    name: str, kernel, grid_fn, q: torch.Tensor, n_q: int, n_kp: int, *args, **kwargs
+) -> None:
     """Launch ``kernel`` autotuned on CUDA, or with one fixed config otherwise.
 
     ``grid_fn(BLOCK_M, BLOCK_N)`` gives the grid for a config.
@@ -242,7 +249,10 @@ def _default_config(cfgs: list[KernelConfig], block_d: int, n_q: int, n_kp: int)
     for c in cfgs:
         if block_d >= 256 and c.BLOCK_M * c.BLOCK_N > 64 * 64:
             continue
-        if c.BLOCK_M > max(16, triton_next_pow2(n_q)) or c.BLOCK_N > max(16, triton_next_pow2(n_kp)):
+        if (
+            max(16, triton_next_pow2(n_q)) < c.BLOCK_M
+            or max(16, triton_next_pow2(n_kp)) < c.BLOCK_N
+        ):
             continue
         return c
     return cfgs[-1]
@@ -309,7 +319,11 @@ def attention_forward(
     if B * H * Nq == 0:
         return out, lse
     mode = prob.prefix_mode
-    pk, pv, pidx, kpm, kpm_strides = _prefix_args(q, prefix_k, prefix_v, prefix_index, key_padding_mask)
+    if mode == PREFIX_NONE:
+        prefix_k = prefix_v = prefix_index = None
+    pk, pv, pidx, kpm, kpm_strides = _prefix_args(
+        q, prefix_k, prefix_v, prefix_index, key_padding_mask
+    )
     block_d = max(16, triton_next_pow2(D))
     _launch(
         "fwd",
@@ -375,7 +389,7 @@ def attention_backward(
     B, H, Hkv, Nq, Nk, P, D = prob.B, prob.H, prob.Hkv, prob.Nq, prob.Nk, prob.P, prob.D
     mode = prob.prefix_mode
     need_q, need_k, need_v, need_p = needs
-    need_p = need_p and mode != PREFIX_NONE
+    need_p = need_p and prefix_k is not None
     block_d = max(16, triton_next_pow2(D))
     flags = dict(
         D=D,
@@ -383,20 +397,33 @@ def attention_backward(
         HAS_DROPOUT=dropout_p > 0.0,
         INPUT_PRECISION=_input_precision(q),
     )
-    pk, pv, pidx, kpm, kpm_strides = _prefix_args(q, prefix_k, prefix_v, prefix_index, key_padding_mask)
-    pk_strides = _strides4(prefix_k if mode != PREFIX_NONE else None)
-    pv_strides = _strides4(prefix_v if mode != PREFIX_NONE else None)
-    n_p = P if mode != PREFIX_NONE else 0
-    scalars = (prob.sm_scale, float(dropout_p), seed, _bucket(Nq), _bucket(Nk))
 
-    dq = torch.zeros_like(q, memory_format=torch.contiguous_format) if need_q else None
-    dk = torch.zeros(k.shape, device=k.device, dtype=k.dtype) if (need_k or need_v) else None
-    dv = torch.zeros(v.shape, device=v.device, dtype=v.dtype) if (need_k or need_v) else None
+    # every element of every gradient is written by a kernel, except in the degenerate
+    # cases (nothing to compute, P == 0, Nk == 0), which get zeros
+    trivial = B * H * Nq == 0
+    alloc = torch.zeros if trivial else torch.empty
+    dq = alloc(q.shape, device=q.device, dtype=q.dtype) if need_q else None
+    dk = dv = None
+    if need_k or need_v:
+        kv_alloc = torch.zeros if trivial or Nk == 0 else torch.empty
+        dk = kv_alloc(k.shape, device=q.device, dtype=k.dtype)
+        dv = kv_alloc(v.shape, device=q.device, dtype=v.dtype)
     dpk = dpv = None
     if need_p:
-        dpk = torch.zeros(prefix_k.shape, device=q.device, dtype=prefix_k.dtype)
-        dpv = torch.zeros(prefix_v.shape, device=q.device, dtype=prefix_v.dtype)
-    if B * H * Nq == 0:
+        palloc = torch.zeros if trivial or mode == PREFIX_NONE else torch.empty
+        dpk = palloc(prefix_k.shape, device=q.device, dtype=prefix_k.dtype)
+        dpv = palloc(prefix_v.shape, device=q.device, dtype=prefix_v.dtype)
+    if mode == PREFIX_NONE:
+        prefix_k = prefix_v = prefix_index = None
+        need_p = False
+    pk, pv, pidx, kpm, kpm_strides = _prefix_args(
+        q, prefix_k, prefix_v, prefix_index, key_padding_mask
+    )
+    pk_strides = _strides4(prefix_k)
+    pv_strides = _strides4(prefix_v)
+    n_p = P if mode != PREFIX_NONE else 0
+    scalars = (prob.sm_scale, float(dropout_p), seed, _bucket(Nq), _bucket(Nk))
+    if trivial:
         return dq, dk, dv, dpk, dpv
 
     delta = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)

@@ -60,10 +60,10 @@ def reference_prefix_attention(
     if mask is not None:
         s_seq = s_seq.masked_fill(~mask[:, None, None], float("-inf"))  # [B|1, 1, 1, Nq, Nk]
 
-    P = prob.P if prob.prefix_mode != PREFIX_NONE else 0
-    if P > 0:
+    P = prob.P
+    if prob.layout != PREFIX_NONE:  # P may be 0: the empty prefix still gets (empty) grads
         pk, pv = prefix_k.to(cdt), prefix_v.to(cdt)
-        if prob.prefix_mode == PREFIX_BANK:
+        if prob.layout == PREFIX_BANK:
             pk, pv = pk[prefix_index], pv[prefix_index]  # [B, Hkv, P, D]
         # shared [Hkv, P, D] broadcasts over the batch; per-row/bank are [B, Hkv, P, D]
         s_pre = torch.matmul(qf, pk.transpose(-1, -2)).view(B, Hkv, G, Nq, P)
@@ -82,7 +82,7 @@ def reference_prefix_attention(
 
     p_seq = probs[..., P:].reshape(B, Hkv, G * Nq, Nk)
     out = torch.matmul(p_seq, vf)  # [B, Hkv, G*Nq, D]
-    if P > 0:
+    if prob.layout != PREFIX_NONE:
         p_pre = probs[..., :P].reshape(B, Hkv, G * Nq, P)
         out = out + torch.matmul(p_pre, pv)
     return out.view(B, H, Nq, D).to(q.dtype)

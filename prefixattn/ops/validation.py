@@ -42,7 +42,8 @@ class AttnProblem:
     P: int
     D: int
     T: int  # number of prefix entries: 1 shared, B per-row, bank size for a bank
-    prefix_mode: int
+    prefix_mode: int  # what the kernel runs: PREFIX_NONE when there is no prefix or P == 0
+    layout: int  # the prefix tensors' layout (shared / per-row / bank), even when P == 0
     sm_scale: float
 
     @property
@@ -171,9 +172,7 @@ def validate(
         if prefix_index.dtype != torch.int64:
             raise TypeError(f"prefix_index must have dtype torch.int64, got {prefix_index.dtype}")
         if tuple(prefix_index.shape) != (B,):
-            raise ValueError(
-                f"prefix_index must have shape [B]=[{B}], got {_shape(prefix_index)}"
-            )
+            raise ValueError(f"prefix_index must have shape [B]=[{B}], got {_shape(prefix_index)}")
         if prefix_index.device != q.device:
             raise ValueError(
                 f"prefix_index must be on the device of q ({q.device}), got {prefix_index.device}"
@@ -185,6 +184,7 @@ def validate(
                     f"prefix_index values must be in [0, T) with T={T} bank entries, "
                     f"got values in [{lo}, {hi}]"
                 )
+    layout = mode
     if P == 0:
         mode = PREFIX_NONE
 
@@ -226,7 +226,17 @@ def validate(
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
 
     return AttnProblem(
-        B=B, H=H, Hkv=Hkv, Nq=Nq, Nk=Nk, P=P, D=D, T=T, prefix_mode=mode, sm_scale=scale
+        B=B,
+        H=H,
+        Hkv=Hkv,
+        Nq=Nq,
+        Nk=Nk,
+        P=P,
+        D=D,
+        T=T,
+        prefix_mode=mode,
+        layout=layout,
+        sm_scale=scale,
     )
 
 

@@ -1,0 +1,28 @@
+"""Test set-up: without CUDA, Triton kernels run under the CPU interpreter.
+
+TRITON_INTERPRET must be set before the first kernel call (prefixattn imports the kernel
+module lazily), so it is set here, at collection time.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+# The interpreter's bf16 tl.dot is broken (it multiplies raw bit patterns): bf16 through
+# the Triton path is tested on GPU only.
+KERNEL_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
+
+gpu_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (compiled Triton kernels)")
+
+
+@pytest.fixture
+def device() -> str:
+    return DEVICE

@@ -1,0 +1,144 @@
+"""Input builders and comparison helpers shared by the kernel tests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from reference64 import attention64, rel_err
+
+# Relative-norm tolerances (||out - ref|| / ||ref||) per dtype: (output, gradients).
+# fp32 runs with true fp32 products; fp16/bf16 round P and dS to the input dtype before
+# the second matmul of each pair, as every flash-attention kernel does.
+TOL = {
+    torch.float32: (2e-5, 5e-5),
+    torch.float16: (3e-3, 1e-2),
+    torch.bfloat16: (2e-2, 5e-2),
+    torch.float64: (1e-10, 1e-10),
+}
+
+
+@dataclass
+class Case:
+    B: int = 2
+    H: int = 2
+    Hkv: int = 2
+    Nq: int = 17
+    Nk: int = 17
+    P: int = 7
+    D: int = 32
+    prefix: str = "shared"  # none | shared | row | bank
+    pad: str = "none"  # none | left | right | random
+    causal: bool = True
+    T: int = 3  # bank size
+
+    def id(self) -> str:
+        return (
+            f"B{self.B}-H{self.H}x{self.Hkv}-q{self.Nq}-k{self.Nk}-P{self.P}-D{self.D}"
+            f"-{self.prefix}-{self.pad}{'' if self.causal else '-full'}"
+        )
+
+
+def padding_mask(B: int, Nk: int, kind: str, gen: torch.Generator) -> torch.Tensor | None:
+    """bool [B, Nk], True = real token; rows get different amounts of padding."""
+    if kind == "none":
+        return None
+    mask = torch.ones(B, Nk, dtype=torch.bool)
+    for b in range(B):
+        n_pad = (b * 5 + 3) % max(Nk, 1) if Nk else 0
+        if kind == "left":
+            mask[b, :n_pad] = False
+        elif kind == "right":
+            mask[b, Nk - n_pad :] = False
+        elif kind == "random":
+            mask[b] = torch.rand(Nk, generator=gen) > 0.35
+        else:
+            raise ValueError(kind)
+    if B > 1 and Nk > 0 and kind != "random":
+        mask[-1, :] = False  # one row with every sequence key padded
+    return mask
+
+
+def make_inputs(
+    c: Case,
+    dtype: torch.dtype,
+    device: str,
+    seed: int = 0,
+    noncontiguous: bool = False,
+) -> dict:
+    """Random inputs for a case (leaf tensors requiring grad), as prefix_attention kwargs."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen)
+
+    if noncontiguous:
+        # HF layout [B, N, H, D] viewed as [B, H, N, D]; prefix as a strided slice
+        q = rnd(c.B, c.Nq, c.H, c.D).to(device, dtype).transpose(1, 2)
+        k = rnd(c.B, c.Nk, c.Hkv, c.D).to(device, dtype).transpose(1, 2)
+        v = rnd(c.B, c.Nk, c.Hkv, 2 * c.D).to(device, dtype)[..., ::2].transpose(1, 2)
+    else:
+        q = rnd(c.B, c.H, c.Nq, c.D).to(device, dtype)
+        k = rnd(c.B, c.Hkv, c.Nk, c.D).to(device, dtype)
+        v = rnd(c.B, c.Hkv, c.Nk, c.D).to(device, dtype)
+    kw: dict = {"q": q, "k": k, "v": v}
+    if c.prefix != "none":
+        lead = {"shared": (), "row": (c.B,), "bank": (c.T,)}[c.prefix]
+        if noncontiguous:
+            pk = rnd(*lead, c.P, c.Hkv, c.D).to(device, dtype).transpose(-3, -2)
+            pv = rnd(*lead, c.Hkv, c.P, 3 * c.D).to(device, dtype)[..., 1::3]
+        else:
+            pk = rnd(*lead, c.Hkv, c.P, c.D).to(device, dtype)
+            pv = rnd(*lead, c.Hkv, c.P, c.D).to(device, dtype)
+        kw["prefix_k"], kw["prefix_v"] = pk, pv
+        if c.prefix == "bank":
+            # repeated indices, and (when T > B) entries no row uses
+            idx = torch.tensor([(2 * b) % c.T for b in range(c.B)], dtype=torch.int64)
+            kw["prefix_index"] = idx.to(device)
+    kpm = padding_mask(c.B, c.Nk, c.pad, gen)
+    if kpm is not None:
+        kw["key_padding_mask"] = kpm.to(device)
+    kw["causal"] = c.causal
+    for name in ("q", "k", "v", "prefix_k", "prefix_v"):
+        if name in kw:
+            kw[name].requires_grad_(True)
+    return kw
+
+
+DIFF_NAMES = ("q", "k", "v", "prefix_k", "prefix_v")
+
+
+def run_with_grads(fn, kw: dict, grad_out: torch.Tensor | None = None, seed: int = 1):
+    """out, grad_out and {name: grad} for every differentiable input of kw."""
+    out = fn(**kw)
+    if grad_out is None:
+        gen = torch.Generator().manual_seed(seed)
+        grad_out = torch.randn(out.shape, generator=gen).to(out.device, out.dtype)
+    names = [n for n in DIFF_NAMES if n in kw]
+    grads = torch.autograd.grad(out, [kw[n] for n in names], grad_out, allow_unused=False)
+    return out, grad_out, dict(zip(names, grads))
+
+
+def check_against_float64(fn, kw: dict, dtype: torch.dtype) -> None:
+    """fn's output and all gradients vs the float64 concat reference (same inputs)."""
+    out, g, grads = run_with_grads(fn, kw)
+    ref_kw = {
+        n: (t.detach().double().requires_grad_(True) if n in DIFF_NAMES else t)
+        for n, t in kw.items()
+    }
+    _, _, ref_grads = run_with_grads(attention64, ref_kw, grad_out=g.double())
+    ref_out = attention64(**ref_kw).detach()
+    tol_o, tol_g = TOL[dtype]
+    assert out.dtype == kw["q"].dtype and out.shape == kw["q"].shape
+    assert torch.isfinite(out).all()
+    err = rel_err(out, ref_out)
+    assert err < tol_o, f"output: rel err {err:.2e} >= {tol_o:.0e}"
+    for n, gr in grads.items():
+        ref = ref_grads[n]
+        assert gr.shape == kw[n].shape, f"d{n} shape {tuple(gr.shape)}"
+        assert torch.isfinite(gr).all(), f"d{n} not finite"
+        if ref.numel() == 0 or ref.abs().max() == 0:
+            assert gr.abs().max() == 0 if gr.numel() else True, f"d{n} should be zero"
+            continue
+        e = rel_err(gr, ref)
+        assert e < tol_g, f"d{n}: rel err {e:.2e} >= {tol_g:.0e}"

@@ -1,0 +1,164 @@
+"""GPU-only checks: every autotune candidate, long sequences, 64-bit offsets, memory.
+
+The rest of the suite also runs on GPU (compiled kernels, bf16 added to the dtypes).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import gpu_only
+from helpers import TOL, Case, check_against_float64, make_inputs
+from reference64 import rel_err
+
+import prefixattn
+from prefixattn.ops import launch
+
+pytestmark = gpu_only
+triton_attn = functools.partial(prefixattn.prefix_attention, backend="triton")
+
+KERNEL_CONFIGS = [
+    (name, cfg)
+    for name, cfgs in (
+        ("fwd", launch.FWD_CONFIGS),
+        ("dkdv", launch.DKDV_CONFIGS),
+        ("dq", launch.DQ_CONFIGS),
+        ("prefix_dkdv", launch.PREFIX_DKDV_CONFIGS),
+    )
+    for cfg in cfgs
+]
+
+
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize(
+    "name,cfg", KERNEL_CONFIGS, ids=[f"{n}-M{c.BLOCK_M}N{c.BLOCK_N}w{c.num_warps}s{c.num_stages}"
+                                    for n, c in KERNEL_CONFIGS]
+)  # fmt: skip
+def test_every_autotune_candidate_is_correct(name: str, cfg: launch.KernelConfig, D: int) -> None:
+    """Autotuning may pick any candidate: each must be right on an awkward shape."""
+    c = Case(B=2, H=4, Hkv=2, Nq=300, Nk=333, P=40, D=D, prefix="bank", T=3, pad="left")
+    kw = make_inputs(c, torch.bfloat16, "cuda")
+    with launch.forced_config(**{name: cfg}, prefix_splits=3):
+        check_against_float64(triton_attn, kw, torch.bfloat16)
+
+
+def test_autotuned_path_is_correct(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PREFIXATTN_AUTOTUNE", "1")
+    c = Case(B=2, H=4, Hkv=2, Nq=200, Nk=256, P=64, D=64, prefix="shared", pad="right")
+    check_against_float64(triton_attn, make_inputs(c, torch.bfloat16, "cuda"), torch.bfloat16)
+
+
+@pytest.mark.parametrize("D", [16, 256])
+def test_extreme_head_dims(D: int) -> None:
+    c = Case(B=2, H=2, Hkv=1, Nq=130, Nk=150, P=20, D=D, prefix="row", pad="random")
+    check_against_float64(triton_attn, make_inputs(c, torch.float16, "cuda"), torch.float16)
+
+
+def _sdpa_concat_fp32(q, k, v, pk, pv) -> torch.Tensor:
+    """fp32 reference through PyTorch's SDPA over the concatenated keys (lower-right causal
+    over P + Nk keys is exactly the prefix-aware mask)."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    B, H, Nq, _ = q.shape
+    g = H // k.shape[1]
+    kk = torch.cat([pk.float().expand(B, -1, -1, -1), k.float()], 2).repeat_interleave(g, 1)
+    vv = torch.cat([pv.float().expand(B, -1, -1, -1), v.float()], 2).repeat_interleave(g, 1)
+    return F.scaled_dot_product_attention(
+        q.float(), kk, vv, attn_mask=causal_lower_right(Nq, kk.shape[2])
+    )
+
+
+@pytest.mark.parametrize("N,backward", [(4096, True), (16384, True)])
+def test_long_sequences(N: int, backward: bool) -> None:
+    torch.manual_seed(0)
+    B, H, Hkv, P, D = 1, 4, 2, 64, 64
+    q = torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(B, Hkv, N, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(B, Hkv, N, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    pk = torch.randn(Hkv, P, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    pv = torch.randn(Hkv, P, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    out = triton_attn(q, k, v, pk, pv)
+    leaves = [q, k, v, pk, pv]
+    ref_leaves = [t.detach().float().requires_grad_(True) for t in leaves]
+    ref = _sdpa_concat_fp32(*ref_leaves)
+    assert rel_err(out, ref) < TOL[torch.bfloat16][0]
+    if backward:
+        g = torch.randn_like(out)
+        grads = torch.autograd.grad(out, leaves, g)
+        ref_grads = torch.autograd.grad(ref, ref_leaves, g.float())
+        for name, a, b in zip(["q", "k", "v", "pk", "pv"], grads, ref_grads):
+            assert rel_err(a, b) < TOL[torch.bfloat16][1], name
+
+
+def test_64bit_offsets() -> None:
+    """K/V with more than 2^31 elements: batch and row offsets need 64-bit arithmetic."""
+    free = torch.cuda.mem_get_info()[0]
+    if free < 24 * 2**30:
+        pytest.skip("needs ~24 GiB of free GPU memory")
+    B, Hkv, D, Nq, P = 2, 1, 128, 16, 8
+    Nk = 2**31 // (B * Hkv * D) + 64  # k.numel() > 2^31
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    k = torch.randn(B, Hkv, Nk, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+    v = torch.randn(B, Hkv, Nk, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+    assert k.numel() > 2**31
+    q = torch.randn(B, 2, Nq, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+    pk = torch.randn(Hkv, P, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+    pv = torch.randn(Hkv, P, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+    out = triton_attn(q, k, v, pk, pv)  # Nq = 16 queries at the end of a 8M-token cache
+    b = B - 1  # the last row: every offset past 2^31
+    s_pre = torch.einsum("hqd,kpd->hqp", q[b].float(), pk.float())
+    s_seq = torch.einsum("hqd,knd->hqn", q[b].float(), k[b].float())
+    s = torch.cat([s_pre, s_seq], -1) / D**0.5
+    w = torch.softmax(s, -1)
+    ref = torch.einsum("hqp,kpd->hqd", w[..., :P], pv.float()) + torch.einsum(
+        "hqn,knd->hqd", w[..., P:], v[b].float()
+    )
+    assert rel_err(out[b], ref) < TOL[torch.bfloat16][0]
+
+
+def test_shared_prefix_is_never_expanded_in_memory() -> None:
+    """Peak memory of forward and backward: a per-row copy of the shared prefix (B x the
+    prefix) would show up; the kernel allocates only its outputs and small buffers."""
+    B, H, N, P, D = 64, 12, 64, 512, 64
+    dt = torch.bfloat16
+    q = torch.randn(B, H, N, D, device="cuda", dtype=dt, requires_grad=True)
+    k = torch.randn(B, H, N, D, device="cuda", dtype=dt, requires_grad=True)
+    v = torch.randn(B, H, N, D, device="cuda", dtype=dt, requires_grad=True)
+    pk = torch.randn(H, P, D, device="cuda", dtype=dt, requires_grad=True)
+    pv = torch.randn(H, P, D, device="cuda", dtype=dt, requires_grad=True)
+    expanded = B * H * P * D * 2  # bytes of one expanded prefix tensor
+    out = triton_attn(q, k, v, pk, pv)  # warm-up (compile / autotune)
+    torch.autograd.grad(out, [q, k, v, pk, pv], torch.ones_like(out))
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = triton_attn(q, k, v, pk, pv)
+    fwd_extra = torch.cuda.max_memory_allocated() - base
+    assert fwd_extra < out.numel() * 2 + B * H * N * 4 + 2**20 < expanded
+    torch.cuda.reset_peak_memory_stats()
+    torch.autograd.grad(out, [q, k, v, pk, pv], torch.ones_like(out))
+    bwd_extra = torch.cuda.max_memory_allocated() - base
+    # grads of q, k, v, prefix + fp32 per-row prefix partials (the deterministic reduction)
+    grads = 3 * out.numel() * 2 + 2 * H * P * D * 2
+    splits = launch._prefix_splits(
+        prefixattn.ops.validation.validate(q, k, v, pk, pv, None, None, True, None, 0.0, "triton"),
+        q,
+        False,
+    )
+    partials = 2 * B * splits * H * P * D * 4
+    assert bwd_extra < grads + partials + out.numel() * 4 + 2**22
+
+
+def test_decode_bucket_does_not_retune(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Growing the cache inside one power-of-two bucket reuses the tuned config."""
+    monkeypatch.setenv("PREFIXATTN_AUTOTUNE", "1")
+    q = torch.randn(4, 8, 1, 64, device="cuda", dtype=torch.bfloat16)
+    tuned = launch._tuned("fwd")
+    for n in range(1025, 1040):
+        k = torch.randn(4, 8, n, 64, device="cuda", dtype=torch.bfloat16)
+        triton_attn(q, k, k)
+    keys = [key for key in tuned.cache if 2048 in key]
+    assert len(keys) == 1, keys

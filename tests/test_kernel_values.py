@@ -1,0 +1,136 @@
+"""The Triton kernel (interpreter on CPU, compiled on GPU) against the float64 reference:
+forward and all five gradients, on awkward shapes."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from conftest import DEVICE, HAS_CUDA, KERNEL_DTYPES
+from helpers import Case, check_against_float64, make_inputs, run_with_grads
+from reference64 import attention64, rel_err
+
+import prefixattn
+from prefixattn.ops.launch import KernelConfig, forced_config
+
+triton_attn = functools.partial(prefixattn.prefix_attention, backend="triton")
+
+# Each value the standards name appears at least once: P in {0, 1, 7, 33}; Nq in
+# {1, 17, 113}; Nk > Nq (decode); D in {16, 40, 64, 80, 96, 128}; H/Hkv in {1, 2, 4};
+# padding left/right/random; shared, per-row and bank prefixes (repeated indices).
+CASES = [
+    Case(B=2, H=2, Hkv=2, Nq=17, Nk=17, P=7, D=40, prefix="shared"),
+    Case(B=2, H=4, Hkv=1, Nq=17, Nk=17, P=0, D=16, prefix="none", pad="left"),
+    Case(B=2, H=4, Hkv=2, Nq=1, Nk=113, P=33, D=64, prefix="bank", T=5),
+    Case(B=3, H=2, Hkv=2, Nq=17, Nk=50, P=1, D=80, prefix="row", pad="right"),
+    Case(B=2, H=4, Hkv=4, Nq=113, Nk=113, P=33, D=16, prefix="shared", pad="random"),
+    Case(B=2, H=2, Hkv=1, Nq=33, Nk=40, P=7, D=96, prefix="bank", pad="left", T=2),
+    Case(B=1, H=2, Hkv=2, Nq=17, Nk=17, P=7, D=128, prefix="row", causal=False),
+    Case(B=2, H=2, Hkv=2, Nq=40, Nk=17, P=0, D=32, prefix="none"),  # Nq > Nk: empty rows
+    Case(B=2, H=2, Hkv=2, Nq=40, Nk=17, P=1, D=32, prefix="shared", pad="right"),
+    Case(B=3, H=4, Hkv=2, Nq=1, Nk=17, P=0, D=64, prefix="none", pad="left"),  # decode
+    Case(B=2, H=2, Hkv=1, Nq=20, Nk=30, P=7, D=48, prefix="shared", causal=False, pad="random"),
+    Case(B=2, H=2, Hkv=2, Nq=5, Nk=0, P=7, D=16, prefix="shared"),  # no sequence keys
+    Case(B=4, H=2, Hkv=2, Nq=9, Nk=9, P=33, D=16, prefix="bank", T=2),  # T < B: shared entries
+]
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=Case.id)
+def test_triton_matches_float64(case: Case, dtype: torch.dtype) -> None:
+    kw = make_inputs(case, dtype, DEVICE)
+    check_against_float64(triton_attn, kw, dtype)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        Case(B=2, H=4, Hkv=2, Nq=17, Nk=23, P=7, D=40, prefix="shared", pad="left"),
+        Case(B=2, H=2, Hkv=1, Nq=9, Nk=30, P=5, D=32, prefix="bank", T=3),
+        Case(B=2, H=2, Hkv=2, Nq=9, Nk=9, P=5, D=32, prefix="row"),
+    ],
+    ids=Case.id,
+)
+def test_noncontiguous_inputs(case: Case) -> None:
+    """HF-style [B, N, H, D] views and strided prefixes go in as they are."""
+    kw = make_inputs(case, torch.float32, DEVICE, noncontiguous=True)
+    assert not kw["q"].is_contiguous() and not kw["v"].is_contiguous()
+    assert not kw["prefix_v"].is_contiguous()
+    check_against_float64(triton_attn, kw, torch.float32)
+
+
+BLOCK_CASES = [
+    Case(B=2, H=2, Hkv=1, Nq=50, Nk=70, P=9, D=32, prefix="shared", pad="left"),
+    Case(B=2, H=2, Hkv=2, Nq=70, Nk=50, P=9, D=32, prefix="bank", T=2),
+    Case(B=1, H=2, Hkv=2, Nq=50, Nk=70, P=40, D=32, prefix="row", causal=False),
+]
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [KernelConfig(16, 32), KernelConfig(32, 16), KernelConfig(16, 16)],
+    ids=lambda c: f"M{c.BLOCK_M}N{c.BLOCK_N}",
+)
+@pytest.mark.parametrize("case", BLOCK_CASES, ids=Case.id)
+def test_block_shapes_and_split_prefix_reduction(case: Case, cfg: KernelConfig) -> None:
+    """BLOCK_M != BLOCK_N moves the off-band/on-band boundaries; splits > 1 exercises the
+    fixed-order reduction of prefix partials."""
+    kw = make_inputs(case, torch.float32, DEVICE, seed=3)
+    with forced_config(fwd=cfg, dkdv=cfg, dq=cfg, prefix_dkdv=cfg, prefix_splits=3):
+        check_against_float64(triton_attn, kw, torch.float32)
+
+
+def test_empty_rows_are_zero_with_zero_grads() -> None:
+    """P == 0 and rows that see nothing (Nq > Nk, fully padded rows): zeros, no NaN."""
+    c = Case(B=2, H=2, Hkv=2, Nq=12, Nk=5, P=0, D=16, prefix="none", pad="left")
+    kw = make_inputs(c, torch.float32, DEVICE)
+    out, _, grads = run_with_grads(triton_attn, kw)
+    # row 1 of the batch has every key padded; queries i < Nq - Nk see no key at all
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    assert torch.equal(out[0, :, : c.Nq - c.Nk], torch.zeros_like(out[0, :, : c.Nq - c.Nk]))
+    assert out[0, :, -1].abs().sum() > 0
+    for g in grads.values():
+        assert torch.isfinite(g).all()
+    assert torch.equal(grads["q"][1], torch.zeros_like(grads["q"][1]))
+
+
+def test_zero_length_prefix_equals_no_prefix() -> None:
+    c = Case(B=2, H=2, Hkv=1, Nq=9, Nk=11, P=0, D=16, prefix="shared", pad="random")
+    kw = make_inputs(c, torch.float32, DEVICE)
+    out, g, grads = run_with_grads(triton_attn, kw)
+    plain = {n: t for n, t in kw.items() if n not in ("prefix_k", "prefix_v")}
+    out0, _, grads0 = run_with_grads(triton_attn, plain, grad_out=g)
+    assert torch.equal(out, out0)
+    assert torch.equal(grads["q"], grads0["q"])
+    assert grads["prefix_k"].shape == (1, 0, 16) and grads["prefix_v"].shape == (1, 0, 16)
+
+
+def test_custom_scale_and_no_grad_inputs() -> None:
+    c = Case(B=2, H=2, Hkv=2, Nq=9, Nk=9, P=3, D=16)
+    kw = make_inputs(c, torch.float32, DEVICE)
+    kw["k"].requires_grad_(False)
+    out = triton_attn(**kw, sm_scale=0.3)
+    ref = attention64(**{n: t.detach() if torch.is_tensor(t) else t for n, t in kw.items()},
+                      sm_scale=0.3)  # fmt: skip
+    assert rel_err(out, ref) < 2e-5
+    dq, dpk = torch.autograd.grad(out.sum(), [kw["q"], kw["prefix_k"]])
+    assert dq.shape == kw["q"].shape and dpk.shape == kw["prefix_k"].shape
+
+
+def test_zero_batch() -> None:
+    q = torch.randn(0, 2, 5, 16, device=DEVICE, requires_grad=True)
+    k = torch.randn(0, 2, 5, 16, device=DEVICE)
+    pk = torch.randn(2, 3, 16, device=DEVICE, requires_grad=True)
+    out = triton_attn(q, k, k, pk, pk.detach())
+    assert out.shape == (0, 2, 5, 16)
+    (g,) = torch.autograd.grad(out.sum(), [pk])
+    assert torch.equal(g, torch.zeros_like(pk))
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the CPU interpreter requirement")
+def test_triton_on_cpu_requires_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x = torch.randn(1, 1, 4, 16)
+    with pytest.raises(ValueError, match="backend"):
+        prefixattn.prefix_attention(x, x, x, backend="triton")
