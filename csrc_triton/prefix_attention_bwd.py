@@ -112,8 +112,11 @@ def _attn_bwd_kv_inner(
 ):
     """Accumulate dK, dV [BLOCK_N, BLOCK_D] of one key block over query blocks [lo, hi).
 
-    Q, DO point at query 0 of this (b, h); LSE, Delta at this (b, h)'s row vector.
-    Out-of-range query rows load q = dO = 0 and LSE = +inf, so they contribute nothing.
+    Works in the transposed orientation (as the Triton tutorial does): q is loaded as
+    q^T [BLOCK_D, BLOCK_M] and the score tile is s^T = k q^T [BLOCK_N, BLOCK_M], so no
+    computed tile is ever transposed before a dot. Q, DO point at query 0 of this (b, h);
+    LSE, Delta at this (b, h)'s row vector. Out-of-range query rows load q = dO = 0 and
+    LSE = +inf, so they contribute nothing.
     """
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -121,38 +124,39 @@ def _attn_bwd_kv_inner(
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + offs_m0
         m_ok = offs_m < N_Q
-        ld = m_ok[:, None] & d_ok[None, :]
-        q = tl.load(
-            Q + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd,
-            mask=ld,
+        rows = offs_m.to(tl.int64)
+        qT = tl.load(
+            Q + rows[None, :] * stride_qm + offs_d[:, None] * stride_qd,
+            mask=m_ok[None, :] & d_ok[:, None],
             other=0.0,
-        )
+        )  # [BLOCK_D, BLOCK_M]
         do = tl.load(
-            DO + offs_m[:, None].to(tl.int64) * stride_dom + offs_d[None, :] * stride_dod,
-            mask=ld,
+            DO + rows[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+            mask=m_ok[:, None] & d_ok[None, :],
             other=0.0,
-        )
+        )  # [BLOCK_M, BLOCK_D]
         lse = tl.load(LSE + offs_m, mask=m_ok, other=float("inf"))
         delta = tl.load(Delta + offs_m, mask=m_ok, other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale  # [M, N]
-        p = tl.exp2(qk - lse[:, None])
+        sT = tl.dot(k, qT, input_precision=INPUT_PRECISION) * qk_scale  # [N, M]
+        pT = tl.exp2(sT - lse[None, :])
         if MASK_CAUSAL:
-            p = tl.where(cols[None, :] <= offs_m[:, None] + causal_off, p, 0.0)
+            pT = tl.where(cols[:, None] <= offs_m[None, :] + causal_off, pT, 0.0)
         if HAS_KEY_MASK:
-            p = tl.where(key_real[None, :], p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+            pT = tl.where(key_real[:, None], pT, 0.0)
+        dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)  # [N, M]
         if HAS_DROPOUT:
-            keep = _dropout_keep(
-                seed, (drop_base + offs_m.to(tl.int64)) * n_tot, col_base + cols, dropout_p
+            keep = (
+                tl.rand(seed, (drop_base + rows)[None, :] * n_tot + (col_base + cols)[:, None])
+                >= dropout_p
             )
             inv_keep = 1.0 / (1.0 - dropout_p)
-            pz = tl.where(keep, p * inv_keep, 0.0)
-            dp = tl.where(keep, dp * inv_keep, 0.0)
+            pzT = tl.where(keep, pT * inv_keep, 0.0)
+            dpT = tl.where(keep, dpT * inv_keep, 0.0)
         else:
-            pz = p
-        dv = tl.dot(tl.trans(pz.to(do.dtype)), do, dv, input_precision=INPUT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=INPUT_PRECISION)
+            pzT = pT
+        dv = tl.dot(pzT.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
+        dsT = pT * (dpT - delta[None, :])
+        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=INPUT_PRECISION)
     return dk, dv
 
 

@@ -26,3 +26,12 @@ gpu_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (compiled T
 @pytest.fixture
 def device() -> str:
     return DEVICE
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """With PREFIXATTN_FAIL_LOG=path, append each failure as it happens (long GPU runs can
+    be cut off before pytest's summary)."""
+    path = os.environ.get("PREFIXATTN_FAIL_LOG")
+    if path and report.failed:
+        with open(path, "a") as f:
+            f.write(f"=== {report.nodeid} [{report.when}]\n{report.longreprtext[-3000:]}\n\n")

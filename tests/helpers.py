@@ -138,7 +138,9 @@ def check_against_float64(fn, kw: dict, dtype: torch.dtype) -> None:
         assert gr.shape == kw[n].shape, f"d{n} shape {tuple(gr.shape)}"
         assert torch.isfinite(gr).all(), f"d{n} not finite"
         if ref.numel() == 0 or ref.abs().max() == 0:
-            assert gr.abs().max() == 0 if gr.numel() else True, f"d{n} should be zero"
+            # the exact gradient is 0 (e.g. one visible key: dS = P (dO.v - dO.O) = 0);
+            # the kernel may leave rounding residue of the size of its tolerance
+            assert gr.numel() == 0 or gr.abs().max() <= tol_g, f"d{n} should be ~0"
             continue
         e = rel_err(gr, ref)
         assert e < tol_g, f"d{n}: rel err {e:.2e} >= {tol_g:.0e}"

@@ -28,7 +28,7 @@ KERNEL_CONFIGS = [
         ("dq", launch.DQ_CONFIGS),
         ("prefix_dkdv", launch.PREFIX_DKDV_CONFIGS),
     )
-    for cfg in cfgs
+    for cfg in [*cfgs, launch.SAFE_CONFIG]
 ]
 
 
@@ -39,10 +39,15 @@ KERNEL_CONFIGS = [
 )  # fmt: skip
 def test_every_autotune_candidate_is_correct(name: str, cfg: launch.KernelConfig, D: int) -> None:
     """Autotuning may pick any candidate: each must be right on an awkward shape."""
+    from triton.runtime.errors import OutOfResources
+
     c = Case(B=2, H=4, Hkv=2, Nq=300, Nk=333, P=40, D=D, prefix="bank", T=3, pad="left")
     kw = make_inputs(c, torch.bfloat16, "cuda")
     with launch.forced_config(**{name: cfg}, prefix_splits=3):
-        check_against_float64(triton_attn, kw, torch.bfloat16)
+        try:
+            check_against_float64(triton_attn, kw, torch.bfloat16)
+        except OutOfResources as e:  # autotune skips such configs the same way
+            pytest.skip(f"config does not fit this GPU at D={D}: {e}")
 
 
 def test_autotuned_path_is_correct(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+from triton.runtime.errors import OutOfResources
 
 from .validation import (
     PREFIX_NONE,
@@ -40,34 +41,27 @@ class KernelConfig:
 # queries, BLOCK_N tiles keys.
 FWD_CONFIGS = [
     KernelConfig(128, 64, 4, 3),
-    KernelConfig(128, 64, 8, 3),
     KernelConfig(128, 128, 8, 3),
     KernelConfig(64, 64, 4, 3),
-    KernelConfig(64, 32, 4, 4),
-    KernelConfig(16, 64, 4, 3),
-    KernelConfig(16, 128, 4, 3),
+    KernelConfig(16, 64, 4, 3),  # decode: Nq <= 16
 ]
 DKDV_CONFIGS = [
     KernelConfig(32, 128, 4, 3),
     KernelConfig(64, 128, 8, 3),
-    KernelConfig(32, 64, 4, 3),
     KernelConfig(64, 64, 4, 2),
-    KernelConfig(16, 64, 4, 3),
 ]
 DQ_CONFIGS = [
     KernelConfig(128, 32, 4, 3),
     KernelConfig(128, 64, 8, 3),
-    KernelConfig(64, 64, 4, 3),
-    KernelConfig(64, 32, 4, 2),
-    KernelConfig(16, 64, 4, 3),
+    KernelConfig(64, 64, 4, 2),
 ]
 PREFIX_DKDV_CONFIGS = [
     KernelConfig(64, 64, 4, 3),
     KernelConfig(32, 64, 4, 3),
     KernelConfig(64, 128, 8, 3),
-    KernelConfig(32, 32, 4, 2),
-    KernelConfig(16, 64, 4, 3),
 ]
+# Fits any GPU, D and dtype: the last resort when autotuning is off and nothing else fits.
+SAFE_CONFIG = KernelConfig(16, 32, 4, 1)
 INTERPRET_CONFIG = KernelConfig(32, 32, 1, 1)
 REDUCE_BLOCK = 1024
 
@@ -113,6 +107,7 @@ def _kernels():  # -> module csrc_triton
     return csrc_triton
 
 
+@functools.cache
 def kernels_interpreted() -> bool:
     """True when the kernels were built by Triton's CPU interpreter."""
     from triton.runtime.interpreter import InterpretedFunction
@@ -224,9 +219,9 @@ def _launch(
         _tuned(name)[lambda meta: grid_fn(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **kwargs)
         return
     if name in _forced:
-        cfg = _forced[name]
+        candidates = [_forced[name]]
     elif kernels_interpreted():
-        cfg = INTERPRET_CONFIG
+        candidates = [INTERPRET_CONFIG]
     else:
         cfgs = {
             "fwd": FWD_CONFIGS,
@@ -234,28 +229,45 @@ def _launch(
             "dq": DQ_CONFIGS,
             "prefix_dkdv": PREFIX_DKDV_CONFIGS,
         }[name]
-        cfg = _default_config(cfgs, kwargs["BLOCK_D"], n_q, n_kp)
-    kernel[grid_fn(cfg.BLOCK_M, cfg.BLOCK_N)](
-        *args,
-        BLOCK_M=cfg.BLOCK_M,
-        BLOCK_N=cfg.BLOCK_N,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-        **kwargs,
-    )
+        key = (name, kwargs["BLOCK_D"], q.dtype, _bucket(n_q), _bucket(n_kp))
+        candidates = _default_configs(cfgs, kwargs["BLOCK_D"], n_q, n_kp)
+        if key in _fallback_cache:  # the config that fitted last time goes first
+            candidates.insert(0, _fallback_cache[key])
+    for i, cfg in enumerate(candidates):
+        try:
+            kernel[grid_fn(cfg.BLOCK_M, cfg.BLOCK_N)](
+                *args,
+                BLOCK_M=cfg.BLOCK_M,
+                BLOCK_N=cfg.BLOCK_N,
+                num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages,
+                **kwargs,
+            )
+        except OutOfResources:  # a config too large for this GPU: try the next one
+            if i == len(candidates) - 1:
+                raise
+            continue
+        if name not in _forced and not kernels_interpreted():
+            _fallback_cache[key] = cfg
+        return
 
 
-def _default_config(cfgs: list[KernelConfig], block_d: int, n_q: int, n_kp: int) -> KernelConfig:
-    for c in cfgs:
-        if block_d >= 256 and c.BLOCK_M * c.BLOCK_N > 64 * 64:
-            continue
-        if (
-            max(16, triton_next_pow2(n_q)) < c.BLOCK_M
-            or max(16, triton_next_pow2(n_kp)) < c.BLOCK_N
-        ):
-            continue
-        return c
-    return cfgs[-1]
+# (kernel, BLOCK_D, dtype, buckets) -> the first default config that fitted the GPU
+_fallback_cache: dict[tuple, KernelConfig] = {}
+
+
+def _default_configs(
+    cfgs: list[KernelConfig], block_d: int, n_q: int, n_kp: int
+) -> list[KernelConfig]:
+    """The configs worth trying, in preference order, when autotuning is off."""
+    out = [
+        c
+        for c in cfgs
+        if not (block_d >= 256 and c.BLOCK_M * c.BLOCK_N > 64 * 64)
+        and max(16, triton_next_pow2(n_q)) >= c.BLOCK_M
+        and max(16, triton_next_pow2(n_kp)) >= c.BLOCK_N
+    ]
+    return out + [c for c in cfgs if c not in out] + [SAFE_CONFIG]
 
 
 def _input_precision(q: torch.Tensor) -> str:

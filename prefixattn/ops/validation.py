@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -68,6 +69,31 @@ def _check_float_dtype(name: str, t: torch.Tensor, allowed: tuple[torch.dtype, .
     if t.dtype not in allowed:
         names = ", ".join(str(d).replace("torch.", "") for d in allowed)
         raise TypeError(f"{name} must have dtype in ({names}), got {t.dtype}")
+
+
+# id(tensor) -> (weakref, version, data_ptr, T) of prefix_index tensors already checked:
+# every layer of a model gets the same index tensor, and the range check costs a device
+# sync, so it runs once per tensor (and again if the tensor is modified in place).
+_checked_index: dict[int, tuple] = {}
+
+
+def _check_index_range(prefix_index: torch.Tensor, T: int) -> None:
+    key = (prefix_index._version, prefix_index.data_ptr(), T)
+    seen = _checked_index.get(id(prefix_index))
+    if seen is not None and seen[0]() is prefix_index and seen[1:] == key:
+        return
+    lo, hi = torch.aminmax(prefix_index)
+    lo, hi = int(lo), int(hi)
+    if lo < 0 or hi >= T:
+        raise ValueError(
+            f"prefix_index values must be in [0, T) with T={T} bank entries, "
+            f"got values in [{lo}, {hi}]"
+        )
+    if len(_checked_index) > 1024:
+        _checked_index.clear()
+    ident = id(prefix_index)
+    ref = weakref.ref(prefix_index, lambda _: _checked_index.pop(ident, None))
+    _checked_index[ident] = (ref, *key)
 
 
 def validate(
@@ -178,12 +204,7 @@ def validate(
                 f"prefix_index must be on the device of q ({q.device}), got {prefix_index.device}"
             )
         if check_index_values and B > 0:
-            lo, hi = int(prefix_index.min()), int(prefix_index.max())
-            if lo < 0 or hi >= T:
-                raise ValueError(
-                    f"prefix_index values must be in [0, T) with T={T} bank entries, "
-                    f"got values in [{lo}, {hi}]"
-                )
+            _check_index_range(prefix_index, T)
     layout = mode
     if P == 0:
         mode = PREFIX_NONE
