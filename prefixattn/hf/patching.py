@@ -1,0 +1,574 @@
+"""Route a transformers model's attention through :func:`prefixattn.prefix_attention`.
+
+:func:`patch` registers an attention function and a mask function under the name
+``"prefixattn"`` with transformers' ``AttentionInterface`` / ``AttentionMaskInterface`` and
+switches the model to it with ``model.set_attn_implementation("prefixattn")``;
+:func:`unpatch` restores the previous implementation of every config exactly.
+
+The mask function hands the kernel what it can use: a 2-D bool key padding mask
+``[B, Nk]`` (True = real token) or ``None``, never a dense 4-D mask. Causality comes from
+the kernel's own bottom-right aligned causal mask, which is exactly right for a growing
+KV cache (``Nq = 1`` sees the whole cache).
+
+The prefix comes from a :class:`PrefixProvider` attached to *one* model (see
+:func:`set_prefix`): the attention function finds it through the attention module it is
+called with (``module.layer_idx`` picks the layer), so two patched models with different
+prefixes in one process never see each other's prefix. The prefix is never written to the
+KV cache: the cache holds only real tokens, and every decoding step reads the prefix from
+the provider.
+
+Supported: transformers >= 5.10, < 6 (tested on 5.10.0, 5.17.0 and 5.23.0; older 5.x
+releases pass ``cache_position`` to mask functions, which is accepted, but are not
+supported: 5.0's GPT-2 ignores ``scale_attn_by_inverse_layer_idx`` outside eager) and every
+decoder whose attention goes through ``ALL_ATTENTION_FUNCTIONS.get_interface`` (GPT-2,
+Llama, Qwen2, Mistral, ... including GQA/MQA). Only public, 5.0-era APIs are used:
+``AttentionInterface.register``, ``AttentionMaskInterface.register``,
+``PreTrainedModel.set_attn_implementation`` and the config's ``_attn_implementation``
+(plus ``sdpa_mask`` to check unusual mask patterns).
+
+Not supported (a ``ValueError`` says so, no silent fallback): static / compileable / paged
+caches, custom 4-D attention masks, packed sequences (position-id resets without an
+attention mask), sliding windows shorter than the attended keys, attention soft-capping
+and attention sinks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..ops.attention import prefix_attention
+from ..ops.validation import BACKENDS
+
+try:  # transformers is the optional "hf" extra
+    from transformers import PreTrainedModel
+    from transformers.masking_utils import (
+        AttentionMaskInterface,
+        bidirectional_mask_function,
+        causal_mask_function,
+        sdpa_mask,
+    )
+    from transformers.modeling_utils import AttentionInterface
+except ImportError as err:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        "prefixattn.hf needs transformers>=5.10: install the 'hf' extra "
+        "(pip install 'prefixattn[hf]')"
+    ) from err
+
+__all__ = [
+    "ATTN_IMPLEMENTATION",
+    "PrefixProvider",
+    "StaticPrefix",
+    "get_prefix",
+    "is_patched",
+    "patch",
+    "prefixattn_attention_forward",
+    "prefixattn_mask",
+    "record_kv",
+    "set_prefix",
+    "unpatch",
+]
+
+#: The name registered with transformers' attention and mask interfaces.
+ATTN_IMPLEMENTATION = "prefixattn"
+
+_STATE_ATTR = "_prefixattn_state"
+
+# Attention-function kwargs whose meaning the kernel cannot reproduce: refuse them when set.
+_UNSUPPORTED_KWARGS = {
+    "softcap": "attention logit soft-capping",
+    "s_aux": "attention sinks",
+    "sinks": "attention sinks",
+    "position_bias": "additive position bias",
+    "cu_seq_lens_q": "packed (varlen) sequences",
+    "cu_seq_lens_k": "packed (varlen) sequences",
+    "cu_seqlens_q": "packed (varlen) sequences",
+    "cu_seqlens_k": "packed (varlen) sequences",
+}
+
+
+# --------------------------------------------------------------------------------------
+# prefix providers
+# --------------------------------------------------------------------------------------
+
+
+class PrefixProvider:
+    """Where a patched model gets its per-layer prefix K/V from.
+
+    Subclasses implement :meth:`layer_prefix`. It is called once per attention layer per
+    forward pass (and again when gradient checkpointing recomputes a layer), so it should be
+    cheap and must return tensors that are part of the autograd graph if the prefix is
+    trained.
+    """
+
+    def layer_prefix(
+        self, layer_idx: int, batch_size: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+        """The prefix of layer ``layer_idx`` for a batch of ``batch_size`` rows.
+
+        Returns:
+            ``None`` (no prefix on this layer) or ``(prefix_k, prefix_v, prefix_index)`` with
+            ``prefix_k``/``prefix_v`` of shape [Hkv, P, D] (shared), [B, Hkv, P, D] (per row,
+            ``prefix_index=None``) or [T, Hkv, P, D] with ``prefix_index`` int64 [B] (bank).
+        """
+        raise NotImplementedError
+
+
+class StaticPrefix(PrefixProvider):
+    """Fixed per-layer prefix tensors, optionally a bank with a row index.
+
+    Arguments:
+        keys, values: one tensor per layer (``None`` for a layer without prefix), each
+            [Hkv, P, D] shared, [B, Hkv, P, D] per row, or [T, Hkv, P, D] bank.
+        prefix_index: int64 [B] bank entry per row (only with 4-D bank tensors).
+        expand_batch: allow a batch that is a multiple of ``len(prefix_index)`` (generation
+            with ``num_beams`` / ``num_return_sequences`` repeats each row consecutively); the
+            index is then repeated with ``repeat_interleave``.
+    """
+
+    def __init__(
+        self,
+        keys: Sequence[torch.Tensor | None],
+        values: Sequence[torch.Tensor | None],
+        prefix_index: torch.Tensor | None = None,
+        *,
+        expand_batch: bool = False,
+    ) -> None:
+        if not isinstance(keys, Sequence) or not isinstance(values, Sequence):
+            raise TypeError("keys and values must be sequences of per-layer tensors (or None)")
+        if len(keys) != len(values):
+            raise ValueError(
+                f"keys and values must have one entry per layer each, got {len(keys)} and "
+                f"{len(values)}"
+            )
+        for i, (k, v) in enumerate(zip(keys, values)):
+            if (k is None) != (v is None):
+                raise ValueError(f"keys[{i}] and values[{i}] must both be tensors or both None")
+            if k is None:
+                continue
+            if not isinstance(k, torch.Tensor) or not isinstance(v, torch.Tensor):
+                raise TypeError(f"keys[{i}] and values[{i}] must be torch.Tensor")
+            if k.dim() not in (3, 4) or k.shape != v.shape:
+                raise ValueError(
+                    f"keys[{i}] and values[{i}] must have the same shape [Hkv, P, D] or "
+                    f"[B|T, Hkv, P, D], got {tuple(k.shape)} and {tuple(v.shape)}"
+                )
+            if prefix_index is not None and k.dim() != 4:
+                raise ValueError(
+                    f"prefix_index needs bank prefixes [T, Hkv, P, D]; keys[{i}] has shape "
+                    f"{tuple(k.shape)}"
+                )
+        if prefix_index is not None:
+            if not isinstance(prefix_index, torch.Tensor) or prefix_index.dtype != torch.int64:
+                raise TypeError("prefix_index must be an int64 torch.Tensor of shape [B]")
+            if prefix_index.dim() != 1:
+                raise ValueError(
+                    f"prefix_index must have shape [B], got {tuple(prefix_index.shape)}"
+                )
+        self.keys = list(keys)
+        self.values = list(values)
+        self.prefix_index = prefix_index
+        self.expand_batch = expand_batch
+
+    def layer_prefix(
+        self, layer_idx: int, batch_size: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+        """See :meth:`PrefixProvider.layer_prefix`."""
+        if layer_idx >= len(self.keys):
+            raise ValueError(
+                f"the prefix has {len(self.keys)} layers but the model asked for layer {layer_idx}"
+            )
+        k, v = self.keys[layer_idx], self.values[layer_idx]
+        if k is None:
+            return None
+        index = self.prefix_index
+        if index is not None and index.shape[0] != batch_size:
+            n = index.shape[0]
+            if not (self.expand_batch and n > 0 and batch_size % n == 0):
+                raise ValueError(f"prefix_index has {n} rows but the batch has {batch_size} rows")
+            index = index.repeat_interleave(batch_size // n)  # [B]: beams/samples of a row
+        return k, v, index
+
+
+@dataclass
+class _PatchState:
+    """What :func:`patch` attached to one model."""
+
+    backend: str
+    previous: list[tuple[Any, Any]]  # (config, its _attn_implementation before patching)
+    provider: PrefixProvider | None = None
+    # layer_idx -> (key, value) seen by the attention function, while record_kv is active
+    recorder: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+
+# --------------------------------------------------------------------------------------
+# patch / unpatch
+# --------------------------------------------------------------------------------------
+
+
+def _register() -> None:
+    """Register the attention and mask functions (global, idempotent)."""
+    AttentionInterface.register(ATTN_IMPLEMENTATION, prefixattn_attention_forward)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, prefixattn_mask)
+
+
+def _configs(model: nn.Module) -> list[Any]:
+    """Every distinct config of ``model`` and its submodels (including nested sub-configs)."""
+    seen: dict[int, Any] = {}
+    stack = [m.config for m in model.modules() if isinstance(m, PreTrainedModel)]
+    while stack:
+        cfg = stack.pop()
+        if cfg is None or id(cfg) in seen:
+            continue
+        seen[id(cfg)] = cfg
+        for name in getattr(cfg, "sub_configs", {}) or {}:
+            stack.append(getattr(cfg, name, None))
+    return list(seen.values())
+
+
+def _check_model(model: object) -> PreTrainedModel:
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(
+            f"model must be a transformers PreTrainedModel, got {type(model).__name__} "
+            "(for a PEFT model use PrefixTuning.from_peft)"
+        )
+    return model
+
+
+def is_patched(model: nn.Module) -> bool:
+    """Whether :func:`patch` was applied to ``model`` (and not undone)."""
+    return isinstance(getattr(model, _STATE_ATTR, None), _PatchState)
+
+
+def patch(model: PreTrainedModel, backend: str = "auto") -> PreTrainedModel:
+    """Route every attention layer of ``model`` through :func:`prefixattn.prefix_attention`.
+
+    Works on transformers >= 5.10 models whose attention goes through
+    ``AttentionInterface`` (GPT-2, Llama, Qwen2, Mistral, ...). Without a prefix (see
+    :func:`set_prefix`) the patched model gives the logits and greedy generations of the
+    unpatched one (padded batches and KV cache included). Patching an already patched
+    model only changes ``backend``.
+
+    Arguments:
+        model: a transformers ``PreTrainedModel``; modified in place.
+        backend: kernel backend, "auto" (Triton on CUDA, reference on CPU), "triton" or
+            "reference".
+
+    Returns:
+        ``model`` itself.
+
+    Raises:
+        TypeError: ``model`` is not a ``PreTrainedModel``.
+        ValueError: bad ``backend``, or the model does not use transformers' attention
+            interface.
+    """
+    model = _check_model(model)
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    state = getattr(model, _STATE_ATTR, None)
+    if isinstance(state, _PatchState):
+        state.backend = backend
+        return model
+
+    _register()
+    configs = _configs(model)
+    previous = [(cfg, cfg._attn_implementation) for cfg in configs]
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    if model.config._attn_implementation != ATTN_IMPLEMENTATION:
+        _restore(model, previous)
+        raise ValueError(
+            f"model ({type(model).__name__}) does not route its attention through "
+            "transformers' AttentionInterface, so it cannot be patched"
+        )
+    state = _PatchState(backend=backend, previous=previous)
+    for module in model.modules():
+        # every module gets the state: the attention function reads it from the module
+        # it is called with, whatever the model calls its attention modules
+        module.__dict__[_STATE_ATTR] = state
+    return model
+
+
+def _restore(model: PreTrainedModel, previous: list[tuple[Any, Any]]) -> None:
+    top = next((impl for cfg, impl in previous if cfg is model.config), None)
+    if top is not None and top != model.config._attn_implementation:
+        model.set_attn_implementation(top)
+    for cfg, impl in previous:  # exact restore of every (sub-)config, whatever the checks did
+        cfg._attn_implementation_internal = impl
+
+
+def unpatch(model: PreTrainedModel) -> PreTrainedModel:
+    """Undo :func:`patch`: restore the previous attention implementation of every config.
+
+    The attached prefix provider is dropped as well.
+
+    Arguments:
+        model: a model patched by :func:`patch`.
+
+    Returns:
+        ``model`` itself.
+
+    Raises:
+        TypeError: ``model`` is not a ``PreTrainedModel``.
+        ValueError: ``model`` is not patched.
+    """
+    model = _check_model(model)
+    state = getattr(model, _STATE_ATTR, None)
+    if not isinstance(state, _PatchState):
+        raise ValueError("model is not patched by prefixattn.patch, nothing to unpatch")
+    _restore(model, state.previous)
+    for module in model.modules():
+        module.__dict__.pop(_STATE_ATTR, None)
+    state.provider = None
+    return model
+
+
+def set_prefix(model: PreTrainedModel, provider: PrefixProvider | None) -> None:
+    """Attach ``provider`` (or ``None`` for no prefix) to a patched ``model``.
+
+    The provider stays attached until replaced: it is also what gradient checkpointing sees
+    when it recomputes a layer during backward.
+
+    Raises:
+        TypeError: ``provider`` is not a :class:`PrefixProvider` or ``None``.
+        ValueError: ``model`` is not patched.
+    """
+    state = getattr(model, _STATE_ATTR, None)
+    if not isinstance(state, _PatchState):
+        raise ValueError("model must be patched with prefixattn.patch(model) before set_prefix")
+    if provider is not None and not isinstance(provider, PrefixProvider):
+        raise TypeError(f"provider must be a PrefixProvider or None, got {type(provider).__name__}")
+    state.provider = provider
+
+
+@contextlib.contextmanager
+def record_kv(model: PreTrainedModel) -> Iterator[dict[int, tuple[torch.Tensor, torch.Tensor]]]:
+    """Record the sequence keys/values every self-attention layer sees (detached).
+
+    Yields a dict ``layer_idx -> (key, value)``, each [B, Hkv, Nk, D] as the kernel receives
+    them (after RoPE, cache appended, prefix excluded). Used to initialise prefixes from the
+    activations of real tokens.
+
+    Raises:
+        ValueError: ``model`` is not patched.
+    """
+    state = getattr(model, _STATE_ATTR, None)
+    if not isinstance(state, _PatchState):
+        raise ValueError("model must be patched with prefixattn.patch(model) to record K/V")
+    previous = state.recorder
+    state.recorder = {}
+    try:
+        yield state.recorder
+    finally:
+        state.recorder = previous
+
+
+def get_prefix(model: nn.Module) -> PrefixProvider | None:
+    """The provider attached to ``model`` (``None`` if none or not patched)."""
+    state = getattr(model, _STATE_ATTR, None)
+    return state.provider if isinstance(state, _PatchState) else None
+
+
+# --------------------------------------------------------------------------------------
+# the functions transformers calls
+# --------------------------------------------------------------------------------------
+
+
+def _kernel_visible(
+    batch_size: int, q_length: int, kv_length: int, kpm: torch.Tensor | None, device: Any
+) -> torch.Tensor:
+    """The kernel's causal mask: bool [B, Nq, Nk], query i sees key j iff j <= i + Nk - Nq."""
+    i = torch.arange(q_length, device=device)[:, None]
+    j = torch.arange(kv_length, device=device)[None, :]
+    vis = (j <= i + (kv_length - q_length))[None].expand(batch_size, -1, -1)  # [B, Nq, Nk]
+    if kpm is not None:
+        vis = vis & kpm[:, None, :]
+    return vis
+
+
+def prefixattn_mask(
+    batch_size: int,
+    q_length: int | None = None,
+    kv_length: int | None = None,
+    q_offset: int | torch.Tensor = 0,
+    kv_offset: int = 0,
+    mask_function: Any = causal_mask_function,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> torch.Tensor | None:
+    """Mask function for ``AttentionMaskInterface``: a 2-D key padding mask or ``None``.
+
+    Called by transformers' ``create_causal_mask`` & co. with the same arguments as
+    ``flash_attention_mask`` (``q_length``/``q_offset`` in recent 5.x; earlier 5.x versions
+    pass ``cache_position`` [Nq] instead, which is accepted too).
+
+    Returns:
+        bool [B, kv_length] (True = real token) when the 2-D ``attention_mask`` has padding,
+        else ``None``. Causality is left to the kernel (bottom-right aligned).
+
+    Raises:
+        ValueError: the mask the model asks for cannot be expressed as a padding mask plus
+            the kernel's causal mask (static cache, packed sequences, sliding window
+            shorter than the keys, custom mask overlays).
+    """
+    cache_position = kwargs.pop("cache_position", None)
+    position_kw: dict[str, Any]
+    if q_length is None:  # older 5.x: the queries are given by cache_position [Nq]
+        if cache_position is None or kv_length is None:
+            raise ValueError("prefixattn_mask needs q_length and kv_length (or cache_position)")
+        q_length = int(cache_position.shape[0])
+        q_offset = int(cache_position[0]) if q_length > 0 else 0
+        position_kw = {"cache_position": cache_position}
+    else:
+        if isinstance(q_offset, torch.Tensor) or isinstance(kv_offset, torch.Tensor):
+            raise ValueError(
+                "prefixattn does not support static / compileable KV caches (use the default "
+                "DynamicCache)"
+            )
+        position_kw = {"q_length": q_length, "q_offset": q_offset}
+    kpm = None
+    if attention_mask is not None:
+        if attention_mask.dim() != 2:
+            raise ValueError(
+                f"attention_mask must be a 2-D padding mask [B, N] for prefixattn, got "
+                f"{attention_mask.dim()}-D"
+            )
+        kpm = attention_mask[:, kv_offset : kv_offset + kv_length].to(torch.bool)
+        if kpm.shape != (batch_size, kv_length):
+            raise ValueError(
+                f"attention_mask of shape {tuple(attention_mask.shape)} does not cover the "
+                f"{kv_length} keys (offset {kv_offset}) the model attends to"
+            )
+    plain = mask_function is causal_mask_function or mask_function is bidirectional_mask_function
+    if mask_function is causal_mask_function and q_offset + q_length != kv_offset + kv_length:
+        raise ValueError(
+            f"prefixattn needs the last query aligned with the last key (queries "
+            f"[{q_offset}, {q_offset + q_length}), keys [{kv_offset}, {kv_offset + kv_length})): "
+            "attention_mask longer than the keys without a cache, or a static cache (use the "
+            "default DynamicCache)"
+        )
+    if not plain:
+        # sliding window, packed sequences, overlays: accept only if the dense mask the model
+        # asks for equals what the kernel computes (causal + padding)
+        dense = sdpa_mask(
+            batch_size=batch_size,
+            kv_length=kv_length,
+            kv_offset=kv_offset,
+            **position_kw,
+            mask_function=mask_function,
+            attention_mask=attention_mask,
+            allow_is_causal_skip=False,
+            allow_is_bidirectional_skip=False,
+            use_vmap=kwargs.get("use_vmap", False),
+            device=kwargs.get("device", "cpu"),
+        )
+        ours = _kernel_visible(batch_size, q_length, kv_length, kpm, dense.device)
+        if not torch.equal(dense[:, 0].expand_as(ours), ours):
+            raise ValueError(
+                "the attention pattern the model asks for (sliding window shorter than the "
+                "sequence, packed sequences or a custom mask overlay) is not a causal mask "
+                "plus key padding, which is all the prefixattn kernel computes"
+            )
+    if kpm is not None and bool(kpm.all()):
+        kpm = None
+    return kpm
+
+
+def _packed_hint(kwargs: dict[str, Any]) -> None:
+    for name, what in _UNSUPPORTED_KWARGS.items():
+        if kwargs.get(name) is not None:
+            raise ValueError(f"prefixattn does not support {what} (attention kwarg {name!r})")
+
+
+def prefixattn_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Attention function for ``AttentionInterface`` (same contract as ``sdpa_attention_forward``).
+
+    Arguments:
+        module: the attention module; ``module.layer_idx`` picks the prefix layer and the
+            patch state attached to it gives the provider and the backend.
+        query: [B, H, Nq, D].
+        key, value: [B, Hkv, Nk, D] (the KV cache already appended, without prefix).
+        attention_mask: bool [B, Nk] key padding mask from :func:`prefixattn_mask`, or None.
+        dropout: attention dropout probability (the model passes 0 in eval mode).
+        scaling: softmax scale (e.g. GPT-2's, which folds ``scale_attn_by_inverse_layer_idx``);
+            None means 1/sqrt(D).
+        is_causal: overrides ``module.is_causal``.
+        **kwargs: other model kwargs (``position_ids``, ``use_cache``, ...) are not needed;
+            the ones that would change the result (soft-capping, sinks, varlen, a sliding
+            window shorter than the keys) raise ``ValueError``.
+
+    Returns:
+        ``(out, None)`` with out [B, Nq, H, D] (attention weights are never materialised).
+    """
+    _packed_hint(kwargs)
+    cache = kwargs.get("cache")
+    if cache is not None and type(cache).__name__ == "PagedAttentionCache":
+        raise ValueError("prefixattn does not support paged attention caches")
+    B = query.shape[0]
+    Nk = key.shape[2]
+    window = kwargs.get("sliding_window")
+    if window is not None and Nk > window:
+        raise ValueError(
+            f"prefixattn has no sliding window: this layer attends to {Nk} keys with "
+            f"sliding_window={window}"
+        )
+    if attention_mask is not None and (
+        attention_mask.dim() != 2 or attention_mask.dtype != torch.bool
+    ):
+        raise ValueError(
+            "prefixattn expects a 2-D bool key padding mask [B, Nk] (built by its mask "
+            f"function), got a {attention_mask.dim()}-D {attention_mask.dtype} mask; custom 4-D "
+            "masks are not supported"
+        )
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    state = module.__dict__.get(_STATE_ATTR)
+    backend = state.backend if state is not None else "auto"
+    provider = state.provider if state is not None else None
+
+    prefix_k = prefix_v = prefix_index = None
+    is_cross = getattr(module, "is_cross_attention", False)
+    layer_idx = getattr(module, "layer_idx", None)
+    if state is not None and state.recorder is not None and not is_cross and layer_idx is not None:
+        state.recorder[int(layer_idx)] = (key.detach(), value.detach())
+    if provider is not None and not is_cross:
+        if layer_idx is None:
+            raise ValueError(
+                f"{type(module).__name__} has no layer_idx, so its prefix layer is unknown"
+            )
+        got = provider.layer_prefix(int(layer_idx), B)
+        if got is not None:
+            prefix_k, prefix_v, prefix_index = got
+            # a prefix trained in fp32 on a half-precision model (or vice versa): cast
+            prefix_k = prefix_k.to(device=query.device, dtype=query.dtype)
+            prefix_v = prefix_v.to(device=query.device, dtype=query.dtype)
+            if prefix_index is not None:
+                prefix_index = prefix_index.to(query.device)
+
+    out = prefix_attention(
+        query,
+        key,
+        value,
+        prefix_k,
+        prefix_v,
+        prefix_index=prefix_index,
+        key_padding_mask=attention_mask,
+        causal=bool(causal),
+        sm_scale=None if scaling is None else float(scaling),
+        dropout_p=float(dropout),
+        backend=backend,
+    )  # [B, H, Nq, D]
+    return out.transpose(1, 2).contiguous(), None  # [B, Nq, H, D]

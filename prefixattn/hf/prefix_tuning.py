@@ -1,0 +1,931 @@
+"""Prefix tuning (Li & Liang, 2021) of a frozen transformers decoder on the prefixattn kernel.
+
+Every attention layer gets P trainable virtual keys and values. They never enter the KV
+cache or the input sequence: the patched attention function (:mod:`prefixattn.hf.patching`)
+passes them to :func:`prefixattn.prefix_attention`, which reads them from their own buffer.
+Because the prefix is not smuggled in through ``past_key_values`` (PEFT's approach),
+gradient checkpointing, KV-cache generation and padded batches work unchanged.
+
+Layout. The prefix of layer ``l`` is ``K_l, V_l`` of shape [Hkv, P, D] (Hkv key/value heads,
+head dim D; GQA models train Hkv heads, as PEFT does). The reparameterization MLP
+(``prefix_projection=True``) uses PEFT's layout, so PEFT adapters map one to one::
+
+    embedding  Embedding(P, token_dim)            token_dim = Hkv * D (= hidden for MHA)
+    transform  Linear(token_dim, encoder_hidden) -> Tanh -> Linear(encoder_hidden, L*2*Hkv*D)
+
+and a row of the flat [P, L*2*Hkv*D] output is ordered (layer, k/v, head, dim).
+
+Position convention. The virtual tokens have no position. With the default
+``position_offset=0`` the input tokens keep the positions the model gives them without a
+prefix (0..N-1 plus the cache length; ``position_ids`` you pass are used as is). With
+``position_offset=k`` every position is shifted by k (also ``position_ids`` you pass and the
+ones ``generate`` computes from the attention mask). PEFT behaves like
+``position_offset=num_virtual_tokens`` (its prefix sits in the KV cache, so inputs start at
+position P): :meth:`PrefixTuning.from_peft` uses that, and so must a prefix exported with
+:meth:`PrefixTuning.to_peft`. With ``init="text"`` and ``position_offset=P`` the untrained
+prefix is exactly the hard prompt ``init_text`` prepended to every input.
+
+Supported: transformers >= 5.10, < 6 (tested on 5.10.0, 5.17.0, 5.23.0); PEFT prefix-tuning
+adapters (``PREFIX_TUNING``, causal LM, one transformer submodule; parity tested with
+PEFT 0.21).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..ops.validation import BACKENDS, MAX_HEAD_DIM, MIN_HEAD_DIM
+from .patching import (
+    PrefixProvider,
+    StaticPrefix,
+    is_patched,
+    patch,
+    record_kv,
+    set_prefix,
+)
+
+try:
+    from transformers import PreTrainedModel
+except ImportError as err:  # pragma: no cover
+    raise ImportError("prefixattn.hf needs transformers: pip install 'prefixattn[hf]'") from err
+
+__all__ = [
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+    "ModelGeometry",
+    "PrefixTuning",
+    "PrefixTuningConfig",
+    "read_prefix",
+]
+
+CONFIG_NAME = "prefixattn_prefix.json"
+WEIGHTS_NAME = "prefix.safetensors"
+FORMAT = "prefixattn.prefix_tuning"
+FORMAT_VERSION = 1
+INIT_STRATEGIES = ("random", "vocab", "text")
+PEFT_WEIGHTS_KEY = "prompt_embeddings"
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+@dataclass
+class PrefixTuningConfig:
+    """Hyper-parameters of :class:`PrefixTuning` (saved next to the prefix)."""
+
+    num_virtual_tokens: int = field(
+        default=20,
+        metadata={"help": "Number of virtual tokens P: prefix keys/values per attention layer."},
+    )
+    prefix_projection: bool = field(
+        default=False,
+        metadata={
+            "help": "Reparameterize the prefix with an MLP (Embedding -> Linear -> Tanh -> "
+            "Linear, the prefix-tuning paper / PEFT layout). Folded into plain K/V by save()."
+        },
+    )
+    encoder_hidden_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Hidden size of the reparameterization MLP; default token_dim = Hkv * D."
+        },
+    )
+    init: str = field(
+        default="random",
+        metadata={
+            "help": "'random' (normal, std init_std), 'vocab' (K/V activations of randomly "
+            "sampled real tokens run through the frozen model, the paper's advice) or 'text' "
+            "(activations of init_text)."
+        },
+    )
+    init_text: str | list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "Text (with a tokenizer) or token ids for init='text'; repeated or cut "
+            "to num_virtual_tokens tokens."
+        },
+    )
+    init_std: float = field(
+        default=1.0,
+        metadata={
+            "help": "Std of the normal init='random' (1.0: PEFT's nn.Embedding default). With "
+            "prefix_projection it is the std of the MLP's input embedding."
+        },
+    )
+    position_offset: int = field(
+        default=0,
+        metadata={
+            "help": "Shift of the input positions; num_virtual_tokens reproduces PEFT (its "
+            "inputs start after the P virtual tokens)."
+        },
+    )
+    backend: str = field(
+        default="auto",
+        metadata={"help": "Kernel backend: 'auto' (Triton on CUDA), 'triton' or 'reference'."},
+    )
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.num_virtual_tokens) or self.num_virtual_tokens < 1:
+            raise ValueError(
+                f"num_virtual_tokens must be an int >= 1, got {self.num_virtual_tokens!r}"
+            )
+        if not isinstance(self.prefix_projection, bool):
+            raise TypeError(
+                f"prefix_projection must be a bool, got {type(self.prefix_projection).__name__}"
+            )
+        if self.encoder_hidden_size is not None and (
+            not _is_int(self.encoder_hidden_size) or self.encoder_hidden_size < 1
+        ):
+            raise ValueError(
+                f"encoder_hidden_size must be an int >= 1 or None, got {self.encoder_hidden_size!r}"
+            )
+        if self.init not in INIT_STRATEGIES:
+            raise ValueError(f"init must be one of {INIT_STRATEGIES}, got {self.init!r}")
+        if self.init == "text" and self.init_text is None:
+            raise ValueError(
+                "init='text' needs init_text (a string with a tokenizer, or token ids)"
+            )
+        if self.init != "text" and self.init_text is not None:
+            raise ValueError(f"init_text is only used with init='text', got init={self.init!r}")
+        if self.init_text is not None and not isinstance(self.init_text, (str, list)):
+            raise TypeError(
+                "init_text must be a str or a list of token ids, got "
+                f"{type(self.init_text).__name__}"
+            )
+        if (
+            isinstance(self.init_std, bool)
+            or not isinstance(self.init_std, (int, float))
+            or not math.isfinite(self.init_std)
+            or self.init_std <= 0
+        ):
+            raise ValueError(f"init_std must be a finite float > 0, got {self.init_std!r}")
+        if not _is_int(self.position_offset) or self.position_offset < 0:
+            raise ValueError(f"position_offset must be an int >= 0, got {self.position_offset!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict of the fields."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PrefixTuningConfig:
+        """Build from :meth:`to_dict` output; unknown keys raise ``ValueError``."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown PrefixTuningConfig fields {unknown}")
+        return cls(**dict(data))
+
+
+@dataclass(frozen=True)
+class ModelGeometry:
+    """The attention sizes of a decoder: L layers, H query heads, Hkv key/value heads, D."""
+
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    @property
+    def token_dim(self) -> int:
+        """Hkv * D: the width of one layer's K (or V) for one virtual token."""
+        return self.num_kv_heads * self.head_dim
+
+    @classmethod
+    def of(cls, model: PreTrainedModel) -> ModelGeometry:
+        """Read the sizes from ``model.config`` (its text config for multimodal models)."""
+        cfg = model.config
+        if hasattr(cfg, "get_text_config"):
+            cfg = cfg.get_text_config()
+        L = getattr(cfg, "num_hidden_layers", None)
+        H = getattr(cfg, "num_attention_heads", None)
+        if not _is_int(L) or not _is_int(H):
+            raise ValueError(
+                "model config must define num_hidden_layers and num_attention_heads, got "
+                f"{L!r} and {H!r}"
+            )
+        Hkv = getattr(cfg, "num_key_value_heads", None) or H
+        D = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
+        if not MIN_HEAD_DIM <= D <= MAX_HEAD_DIM:
+            raise ValueError(
+                f"the prefixattn kernel needs a head dim in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}], "
+                f"the model has head_dim={D}"
+            )
+        return cls(num_layers=int(L), num_heads=int(H), num_kv_heads=int(Hkv), head_dim=int(D))
+
+    def check_prefix(self, prefix: torch.Tensor, what: str) -> None:
+        """``prefix`` must be [L, 2, Hkv, P, D] for this model."""
+        L, Hkv, D = self.num_layers, self.num_kv_heads, self.head_dim
+        if prefix.dim() != 5 or prefix.shape[:3] != (L, 2, Hkv) or prefix.shape[4] != D:
+            raise ValueError(
+                f"{what} must have shape [L, 2, Hkv, P, D] = [{L}, 2, {Hkv}, P, {D}] for this "
+                f"model, got {tuple(prefix.shape)}"
+            )
+
+
+def _device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _offset_positions(
+    kwargs: dict[str, Any], input_ids: torch.Tensor | None, offset: int
+) -> dict[str, Any]:
+    """``kwargs`` with ``position_ids`` shifted by ``offset``.
+
+    Without ``position_ids`` the model's default is shifted: arange(N) + cache length.
+    """
+    if offset == 0:
+        return kwargs
+    pos = kwargs.get("position_ids")
+    if pos is None:
+        ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+        if ref is None:
+            return kwargs  # the model raises its own error about missing inputs
+        past = kwargs.get("past_key_values")
+        past_len = int(past.get_seq_length()) if hasattr(past, "get_seq_length") else 0
+        n = ref.shape[1]
+        pos = torch.arange(past_len, past_len + n, device=ref.device).unsqueeze(0)  # [1, N]
+    return {**kwargs, "position_ids": pos + offset}
+
+
+class _PositionOffsetHook:
+    """Forward pre-hook adding a position offset to every model call (used by generate)."""
+
+    def __init__(self, offset: int) -> None:
+        self.offset = offset
+
+    def __call__(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        input_ids = args[0] if args else kwargs.get("input_ids")
+        return args, _offset_positions(kwargs, input_ids, self.offset)
+
+
+class _TuningProvider(PrefixProvider):
+    """Computes layer ``l``'s prefix from the live parameters (autograd-connected)."""
+
+    def __init__(self, owner: PrefixTuning) -> None:
+        self.owner = owner
+
+    def layer_prefix(
+        self, layer_idx: int, batch_size: int
+    ) -> tuple[torch.Tensor, torch.Tensor, None]:
+        k, v = self.owner._layer_kv(layer_idx)
+        return k, v, None
+
+
+def check_model_type(meta: Mapping[str, Any], model: PreTrainedModel, what: str) -> None:
+    """Saved ``model_type`` must match ``model``'s (when both are known), else ``ValueError``."""
+    saved, have = meta.get("model_type"), getattr(model.config, "model_type", None)
+    if saved and have and saved != have:
+        raise ValueError(f"{what} was trained on a {saved!r} model, model is {have!r}")
+
+
+def read_prefix(path: str | os.PathLike) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Read a prefix written by :meth:`PrefixTuning.save`.
+
+    Returns:
+        ``(prefix, meta)``: prefix [L, 2, Hkv, P, D] and the JSON metadata.
+
+    Raises:
+        ValueError: ``path`` is not a saved prefix.
+    """
+    path = Path(path)
+    cfg_file, w_file = path / CONFIG_NAME, path / WEIGHTS_NAME
+    if not cfg_file.is_file() or not w_file.is_file():
+        raise ValueError(
+            f"path must be a directory written by PrefixTuning.save ({CONFIG_NAME} and "
+            f"{WEIGHTS_NAME}), got {str(path)!r}"
+        )
+    meta = json.loads(cfg_file.read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{CONFIG_NAME} in path is not a {FORMAT} file")
+    if meta.get("version") != FORMAT_VERSION:
+        raise ValueError(f"unsupported {FORMAT} version {meta.get('version')!r}")
+    tensors = load_file(str(w_file))
+    L = int(meta["num_layers"])
+    try:
+        layers = [
+            torch.stack(
+                [tensors[f"layers.{i}.key"], tensors[f"layers.{i}.value"]]
+            )  # [2, Hkv, P, D]
+            for i in range(L)
+        ]
+    except KeyError as err:
+        raise ValueError(f"{WEIGHTS_NAME} in path misses tensor {err}") from None
+    return torch.stack(layers), meta  # [L, 2, Hkv, P, D]
+
+
+class PrefixTuning(nn.Module):
+    """Prefix tuning of a frozen transformers decoder (see the module docstring).
+
+    ``PrefixTuning(model, num_virtual_tokens=20, ...)`` patches ``model`` (see
+    :func:`prefixattn.patch`), freezes all its parameters and attaches a trainable prefix
+    of P virtual keys/values per attention layer. :meth:`forward` and :meth:`generate` take
+    what the model takes and return what it returns.
+
+    The prefix stays attached to ``model`` after a call (gradient checkpointing recomputes
+    layers during backward and needs it); every call re-attaches this object's prefix, so
+    several ``PrefixTuning`` / ``TaskBank`` objects may share one base model. Use
+    ``prefixattn.unpatch(pt.model)`` to give the model back untouched.
+
+    Arguments:
+        model: a transformers causal LM (``PreTrainedModel``).
+        num_virtual_tokens: P, the prefix length.
+        prefix_projection: train through the reparameterization MLP.
+        encoder_hidden_size: MLP hidden size (default Hkv * D).
+        init: "random", "vocab" or "text" (see :class:`PrefixTuningConfig`).
+        init_text: text (needs ``tokenizer``) or token ids for ``init="text"``.
+        tokenizer: tokenizer for a string ``init_text``.
+        init_std: std of the random init.
+        position_offset: input position shift (0: the model's own positions; P: PEFT's).
+        backend: kernel backend ("auto", "triton", "reference").
+
+    Parameters live in float32 on the model's device; they are cast to the model's dtype
+    inside the attention function.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        num_virtual_tokens: int = 20,
+        *,
+        prefix_projection: bool = False,
+        encoder_hidden_size: int | None = None,
+        init: str = "random",
+        init_text: str | Sequence[int] | torch.Tensor | None = None,
+        tokenizer: Any = None,
+        init_std: float = 1.0,
+        position_offset: int = 0,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        text_ids = None
+        stored_text: str | list[int] | None = None
+        if init_text is not None:
+            text_ids, stored_text = _text_ids(init_text, tokenizer)
+        elif tokenizer is not None:
+            raise ValueError("tokenizer is only used to tokenize a string init_text")
+        config = PrefixTuningConfig(
+            num_virtual_tokens=num_virtual_tokens,
+            prefix_projection=prefix_projection,
+            encoder_hidden_size=encoder_hidden_size,
+            init=init,
+            init_text=stored_text,
+            init_std=init_std,
+            position_offset=position_offset,
+            backend=backend,
+        )
+        self._setup(model, config)
+        self._initialize(text_ids)
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_config(
+        cls, model: PreTrainedModel, config: PrefixTuningConfig, tokenizer: Any = None
+    ) -> PrefixTuning:
+        """Build from a :class:`PrefixTuningConfig` (initialised as it says)."""
+        if not isinstance(config, PrefixTuningConfig):
+            raise TypeError(f"config must be a PrefixTuningConfig, got {type(config).__name__}")
+        c = config
+        return cls(
+            model,
+            c.num_virtual_tokens,
+            prefix_projection=c.prefix_projection,
+            encoder_hidden_size=c.encoder_hidden_size,
+            init=c.init,
+            init_text=c.init_text,
+            tokenizer=tokenizer,
+            init_std=c.init_std,
+            position_offset=c.position_offset,
+            backend=c.backend,
+        )
+
+    @classmethod
+    def _uninitialized(cls, model: PreTrainedModel, config: PrefixTuningConfig) -> PrefixTuning:
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self._setup(model, config)
+        return self
+
+    def _setup(self, model: PreTrainedModel, config: PrefixTuningConfig) -> None:
+        if not isinstance(model, PreTrainedModel):
+            raise TypeError(
+                f"model must be a transformers PreTrainedModel, got {type(model).__name__}"
+            )
+        geo = ModelGeometry.of(model)
+        patch(model, config.backend)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.config = config
+        self.geometry = geo
+        self.model = model
+        P, L, Hkv, D = config.num_virtual_tokens, geo.num_layers, geo.num_kv_heads, geo.head_dim
+        dev = _device(model)
+        if config.prefix_projection:
+            enc = config.encoder_hidden_size or geo.token_dim
+            self.embedding = nn.Embedding(P, geo.token_dim, device=dev, dtype=torch.float32)
+            self.transform = nn.Sequential(
+                nn.Linear(geo.token_dim, enc, device=dev, dtype=torch.float32),
+                nn.Tanh(),
+                nn.Linear(enc, L * 2 * geo.token_dim, device=dev, dtype=torch.float32),
+            )
+            self.register_parameter("prefix", None)
+        else:
+            # [L, 2, Hkv, P, D]: layer l's K is prefix[l, 0], its V prefix[l, 1]
+            self.prefix = nn.Parameter(torch.zeros(L, 2, Hkv, P, D, device=dev))
+            self.embedding = None
+            self.transform = None
+        self._provider = _TuningProvider(self)
+        set_prefix(model, self._provider)
+
+    def _initialize(self, text_ids: torch.Tensor | None) -> None:
+        c = self.config
+        P = c.num_virtual_tokens
+        if c.init == "random":
+            with torch.no_grad():
+                if self.prefix is not None:
+                    self.prefix.normal_(0.0, c.init_std)
+                else:
+                    self.embedding.weight.normal_(0.0, c.init_std)
+            return
+        if c.init == "vocab":
+            vocab = self.model.get_input_embeddings().num_embeddings
+            ids = torch.randint(0, vocab, (P,))
+        else:  # "text": the config guarantees init_text, __init__ tokenized it
+            reps = -(-P // text_ids.numel())
+            ids = text_ids.repeat(reps)[:P]  # [P]: repeated / cut to P tokens
+        target = self._activations(ids)  # [L, 2, Hkv, P, D]
+        with torch.no_grad():
+            if self.prefix is not None:
+                self.prefix.copy_(target)
+            else:
+                self._fit_mlp_output(target)
+
+    @torch.no_grad()
+    def _activations(self, ids: torch.Tensor) -> torch.Tensor:
+        """K/V activations of token ids [P] run through the frozen model: [L, 2, Hkv, P, D]."""
+        model, geo = self.model, self.geometry
+        was_training = model.training
+        model.eval()
+        set_prefix(model, None)
+        try:
+            with record_kv(model) as rec:
+                model(input_ids=ids[None].to(_device(model)), use_cache=False)
+        finally:
+            set_prefix(model, self._provider)
+            model.train(was_training)
+        if sorted(rec) != list(range(geo.num_layers)):
+            raise ValueError(
+                f"expected K/V from layers 0..{geo.num_layers - 1}, the model produced layers "
+                f"{sorted(rec)}"
+            )
+        out = torch.stack([torch.stack(rec[i]) for i in range(geo.num_layers)])  # [L,2,1,Hkv,P,D]
+        return out[:, :, 0].float()  # [L, 2, Hkv, P, D]
+
+    def _fit_mlp_output(self, target: torch.Tensor) -> None:
+        """Set the last MLP layer so the MLP outputs ``target`` [L, 2, Hkv, P, D] exactly.
+
+        Solves [h, 1] @ [W; b] = T (minimum norm) for the hidden activations h [P, enc]; exact
+        when enc + 1 >= P, least squares otherwise (with a warning).
+        """
+        P = self.config.num_virtual_tokens
+        flat = target.permute(3, 0, 1, 2, 4).reshape(P, -1)  # [P, L*2*Hkv*D]
+        h = self.transform[1](self.transform[0](self.embedding.weight)).double()  # [P, enc]
+        ha = torch.cat([h, torch.ones(P, 1, dtype=h.dtype, device=h.device)], dim=1)
+        sol = torch.linalg.pinv(ha) @ flat.double()  # [enc+1, L*2*Hkv*D]
+        last = self.transform[2]
+        last.weight.copy_(sol[:-1].T.to(last.weight.dtype))
+        last.bias.copy_(sol[-1].to(last.bias.dtype))
+        if ha.shape[1] < P:
+            warnings.warn(
+                f"encoder_hidden_size + 1 < num_virtual_tokens ({ha.shape[1]} < {P}): the MLP "
+                "can only approximate the activation init",
+                stacklevel=3,
+            )
+
+    # ------------------------------------------------------------------ the prefix
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        """P."""
+        return self.config.num_virtual_tokens
+
+    @property
+    def position_offset(self) -> int:
+        """Shift added to every input position (see the module docstring)."""
+        return self.config.position_offset
+
+    def _layer_kv(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``layer_idx``'s prefix K, V, each [Hkv, P, D] (differentiable)."""
+        geo = self.geometry
+        if not 0 <= layer_idx < geo.num_layers:
+            raise ValueError(
+                f"layer_idx must be in [0, {geo.num_layers}), the model asked for {layer_idx}"
+            )
+        if self.prefix is not None:
+            return self.prefix[layer_idx, 0], self.prefix[layer_idx, 1]  # views [Hkv, P, D]
+        P, Hkv, D = self.config.num_virtual_tokens, geo.num_kv_heads, geo.head_dim
+        h = self.transform[1](self.transform[0](self.embedding.weight))  # [P, enc]
+        last = self.transform[2]
+        rows = slice(layer_idx * 2 * Hkv * D, (layer_idx + 1) * 2 * Hkv * D)  # this layer's K, V
+        out = F.linear(h, last.weight[rows], last.bias[rows])  # [P, 2*Hkv*D]
+        out = out.view(P, 2, Hkv, D).permute(1, 2, 0, 3)  # [2, Hkv, P, D]
+        return out[0], out[1]
+
+    def prefix_tensor(self) -> torch.Tensor:
+        """The whole prefix, MLP applied: [L, 2, Hkv, P, D] (differentiable)."""
+        if self.prefix is not None:
+            return self.prefix
+        geo, P = self.geometry, self.config.num_virtual_tokens
+        flat = self.transform(self.embedding.weight)  # [P, L*2*Hkv*D]
+        out = flat.view(P, geo.num_layers, 2, geo.num_kv_heads, geo.head_dim)
+        return out.permute(1, 2, 3, 0, 4)  # [L, 2, Hkv, P, D]
+
+    def num_trainable_parameters(self) -> int:
+        """Number of trainable prefix parameters (MLP included when reparameterized)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def trainable_share(self) -> float:
+        """Trainable parameters as a fraction of the base model's parameters."""
+        base = sum(p.numel() for p in self.model.parameters())
+        return self.num_trainable_parameters() / max(base, 1)
+
+    def extra_repr(self) -> str:
+        g = self.geometry
+        return (
+            f"num_virtual_tokens={self.num_virtual_tokens}, layers={g.num_layers}, "
+            f"kv_heads={g.num_kv_heads}, head_dim={g.head_dim}, "
+            f"prefix_projection={self.config.prefix_projection}, "
+            f"position_offset={self.position_offset}"
+        )
+
+    # ------------------------------------------------------------------ running
+
+    def _activate(self) -> None:
+        if not is_patched(self.model):
+            raise ValueError(
+                "the model was unpatched (prefixattn.unpatch); PrefixTuning needs it patched: "
+                "call prefixattn.patch(model) again"
+            )
+        set_prefix(self.model, self._provider)
+
+    def forward(self, input_ids: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        """Run the model with the prefix: same arguments and outputs as ``model(...)``.
+
+        ``input_ids`` [B, N], ``attention_mask`` [B, N] (or [B, cache + N] with a cache),
+        ``labels``, ``past_key_values`` (the cache never holds the prefix), ...
+        """
+        self._activate()
+        kwargs = _offset_positions(kwargs, input_ids, self.position_offset)
+        return self.model(input_ids=input_ids, **kwargs)
+
+    def folded_prefix(self) -> StaticPrefix:
+        """A detached :class:`StaticPrefix` of the current prefix (MLP folded)."""
+        with torch.no_grad():
+            pre = self.prefix_tensor().detach()  # [L, 2, Hkv, P, D]
+        return StaticPrefix(
+            [pre[i, 0] for i in range(len(pre))], [pre[i, 1] for i in range(len(pre))]
+        )
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        """``model.generate`` with the prefix (folded once): same arguments and outputs."""
+        self._activate()
+        if input_ids is not None:
+            kwargs["input_ids"] = input_ids
+        return _generate_with(self.model, self.folded_prefix(), self.position_offset, kwargs,
+                              restore=self._provider)  # fmt: skip
+
+    def gradient_checkpointing_enable(
+        self, gradient_checkpointing_kwargs: dict[str, Any] | None = None
+    ) -> None:
+        """Turn on gradient (activation) checkpointing of the base model; the prefix trains.
+
+        Calls ``model.activation_checkpointing_enable`` (transformers >= 5.23) or
+        ``model.gradient_checkpointing_enable``. The default, non-reentrant checkpointing
+        needs nothing else; with ``{"use_reentrant": True}`` the input embeddings are made to
+        require grad so that the frozen model still backpropagates to the prefix.
+        Checkpointing is active in train mode only (transformers' rule).
+        """
+        model = self.model
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(
+                activation_checkpointing_kwargs=gradient_checkpointing_kwargs
+            )
+        else:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs=gradient_checkpointing_kwargs
+            )
+        if (gradient_checkpointing_kwargs or {}).get("use_reentrant", False):
+            model.enable_input_require_grads()
+
+    def gradient_checkpointing_disable(self) -> None:
+        """Turn gradient checkpointing of the base model off again."""
+        model = self.model
+        if hasattr(model, "activation_checkpointing_disable"):
+            model.activation_checkpointing_disable()
+        else:
+            model.gradient_checkpointing_disable()
+
+    # ------------------------------------------------------------------ files
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the inference prefix (MLP folded) to directory ``path`` (created if needed).
+
+        Files: ``prefix.safetensors`` (``layers.{l}.key`` / ``layers.{l}.value``, each
+        [Hkv, P, D] float32) and ``prefixattn_prefix.json``. Size: L * 2 * Hkv * P * D * 4
+        bytes (GPT-2 small, P=20: 1.5 MB).
+
+        Returns:
+            ``path`` as a ``Path``.
+        """
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        with torch.no_grad():
+            pre = self.prefix_tensor().detach().to("cpu", torch.float32)  # [L, 2, Hkv, P, D]
+        tensors = {}
+        for i in range(pre.shape[0]):
+            tensors[f"layers.{i}.key"] = pre[i, 0].contiguous()
+            tensors[f"layers.{i}.value"] = pre[i, 1].contiguous()
+        save_file(tensors, str(path / WEIGHTS_NAME), metadata={"format": FORMAT})
+        g = self.geometry
+        meta = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "num_layers": g.num_layers,
+            "num_key_value_heads": g.num_kv_heads,
+            "head_dim": g.head_dim,
+            "model_type": getattr(self.model.config, "model_type", None),
+            "config": self.config.to_dict(),
+        }
+        (path / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(
+        cls, path: str | os.PathLike, model: PreTrainedModel, *, backend: str | None = None
+    ) -> PrefixTuning:
+        """Restore a prefix written by :meth:`save` onto ``model``.
+
+        The result trains the folded K/V directly (``prefix_projection`` becomes False);
+        ``position_offset`` is restored. ``backend`` overrides the saved one.
+
+        Raises:
+            ValueError: ``path`` is not a saved prefix, or it does not fit ``model`` (shapes,
+                model type).
+            TypeError: ``model`` is not a ``PreTrainedModel``.
+        """
+        prefix, meta = read_prefix(path)
+        cfg = dict(meta["config"])
+        cfg.update(prefix_projection=False, encoder_hidden_size=None, init="random", init_text=None)
+        if backend is not None:
+            cfg["backend"] = backend
+        config = PrefixTuningConfig.from_dict(cfg)
+        if not isinstance(model, PreTrainedModel):
+            raise TypeError(
+                f"model must be a transformers PreTrainedModel, got {type(model).__name__}"
+            )
+        check_model_type(meta, model, f"the prefix in {str(path)!r}")
+        ModelGeometry.of(model).check_prefix(prefix, f"the prefix in {str(path)!r}")
+        if prefix.shape[3] != config.num_virtual_tokens:
+            raise ValueError("prefix.safetensors and the JSON config disagree on P")
+        self = cls._uninitialized(model, config)
+        with torch.no_grad():
+            self.prefix.copy_(prefix)
+        return self
+
+    # ------------------------------------------------------------------ PEFT
+
+    @classmethod
+    def from_peft(
+        cls,
+        adapter: str | os.PathLike | nn.Module,
+        model: PreTrainedModel | None = None,
+        *,
+        backend: str = "auto",
+    ) -> PrefixTuning:
+        """Load a PEFT prefix-tuning adapter; reproduces PEFT's logits, generations, gradients.
+
+        Arguments:
+            adapter: a directory written by ``PeftModel.save_pretrained`` (its
+                ``prompt_embeddings`` [P, L*2*Hkv*D] are the projected prefix), or a live
+                ``PeftModel``. A live, trainable model with ``prefix_projection`` keeps its
+                MLP (same parameters, same gradients); otherwise the prefix is plain K/V.
+            model: the base model to patch. Default for a ``PeftModel``: its own base model,
+                which is then no longer usable through the ``PeftModel`` (the prefix would be
+                applied twice); pass a separate copy to compare the two.
+            backend: kernel backend.
+
+        The result uses PEFT's position convention (``position_offset=P``).
+
+        Raises:
+            ValueError: not a causal-LM prefix-tuning adapter, or shapes that do not fit.
+            TypeError: wrong argument types.
+        """
+        if isinstance(adapter, (str, os.PathLike)):
+            if model is None:
+                raise ValueError("model is required when adapter is a directory")
+            pcfg, weights = _read_peft_dir(Path(adapter))
+            mlp = None
+        elif isinstance(adapter, nn.Module) and hasattr(adapter, "active_peft_config"):
+            pcfg = adapter.active_peft_config.to_dict()
+            _check_peft_config(pcfg)
+            encoder = adapter.prompt_encoder[adapter.active_adapter]
+            if model is None:
+                model = adapter.get_base_model()
+            if pcfg.get("prefix_projection") and not pcfg.get("inference_mode"):
+                mlp, weights = encoder, None
+            else:
+                mlp, weights = None, encoder.embedding.weight.detach()
+        else:
+            raise TypeError(
+                "adapter must be a PEFT adapter directory or a peft.PeftModel, got "
+                f"{type(adapter).__name__}"
+            )
+        if not isinstance(model, PreTrainedModel):
+            raise TypeError(
+                f"model must be a transformers PreTrainedModel, got {type(model).__name__}"
+            )
+        geo = ModelGeometry.of(model)
+        P = int(pcfg["num_virtual_tokens"])
+        expect = {
+            "num_layers": geo.num_layers,
+            "num_attention_heads": geo.num_kv_heads,
+            "token_dim": geo.token_dim,
+        }
+        for key, want in expect.items():
+            if pcfg.get(key) is not None and int(pcfg[key]) != want:
+                raise ValueError(
+                    f"adapter {key}={pcfg[key]} does not fit the model ({key} should be {want})"
+                )
+        config = PrefixTuningConfig(
+            num_virtual_tokens=P,
+            prefix_projection=mlp is not None,
+            encoder_hidden_size=int(pcfg["encoder_hidden_size"]) if mlp is not None else None,
+            position_offset=P,
+            backend=backend,
+        )
+        self = cls._uninitialized(model, config)
+        with torch.no_grad():
+            if mlp is not None:
+                self.embedding.load_state_dict(mlp.embedding.state_dict())
+                self.transform.load_state_dict(mlp.transform.state_dict())
+            else:
+                flat = weights.float()
+                width = geo.num_layers * 2 * geo.token_dim
+                if tuple(flat.shape) != (P, width):
+                    raise ValueError(
+                        f"adapter {PEFT_WEIGHTS_KEY} must have shape [P, L*2*Hkv*D] = [{P}, "
+                        f"{width}], got {tuple(flat.shape)}"
+                    )
+                pre = flat.view(P, geo.num_layers, 2, geo.num_kv_heads, geo.head_dim)
+                self.prefix.copy_(pre.permute(1, 2, 3, 0, 4))  # [L, 2, Hkv, P, D]
+        return self
+
+    def to_peft(self, path: str | os.PathLike, *, allow_position_mismatch: bool = False) -> Path:
+        """Write a PEFT prefix-tuning adapter (``PeftModel.from_pretrained`` loads it).
+
+        Files: ``adapter_config.json`` and ``adapter_model.safetensors`` with
+        ``prompt_embeddings`` [P, L*2*Hkv*D] (MLP folded, as PEFT saves it). PEFT shifts
+        input positions by P, so the logits match only for a prefix with
+        ``position_offset == num_virtual_tokens`` (as :meth:`from_peft` gives).
+
+        Returns:
+            ``path`` as a ``Path``.
+
+        Raises:
+            ValueError: the position offsets differ and ``allow_position_mismatch`` is False.
+        """
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+        P = self.num_virtual_tokens
+        if self.position_offset != P and not allow_position_mismatch:
+            raise ValueError(
+                f"position_offset is {self.position_offset} but PEFT runs prefix tuning with "
+                f"position offset num_virtual_tokens={P}: train with position_offset={P} to "
+                "export, or pass allow_position_mismatch=True"
+            )
+        from peft import PrefixTuningConfig as PeftPrefixTuningConfig
+
+        g = self.geometry
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        pcfg = PeftPrefixTuningConfig(
+            task_type="CAUSAL_LM",
+            num_virtual_tokens=P,
+            token_dim=g.token_dim,
+            num_attention_heads=g.num_kv_heads,
+            num_layers=g.num_layers,
+            num_transformer_submodules=1,
+            encoder_hidden_size=self.config.encoder_hidden_size or g.token_dim,
+            prefix_projection=self.config.prefix_projection,
+            inference_mode=True,
+            base_model_name_or_path=getattr(self.model, "name_or_path", None) or None,
+        )
+        pcfg.save_pretrained(str(path))
+        with torch.no_grad():
+            pre = self.prefix_tensor().detach().to("cpu", torch.float32)  # [L, 2, Hkv, P, D]
+        flat = pre.permute(3, 0, 1, 2, 4).reshape(P, -1).contiguous()  # [P, L*2*Hkv*D]
+        save_file({PEFT_WEIGHTS_KEY: flat}, str(path / "adapter_model.safetensors"))
+        return path
+
+
+def _generate_with(
+    model: PreTrainedModel,
+    provider: PrefixProvider,
+    offset: int,
+    kwargs: dict[str, Any],
+    restore: PrefixProvider | None,
+) -> Any:
+    """``model.generate(**kwargs)`` with ``provider`` attached and positions shifted."""
+    set_prefix(model, provider)
+    handle = None
+    if offset:
+        handle = model.register_forward_pre_hook(_PositionOffsetHook(offset), with_kwargs=True)
+    try:
+        return model.generate(**kwargs)
+    finally:
+        if handle is not None:
+            handle.remove()
+        set_prefix(model, restore)
+
+
+def _text_ids(
+    init_text: str | Sequence[int] | torch.Tensor, tokenizer: Any
+) -> tuple[torch.Tensor, str | list[int]]:
+    """Token ids [n] for ``init_text`` and its JSON-able form."""
+    if isinstance(init_text, str):
+        if tokenizer is None:
+            raise ValueError("init_text given as a string needs tokenizer (or pass token ids)")
+        ids = tokenizer(init_text, add_special_tokens=False)["input_ids"]
+        stored: str | list[int] = init_text
+    elif isinstance(init_text, torch.Tensor):
+        if init_text.dim() != 1 or init_text.dtype not in (torch.int32, torch.int64):
+            raise TypeError("init_text given as a tensor must be 1-D integer token ids")
+        ids = init_text.tolist()
+        stored = ids
+    elif isinstance(init_text, Sequence) and all(_is_int(i) for i in init_text):
+        ids = list(init_text)
+        stored = ids
+    else:
+        raise TypeError(
+            f"init_text must be a str, a sequence of token ids or a 1-D tensor, got "
+            f"{type(init_text).__name__}"
+        )
+    if len(ids) == 0:
+        raise ValueError("init_text must contain at least one token")
+    return torch.tensor(ids, dtype=torch.int64), stored
+
+
+def _check_peft_config(pcfg: Mapping[str, Any]) -> None:
+    """A causal-LM prefix-tuning adapter config, else ``ValueError``."""
+    peft_type = str(pcfg.get("peft_type", "")).split(".")[-1]
+    if peft_type != "PREFIX_TUNING":
+        raise ValueError(f"adapter must be a PREFIX_TUNING adapter, got peft_type={peft_type!r}")
+    if pcfg.get("num_transformer_submodules") not in (None, 1):
+        raise ValueError(
+            "adapter must be for a decoder-only model (num_transformer_submodules=1), got "
+            f"{pcfg.get('num_transformer_submodules')}"
+        )
+
+
+def _read_peft_dir(path: Path) -> tuple[dict[str, Any], torch.Tensor]:
+    """adapter_config.json and the ``prompt_embeddings`` tensor of a PEFT adapter directory."""
+    cfg_file = path / "adapter_config.json"
+    if not cfg_file.is_file():
+        raise ValueError(
+            f"adapter must be a PEFT adapter directory with adapter_config.json, got {str(path)!r}"
+        )
+    pcfg = json.loads(cfg_file.read_text())
+    _check_peft_config(pcfg)
+    st, binf = path / "adapter_model.safetensors", path / "adapter_model.bin"
+    if st.is_file():
+        tensors = load_file(str(st))
+    elif binf.is_file():
+        tensors = torch.load(str(binf), map_location="cpu", weights_only=True)
+    else:
+        raise ValueError(f"adapter directory {str(path)!r} has no adapter_model.safetensors/.bin")
+    if PEFT_WEIGHTS_KEY not in tensors:
+        raise ValueError(
+            f"adapter weights must contain {PEFT_WEIGHTS_KEY!r}, got keys {sorted(tensors)}"
+        )
+    return pcfg, tensors[PEFT_WEIGHTS_KEY]

@@ -1,0 +1,164 @@
+"""Tiny random models and an independent prefix oracle, for tests and examples.
+
+Nothing here downloads anything: the models are built from small configs with random
+weights. :func:`concat_prefix_forward` computes prefix attention the way transformers
+itself would if the prefix were real cached tokens (a ``DynamicCache`` pre-filled with the
+prefix K/V, run on an *unpatched* model), which is independent of the prefixattn kernel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from transformers import (
+    DynamicCache,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+__all__ = [
+    "concat_prefix_forward",
+    "left_padded_batch",
+    "single_thread",
+    "tiny_gpt2",
+    "tiny_llama",
+    "tiny_qwen2",
+]
+
+VOCAB = 128
+_SPECIAL = {"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1}
+
+
+def tiny_gpt2(
+    seed: int = 0, attn_implementation: str = "sdpa", **overrides: Any
+) -> GPT2LMHeadModel:
+    """GPT-2, 2 layers, 4 heads, hidden 64 (D=16), layer-scaled attention, fp32, eval mode."""
+    torch.manual_seed(seed)
+    kw: dict[str, Any] = dict(
+        n_layer=2,
+        n_head=4,
+        n_embd=64,
+        vocab_size=VOCAB,
+        n_positions=128,
+        scale_attn_by_inverse_layer_idx=True,  # GPT-2's `scaling` differs per layer
+        attn_pdrop=0.0,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        **_SPECIAL,
+    )
+    kw.update(overrides)
+    cfg = GPT2Config(**kw)
+    return GPT2LMHeadModel._from_config(cfg, attn_implementation=attn_implementation).eval()
+
+
+def tiny_llama(
+    seed: int = 0, attn_implementation: str = "sdpa", **overrides: Any
+) -> LlamaForCausalLM:
+    """Llama with GQA: 2 layers, 4 query heads, 2 key/value heads, D=16, fp32, eval mode."""
+    torch.manual_seed(seed)
+    kw: dict[str, Any] = dict(
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        hidden_size=64,
+        intermediate_size=128,
+        vocab_size=VOCAB,
+        max_position_embeddings=128,
+        **_SPECIAL,
+    )
+    kw.update(overrides)
+    cfg = LlamaConfig(**kw)
+    return LlamaForCausalLM._from_config(cfg, attn_implementation=attn_implementation).eval()
+
+
+def tiny_qwen2(
+    seed: int = 0, attn_implementation: str = "sdpa", **overrides: Any
+) -> Qwen2ForCausalLM:
+    """Qwen2 with GQA (MQA-like 4:1): 2 layers, 4 query heads, 1 key/value head, D=16."""
+    torch.manual_seed(seed)
+    kw: dict[str, Any] = dict(
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        hidden_size=64,
+        intermediate_size=128,
+        vocab_size=VOCAB,
+        max_position_embeddings=128,
+        **_SPECIAL,
+    )
+    kw.update(overrides)
+    cfg = Qwen2Config(**kw)
+    return Qwen2ForCausalLM._from_config(cfg, attn_implementation=attn_implementation).eval()
+
+
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """Run torch on one CPU thread (tiny models: thread hand-offs cost more than the math)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def left_padded_batch(
+    lengths: list[int], seed: int = 0, pad_id: int = 1, low: int = 2
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random ids [B, max(lengths)] left-padded with ``pad_id``, and the 0/1 mask [B, N]."""
+    g = torch.Generator().manual_seed(seed)
+    n = max(lengths)
+    ids = torch.full((len(lengths), n), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(lengths), n, dtype=torch.long)
+    for b, m in enumerate(lengths):
+        ids[b, n - m :] = torch.randint(low, VOCAB, (m,), generator=g)
+        mask[b, n - m :] = 1
+    return ids, mask
+
+
+def concat_prefix_forward(
+    model: PreTrainedModel,
+    prefix: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    position_offset: int = 0,
+    **kwargs: Any,
+) -> Any:
+    """Reference prefix attention: the prefix as cached tokens of an unpatched model.
+
+    Arguments:
+        model: an unpatched transformers decoder (sdpa or eager).
+        prefix: [L, 2, Hkv, P, D] (may require grad: gradients flow back to it).
+        input_ids: [B, N]; attention_mask: 0/1 [B, N] or None.
+        position_offset: input positions are arange(N) + position_offset.
+
+    Returns:
+        The model output for the N input tokens.
+    """
+    B, N = input_ids.shape
+    L, _, Hkv, P, D = prefix.shape
+    cache = DynamicCache(config=model.config)
+    for layer in range(L):
+        k = prefix[layer, 0][None].expand(B, Hkv, P, D)  # [B, Hkv, P, D]
+        v = prefix[layer, 1][None].expand(B, Hkv, P, D)
+        cache.update(k, v, layer)
+    if attention_mask is None:
+        attention_mask = torch.ones(B, N, dtype=torch.long)
+    full_mask = torch.cat([torch.ones(B, P, dtype=attention_mask.dtype), attention_mask], dim=1)
+    pos = (torch.arange(N) + position_offset)[None].expand(B, N)  # [B, N]
+    return model(
+        input_ids=input_ids,
+        attention_mask=full_mask,
+        past_key_values=cache,
+        position_ids=pos,
+        use_cache=True,
+        **kwargs,
+    )
