@@ -33,7 +33,7 @@ def cases(draw: st.DrawFn) -> Case:
 
 
 @settings(
-    max_examples=25,
+    max_examples=50,
     deadline=None,
     derandomize=True,
     suppress_health_check=[HealthCheck.too_slow],

@@ -473,7 +473,9 @@ def prefixattn_mask(
                 "sequence, packed sequences or a custom mask overlay) is not a causal mask "
                 "plus key padding, which is all the prefixattn kernel computes"
             )
-    if kpm is not None and bool(kpm.all()):
+    # An all-real mask is dropped (the kernel's unmasked path is faster); the check is a
+    # host sync, so it is skipped while torch.compile traces (no graph break).
+    if kpm is not None and not torch.compiler.is_compiling() and bool(kpm.all()):
         kpm = None
     return kpm
 

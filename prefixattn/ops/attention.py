@@ -71,9 +71,23 @@ def prefix_attention(
     gradients. Gradients flow to q, k, v, prefix_k and prefix_v: a shared prefix gets the
     sum over rows, a bank each row's gradient added at its index, bitwise reproducibly.
 
+    Under ``torch.compile`` the call is traced into the graph without a graph break (the
+    Triton kernels through the ``prefixattn::fwd`` / ``prefixattn::bwd`` custom ops, see
+    :mod:`prefixattn.ops.custom_op`); the range of ``prefix_index`` is then checked on the
+    device (``torch._assert_async``) instead of on the host.
+
     Raises:
         TypeError, ValueError: on bad input, naming the argument and what was expected.
     """
+    if torch.compiler.is_compiling():
+        # imported here: registering the ops imports parts of torch._inductor (~1 s), a
+        # cost only compiling callers should pay
+        from .custom_op import traced_prefix_attention
+
+        return traced_prefix_attention(
+            q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
+            causal, sm_scale, dropout_p, backend,
+        )  # fmt: skip
     prob = validate(
         q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
         causal, sm_scale, dropout_p, backend,

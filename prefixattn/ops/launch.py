@@ -6,6 +6,11 @@ stages come from ``triton.autotune`` over a short per-kernel list, keyed on the 
 the flags and power-of-two buckets of Nq and Nk (so a growing KV cache does not re-tune
 every step); ``PREFIXATTN_AUTOTUNE=0`` uses the first config of each list instead. Under
 ``TRITON_INTERPRET=1`` one small fixed config runs.
+
+``wrap`` (``attention_forward`` / ``attention_backward``): the custom ops of
+``custom_op.py`` pass ``torch.library.wrap_triton`` so that ``torch.compile`` sees every
+launch; the sizes may then be ``torch.SymInt`` (dynamic shapes), which the heuristics here
+read through their example value (:func:`_hint`) instead of guarding on them.
 """
 
 from __future__ import annotations
@@ -146,9 +151,20 @@ def _autotune_enabled(q: torch.Tensor) -> bool:
     )
 
 
+def _hint(n) -> int:
+    """``n`` as a concrete int for heuristics: a traced ``torch.SymInt`` gives its example
+    value (no guard, so a compiled graph stays valid for other sizes)."""
+    if isinstance(n, int):
+        return n
+    hint = getattr(getattr(n, "node", None), "hint", None)
+    return int(hint) if hint is not None else 64
+
+
 def _bucket(n: int) -> int:
     """Power-of-two bucket in [16, 16384]: an autotune key that is stable while a KV cache
-    grows."""
+    grows (a traced SymInt gets its example value's bucket)."""
+    if not isinstance(n, int):
+        n = _hint(n)
     return min(max(16, 1 << max(0, (n - 1)).bit_length()), 16384)
 
 
@@ -159,7 +175,9 @@ def _prune_for(block_d: int, n_q: int, n_k_or_p: int, configs: list) -> list:
         bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
         if block_d >= 256 and bm * bn > 64 * 64:
             continue
-        if bm > max(16, triton_next_pow2(n_q)) or bn > max(16, triton_next_pow2(n_k_or_p)):
+        if bm > max(16, triton_next_pow2(_hint(n_q))) or bn > max(
+            16, triton_next_pow2(_hint(n_k_or_p))
+        ):
             continue
         out.append(c)
     return out or configs[-1:]
@@ -273,6 +291,48 @@ def _launch(
         return
 
 
+def _launcher(wrap):  # -> _launch or a partial of _launch_wrapped
+    """:func:`_launch`, or with ``wrap`` (e.g. ``torch.library.wrap_triton``) the same
+    launch with the kernel wrapped (:func:`_launch_wrapped`). The eager path keeps calling
+    ``_launch`` itself: no extra work per call."""
+    return _launch if wrap is None else functools.partial(_launch_wrapped, wrap=wrap)
+
+
+def _launch_wrapped(
+    name: str, kernel, grid_fn, q: torch.Tensor, n_q, n_kp, *args, wrap, **kwargs
+) -> None:
+    """:func:`_launch` when it is traced: ``wrap`` is applied to the kernel, or to its
+    ``triton.autotune`` wrapper, before the launch.
+
+    Nothing runs here at trace time, so there is no config cache and no OutOfResources
+    fallback: on CUDA the ``triton.autotune`` wrapper goes to the compiler, which tunes it
+    (with the same pruning); otherwise the first fitting config (or the forced one) is used.
+    """
+    if _autotune_enabled(q) and name not in _forced:
+        wrap(_tuned(name))[lambda meta: grid_fn(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **kwargs)
+        return
+    if name in _forced:
+        cfg = _forced[name]
+    elif kernels_interpreted():
+        cfg = INTERPRET_CONFIG
+    else:
+        cfgs = {
+            "fwd": FWD_CONFIGS,
+            "dkdv": DKDV_CONFIGS,
+            "dq": DQ_CONFIGS,
+            "prefix_dkdv": PREFIX_DKDV_CONFIGS,
+        }[name]
+        cfg = _default_configs(cfgs, kwargs["BLOCK_D"], _hint(n_q), _hint(n_kp))[0]
+    wrap(kernel)[grid_fn(cfg.BLOCK_M, cfg.BLOCK_N)](
+        *args,
+        BLOCK_M=cfg.BLOCK_M,
+        BLOCK_N=cfg.BLOCK_N,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+        **kwargs,
+    )
+
+
 # (kernel, BLOCK_D, dtype, buckets) -> the first default config that fitted the GPU
 _fallback_cache: dict[tuple, KernelConfig] = {}
 # (kernel, dtype, device, buckets, constexprs) -> the config triton.autotune chose
@@ -346,8 +406,13 @@ def attention_forward(
     dropout_p: float,
     seed: int,
     prob: AttnProblem,
+    wrap=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run ``_attn_fwd``; returns (out [B, H, Nq, D] in q's dtype, lse [B, H, Nq] fp32)."""
+    """Run ``_attn_fwd``; returns (out [B, H, Nq, D] in q's dtype, lse [B, H, Nq] fp32).
+
+    ``wrap``: applied to every kernel before its launch (``torch.library.wrap_triton`` in
+    the custom ops); ``None`` launches directly.
+    """
     B, H, Nq, Nk, P, D = prob.B, prob.H, prob.Nq, prob.Nk, prob.P, prob.D
     out = torch.empty((B, H, Nq, D), device=q.device, dtype=q.dtype)
     lse = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
@@ -360,7 +425,7 @@ def attention_forward(
         q, prefix_k, prefix_v, prefix_index, key_padding_mask
     )
     block_d = max(16, triton_next_pow2(D))
-    _launch(
+    _launcher(wrap)(
         "fwd",
         _kernels()._attn_fwd,
         lambda bm, bn: (math.ceil(Nq / bm), B * H),
@@ -393,9 +458,11 @@ def _prefix_splits(prob: AttnProblem, q: torch.Tensor, interpreted: bool) -> int
     if interpreted:
         return 1
     n_sm = torch.cuda.get_device_properties(q.device).multi_processor_count
-    programs = math.ceil(prob.P / 64) * prob.B * prob.Hkv
+    # any split count is correct (a split past the last query block adds zeros): traced
+    # sizes are read through their example values
+    programs = math.ceil(_hint(prob.P) / 64) * _hint(prob.B) * _hint(prob.Hkv)
     want = math.ceil(2 * n_sm / max(programs, 1))
-    return max(1, min(want, math.ceil(prob.Nq / 64), 16))
+    return max(1, min(want, math.ceil(_hint(prob.Nq) / 64), 16))
 
 
 def attention_backward(
@@ -414,8 +481,11 @@ def attention_backward(
     seed: int,
     prob: AttnProblem,
     needs: tuple[bool, bool, bool, bool],
+    wrap=None,
 ) -> tuple[torch.Tensor | None, ...]:
     """Gradients (dq, dk, dv, dprefix_k, dprefix_v); ``needs`` = (q, k, v, prefix) flags.
+
+    ``wrap``: as in :func:`attention_forward`.
 
     Prefix gradients come back in the prefix's own layout: [Hkv, P, D] shared (summed over
     rows), [B, Hkv, P, D] per row, [T, Hkv, P, D] bank (each row added at its index).
@@ -462,14 +532,16 @@ def attention_backward(
         return dq, dk, dv, dpk, dpv
 
     delta = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
+    launch = _launcher(wrap)
     pre_bm = 64 if not kernels_interpreted() else 32
-    ks._attn_bwd_preprocess[(math.ceil(Nq / pre_bm), B * H)](
+    preprocess = ks._attn_bwd_preprocess if wrap is None else wrap(ks._attn_bwd_preprocess)
+    preprocess[(math.ceil(Nq / pre_bm), B * H)](
         out, do, delta, *out.stride(), *do.stride(), H, Nq,
         D=D, BLOCK_D=block_d, BLOCK_M=pre_bm,
     )  # fmt: skip
 
     if need_q:
-        _launch(
+        launch(
             "dq", ks._attn_bwd_dq, lambda bm, bn: (math.ceil(Nq / bm), B * H), q, Nq, max(Nk, P),
             q, k, v, pk, pv, pidx, kpm, do, lse, delta, dq,
             *q.stride(), *k.stride(), *v.stride(), *pk_strides, *pv_strides, *kpm_strides,
@@ -478,7 +550,7 @@ def attention_backward(
             IS_CAUSAL=causal, PREFIX_MODE=mode, HAS_KPM=key_padding_mask is not None, **flags,
         )  # fmt: skip
     if (need_k or need_v) and Nk > 0:
-        _launch(
+        launch(
             "dkdv", ks._attn_bwd_dkdv, lambda bm, bn: (math.ceil(Nk / bn), B * Hkv), q, Nq, Nk,
             q, k, v, do, lse, delta, kpm, dk, dv,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *kpm_strides, *dk.stride(),
@@ -495,7 +567,7 @@ def attention_backward(
                 f"prefix gradient partials of {part_k.numel()} elements exceed 2^31; "
                 "use a smaller batch per call"
             )
-        _launch(
+        launch(
             "prefix_dkdv", ks._attn_bwd_prefix_dkdv,
             lambda bm, bn: (math.ceil(P / bn), B * Hkv, splits), q, Nq, P,
             q, pk, pv, pidx, do, lse, delta, part_k, part_v,
@@ -504,7 +576,8 @@ def attention_backward(
             PREFIX_MODE=mode, **flags,
         )  # fmt: skip
         numel = Hkv * P * D
-        ks._prefix_grad_reduce[(prob.T, math.ceil(numel / REDUCE_BLOCK))](
+        reduce = ks._prefix_grad_reduce if wrap is None else wrap(ks._prefix_grad_reduce)
+        reduce[(prob.T, math.ceil(numel / REDUCE_BLOCK))](
             part_k, part_v, pidx, dpk, dpv, B, splits, numel,
             PREFIX_MODE=mode, BLOCK=REDUCE_BLOCK,
         )  # fmt: skip

