@@ -37,16 +37,18 @@ import math
 import os
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from ..ops.validation import BACKENDS, MAX_HEAD_DIM, MIN_HEAD_DIM
+from ._common import INIT_STRATEGIES as INIT_STRATEGIES  # kept importable from here
+from ._common import PEFT_WEIGHTS_KEY, TuningConfigBase, is_int, read_artifact, read_peft_dir
 from .patching import (
     PrefixProvider,
     StaticPrefix,
@@ -74,16 +76,10 @@ CONFIG_NAME = "prefixattn_prefix.json"
 WEIGHTS_NAME = "prefix.safetensors"
 FORMAT = "prefixattn.prefix_tuning"
 FORMAT_VERSION = 1
-INIT_STRATEGIES = ("random", "vocab", "text")
-PEFT_WEIGHTS_KEY = "prompt_embeddings"
-
-
-def _is_int(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 @dataclass
-class PrefixTuningConfig:
+class PrefixTuningConfig(TuningConfigBase):
     """Hyper-parameters of :class:`PrefixTuning` (saved next to the prefix)."""
 
     num_virtual_tokens: int = field(
@@ -138,33 +134,18 @@ class PrefixTuningConfig:
     )
 
     def __post_init__(self) -> None:
-        if not _is_int(self.num_virtual_tokens) or self.num_virtual_tokens < 1:
-            raise ValueError(
-                f"num_virtual_tokens must be an int >= 1, got {self.num_virtual_tokens!r}"
-            )
+        self._check_num_virtual_tokens()
         if not isinstance(self.prefix_projection, bool):
             raise TypeError(
                 f"prefix_projection must be a bool, got {type(self.prefix_projection).__name__}"
             )
         if self.encoder_hidden_size is not None and (
-            not _is_int(self.encoder_hidden_size) or self.encoder_hidden_size < 1
+            not is_int(self.encoder_hidden_size) or self.encoder_hidden_size < 1
         ):
             raise ValueError(
                 f"encoder_hidden_size must be an int >= 1 or None, got {self.encoder_hidden_size!r}"
             )
-        if self.init not in INIT_STRATEGIES:
-            raise ValueError(f"init must be one of {INIT_STRATEGIES}, got {self.init!r}")
-        if self.init == "text" and self.init_text is None:
-            raise ValueError(
-                "init='text' needs init_text (a string with a tokenizer, or token ids)"
-            )
-        if self.init != "text" and self.init_text is not None:
-            raise ValueError(f"init_text is only used with init='text', got init={self.init!r}")
-        if self.init_text is not None and not isinstance(self.init_text, (str, list)):
-            raise TypeError(
-                "init_text must be a str or a list of token ids, got "
-                f"{type(self.init_text).__name__}"
-            )
+        self._check_init()
         if (
             isinstance(self.init_std, bool)
             or not isinstance(self.init_std, (int, float))
@@ -172,23 +153,10 @@ class PrefixTuningConfig:
             or self.init_std <= 0
         ):
             raise ValueError(f"init_std must be a finite float > 0, got {self.init_std!r}")
-        if not _is_int(self.position_offset) or self.position_offset < 0:
+        if not is_int(self.position_offset) or self.position_offset < 0:
             raise ValueError(f"position_offset must be an int >= 0, got {self.position_offset!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able dict of the fields."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> PrefixTuningConfig:
-        """Build from :meth:`to_dict` output; unknown keys raise ``ValueError``."""
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"unknown PrefixTuningConfig fields {unknown}")
-        return cls(**dict(data))
 
 
 @dataclass(frozen=True)
@@ -213,7 +181,7 @@ class ModelGeometry:
             cfg = cfg.get_text_config()
         L = getattr(cfg, "num_hidden_layers", None)
         H = getattr(cfg, "num_attention_heads", None)
-        if not _is_int(L) or not _is_int(H):
+        if not is_int(L) or not is_int(H):
             raise ValueError(
                 "model config must define num_hidden_layers and num_attention_heads, got "
                 f"{L!r} and {H!r}"
@@ -305,19 +273,9 @@ def read_prefix(path: str | os.PathLike) -> tuple[torch.Tensor, dict[str, Any]]:
     Raises:
         ValueError: ``path`` is not a saved prefix.
     """
-    path = Path(path)
-    cfg_file, w_file = path / CONFIG_NAME, path / WEIGHTS_NAME
-    if not cfg_file.is_file() or not w_file.is_file():
-        raise ValueError(
-            f"path must be a directory written by PrefixTuning.save ({CONFIG_NAME} and "
-            f"{WEIGHTS_NAME}), got {str(path)!r}"
-        )
-    meta = json.loads(cfg_file.read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{CONFIG_NAME} in path is not a {FORMAT} file")
-    if meta.get("version") != FORMAT_VERSION:
-        raise ValueError(f"unsupported {FORMAT} version {meta.get('version')!r}")
-    tensors = load_file(str(w_file))
+    meta, tensors = read_artifact(
+        Path(path), CONFIG_NAME, WEIGHTS_NAME, FORMAT, FORMAT_VERSION, writer="PrefixTuning"
+    )
     L = int(meta["num_layers"])
     try:
         layers = [
@@ -744,7 +702,7 @@ class PrefixTuning(nn.Module):
         if isinstance(adapter, (str, os.PathLike)):
             if model is None:
                 raise ValueError("model is required when adapter is a directory")
-            pcfg, weights = _read_peft_dir(Path(adapter))
+            pcfg, weights = read_peft_dir(Path(adapter), _check_peft_config)
             mlp = None
         elif isinstance(adapter, nn.Module) and hasattr(adapter, "active_peft_config"):
             pcfg = adapter.active_peft_config.to_dict()
@@ -883,7 +841,7 @@ def _text_ids(
             raise TypeError("init_text given as a tensor must be 1-D integer token ids")
         ids = init_text.tolist()
         stored = ids
-    elif isinstance(init_text, Sequence) and all(_is_int(i) for i in init_text):
+    elif isinstance(init_text, Sequence) and all(is_int(i) for i in init_text):
         ids = list(init_text)
         stored = ids
     else:
@@ -906,26 +864,3 @@ def _check_peft_config(pcfg: Mapping[str, Any]) -> None:
             "adapter must be for a decoder-only model (num_transformer_submodules=1), got "
             f"{pcfg.get('num_transformer_submodules')}"
         )
-
-
-def _read_peft_dir(path: Path) -> tuple[dict[str, Any], torch.Tensor]:
-    """adapter_config.json and the ``prompt_embeddings`` tensor of a PEFT adapter directory."""
-    cfg_file = path / "adapter_config.json"
-    if not cfg_file.is_file():
-        raise ValueError(
-            f"adapter must be a PEFT adapter directory with adapter_config.json, got {str(path)!r}"
-        )
-    pcfg = json.loads(cfg_file.read_text())
-    _check_peft_config(pcfg)
-    st, binf = path / "adapter_model.safetensors", path / "adapter_model.bin"
-    if st.is_file():
-        tensors = load_file(str(st))
-    elif binf.is_file():
-        tensors = torch.load(str(binf), map_location="cpu", weights_only=True)
-    else:
-        raise ValueError(f"adapter directory {str(path)!r} has no adapter_model.safetensors/.bin")
-    if PEFT_WEIGHTS_KEY not in tensors:
-        raise ValueError(
-            f"adapter weights must contain {PEFT_WEIGHTS_KEY!r}, got keys {sorted(tensors)}"
-        )
-    return pcfg, tensors[PEFT_WEIGHTS_KEY]

@@ -37,12 +37,12 @@ import json
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 try:
@@ -51,6 +51,8 @@ try:
 except ImportError as err:  # pragma: no cover - exercised only without the extra
     raise ImportError("prefixattn.hf needs transformers: pip install 'prefixattn[hf]'") from err
 
+from ._common import INIT_STRATEGIES as INIT_STRATEGIES  # kept importable from here
+from ._common import PEFT_WEIGHTS_KEY, TuningConfigBase, is_int, read_artifact, read_peft_dir
 from .patching import get_prefix, is_patched, set_prefix
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "PromptTuning", "PromptTuningConfig"]
@@ -59,16 +61,10 @@ CONFIG_NAME = "prefixattn_prompt.json"
 WEIGHTS_NAME = "prompt.safetensors"
 FORMAT = "prefixattn.prompt_tuning"
 FORMAT_VERSION = 1
-INIT_STRATEGIES = ("random", "vocab", "text")
-PEFT_WEIGHTS_KEY = "prompt_embeddings"
-
-
-def _is_int(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 @dataclass
-class PromptTuningConfig:
+class PromptTuningConfig(TuningConfigBase):
     """Hyper-parameters of :class:`PromptTuning` (saved next to the soft prompt)."""
 
     num_virtual_tokens: int = field(
@@ -96,38 +92,10 @@ class PromptTuningConfig:
     )
 
     def __post_init__(self) -> None:
-        if not _is_int(self.num_virtual_tokens) or self.num_virtual_tokens < 1:
-            raise ValueError(
-                f"num_virtual_tokens must be an int >= 1, got {self.num_virtual_tokens!r}"
-            )
-        if self.init not in INIT_STRATEGIES:
-            raise ValueError(f"init must be one of {INIT_STRATEGIES}, got {self.init!r}")
-        if self.init == "text" and self.init_text is None:
-            raise ValueError(
-                "init='text' needs init_text (a string with a tokenizer, or token ids)"
-            )
-        if self.init != "text" and self.init_text is not None:
-            raise ValueError(f"init_text is only used with init='text', got init={self.init!r}")
-        if self.init_text is not None and not isinstance(self.init_text, (str, list)):
-            raise TypeError(
-                "init_text must be a str or a list of token ids, got "
-                f"{type(self.init_text).__name__}"
-            )
-        if self.seed is not None and not _is_int(self.seed):
+        self._check_num_virtual_tokens()
+        self._check_init()
+        if self.seed is not None and not is_int(self.seed):
             raise TypeError(f"seed must be an int or None, got {self.seed!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able dict of the fields."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> PromptTuningConfig:
-        """Build from :meth:`to_dict` output; unknown keys raise ``ValueError``."""
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"unknown PromptTuningConfig fields {unknown}")
-        return cls(**dict(data))
 
 
 def _text_ids(
@@ -153,7 +121,7 @@ def _text_ids(
             )
         ids = init_text.tolist()
         stored = ids
-    elif isinstance(init_text, Sequence) and all(_is_int(i) for i in init_text):
+    elif isinstance(init_text, Sequence) and all(is_int(i) for i in init_text):
         ids = list(init_text)
         stored = ids
     else:
@@ -337,7 +305,7 @@ class PromptTuning(nn.Module):
         if hasattr(cfg, "get_text_config"):
             cfg = cfg.get_text_config()
         v = getattr(cfg, "vocab_size", None)
-        return min(int(v), rows) if _is_int(v) and v > 0 else rows
+        return min(int(v), rows) if is_int(v) and v > 0 else rows
 
     def num_trainable_parameters(self) -> int:
         """Number of trainable parameters (P * hidden)."""
@@ -559,7 +527,7 @@ class PromptTuning(nn.Module):
             ):
                 value = model_kwargs.get(key)
                 if value is not None and model_kwargs.get(new_key) is None:
-                    if not _is_int(value):
+                    if not is_int(value):
                         raise TypeError(f"{key} must be an int, got {value!r}")
                     del model_kwargs[key]
                     model_kwargs[new_key] = max(value - N, 0)
@@ -708,7 +676,7 @@ class PromptTuning(nn.Module):
         if isinstance(adapter, (str, os.PathLike)):
             if model is None:
                 raise ValueError("model is required when adapter is a directory")
-            pcfg, weights = _read_peft_dir(Path(adapter))
+            pcfg, weights = read_peft_dir(Path(adapter))
         elif isinstance(adapter, nn.Module) and hasattr(adapter, "active_peft_config"):
             pcfg = adapter.active_peft_config.to_dict()
             if model is None:
@@ -782,19 +750,9 @@ def read_prompt(path: str | os.PathLike) -> tuple[torch.Tensor, dict[str, Any]]:
     """
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
-    path = Path(path)
-    cfg_file, w_file = path / CONFIG_NAME, path / WEIGHTS_NAME
-    if not cfg_file.is_file() or not w_file.is_file():
-        raise ValueError(
-            f"path must be a directory written by PromptTuning.save ({CONFIG_NAME} and "
-            f"{WEIGHTS_NAME}), got {str(path)!r}"
-        )
-    meta = json.loads(cfg_file.read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{CONFIG_NAME} in path is not a {FORMAT} file")
-    if meta.get("version") != FORMAT_VERSION:
-        raise ValueError(f"unsupported {FORMAT} version {meta.get('version')!r}")
-    tensors = load_file(str(w_file))
+    meta, tensors = read_artifact(
+        Path(path), CONFIG_NAME, WEIGHTS_NAME, FORMAT, FORMAT_VERSION, writer="PromptTuning"
+    )
     if PEFT_WEIGHTS_KEY not in tensors:
         raise ValueError(f"{WEIGHTS_NAME} in path misses tensor {PEFT_WEIGHTS_KEY!r}")
     weight = tensors[PEFT_WEIGHTS_KEY]
@@ -803,25 +761,3 @@ def read_prompt(path: str | os.PathLike) -> tuple[torch.Tensor, dict[str, Any]]:
             f"{WEIGHTS_NAME}: expected a [P, hidden] tensor, got {tuple(weight.shape)}"
         )
     return weight.float(), meta
-
-
-def _read_peft_dir(path: Path) -> tuple[dict[str, Any], torch.Tensor]:
-    """adapter_config.json and the ``prompt_embeddings`` tensor of a PEFT adapter directory."""
-    cfg_file = path / "adapter_config.json"
-    if not cfg_file.is_file():
-        raise ValueError(
-            f"adapter must be a PEFT adapter directory with adapter_config.json, got {str(path)!r}"
-        )
-    pcfg = json.loads(cfg_file.read_text())
-    st, binf = path / "adapter_model.safetensors", path / "adapter_model.bin"
-    if st.is_file():
-        tensors = load_file(str(st))
-    elif binf.is_file():
-        tensors = torch.load(str(binf), map_location="cpu", weights_only=True)
-    else:
-        raise ValueError(f"adapter directory {str(path)!r} has no adapter_model.safetensors/.bin")
-    if PEFT_WEIGHTS_KEY not in tensors:
-        raise ValueError(
-            f"adapter weights must contain {PEFT_WEIGHTS_KEY!r}, got keys {sorted(tensors)}"
-        )
-    return pcfg, tensors[PEFT_WEIGHTS_KEY]

@@ -37,12 +37,25 @@ VOCAB = 128
 _SPECIAL = {"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1}
 
 
+def _tiny(
+    model_cls: type[PreTrainedModel],
+    config_cls: type[Any],
+    sizes: dict[str, Any],
+    overrides: dict[str, Any],
+    seed: int,
+    attn_implementation: str,
+) -> Any:
+    """``model_cls`` with random weights (seed ``seed``) from ``sizes`` + ``overrides``, eval."""
+    torch.manual_seed(seed)
+    cfg = config_cls(**{**sizes, **_SPECIAL, **overrides})
+    return model_cls._from_config(cfg, attn_implementation=attn_implementation).eval()
+
+
 def tiny_gpt2(
     seed: int = 0, attn_implementation: str = "sdpa", **overrides: Any
 ) -> GPT2LMHeadModel:
     """GPT-2, 2 layers, 4 heads, hidden 64 (D=16), layer-scaled attention, fp32, eval mode."""
-    torch.manual_seed(seed)
-    kw: dict[str, Any] = dict(
+    sizes = dict(
         n_layer=2,
         n_head=4,
         n_embd=64,
@@ -52,19 +65,15 @@ def tiny_gpt2(
         attn_pdrop=0.0,
         resid_pdrop=0.0,
         embd_pdrop=0.0,
-        **_SPECIAL,
     )
-    kw.update(overrides)
-    cfg = GPT2Config(**kw)
-    return GPT2LMHeadModel._from_config(cfg, attn_implementation=attn_implementation).eval()
+    return _tiny(GPT2LMHeadModel, GPT2Config, sizes, overrides, seed, attn_implementation)
 
 
 def tiny_llama(
     seed: int = 0, attn_implementation: str = "sdpa", **overrides: Any
 ) -> LlamaForCausalLM:
     """Llama with GQA: 2 layers, 4 query heads, 2 key/value heads, D=16, fp32, eval mode."""
-    torch.manual_seed(seed)
-    kw: dict[str, Any] = dict(
+    sizes = dict(
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -72,19 +81,15 @@ def tiny_llama(
         intermediate_size=128,
         vocab_size=VOCAB,
         max_position_embeddings=128,
-        **_SPECIAL,
     )
-    kw.update(overrides)
-    cfg = LlamaConfig(**kw)
-    return LlamaForCausalLM._from_config(cfg, attn_implementation=attn_implementation).eval()
+    return _tiny(LlamaForCausalLM, LlamaConfig, sizes, overrides, seed, attn_implementation)
 
 
 def tiny_qwen2(
     seed: int = 0, attn_implementation: str = "sdpa", **overrides: Any
 ) -> Qwen2ForCausalLM:
     """Qwen2 with GQA (MQA-like 4:1): 2 layers, 4 query heads, 1 key/value head, D=16."""
-    torch.manual_seed(seed)
-    kw: dict[str, Any] = dict(
+    sizes = dict(
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=1,
@@ -92,11 +97,8 @@ def tiny_qwen2(
         intermediate_size=128,
         vocab_size=VOCAB,
         max_position_embeddings=128,
-        **_SPECIAL,
     )
-    kw.update(overrides)
-    cfg = Qwen2Config(**kw)
-    return Qwen2ForCausalLM._from_config(cfg, attn_implementation=attn_implementation).eval()
+    return _tiny(Qwen2ForCausalLM, Qwen2Config, sizes, overrides, seed, attn_implementation)
 
 
 @contextlib.contextmanager

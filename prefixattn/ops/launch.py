@@ -67,6 +67,12 @@ PREFIX_DKDV_CONFIGS = [
 ]
 # Fits any GPU, D and dtype: the last resort when autotuning is off and nothing else fits.
 SAFE_CONFIG = KernelConfig(16, 32, 4, 1)
+CONFIG_LISTS = {
+    "fwd": FWD_CONFIGS,
+    "dkdv": DKDV_CONFIGS,
+    "dq": DQ_CONFIGS,
+    "prefix_dkdv": PREFIX_DKDV_CONFIGS,
+}
 INTERPRET_CONFIG = KernelConfig(32, 32, 1, 1)
 REDUCE_BLOCK = 1024
 
@@ -193,12 +199,13 @@ def _tuned(name: str):  # -> autotuned kernel
     import triton
 
     ks = _kernels()
-    kernel, cfgs, n_key = {
-        "fwd": (ks._attn_fwd, FWD_CONFIGS, "N_K"),
-        "dkdv": (ks._attn_bwd_dkdv, DKDV_CONFIGS, "N_K"),
-        "dq": (ks._attn_bwd_dq, DQ_CONFIGS, "N_K"),
-        "prefix_dkdv": (ks._attn_bwd_prefix_dkdv, PREFIX_DKDV_CONFIGS, "N_P"),
+    kernel, n_key = {
+        "fwd": (ks._attn_fwd, "N_K"),
+        "dkdv": (ks._attn_bwd_dkdv, "N_K"),
+        "dq": (ks._attn_bwd_dq, "N_K"),
+        "prefix_dkdv": (ks._attn_bwd_prefix_dkdv, "N_P"),
     }[name]
+    cfgs = CONFIG_LISTS[name]
     configs = [
         triton.Config(
             {"BLOCK_M": c.BLOCK_M, "BLOCK_N": c.BLOCK_N},
@@ -226,6 +233,18 @@ def _tuned(name: str):  # -> autotuned kernel
     )(kernel)
 
 
+def _run_config(kernel, grid_fn, cfg: KernelConfig, args: tuple, kwargs: dict) -> None:
+    """Launch ``kernel`` with one explicit config."""
+    kernel[grid_fn(cfg.BLOCK_M, cfg.BLOCK_N)](
+        *args,
+        BLOCK_M=cfg.BLOCK_M,
+        BLOCK_N=cfg.BLOCK_N,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+        **kwargs,
+    )
+
+
 def _launch(
     name: str, kernel, grid_fn, q: torch.Tensor, n_q: int, n_kp: int, *args, **kwargs
 ) -> None:
@@ -248,40 +267,21 @@ def _launch(
                     cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages
                 )
             return
-        kernel[grid_fn(best.BLOCK_M, best.BLOCK_N)](
-            *args,
-            BLOCK_M=best.BLOCK_M,
-            BLOCK_N=best.BLOCK_N,
-            num_warps=best.num_warps,
-            num_stages=best.num_stages,
-            **kwargs,
-        )
+        _run_config(kernel, grid_fn, best, args, kwargs)
         return
     if name in _forced:
         candidates = [_forced[name]]
     elif kernels_interpreted():
         candidates = [INTERPRET_CONFIG]
     else:
-        cfgs = {
-            "fwd": FWD_CONFIGS,
-            "dkdv": DKDV_CONFIGS,
-            "dq": DQ_CONFIGS,
-            "prefix_dkdv": PREFIX_DKDV_CONFIGS,
-        }[name]
+        cfgs = CONFIG_LISTS[name]
         key = (name, kwargs["BLOCK_D"], q.dtype, _bucket(n_q), _bucket(n_kp))
         candidates = _default_configs(cfgs, kwargs["BLOCK_D"], n_q, n_kp)
         if key in _fallback_cache:  # the config that fitted last time goes first
             candidates.insert(0, _fallback_cache[key])
     for i, cfg in enumerate(candidates):
         try:
-            kernel[grid_fn(cfg.BLOCK_M, cfg.BLOCK_N)](
-                *args,
-                BLOCK_M=cfg.BLOCK_M,
-                BLOCK_N=cfg.BLOCK_N,
-                num_warps=cfg.num_warps,
-                num_stages=cfg.num_stages,
-                **kwargs,
-            )
+            _run_config(kernel, grid_fn, cfg, args, kwargs)
         except OutOfResources:  # a config too large for this GPU: try the next one
             if i == len(candidates) - 1:
                 raise
@@ -316,21 +316,9 @@ def _launch_wrapped(
     elif kernels_interpreted():
         cfg = INTERPRET_CONFIG
     else:
-        cfgs = {
-            "fwd": FWD_CONFIGS,
-            "dkdv": DKDV_CONFIGS,
-            "dq": DQ_CONFIGS,
-            "prefix_dkdv": PREFIX_DKDV_CONFIGS,
-        }[name]
+        cfgs = CONFIG_LISTS[name]
         cfg = _default_configs(cfgs, kwargs["BLOCK_D"], _hint(n_q), _hint(n_kp))[0]
-    wrap(kernel)[grid_fn(cfg.BLOCK_M, cfg.BLOCK_N)](
-        *args,
-        BLOCK_M=cfg.BLOCK_M,
-        BLOCK_N=cfg.BLOCK_N,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-        **kwargs,
-    )
+    _run_config(wrap(kernel), grid_fn, cfg, args, kwargs)
 
 
 # (kernel, BLOCK_D, dtype, buckets) -> the first default config that fitted the GPU
