@@ -46,9 +46,18 @@ import torch.nn.functional as F
 
 from prefixattn import prefix_attention
 
-KERNEL_IMPLS = ("prefixattn", "concat_eager", "concat_sdpa", "flex")
+# prefixattn_fused: the same kernels with the fused backward (PREFIXATTN_BWD=fused);
+# backward modes only (its forward is prefixattn's)
+KERNEL_IMPLS = ("prefixattn", "prefixattn_fused", "concat_eager", "concat_sdpa", "flex")
 SERVING_IMPLS = ("prefixattn", "gather_concat_sdpa", "gather_concat_eager")
-E2E_IMPLS = ("prefixattn", "peft_sdpa", "peft_eager", "prefixattn_ckpt")
+E2E_IMPLS = (
+    "prefixattn",
+    "peft_sdpa",
+    "peft_eager",
+    "prefixattn_ckpt",
+    "prefixattn_compiled",
+    "peft_sdpa_compiled",
+)
 MODES = ("fwd", "bwd", "fwd_bwd")
 # backward is counted as 2.5x the forward FLOPs (the FlashAttention convention)
 MODE_FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}
@@ -395,8 +404,9 @@ def prefixattn_call(x: AttnInputs, backend: str = "triton") -> torch.Tensor:
 def impl_fn(impl: str, device: torch.device) -> Callable[[AttnInputs], torch.Tensor]:
     """The callable for an ``impl`` name (kernel and serving names)."""
     on_cuda = device.type == "cuda"
-    if impl == "prefixattn":
-        return prefixattn_call  # backend="triton": CUDA, or the interpreter on CPU
+    if impl in ("prefixattn", "prefixattn_fused"):
+        # backend="triton": CUDA, or the interpreter on CPU; the caller sets PREFIXATTN_BWD
+        return prefixattn_call
     if impl in ("concat_eager", "gather_concat_eager"):
         return concat_eager
     if impl in ("concat_sdpa", "gather_concat_sdpa"):

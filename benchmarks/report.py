@@ -28,9 +28,16 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-KERNEL_BASELINES = ("concat_sdpa", "concat_eager", "flex")
+KERNEL_BASELINES = ("prefixattn_fused", "concat_sdpa", "concat_eager", "flex")
 SERVING_BASELINES = ("gather_concat_sdpa", "gather_concat_eager")
-E2E_IMPLS = ("prefixattn", "prefixattn_ckpt", "peft_sdpa", "peft_eager")
+E2E_IMPLS = (
+    "prefixattn",
+    "prefixattn_ckpt",
+    "prefixattn_compiled",
+    "peft_sdpa",
+    "peft_sdpa_compiled",
+    "peft_eager",
+)
 MODE_ORDER = {"fwd": 0, "fwd_graph": 1, "bwd": 2, "fwd_bwd": 3, "train_step": 4}
 DASH = "—"
 
@@ -154,7 +161,10 @@ def header_md(data: dict[str, Any], rows: Sequence[dict[str, Any]], smoke: bool)
         "prefixattn peak (> 1: prefixattn uses less). FLOPs: 4·B·H·D·(Nq·P + visible causal "
         "pairs) forward (prefix columns in full, the causal part ~half), x2.5 backward, "
         "x3.5 forward+backward, the same count for every implementation. Every row passed a "
-        "correctness check against the fp32 reference before it was timed.",
+        "correctness check against the fp32 reference before it was timed. prefixattn "
+        "runs the split backward (the default); `prefixattn_fused` is the same library "
+        "with `PREFIXATTN_BWD=fused`, so `vs prefixattn_fused` < 1 means the fused backward "
+        "is faster.",
         "",
     ]
     return "\n".join(out)
@@ -260,6 +270,8 @@ def e2e_section(rows: Sequence[dict[str, Any]], smoke: bool) -> str:
                 notes.append(f"attn={r['attn_implementation']}")
             if r.get("backend"):
                 notes.append(f"backend={r['backend']}")
+            if r.get("compiled"):
+                notes.append(f"torch.compile({r['compiled']})")
             peak = r.get("peak_mem_bytes")
             body.append(
                 [
@@ -282,7 +294,8 @@ def e2e_section(rows: Sequence[dict[str, Any]], smoke: bool) -> str:
             "",
             "bf16 weights, B x N tokens per step (forward + backward + AdamW on the prefix). "
             "Speed-up = this impl's step time / prefixattn's; mem ratio = this impl's peak / "
-            "prefixattn's.",
+            "prefixattn's. The issue's target compares `prefixattn` with `peft_sdpa`; the "
+            "`_compiled` rows compare the two stacks under torch.compile.",
             "",
             table(head, body),
             "",
@@ -362,6 +375,9 @@ def _short(case: str) -> str:
 COLORS = {
     "prefixattn": "#1f77b4",
     "prefixattn_ckpt": "#aec7e8",
+    "prefixattn_fused": "#9467bd",
+    "prefixattn_compiled": "#17becf",
+    "peft_sdpa_compiled": "#ffbb78",
     "concat_sdpa": "#ff7f0e",
     "gather_concat_sdpa": "#ff7f0e",
     "peft_sdpa": "#ff7f0e",

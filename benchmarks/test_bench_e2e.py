@@ -12,6 +12,11 @@ Implementations (``impl``):
                       on the base model before wrapping (PEFT prefix tuning cannot do this)
 ``peft_sdpa``         PEFT prefix tuning, ``attn_implementation="sdpa"``
 ``peft_eager``        PEFT prefix tuning, ``attn_implementation="eager"``
+``*_compiled``        ``prefixattn`` / ``peft_sdpa`` with the model's forward under
+                      ``torch.compile`` (Inductor on CUDA; ``aot_eager`` in CPU smoke
+                      runs, to keep them short): prefixattn traces without graph breaks
+                      (its kernels are custom ops), so Inductor fuses the rest of the
+                      layer around them
 
 ``n_positions`` is 2048 rather than GPT-2's 1024: PEFT's prefix shifts the input
 positions by P (its prefix sits in the KV cache), so 1024 tokens + P would index past
@@ -117,6 +122,11 @@ def build_base(case: E2ECase, attn_impl: str, device: torch.device) -> Any:
 def build(case: E2ECase, impl: str, device: torch.device, info: dict) -> tuple[Any, list]:
     """(wrapped model, trainable parameters) for ``impl``; for prefixattn also checks its
     loss against the same prefix on the reference backend (recorded in ``info``)."""
+    if impl.endswith("_compiled"):
+        wrapped, params = build(case, impl.removesuffix("_compiled"), device, info)
+        compiler = "inductor" if device.type == "cuda" else "aot_eager"
+        info["compiled"] = compiler
+        return torch.compile(wrapped, backend=compiler), params
     if impl.startswith("prefixattn"):
         PrefixTuning = load_prefix_tuning()
         base = build_base(case, "sdpa", device)  # prefixattn patches the attention itself

@@ -90,6 +90,8 @@ def _params(grid_name: str) -> list:
         for shape, modes in grid:
             for mode in modes:
                 for impl in bl.KERNEL_IMPLS:
+                    if impl == "prefixattn_fused" and mode == "fwd":
+                        continue  # the same forward as prefixattn
                     marks = [pytest.mark.bench_smoke if smoke else pytest.mark.bench_gpu]
                     if not smoke:
                         marks.append(pytest.mark.bench_priority(0 if shape in TARGETS else 3))
@@ -121,9 +123,11 @@ def test_kernel(
     """One kernel row: correctness gate, then peak memory and CUDA-event timing."""
     shape = SHAPES[case]
     smoke = case in SMOKE_IDS
+    if impl == "prefixattn_fused":
+        request.getfixturevalue("monkeypatch").setenv("PREFIXATTN_BWD", "fused")
     if smoke:
         device, gemm = torch.device("cpu"), None
-        if impl == "prefixattn":
+        if impl.startswith("prefixattn"):
             request.getfixturevalue("triton_interpreter")
     else:
         device, gemm = torch.device("cuda"), request.getfixturevalue("gemm_peak")

@@ -6,6 +6,7 @@ or interpreted (``TRITON_INTERPRET=1``), so ``prefixattn`` imports it on the fir
 """
 
 from .prefix_attention_bwd import (
+    _attn_bwd,
     _attn_bwd_dkdv,
     _attn_bwd_dq,
     _attn_bwd_prefix_dkdv,
@@ -15,6 +16,7 @@ from .prefix_attention_bwd import (
 from .prefix_attention_fwd import _attn_fwd
 
 __all__ = [
+    "_attn_bwd",
     "_attn_bwd_dkdv",
     "_attn_bwd_dq",
     "_attn_bwd_prefix_dkdv",

@@ -10,15 +10,26 @@ scaled by 1/(1-p) (all ones without dropout), O = (P*Z) V and dO the output grad
     dQ_i    = sm_scale * sum_j dS_ij K_j          dK_j = sm_scale * sum_i dS_ij Q_i
 
 P is recomputed from the forward's log2 logsumexp (LSE, +inf for an empty row, so P = 0
-and every gradient of that row is 0). Kernels:
+and every gradient of that row is 0).
+
+What one program computes (``@triton.jit`` helpers, inlined where they are called):
+
+    _bwd_dkdv_program       dK, dV of one sequence key block of one (b, kv head), walking
+                            the GQA group's heads and only the query blocks that see the
+                            key block (on-band masked, then off-band unmasked)
+    _bwd_dq_program         dQ of one query block of one (b, h): prefix, then sequence
+    _bwd_prefix_program     fp32 partial dK, dV of one prefix block for one row and one
+                            run ("split") of its queries
+
+Kernels, in launch order:
 
     _attn_bwd_preprocess    Delta, one program per (query block, b*h)
-    _attn_bwd_dkdv          dK, dV of sequence keys, one program per (key block, b*hkv),
-                            walking the GQA group's heads and only the query blocks that
-                            see the key block (on-band masked, then off-band unmasked)
-    _attn_bwd_dq            dQ, one program per (query block, b*h), prefix then sequence
-    _attn_bwd_prefix_dkdv   per-row fp32 partial dK, dV of the prefix, one program per
-                            (prefix block, b*hkv, query split)
+    then either the split backward (three launches, each autotuned on its own)
+        _attn_bwd_dkdv          one _bwd_dkdv_program per program
+        _attn_bwd_dq            one _bwd_dq_program per program
+        _attn_bwd_prefix_dkdv   one _bwd_prefix_program per program
+    or the fused backward (one launch; ``PREFIXATTN_BWD=fused``)
+        _attn_bwd               all three kinds of program, chosen by program id
     _prefix_grad_reduce     sums the partials of the rows that use each prefix entry, in
                             a fixed order: bitwise reproducible, no atomics
 """
@@ -161,7 +172,10 @@ def _attn_bwd_kv_inner(
 
 
 @triton.jit
-def _attn_bwd_dkdv(
+def _bwd_dkdv_program(
+    start_n,
+    off_b,
+    off_hk,
     Q,
     K,
     V,
@@ -194,7 +208,6 @@ def _attn_bwd_dkdv(
     stride_dkn,
     stride_dkd,
     H,
-    HKV,
     GROUP,
     N_Q,
     N_K,
@@ -202,8 +215,6 @@ def _attn_bwd_dkdv(
     sm_scale,
     dropout_p,
     seed,
-    TUNE_NQ,
-    TUNE_NK,
     D: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -213,18 +224,12 @@ def _attn_bwd_dkdv(
     HAS_DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    """dK, dV of the sequence keys.
-
-    Grid: (cdiv(Nk, BLOCK_N), B * Hkv). One program owns BLOCK_N keys of one (b, kv head)
-    and sums over the GROUP query heads that share it and every query that sees them:
-    with causal alignment, query i sees key j iff i >= j - (Nk - Nq), so the walk starts
-    at the first such query block, masks the on-band blocks and runs the rest unmasked.
-    DK and DV share strides (both are allocated contiguous [B, Hkv, Nk, D]).
+    """dK, dV of sequence keys [start_n, start_n + BLOCK_N) of kv head ``off_hk`` of row
+    ``off_b``, summed over the GROUP query heads that share it and every query that sees
+    them: with causal alignment, query i sees key j iff i >= j - (Nk - Nq), so the walk
+    starts at the first such query block, masks the on-band blocks and runs the rest
+    unmasked. DK and DV share strides (both are allocated contiguous [B, Hkv, Nk, D]).
     """
-    start_n = tl.program_id(0) * BLOCK_N
-    off_bhk = tl.program_id(1)
-    off_b = off_bhk // HKV
-    off_hk = off_bhk % HKV
     b64 = off_b.to(tl.int64)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -292,6 +297,76 @@ def _attn_bwd_dkdv(
     out_off = out_off + offs_d[None, :] * stride_dkd
     tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=ld)
     tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=ld)
+
+
+@triton.jit
+def _attn_bwd_dkdv(
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    Delta,
+    KPM,
+    DK,
+    DV,
+    stride_qz,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kz,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vz,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_doz,
+    stride_doh,
+    stride_dom,
+    stride_dod,
+    stride_kpmz,
+    stride_kpmn,
+    stride_dkz,
+    stride_dkh,
+    stride_dkn,
+    stride_dkd,
+    H,
+    HKV,
+    GROUP,
+    N_Q,
+    N_K,
+    N_P,
+    sm_scale,
+    dropout_p,
+    seed,
+    TUNE_NQ,
+    TUNE_NK,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """dK, dV of the sequence keys (split backward).
+
+    Grid: (cdiv(Nk, BLOCK_N), B * Hkv); program (n, b*Hkv + hk) runs
+    :func:`_bwd_dkdv_program` for key block n of kv head hk of row b.
+    """
+    off_bhk = tl.program_id(1)
+    _bwd_dkdv_program(
+        tl.program_id(0) * BLOCK_N, off_bhk // HKV, off_bhk % HKV,
+        Q, K, V, DO, LSE, Delta, KPM, DK, DV,
+        stride_qz, stride_qh, stride_qm, stride_qd, stride_kz, stride_kh, stride_kn, stride_kd,
+        stride_vz, stride_vh, stride_vn, stride_vd, stride_doz, stride_doh, stride_dom,
+        stride_dod, stride_kpmz, stride_kpmn, stride_dkz, stride_dkh, stride_dkn, stride_dkd,
+        H, GROUP, N_Q, N_K, N_P, sm_scale, dropout_p, seed,
+        D, BLOCK_D, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_KPM, HAS_DROPOUT, INPUT_PRECISION,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -366,7 +441,10 @@ def _attn_bwd_dq_inner(
 
 
 @triton.jit
-def _attn_bwd_dq(
+def _bwd_dq_program(
+    start_m,
+    off_b,
+    off_h,
     Q,
     K,
     V,
@@ -416,8 +494,6 @@ def _attn_bwd_dq(
     sm_scale,
     dropout_p,
     seed,
-    TUNE_NQ,
-    TUNE_NK,
     D: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -428,12 +504,10 @@ def _attn_bwd_dq(
     HAS_DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    """dQ. Grid: (cdiv(Nq, BLOCK_M), B * H); same key stages as the forward."""
-    start_m = tl.program_id(0) * BLOCK_M
-    off_bh = tl.program_id(1)
-    off_b = off_bh // H
-    off_h = off_bh % H
+    """dQ of queries [start_m, start_m + BLOCK_M) of query head ``off_h`` of row
+    ``off_b``: the same key stages as the forward (prefix, off-band, on-band)."""
     off_hk = off_h // GROUP
+    off_bh = off_b * H + off_h
     b64 = off_b.to(tl.int64)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -499,6 +573,184 @@ def _attn_bwd_dq(
 
 
 @triton.jit
+def _attn_bwd_dq(
+    Q,
+    K,
+    V,
+    PK,
+    PV,
+    PIDX,
+    KPM,
+    DO,
+    LSE,
+    Delta,
+    DQ,
+    stride_qz,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kz,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vz,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_pkz,
+    stride_pkh,
+    stride_pkn,
+    stride_pkd,
+    stride_pvz,
+    stride_pvh,
+    stride_pvn,
+    stride_pvd,
+    stride_kpmz,
+    stride_kpmn,
+    stride_doz,
+    stride_doh,
+    stride_dom,
+    stride_dod,
+    stride_dqz,
+    stride_dqh,
+    stride_dqm,
+    stride_dqd,
+    H,
+    GROUP,
+    N_Q,
+    N_K,
+    N_P,
+    sm_scale,
+    dropout_p,
+    seed,
+    TUNE_NQ,
+    TUNE_NK,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    PREFIX_MODE: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """dQ (split backward). Grid: (cdiv(Nq, BLOCK_M), B * H); program (m, b*H + h) runs
+    :func:`_bwd_dq_program` for query block m of head h of row b."""
+    off_bh = tl.program_id(1)
+    _bwd_dq_program(
+        tl.program_id(0) * BLOCK_M, off_bh // H, off_bh % H,
+        Q, K, V, PK, PV, PIDX, KPM, DO, LSE, Delta, DQ,
+        stride_qz, stride_qh, stride_qm, stride_qd, stride_kz, stride_kh, stride_kn, stride_kd,
+        stride_vz, stride_vh, stride_vn, stride_vd, stride_pkz, stride_pkh, stride_pkn,
+        stride_pkd, stride_pvz, stride_pvh, stride_pvn, stride_pvd, stride_kpmz, stride_kpmn,
+        stride_doz, stride_doh, stride_dom, stride_dod, stride_dqz, stride_dqh, stride_dqm,
+        stride_dqd,
+        H, GROUP, N_Q, N_K, N_P, sm_scale, dropout_p, seed,
+        D, BLOCK_D, BLOCK_M, BLOCK_N, IS_CAUSAL, PREFIX_MODE, HAS_KPM, HAS_DROPOUT,
+        INPUT_PRECISION,
+    )  # fmt: skip
+
+
+@triton.jit
+def _bwd_prefix_program(
+    start_n,
+    off_b,
+    off_hk,
+    split,
+    n_split,
+    Q,
+    PK,
+    PV,
+    PIDX,
+    DO,
+    LSE,
+    Delta,
+    DPK,
+    DPV,
+    stride_qz,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_pkz,
+    stride_pkh,
+    stride_pkn,
+    stride_pkd,
+    stride_pvz,
+    stride_pvh,
+    stride_pvn,
+    stride_pvd,
+    stride_doz,
+    stride_doh,
+    stride_dom,
+    stride_dod,
+    H,
+    HKV,
+    GROUP,
+    N_Q,
+    N_K,
+    N_P,
+    sm_scale,
+    dropout_p,
+    seed,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PREFIX_MODE: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """fp32 partial dK, dV of prefix keys [start_n, start_n + BLOCK_N) of the entry row
+    ``off_b`` reads, kv head ``off_hk``: the sum over the GROUP heads of that kv head and
+    the ``split``-th of ``n_split`` equal runs of query blocks of row b (no causal mask:
+    every query sees every prefix key). Written to DPK/DPV[(b * n_split + split), hk,
+    start_n:start_n+BLOCK_N, :], contiguous [B * n_split, Hkv, P, D]; no two programs
+    write the same element, so nothing is atomic.
+    """
+    b64 = off_b.to(tl.int64)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    ld = (offs_n[:, None] < N_P) & (offs_d[None, :] < D)
+    entry = _prefix_entry(PIDX, off_b, PREFIX_MODE)
+    rows_n = offs_n[:, None].to(tl.int64)
+    k = tl.load(
+        PK + entry * stride_pkz + off_hk.to(tl.int64) * stride_pkh + rows_n * stride_pkn
+        + offs_d[None, :] * stride_pkd,
+        mask=ld, other=0.0,
+    )  # fmt: skip
+    v = tl.load(
+        PV + entry * stride_pvz + off_hk.to(tl.int64) * stride_pvh + rows_n * stride_pvn
+        + offs_d[None, :] * stride_pvd,
+        mask=ld, other=0.0,
+    )  # fmt: skip
+    q_per_split = tl.cdiv(tl.cdiv(N_Q, BLOCK_M), n_split) * BLOCK_M
+    q_lo = split * q_per_split
+    q_hi = tl.minimum(q_lo + q_per_split, N_Q)
+    qk_scale = sm_scale * 1.44269504089
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for g in range(GROUP):
+        off_h = off_hk * GROUP + g
+        off_bh = off_b * H + off_h
+        dk, dv = _attn_bwd_kv_inner(
+            dk, dv, k, v,
+            Q + b64 * stride_qz + off_h.to(tl.int64) * stride_qh,
+            DO + b64 * stride_doz + off_h.to(tl.int64) * stride_doh,
+            LSE + off_bh.to(tl.int64) * N_Q, Delta + off_bh.to(tl.int64) * N_Q,
+            stride_qm, stride_qd, stride_dom, stride_dod,
+            q_lo, q_hi, offs_n, offs_n < N_P, q_hi, 0, qk_scale,
+            seed, off_bh.to(tl.int64) * N_Q, N_P + N_K, 0, dropout_p,
+            D, BLOCK_D, BLOCK_M, False, False, HAS_DROPOUT, INPUT_PRECISION,
+        )  # fmt: skip
+    dk = dk * sm_scale
+    part = (b64 * n_split + split) * HKV + off_hk
+    out_off = (part * N_P + rows_n) * D + offs_d[None, :]
+    tl.store(DPK + out_off, dk, mask=ld)
+    tl.store(DPV + out_off, dv, mask=ld)
+
+
+@triton.jit
 def _attn_bwd_prefix_dkdv(
     Q,
     PK,
@@ -544,60 +796,164 @@ def _attn_bwd_prefix_dkdv(
     HAS_DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    """Per-row partial gradients of the prefix keys and values, in fp32.
+    """Per-row partial gradients of the prefix (split backward).
 
-    Grid: (cdiv(P, BLOCK_N), B * Hkv, S). Program (n, b*Hkv + hk, s) takes BLOCK_N prefix
-    keys of the entry row b reads, and sums over the GROUP heads of kv head hk and the
-    s-th of S equal runs of query blocks of row b (no causal mask: every query
-    sees every prefix key). It writes DPK/DPV[(b * S + s), hk, n:n+BLOCK_N, :], contiguous
-    [B * S, Hkv, P, D]. Nothing is shared between programs, so nothing is atomic.
+    Grid: (cdiv(P, BLOCK_N), B * Hkv, S); program (n, b*Hkv + hk, s) runs
+    :func:`_bwd_prefix_program` for prefix block n, kv head hk, row b, query split s.
     """
-    start_n = tl.program_id(0) * BLOCK_N
     off_bhk = tl.program_id(1)
-    split = tl.program_id(2)
-    n_split = tl.num_programs(2)
+    _bwd_prefix_program(
+        tl.program_id(0) * BLOCK_N, off_bhk // HKV, off_bhk % HKV,
+        tl.program_id(2), tl.num_programs(2),
+        Q, PK, PV, PIDX, DO, LSE, Delta, DPK, DPV,
+        stride_qz, stride_qh, stride_qm, stride_qd, stride_pkz, stride_pkh, stride_pkn,
+        stride_pkd, stride_pvz, stride_pvh, stride_pvn, stride_pvd,
+        stride_doz, stride_doh, stride_dom, stride_dod,
+        H, HKV, GROUP, N_Q, N_K, N_P, sm_scale, dropout_p, seed,
+        D, BLOCK_D, BLOCK_M, BLOCK_N, PREFIX_MODE, HAS_DROPOUT, INPUT_PRECISION,
+    )  # fmt: skip
+
+
+@triton.jit
+def _attn_bwd(
+    Q,
+    K,
+    V,
+    PK,
+    PV,
+    PIDX,
+    KPM,
+    DO,
+    LSE,
+    Delta,
+    DQ,
+    DK,
+    DV,
+    DPK,
+    DPV,
+    stride_qz,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kz,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vz,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_pkz,
+    stride_pkh,
+    stride_pkn,
+    stride_pkd,
+    stride_pvz,
+    stride_pvh,
+    stride_pvn,
+    stride_pvd,
+    stride_kpmz,
+    stride_kpmn,
+    stride_doz,
+    stride_doh,
+    stride_dom,
+    stride_dod,
+    stride_dqz,
+    stride_dqh,
+    stride_dqm,
+    stride_dqd,
+    stride_dkz,
+    stride_dkh,
+    stride_dkn,
+    stride_dkd,
+    H,
+    HKV,
+    GROUP,
+    N_Q,
+    N_K,
+    N_P,
+    sm_scale,
+    dropout_p,
+    seed,
+    TUNE_NQ,
+    TUNE_NK,
+    NEED_KV,
+    NEED_DQ,
+    N_PREFIX_PROGS,
+    N_SPLIT,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M2: tl.constexpr,
+    BLOCK_N2: tl.constexpr,
+    BLOCK_NP: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    PREFIX_MODE: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """The whole backward after ``_attn_bwd_preprocess`` in one launch (fused backward).
+
+    Grid: (B * Hkv, N_PREFIX_PROGS + n_kv + n_dq), n_kv = NEED_KV * cdiv(Nk, BLOCK_N),
+    n_dq = NEED_DQ * cdiv(Nq, BLOCK_M2). Program (b*Hkv + hk, j) is, by j:
+
+        [0, N_PREFIX_PROGS)       prefix partials: block j // N_SPLIT (BLOCK_NP keys),
+                                  split j % N_SPLIT, query tiles of BLOCK_M
+        [.., + n_kv)              dK, dV of sequence key block j - N_PREFIX_PROGS
+                                  (BLOCK_N keys, query tiles of BLOCK_M)
+        [.., + n_dq)              dQ of one query block (BLOCK_M2 queries, key tiles of
+                                  BLOCK_N2) for each of the GROUP heads of kv head hk
+
+    The programs are the split kernels' (same math, same outputs, still no atomics); one
+    launch instead of three saves host time, and the three kinds run side by side on the
+    GPU. Long programs come first: prefix programs walk every query (of their split), key
+    block 0 is seen by every query, and dQ runs from the last query block (which sees
+    the most keys) down.
+    """
+    off_bhk = tl.program_id(0)
     off_b = off_bhk // HKV
     off_hk = off_bhk % HKV
-    b64 = off_b.to(tl.int64)
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    ld = (offs_n[:, None] < N_P) & (offs_d[None, :] < D)
-    entry = _prefix_entry(PIDX, off_b, PREFIX_MODE)
-    rows_n = offs_n[:, None].to(tl.int64)
-    k = tl.load(
-        PK + entry * stride_pkz + off_hk.to(tl.int64) * stride_pkh + rows_n * stride_pkn
-        + offs_d[None, :] * stride_pkd,
-        mask=ld, other=0.0,
-    )  # fmt: skip
-    v = tl.load(
-        PV + entry * stride_pvz + off_hk.to(tl.int64) * stride_pvh + rows_n * stride_pvn
-        + offs_d[None, :] * stride_pvd,
-        mask=ld, other=0.0,
-    )  # fmt: skip
-    q_per_split = tl.cdiv(tl.cdiv(N_Q, BLOCK_M), n_split) * BLOCK_M
-    q_lo = split * q_per_split
-    q_hi = tl.minimum(q_lo + q_per_split, N_Q)
-    qk_scale = sm_scale * 1.44269504089
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    for g in range(GROUP):
-        off_h = off_hk * GROUP + g
-        off_bh = off_b * H + off_h
-        dk, dv = _attn_bwd_kv_inner(
-            dk, dv, k, v,
-            Q + b64 * stride_qz + off_h.to(tl.int64) * stride_qh,
-            DO + b64 * stride_doz + off_h.to(tl.int64) * stride_doh,
-            LSE + off_bh.to(tl.int64) * N_Q, Delta + off_bh.to(tl.int64) * N_Q,
-            stride_qm, stride_qd, stride_dom, stride_dod,
-            q_lo, q_hi, offs_n, offs_n < N_P, q_hi, 0, qk_scale,
-            seed, off_bh.to(tl.int64) * N_Q, N_P + N_K, 0, dropout_p,
-            D, BLOCK_D, BLOCK_M, False, False, HAS_DROPOUT, INPUT_PRECISION,
+    j = tl.program_id(1)
+    n_kv = NEED_KV * tl.cdiv(N_K, BLOCK_N)
+    if j < N_PREFIX_PROGS:
+        if PREFIX_MODE != 0:
+            _bwd_prefix_program(
+                (j // N_SPLIT) * BLOCK_NP, off_b, off_hk, j % N_SPLIT, N_SPLIT,
+                Q, PK, PV, PIDX, DO, LSE, Delta, DPK, DPV,
+                stride_qz, stride_qh, stride_qm, stride_qd, stride_pkz, stride_pkh,
+                stride_pkn, stride_pkd, stride_pvz, stride_pvh, stride_pvn, stride_pvd,
+                stride_doz, stride_doh, stride_dom, stride_dod,
+                H, HKV, GROUP, N_Q, N_K, N_P, sm_scale, dropout_p, seed,
+                D, BLOCK_D, BLOCK_M, BLOCK_NP, PREFIX_MODE, HAS_DROPOUT, INPUT_PRECISION,
+            )  # fmt: skip
+    elif j < N_PREFIX_PROGS + n_kv:
+        _bwd_dkdv_program(
+            (j - N_PREFIX_PROGS) * BLOCK_N, off_b, off_hk,
+            Q, K, V, DO, LSE, Delta, KPM, DK, DV,
+            stride_qz, stride_qh, stride_qm, stride_qd, stride_kz, stride_kh, stride_kn,
+            stride_kd, stride_vz, stride_vh, stride_vn, stride_vd, stride_doz, stride_doh,
+            stride_dom, stride_dod, stride_kpmz, stride_kpmn, stride_dkz, stride_dkh,
+            stride_dkn, stride_dkd,
+            H, GROUP, N_Q, N_K, N_P, sm_scale, dropout_p, seed,
+            D, BLOCK_D, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_KPM, HAS_DROPOUT, INPUT_PRECISION,
         )  # fmt: skip
-    dk = dk * sm_scale
-    part = (b64 * n_split + split) * HKV + off_hk
-    out_off = (part * N_P + rows_n) * D + offs_d[None, :]
-    tl.store(DPK + out_off, dk, mask=ld)
-    tl.store(DPV + out_off, dv, mask=ld)
+    else:
+        n_dq = NEED_DQ * tl.cdiv(N_Q, BLOCK_M2)
+        start_m = (N_PREFIX_PROGS + n_kv + n_dq - 1 - j) * BLOCK_M2
+        for g in range(GROUP):
+            _bwd_dq_program(
+                start_m, off_b, off_hk * GROUP + g,
+                Q, K, V, PK, PV, PIDX, KPM, DO, LSE, Delta, DQ,
+                stride_qz, stride_qh, stride_qm, stride_qd, stride_kz, stride_kh, stride_kn,
+                stride_kd, stride_vz, stride_vh, stride_vn, stride_vd, stride_pkz,
+                stride_pkh, stride_pkn, stride_pkd, stride_pvz, stride_pvh, stride_pvn,
+                stride_pvd, stride_kpmz, stride_kpmn, stride_doz, stride_doh, stride_dom,
+                stride_dod, stride_dqz, stride_dqh, stride_dqm, stride_dqd,
+                H, GROUP, N_Q, N_K, N_P, sm_scale, dropout_p, seed,
+                D, BLOCK_D, BLOCK_M2, BLOCK_N2, IS_CAUSAL, PREFIX_MODE, HAS_KPM,
+                HAS_DROPOUT, INPUT_PRECISION,
+            )  # fmt: skip
 
 
 @triton.jit

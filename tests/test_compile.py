@@ -365,7 +365,7 @@ _TRACE_SCRIPT = textwrap.dedent(
     triton.runtime.driver.set_active(FakeDriver())
     # the launch heuristics ask the GPU; the tensors here are CPU tensors
     custom_op._triton_device_problem = torch.compiler.assume_constant_result(lambda d, t: "")
-    launch._prefix_splits = lambda prob, q, interpreted: 2
+    launch._prefix_splits = lambda *args: 2
     launch._autotune_enabled = lambda q: True
 
     graphs = {}
@@ -413,14 +413,16 @@ _TRACE_SCRIPT = textwrap.dedent(
 )
 
 
-def test_gpu_path_traces_without_a_gpu() -> None:
+@pytest.mark.parametrize("bwd_mode", ["split", "fused"])
+def test_gpu_path_traces_without_a_gpu(bwd_mode: str) -> None:
     """The CUDA path of the triton_ops (every kernel through wrap_triton, autotuned) traced by
     AOT autograd on CPU with fake Triton target: each kernel is a node of the graph and
-    only writes its outputs (Triton's own mutation analysis)."""
+    only writes its outputs (Triton's own mutation analysis), in both backward modes."""
     import json
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    env["PREFIXATTN_BWD"] = bwd_mode
     proc = subprocess.run(
         [sys.executable, "-c", _TRACE_SCRIPT],
         capture_output=True,
@@ -432,11 +434,17 @@ def test_gpu_path_traces_without_a_gpu() -> None:
     assert proc.returncode == 0, proc.stderr[-4000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["fw"] == [["_attn_fwd", ["LSE", "Out"]]]
+    middle = {
+        "split": [
+            ["_attn_bwd_dq", ["DQ"]],
+            ["_attn_bwd_dkdv", ["DK", "DV"]],
+            ["_attn_bwd_prefix_dkdv", ["DPK", "DPV"]],
+        ],
+        "fused": [["_attn_bwd", ["DK", "DPK", "DPV", "DQ", "DV"]]],
+    }[bwd_mode]
     assert got["bw"] == [
         ["_attn_bwd_preprocess", ["Delta"]],
-        ["_attn_bwd_dq", ["DQ"]],
-        ["_attn_bwd_dkdv", ["DK", "DV"]],
-        ["_attn_bwd_prefix_dkdv", ["DPK", "DPV"]],
+        *middle,
         ["_prefix_grad_reduce", ["GPK", "GPV"]],
     ]
 

@@ -27,19 +27,29 @@ KERNEL_CONFIGS = [
         ("dkdv", launch.DKDV_CONFIGS),
         ("dq", launch.DQ_CONFIGS),
         ("prefix_dkdv", launch.PREFIX_DKDV_CONFIGS),
+        ("bwd", launch.BWD_CONFIGS),
     )
-    for cfg in [*cfgs, launch.SAFE_CONFIG]
+    for cfg in [*cfgs, launch.SAFE_BWD_CONFIG if name == "bwd" else launch.SAFE_CONFIG]
 ]
+
+
+def _cfg_id(name: str, c: launch.KernelConfig) -> str:
+    tiles = "".join(f"{k[6:]}{v}" for k, v in c.tiles().items())  # M32N128M2128N232
+    return f"{name}-{tiles}w{c.num_warps}s{c.num_stages}"
 
 
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize(
-    "name,cfg", KERNEL_CONFIGS, ids=[f"{n}-M{c.BLOCK_M}N{c.BLOCK_N}w{c.num_warps}s{c.num_stages}"
-                                    for n, c in KERNEL_CONFIGS]
+    "name,cfg", KERNEL_CONFIGS, ids=[_cfg_id(n, c) for n, c in KERNEL_CONFIGS]
 )  # fmt: skip
-def test_every_autotune_candidate_is_correct(name: str, cfg: launch.KernelConfig, D: int) -> None:
-    """Autotuning may pick any candidate: each must be right on an awkward shape."""
+def test_every_autotune_candidate_is_correct(
+    name: str, cfg: launch.KernelConfig, D: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Autotuning may pick any candidate: each must be right on an awkward shape (the fused
+    backward's under PREFIXATTN_BWD=fused)."""
     from triton.runtime.errors import OutOfResources
+
+    monkeypatch.setenv("PREFIXATTN_BWD", "fused" if name == "bwd" else "split")
 
     c = Case(B=2, H=4, Hkv=2, Nq=300, Nk=333, P=40, D=D, prefix="bank", T=3, pad="left")
     kw = make_inputs(c, torch.bfloat16, "cuda")
@@ -50,8 +60,10 @@ def test_every_autotune_candidate_is_correct(name: str, cfg: launch.KernelConfig
             pytest.skip(f"config does not fit this GPU at D={D}: {e}")
 
 
-def test_autotuned_path_is_correct(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("bwd_mode", ["split", "fused"])
+def test_autotuned_path_is_correct(bwd_mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PREFIXATTN_AUTOTUNE", "1")
+    monkeypatch.setenv("PREFIXATTN_BWD", bwd_mode)
     c = Case(B=2, H=4, Hkv=2, Nq=200, Nk=256, P=64, D=64, prefix="shared", pad="right")
     check_against_float64(triton_attn, make_inputs(c, torch.bfloat16, "cuda"), torch.bfloat16)
 
@@ -76,8 +88,10 @@ def _sdpa_concat_fp32(q, k, v, pk, pv) -> torch.Tensor:
     )
 
 
+@pytest.mark.parametrize("bwd_mode", ["split", "fused"])
 @pytest.mark.parametrize("N,backward", [(4096, True), (16384, True)])
-def test_long_sequences(N: int, backward: bool) -> None:
+def test_long_sequences(N: int, backward: bool, bwd_mode: str, monkeypatch) -> None:
+    monkeypatch.setenv("PREFIXATTN_BWD", bwd_mode)
     torch.manual_seed(0)
     B, H, Hkv, P, D = 1, 4, 2, 64, 64
     q = torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)

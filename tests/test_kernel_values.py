@@ -136,3 +136,98 @@ def test_triton_on_cpu_requires_interpreter(monkeypatch: pytest.MonkeyPatch) -> 
     x = torch.randn(1, 1, 4, 16)
     with pytest.raises(ValueError, match="backend"):
         prefixattn.prefix_attention(x, x, x, backend="triton")
+
+
+# --------------------------------------------------------------------------------------
+# the fused backward (PREFIXATTN_BWD=fused): one launch for dK/dV, dQ and prefix partials
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fused_backward(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PREFIXATTN_BWD", "fused")
+
+
+@pytest.mark.parametrize("case", CASES, ids=Case.id)
+def test_fused_backward_matches_float64(case: Case, fused_backward: None) -> None:
+    kw = make_inputs(case, torch.float32, DEVICE)
+    check_against_float64(triton_attn, kw, torch.float32)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        KernelConfig(16, 32, 4, 1, 32, 16),  # dQ tiles unlike dK/dV tiles
+        KernelConfig(32, 16, 4, 1, 16, 16),
+    ],
+    ids=lambda c: f"M{c.BLOCK_M}N{c.BLOCK_N}M2{c.BLOCK_M2}N2{c.BLOCK_N2}",
+)
+@pytest.mark.parametrize("case", BLOCK_CASES, ids=Case.id)
+def test_fused_backward_block_shapes_and_splits(
+    case: Case, cfg: KernelConfig, fused_backward: None
+) -> None:
+    kw = make_inputs(case, torch.float32, DEVICE, seed=5)
+    with forced_config(bwd=cfg, prefix_splits=3):
+        check_against_float64(triton_attn, kw, torch.float32)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        Case(B=2, H=4, Hkv=2, Nq=17, Nk=23, P=7, D=40, prefix="bank", T=3, pad="left"),
+        Case(B=2, H=2, Hkv=2, Nq=9, Nk=9, P=5, D=32, prefix="row"),
+    ],
+    ids=Case.id,
+)
+def test_fused_backward_fp16_and_partial_needs(case: Case, fused_backward: None) -> None:
+    """fp16, and calls that need only some gradients (no dQ; no dK/dV; no prefix)."""
+    check_against_float64(triton_attn, make_inputs(case, torch.float16, DEVICE), torch.float16)
+    kw = make_inputs(case, torch.float32, DEVICE)
+    out = triton_attn(**kw)
+    g = torch.randn_like(out)
+    ref = dict(zip(("q", "k", "v", "prefix_k"), torch.autograd.grad(
+        out, [kw["q"], kw["k"], kw["v"], kw["prefix_k"]], g, retain_graph=True)))  # fmt: skip
+    for subset in (["k", "prefix_k"], ["q", "v"], ["q"], ["prefix_k"]):
+        got = torch.autograd.grad(out, [kw[n] for n in subset], g, retain_graph=True)
+        for n, t in zip(subset, got):
+            assert torch.equal(t, ref[n]), f"d{n} differs when only {subset} are asked for"
+
+
+class _LaunchSpy:
+    """Records which kernels a call launches (wraps the jit functions)."""
+
+    def __init__(self, kernels, log: list[str]) -> None:
+        self._kernels, self._log = kernels, log
+
+    def __getattr__(self, name: str):
+        kernel = getattr(self._kernels, name)
+        log = self._log
+
+        class Spy:
+            def __getitem__(self, grid):
+                log.append(name)
+                return kernel[grid]
+
+        return Spy()
+
+
+@pytest.mark.parametrize(
+    "mode,expected",
+    [
+        ("split", ["_attn_bwd_preprocess", "_attn_bwd_dq", "_attn_bwd_dkdv",
+                   "_attn_bwd_prefix_dkdv", "_prefix_grad_reduce"]),
+        ("fused", ["_attn_bwd_preprocess", "_attn_bwd", "_prefix_grad_reduce"]),
+    ],
+)  # fmt: skip
+def test_backward_launches(mode: str, expected: list[str], monkeypatch) -> None:
+    """The fused backward is one launch between the Delta pre-pass and the reduction."""
+    from prefixattn.ops import launch
+
+    c = Case(B=2, H=2, Hkv=1, Nq=9, Nk=9, P=3, D=16)
+    kw = make_inputs(c, torch.float32, DEVICE)
+    out = triton_attn(**kw)
+    log: list[str] = []
+    monkeypatch.setenv("PREFIXATTN_BWD", mode)
+    monkeypatch.setattr(launch, "_kernels", lambda: _LaunchSpy(launch._kernels_module(), log))
+    out.sum().backward()
+    assert log == expected

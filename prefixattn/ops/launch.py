@@ -34,46 +34,92 @@ from .validation import (
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """Tile sizes and launch options of one kernel."""
+    """Tile sizes and launch options of one kernel.
+
+    BLOCK_M tiles queries and BLOCK_N keys. The fused backward (``_attn_bwd``) also takes
+    the dQ programs' tiles, BLOCK_M2 x BLOCK_N2 (0 for every other kernel).
+    """
 
     BLOCK_M: int
     BLOCK_N: int
     num_warps: int = 4
     num_stages: int = 2
+    BLOCK_M2: int = 0
+    BLOCK_N2: int = 0
+
+    def tiles(self) -> dict[str, int]:
+        """The tile constexprs a launch passes, e.g. ``{"BLOCK_M": 64, "BLOCK_N": 64}``."""
+        out = {"BLOCK_M": self.BLOCK_M, "BLOCK_N": self.BLOCK_N}
+        if self.BLOCK_M2:
+            out.update(BLOCK_M2=self.BLOCK_M2, BLOCK_N2=self.BLOCK_N2)
+        return out
+
+    @classmethod
+    def from_triton(cls, cfg) -> KernelConfig:  # cfg: triton.Config
+        kw = cfg.kwargs
+        return cls(
+            kw["BLOCK_M"], kw["BLOCK_N"], cfg.num_warps, cfg.num_stages,
+            kw.get("BLOCK_M2", 0), kw.get("BLOCK_N2", 0),
+        )  # fmt: skip
 
 
 # Candidate configs per kernel (first = default when autotuning is off). BLOCK_M tiles
-# queries, BLOCK_N tiles keys.
+# queries, BLOCK_N keys. Each list starts with a config that compiles without register
+# spills for sm_90 at D = 64 and D = 128 (``scripts/resource_probe.py``; the table is in
+# benchmarks/results/); the rest are the earlier candidates, left to the autotuner.
 FWD_CONFIGS = [
+    KernelConfig(128, 64, 8, 3),
     KernelConfig(128, 64, 4, 3),
     KernelConfig(128, 128, 8, 3),
     KernelConfig(64, 64, 4, 3),
     KernelConfig(16, 64, 4, 3),  # decode: Nq <= 16
 ]
 DKDV_CONFIGS = [
+    KernelConfig(16, 128, 8, 3),
+    KernelConfig(32, 128, 8, 3),
     KernelConfig(32, 128, 4, 3),
     KernelConfig(64, 128, 8, 3),
-    KernelConfig(64, 64, 4, 2),
+    KernelConfig(32, 64, 4, 3),
 ]
 DQ_CONFIGS = [
+    KernelConfig(128, 32, 8, 3),
     KernelConfig(128, 32, 4, 3),
     KernelConfig(128, 64, 8, 3),
     KernelConfig(64, 64, 4, 2),
 ]
 PREFIX_DKDV_CONFIGS = [
+    KernelConfig(32, 64, 8, 3),
     KernelConfig(64, 64, 4, 3),
     KernelConfig(32, 64, 4, 3),
     KernelConfig(64, 128, 8, 3),
 ]
+# The fused backward: (BLOCK_M, BLOCK_N) tile the dK/dV programs (query x key; the prefix
+# programs use BLOCK_M and PREFIX_BLOCK_N), (BLOCK_M2, BLOCK_N2) the dQ programs, with one
+# num_warps / num_stages for all three. At D = 128 every fused config probed spills a
+# little (the first: 48 bytes).
+BWD_CONFIGS = [
+    KernelConfig(16, 128, 8, 3, 128, 32),
+    KernelConfig(32, 128, 8, 3, 128, 32),
+    KernelConfig(16, 64, 8, 3, 64, 32),
+    KernelConfig(32, 128, 4, 3, 128, 32),
+]
 # Fits any GPU, D and dtype: the last resort when autotuning is off and nothing else fits.
 SAFE_CONFIG = KernelConfig(16, 32, 4, 1)
+SAFE_BWD_CONFIG = KernelConfig(16, 32, 4, 1, 16, 32)
 CONFIG_LISTS = {
     "fwd": FWD_CONFIGS,
     "dkdv": DKDV_CONFIGS,
     "dq": DQ_CONFIGS,
     "prefix_dkdv": PREFIX_DKDV_CONFIGS,
+    "bwd": BWD_CONFIGS,
 }
 INTERPRET_CONFIG = KernelConfig(32, 32, 1, 1)
+INTERPRET_BWD_CONFIG = KernelConfig(32, 32, 1, 1, 32, 32)
+# Prefix keys per program of the fused backward (a fixed size, so that the number of
+# prefix programs does not depend on the autotuned config): at most 64, less for short
+# prefixes.
+PREFIX_BLOCK_N = 64
+BACKWARD_MODES = ("split", "fused")
 REDUCE_BLOCK = 1024
 
 # Test hook: force one config for every kernel (see ``forced_config``).
@@ -87,9 +133,13 @@ def forced_config(
     dq: KernelConfig | None = None,
     prefix_dkdv: KernelConfig | None = None,
     prefix_splits: int | None = None,
+    bwd: KernelConfig | None = None,
 ) -> Iterator[None]:
     """Run the kernels with the given configs (tests use it to cover BLOCK_M != BLOCK_N
-    and split prefix reductions); ``None`` keeps the normal choice."""
+    and split prefix reductions); ``None`` keeps the normal choice. ``bwd`` is the fused
+    backward's config (it needs BLOCK_M2 / BLOCK_N2)."""
+    if bwd is not None and not bwd.BLOCK_M2:
+        raise ValueError("forced_config(bwd=...) needs a config with BLOCK_M2 and BLOCK_N2")
     saved = dict(_forced)
     for name, cfg in (
         ("fwd", fwd),
@@ -97,6 +147,7 @@ def forced_config(
         ("dq", dq),
         ("prefix_dkdv", prefix_dkdv),
         ("prefix_splits", prefix_splits),
+        ("bwd", bwd),
     ):
         if cfg is not None:
             _forced[name] = cfg
@@ -112,10 +163,14 @@ def interpreter_requested() -> bool:
 
 
 @functools.cache
-def _kernels():  # -> module csrc_triton
+def _kernels_module():  # -> module csrc_triton
     import csrc_triton
 
     return csrc_triton
+
+
+def _kernels():  # -> module csrc_triton (a seam for tests that record launches)
+    return _kernels_module()
 
 
 @functools.cache
@@ -149,6 +204,17 @@ def check_triton_device(q: torch.Tensor) -> None:
     )
 
 
+def backward_mode() -> str:
+    """``PREFIXATTN_BWD``: ``split`` (default: dK/dV, dQ and the prefix partials in three
+    launches, each autotuned on its own) or ``fused`` (the three in one launch of
+    ``_attn_bwd``: fewer host launches; not yet the default, as it has not been measured
+    on a GPU against the split kernels)."""
+    mode = os.environ.get("PREFIXATTN_BWD", "split").strip().lower()
+    if mode not in BACKWARD_MODES:
+        raise ValueError(f"PREFIXATTN_BWD must be one of {BACKWARD_MODES}, got {mode!r}")
+    return mode
+
+
 def _autotune_enabled(q: torch.Tensor) -> bool:
     return (
         q.device.type == "cuda"
@@ -174,18 +240,23 @@ def _bucket(n: int) -> int:
     return min(max(16, 1 << max(0, (n - 1)).bit_length()), 16384)
 
 
+def _fits(tiles: dict[str, int], block_d: int, n_q, n_kp) -> bool:
+    """Whether a config's tiles suit the problem: not far larger than Nq / Nk (or P), and
+    at most 64 x 64 for D = 256."""
+    cap_q = max(16, triton_next_pow2(_hint(n_q)))
+    cap_k = max(16, triton_next_pow2(_hint(n_kp)))
+    pairs = [(tiles["BLOCK_M"], tiles["BLOCK_N"])]
+    if tiles.get("BLOCK_M2"):
+        pairs.append((tiles["BLOCK_M2"], tiles["BLOCK_N2"]))
+    return all(
+        not (block_d >= 256 and bm * bn > 64 * 64) and bm <= cap_q and bn <= cap_k
+        for bm, bn in pairs
+    )
+
+
 def _prune_for(block_d: int, n_q: int, n_k_or_p: int, configs: list) -> list:
     """Drop configs whose tiles are far larger than the problem or too big for D."""
-    out = []
-    for c in configs:
-        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        if block_d >= 256 and bm * bn > 64 * 64:
-            continue
-        if bm > max(16, triton_next_pow2(_hint(n_q))) or bn > max(
-            16, triton_next_pow2(_hint(n_k_or_p))
-        ):
-            continue
-        out.append(c)
+    out = [c for c in configs if _fits(c.kwargs, block_d, n_q, n_k_or_p)]
     return out or configs[-1:]
 
 
@@ -204,15 +275,11 @@ def _tuned(name: str):  # -> autotuned kernel
         "dkdv": (ks._attn_bwd_dkdv, "N_K"),
         "dq": (ks._attn_bwd_dq, "N_K"),
         "prefix_dkdv": (ks._attn_bwd_prefix_dkdv, "N_P"),
+        "bwd": (ks._attn_bwd, "N_K"),
     }[name]
     cfgs = CONFIG_LISTS[name]
     configs = [
-        triton.Config(
-            {"BLOCK_M": c.BLOCK_M, "BLOCK_N": c.BLOCK_N},
-            num_warps=c.num_warps,
-            num_stages=c.num_stages,
-        )
-        for c in cfgs
+        triton.Config(c.tiles(), num_warps=c.num_warps, num_stages=c.num_stages) for c in cfgs
     ]
 
     def prune(configs, named_args, **kwargs):
@@ -226,6 +293,7 @@ def _tuned(name: str):  # -> autotuned kernel
             "dkdv": ["IS_CAUSAL", "HAS_KPM"],
             "dq": ["IS_CAUSAL", "PREFIX_MODE", "HAS_KPM"],
             "prefix_dkdv": ["PREFIX_MODE"],
+            "bwd": ["IS_CAUSAL", "PREFIX_MODE", "HAS_KPM"],
         }[name]
     )
     return triton.autotune(
@@ -235,13 +303,9 @@ def _tuned(name: str):  # -> autotuned kernel
 
 def _run_config(kernel, grid_fn, cfg: KernelConfig, args: tuple, kwargs: dict) -> None:
     """Launch ``kernel`` with one explicit config."""
-    kernel[grid_fn(cfg.BLOCK_M, cfg.BLOCK_N)](
-        *args,
-        BLOCK_M=cfg.BLOCK_M,
-        BLOCK_N=cfg.BLOCK_N,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-        **kwargs,
+    tiles = cfg.tiles()
+    kernel[grid_fn(tiles)](
+        *args, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **tiles, **kwargs
     )
 
 
@@ -250,7 +314,7 @@ def _launch(
 ) -> None:
     """Launch ``kernel`` autotuned on CUDA, or with one fixed config otherwise.
 
-    ``grid_fn(BLOCK_M, BLOCK_N)`` gives the grid for a config.
+    ``grid_fn(meta)`` gives the grid for a config's tile sizes (``meta["BLOCK_M"]``, ...).
     """
     if _autotune_enabled(q) and name not in _forced:
         # triton.autotune picks the config once per key; after that the kernel is launched
@@ -260,19 +324,17 @@ def _launch(
         best = _best_config.get(key)
         if best is None:
             tuned = _tuned(name)
-            tuned[lambda meta: grid_fn(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **kwargs)
+            tuned[grid_fn](*args, **kwargs)
             cfg = getattr(tuned, "best_config", None)
             if cfg is not None:
-                _best_config[key] = KernelConfig(
-                    cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages
-                )
+                _best_config[key] = KernelConfig.from_triton(cfg)
             return
         _run_config(kernel, grid_fn, best, args, kwargs)
         return
     if name in _forced:
         candidates = [_forced[name]]
     elif kernels_interpreted():
-        candidates = [INTERPRET_CONFIG]
+        candidates = [INTERPRET_BWD_CONFIG if name == "bwd" else INTERPRET_CONFIG]
     else:
         cfgs = CONFIG_LISTS[name]
         key = (name, kwargs["BLOCK_D"], q.dtype, _bucket(n_q), _bucket(n_kp))
@@ -309,12 +371,12 @@ def _launch_wrapped(
     (with the same pruning); otherwise the first fitting config (or the forced one) is used.
     """
     if _autotune_enabled(q) and name not in _forced:
-        wrap(_tuned(name))[lambda meta: grid_fn(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **kwargs)
+        wrap(_tuned(name))[grid_fn](*args, **kwargs)
         return
     if name in _forced:
         cfg = _forced[name]
     elif kernels_interpreted():
-        cfg = INTERPRET_CONFIG
+        cfg = INTERPRET_BWD_CONFIG if name == "bwd" else INTERPRET_CONFIG
     else:
         cfgs = CONFIG_LISTS[name]
         cfg = _default_configs(cfgs, kwargs["BLOCK_D"], _hint(n_q), _hint(n_kp))[0]
@@ -331,14 +393,9 @@ def _default_configs(
     cfgs: list[KernelConfig], block_d: int, n_q: int, n_kp: int
 ) -> list[KernelConfig]:
     """The configs worth trying, in preference order, when autotuning is off."""
-    out = [
-        c
-        for c in cfgs
-        if not (block_d >= 256 and c.BLOCK_M * c.BLOCK_N > 64 * 64)
-        and max(16, triton_next_pow2(n_q)) >= c.BLOCK_M
-        and max(16, triton_next_pow2(n_kp)) >= c.BLOCK_N
-    ]
-    return out + [c for c in cfgs if c not in out] + [SAFE_CONFIG]
+    out = [c for c in cfgs if _fits(c.tiles(), block_d, n_q, n_kp)]
+    safe = SAFE_BWD_CONFIG if cfgs[0].BLOCK_M2 else SAFE_CONFIG
+    return out + [c for c in cfgs if c not in out] + [safe]
 
 
 def _input_precision(q: torch.Tensor) -> str:
@@ -416,7 +473,7 @@ def attention_forward(
     _launcher(wrap)(
         "fwd",
         _kernels()._attn_fwd,
-        lambda bm, bn: (math.ceil(Nq / bm), B * H),
+        lambda m: (math.ceil(Nq / m["BLOCK_M"]), B * H),
         q,
         Nq,
         max(Nk, P),
@@ -438,18 +495,38 @@ def attention_forward(
     return out, lse
 
 
-def _prefix_splits(prob: AttnProblem, q: torch.Tensor, interpreted: bool) -> int:
-    """How many query runs the prefix-gradient kernel splits each row into, so that small
-    batches still fill the GPU. Each split adds one fp32 partial per row."""
+def _prefix_block_n(P: int) -> int:
+    """Prefix keys per prefix program of the fused backward."""
+    return min(PREFIX_BLOCK_N, max(16, triton_next_pow2(_hint(P))))
+
+
+@functools.cache
+def _sm_count(device_index: int | None) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _prefix_splits(prob: AttnProblem, q: torch.Tensor, interpreted: bool, fused: bool) -> int:
+    """How many query runs the prefix-gradient programs split each row into, so that small
+    batches still fill the GPU. Each split adds one fp32 partial per row.
+
+    Split backward: the prefix kernel runs alone, so it should fill the GPU by itself.
+    Fused: the prefix programs run beside the dK/dV and dQ programs; one unsplit prefix
+    program walks as many queries as the longest dK/dV program, so rows are split only
+    when all programs together would not fill the GPU twice.
+    """
     if "prefix_splits" in _forced:
         return max(1, min(int(_forced["prefix_splits"]), prob.Nq))
     if interpreted:
         return 1
-    n_sm = torch.cuda.get_device_properties(q.device).multi_processor_count
+    n_sm = _sm_count(q.device.index)
     # any split count is correct (a split past the last query block adds zeros): traced
     # sizes are read through their example values
-    programs = math.ceil(_hint(prob.P) / 64) * _hint(prob.B) * _hint(prob.Hkv)
-    want = math.ceil(2 * n_sm / max(programs, 1))
+    rows = _hint(prob.B) * _hint(prob.Hkv)
+    programs = math.ceil(_hint(prob.P) / 64) * rows
+    others = 0
+    if fused:
+        others = (math.ceil(_hint(prob.Nk) / 64) + math.ceil(_hint(prob.Nq) / 64)) * rows
+    want = math.ceil(max(2 * n_sm - others, 0) / max(programs, 1))
     return max(1, min(want, math.ceil(_hint(prob.Nq) / 64), 16))
 
 
@@ -528,41 +605,75 @@ def attention_backward(
         D=D, BLOCK_D=block_d, BLOCK_M=pre_bm,
     )  # fmt: skip
 
-    if need_q:
-        launch(
-            "dq", ks._attn_bwd_dq, lambda bm, bn: (math.ceil(Nq / bm), B * H), q, Nq, max(Nk, P),
-            q, k, v, pk, pv, pidx, kpm, do, lse, delta, dq,
-            *q.stride(), *k.stride(), *v.stride(), *pk_strides, *pv_strides, *kpm_strides,
-            *do.stride(), *dq.stride(),
-            H, prob.group, Nq, Nk, n_p, *scalars,
-            IS_CAUSAL=causal, PREFIX_MODE=mode, HAS_KPM=key_padding_mask is not None, **flags,
-        )  # fmt: skip
-    if (need_k or need_v) and Nk > 0:
-        launch(
-            "dkdv", ks._attn_bwd_dkdv, lambda bm, bn: (math.ceil(Nk / bn), B * Hkv), q, Nq, Nk,
-            q, k, v, do, lse, delta, kpm, dk, dv,
-            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *kpm_strides, *dk.stride(),
-            H, Hkv, prob.group, Nq, Nk, n_p, *scalars,
-            IS_CAUSAL=causal, HAS_KPM=key_padding_mask is not None, **flags,
-        )  # fmt: skip
+    need_kv = (need_k or need_v) and Nk > 0
+    has_kpm = key_padding_mask is not None
+    fused = backward_mode() == "fused"
+    part_k = part_v = None
+    splits = 1
     if need_p:
-        interpreted = kernels_interpreted()
-        splits = _prefix_splits(prob, q, interpreted)
-        part_k = torch.empty((B * splits, Hkv, P, D), device=q.device, dtype=torch.float32)
-        part_v = torch.empty_like(part_k)
-        if part_k.numel() >= 2**31:
+        splits = _prefix_splits(prob, q, kernels_interpreted(), fused)
+        # one buffer for both partials: [2, B * splits, Hkv, P, D] fp32
+        parts = torch.empty((2, B * splits, Hkv, P, D), device=q.device, dtype=torch.float32)
+        if parts[0].numel() >= 2**31:
             raise ValueError(
-                f"prefix gradient partials of {part_k.numel()} elements exceed 2^31; "
+                f"prefix gradient partials of {parts[0].numel()} elements exceed 2^31; "
                 "use a smaller batch per call"
             )
+        part_k, part_v = parts[0], parts[1]
+
+    if fused:
+        n_prefix = math.ceil(P / _prefix_block_n(P)) * splits if need_p else 0
+        dkv_strides = dk.stride() if need_kv else (0, 0, 0, 0)
         launch(
-            "prefix_dkdv", ks._attn_bwd_prefix_dkdv,
-            lambda bm, bn: (math.ceil(P / bn), B * Hkv, splits), q, Nq, P,
-            q, pk, pv, pidx, do, lse, delta, part_k, part_v,
-            *q.stride(), *pk_strides, *pv_strides, *do.stride(),
-            H, Hkv, prob.group, Nq, Nk, P, *scalars,
-            PREFIX_MODE=mode, **flags,
+            "bwd", ks._attn_bwd,
+            lambda m: (
+                B * Hkv,
+                n_prefix
+                + (math.ceil(Nk / m["BLOCK_N"]) if need_kv else 0)
+                + (math.ceil(Nq / m["BLOCK_M2"]) if need_q else 0),
+            ),
+            q, Nq, max(Nk, P),
+            q, k, v, pk, pv, pidx, kpm, do, lse, delta,
+            dq if need_q else q, dk if need_kv else q, dv if need_kv else q,
+            part_k if need_p else q, part_v if need_p else q,
+            *q.stride(), *k.stride(), *v.stride(), *pk_strides, *pv_strides, *kpm_strides,
+            *do.stride(), *(dq.stride() if need_q else (0, 0, 0, 0)), *dkv_strides,
+            H, Hkv, prob.group, Nq, Nk, n_p, *scalars,
+            int(need_kv), int(need_q), n_prefix, splits,
+            BLOCK_NP=_prefix_block_n(P), IS_CAUSAL=causal, PREFIX_MODE=mode, HAS_KPM=has_kpm,
+            **flags,
         )  # fmt: skip
+    else:
+        if need_q:
+            launch(
+                "dq", ks._attn_bwd_dq, lambda m: (math.ceil(Nq / m["BLOCK_M"]), B * H),
+                q, Nq, max(Nk, P),
+                q, k, v, pk, pv, pidx, kpm, do, lse, delta, dq,
+                *q.stride(), *k.stride(), *v.stride(), *pk_strides, *pv_strides,
+                *kpm_strides, *do.stride(), *dq.stride(),
+                H, prob.group, Nq, Nk, n_p, *scalars,
+                IS_CAUSAL=causal, PREFIX_MODE=mode, HAS_KPM=has_kpm, **flags,
+            )  # fmt: skip
+        if need_kv:
+            launch(
+                "dkdv", ks._attn_bwd_dkdv, lambda m: (math.ceil(Nk / m["BLOCK_N"]), B * Hkv),
+                q, Nq, Nk,
+                q, k, v, do, lse, delta, kpm, dk, dv,
+                *q.stride(), *k.stride(), *v.stride(), *do.stride(), *kpm_strides,
+                *dk.stride(),
+                H, Hkv, prob.group, Nq, Nk, n_p, *scalars,
+                IS_CAUSAL=causal, HAS_KPM=has_kpm, **flags,
+            )  # fmt: skip
+        if need_p:
+            launch(
+                "prefix_dkdv", ks._attn_bwd_prefix_dkdv,
+                lambda m: (math.ceil(P / m["BLOCK_N"]), B * Hkv, splits), q, Nq, P,
+                q, pk, pv, pidx, do, lse, delta, part_k, part_v,
+                *q.stride(), *pk_strides, *pv_strides, *do.stride(),
+                H, Hkv, prob.group, Nq, Nk, P, *scalars,
+                PREFIX_MODE=mode, **flags,
+            )  # fmt: skip
+    if need_p:
         numel = Hkv * P * D
         reduce = ks._prefix_grad_reduce if wrap is None else wrap(ks._prefix_grad_reduce)
         reduce[(prob.T, math.ceil(numel / REDUCE_BLOCK))](
