@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Run the benchmark grid on a CUDA machine, write the JSON and the report, print the table.
+# Run the benchmark grid on a CUDA machine, write the JSON and the report, print the table;
+# then scripts/host_overhead.py (host time per call, <gpu>-<date>-host.json).
 #
 #   benchmarks/run_gpu.sh [OUT_DIR] [core|full] [extra pytest args...]
 #
@@ -61,6 +62,10 @@ start=$(date +%s)
 rc=$?
 echo
 echo "run_gpu.sh: pytest exited $rc after $(( $(date +%s) - start )) s; results in $JSON"
+
+# host time per call: prefixattn's Python vs Triton's launches (split and fused backward)
+echo
+"$PY" scripts/host_overhead.py --json "${JSON%.json}-host.json" || rc=$(( rc ? rc : 1 ))
 
 if [ -s "$JSON" ]; then
   echo
