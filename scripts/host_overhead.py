@@ -24,6 +24,7 @@ import sys
 import time
 import types
 from collections.abc import Callable, Iterator
+from unittest import mock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -74,37 +75,20 @@ def no_launches() -> Iterator[None]:
         for name, cfgs in launch.CONFIG_LISTS.items()
         for cfg in cfgs[:1]
     }
-    saved = (
-        launch._kernels,
-        launch.kernels_interpreted,
-        launch._autotune_enabled,
-        launch._tuned,
-        launch._sm_count,
-        attention_mod.check_triton_device,
-        dict(launch._best_config),
-    )
     stubs = types.SimpleNamespace(**{k: _NoLaunch() for k in KERNELS})
-    launch._kernels = lambda: stubs
-    launch.kernels_interpreted = lambda: False
-    launch._autotune_enabled = lambda q: True
-    launch._tuned = lambda name: tuned[name]
-    launch._sm_count = lambda index: 132
-    attention_mod.check_triton_device = lambda q: None
-    launch._best_config.clear()
-    try:
+    with (
+        mock.patch.multiple(
+            launch,
+            _kernels=lambda: stubs,
+            kernels_interpreted=lambda: False,
+            _autotune_enabled=lambda q: True,
+            _tuned=lambda name: tuned[name],
+            _sm_count=lambda index: 132,
+            _best_config={},
+        ),
+        mock.patch.object(attention_mod, "check_triton_device", lambda q: None),
+    ):
         yield
-    finally:
-        (
-            launch._kernels,
-            launch.kernels_interpreted,
-            launch._autotune_enabled,
-            launch._tuned,
-            launch._sm_count,
-            attention_mod.check_triton_device,
-            best,
-        ) = saved
-        launch._best_config.clear()
-        launch._best_config.update(best)
 
 
 def make_calls(device: str, dtype: torch.dtype) -> dict[str, Callable[[], None]]:

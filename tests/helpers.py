@@ -148,3 +148,29 @@ def check_against_float64(fn, kw: dict, dtype: torch.dtype) -> None:
             continue
         e = rel_err(gr, ref)
         assert e < tol_g, f"d{n}: rel err {e:.2e} >= {tol_g:.0e}"
+
+
+def run_compiled_triton_script(script: str, **env_vars: str) -> object:
+    """Run ``python -c script`` from the repository root in a process where Triton
+    compiles for the GPU (``TRITON_INTERPRET`` removed): this process may already hold the
+    interpreted kernels. Asserts a zero exit; returns the last stdout line parsed as JSON."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    env.update(env_vars)
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=root,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])

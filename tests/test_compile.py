@@ -9,23 +9,24 @@ values: compiled against eager, outputs and gradients.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 from conftest import HAS_CUDA, gpu_only
-from helpers import Case, check_against_float64, make_inputs, run_with_grads
+from helpers import (
+    Case,
+    check_against_float64,
+    make_inputs,
+    run_compiled_triton_script,
+    run_with_grads,
+)
 from reference64 import attention64, rel_err
 
 import prefixattn
 from prefixattn.ops import custom_op  # noqa: F401 - registers torch.ops.prefixattn.*
 from prefixattn.ops.autograd import PrefixAttentionFunction
 
-ROOT = Path(__file__).resolve().parents[1]
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 # compiled vs eager, fp32: the same kernels and configs on CPU (exact up to op fusion); on
 # a GPU the compiler may autotune another block config (another summation order)
@@ -418,21 +419,7 @@ def test_gpu_path_traces_without_a_gpu(bwd_mode: str) -> None:
     """The CUDA path of the triton_ops (every kernel through wrap_triton, autotuned) traced by
     AOT autograd on CPU with fake Triton target: each kernel is a node of the graph and
     only writes its outputs (Triton's own mutation analysis), in both backward modes."""
-    import json
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    env["PREFIXATTN_BWD"] = bwd_mode
-    proc = subprocess.run(
-        [sys.executable, "-c", _TRACE_SCRIPT],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    got = run_compiled_triton_script(_TRACE_SCRIPT, PREFIXATTN_BWD=bwd_mode)
     assert got["fw"] == [["_attn_fwd", ["LSE", "Out"]]]
     middle = {
         "split": [
@@ -455,11 +442,14 @@ def test_gpu_path_traces_without_a_gpu(bwd_mode: str) -> None:
 
 
 @gpu_only
+@pytest.mark.parametrize("bwd_mode", ["split", "fused"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_inductor_on_gpu_matches_eager(dtype: torch.dtype) -> None:
+def test_inductor_on_gpu_matches_eager(dtype: torch.dtype, bwd_mode: str, monkeypatch) -> None:
     """Inductor compiles the kernels themselves (wrap_triton); dynamic shapes; values as
-    eager's within the dtype's tolerance."""
+    eager's within the dtype's tolerance; both backward modes."""
     from helpers import TOL
+
+    monkeypatch.setenv("PREFIXATTN_BWD", bwd_mode)
 
     def f(**kw):
         return prefixattn.prefix_attention(**kw, backend="triton")

@@ -9,15 +9,11 @@ Compiles run in a subprocess (this process may have the interpreted kernels load
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import run_compiled_triton_script
 
-ROOT = Path(__file__).resolve().parents[1]
 SM90_SHARED_LIMIT = 227 * 1024
 
 _SCRIPT = """
@@ -48,18 +44,7 @@ def _cuobjdump_available() -> bool:
 def default_config_resources() -> list[dict]:
     if not _cuobjdump_available():
         pytest.skip("this Triton build ships no NVIDIA backend tools (cuobjdump)")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    proc = subprocess.run(
-        [sys.executable, "-c", _SCRIPT],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_compiled_triton_script(_SCRIPT)
 
 
 def test_every_kernel_lowers_for_sm90(default_config_resources: list[dict]) -> None:

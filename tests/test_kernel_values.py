@@ -231,3 +231,84 @@ def test_backward_launches(mode: str, expected: list[str], monkeypatch) -> None:
     monkeypatch.setattr(launch, "_kernels", lambda: _LaunchSpy(launch._kernels_module(), log))
     out.sum().backward()
     assert log == expected
+
+
+def test_inference_call_is_the_training_forward() -> None:
+    """Under no_grad (decoding) the kernel runs without autograd.Function: same output,
+    bitwise, and nothing recorded; dropout draws from the same seed stream."""
+    c = Case(B=2, H=4, Hkv=2, Nq=9, Nk=13, P=5, D=32, prefix="bank", T=2, pad="left")
+    kw = make_inputs(c, torch.float32, DEVICE)
+    out = triton_attn(**kw)
+    assert out.grad_fn is not None
+    with torch.no_grad():
+        out_ng = triton_attn(**kw)
+    assert out_ng.grad_fn is None and torch.equal(out_ng, out)
+    torch.manual_seed(11)
+    drop = triton_attn(**kw, dropout_p=0.3)
+    torch.manual_seed(11)
+    with torch.no_grad():
+        drop_ng = triton_attn(**kw, dropout_p=0.3)
+    assert torch.equal(drop_ng, drop) and not torch.equal(drop, out)
+
+
+@pytest.mark.parametrize("bwd_mode", ["split", "fused"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        Case(B=5, H=4, Hkv=2, Nq=9, Nk=12, P=5, D=16, prefix="bank", T=3, pad="left"),
+        Case(B=5, H=2, Hkv=2, Nq=7, Nk=7, P=3, D=16, prefix="row", pad="random"),
+        Case(B=4, H=2, Hkv=1, Nq=6, Nk=9, P=4, D=16, prefix="shared"),
+    ],
+    ids=Case.id,
+)
+def test_batch_over_the_grid_limit_runs_in_chunks(case: Case, bwd_mode: str, monkeypatch) -> None:
+    """B * H past CUDA's grid-axis limit: the launchers cover the batch in chunks of rows
+    (views), with the same values and gradients, bitwise, as one launch."""
+    from prefixattn.ops import launch
+    from prefixattn.ops.validation import validate
+
+    monkeypatch.setenv("PREFIXATTN_BWD", bwd_mode)
+    kw = make_inputs(case, torch.float32, DEVICE)
+    out, g, grads = run_with_grads(triton_attn, kw)
+    monkeypatch.setattr(launch, "MAX_GRID_Y", 2 * case.H)  # chunks of 2 rows
+    prob = validate(*(kw.get(n) for n in ("q", "k", "v", "prefix_k", "prefix_v",
+                    "prefix_index", "key_padding_mask")), case.causal, None, 0.0, "triton")  # fmt: skip
+    assert len(launch._batch_chunks(prob, None)) == -(-case.B // 2)
+    out_c, _, grads_c = run_with_grads(triton_attn, kw, grad_out=g)
+    assert torch.equal(out_c, out)
+    for name in grads:
+        assert torch.equal(grads_c[name], grads[name]), f"d{name} differs in chunks"
+
+
+def test_dropout_masks_differ_between_batch_chunks(monkeypatch) -> None:
+    """Each chunk draws its own dropout stream: identical rows in different chunks get
+    different masks (the kernels number rows from the chunk's first row)."""
+    from prefixattn.ops import launch
+
+    monkeypatch.setattr(launch, "MAX_GRID_Y", 2)  # H = 2: one row per chunk
+    c = Case(B=3, H=2, Hkv=2, Nq=8, Nk=8, P=4, D=16, prefix="shared")
+    kw = make_inputs(c, torch.float32, DEVICE)
+    for name in ("q", "k", "v"):  # every row the same
+        kw[name] = kw[name][:1].expand_as(kw[name]).detach().clone().requires_grad_()
+    torch.manual_seed(3)
+    out = triton_attn(**kw, dropout_p=0.5)
+    assert not torch.equal(out[0], out[1]) and not torch.equal(out[1], out[2])
+
+
+def test_fused_backward_falls_back_to_split_past_the_grid_limit(monkeypatch) -> None:
+    """When the fused kernel's programs per (row, kv head) could exceed the grid-axis limit
+    (very long sequences), the split kernels run instead, with the same gradients."""
+    from prefixattn.ops import launch
+
+    c = Case(B=2, H=2, Hkv=1, Nq=40, Nk=40, P=9, D=16, prefix="shared")
+    kw = make_inputs(c, torch.float32, DEVICE)
+    monkeypatch.setenv("PREFIXATTN_BWD", "fused")
+    out, g, grads = run_with_grads(triton_attn, kw)
+    monkeypatch.setattr(launch, "MAX_GRID_Y", 21)  # 16 + 2 * 3 programs would not fit
+    log: list[str] = []
+    monkeypatch.setattr(launch, "_kernels", lambda: _LaunchSpy(launch._kernels_module(), log))
+    out2, _, grads2 = run_with_grads(triton_attn, kw, grad_out=g)
+    assert "_attn_bwd" not in log and "_attn_bwd_dkdv" in log
+    assert torch.equal(out2, out)
+    for name in grads:
+        assert torch.allclose(grads2[name], grads[name], rtol=1e-5, atol=1e-6), name

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .autograd import PrefixAttentionFunction
-from .launch import check_triton_device
+from .launch import attention_forward, check_triton_device, new_seed
 from .reference import reference_prefix_attention
 from .validation import KERNEL_DTYPES, validate
 
@@ -95,9 +95,20 @@ def prefix_attention(
     dropout_p = float(dropout_p)
     if resolve_backend(backend, q) == "triton":
         check_triton_device(q)
-        return PrefixAttentionFunction.apply(
-            q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, causal, dropout_p, prob
-        )
+        if torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (q, k, v, prefix_k, prefix_v)
+        ):
+            return PrefixAttentionFunction.apply(
+                q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
+                causal, dropout_p, prob,
+            )  # fmt: skip
+        # inference (decoding): no graph to record, so skip autograd.Function's host cost
+        seed = new_seed() if dropout_p > 0.0 else 0
+        out, _ = attention_forward(
+            q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
+            causal, dropout_p, seed, prob,
+        )  # fmt: skip
+        return out
     return reference_prefix_attention(
         q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, causal, dropout_p, prob
     )

@@ -16,6 +16,7 @@ read through their example value (:func:`_hint`) instead of guarding on them.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 import os
@@ -27,6 +28,7 @@ from triton.runtime.errors import OutOfResources
 
 from .validation import (
     PREFIX_NONE,
+    PREFIX_PER_ROW,
     AttnProblem,
     check_kernel_dtype,
 )
@@ -458,11 +460,104 @@ def attention_forward(
     ``wrap``: applied to every kernel before its launch (``torch.library.wrap_triton`` in
     the custom ops); ``None`` launches directly.
     """
-    B, H, Nq, Nk, P, D = prob.B, prob.H, prob.Nq, prob.Nk, prob.P, prob.D
+    B, H, Nq, D = prob.B, prob.H, prob.Nq, prob.D
     out = torch.empty((B, H, Nq, D), device=q.device, dtype=q.dtype)
     lse = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
     if B * H * Nq == 0:
         return out, lse
+    for i, (rows, sub) in enumerate(_batch_chunks(prob, wrap)):
+        cq, ck, cv, cpk, cpv, cpidx, ckpm = _rows(
+            rows, prob, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask
+        )
+        _forward_launch(
+            cq, ck, cv, cpk, cpv, cpidx, ckpm, _take(out, rows), _take(lse, rows),
+            causal, dropout_p, _chunk_seed(seed, i), sub, wrap,
+        )  # fmt: skip
+    return out, lse
+
+
+# CUDA's limit on grid axis 1, where every kernel puts (batch row, head) pairs
+MAX_GRID_Y = 65535
+
+
+def _batch_chunks(prob: AttnProblem, wrap) -> list[tuple[slice, AttnProblem]]:
+    """Runs of batch rows that one launch can cover: the whole batch (``slice(None)``)
+    unless B * H exceeds :data:`MAX_GRID_Y`, then chunks of MAX_GRID_Y // H rows, each
+    with its problem sizes. The chunks are views: nothing is copied."""
+    if _hint(prob.B) * _hint(prob.H) <= MAX_GRID_Y:
+        return [(slice(None), prob)]
+    if wrap is not None:
+        raise ValueError(
+            f"B * H = {_hint(prob.B)} * {_hint(prob.H)} query (row, head) pairs exceed "
+            f"{MAX_GRID_Y} under torch.compile; call with a smaller batch"
+        )
+    step = max(1, MAX_GRID_Y // prob.H)
+    per_row = prob.layout == PREFIX_PER_ROW
+    return [
+        (
+            slice(b0, min(prob.B, b0 + step)),
+            dataclasses.replace(
+                prob,
+                B=min(prob.B, b0 + step) - b0,
+                T=min(prob.B, b0 + step) - b0 if per_row else prob.T,
+            ),
+        )
+        for b0 in range(0, prob.B, step)
+    ]
+
+
+def _take(t: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
+    """Rows ``rows`` of ``t`` (a view); ``t`` itself for the whole batch or None."""
+    return t if t is None or rows == slice(None) else t[rows]
+
+
+def _rows(
+    rows: slice,
+    prob: AttnProblem,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_k: torch.Tensor | None,
+    prefix_v: torch.Tensor | None,
+    prefix_index: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None,
+) -> tuple:
+    """The inputs of batch rows ``rows`` (views; a shared prefix or a bank is whole)."""
+    if rows == slice(None):
+        return q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask
+    per_row = prob.layout == PREFIX_PER_ROW
+    return (
+        q[rows], k[rows], v[rows],
+        _take(prefix_k, rows) if per_row else prefix_k,
+        _take(prefix_v, rows) if per_row else prefix_v,
+        _take(prefix_index, rows), _take(key_padding_mask, rows),
+    )  # fmt: skip
+
+
+def _chunk_seed(seed: int, chunk: int) -> int:
+    """Dropout seed of batch chunk ``chunk``: the kernels number rows from the chunk's
+    first row, so each chunk needs its own Philox stream (chunk 0 keeps ``seed``)."""
+    return (seed + chunk * 1_000_003) % (2**31 - 1) if chunk else seed
+
+
+def _forward_launch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_k: torch.Tensor | None,
+    prefix_v: torch.Tensor | None,
+    prefix_index: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    causal: bool,
+    dropout_p: float,
+    seed: int,
+    prob: AttnProblem,
+    wrap,
+) -> None:
+    """One ``_attn_fwd`` launch over the rows of ``prob``."""
+    B, H, Nq, Nk, P, D = prob.B, prob.H, prob.Nq, prob.Nk, prob.P, prob.D
     mode = prob.prefix_mode
     if mode == PREFIX_NONE:
         prefix_k = prefix_v = prefix_index = None
@@ -492,7 +587,6 @@ def attention_forward(
         HAS_DROPOUT=dropout_p > 0.0,
         INPUT_PRECISION=_input_precision(q),
     )  # fmt: skip
-    return out, lse
 
 
 def _prefix_block_n(P: int) -> int:
@@ -555,18 +649,10 @@ def attention_backward(
     Prefix gradients come back in the prefix's own layout: [Hkv, P, D] shared (summed over
     rows), [B, Hkv, P, D] per row, [T, Hkv, P, D] bank (each row added at its index).
     """
-    ks = _kernels()
     B, H, Hkv, Nq, Nk, P, D = prob.B, prob.H, prob.Hkv, prob.Nq, prob.Nk, prob.P, prob.D
     mode = prob.prefix_mode
     need_q, need_k, need_v, need_p = needs
     need_p = need_p and prefix_k is not None
-    block_d = max(16, triton_next_pow2(D))
-    flags = dict(
-        D=D,
-        BLOCK_D=block_d,
-        HAS_DROPOUT=dropout_p > 0.0,
-        INPUT_PRECISION=_input_precision(q),
-    )
 
     # every element of every gradient is written by a kernel, except in the degenerate
     # cases (nothing to compute, P == 0, Nk == 0), which get zeros
@@ -586,28 +672,14 @@ def attention_backward(
     if mode == PREFIX_NONE:
         prefix_k = prefix_v = prefix_index = None
         need_p = False
-    pk, pv, pidx, kpm, kpm_strides = _prefix_args(
-        q, prefix_k, prefix_v, prefix_index, key_padding_mask
-    )
-    pk_strides = _strides4(prefix_k)
-    pv_strides = _strides4(prefix_v)
-    n_p = P if mode != PREFIX_NONE else 0
-    scalars = (prob.sm_scale, float(dropout_p), seed, _bucket(Nq), _bucket(Nk))
     if trivial:
         return dq, dk, dv, dpk, dpv
-
-    delta = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
-    launch = _launcher(wrap)
-    pre_bm = 64 if not kernels_interpreted() else 32
-    preprocess = ks._attn_bwd_preprocess if wrap is None else wrap(ks._attn_bwd_preprocess)
-    preprocess[(math.ceil(Nq / pre_bm), B * H)](
-        out, do, delta, *out.stride(), *do.stride(), H, Nq,
-        D=D, BLOCK_D=block_d, BLOCK_M=pre_bm,
-    )  # fmt: skip
-
     need_kv = (need_k or need_v) and Nk > 0
-    has_kpm = key_padding_mask is not None
-    fused = backward_mode() == "fused"
+    # the fused kernel puts every program of a (row, kv head) on grid axis 1: with very
+    # long sequences even the smallest tiles could exceed its limit, then split it is
+    fused = backward_mode() == "fused" and (
+        math.ceil(_hint(P) / 16) * 16 + 2 * math.ceil(max(_hint(Nq), _hint(Nk)) / 16) <= MAX_GRID_Y
+    )
     part_k = part_v = None
     splits = 1
     if need_p:
@@ -620,6 +692,89 @@ def attention_backward(
                 "use a smaller batch per call"
             )
         part_k, part_v = parts[0], parts[1]
+
+    delta = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
+    for i, (rows, sub) in enumerate(_batch_chunks(prob, wrap)):
+        cq, ck, cv, cpk, cpv, cpidx, ckpm = _rows(
+            rows, prob, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask
+        )
+        # the partials of row b are rows [b * splits, (b + 1) * splits) of part_k / part_v
+        prow = rows if rows == slice(None) else slice(rows.start * splits, rows.stop * splits)
+        _backward_launches(
+            _take(do, rows), cq, ck, cv, cpk, cpv, cpidx, ckpm,
+            _take(out, rows), _take(lse, rows), _take(delta, rows),
+            _take(dq, rows), _take(dk, rows), _take(dv, rows),
+            _take(part_k, prow), _take(part_v, prow),
+            causal, dropout_p, _chunk_seed(seed, i), sub,
+            need_q, need_kv, need_p, splits, fused, wrap,
+        )  # fmt: skip
+    if need_p:
+        ks = _kernels()
+        pidx = prefix_index if prefix_index is not None else q
+        numel = Hkv * P * D
+        reduce = ks._prefix_grad_reduce if wrap is None else wrap(ks._prefix_grad_reduce)
+        reduce[(prob.T, math.ceil(numel / REDUCE_BLOCK))](
+            part_k, part_v, pidx, dpk, dpv, B, splits, numel,
+            PREFIX_MODE=mode, BLOCK=REDUCE_BLOCK,
+        )  # fmt: skip
+    return dq, dk, dv, dpk, dpv
+
+
+def _backward_launches(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_k: torch.Tensor | None,
+    prefix_v: torch.Tensor | None,
+    prefix_index: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    delta: torch.Tensor,
+    dq: torch.Tensor | None,
+    dk: torch.Tensor | None,
+    dv: torch.Tensor | None,
+    part_k: torch.Tensor | None,
+    part_v: torch.Tensor | None,
+    causal: bool,
+    dropout_p: float,
+    seed: int,
+    prob: AttnProblem,
+    need_q: bool,
+    need_kv: bool,
+    need_p: bool,
+    splits: int,
+    fused: bool,
+    wrap,
+) -> None:
+    """The backward's launches over the rows of ``prob``, up to the prefix partials:
+    Delta, then dK/dV, dQ and the partials (split: three kernels; fused: one)."""
+    ks = _kernels()
+    B, H, Hkv, Nq, Nk, P, D = prob.B, prob.H, prob.Hkv, prob.Nq, prob.Nk, prob.P, prob.D
+    mode = prob.prefix_mode
+    block_d = max(16, triton_next_pow2(D))
+    flags = dict(
+        D=D,
+        BLOCK_D=block_d,
+        HAS_DROPOUT=dropout_p > 0.0,
+        INPUT_PRECISION=_input_precision(q),
+    )
+    has_kpm = key_padding_mask is not None
+    pk, pv, pidx, kpm, kpm_strides = _prefix_args(
+        q, prefix_k, prefix_v, prefix_index, key_padding_mask
+    )
+    pk_strides = _strides4(prefix_k)
+    pv_strides = _strides4(prefix_v)
+    n_p = P if mode != PREFIX_NONE else 0
+    scalars = (prob.sm_scale, float(dropout_p), seed, _bucket(Nq), _bucket(Nk))
+    launch = _launcher(wrap)
+    pre_bm = 64 if not kernels_interpreted() else 32
+    preprocess = ks._attn_bwd_preprocess if wrap is None else wrap(ks._attn_bwd_preprocess)
+    preprocess[(math.ceil(Nq / pre_bm), B * H)](
+        out, do, delta, *out.stride(), *do.stride(), H, Nq,
+        D=D, BLOCK_D=block_d, BLOCK_M=pre_bm,
+    )  # fmt: skip
 
     if fused:
         n_prefix = math.ceil(P / _prefix_block_n(P)) * splits if need_p else 0
@@ -673,11 +828,3 @@ def attention_backward(
                 H, Hkv, prob.group, Nq, Nk, P, *scalars,
                 PREFIX_MODE=mode, **flags,
             )  # fmt: skip
-    if need_p:
-        numel = Hkv * P * D
-        reduce = ks._prefix_grad_reduce if wrap is None else wrap(ks._prefix_grad_reduce)
-        reduce[(prob.T, math.ceil(numel / REDUCE_BLOCK))](
-            part_k, part_v, pidx, dpk, dpv, B, splits, numel,
-            PREFIX_MODE=mode, BLOCK=REDUCE_BLOCK,
-        )  # fmt: skip
-    return dq, dk, dv, dpk, dpv
