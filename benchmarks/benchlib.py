@@ -57,6 +57,7 @@ E2E_IMPLS = (
     "prefixattn_ckpt",
     "prefixattn_compiled",
     "peft_sdpa_compiled",
+    "prefixattn_chunked_loss",
 )
 MODES = ("fwd", "bwd", "fwd_bwd")
 # backward is counted as 2.5x the forward FLOPs (the FlashAttention convention)

@@ -34,6 +34,7 @@ E2E_IMPLS = (
     "prefixattn",
     "prefixattn_ckpt",
     "prefixattn_compiled",
+    "prefixattn_chunked_loss",
     "peft_sdpa",
     "peft_sdpa_compiled",
     "peft_eager",
@@ -272,6 +273,8 @@ def e2e_section(rows: Sequence[dict[str, Any]], smoke: bool) -> str:
                 notes.append(f"backend={r['backend']}")
             if r.get("compiled"):
                 notes.append(f"torch.compile({r['compiled']})")
+            if r.get("chunked_loss"):
+                notes.append("chunked_loss=True")
             peak = r.get("peak_mem_bytes")
             body.append(
                 [
@@ -377,6 +380,7 @@ COLORS = {
     "prefixattn_ckpt": "#aec7e8",
     "prefixattn_fused": "#9467bd",
     "prefixattn_compiled": "#17becf",
+    "prefixattn_chunked_loss": "#c5b0d5",
     "peft_sdpa_compiled": "#ffbb78",
     "concat_sdpa": "#ff7f0e",
     "gather_concat_sdpa": "#ff7f0e",

@@ -12,6 +12,8 @@ Implementations (``impl``):
                       on the base model before wrapping (PEFT prefix tuning cannot do this)
 ``peft_sdpa``         PEFT prefix tuning, ``attn_implementation="sdpa"``
 ``peft_eager``        PEFT prefix tuning, ``attn_implementation="eager"``
+``prefixattn_chunked_loss`` ``prefixattn`` with ``chunked_loss=True``: the loss from the last
+                      hidden states in chunks of tokens, without the [B, N, V] logits
 ``*_compiled``        ``prefixattn`` / ``peft_sdpa`` with the model's forward under
                       ``torch.compile`` (Inductor on CUDA; ``aot_eager`` in CPU smoke
                       runs, to keep them short): prefixattn traces without graph breaks
@@ -139,8 +141,12 @@ def build(case: E2ECase, impl: str, device: torch.device, info: dict) -> tuple[A
         ref_base = copy.deepcopy(base)
         backend = "triton" if device.type == "cuda" else "auto"
         torch.manual_seed(1)
-        wrapped = PrefixTuning(base, num_virtual_tokens=case.P, backend=backend)
+        chunked = impl == "prefixattn_chunked_loss"
+        wrapped = PrefixTuning(
+            base, num_virtual_tokens=case.P, backend=backend, chunked_loss=chunked
+        )
         info["backend"] = backend
+        info["chunked_loss"] = chunked
         info["reference_check"] = _reference_loss_check(PrefixTuning, wrapped, ref_base, case)
         del ref_base
         gc.collect()  # the reference copy sits in a reference cycle: free it before measuring

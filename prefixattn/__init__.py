@@ -23,6 +23,7 @@ _LAZY = {
     "PromptTuning": "prefixattn.hf.prompt_tuning",
     "PromptTuningConfig": "prefixattn.hf.prompt_tuning",
     "TaskBank": "prefixattn.hf.bank",
+    "causal_lm_loss": "prefixattn.losses",
 }
 
 __all__ = ["__version__", "prefix_attention", *_LAZY]

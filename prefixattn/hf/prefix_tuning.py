@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
+from ..losses import check_chunked_loss_support, chunked_loss_forward
 from ..ops.validation import BACKENDS, MAX_HEAD_DIM, MIN_HEAD_DIM
 from ._common import INIT_STRATEGIES as INIT_STRATEGIES  # kept importable from here
 from ._common import PEFT_WEIGHTS_KEY, TuningConfigBase, is_int, read_artifact, read_peft_dir
@@ -132,6 +133,15 @@ class PrefixTuningConfig(TuningConfigBase):
         default="auto",
         metadata={"help": "Kernel backend: 'auto' (Triton on CUDA), 'triton' or 'reference'."},
     )
+    chunked_loss: bool = field(
+        default=False,
+        metadata={
+            "help": "In training mode with labels, compute the causal-LM loss from the last "
+            "hidden states in chunks of tokens (prefixattn.losses.causal_lm_loss): the same "
+            "loss, but the [B, N, V] logits are never materialized (the output's logits are "
+            "None). For GPT-2, Llama, Mistral and Qwen2/3 models."
+        },
+    )
 
     def __post_init__(self) -> None:
         self._check_num_virtual_tokens()
@@ -157,6 +167,8 @@ class PrefixTuningConfig(TuningConfigBase):
             raise ValueError(f"position_offset must be an int >= 0, got {self.position_offset!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if not isinstance(self.chunked_loss, bool):
+            raise TypeError(f"chunked_loss must be a bool, got {type(self.chunked_loss).__name__}")
 
 
 @dataclass(frozen=True)
@@ -313,6 +325,9 @@ class PrefixTuning(nn.Module):
         init_std: std of the random init.
         position_offset: input position shift (0: the model's own positions; P: PEFT's).
         backend: kernel backend ("auto", "triton", "reference").
+        chunked_loss: in training mode with ``labels``, compute the loss in chunks of tokens
+            from the last hidden states (:func:`prefixattn.losses.causal_lm_loss`): the
+            same loss without the [B, N, V] logits, which then come back as ``None``.
 
     Parameters live in float32 on the model's device; they are cast to the model's dtype
     inside the attention function.
@@ -331,6 +346,7 @@ class PrefixTuning(nn.Module):
         init_std: float = 1.0,
         position_offset: int = 0,
         backend: str = "auto",
+        chunked_loss: bool = False,
     ) -> None:
         super().__init__()
         text_ids = None
@@ -348,6 +364,7 @@ class PrefixTuning(nn.Module):
             init_std=init_std,
             position_offset=position_offset,
             backend=backend,
+            chunked_loss=chunked_loss,
         )
         self._setup(model, config)
         self._initialize(text_ids)
@@ -373,6 +390,7 @@ class PrefixTuning(nn.Module):
             init_std=c.init_std,
             position_offset=c.position_offset,
             backend=c.backend,
+            chunked_loss=c.chunked_loss,
         )
 
     @classmethod
@@ -388,6 +406,8 @@ class PrefixTuning(nn.Module):
                 f"model must be a transformers PreTrainedModel, got {type(model).__name__}"
             )
         geo = ModelGeometry.of(model)
+        if config.chunked_loss:
+            check_chunked_loss_support(model)
         patch(model, config.backend)
         for p in model.parameters():
             p.requires_grad_(False)
@@ -552,6 +572,8 @@ class PrefixTuning(nn.Module):
         """
         self._activate()
         kwargs = _offset_positions(kwargs, input_ids, self.position_offset)
+        if self.config.chunked_loss and self.training and kwargs.get("labels") is not None:
+            return chunked_loss_forward(self.model, input_ids, kwargs)
         return self.model(input_ids=input_ids, **kwargs)
 
     def folded_prefix(self) -> StaticPrefix:
