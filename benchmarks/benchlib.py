@@ -56,6 +56,7 @@ E2E_IMPLS = (
     "peft_eager",
     "prefixattn_ckpt",
     "prefixattn_compiled",
+    "prefixattn_compiled_cg",
     "peft_sdpa_compiled",
     "prefixattn_chunked_loss",
 )

@@ -19,6 +19,8 @@ Implementations (``impl``):
                       runs, to keep them short): prefixattn traces without graph breaks
                       (its kernels are custom ops), so Inductor fuses the rest of the
                       layer around them
+``prefixattn_compiled_cg`` the same with ``mode="reduce-overhead"`` (CUDA graphs): the step
+                      without host launch overhead
 
 ``n_positions`` is 2048 rather than GPT-2's 1024: PEFT's prefix shifts the input
 positions by P (its prefix sits in the KV cache), so 1024 tokens + P would index past
@@ -124,11 +126,16 @@ def build_base(case: E2ECase, attn_impl: str, device: torch.device) -> Any:
 def build(case: E2ECase, impl: str, device: torch.device, info: dict) -> tuple[Any, list]:
     """(wrapped model, trainable parameters) for ``impl``; for prefixattn also checks its
     loss against the same prefix on the reference backend (recorded in ``info``)."""
-    if impl.endswith("_compiled"):
-        wrapped, params = build(case, impl.removesuffix("_compiled"), device, info)
-        compiler = "inductor" if device.type == "cuda" else "aot_eager"
-        info["compiled"] = compiler
-        return torch.compile(wrapped, backend=compiler), params
+    if impl.endswith(("_compiled", "_compiled_cg")):
+        base_impl, _, how = impl.partition("_compiled")
+        wrapped, params = build(case, base_impl, device, info)
+        if device.type != "cuda":
+            info["compiled"] = "aot_eager"
+            return torch.compile(wrapped, backend="aot_eager"), params
+        # _cg: Inductor with CUDA graphs (mode="reduce-overhead"): no per-kernel launches
+        mode = "reduce-overhead" if how == "_cg" else "default"
+        info["compiled"] = f"inductor, mode={mode}"
+        return torch.compile(wrapped, mode=mode), params
     if impl.startswith("prefixattn"):
         PrefixTuning = load_prefix_tuning()
         base = build_base(case, "sdpa", device)  # prefixattn patches the attention itself

@@ -44,9 +44,33 @@ def case_decode():
     return step
 
 
+def case_e2e():
+    """One GPT-2 small prefix-tuning train step (random bf16 weights), as the e2e benchmark:
+    is the step bound by the GPU or by the host?"""
+    import transformers
+
+    cfg = transformers.GPT2Config(n_positions=2048, attn_pdrop=0.0, resid_pdrop=0.0,
+                                  embd_pdrop=0.0)  # fmt: skip
+    torch.manual_seed(0)
+    with torch.device(dev):
+        model = transformers.GPT2LMHeadModel(cfg).to(dt)
+    model.train()
+    pt = prefixattn.PrefixTuning(model, num_virtual_tokens=64, backend="triton")
+    opt = torch.optim.AdamW([p for p in pt.parameters() if p.requires_grad], lr=1e-3)
+    ids = torch.randint(0, cfg.vocab_size, (8, 1024), device=dev)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        pt(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+
+    return step
+
+
 for name, make in (
     ("train fwd+bwd B8 H12 N1024 P64", case_train),
     ("decode bank8 B64 P512", case_decode),
+    ("gpt2-small prefix-tuning train step B8 N1024 P64", case_e2e),
 ):
     step = make()
     for _ in range(5):
@@ -61,7 +85,9 @@ for name, make in (
         for _ in range(10):
             step()
         torch.cuda.synchronize()
-    print(f"\n=== {name}: {wall:.3f} ms per call (host wall, pipelined)")
+    gpu_ms = sum(e.self_device_time_total for e in prof.key_averages()) / 10 / 1e3
+    print(f"\n=== {name}: {wall:.3f} ms per call (host wall, pipelined), "
+          f"{gpu_ms:.3f} ms of GPU kernel time per call")  # fmt: skip
     print(
         prof.key_averages().table(
             sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=50
