@@ -4,8 +4,9 @@ vocabulary at B x N = 8192) are never materialized.
 
 Same value as transformers' ``ForCausalLMLoss`` on ``lm_head(hidden)``: labels shifted by
 one, ``ignore_index`` skipped, logits computed in the weight's dtype and upcast to fp32,
-mean over the counted tokens (or sum / ``num_items_in_batch``). The backward recomputes
-each chunk's logits from the saved hidden states and its fp32 logsumexp.
+mean over the counted tokens (or sum / ``num_items_in_batch``). When gradients are wanted
+they are computed in the same pass over each chunk (the loss is the end of the graph),
+so the backward costs nothing and the logits are made once.
 """
 
 from __future__ import annotations
@@ -20,7 +21,14 @@ CHUNK_ELEMENTS = 2**26
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """sum_t (logsumexp(h_t W^T + b) - (h_t W^T + b)[y_t]) * scale, chunk by chunk."""
+    """sum_t (logsumexp(h_t W^T + b) - (h_t W^T + b)[y_t]) * scale, chunk by chunk.
+
+    The loss is a scalar at the end of the graph, so d loss / d logits of a chunk needs only
+    that chunk's logits: with ``with_grad`` the gradients of ``hidden`` (and of ``weight``
+    / ``bias`` if they require grad) are computed here, in the same pass over each chunk,
+    and the backward only scales them by the incoming gradient (it never recomputes the
+    logits).
+    """
 
     @staticmethod
     def forward(
@@ -31,49 +39,46 @@ class _LinearCrossEntropy(torch.autograd.Function):
         targets: torch.Tensor,  # [T] int64
         scale: float,
         chunk: int,
+        with_grad: bool,
     ) -> torch.Tensor:
-        total = torch.zeros((), device=hidden.device, dtype=torch.float32)
-        lse = torch.empty(hidden.shape[0], device=hidden.device, dtype=torch.float32)
+        need_h = with_grad and hidden.requires_grad
+        need_w = with_grad and weight.requires_grad
+        need_b = with_grad and bias is not None and bias.requires_grad
+        f32 = dict(device=weight.device, dtype=torch.float32)
+        dh = torch.empty_like(hidden) if need_h else None
+        dw = torch.zeros(weight.shape, **f32) if need_w else None
+        db = torch.zeros(weight.shape[0], **f32) if need_b else None
+        total = torch.zeros((), **f32)
         for s in range(0, hidden.shape[0], chunk):
-            logits = _logits(hidden[s : s + chunk], weight, bias)  # [c, V] fp32
-            lse[s : s + chunk] = torch.logsumexp(logits, dim=-1)
-            picked = logits.gather(1, targets[s : s + chunk, None]).squeeze(1)
-            total += (lse[s : s + chunk] - picked).sum()
-        ctx.save_for_backward(hidden, weight, bias, targets, lse)
-        ctx.scale, ctx.chunk = scale, chunk
+            h, t = hidden[s : s + chunk], targets[s : s + chunk]
+            logits = _logits(h, weight, bias)  # [c, V] fp32
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if not (need_h or need_w or need_b):
+                continue
+            # d loss / d logits = (softmax - onehot(target)) * scale, in place
+            grad = logits.sub_(lse[:, None]).exp_()
+            grad[torch.arange(h.shape[0], device=h.device), t] -= 1.0
+            grad = (grad * scale).to(hidden.dtype)  # as autograd does through .float()
+            if need_h:
+                dh[s : s + chunk] = grad @ weight
+            if need_w:
+                dw += grad.t().float() @ h.float()
+            if need_b:
+                db += grad.float().sum(0)
+        ctx.save_for_backward(dh, dw, db)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         return total * scale
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple:
-        hidden, weight, bias, targets, lse = ctx.saved_tensors
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        g = grad.float() * ctx.scale
-        dh = torch.empty_like(hidden) if need_h else None
-        dw = (
-            torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_w else None
-        )
-        db = (
-            torch.zeros(weight.shape[0], device=weight.device, dtype=torch.float32)
-            if need_b
-            else None
-        )
-        for s in range(0, hidden.shape[0], ctx.chunk):
-            h = hidden[s : s + ctx.chunk]
-            # d loss / d logits = softmax - onehot(target), times the output gradient
-            dlogits = torch.exp(_logits(h, weight, bias) - lse[s : s + ctx.chunk, None])
-            dlogits[torch.arange(h.shape[0], device=h.device), targets[s : s + ctx.chunk]] -= 1.0
-            dlogits *= g
-            dl = dlogits.to(hidden.dtype)  # as autograd does through logits.float()
-            if need_h:
-                dh[s : s + ctx.chunk] = dl @ weight
-            if need_w:
-                dw += dl.t().float() @ h.float()
-            if need_b:
-                db += dl.float().sum(0)
+        dh, dw, db = ctx.saved_tensors
+        w_dtype, b_dtype = ctx.dtypes
         return (
-            dh,
-            dw.to(weight.dtype) if need_w else None,
-            db.to(bias.dtype) if need_b else None,
+            None if dh is None else dh * grad.to(dh.dtype),
+            None if dw is None else (dw * grad).to(w_dtype),
+            None if db is None else (db * grad).to(b_dtype),
+            None,
             None,
             None,
             None,
@@ -112,7 +117,8 @@ def causal_lm_loss(
 
     Returns:
         A scalar fp32 loss; gradients flow to ``hidden`` (and to ``weight`` / ``bias`` if
-        they require grad).
+        they require grad). With grad enabled they are computed here, with the loss (one
+        [chunk, V] logits block at a time); the backward only scales them.
     """
     if hidden.dim() != 3:
         raise ValueError(f"hidden must have shape [B, N, d], got {tuple(hidden.shape)}")
@@ -144,7 +150,10 @@ def causal_lm_loss(
     else:
         scale = 1.0 / float(num_items_in_batch)
     chunk = chunk_tokens or max(1, CHUNK_ELEMENTS // weight.shape[0])
-    return _LinearCrossEntropy.apply(h, weight, bias, targets, scale, chunk)
+    with_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias)
+    )
+    return _LinearCrossEntropy.apply(h, weight, bias, targets, scale, chunk, with_grad)
 
 
 # models whose logits are exactly lm_head(last hidden state): no soft-capping or scaling

@@ -60,6 +60,37 @@ def test_matches_materialized_logits_in_float64(chunk, bias, num_items) -> None:
         torch.testing.assert_close(a, w, rtol=1e-5, atol=1e-7)
 
 
+class _CountMatmuls(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm):
+            self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_gradient_made_in_the_forward_pass() -> None:
+    """With grad enabled each chunk costs two matmuls in the forward (logits, d hidden) and
+    none in the backward (no recompute); under no_grad only the logits one. A scaled loss
+    scales the gradients."""
+    hidden, weight, _, labels = _data()
+    weight = weight.detach()  # frozen lm_head: only d hidden
+    n_chunks = -(-int((labels[:, 1:] != -100).sum()) // 4)
+    with torch.no_grad(), _CountMatmuls() as mode:
+        causal_lm_loss(hidden, weight, labels, chunk_tokens=4)
+    assert mode.calls == n_chunks
+    with _CountMatmuls() as mode:
+        loss = causal_lm_loss(hidden, weight, labels, chunk_tokens=4)
+    assert mode.calls == 2 * n_chunks
+    with _CountMatmuls() as mode:
+        (dh,) = torch.autograd.grad(3.0 * loss, [hidden])
+    assert mode.calls == 0
+    (want,) = torch.autograd.grad(3.0 * hf_style_loss(hidden, weight, labels), [hidden])
+    torch.testing.assert_close(dh, want, rtol=1e-5, atol=1e-7)
+
+
 def test_low_precision_follows_transformers_rounding() -> None:
     """bf16 hidden / weight: logits rounded to bf16 before the fp32 softmax, as the model
     does; the loss and the hidden-state gradient match within bf16 noise."""
