@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from prefixattn import PrefixTuning
+from prefixattn import PrefixTuning, PromptTuning
 from prefixattn.hf.testing import left_padded_batch, single_thread, tiny_gpt2, tiny_llama
 from prefixattn.losses import causal_lm_loss
 
@@ -164,6 +164,24 @@ def test_prefix_tuning_chunked_loss_is_the_models_loss(make) -> None:
     # eval mode (or no labels): the model's own output, logits included
     chunked.eval()
     assert chunked(input_ids=ids, attention_mask=mask, labels=labels).logits is not None
+
+
+@pytest.mark.parametrize("make", [tiny_gpt2, tiny_llama], ids=["gpt2", "llama"])
+def test_prompt_tuning_chunked_loss_is_the_models_loss(make) -> None:
+    base = make()
+    plain = PromptTuning(copy.deepcopy(base), 4, seed=0)
+    chunked = PromptTuning(copy.deepcopy(base), 4, seed=0, chunked_loss=True)
+    chunked.load_state_dict(plain.state_dict())
+    ids, mask = left_padded_batch([9, 6, 3], seed=4)
+    labels = ids.masked_fill(mask == 0, -100)
+    ref = plain(input_ids=ids, attention_mask=mask, labels=labels)
+    out = chunked(input_ids=ids, attention_mask=mask, labels=labels)
+    assert out.logits is None
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    ref.loss.backward()
+    out.loss.backward()
+    assert plain.prompt.grad.abs().max() > 0
+    torch.testing.assert_close(chunked.prompt.grad, plain.prompt.grad, rtol=1e-4, atol=1e-6)
 
 
 def test_chunked_loss_never_materializes_the_logits(monkeypatch) -> None:

@@ -55,6 +55,12 @@ class TuningConfigBase:
         if not is_int(n) or n < 1:
             raise ValueError(f"num_virtual_tokens must be an int >= 1, got {n!r}")
 
+    def _check_chunked_loss(self) -> None:
+        """``chunked_loss`` must be a bool, else ``TypeError``."""
+        flag = getattr(self, "chunked_loss", False)
+        if not isinstance(flag, bool):
+            raise TypeError(f"chunked_loss must be a bool, got {type(flag).__name__}")
+
     def _check_init(self) -> None:
         """``init`` must be one of :data:`INIT_STRATEGIES`, with ``init_text`` iff "text".
 

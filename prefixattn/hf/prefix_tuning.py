@@ -167,8 +167,7 @@ class PrefixTuningConfig(TuningConfigBase):
             raise ValueError(f"position_offset must be an int >= 0, got {self.position_offset!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        if not isinstance(self.chunked_loss, bool):
-            raise TypeError(f"chunked_loss must be a bool, got {type(self.chunked_loss).__name__}")
+        self._check_chunked_loss()
 
 
 @dataclass(frozen=True)

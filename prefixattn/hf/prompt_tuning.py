@@ -51,6 +51,7 @@ try:
 except ImportError as err:  # pragma: no cover - exercised only without the extra
     raise ImportError("prefixattn.hf needs transformers: pip install 'prefixattn[hf]'") from err
 
+from ..losses import check_chunked_loss_support, chunked_loss_forward
 from ._common import INIT_STRATEGIES as INIT_STRATEGIES  # kept importable from here
 from ._common import PEFT_WEIGHTS_KEY, TuningConfigBase, is_int, read_artifact, read_peft_dir
 from .patching import get_prefix, is_patched, set_prefix
@@ -90,10 +91,18 @@ class PromptTuningConfig(TuningConfigBase):
         default=None,
         metadata={"help": "Seed of the 'random' / 'vocab' init (None: torch's global RNG)."},
     )
+    chunked_loss: bool = field(
+        default=False,
+        metadata={
+            "help": "In training mode with labels, compute the loss in chunks of tokens "
+            "without the [B, N, V] logits (see PrefixTuningConfig.chunked_loss)."
+        },
+    )
 
     def __post_init__(self) -> None:
         self._check_num_virtual_tokens()
         self._check_init()
+        self._check_chunked_loss()
         if self.seed is not None and not is_int(self.seed):
             raise TypeError(f"seed must be an int or None, got {self.seed!r}")
 
@@ -188,6 +197,9 @@ class PromptTuning(nn.Module):
             string together with ``tokenizer``.
         tokenizer: tokenizer for a string ``init_text``.
         seed: seed of the "random" / "vocab" init (default: torch's global RNG).
+        chunked_loss: in training mode with ``labels``, compute the loss in chunks of tokens
+            (:func:`prefixattn.losses.causal_lm_loss`): the same loss without the [B, N, V]
+            logits, which then come back as ``None``.
 
     Raises:
         TypeError: ``model`` is not a ``PreTrainedModel``, bad argument types.
@@ -204,6 +216,7 @@ class PromptTuning(nn.Module):
         *,
         tokenizer: Any = None,
         seed: int | None = None,
+        chunked_loss: bool = False,
     ) -> None:
         super().__init__()
         if tokenizer is not None and not isinstance(init_text, str):
@@ -218,7 +231,11 @@ class PromptTuning(nn.Module):
                 raise ValueError(f"init_text is only used with init='text', got init={init!r}")
             text_ids, stored_text = _text_ids(init_text, tokenizer)
         config = PromptTuningConfig(
-            num_virtual_tokens=num_virtual_tokens, init=init, init_text=stored_text, seed=seed
+            num_virtual_tokens=num_virtual_tokens,
+            init=init,
+            init_text=stored_text,
+            seed=seed,
+            chunked_loss=chunked_loss,
         )
         rows = _check_model(model).get_input_embeddings().num_embeddings
         if text_ids is not None:  # checked before the model is touched (frozen)
@@ -244,6 +261,7 @@ class PromptTuning(nn.Module):
             init_text=config.init_text,
             tokenizer=tokenizer if isinstance(config.init_text, str) else None,
             seed=config.seed,
+            chunked_loss=config.chunked_loss,
         )
 
     @classmethod
@@ -255,6 +273,8 @@ class PromptTuning(nn.Module):
 
     def _setup(self, model: PreTrainedModel, config: PromptTuningConfig) -> None:
         model = _check_model(model)
+        if config.chunked_loss:
+            check_chunked_loss_support(model)
         for p in model.parameters():
             p.requires_grad_(False)
         self.config = config
@@ -459,7 +479,11 @@ class PromptTuning(nn.Module):
         if return_dict is None:
             return_dict = getattr(self.model.config, "return_dict", True)
         model_kwargs, N = self._extend(input_ids, kwargs, prepend=prepend, cache_len=cache_len)
-        out = self.model(**model_kwargs, return_dict=True)
+        if self.config.chunked_loss and self.training and model_kwargs.get("labels") is not None:
+            ids = model_kwargs.pop("input_ids", None)
+            out = chunked_loss_forward(self.model, ids, model_kwargs)
+        else:
+            out = self.model(**model_kwargs, return_dict=True)
         if prepend:
             self._strip_virtual(out, N)
         return out if return_dict else out.to_tuple()
