@@ -96,6 +96,7 @@ def _make_tuner(model: Any, tok: Any, args: argparse.Namespace) -> Any:
             init_text=init_text,
             tokenizer=tok if init_text is not None else None,
             backend=args.backend,
+            chunked_loss=getattr(args, "chunked_loss", False),
         )
     if getattr(args, "prefix_projection", False):
         raise CLIError("--prefix-projection applies to --method prefix only")
@@ -108,6 +109,7 @@ def _make_tuner(model: Any, tok: Any, args: argparse.Namespace) -> Any:
         init_text=init_text,
         tokenizer=tok if init_text is not None else None,
         seed=args.seed,
+        chunked_loss=getattr(args, "chunked_loss", False),
     )
 
 
@@ -515,6 +517,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="number of records held out (overrides --eval-fraction)",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--chunked-loss",
+        action="store_true",
+        help="compute the training loss in chunks of tokens, without the [B, N, V] logits "
+        "(less memory; GPT-2, Llama, Mistral, Qwen2/3 models)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     # distributed training: used when run under torchrun (WORLD_SIZE > 1)
     p.add_argument(

@@ -130,6 +130,21 @@ def test_train_then_generate(capsys, tmp_path, model_dir, jsonl, method: str) ->
     assert len(out.strip()) > len("one two colour of cat ?")
 
 
+def test_train_with_chunked_loss(capsys, tmp_path, model_dir, jsonl) -> None:
+    """--chunked-loss trains as well (the same loss, without the logits)."""
+    out_dir = tmp_path / "chunked"
+    rc, _, err = run(
+        capsys, "train", "--data", jsonl, "--model", model_dir, "-P", 4, "--steps", 25,
+        "--batch-size", 8, "--lr", 0.1, "--seq-len", 16, "--eval-size", 8, "--seed", 0,
+        "--device", "cpu", "--out", out_dir, "--no-progress", "--chunked-loss",
+    )  # fmt: skip
+    assert rc == 0, err
+    info = json.loads((out_dir / "prefixattn_train.json").read_text())
+    assert info["eval_loss_after"] < 0.7 * info["eval_loss_before"]
+    saved = json.loads((out_dir / "prefixattn_prefix.json").read_text())
+    assert saved["config"]["chunked_loss"] is True
+
+
 def test_train_on_plain_text(capsys, tmp_path, model_dir) -> None:
     text = tmp_path / "corpus.txt"
     text.write_text("\n\n".join("red green blue cat dog" for _ in range(6)))
