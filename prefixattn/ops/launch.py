@@ -22,6 +22,7 @@ import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from triton.runtime.errors import OutOfResources
@@ -465,12 +466,10 @@ def attention_forward(
     lse = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
     if B * H * Nq == 0:
         return out, lse
+    x = _Inputs(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask)
     for i, (rows, sub) in enumerate(_batch_chunks(prob, wrap)):
-        cq, ck, cv, cpk, cpv, cpidx, ckpm = _rows(
-            rows, prob, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask
-        )
         _forward_launch(
-            cq, ck, cv, cpk, cpv, cpidx, ckpm, _take(out, rows), _take(lse, rows),
+            x.rows(rows, prob), _take(out, rows), _take(lse, rows),
             causal, dropout_p, _chunk_seed(seed, i), sub, wrap,
         )  # fmt: skip
     return out, lse
@@ -511,27 +510,28 @@ def _take(t: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
     return t if t is None or rows == slice(None) else t[rows]
 
 
-def _rows(
-    rows: slice,
-    prob: AttnProblem,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    prefix_k: torch.Tensor | None,
-    prefix_v: torch.Tensor | None,
-    prefix_index: torch.Tensor | None,
-    key_padding_mask: torch.Tensor | None,
-) -> tuple:
-    """The inputs of batch rows ``rows`` (views; a shared prefix or a bank is whole)."""
-    if rows == slice(None):
-        return q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask
-    per_row = prob.layout == PREFIX_PER_ROW
-    return (
-        q[rows], k[rows], v[rows],
-        _take(prefix_k, rows) if per_row else prefix_k,
-        _take(prefix_v, rows) if per_row else prefix_v,
-        _take(prefix_index, rows), _take(key_padding_mask, rows),
-    )  # fmt: skip
+class _Inputs(NamedTuple):
+    """The input tensors of one call, or of a run of its batch rows."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    prefix_k: torch.Tensor | None
+    prefix_v: torch.Tensor | None
+    prefix_index: torch.Tensor | None
+    key_padding_mask: torch.Tensor | None
+
+    def rows(self, rows: slice, prob: AttnProblem) -> _Inputs:
+        """Batch rows ``rows`` (views; a shared prefix or a bank stays whole)."""
+        if rows == slice(None):
+            return self
+        per_row = prob.layout == PREFIX_PER_ROW
+        return _Inputs(
+            self.q[rows], self.k[rows], self.v[rows],
+            _take(self.prefix_k, rows) if per_row else self.prefix_k,
+            _take(self.prefix_v, rows) if per_row else self.prefix_v,
+            _take(self.prefix_index, rows), _take(self.key_padding_mask, rows),
+        )  # fmt: skip
 
 
 def _chunk_seed(seed: int, chunk: int) -> int:
@@ -541,13 +541,7 @@ def _chunk_seed(seed: int, chunk: int) -> int:
 
 
 def _forward_launch(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    prefix_k: torch.Tensor | None,
-    prefix_v: torch.Tensor | None,
-    prefix_index: torch.Tensor | None,
-    key_padding_mask: torch.Tensor | None,
+    x: _Inputs,
     out: torch.Tensor,
     lse: torch.Tensor,
     causal: bool,
@@ -557,6 +551,7 @@ def _forward_launch(
     wrap,
 ) -> None:
     """One ``_attn_fwd`` launch over the rows of ``prob``."""
+    q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask = x
     B, H, Nq, Nk, P, D = prob.B, prob.H, prob.Nq, prob.Nk, prob.P, prob.D
     mode = prob.prefix_mode
     if mode == PREFIX_NONE:
@@ -694,14 +689,12 @@ def attention_backward(
         part_k, part_v = parts[0], parts[1]
 
     delta = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
+    x = _Inputs(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask)
     for i, (rows, sub) in enumerate(_batch_chunks(prob, wrap)):
-        cq, ck, cv, cpk, cpv, cpidx, ckpm = _rows(
-            rows, prob, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask
-        )
         # the partials of row b are rows [b * splits, (b + 1) * splits) of part_k / part_v
         prow = rows if rows == slice(None) else slice(rows.start * splits, rows.stop * splits)
         _backward_launches(
-            _take(do, rows), cq, ck, cv, cpk, cpv, cpidx, ckpm,
+            x.rows(rows, prob), _take(do, rows),
             _take(out, rows), _take(lse, rows), _take(delta, rows),
             _take(dq, rows), _take(dk, rows), _take(dv, rows),
             _take(part_k, prow), _take(part_v, prow),
@@ -721,14 +714,8 @@ def attention_backward(
 
 
 def _backward_launches(
+    x: _Inputs,
     do: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    prefix_k: torch.Tensor | None,
-    prefix_v: torch.Tensor | None,
-    prefix_index: torch.Tensor | None,
-    key_padding_mask: torch.Tensor | None,
     out: torch.Tensor,
     lse: torch.Tensor,
     delta: torch.Tensor,
@@ -750,6 +737,7 @@ def _backward_launches(
 ) -> None:
     """The backward's launches over the rows of ``prob``, up to the prefix partials:
     Delta, then dK/dV, dQ and the partials (split: three kernels; fused: one)."""
+    q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask = x
     ks = _kernels()
     B, H, Hkv, Nq, Nk, P, D = prob.B, prob.H, prob.Hkv, prob.Nq, prob.Nk, prob.P, prob.D
     mode = prob.prefix_mode
