@@ -6,9 +6,9 @@ rest (Triton's launch path, the driver), for the split and the fused backward.
 * ``full`` (GPU only): the real calls at a tiny shape whose GPU work is negligible,
   launched back to back without synchronizing: host wall time per call.
 
-``full - python`` is what the kernel launches cost on the host. Timings are the best of 5
-repeats of ``--calls`` calls, in microseconds; they describe this machine's CPU, not
-kernel speed.
+``full - python`` is what the kernel launches cost on the host. Timings are the best of
+``--repeats`` repeats of ``--calls`` calls, in microseconds; they describe this machine's
+CPU, not kernel speed.
 
     PYTHONPATH=. python scripts/host_overhead.py [--json out.json]
 """
@@ -114,12 +114,14 @@ def make_calls(device: str, dtype: torch.dtype) -> dict[str, Callable[[], None]]
     return {"fwd": fwd, "fwd_bwd": fwd_bwd}
 
 
-def per_call_us(fn: Callable[[], None], calls: int, sync: Callable[[], None]) -> float:
+def per_call_us(
+    fn: Callable[[], None], calls: int, sync: Callable[[], None], repeats: int
+) -> float:
     for _ in range(20):
         fn()
     sync()
     best = float("inf")
-    for _ in range(5):
+    for _ in range(repeats):
         t0 = time.perf_counter()
         for _ in range(calls):
             fn()
@@ -131,6 +133,9 @@ def per_call_us(fn: Callable[[], None], calls: int, sync: Callable[[], None]) ->
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--calls", type=int, default=500, help="calls per repeat")
+    ap.add_argument(
+        "--repeats", type=int, default=11, help="repeats; the fastest is reported (default 11)"
+    )
     ap.add_argument("--json", help="write the rows as JSON to this file")
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
@@ -144,9 +149,9 @@ def main(argv: list[str] | None = None) -> int:
         for mode, fn in calls.items():
             row = {"bwd": bwd, "mode": mode}
             with no_launches():
-                row["python_us"] = round(per_call_us(fn, args.calls, sync), 1)
+                row["python_us"] = round(per_call_us(fn, args.calls, sync, args.repeats), 1)
             if cuda:
-                row["full_us"] = round(per_call_us(fn, args.calls, sync), 1)
+                row["full_us"] = round(per_call_us(fn, args.calls, sync, args.repeats), 1)
                 row["launches_us"] = round(row["full_us"] - row["python_us"], 1)
             rows.append(row)
             print(json.dumps(row), flush=True)
