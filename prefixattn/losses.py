@@ -134,7 +134,8 @@ def causal_lm_loss(
         raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
     if chunk_tokens is not None and (not isinstance(chunk_tokens, int) or chunk_tokens < 1):
         raise ValueError(f"chunk_tokens must be a positive int, got {chunk_tokens!r}")
-    targets = labels[:, 1:].reshape(-1).long()  # [B * (N - 1)]
+    # labels may live elsewhere (transformers moves them to the logits' device too)
+    targets = labels[:, 1:].reshape(-1).long().to(hidden.device)  # [B * (N - 1)]
     keep = targets != ignore_index
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])[keep]  # [T, d], T counted tokens
     targets = targets[keep]
