@@ -46,9 +46,12 @@ import torch.nn.functional as F
 
 from prefixattn import prefix_attention
 
-# prefixattn_fused: the same kernels with the fused backward (PREFIXATTN_BWD=fused);
-# backward modes only (its forward is prefixattn's)
-KERNEL_IMPLS = ("prefixattn", "prefixattn_fused", "concat_eager", "concat_sdpa", "flex")
+# prefixattn runs PREFIXATTN_BWD=auto (the default: fused backward for small problems,
+# split above launch.FUSED_BWD_MAX_WORK); prefixattn_fused / prefixattn_split force one
+# layout (backward modes only: their forward is prefixattn's)
+KERNEL_IMPLS = (
+    "prefixattn", "prefixattn_fused", "prefixattn_split", "concat_eager", "concat_sdpa", "flex",
+)  # fmt: skip
 SERVING_IMPLS = ("prefixattn", "gather_concat_sdpa", "gather_concat_eager")
 E2E_IMPLS = (
     "prefixattn",
@@ -406,7 +409,7 @@ def prefixattn_call(x: AttnInputs, backend: str = "triton") -> torch.Tensor:
 def impl_fn(impl: str, device: torch.device) -> Callable[[AttnInputs], torch.Tensor]:
     """The callable for an ``impl`` name (kernel and serving names)."""
     on_cuda = device.type == "cuda"
-    if impl in ("prefixattn", "prefixattn_fused"):
+    if impl in ("prefixattn", "prefixattn_fused", "prefixattn_split"):
         # backend="triton": CUDA, or the interpreter on CPU; the caller sets PREFIXATTN_BWD
         return prefixattn_call
     if impl in ("concat_eager", "gather_concat_eager"):

@@ -28,7 +28,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-KERNEL_BASELINES = ("prefixattn_fused", "concat_sdpa", "concat_eager", "flex")
+KERNEL_BASELINES = ("prefixattn_fused", "prefixattn_split", "concat_sdpa", "concat_eager", "flex")
 SERVING_BASELINES = ("gather_concat_sdpa", "gather_concat_eager")
 E2E_IMPLS = (
     "prefixattn",
@@ -164,9 +164,10 @@ def header_md(data: dict[str, Any], rows: Sequence[dict[str, Any]], smoke: bool)
         "pairs) forward (prefix columns in full, the causal part ~half), x2.5 backward, "
         "x3.5 forward+backward, the same count for every implementation. Every row passed a "
         "correctness check against the fp32 reference before it was timed. prefixattn "
-        "runs the split backward (the default); `prefixattn_fused` is the same library "
-        "with `PREFIXATTN_BWD=fused`, so `vs prefixattn_fused` < 1 means the fused backward "
-        "is faster.",
+        "runs `PREFIXATTN_BWD=auto` (the default: the fused backward up to "
+        "`launch.FUSED_BWD_MAX_WORK` score elements, the split one above); "
+        "`prefixattn_fused` / `prefixattn_split` force one layout, so `vs prefixattn_split` "
+        "< 1 means auto's choice is slower than the split backward there.",
         "",
     ]
     return "\n".join(out)
@@ -380,6 +381,7 @@ COLORS = {
     "prefixattn": "#1f77b4",
     "prefixattn_ckpt": "#aec7e8",
     "prefixattn_fused": "#9467bd",
+    "prefixattn_split": "#8c564b",
     "prefixattn_compiled": "#17becf",
     "prefixattn_compiled_cg": "#9edae5",
     "prefixattn_chunked_loss": "#c5b0d5",

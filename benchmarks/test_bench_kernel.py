@@ -11,6 +11,7 @@ import torch
 
 from benchmarks import benchlib as bl
 from benchmarks.benchlib import AttnShape
+from prefixattn.ops.plan import clear_plans
 
 
 def gpt2(N: int, P: int, dtype: str = "bf16", H: int = 12, family: str = "gpt2s") -> AttnShape:
@@ -90,7 +91,7 @@ def _params(grid_name: str) -> list:
         for shape, modes in grid:
             for mode in modes:
                 for impl in bl.KERNEL_IMPLS:
-                    if impl == "prefixattn_fused" and mode == "fwd":
+                    if impl in ("prefixattn_fused", "prefixattn_split") and mode == "fwd":
                         continue  # the same forward as prefixattn
                     marks = [pytest.mark.bench_smoke if smoke else pytest.mark.bench_gpu]
                     if not smoke:
@@ -123,8 +124,10 @@ def test_kernel(
     """One kernel row: correctness gate, then peak memory and CUDA-event timing."""
     shape = SHAPES[case]
     smoke = case in SMOKE_IDS
-    if impl == "prefixattn_fused":
-        request.getfixturevalue("monkeypatch").setenv("PREFIXATTN_BWD", "fused")
+    if impl in ("prefixattn_fused", "prefixattn_split"):
+        request.getfixturevalue("monkeypatch").setenv("PREFIXATTN_BWD", impl.split("_")[1])
+    if impl.startswith("prefixattn"):
+        clear_plans()  # the backward layout is read when a call plan's backward is set up
     if smoke:
         device, gemm = torch.device("cpu"), None
         if impl.startswith("prefixattn"):

@@ -21,23 +21,44 @@ What one program computes (``@triton.jit`` helpers, inlined where they are calle
     _bwd_prefix_program     fp32 partial dK, dV of one prefix block for one row and one
                             run ("split") of its queries
 
-Kernels, in launch order:
+Kernels, in launch order. The split backward (large problems, GPU-bound):
 
     _attn_bwd_preprocess    Delta, one program per (query block, b*h)
-    then either the split backward (three launches, each autotuned on its own)
-        _attn_bwd_dkdv          one _bwd_dkdv_program per program
-        _attn_bwd_dq            one _bwd_dq_program per program
-        _attn_bwd_prefix_dkdv   one _bwd_prefix_program per program
-    or the fused backward (one launch; ``PREFIXATTN_BWD=fused``)
-        _attn_bwd               all three kinds of program, chosen by program id
+    _attn_bwd_dkdv          one _bwd_dkdv_program per program    (each of the three
+    _attn_bwd_dq            one _bwd_dq_program per program       autotuned on its own)
+    _attn_bwd_prefix_dkdv   one _bwd_prefix_program per program
     _prefix_grad_reduce     sums the partials of the rows that use each prefix entry, in
                             a fixed order: bitwise reproducible, no atomics
+
+The fused backward (small problems, where the host's launches cost more than the GPU's
+work): ``_attn_bwd`` runs all three kinds of program in one launch and, without
+HAS_DELTA, each program computes the Delta it needs from O and dO itself (no pre-pass);
+then ``_prefix_grad_reduce``, unless each prefix entry has exactly one partial (a per-row
+prefix in one query split), which the prefix programs then write directly as the
+gradient. A backward is 1 or 2 launches.
 """
 
 import triton
 import triton.language as tl
 
 from .prefix_attention_fwd import PREFIX_BANK, PREFIX_PER_ROW, _dropout_keep, _prefix_entry
+
+
+@triton.jit
+def _row_delta(Delta, O, do, offs_m, offs_d, m_ok, d_ok, D: tl.constexpr, HAS_DELTA: tl.constexpr):
+    """Delta of query rows ``offs_m`` [BLOCK_M] fp32: read from the pre-pass's Delta, or
+    (HAS_DELTA False) computed as rowsum(dO * O) from the loaded dO tile [BLOCK_M, BLOCK_D]
+    and O, a contiguous [Nq, D] output of one (b, h), which saves the pre-pass's launch."""
+    if HAS_DELTA:
+        delta = tl.load(Delta + offs_m, mask=m_ok, other=0.0)
+    else:
+        o = tl.load(
+            O + offs_m[:, None].to(tl.int64) * D + offs_d[None, :],
+            mask=m_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    return delta
 
 
 @triton.jit
@@ -97,6 +118,7 @@ def _attn_bwd_kv_inner(
     DO,
     LSE,
     Delta,
+    O,
     stride_qm,
     stride_qd,
     stride_dom,
@@ -120,6 +142,7 @@ def _attn_bwd_kv_inner(
     HAS_KEY_MASK: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    HAS_DELTA: tl.constexpr,
 ):
     """Accumulate dK, dV [BLOCK_N, BLOCK_D] of one key block over query blocks [lo, hi).
 
@@ -127,7 +150,8 @@ def _attn_bwd_kv_inner(
     q^T [BLOCK_D, BLOCK_M] and the score tile is s^T = k q^T [BLOCK_N, BLOCK_M], so no
     computed tile is ever transposed before a dot. Q, DO point at query 0 of this (b, h);
     LSE, Delta at this (b, h)'s row vector. Out-of-range query rows load q = dO = 0 and
-    LSE = +inf, so they contribute nothing.
+    LSE = +inf, so they contribute nothing. Without HAS_DELTA (fused backward), Delta_i =
+    rowsum(dO_i * O_i) is computed here from O, this (b, h)'s contiguous [Nq, D] output.
     """
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -147,7 +171,7 @@ def _attn_bwd_kv_inner(
             other=0.0,
         )  # [BLOCK_M, BLOCK_D]
         lse = tl.load(LSE + offs_m, mask=m_ok, other=float("inf"))
-        delta = tl.load(Delta + offs_m, mask=m_ok, other=0.0)
+        delta = _row_delta(Delta, O, do, offs_m, offs_d, m_ok, d_ok, D, HAS_DELTA)
         sT = tl.dot(k, qT, input_precision=INPUT_PRECISION) * qk_scale  # [N, M]
         pT = tl.exp2(sT - lse[None, :])
         if MASK_CAUSAL:
@@ -182,6 +206,7 @@ def _bwd_dkdv_program(
     DO,
     LSE,
     Delta,
+    O,
     KPM,
     DK,
     DV,
@@ -223,6 +248,7 @@ def _bwd_dkdv_program(
     HAS_KPM: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    HAS_DELTA: tl.constexpr,
 ):
     """dK, dV of sequence keys [start_n, start_n + BLOCK_N) of kv head ``off_hk`` of row
     ``off_b``, summed over the GROUP query heads that share it and every query that sees
@@ -275,21 +301,22 @@ def _bwd_dkdv_program(
         do_ptr = DO + b64 * stride_doz + off_h.to(tl.int64) * stride_doh
         lse_ptr = LSE + off_bh.to(tl.int64) * N_Q
         delta_ptr = Delta + off_bh.to(tl.int64) * N_Q
+        o_ptr = O + off_bh.to(tl.int64) * N_Q * D
         drop_base = off_bh.to(tl.int64) * N_Q
         if IS_CAUSAL:
             dk, dv = _attn_bwd_kv_inner(
-                dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr,
+                dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, o_ptr,
                 stride_qm, stride_qd, stride_dom, stride_dod,
                 band_lo, band_hi, offs_n, key_real, N_Q, causal_off, qk_scale,
                 seed, drop_base, n_tot, N_P, dropout_p,
-                D, BLOCK_D, BLOCK_M, True, HAS_KPM, HAS_DROPOUT, INPUT_PRECISION,
+                D, BLOCK_D, BLOCK_M, True, HAS_KPM, HAS_DROPOUT, INPUT_PRECISION, HAS_DELTA,
             )  # fmt: skip
         dk, dv = _attn_bwd_kv_inner(
-            dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr,
+            dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, o_ptr,
             stride_qm, stride_qd, stride_dom, stride_dod,
             band_hi, N_Q, offs_n, key_real, N_Q, causal_off, qk_scale,
             seed, drop_base, n_tot, N_P, dropout_p,
-            D, BLOCK_D, BLOCK_M, False, HAS_KPM, HAS_DROPOUT, INPUT_PRECISION,
+            D, BLOCK_D, BLOCK_M, False, HAS_KPM, HAS_DROPOUT, INPUT_PRECISION, HAS_DELTA,
         )  # fmt: skip
 
     dk = dk * sm_scale
@@ -299,7 +326,7 @@ def _bwd_dkdv_program(
     tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=ld)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _attn_bwd_dkdv(
     Q,
     K,
@@ -360,12 +387,12 @@ def _attn_bwd_dkdv(
     off_bhk = tl.program_id(1)
     _bwd_dkdv_program(
         tl.program_id(0) * BLOCK_N, off_bhk // HKV, off_bhk % HKV,
-        Q, K, V, DO, LSE, Delta, KPM, DK, DV,
+        Q, K, V, DO, LSE, Delta, Delta, KPM, DK, DV,
         stride_qz, stride_qh, stride_qm, stride_qd, stride_kz, stride_kh, stride_kn, stride_kd,
         stride_vz, stride_vh, stride_vn, stride_vd, stride_doz, stride_doh, stride_dom,
         stride_dod, stride_kpmz, stride_kpmn, stride_dkz, stride_dkh, stride_dkn, stride_dkd,
         H, GROUP, N_Q, N_K, N_P, sm_scale, dropout_p, seed,
-        D, BLOCK_D, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_KPM, HAS_DROPOUT, INPUT_PRECISION,
+        D, BLOCK_D, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_KPM, HAS_DROPOUT, INPUT_PRECISION, True,
     )  # fmt: skip
 
 
@@ -455,6 +482,7 @@ def _bwd_dq_program(
     DO,
     LSE,
     Delta,
+    O,
     DQ,
     stride_qz,
     stride_qh,
@@ -503,6 +531,7 @@ def _bwd_dq_program(
     HAS_KPM: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    HAS_DELTA: tl.constexpr,
 ):
     """dQ of queries [start_m, start_m + BLOCK_M) of query head ``off_h`` of row
     ``off_b``: the same key stages as the forward (prefix, off-band, on-band)."""
@@ -525,7 +554,10 @@ def _bwd_dq_program(
         mask=ld, other=0.0,
     )  # fmt: skip
     lse = tl.load(LSE + off_bh.to(tl.int64) * N_Q + offs_m, mask=m_ok, other=float("inf"))
-    delta = tl.load(Delta + off_bh.to(tl.int64) * N_Q + offs_m, mask=m_ok, other=0.0)
+    delta = _row_delta(
+        Delta + off_bh.to(tl.int64) * N_Q, O + off_bh.to(tl.int64) * N_Q * D, do,
+        offs_m, offs_d, m_ok, offs_d < D, D, HAS_DELTA,
+    )  # fmt: skip
 
     qk_scale = sm_scale * 1.44269504089
     n_tot = N_P + N_K
@@ -572,7 +604,7 @@ def _bwd_dq_program(
     tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=ld)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _attn_bwd_dq(
     Q,
     K,
@@ -640,7 +672,7 @@ def _attn_bwd_dq(
     off_bh = tl.program_id(1)
     _bwd_dq_program(
         tl.program_id(0) * BLOCK_M, off_bh // H, off_bh % H,
-        Q, K, V, PK, PV, PIDX, KPM, DO, LSE, Delta, DQ,
+        Q, K, V, PK, PV, PIDX, KPM, DO, LSE, Delta, Delta, DQ,
         stride_qz, stride_qh, stride_qm, stride_qd, stride_kz, stride_kh, stride_kn, stride_kd,
         stride_vz, stride_vh, stride_vn, stride_vd, stride_pkz, stride_pkh, stride_pkn,
         stride_pkd, stride_pvz, stride_pvh, stride_pvn, stride_pvd, stride_kpmz, stride_kpmn,
@@ -648,7 +680,7 @@ def _attn_bwd_dq(
         stride_dqd,
         H, GROUP, N_Q, N_K, N_P, sm_scale, dropout_p, seed,
         D, BLOCK_D, BLOCK_M, BLOCK_N, IS_CAUSAL, PREFIX_MODE, HAS_KPM, HAS_DROPOUT,
-        INPUT_PRECISION,
+        INPUT_PRECISION, True,
     )  # fmt: skip
 
 
@@ -666,6 +698,7 @@ def _bwd_prefix_program(
     DO,
     LSE,
     Delta,
+    O,
     DPK,
     DPV,
     stride_qz,
@@ -700,13 +733,16 @@ def _bwd_prefix_program(
     PREFIX_MODE: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    HAS_DELTA: tl.constexpr,
 ):
     """fp32 partial dK, dV of prefix keys [start_n, start_n + BLOCK_N) of the entry row
     ``off_b`` reads, kv head ``off_hk``: the sum over the GROUP heads of that kv head and
     the ``split``-th of ``n_split`` equal runs of query blocks of row b (no causal mask:
     every query sees every prefix key). Written to DPK/DPV[(b * n_split + split), hk,
-    start_n:start_n+BLOCK_N, :], contiguous [B * n_split, Hkv, P, D]; no two programs
-    write the same element, so nothing is atomic.
+    start_n:start_n+BLOCK_N, :], contiguous [B * n_split, Hkv, P, D], in DPK's dtype; no
+    two programs write the same element, so nothing is atomic. With n_split = 1 and one row
+    per entry (a per-row prefix) that is the prefix gradient itself, and the launcher
+    passes the gradient tensors as DPK/DPV.
     """
     b64 = off_b.to(tl.int64)
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -738,19 +774,20 @@ def _bwd_prefix_program(
             Q + b64 * stride_qz + off_h.to(tl.int64) * stride_qh,
             DO + b64 * stride_doz + off_h.to(tl.int64) * stride_doh,
             LSE + off_bh.to(tl.int64) * N_Q, Delta + off_bh.to(tl.int64) * N_Q,
+            O + off_bh.to(tl.int64) * N_Q * D,
             stride_qm, stride_qd, stride_dom, stride_dod,
             q_lo, q_hi, offs_n, offs_n < N_P, q_hi, 0, qk_scale,
             seed, off_bh.to(tl.int64) * N_Q, N_P + N_K, 0, dropout_p,
-            D, BLOCK_D, BLOCK_M, False, False, HAS_DROPOUT, INPUT_PRECISION,
+            D, BLOCK_D, BLOCK_M, False, False, HAS_DROPOUT, INPUT_PRECISION, HAS_DELTA,
         )  # fmt: skip
     dk = dk * sm_scale
     part = (b64 * n_split + split) * HKV + off_hk
     out_off = (part * N_P + rows_n) * D + offs_d[None, :]
-    tl.store(DPK + out_off, dk, mask=ld)
-    tl.store(DPV + out_off, dv, mask=ld)
+    tl.store(DPK + out_off, dk.to(DPK.dtype.element_ty), mask=ld)
+    tl.store(DPV + out_off, dv.to(DPV.dtype.element_ty), mask=ld)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _attn_bwd_prefix_dkdv(
     Q,
     PK,
@@ -805,16 +842,16 @@ def _attn_bwd_prefix_dkdv(
     _bwd_prefix_program(
         tl.program_id(0) * BLOCK_N, off_bhk // HKV, off_bhk % HKV,
         tl.program_id(2), tl.num_programs(2),
-        Q, PK, PV, PIDX, DO, LSE, Delta, DPK, DPV,
+        Q, PK, PV, PIDX, DO, LSE, Delta, Delta, DPK, DPV,
         stride_qz, stride_qh, stride_qm, stride_qd, stride_pkz, stride_pkh, stride_pkn,
         stride_pkd, stride_pvz, stride_pvh, stride_pvn, stride_pvd,
         stride_doz, stride_doh, stride_dom, stride_dod,
         H, HKV, GROUP, N_Q, N_K, N_P, sm_scale, dropout_p, seed,
-        D, BLOCK_D, BLOCK_M, BLOCK_N, PREFIX_MODE, HAS_DROPOUT, INPUT_PRECISION,
+        D, BLOCK_D, BLOCK_M, BLOCK_N, PREFIX_MODE, HAS_DROPOUT, INPUT_PRECISION, True,
     )  # fmt: skip
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _attn_bwd(
     Q,
     K,
@@ -826,6 +863,7 @@ def _attn_bwd(
     DO,
     LSE,
     Delta,
+    O,
     DQ,
     DK,
     DV,
@@ -892,8 +930,9 @@ def _attn_bwd(
     HAS_KPM: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    HAS_DELTA: tl.constexpr,
 ):
-    """The whole backward after ``_attn_bwd_preprocess`` in one launch (fused backward).
+    """The whole backward in one launch (fused backward).
 
     Grid: (B * Hkv, N_PREFIX_PROGS + n_kv + n_dq), n_kv = NEED_KV * cdiv(Nk, BLOCK_N),
     n_dq = NEED_DQ * cdiv(Nq, BLOCK_M2). Program (b*Hkv + hk, j) is, by j:
@@ -905,9 +944,10 @@ def _attn_bwd(
         [.., + n_dq)              dQ of one query block (BLOCK_M2 queries, key tiles of
                                   BLOCK_N2) for each of the GROUP heads of kv head hk
 
-    The programs are the split kernels' (same math, same outputs, still no atomics); one
-    launch instead of three saves host time, and the three kinds run side by side on the
-    GPU. Long programs come first: prefix programs walk every query (of their split), key
+    The programs are the split kernels' (same math, still no atomics); one launch instead
+    of four saves host time, and the three kinds run side by side on the GPU. Without
+    HAS_DELTA every program computes Delta = rowsum(dO * O) of the query rows it loads from
+    O (the forward's output, contiguous [B, H, Nq, D]) instead of reading a pre-pass's. Long programs come first: prefix programs walk every query (of their split), key
     block 0 is seen by every query, and dQ runs from the last query block (which sees
     the most keys) down.
     """
@@ -920,23 +960,25 @@ def _attn_bwd(
         if PREFIX_MODE != 0:
             _bwd_prefix_program(
                 (j // N_SPLIT) * BLOCK_NP, off_b, off_hk, j % N_SPLIT, N_SPLIT,
-                Q, PK, PV, PIDX, DO, LSE, Delta, DPK, DPV,
+                Q, PK, PV, PIDX, DO, LSE, Delta, O, DPK, DPV,
                 stride_qz, stride_qh, stride_qm, stride_qd, stride_pkz, stride_pkh,
                 stride_pkn, stride_pkd, stride_pvz, stride_pvh, stride_pvn, stride_pvd,
                 stride_doz, stride_doh, stride_dom, stride_dod,
                 H, HKV, GROUP, N_Q, N_K, N_P, sm_scale, dropout_p, seed,
                 D, BLOCK_D, BLOCK_M, BLOCK_NP, PREFIX_MODE, HAS_DROPOUT, INPUT_PRECISION,
+                HAS_DELTA,
             )  # fmt: skip
     elif j < N_PREFIX_PROGS + n_kv:
         _bwd_dkdv_program(
             (j - N_PREFIX_PROGS) * BLOCK_N, off_b, off_hk,
-            Q, K, V, DO, LSE, Delta, KPM, DK, DV,
+            Q, K, V, DO, LSE, Delta, O, KPM, DK, DV,
             stride_qz, stride_qh, stride_qm, stride_qd, stride_kz, stride_kh, stride_kn,
             stride_kd, stride_vz, stride_vh, stride_vn, stride_vd, stride_doz, stride_doh,
             stride_dom, stride_dod, stride_kpmz, stride_kpmn, stride_dkz, stride_dkh,
             stride_dkn, stride_dkd,
             H, GROUP, N_Q, N_K, N_P, sm_scale, dropout_p, seed,
             D, BLOCK_D, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_KPM, HAS_DROPOUT, INPUT_PRECISION,
+            HAS_DELTA,
         )  # fmt: skip
     else:
         n_dq = NEED_DQ * tl.cdiv(N_Q, BLOCK_M2)
@@ -944,7 +986,7 @@ def _attn_bwd(
         for g in range(GROUP):
             _bwd_dq_program(
                 start_m, off_b, off_hk * GROUP + g,
-                Q, K, V, PK, PV, PIDX, KPM, DO, LSE, Delta, DQ,
+                Q, K, V, PK, PV, PIDX, KPM, DO, LSE, Delta, O, DQ,
                 stride_qz, stride_qh, stride_qm, stride_qd, stride_kz, stride_kh, stride_kn,
                 stride_kd, stride_vz, stride_vh, stride_vn, stride_vd, stride_pkz,
                 stride_pkh, stride_pkn, stride_pkd, stride_pvz, stride_pvh, stride_pvn,
@@ -952,7 +994,7 @@ def _attn_bwd(
                 stride_dod, stride_dqz, stride_dqh, stride_dqm, stride_dqd,
                 H, GROUP, N_Q, N_K, N_P, sm_scale, dropout_p, seed,
                 D, BLOCK_D, BLOCK_M2, BLOCK_N2, IS_CAUSAL, PREFIX_MODE, HAS_KPM,
-                HAS_DROPOUT, INPUT_PRECISION,
+                HAS_DROPOUT, INPUT_PRECISION, HAS_DELTA,
             )  # fmt: skip
 
 

@@ -1,14 +1,20 @@
-"""Host time per call of ``prefix_attention``, split into prefixattn's own Python and the
-rest (Triton's launch path, the driver), for the split and the fused backward.
+"""Host cost per call of ``prefix_attention``: deterministic counts (Python-level calls,
+Triton launches, tensor allocations) and host microseconds, for the forward (inference)
+and forward + backward (with ``torch.autograd.grad``), for shared, per-row and bank
+prefixes, next to the same-run host cost of the concat path it replaces (cat + SDPA with
+a ``causal_lower_right`` mask, + grad) on the same tiny shapes.
 
-* ``python``: the Triton launches are replaced by no-ops, everything else runs
-  (validation, autograd, allocation, config lookup, grids). Runs on CPU or GPU.
-* ``full`` (GPU only): the real calls at a tiny shape whose GPU work is negligible,
-  launched back to back without synchronizing: host wall time per call.
+* ``python_us`` / the counts: the Triton launches are replaced by counting no-ops
+  (``prefixattn.profiling.no_launches``), everything else runs (plan lookup, value
+  checks, autograd, allocation). ``--path cuda`` (default) takes the GPU launch path on
+  any machine; ``--path interpreter`` the CPU interpreter's.
+* ``full_us`` (GPU only): the real calls at the tiny shape, launched back to back without
+  synchronizing: host wall time per call; ``full - python`` is what the launches cost.
+* ``concat_sdpa_us``: the concat path's wall time per call in the same run (on a CPU it
+  includes SDPA's compute, which is small at this shape; on a GPU its launches).
 
-``full - python`` is what the kernel launches cost on the host. Timings are the best of
-``--repeats`` repeats of ``--calls`` calls, in microseconds; they describe this machine's
-CPU, not kernel speed.
+Timings are the best of ``--repeats`` repeats of ``--calls`` calls; they describe this
+machine's CPU, never kernel speed. Counts do not depend on the machine.
 
     PYTHONPATH=. python scripts/host_overhead.py [--json out.json]
 """
@@ -16,15 +22,12 @@ CPU, not kernel speed.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
 import sys
 import time
-import types
-from collections.abc import Callable, Iterator
-from unittest import mock
+from collections.abc import Callable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -35,83 +38,60 @@ import torch  # noqa: E402
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are imported
 
+import torch.nn.functional as F  # noqa: E402
+from torch.nn.attention.bias import causal_lower_right  # noqa: E402
+
 import prefixattn  # noqa: E402
-from prefixattn.ops import attention as attention_mod  # noqa: E402
-from prefixattn.ops import launch  # noqa: E402
+from prefixattn.profiling import count_host_work, no_launches  # noqa: E402
 
-KERNELS = (
-    "_attn_fwd",
-    "_attn_bwd_preprocess",
-    "_attn_bwd_dkdv",
-    "_attn_bwd_dq",
-    "_attn_bwd_prefix_dkdv",
-    "_attn_bwd",
-    "_prefix_grad_reduce",
-)
+B, H, N, P, D = 2, 2, 16, 4, 64
 
 
-class _NoLaunch:
-    """Stands in for a jit kernel (or its autotuner): ``k[grid](...)`` evaluates the grid
-    and launches nothing."""
-
-    def __init__(self, best_config=None) -> None:
-        self.best_config = best_config
-
-    def __getitem__(self, grid):
-        meta = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_M2": 64, "BLOCK_N2": 64}
-        if callable(grid):
-            grid(meta)
-        return lambda *args, **kwargs: None
-
-
-@contextlib.contextmanager
-def no_launches() -> Iterator[None]:
-    """Replace every Triton launch by a no-op; the launcher takes its GPU path (a tuned
-    config cached per bucket, as after the first call)."""
-    import triton
-
-    tuned = {
-        name: _NoLaunch(triton.Config(cfg.tiles(), num_warps=cfg.num_warps, num_stages=2))
-        for name, cfgs in launch.CONFIG_LISTS.items()
-        for cfg in cfgs[:1]
-    }
-    stubs = types.SimpleNamespace(**{k: _NoLaunch() for k in KERNELS})
-    with (
-        mock.patch.multiple(
-            launch,
-            _kernels=lambda: stubs,
-            kernels_interpreted=lambda: False,
-            _autotune_enabled=lambda q: True,
-            _tuned=lambda name: tuned[name],
-            _sm_count=lambda index: 132,
-            _best_config={},
-        ),
-        mock.patch.object(attention_mod, "check_triton_device", lambda q: None),
-    ):
-        yield
-
-
-def make_calls(device: str, dtype: torch.dtype) -> dict[str, Callable[[], None]]:
-    """fwd (no grad) and fwd+bwd at B=1, H=2, N=16, P=4, D=64 (shared prefix)."""
+def make_calls(device: str, dtype: torch.dtype, prefix: str) -> dict[str, Callable[[], None]]:
+    """fwd (no grad) and fwd_bwd of prefixattn and of the concat path, B2 H2 N16 P4 D64."""
     g = torch.Generator(device="cpu").manual_seed(0)
 
     def mk(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=g).to(device, dtype).requires_grad_()
 
-    q, k, v = mk(1, 2, 16, 64), mk(1, 2, 16, 64), mk(1, 2, 16, 64)
-    pk, pv = mk(2, 4, 64), mk(2, 4, 64)
+    q, k, v = mk(B, H, N, D), mk(B, H, N, D), mk(B, H, N, D)
+    lead = {"shared": (), "row": (B,), "bank": (3,)}[prefix]
+    pk, pv = mk(*lead, H, P, D), mk(*lead, H, P, D)
+    idx = torch.tensor([2, 0], device=device) if prefix == "bank" else None
     leaves = [q, k, v, pk, pv]
-    gout = torch.ones(1, 2, 16, 64, device=device, dtype=dtype)
+    gout = torch.ones(B, H, N, D, device=device, dtype=dtype)
+    mask = causal_lower_right(N, N + P)
 
     def fwd() -> None:
         with torch.no_grad():
-            prefixattn.prefix_attention(q, k, v, pk, pv, backend="triton")
+            prefixattn.prefix_attention(q, k, v, pk, pv, prefix_index=idx, backend="triton")
 
     def fwd_bwd() -> None:
-        out = prefixattn.prefix_attention(q, k, v, pk, pv, backend="triton")
+        out = prefixattn.prefix_attention(q, k, v, pk, pv, prefix_index=idx, backend="triton")
         torch.autograd.grad(out, leaves, gout)
 
-    return {"fwd": fwd, "fwd_bwd": fwd_bwd}
+    def concat(grad: bool) -> None:
+        if prefix == "shared":
+            ek, ev = pk.expand(B, -1, -1, -1), pv.expand(B, -1, -1, -1)
+        elif prefix == "row":
+            ek, ev = pk, pv
+        else:
+            ek, ev = pk[idx], pv[idx]
+        kk, vv = torch.cat([ek, k], 2), torch.cat([ev, v], 2)
+        out = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)
+        if grad:
+            torch.autograd.grad(out, leaves, gout)
+
+    def concat_fwd() -> None:
+        with torch.no_grad():
+            concat(False)
+
+    return {
+        "fwd": fwd,
+        "fwd_bwd": fwd_bwd,
+        "concat_fwd": concat_fwd,
+        "concat_fwd_bwd": lambda: concat(True),
+    }
 
 
 def per_call_us(
@@ -136,31 +116,40 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--repeats", type=int, default=11, help="repeats; the fastest is reported (default 11)"
     )
+    ap.add_argument("--path", default="cuda", choices=("cuda", "interpreter"))
     ap.add_argument("--json", help="write the rows as JSON to this file")
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     dtype = torch.bfloat16 if cuda else torch.float32
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    calls = make_calls(device, dtype)
     rows = []
-    for bwd in ("split", "fused"):
+    for bwd in ("auto", "split"):
         os.environ["PREFIXATTN_BWD"] = bwd
-        for mode, fn in calls.items():
-            row = {"bwd": bwd, "mode": mode}
-            with no_launches():
-                row["python_us"] = round(per_call_us(fn, args.calls, sync, args.repeats), 1)
-            if cuda:
-                row["full_us"] = round(per_call_us(fn, args.calls, sync, args.repeats), 1)
-                row["launches_us"] = round(row["full_us"] - row["python_us"], 1)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+        for prefix in ("shared", "row", "bank"):
+            calls = make_calls(device, dtype, prefix)
+            for mode in ("fwd", "fwd_bwd"):
+                fn = calls[mode]
+                row: dict = {"bwd": bwd, "prefix": prefix, "mode": mode}
+                with no_launches(args.path) as launches:
+                    c = count_host_work(fn, launches)
+                    row.update(calls=c.calls, launches=c.launches, allocations=c.allocations)
+                    row["python_us"] = round(per_call_us(fn, args.calls, sync, args.repeats), 1)
+                if cuda:
+                    row["full_us"] = round(per_call_us(fn, args.calls, sync, args.repeats), 1)
+                    row["launches_us"] = round(row["full_us"] - row["python_us"], 1)
+                base = calls["concat_" + mode]
+                row["concat_sdpa_calls"] = count_host_work(base).calls
+                row["concat_sdpa_us"] = round(per_call_us(base, args.calls, sync, args.repeats), 1)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
     meta = {
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "cpu": platform.processor() or platform.machine(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "triton": __import__("triton").__version__,
+        "shape": f"B{B} H{H} Nq=Nk={N} P{P} D{D} {str(dtype).replace('torch.', '')}",
         "command": "python scripts/host_overhead.py " + " ".join(argv or sys.argv[1:]),
     }
     if args.json:

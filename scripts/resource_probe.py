@@ -102,7 +102,7 @@ def kernel_flags(name: str, D: int) -> dict:
         "dkdv": dict(IS_CAUSAL=True, HAS_KPM=False),
         "dq": dict(IS_CAUSAL=True, PREFIX_MODE=1, HAS_KPM=False),
         "prefix_dkdv": dict(PREFIX_MODE=1),
-        "bwd": dict(IS_CAUSAL=True, PREFIX_MODE=1, HAS_KPM=False, BLOCK_NP=64),
+        "bwd": dict(IS_CAUSAL=True, PREFIX_MODE=1, HAS_KPM=False, BLOCK_NP=64, HAS_DELTA=False),
     }
     return {**common, **per_kernel[name]}
 

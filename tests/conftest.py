@@ -28,6 +28,15 @@ def device() -> str:
     return DEVICE
 
 
+@pytest.fixture(autouse=True)
+def _fresh_call_plans() -> None:
+    """Each test starts without cached call plans (prefixattn/ops/plan.py), so a test
+    that swaps kernels, limits or environment variables sees them take effect."""
+    from prefixattn.ops.plan import clear_plans
+
+    clear_plans()
+
+
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     """With PREFIXATTN_FAIL_LOG=path, append each failure as it happens (long GPU runs can
     be cut off before pytest's summary)."""

@@ -232,14 +232,14 @@ def _fwd_args(kw: dict, sm_scale: float, dropout_p: float, seed):
 def _eager(kw: dict, scale: float, seed, monkeypatch) -> tuple[torch.Tensor, list]:
     """The eager autograd function on fresh leaves, with the op's dropout seed."""
     from prefixattn.ops import autograd as ag
-    from prefixattn.ops.validation import validate
+    from prefixattn.ops.plan import lookup_plan
 
     monkeypatch.setattr(ag, "new_seed", lambda: int(seed))
     leaves = [kw[n].detach().requires_grad_(True) for n in ("q", "k", "v", "prefix_k", "prefix_v")]
-    prob = validate(*leaves[:3], *leaves[3:], kw["prefix_index"], kw["key_padding_mask"],
-                    True, scale, 0.2, "triton")  # fmt: skip
+    plan = lookup_plan(*leaves[:3], *leaves[3:], kw["prefix_index"], kw["key_padding_mask"],
+                       True, scale, 0.2, "triton")  # fmt: skip
     out = PrefixAttentionFunction.apply(*leaves, kw["prefix_index"], kw["key_padding_mask"],
-                                        True, 0.2, prob)  # fmt: skip
+                                        plan)  # fmt: skip
     return out, leaves
 
 
@@ -429,11 +429,9 @@ def test_gpu_path_traces_without_a_gpu(bwd_mode: str) -> None:
         ],
         "fused": [["_attn_bwd", ["DK", "DPK", "DPV", "DQ", "DV"]]],
     }[bwd_mode]
-    assert got["bw"] == [
-        ["_attn_bwd_preprocess", ["Delta"]],
-        *middle,
-        ["_prefix_grad_reduce", ["GPK", "GPV"]],
-    ]
+    # the fused kernel computes Delta itself: no pre-pass
+    pre = [["_attn_bwd_preprocess", ["Delta"]]] if bwd_mode == "split" else []
+    assert got["bw"] == [*pre, *middle, ["_prefix_grad_reduce", ["GPK", "GPV"]]]
 
 
 # --------------------------------------------------------------------------------------

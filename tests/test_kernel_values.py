@@ -13,6 +13,7 @@ from reference64 import attention64, rel_err
 
 import prefixattn
 from prefixattn.ops.launch import KernelConfig, forced_config
+from prefixattn.ops.plan import clear_plans
 
 triton_attn = functools.partial(prefixattn.prefix_attention, backend="triton")
 
@@ -212,23 +213,32 @@ class _LaunchSpy:
 
 
 @pytest.mark.parametrize(
-    "mode,expected",
+    "mode,prefix,expected",
     [
-        ("split", ["_attn_bwd_preprocess", "_attn_bwd_dq", "_attn_bwd_dkdv",
-                   "_attn_bwd_prefix_dkdv", "_prefix_grad_reduce"]),
-        ("fused", ["_attn_bwd_preprocess", "_attn_bwd", "_prefix_grad_reduce"]),
+        ("split", "shared", ["_attn_bwd_preprocess", "_attn_bwd_dq", "_attn_bwd_dkdv",
+                             "_attn_bwd_prefix_dkdv", "_prefix_grad_reduce"]),
+        ("split", "row", ["_attn_bwd_preprocess", "_attn_bwd_dq", "_attn_bwd_dkdv",
+                          "_attn_bwd_prefix_dkdv"]),
+        ("fused", "shared", ["_attn_bwd", "_prefix_grad_reduce"]),
+        ("fused", "bank", ["_attn_bwd", "_prefix_grad_reduce"]),
+        ("fused", "row", ["_attn_bwd"]),
+        ("fused", "none", ["_attn_bwd"]),
+        ("auto", "shared", ["_attn_bwd", "_prefix_grad_reduce"]),
     ],
 )  # fmt: skip
-def test_backward_launches(mode: str, expected: list[str], monkeypatch) -> None:
-    """The fused backward is one launch between the Delta pre-pass and the reduction."""
+def test_backward_launches(mode: str, prefix: str, expected: list[str], monkeypatch) -> None:
+    """The fused backward is one launch (Delta computed in the kernel), plus the prefix
+    reduce when an entry has several partials; a per-row prefix's programs write its
+    gradient directly. ``auto`` picks the fused one for a small problem."""
     from prefixattn.ops import launch
 
-    c = Case(B=2, H=2, Hkv=1, Nq=9, Nk=9, P=3, D=16)
+    c = Case(B=2, H=2, Hkv=1, Nq=9, Nk=9, P=3, D=16, prefix=prefix)
     kw = make_inputs(c, torch.float32, DEVICE)
     out = triton_attn(**kw)
     log: list[str] = []
     monkeypatch.setenv("PREFIXATTN_BWD", mode)
     monkeypatch.setattr(launch, "_kernels", lambda: _LaunchSpy(launch._kernels_module(), log))
+    clear_plans()
     out.sum().backward()
     assert log == expected
 
@@ -271,6 +281,7 @@ def test_batch_over_the_grid_limit_runs_in_chunks(case: Case, bwd_mode: str, mon
     kw = make_inputs(case, torch.float32, DEVICE)
     out, g, grads = run_with_grads(triton_attn, kw)
     monkeypatch.setattr(launch, "MAX_GRID_Y", 2 * case.H)  # chunks of 2 rows
+    clear_plans()
     prob = validate(*(kw.get(n) for n in ("q", "k", "v", "prefix_k", "prefix_v",
                     "prefix_index", "key_padding_mask")), case.causal, None, 0.0, "triton")  # fmt: skip
     assert len(launch._batch_chunks(prob, None)) == -(-case.B // 2)
@@ -307,6 +318,7 @@ def test_fused_backward_falls_back_to_split_past_the_grid_limit(monkeypatch) -> 
     monkeypatch.setattr(launch, "MAX_GRID_Y", 21)  # 16 + 2 * 3 programs would not fit
     log: list[str] = []
     monkeypatch.setattr(launch, "_kernels", lambda: _LaunchSpy(launch._kernels_module(), log))
+    clear_plans()
     out2, _, grads2 = run_with_grads(triton_attn, kw, grad_out=g)
     assert "_attn_bwd" not in log and "_attn_bwd_dkdv" in log
     assert torch.equal(out2, out)

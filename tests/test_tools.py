@@ -17,15 +17,19 @@ def test_host_overhead_script(tmp_path: Path) -> None:
     out = tmp_path / "host.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
-        [sys.executable, "scripts/host_overhead.py", "--calls", "20", "--json", str(out)],
+        [sys.executable, "scripts/host_overhead.py", "--calls", "20", "--repeats", "2", "--json", str(out)],
         capture_output=True, text=True, env=env, cwd=ROOT, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(out.read_text())
-    rows = {(r["bwd"], r["mode"]): r for r in data["rows"]}
-    assert set(rows) == {(b, m) for b in ("split", "fused") for m in ("fwd", "fwd_bwd")}
+    rows = {(r["bwd"], r["prefix"], r["mode"]): r for r in data["rows"]}
+    assert set(rows) == {
+        (b, p, m) for b in ("auto", "split") for p in ("shared", "row", "bank")
+        for m in ("fwd", "fwd_bwd")
+    }  # fmt: skip
     for r in rows.values():
-        assert 0 < r["python_us"] < 1e5, r
+        assert 0 < r["python_us"] < 1e5 and 0 < r["concat_sdpa_us"] < 1e5, r
+        assert r["launches"] == 1 if r["mode"] == "fwd" else r["launches"] >= 2, r
     assert data["meta"]["command"].startswith("python scripts/host_overhead.py")
 
 

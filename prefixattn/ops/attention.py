@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from .autograd import PrefixAttentionFunction
-from .launch import attention_forward, check_triton_device, new_seed
+from .autograd import PrefixAttentionFunction, apply_function
+from .launch import new_seed
+from .plan import lookup_plan
 from .reference import reference_prefix_attention
-from .validation import KERNEL_DTYPES, validate
+from .validation import KERNEL_DTYPES
+
+_grad_enabled = torch.is_grad_enabled
+_apply = apply_function
+_is_compiling = torch.compiler.is_compiling
 
 
 def resolve_backend(backend: str, q: torch.Tensor) -> str:
@@ -79,7 +84,7 @@ def prefix_attention(
     Raises:
         TypeError, ValueError: on bad input, naming the argument and what was expected.
     """
-    if torch.compiler.is_compiling():
+    if _is_compiling():
         # imported here: registering the ops imports parts of torch._inductor (~1 s), a
         # cost only compiling callers should pay
         from .custom_op import traced_prefix_attention
@@ -88,27 +93,26 @@ def prefix_attention(
             q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
             causal, sm_scale, dropout_p, backend,
         )  # fmt: skip
-    prob = validate(
+    # the call's plan: validated and set up once per signature (plan.py)
+    plan = lookup_plan(
         q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
         causal, sm_scale, dropout_p, backend,
     )  # fmt: skip
-    dropout_p = float(dropout_p)
-    if resolve_backend(backend, q) == "triton":
-        check_triton_device(q)
-        if torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (q, k, v, prefix_k, prefix_v)
+    if plan.backend == "triton":
+        if _grad_enabled() and (
+            q.requires_grad
+            or k.requires_grad
+            or v.requires_grad
+            or (prefix_k is not None and (prefix_k.requires_grad or prefix_v.requires_grad))
         ):
-            return PrefixAttentionFunction.apply(
-                q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
-                causal, dropout_p, prob,
+            return _apply(
+                PrefixAttentionFunction, q, k, v, prefix_k, prefix_v, prefix_index,
+                key_padding_mask, plan,
             )  # fmt: skip
         # inference (decoding): no graph to record, so skip autograd.Function's host cost
-        seed = new_seed() if dropout_p > 0.0 else 0
-        out, _ = attention_forward(
-            q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
-            causal, dropout_p, seed, prob,
-        )  # fmt: skip
-        return out
+        seed = new_seed() if plan.dropout_p > 0.0 else 0
+        return plan.forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, seed)[0]
     return reference_prefix_attention(
-        q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, causal, dropout_p, prob
-    )
+        q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
+        causal, plan.dropout_p, plan.prob,
+    )  # fmt: skip

@@ -1,4 +1,4 @@
-"""``torch.autograd.Function`` around the Triton launchers."""
+"""``torch.autograd.Function`` around a call plan's Triton launches."""
 
 from __future__ import annotations
 
@@ -6,13 +6,14 @@ from typing import Any
 
 import torch
 
-from .launch import attention_backward, attention_forward, new_seed
-from .validation import AttnProblem
+from .launch import new_seed
+from .plan import CallPlan
 
 
 class PrefixAttentionFunction(torch.autograd.Function):
     """Forward saves (q, k, v, prefix, out, lse, dropout seed); backward recomputes the
-    probabilities from lse, and regenerates the dropout mask from the seed."""
+    probabilities from lse, and regenerates the dropout mask from the seed. Both run
+    through the call's :class:`~prefixattn.ops.plan.CallPlan`."""
 
     @staticmethod
     def forward(
@@ -24,27 +25,21 @@ class PrefixAttentionFunction(torch.autograd.Function):
         prefix_v: torch.Tensor | None,
         prefix_index: torch.Tensor | None,
         key_padding_mask: torch.Tensor | None,
-        causal: bool,
-        dropout_p: float,
-        prob: AttnProblem,
+        plan: CallPlan,
     ) -> torch.Tensor:
-        seed = new_seed() if dropout_p > 0.0 else 0
-        out, lse = attention_forward(
-            q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
-            causal, dropout_p, seed, prob,
-        )  # fmt: skip
+        seed = new_seed() if plan.dropout_p > 0.0 else 0
+        out, lse = plan.forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, seed)
         ctx.save_for_backward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, out, lse)
-        ctx.causal, ctx.dropout_p, ctx.seed, ctx.prob = causal, dropout_p, seed, prob
+        ctx.seed, ctx.plan = seed, plan
         return out
 
     @staticmethod
     def backward(ctx: Any, do: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         q, k, v, prefix_k, prefix_v, prefix_index, kpm, out, lse = ctx.saved_tensors
         n = ctx.needs_input_grad
-        dq, dk, dv, dpk, dpv = attention_backward(
-            do, q, k, v, prefix_k, prefix_v, prefix_index, kpm, out, lse,
-            ctx.causal, ctx.dropout_p, ctx.seed, ctx.prob,
-            needs=(n[0], n[1], n[2], n[3] or n[4]),
+        dq, dk, dv, dpk, dpv = ctx.plan.backward(
+            do, q, k, v, prefix_k, prefix_v, prefix_index, kpm, out, lse, ctx.seed,
+            (n[0], n[1], n[2], n[3] or n[4]),
         )  # fmt: skip
         return (
             dq,
@@ -52,5 +47,19 @@ class PrefixAttentionFunction(torch.autograd.Function):
             dv if n[2] else None,
             dpk if n[3] else None,
             dpv if n[4] else None,
-            None, None, None, None, None,
+            None, None, None,
         )  # fmt: skip
+
+
+# torch.autograd.Function.apply (Python) binds default arguments and unwraps dead
+# functorch wrappers on every call; neither applies here (no defaults; functorch
+# transforms are checked), so eager calls go to the C implementation directly.
+_c_apply = torch._C._FunctionBase.__dict__["apply"]
+
+
+def apply_function(fn: type[torch.autograd.Function], *args: Any) -> torch.Tensor:
+    """``fn.apply(*args)`` without the Python wrapper's per-call work, when no functorch
+    transform is active (else the normal ``apply``)."""
+    if torch._C._are_functorch_transforms_active():
+        return fn.apply(*args)
+    return _c_apply.__get__(None, fn)(*args)

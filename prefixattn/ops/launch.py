@@ -7,10 +7,15 @@ the flags and power-of-two buckets of Nq and Nk (so a growing KV cache does not 
 every step); ``PREFIXATTN_AUTOTUNE=0`` uses the first config of each list instead. Under
 ``TRITON_INTERPRET=1`` one small fixed config runs.
 
-``wrap`` (``attention_forward`` / ``attention_backward``): the custom ops of
-``custom_op.py`` pass ``torch.library.wrap_triton`` so that ``torch.compile`` sees every
-launch; the sizes may then be ``torch.SymInt`` (dynamic shapes), which the heuristics here
-read through their example value (:func:`_hint`) instead of guarding on them.
+Every kernel's arguments are supplied by parameter name (:func:`kernel_params` reads each
+kernel's parameter list from its definition): :func:`forward_spec` and
+:func:`backward_specs` describe a call's launches as :class:`LaunchSpec` s, which eager
+call plans (``plan.py``) turn into cached launches, and which :func:`attention_forward` /
+:func:`attention_backward` launch directly (batches past the grid limit) or, with
+``wrap``, through ``torch.library.wrap_triton`` for the custom ops of ``custom_op.py``, so
+that ``torch.compile`` sees every launch; the sizes may then be ``torch.SymInt`` (dynamic
+shapes), which the heuristics here read through their example value (:func:`_hint`)
+instead of guarding on them.
 """
 
 from __future__ import annotations
@@ -18,9 +23,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import inspect
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -30,6 +36,7 @@ from triton.runtime.errors import OutOfResources
 from .validation import (
     PREFIX_NONE,
     PREFIX_PER_ROW,
+    PREFIX_SHARED,
     AttnProblem,
     check_kernel_dtype,
 )
@@ -122,7 +129,7 @@ INTERPRET_BWD_CONFIG = KernelConfig(32, 32, 1, 1, 32, 32)
 # prefix programs does not depend on the autotuned config): at most 64, less for short
 # prefixes.
 PREFIX_BLOCK_N = 64
-BACKWARD_MODES = ("split", "fused")
+BACKWARD_MODES = ("auto", "split", "fused")
 REDUCE_BLOCK = 1024
 
 # Test hook: force one config for every kernel (see ``forced_config``).
@@ -154,11 +161,15 @@ def forced_config(
     ):
         if cfg is not None:
             _forced[name] = cfg
+    from .plan import clear_plans  # plans hold the configs they launched with
+
+    clear_plans()
     try:
         yield
     finally:
         _forced.clear()
         _forced.update(saved)
+        clear_plans()
 
 
 def interpreter_requested() -> bool:
@@ -208,11 +219,13 @@ def check_triton_device(q: torch.Tensor) -> None:
 
 
 def backward_mode() -> str:
-    """``PREFIXATTN_BWD``: ``split`` (default: dK/dV, dQ and the prefix partials in three
-    launches, each autotuned on its own) or ``fused`` (the three in one launch of
-    ``_attn_bwd``: fewer host launches; not yet the default, as it has not been measured
-    on a GPU against the split kernels)."""
-    mode = os.environ.get("PREFIXATTN_BWD", "split").strip().lower()
+    """``PREFIXATTN_BWD``: ``auto`` (default: fused up to :data:`FUSED_BWD_MAX_WORK`, split
+    above), ``split`` (Delta pre-pass, then dK/dV, dQ and the prefix partials in three
+    launches, each autotuned on its own, then the prefix reduce) or ``fused`` (everything
+    in one launch of ``_attn_bwd``, Delta computed in the kernel, then the reduce if
+    needed). Read when a backward is set up: a call plan's first backward for given
+    needs (``plan.clear_plans()`` makes a change take effect at once)."""
+    mode = os.environ.get("PREFIXATTN_BWD", "auto").strip().lower()
     if mode not in BACKWARD_MODES:
         raise ValueError(f"PREFIXATTN_BWD must be one of {BACKWARD_MODES}, got {mode!r}")
     return mode
@@ -304,6 +317,76 @@ def _tuned(name: str):  # -> autotuned kernel
     )(kernel)
 
 
+# --------------------------------------------------------------------------------------
+# Kernel arguments, by name. One place: each kernel's parameter list is read from its
+# definition (csrc_triton), and the launchers supply values by parameter name.
+# --------------------------------------------------------------------------------------
+
+
+@functools.cache
+def kernel_params(attr: str) -> tuple[str, ...]:
+    """The runtime (non-constexpr) parameter names of kernel ``attr`` of csrc_triton, in
+    order, read from the kernel's Python definition."""
+    import triton.language as tl
+
+    fn = getattr(_kernels_module(), attr).fn
+    return tuple(
+        name
+        for name, p in inspect.signature(fn).parameters.items()
+        if p.annotation is not tl.constexpr and p.annotation != "tl.constexpr"
+    )
+
+
+# Parameters whose value changes from call to call with the same signature: the tensors
+# (their storage) and the dropout seed. Every kernel lists its pointers first.
+DYNAMIC_PARAMS = frozenset(
+    ("Q", "K", "V", "PK", "PV", "PIDX", "KPM", "Out", "LSE", "O", "DO", "Delta", "DQ",
+     "DK", "DV", "DPK", "DPV", "GPK", "GPV", "seed")
+)  # fmt: skip
+
+
+def _strides(prefix: str, t: torch.Tensor | None, dims: str) -> dict[str, int]:
+    """``{"stride_<prefix><dim>": ...}`` of a [Z, H, N, D] view (see :func:`_strides4`)."""
+    return dict(zip([f"stride_{prefix}{d}" for d in dims], _strides4(t)))
+
+
+@dataclass
+class LaunchSpec:
+    """One kernel launch, described by name: what :func:`launch_now`,
+    :func:`launch_wrapped` and the call plans (``plan.py``) launch.
+
+    ``name`` picks the config list (``CONFIG_LISTS``); kernels without one
+    (``preprocess``, ``reduce``) take their tiles from ``consts``. ``grid(tiles)`` gives
+    the grid for a config's tiles; ``n_q``, ``n_kp`` size the config choice.
+    """
+
+    name: str
+    attr: str
+    grid: Callable[[dict], tuple[int, ...]]
+    n_q: int
+    n_kp: int
+    vals: dict
+    consts: dict
+
+    def args(self) -> tuple:
+        """The runtime arguments in the kernel's parameter order."""
+        return tuple(self.vals[n] for n in kernel_params(self.attr))
+
+
+def launch_now(spec: LaunchSpec, q: torch.Tensor) -> tuple[KernelConfig | None, tuple]:
+    """Launch ``spec`` eagerly (autotuning or trying configs as needed); returns the config
+    that ran (None for kernels without a config list, or when the autotuner kept its
+    choice to itself) and the grid it ran on."""
+    kernel = getattr(_kernels(), spec.attr)
+    args = spec.args()
+    if spec.name not in CONFIG_LISTS:
+        grid = spec.grid(spec.consts)
+        kernel[grid](*args, **spec.consts)
+        return None, grid
+    cfg = _launch(spec.name, kernel, spec.grid, q, spec.n_q, spec.n_kp, args, spec.consts)
+    return cfg, (spec.grid(cfg.tiles()) if cfg is not None else ())
+
+
 def _run_config(kernel, grid_fn, cfg: KernelConfig, args: tuple, kwargs: dict) -> None:
     """Launch ``kernel`` with one explicit config."""
     tiles = cfg.tiles()
@@ -313,9 +396,10 @@ def _run_config(kernel, grid_fn, cfg: KernelConfig, args: tuple, kwargs: dict) -
 
 
 def _launch(
-    name: str, kernel, grid_fn, q: torch.Tensor, n_q: int, n_kp: int, *args, **kwargs
-) -> None:
-    """Launch ``kernel`` autotuned on CUDA, or with one fixed config otherwise.
+    name: str, kernel, grid_fn, q: torch.Tensor, n_q: int, n_kp: int, args: tuple, kwargs: dict
+) -> KernelConfig | None:
+    """Launch ``kernel`` autotuned on CUDA, or with one fixed config otherwise; returns the
+    config that ran.
 
     ``grid_fn(meta)`` gives the grid for a config's tile sizes (``meta["BLOCK_M"]``, ...).
     """
@@ -329,11 +413,12 @@ def _launch(
             tuned = _tuned(name)
             tuned[grid_fn](*args, **kwargs)
             cfg = getattr(tuned, "best_config", None)
-            if cfg is not None:
-                _best_config[key] = KernelConfig.from_triton(cfg)
-            return
+            if cfg is None:
+                return None
+            best = _best_config[key] = KernelConfig.from_triton(cfg)
+            return best
         _run_config(kernel, grid_fn, best, args, kwargs)
-        return
+        return best
     if name in _forced:
         candidates = [_forced[name]]
     elif kernels_interpreted():
@@ -353,37 +438,43 @@ def _launch(
             continue
         if name not in _forced and not kernels_interpreted():
             _fallback_cache[key] = cfg
-        return
+        return cfg
+    raise AssertionError("unreachable: the last candidate either ran or raised")
 
 
-def _launcher(wrap):  # -> _launch or a partial of _launch_wrapped
-    """:func:`_launch`, or with ``wrap`` (e.g. ``torch.library.wrap_triton``) the same
-    launch with the kernel wrapped (:func:`_launch_wrapped`). The eager path keeps calling
-    ``_launch`` itself: no extra work per call."""
-    return _launch if wrap is None else functools.partial(_launch_wrapped, wrap=wrap)
-
-
-def _launch_wrapped(
-    name: str, kernel, grid_fn, q: torch.Tensor, n_q, n_kp, *args, wrap, **kwargs
-) -> None:
-    """:func:`_launch` when it is traced: ``wrap`` is applied to the kernel, or to its
-    ``triton.autotune`` wrapper, before the launch.
+def launch_wrapped(spec: LaunchSpec, q: torch.Tensor, wrap) -> None:
+    """:func:`launch_now` when it is traced: ``wrap`` (``torch.library.wrap_triton``) is
+    applied to the kernel, or to its ``triton.autotune`` wrapper, before the launch.
 
     Nothing runs here at trace time, so there is no config cache and no OutOfResources
     fallback: on CUDA the ``triton.autotune`` wrapper goes to the compiler, which tunes it
     (with the same pruning); otherwise the first fitting config (or the forced one) is used.
     """
+    kernel = getattr(_kernels(), spec.attr)
+    args = spec.args()
+    if spec.name not in CONFIG_LISTS:
+        wrap(kernel)[spec.grid(spec.consts)](*args, **spec.consts)
+        return
+    name = spec.name
     if _autotune_enabled(q) and name not in _forced:
-        wrap(_tuned(name))[grid_fn](*args, **kwargs)
+        wrap(_tuned(name))[spec.grid](*args, **spec.consts)
         return
     if name in _forced:
         cfg = _forced[name]
     elif kernels_interpreted():
         cfg = INTERPRET_BWD_CONFIG if name == "bwd" else INTERPRET_CONFIG
     else:
-        cfgs = CONFIG_LISTS[name]
-        cfg = _default_configs(cfgs, kwargs["BLOCK_D"], _hint(n_q), _hint(n_kp))[0]
-    _run_config(wrap(kernel), grid_fn, cfg, args, kwargs)
+        block_d = spec.consts["BLOCK_D"]
+        cfg = _default_configs(CONFIG_LISTS[name], block_d, _hint(spec.n_q), _hint(spec.n_kp))[0]
+    _run_config(wrap(kernel), spec.grid, cfg, args, spec.consts)
+
+
+def _launch_all(specs: list[LaunchSpec], q: torch.Tensor, wrap) -> None:
+    for spec in specs:
+        if wrap is None:
+            launch_now(spec, q)
+        else:
+            launch_wrapped(spec, q, wrap)
 
 
 # (kernel, BLOCK_D, dtype, buckets) -> the first default config that fitted the GPU
@@ -417,32 +508,7 @@ def _strides4(t: torch.Tensor | None) -> tuple[int, int, int, int]:
     return tuple(t.stride())
 
 
-def _prefix_args(
-    q: torch.Tensor,
-    prefix_k: torch.Tensor | None,
-    prefix_v: torch.Tensor | None,
-    prefix_index: torch.Tensor | None,
-    key_padding_mask: torch.Tensor | None,
-):
-    """Pointers for optional inputs: absent ones get a dummy tensor the kernel never reads."""
-    pk = prefix_k if prefix_k is not None else q
-    pv = prefix_v if prefix_v is not None else q
-    pidx = prefix_index if prefix_index is not None else q
-    if key_padding_mask is not None:
-        kpm = key_padding_mask.view(torch.uint8)
-        kpm_strides = kpm.stride()
-    else:
-        kpm, kpm_strides = q, (0, 0)
-    return pk, pv, pidx, kpm, kpm_strides
-
-
-def new_seed() -> int:
-    """A Philox seed drawn from torch's default CPU generator (so torch.manual_seed
-    reproduces dropout)."""
-    return int(torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64).item())
-
-
-def attention_forward(
+def pointer_args(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -450,29 +516,29 @@ def attention_forward(
     prefix_v: torch.Tensor | None,
     prefix_index: torch.Tensor | None,
     key_padding_mask: torch.Tensor | None,
-    causal: bool,
-    dropout_p: float,
-    seed: int,
-    prob: AttnProblem,
-    wrap=None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run ``_attn_fwd``; returns (out [B, H, Nq, D] in q's dtype, lse [B, H, Nq] fp32).
+    mode: int,
+) -> dict[str, torch.Tensor]:
+    """The input pointers of a call by kernel parameter name. Absent optional inputs get
+    ``q`` as a dummy the kernel never reads; the key mask goes in as uint8 (a view)."""
+    has_p = mode != PREFIX_NONE
+    return {
+        "Q": q,
+        "K": k,
+        "V": v,
+        "PK": prefix_k if has_p else q,
+        "PV": prefix_v if has_p else q,
+        # the kernels read prefix_index[b] at offset b: a strided index is made dense (B ints)
+        "PIDX": (prefix_index if prefix_index.is_contiguous() else prefix_index.contiguous())
+        if has_p and prefix_index is not None
+        else q,
+        "KPM": key_padding_mask.view(torch.uint8) if key_padding_mask is not None else q,
+    }
 
-    ``wrap``: applied to every kernel before its launch (``torch.library.wrap_triton`` in
-    the custom ops); ``None`` launches directly.
-    """
-    B, H, Nq, D = prob.B, prob.H, prob.Nq, prob.D
-    out = torch.empty((B, H, Nq, D), device=q.device, dtype=q.dtype)
-    lse = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
-    if B * H * Nq == 0:
-        return out, lse
-    x = _Inputs(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask)
-    for i, (rows, sub) in enumerate(_batch_chunks(prob, wrap)):
-        _forward_launch(
-            x.rows(rows, prob), _take(out, rows), _take(lse, rows),
-            causal, dropout_p, _chunk_seed(seed, i), sub, wrap,
-        )  # fmt: skip
-    return out, lse
+
+def new_seed() -> int:
+    """A Philox seed drawn from torch's default CPU generator (so torch.manual_seed
+    reproduces dropout). A CPU op: no device synchronization."""
+    return int(torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device="cpu").item())
 
 
 # CUDA's limit on grid axis 1, where every kernel puts (batch row, head) pairs
@@ -540,7 +606,12 @@ def _chunk_seed(seed: int, chunk: int) -> int:
     return (seed + chunk * 1_000_003) % (2**31 - 1) if chunk else seed
 
 
-def _forward_launch(
+# --------------------------------------------------------------------------------------
+# Forward
+# --------------------------------------------------------------------------------------
+
+
+def forward_spec(
     x: _Inputs,
     out: torch.Tensor,
     lse: torch.Tensor,
@@ -548,40 +619,113 @@ def _forward_launch(
     dropout_p: float,
     seed: int,
     prob: AttnProblem,
-    wrap,
-) -> None:
-    """One ``_attn_fwd`` launch over the rows of ``prob``."""
-    q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask = x
-    B, H, Nq, Nk, P, D = prob.B, prob.H, prob.Nq, prob.Nk, prob.P, prob.D
+) -> LaunchSpec:
+    """The ``_attn_fwd`` launch over the rows of ``prob``."""
+    Nq, Nk, D = prob.Nq, prob.Nk, prob.D
     mode = prob.prefix_mode
-    if mode == PREFIX_NONE:
-        prefix_k = prefix_v = prefix_index = None
-    pk, pv, pidx, kpm, kpm_strides = _prefix_args(
-        q, prefix_k, prefix_v, prefix_index, key_padding_mask
-    )
-    block_d = max(16, triton_next_pow2(D))
-    _launcher(wrap)(
-        "fwd",
-        _kernels()._attn_fwd,
-        lambda m: (math.ceil(Nq / m["BLOCK_M"]), B * H),
-        q,
-        Nq,
-        max(Nk, P),
-        q, k, v, pk, pv, pidx, kpm, out, lse,
-        *q.stride(), *k.stride(), *v.stride(),
-        *_strides4(prefix_k if mode != PREFIX_NONE else None),
-        *_strides4(prefix_v if mode != PREFIX_NONE else None),
-        *kpm_strides, *out.stride(),
-        H, prob.group, Nq, Nk, P if mode != PREFIX_NONE else 0,
-        prob.sm_scale, float(dropout_p), seed, _bucket(Nq), _bucket(Nk),
+    has_p = mode != PREFIX_NONE
+    B, H = prob.B, prob.H
+    vals = {
+        **pointer_args(*x, mode),
+        "Out": out,
+        "LSE": lse,
+        **_strides("q", x.q, "zhmd"),
+        **_strides("k", x.k, "zhnd"),
+        **_strides("v", x.v, "zhnd"),
+        **_strides("pk", x.prefix_k if has_p else None, "zhnd"),
+        **_strides("pv", x.prefix_v if has_p else None, "zhnd"),
+        **_kpm_strides(x.key_padding_mask),
+        **_strides("o", out, "zhmd"),
+        "H": H,
+        "GROUP": prob.group,
+        "N_Q": Nq,
+        "N_K": Nk,
+        "N_P": prob.P if has_p else 0,
+        "sm_scale": prob.sm_scale,
+        "dropout_p": float(dropout_p),
+        "seed": seed,
+        "TUNE_NQ": _bucket(Nq),
+        "TUNE_NK": _bucket(Nk),
+    }
+    consts = dict(
         D=D,
-        BLOCK_D=block_d,
+        BLOCK_D=max(16, triton_next_pow2(D)),
         IS_CAUSAL=causal,
         PREFIX_MODE=mode,
-        HAS_KPM=key_padding_mask is not None,
+        HAS_KPM=x.key_padding_mask is not None,
         HAS_DROPOUT=dropout_p > 0.0,
-        INPUT_PRECISION=_input_precision(q),
+        INPUT_PRECISION=_input_precision(x.q),
+    )
+    return LaunchSpec(
+        "fwd", "_attn_fwd", lambda m: (math.ceil(Nq / m["BLOCK_M"]), B * H),
+        Nq, max(Nk, prob.P), vals, consts,
     )  # fmt: skip
+
+
+def _kpm_strides(kpm: torch.Tensor | None) -> dict[str, int]:
+    s = kpm.stride() if kpm is not None else (0, 0)
+    return {"stride_kpmz": s[0], "stride_kpmn": s[1]}
+
+
+def forward_outputs(q: torch.Tensor, prob: AttnProblem) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fresh (out [B, H, Nq, D] in q's dtype, lse [B, H, Nq] fp32)."""
+    B, H, Nq, D = prob.B, prob.H, prob.Nq, prob.D
+    out = torch.empty((B, H, Nq, D), device=q.device, dtype=q.dtype)
+    lse = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
+    return out, lse
+
+
+def attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_k: torch.Tensor | None,
+    prefix_v: torch.Tensor | None,
+    prefix_index: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None,
+    causal: bool,
+    dropout_p: float,
+    seed: int,
+    prob: AttnProblem,
+    wrap=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run ``_attn_fwd``; returns (out [B, H, Nq, D] in q's dtype, lse [B, H, Nq] fp32).
+
+    The general path: the custom ops of ``custom_op.py`` (``wrap`` =
+    ``torch.library.wrap_triton``) and batches past the grid limit. Eager calls normally
+    go through a cached call plan (``plan.py``), which launches the same spec.
+    """
+    out, lse = forward_outputs(q, prob)
+    if prob.B * prob.H * prob.Nq == 0:
+        return out, lse
+    x = _Inputs(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask)
+    specs = [
+        forward_spec(
+            x.rows(rows, prob),
+            _take(out, rows),
+            _take(lse, rows),
+            causal,
+            dropout_p,
+            _chunk_seed(seed, i),
+            sub,
+        )
+        for i, (rows, sub) in enumerate(_batch_chunks(prob, wrap))
+    ]
+    _launch_all(specs, q, wrap)
+    return out, lse
+
+
+# --------------------------------------------------------------------------------------
+# Backward
+# --------------------------------------------------------------------------------------
+
+# The backward's launch layout below this much work (B * H * Nq * (P + Nk) score elements)
+# is the fused one (1-2 launches: the host-bound regime, where a call's launches cost more
+# host time than its kernels take on the GPU), above it the split one (4-5 launches, each
+# kernel autotuned on its own). An estimate until measured on a GPU: the committed H100
+# profile has GPT-2 small's shape (B8 H12 N1024 P64: 1.1e8) host-bound (0.28 ms of GPU
+# work against ~1.2 ms of host time per fwd+bwd) and N = 4096 (B4: 8.2e8) GPU-bound.
+FUSED_BWD_MAX_WORK = 1 << 28
 
 
 def _prefix_block_n(P: int) -> int:
@@ -619,6 +763,293 @@ def _prefix_splits(prob: AttnProblem, q: torch.Tensor, interpreted: bool, fused:
     return max(1, min(want, math.ceil(_hint(prob.Nq) / 64), 16))
 
 
+@dataclass(frozen=True)
+class BackwardLayout:
+    """How one backward runs: which kernels, and the fp32 workspace they share.
+
+    ``fused``: one ``_attn_bwd`` launch (else the split kernels); ``has_delta``: a
+    ``_attn_bwd_preprocess`` pre-pass writes Delta (the fused kernel computes it itself
+    from the contiguous output); ``splits``: query runs per prefix-gradient program;
+    ``reduce``: a ``_prefix_grad_reduce`` launch sums fp32 partials (else the prefix
+    programs write the gradient directly: one partial per entry). The workspace is
+    ``[n_delta | partials of prefix_k | partials of prefix_v]``, each part starting at a
+    multiple of 16 elements (so every pointer the kernels get is 64-byte aligned).
+    """
+
+    fused: bool
+    has_delta: bool
+    splits: int
+    reduce: bool
+    n_delta: int
+    n_part: int
+    ws_numel: int  # n_delta + 2 * n_part
+
+
+def _round16(n: int) -> int:
+    return (n + 15) // 16 * 16
+
+
+def backward_layout(
+    prob: AttnProblem, q: torch.Tensor, need_p: bool, out_contiguous: bool, wrap
+) -> BackwardLayout:
+    """Choose the backward's launch layout (see :class:`BackwardLayout` and
+    :data:`FUSED_BWD_MAX_WORK`)."""
+    B, H, Nq, Nk, P = prob.B, prob.H, prob.Nq, prob.Nk, prob.P
+    mode = backward_mode()
+    if mode == "auto":
+        work = _hint(B) * _hint(H) * _hint(Nq) * (_hint(P) + _hint(Nk))
+        mode = "fused" if work <= FUSED_BWD_MAX_WORK else "split"
+    # the fused kernel puts every program of a (row, kv head) on grid axis 1: with very
+    # long sequences even the smallest tiles could exceed its limit, then split it is
+    fused = mode == "fused" and (
+        math.ceil(_hint(P) / 16) * 16 + 2 * math.ceil(max(_hint(Nq), _hint(Nk)) / 16) <= MAX_GRID_Y
+    )
+    has_delta = not (fused and out_contiguous)
+    splits, reduce, n_part = 1, False, 0
+    if need_p and prob.prefix_mode != PREFIX_NONE:
+        # each prefix entry read by exactly one row: per-row, or shared with one row
+        one_per_entry = prob.layout == PREFIX_PER_ROW or (
+            prob.layout == PREFIX_SHARED and _hint(B) == 1
+        )
+        splits = _prefix_splits(prob, q, kernels_interpreted(), fused)
+        if fused and one_per_entry and "prefix_splits" not in _forced:
+            splits = 1  # one launch fewer beats more parallel prefix programs here
+        reduce = not (one_per_entry and splits == 1)
+        if reduce:
+            n_part = _round16(_hint(B) * splits * prob.Hkv * _hint(P) * prob.D)
+            if n_part >= 2**31:
+                raise ValueError(
+                    f"prefix gradient partials of {n_part} elements exceed 2^31; "
+                    "use a smaller batch per call"
+                )
+    n_delta = _round16(_hint(B) * _hint(H) * _hint(Nq)) if has_delta else 0
+    return BackwardLayout(fused, has_delta, splits, reduce, n_delta, n_part, n_delta + 2 * n_part)
+
+
+def backward_buffers(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_k: torch.Tensor | None,
+    prefix_v: torch.Tensor | None,
+    prob: AttnProblem,
+    needs: tuple[bool, bool, bool, bool],
+    ws_numel: int,
+) -> tuple[torch.Tensor | None, ...]:
+    """Fresh (dq, dk, dv, dprefix_k, dprefix_v, workspace): every element of every gradient
+    is written by a kernel, except in the degenerate cases (nothing to compute, P == 0,
+    Nk == 0), which get zeros."""
+    need_q, need_k, need_v, need_p = needs
+    trivial = prob.B * prob.H * prob.Nq == 0
+    dev = q.device
+    alloc = torch.zeros if trivial else torch.empty
+    dq = alloc(q.shape, device=dev, dtype=q.dtype) if need_q else None
+    dk = dv = None
+    if need_k or need_v:
+        kv_alloc = torch.zeros if trivial or prob.Nk == 0 else torch.empty
+        dk = kv_alloc(k.shape, device=dev, dtype=k.dtype)
+        dv = kv_alloc(v.shape, device=dev, dtype=v.dtype)
+    dpk = dpv = None
+    if need_p and prefix_k is not None:
+        palloc = torch.zeros if trivial or prob.prefix_mode == PREFIX_NONE else torch.empty
+        dpk = palloc(prefix_k.shape, device=dev, dtype=prefix_k.dtype)
+        dpv = palloc(prefix_v.shape, device=dev, dtype=prefix_v.dtype)
+    ws = torch.empty(ws_numel, device=dev, dtype=torch.float32) if ws_numel else None
+    return dq, dk, dv, dpk, dpv, ws
+
+
+def backward_specs(
+    x: _Inputs,
+    do: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    grads: tuple[torch.Tensor | None, ...],
+    ws: torch.Tensor | None,
+    causal: bool,
+    dropout_p: float,
+    seed: int,
+    prob: AttnProblem,
+    needs: tuple[bool, bool, bool, bool],
+    lay: BackwardLayout,
+    chunk: int | None = None,
+) -> list[LaunchSpec]:
+    """The backward's launches over the rows of ``prob`` in order: Delta, then dK/dV, dQ
+    and the prefix partials (split: three kernels; fused: one). ``chunk``: the first row
+    when ``prob`` is a chunk of a larger batch; the prefix-gradient reduce runs once for
+    the whole batch (:func:`reduce_spec`)."""
+    q = x.q
+    dq, dk = grads[0], grads[1]
+    B, H, Hkv, Nq, Nk, P, D = prob.B, prob.H, prob.Hkv, prob.Nq, prob.Nk, prob.P, prob.D
+    mode = prob.prefix_mode
+    need_q = needs[0]
+    need_kv = (needs[1] or needs[2]) and Nk > 0
+    need_p = needs[3] and mode != PREFIX_NONE
+    scalars = {
+        "H": H, "HKV": Hkv, "GROUP": prob.group, "N_Q": Nq, "N_K": Nk,
+        "N_P": P if mode != PREFIX_NONE else 0, "sm_scale": prob.sm_scale,
+        "dropout_p": float(dropout_p), "seed": seed, "TUNE_NQ": _bucket(Nq),
+        "TUNE_NK": _bucket(Nk),
+    }  # fmt: skip
+    vals = {
+        **backward_pointers(x, do, out, lse, grads, ws, prob, needs, lay, chunk),
+        **_strides("q", q, "zhmd"), **_strides("k", x.k, "zhnd"), **_strides("v", x.v, "zhnd"),
+        **_strides("pk", x.prefix_k if mode != PREFIX_NONE else None, "zhnd"),
+        **_strides("pv", x.prefix_v if mode != PREFIX_NONE else None, "zhnd"),
+        **_kpm_strides(x.key_padding_mask),
+        **_strides("do", do, "zhmd"), **_strides("o", out, "zhmd"),
+        **_strides("dq", dq if need_q else None, "zhmd"),
+        **_strides("dk", dk if need_kv else None, "zhnd"),
+        **scalars,
+    }  # fmt: skip
+    block_d = max(16, triton_next_pow2(D))
+    flags = dict(
+        D=D, BLOCK_D=block_d, HAS_DROPOUT=dropout_p > 0.0, INPUT_PRECISION=_input_precision(q)
+    )
+    has_kpm = x.key_padding_mask is not None
+    specs = []
+    if lay.has_delta:
+        pre_bm = 64 if not kernels_interpreted() else 32
+        specs.append(
+            LaunchSpec(
+                "preprocess",
+                "_attn_bwd_preprocess",
+                lambda m: (math.ceil(Nq / m["BLOCK_M"]), B * H),
+                Nq,
+                Nq,
+                vals,
+                dict(D=D, BLOCK_D=block_d, BLOCK_M=pre_bm),
+            )
+        )
+    if lay.fused:
+        n_prefix = math.ceil(P / _prefix_block_n(P)) * lay.splits if need_p else 0
+        vals.update(NEED_KV=int(need_kv), NEED_DQ=int(need_q), N_PREFIX_PROGS=n_prefix,
+                    N_SPLIT=lay.splits)  # fmt: skip
+        specs.append(
+            LaunchSpec(
+                "bwd",
+                "_attn_bwd",
+                lambda m: (
+                    B * Hkv,
+                    n_prefix
+                    + (math.ceil(Nk / m["BLOCK_N"]) if need_kv else 0)
+                    + (math.ceil(Nq / m["BLOCK_M2"]) if need_q else 0),
+                ),
+                Nq,
+                max(Nk, P),
+                vals,
+                dict(
+                    BLOCK_NP=_prefix_block_n(P),
+                    IS_CAUSAL=causal,
+                    PREFIX_MODE=mode,
+                    HAS_KPM=has_kpm,
+                    HAS_DELTA=lay.has_delta,
+                    **flags,
+                ),
+            )
+        )
+        return specs
+    if need_q:
+        specs.append(
+            LaunchSpec(
+                "dq",
+                "_attn_bwd_dq",
+                lambda m: (math.ceil(Nq / m["BLOCK_M"]), B * H),
+                Nq,
+                max(Nk, P),
+                vals,
+                dict(IS_CAUSAL=causal, PREFIX_MODE=mode, HAS_KPM=has_kpm, **flags),
+            )
+        )
+    if need_kv:
+        specs.append(
+            LaunchSpec(
+                "dkdv",
+                "_attn_bwd_dkdv",
+                lambda m: (math.ceil(Nk / m["BLOCK_N"]), B * Hkv),
+                Nq,
+                Nk,
+                vals,
+                dict(IS_CAUSAL=causal, HAS_KPM=has_kpm, **flags),
+            )
+        )
+    if need_p:
+        splits = lay.splits
+        specs.append(
+            LaunchSpec(
+                "prefix_dkdv",
+                "_attn_bwd_prefix_dkdv",
+                lambda m: (math.ceil(P / m["BLOCK_N"]), B * Hkv, splits),
+                Nq,
+                P,
+                vals,
+                dict(PREFIX_MODE=mode, **flags),
+            )
+        )
+    return specs
+
+
+def backward_pointers(
+    x: _Inputs | tuple,
+    do: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    grads: tuple[torch.Tensor | None, ...],
+    ws: torch.Tensor | None,
+    prob: AttnProblem,
+    needs: tuple[bool, bool, bool, bool],
+    lay: BackwardLayout,
+    chunk: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Every tensor argument of the backward's kernels by parameter name: the inputs, the
+    gradients (GPK/GPV: the prefix gradients) and the workspace's parts as views (Delta;
+    DPK/DPV: the fp32 prefix partials, or the prefix gradients themselves when each entry
+    has one partial). Absent ones get ``q`` (never read). ``chunk``: the first row of a
+    batch chunk (the views then start at its rows). ``x``: the 7 inputs in
+    :class:`_Inputs` order."""
+    q = x[0]
+    dq, dk, dv, dpk, dpv = grads
+    mode = prob.prefix_mode
+    need_kv = (needs[1] or needs[2]) and prob.Nk > 0
+    need_p = needs[3] and mode != PREFIX_NONE
+    row0 = chunk or 0
+    ptrs = pointer_args(*x, mode)
+    n_delta = lay.n_delta
+    ptrs["Delta"] = ws[row0 * prob.H * prob.Nq : n_delta] if lay.has_delta else lse
+    if need_p and lay.reduce:
+        per_row = lay.splits * prob.Hkv * prob.P * prob.D
+        lo_k, lo_v = n_delta + row0 * per_row, n_delta + lay.n_part + row0 * per_row
+        ptrs["DPK"], ptrs["DPV"] = (
+            ws[lo_k : lo_k + prob.B * per_row],
+            ws[lo_v : lo_v + prob.B * per_row],
+        )
+    else:  # one partial per entry: the prefix programs write the gradient itself
+        ptrs["DPK"], ptrs["DPV"] = (dpk, dpv) if need_p else (q, q)
+    ptrs.update(
+        DO=do, LSE=lse, O=out, DQ=dq if needs[0] else q, DK=dk if need_kv else q,
+        DV=dv if need_kv else q, GPK=dpk if need_p else q, GPV=dpv if need_p else q,
+    )  # fmt: skip
+    return ptrs
+
+
+def reduce_spec(
+    ptrs: dict[str, torch.Tensor], prob: AttnProblem, lay: BackwardLayout
+) -> LaunchSpec:
+    """``_prefix_grad_reduce`` over the whole batch's partials (one launch); ``ptrs`` from
+    :func:`backward_pointers` for the whole batch."""
+    numel = prob.Hkv * prob.P * prob.D
+    vals = {
+        **ptrs,
+        "N_ROWS": prob.B,
+        "N_SPLIT": lay.splits,
+        "NUMEL": numel,
+    }
+    T = prob.T
+    return LaunchSpec(
+        "reduce", "_prefix_grad_reduce", lambda m: (T, math.ceil(numel / m["BLOCK"])),
+        prob.Nq, prob.P, vals, dict(PREFIX_MODE=prob.prefix_mode, BLOCK=REDUCE_BLOCK),
+    )  # fmt: skip
+
+
 def attention_backward(
     do: torch.Tensor,
     q: torch.Tensor,
@@ -639,180 +1070,34 @@ def attention_backward(
 ) -> tuple[torch.Tensor | None, ...]:
     """Gradients (dq, dk, dv, dprefix_k, dprefix_v); ``needs`` = (q, k, v, prefix) flags.
 
-    ``wrap``: as in :func:`attention_forward`.
+    The general path (custom ops, batches past the grid limit); eager calls normally go
+    through a cached call plan (``plan.py``), which launches the same specs.
 
     Prefix gradients come back in the prefix's own layout: [Hkv, P, D] shared (summed over
     rows), [B, Hkv, P, D] per row, [T, Hkv, P, D] bank (each row added at its index).
     """
-    B, H, Hkv, Nq, Nk, P, D = prob.B, prob.H, prob.Hkv, prob.Nq, prob.Nk, prob.P, prob.D
-    mode = prob.prefix_mode
-    need_q, need_k, need_v, need_p = needs
-    need_p = need_p and prefix_k is not None
-
-    # every element of every gradient is written by a kernel, except in the degenerate
-    # cases (nothing to compute, P == 0, Nk == 0), which get zeros
-    trivial = B * H * Nq == 0
-    alloc = torch.zeros if trivial else torch.empty
-    dq = alloc(q.shape, device=q.device, dtype=q.dtype) if need_q else None
-    dk = dv = None
-    if need_k or need_v:
-        kv_alloc = torch.zeros if trivial or Nk == 0 else torch.empty
-        dk = kv_alloc(k.shape, device=q.device, dtype=k.dtype)
-        dv = kv_alloc(v.shape, device=q.device, dtype=v.dtype)
-    dpk = dpv = None
-    if need_p:
-        palloc = torch.zeros if trivial or mode == PREFIX_NONE else torch.empty
-        dpk = palloc(prefix_k.shape, device=q.device, dtype=prefix_k.dtype)
-        dpv = palloc(prefix_v.shape, device=q.device, dtype=prefix_v.dtype)
-    if mode == PREFIX_NONE:
-        prefix_k = prefix_v = prefix_index = None
-        need_p = False
-    if trivial:
+    need_p = needs[3] and prefix_k is not None
+    needs = (*needs[:3], need_p)
+    lay = backward_layout(prob, q, need_p, out.is_contiguous(), wrap)
+    dq, dk, dv, dpk, dpv, ws = backward_buffers(
+        q, k, v, prefix_k, prefix_v, prob, needs, lay.ws_numel
+    )
+    if prob.B * prob.H * prob.Nq == 0:
         return dq, dk, dv, dpk, dpv
-    need_kv = (need_k or need_v) and Nk > 0
-    # the fused kernel puts every program of a (row, kv head) on grid axis 1: with very
-    # long sequences even the smallest tiles could exceed its limit, then split it is
-    fused = backward_mode() == "fused" and (
-        math.ceil(_hint(P) / 16) * 16 + 2 * math.ceil(max(_hint(Nq), _hint(Nk)) / 16) <= MAX_GRID_Y
-    )
-    part_k = part_v = None
-    splits = 1
-    if need_p:
-        splits = _prefix_splits(prob, q, kernels_interpreted(), fused)
-        # one buffer for both partials: [2, B * splits, Hkv, P, D] fp32
-        parts = torch.empty((2, B * splits, Hkv, P, D), device=q.device, dtype=torch.float32)
-        if parts[0].numel() >= 2**31:
-            raise ValueError(
-                f"prefix gradient partials of {parts[0].numel()} elements exceed 2^31; "
-                "use a smaller batch per call"
-            )
-        part_k, part_v = parts[0], parts[1]
-
-    delta = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
     x = _Inputs(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask)
+    specs = []
     for i, (rows, sub) in enumerate(_batch_chunks(prob, wrap)):
-        # the partials of row b are rows [b * splits, (b + 1) * splits) of part_k / part_v
-        prow = rows if rows == slice(None) else slice(rows.start * splits, rows.stop * splits)
-        _backward_launches(
-            x.rows(rows, prob), _take(do, rows),
-            _take(out, rows), _take(lse, rows), _take(delta, rows),
-            _take(dq, rows), _take(dk, rows), _take(dv, rows),
-            _take(part_k, prow), _take(part_v, prow),
-            causal, dropout_p, _chunk_seed(seed, i), sub,
-            need_q, need_kv, need_p, splits, fused, wrap,
+        chunk = None if rows == slice(None) else rows.start
+        specs += backward_specs(
+            x.rows(rows, prob), _take(do, rows), _take(out, rows), _take(lse, rows),
+            (_take(dq, rows), _take(dk, rows), _take(dv, rows),
+             _take(dpk, rows) if prob.layout == PREFIX_PER_ROW else dpk,
+             _take(dpv, rows) if prob.layout == PREFIX_PER_ROW else dpv),
+            ws, causal, dropout_p, _chunk_seed(seed, i), sub, needs, lay, chunk,
         )  # fmt: skip
-    if need_p:
-        ks = _kernels()
-        pidx = prefix_index if prefix_index is not None else q
-        numel = Hkv * P * D
-        reduce = ks._prefix_grad_reduce if wrap is None else wrap(ks._prefix_grad_reduce)
-        reduce[(prob.T, math.ceil(numel / REDUCE_BLOCK))](
-            part_k, part_v, pidx, dpk, dpv, B, splits, numel,
-            PREFIX_MODE=mode, BLOCK=REDUCE_BLOCK,
-        )  # fmt: skip
+    if need_p and lay.reduce and prob.prefix_mode != PREFIX_NONE:
+        grads = (dq, dk, dv, dpk, dpv)
+        ptrs = backward_pointers(x, do, out, lse, grads, ws, prob, needs, lay)
+        specs.append(reduce_spec(ptrs, prob, lay))
+    _launch_all(specs, q, wrap)
     return dq, dk, dv, dpk, dpv
-
-
-def _backward_launches(
-    x: _Inputs,
-    do: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    delta: torch.Tensor,
-    dq: torch.Tensor | None,
-    dk: torch.Tensor | None,
-    dv: torch.Tensor | None,
-    part_k: torch.Tensor | None,
-    part_v: torch.Tensor | None,
-    causal: bool,
-    dropout_p: float,
-    seed: int,
-    prob: AttnProblem,
-    need_q: bool,
-    need_kv: bool,
-    need_p: bool,
-    splits: int,
-    fused: bool,
-    wrap,
-) -> None:
-    """The backward's launches over the rows of ``prob``, up to the prefix partials:
-    Delta, then dK/dV, dQ and the partials (split: three kernels; fused: one)."""
-    q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask = x
-    ks = _kernels()
-    B, H, Hkv, Nq, Nk, P, D = prob.B, prob.H, prob.Hkv, prob.Nq, prob.Nk, prob.P, prob.D
-    mode = prob.prefix_mode
-    block_d = max(16, triton_next_pow2(D))
-    flags = dict(
-        D=D,
-        BLOCK_D=block_d,
-        HAS_DROPOUT=dropout_p > 0.0,
-        INPUT_PRECISION=_input_precision(q),
-    )
-    has_kpm = key_padding_mask is not None
-    pk, pv, pidx, kpm, kpm_strides = _prefix_args(
-        q, prefix_k, prefix_v, prefix_index, key_padding_mask
-    )
-    pk_strides = _strides4(prefix_k)
-    pv_strides = _strides4(prefix_v)
-    n_p = P if mode != PREFIX_NONE else 0
-    scalars = (prob.sm_scale, float(dropout_p), seed, _bucket(Nq), _bucket(Nk))
-    launch = _launcher(wrap)
-    pre_bm = 64 if not kernels_interpreted() else 32
-    preprocess = ks._attn_bwd_preprocess if wrap is None else wrap(ks._attn_bwd_preprocess)
-    preprocess[(math.ceil(Nq / pre_bm), B * H)](
-        out, do, delta, *out.stride(), *do.stride(), H, Nq,
-        D=D, BLOCK_D=block_d, BLOCK_M=pre_bm,
-    )  # fmt: skip
-
-    if fused:
-        n_prefix = math.ceil(P / _prefix_block_n(P)) * splits if need_p else 0
-        dkv_strides = dk.stride() if need_kv else (0, 0, 0, 0)
-        launch(
-            "bwd", ks._attn_bwd,
-            lambda m: (
-                B * Hkv,
-                n_prefix
-                + (math.ceil(Nk / m["BLOCK_N"]) if need_kv else 0)
-                + (math.ceil(Nq / m["BLOCK_M2"]) if need_q else 0),
-            ),
-            q, Nq, max(Nk, P),
-            q, k, v, pk, pv, pidx, kpm, do, lse, delta,
-            dq if need_q else q, dk if need_kv else q, dv if need_kv else q,
-            part_k if need_p else q, part_v if need_p else q,
-            *q.stride(), *k.stride(), *v.stride(), *pk_strides, *pv_strides, *kpm_strides,
-            *do.stride(), *(dq.stride() if need_q else (0, 0, 0, 0)), *dkv_strides,
-            H, Hkv, prob.group, Nq, Nk, n_p, *scalars,
-            int(need_kv), int(need_q), n_prefix, splits,
-            BLOCK_NP=_prefix_block_n(P), IS_CAUSAL=causal, PREFIX_MODE=mode, HAS_KPM=has_kpm,
-            **flags,
-        )  # fmt: skip
-    else:
-        if need_q:
-            launch(
-                "dq", ks._attn_bwd_dq, lambda m: (math.ceil(Nq / m["BLOCK_M"]), B * H),
-                q, Nq, max(Nk, P),
-                q, k, v, pk, pv, pidx, kpm, do, lse, delta, dq,
-                *q.stride(), *k.stride(), *v.stride(), *pk_strides, *pv_strides,
-                *kpm_strides, *do.stride(), *dq.stride(),
-                H, prob.group, Nq, Nk, n_p, *scalars,
-                IS_CAUSAL=causal, PREFIX_MODE=mode, HAS_KPM=has_kpm, **flags,
-            )  # fmt: skip
-        if need_kv:
-            launch(
-                "dkdv", ks._attn_bwd_dkdv, lambda m: (math.ceil(Nk / m["BLOCK_N"]), B * Hkv),
-                q, Nq, Nk,
-                q, k, v, do, lse, delta, kpm, dk, dv,
-                *q.stride(), *k.stride(), *v.stride(), *do.stride(), *kpm_strides,
-                *dk.stride(),
-                H, Hkv, prob.group, Nq, Nk, n_p, *scalars,
-                IS_CAUSAL=causal, HAS_KPM=has_kpm, **flags,
-            )  # fmt: skip
-        if need_p:
-            launch(
-                "prefix_dkdv", ks._attn_bwd_prefix_dkdv,
-                lambda m: (math.ceil(P / m["BLOCK_N"]), B * Hkv, splits), q, Nq, P,
-                q, pk, pv, pidx, do, lse, delta, part_k, part_v,
-                *q.stride(), *pk_strides, *pv_strides, *do.stride(),
-                H, Hkv, prob.group, Nq, Nk, P, *scalars,
-                PREFIX_MODE=mode, **flags,
-            )  # fmt: skip

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -71,29 +70,21 @@ def _check_float_dtype(name: str, t: torch.Tensor, allowed: tuple[torch.dtype, .
         raise TypeError(f"{name} must have dtype in ({names}), got {t.dtype}")
 
 
-# id(tensor) -> (weakref, version, data_ptr, T) of prefix_index tensors already checked:
-# every layer of a model gets the same index tensor, and the range check costs a device
-# sync, so it runs once per tensor (and again if the tensor is modified in place).
-_checked_index: dict[int, tuple] = {}
+def check_index_range(prefix_index: torch.Tensor, T: int) -> None:
+    """Check 0 <= prefix_index < T without a host-device sync: ``torch._assert_async``.
 
-
-def _check_index_range(prefix_index: torch.Tensor, T: int) -> None:
-    key = (prefix_index._version, prefix_index.data_ptr(), T)
-    seen = _checked_index.get(id(prefix_index))
-    if seen is not None and seen[0]() is prefix_index and seen[1:] == key:
-        return
-    lo, hi = torch.aminmax(prefix_index)
-    lo, hi = int(lo), int(hi)
-    if lo < 0 or hi >= T:
-        raise ValueError(
-            f"prefix_index values must be in [0, T) with T={T} bank entries, "
-            f"got values in [{lo}, {hi}]"
-        )
-    if len(_checked_index) > 1024:
-        _checked_index.clear()
-    ident = id(prefix_index)
-    ref = weakref.ref(prefix_index, lambda _: _checked_index.pop(ident, None))
-    _checked_index[ident] = (ref, *key)
+    On CPU the assertion fails at once and becomes a ValueError naming the values; on a
+    GPU it is a device-side assert (the error surfaces at the next sync, and the CUDA
+    context is lost, as for any device assert), so a call never waits for the GPU and
+    can be captured in a CUDA graph.
+    """
+    msg = f"prefix_index values must be in [0, T) with T={T} bank entries"
+    ok = torch.logical_and(prefix_index >= 0, prefix_index < T).all()
+    try:
+        torch._assert_async(ok, msg)
+    except RuntimeError:  # CPU: the check ran now
+        lo, hi = torch.aminmax(prefix_index)
+        raise ValueError(f"{msg}, got values in [{int(lo)}, {int(hi)}]") from None
 
 
 def validate(
@@ -112,8 +103,8 @@ def validate(
 ) -> AttnProblem:
     """Check every argument against the contract; return the problem sizes.
 
-    ``check_index_values=False`` skips the range check of ``prefix_index`` (it costs a
-    device sync); callers that built the index themselves use it.
+    ``check_index_values=False`` skips the range check of ``prefix_index`` (traced calls
+    check it in the graph instead).
     """
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -204,7 +195,7 @@ def validate(
                 f"prefix_index must be on the device of q ({q.device}), got {prefix_index.device}"
             )
         if check_index_values and B > 0:
-            _check_index_range(prefix_index, T)
+            check_index_range(prefix_index, T)
     layout = mode
     if P == 0:
         mode = PREFIX_NONE
