@@ -31,6 +31,8 @@ class PrefixAttentionFunction(torch.autograd.Function):
         out, lse = plan.forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, seed)
         ctx.save_for_backward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, out, lse)
         ctx.seed, ctx.plan = seed, plan
+        # the inputs' alignment, for the backward's direct launches (the same tensors)
+        ctx.aligned = plan.aligned(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask)
         return out
 
     @staticmethod
@@ -39,7 +41,7 @@ class PrefixAttentionFunction(torch.autograd.Function):
         n = ctx.needs_input_grad
         dq, dk, dv, dpk, dpv = ctx.plan.backward(
             do, q, k, v, prefix_k, prefix_v, prefix_index, kpm, out, lse, ctx.seed,
-            (n[0], n[1], n[2], n[3] or n[4]),
+            (n[0], n[1], n[2], n[3] or n[4]), ctx.aligned,
         )  # fmt: skip
         return (
             dq,

@@ -155,40 +155,46 @@ class KernelLaunch:
             self.kw = {**cfg.tiles(), **spec.consts}
             self.kw.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         if self.kw is not None:
+            self.bound = self.kernel[self.grid]
             self.capture = not L.kernels_interpreted()
-            if not self.capture:
-                self.bound = self.kernel[self.grid]
         return self
 
-    def __call__(self, ptrs: dict, seed: int) -> None:
+    def __call__(self, ptrs: dict, seed: int, aligned: bool = True) -> None:
+        """Launch with these tensors (by parameter name) and seed. ``aligned``: every
+        tensor's data is 16-byte aligned, as Triton specialized the captured kernel (the
+        plan checks the caller's tensors; its own allocations always are): only then
+        may the direct launch run, otherwise Triton's normal path re-specializes."""
         args = self.ptrs(ptrs) + self.mid
         if self.seeded:
             args = (*args, seed, *self.tail)
-        direct = self.direct
-        if direct is not None:
-            direct(self.grid, *args)
-        elif self.bound is not None:
-            self.bound(*args, **self.kw)
-        elif self.capture:  # launch 2: through Triton, capturing a direct launch
-            self.capture = False
-            self.direct = _capture(self.kernel, self.grid, args, self.kw)
-            if self.direct is None:
-                self.bound = self.kernel[self.grid]
-                self.bound(*args, **self.kw)
+        if aligned:
+            direct = self.direct
+            if direct is not None:
+                direct(self.grid, *args)
+                return
+            if self.capture:  # launch 2: through Triton, capturing a direct launch
+                self.capture = False
+                self.direct = _capture(self.kernel, self.grid, args, self.kw)
+                if self.direct is None:
+                    self.bound(*args, **self.kw)
+                return
+        bound = self.bound
+        if bound is not None:
+            bound(*args, **self.kw)
         else:  # the autotuner kept its choice to itself: its own path
             vals = {**self.spec.vals, **ptrs, "seed": seed}
             L.launch_now(dataclasses.replace(self.spec, vals=vals), ptrs["Q"])
 
 
-def _capture(kernel, grid: tuple, args: tuple, kw: dict):  # -> callable | None
+def _capture(kernel, grid: tuple, args: tuple, kw: dict):  # -> DirectKernel | None
     """Launch through Triton's normal path and return a direct launcher of the compiled
-    kernel for later calls, or None (then the normal path it is). ``direct.py`` does
-    the work; it falls back by itself where Triton's internals differ."""
-    try:
-        from .direct import DirectKernel
-    except ImportError:  # pragma: no cover - direct launches not available
-        return None
-    return DirectKernel.capture(kernel, grid, args, kw)
+    kernel for later calls, or None after the same launch (then the normal path it is:
+    ``direct.py`` falls back by itself where Triton's internals differ). The plan keeps
+    the specialization equal itself: sizes and strides are in its key, the seed is not
+    specialized, and it checks the tensors' alignment per call (``check=()``)."""
+    from .direct import DirectKernel
+
+    return DirectKernel.capture(kernel, grid, args, kw, check=())
 
 
 @dataclasses.dataclass
@@ -216,6 +222,27 @@ class CallPlan:
         self.fwd: KernelLaunch | None = None
         self.bwd: dict[tuple, _BackwardPlan] = {}
 
+    def aligned(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        prefix_k: torch.Tensor | None,
+        prefix_v: torch.Tensor | None,
+        prefix_index: torch.Tensor | None,
+        key_padding_mask: torch.Tensor | None,
+    ) -> bool:
+        """Whether the caller's tensors start at 16-byte aligned addresses (Triton
+        specializes pointers on it; a view with an odd storage offset may not)."""
+        a = q.data_ptr() | k.data_ptr() | v.data_ptr()
+        if self.has_p:
+            a |= prefix_k.data_ptr() | prefix_v.data_ptr()
+            if prefix_index is not None:
+                a |= prefix_index.data_ptr()
+        if key_padding_mask is not None:
+            a |= key_padding_mask.data_ptr()
+        return not a & 15
+
     def forward(
         self,
         q: torch.Tensor,
@@ -242,7 +269,11 @@ class CallPlan:
         ptrs["Out"], ptrs["LSE"] = out, lse
         fl = self.fwd
         if fl is not None:
-            fl(ptrs, seed)
+            fl(
+                ptrs,
+                seed,
+                self.aligned(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask),
+            )
             return out, lse
         x = L._Inputs(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask)
         spec = L.forward_spec(x, out, lse, self.causal, self.dropout_p, seed, self.prob)
@@ -263,9 +294,12 @@ class CallPlan:
         lse: torch.Tensor,
         seed: int,
         needs: tuple[bool, bool, bool, bool],
+        aligned: bool = False,
     ) -> tuple[torch.Tensor | None, ...]:
         """(dq, dk, dv, dprefix_k, dprefix_v) of the Triton backward; ``needs`` = (q, k,
-        v, prefix) flags. Variants (backward mode, needs, dO's strides) are cached."""
+        v, prefix) flags. Variants (needs, dO's strides; the backward layout is read when
+        one is set up) are cached. ``aligned``: the forward's inputs were 16-byte aligned
+        (:meth:`aligned`); dO is checked here."""
         prob = self.prob
         if self.chunked:
             return L.attention_backward(
@@ -288,8 +322,9 @@ class CallPlan:
         ptrs = L.backward_pointers(x, do, out, lse, grads, ws, prob, needs, lay)
         launches = bp.launches
         if launches is not None:
+            aligned = aligned and not do.data_ptr() & 15
             for kl in launches:
-                kl(ptrs, seed)
+                kl(ptrs, seed, aligned)
             return grads
         specs = L.backward_specs(
             L._Inputs(*x), do, out, lse, grads, ws, self.causal, self.dropout_p, seed, prob,
