@@ -111,11 +111,12 @@ def stand_in_driver(launch: Callable, arch: int = 90) -> Iterator[types.SimpleNa
         )
     ]
     if hasattr(nv, "compile_module_from_src"):  # Triton 3.6: one C module per signature
-        patches.append(
+        patches += [
             mock.patch.object(
                 nv, "compile_module_from_src", lambda **kw: types.SimpleNamespace(launch=launch)
-            )
-        )
+            ),
+            mock.patch.object(nv, "library_dirs", list),  # it looks for libcuda
+        ]
     with contextlib.ExitStack() as stack:
         for p in patches:
             stack.enter_context(p)
@@ -127,21 +128,22 @@ def stand_in_driver(launch: Callable, arch: int = 90) -> Iterator[types.SimpleNa
             driver._active = saved
 
 
-def forward_launch_args(dtype=None, seed: int = 0, P: int = 7) -> tuple:
+def forward_launch_args(dtype=None, gen_seed: int = 0, dropout_seed: int = 0) -> tuple:
     """(jit_fn, grid, args, kwargs) of the ``_attn_fwd`` launch that prefixattn makes for a
     small shared-prefix call (B=2, H=4, Hkv=2, Nq=Nk=17, D=64, CPU tensors: nothing
-    runs), with the default config's tiles; recorded from ``launch.attention_forward``."""
+    runs), with the default config's tiles; recorded from ``launch.attention_forward``.
+    ``gen_seed`` seeds the random inputs, ``dropout_seed`` is the kernel's seed argument."""
     import torch
 
     from prefixattn.ops import launch, validation
 
     dtype = dtype or torch.float16
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(gen_seed)
     q = torch.randn(2, 4, 17, 64, generator=g).to(dtype)
     k = torch.randn(2, 2, 17, 64, generator=g).to(dtype)
     v = torch.randn(2, 2, 17, 64, generator=g).to(dtype)
-    pk = torch.randn(2, P, 64, generator=g).to(dtype)
-    pv = torch.randn(2, P, 64, generator=g).to(dtype)
+    pk = torch.randn(2, 7, 64, generator=g).to(dtype)
+    pv = torch.randn(2, 7, 64, generator=g).to(dtype)
     prob = validation.validate(q, k, v, pk, pv, None, None, True, None, 0.0, "triton")
     seen = {}
 
@@ -149,7 +151,7 @@ def forward_launch_args(dtype=None, seed: int = 0, P: int = 7) -> tuple:
         seen.update(kernel=kernel, grid_fn=grid_fn, args=args, kwargs=kwargs)
 
     with mock.patch.object(launch, "_launch", record):
-        launch.attention_forward(q, k, v, pk, pv, None, None, True, 0.0, seed, prob)
+        launch.attention_forward(q, k, v, pk, pv, None, None, True, 0.0, dropout_seed, prob)
     cfg = launch.CONFIG_LISTS["fwd"][0]
     kwargs = {**seen["kwargs"], **cfg.tiles()}
     kwargs.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
