@@ -301,6 +301,10 @@ def _matches_vs_binder(fn, dk: DirectKernel, rt: tuple, kwargs: dict, name: str)
 def compiled(tmp_path_factory) -> dict:
     import json
 
+    try:
+        from triton.backends.nvidia import driver  # noqa: F401
+    except Exception as e:  # a Triton build without the NVIDIA backend
+        pytest.skip(f"no NVIDIA backend in this Triton build: {e}")
     script = (
         "import json, sys\n"
         "sys.path[:0] = ['tests', 'scripts']\n"
@@ -313,19 +317,11 @@ def compiled(tmp_path_factory) -> dict:
     return res
 
 
-def _skip_without_nvidia_backend() -> None:
-    try:
-        from triton.backends.nvidia import driver  # noqa: F401
-    except Exception as e:  # a Triton build without the NVIDIA backend
-        pytest.skip(f"no NVIDIA backend in this Triton build: {e}")
-
-
 KERNELS = ["attn_fwd", "toy"]
 
 
 @pytest.mark.parametrize("name", KERNELS)
 def test_direct_tuple_equals_jit_run_tuple(compiled: dict, name: str) -> None:
-    _skip_without_nvidia_backend()
     r = compiled[name]
     assert r["mode"] == "c"
     assert r["same_args"] == []

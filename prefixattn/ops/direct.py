@@ -37,6 +37,17 @@ capture, argument kinds it does not model) makes :meth:`DirectKernel.capture` la
 normally and return ``None``; a launch hook added later sends each call through the normal
 path.
 
+The stream: the normal path asks ``driver.active.get_current_stream(device)`` for the
+device current at the call (with torch: ``torch._C._cuda_getCurrentRawStream``, one C
+call). A DirectKernel keeps that function and the device index current at capture, and
+asks for the stream on every launch (one C call): a launch follows ``torch.cuda.stream``
+contexts and CUDA graph capture exactly as the normal path does. The device itself is
+not re-read: like Triton's own per-device kernel cache, a DirectKernel belongs to one
+device, so the caller keys it on the device and launches with that device current.
+
+Not repeated per launch: ``JITFunction.run``'s check that the kernel's global variables
+have not changed since compilation (prefixattn's kernels read only constexpr globals).
+
 What a caller must keep equal between the captured call and a direct one: the kernel's
 specialization (:meth:`DirectKernel.matches`): each tensor's dtype and 16-byte alignment of
 ``data_ptr()``, each int's class (``== 1`` is compiled in as a constant; ``% 16 == 0``;
