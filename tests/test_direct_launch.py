@@ -132,6 +132,12 @@ def _walk_diff(a, b, path: str, out: list[str]) -> None:
         out.append(f"{path}: {a!r} != {b!r}")
 
 
+def _misaligned(t: torch.Tensor) -> torch.Tensor:
+    """A tensor like ``t`` whose data pointer is one element past a 16-byte boundary."""
+    flat = torch.empty(t.numel() + 1, dtype=t.dtype)[1:]  # storage offset 1 element
+    return flat.as_strided(t.shape, t.stride())
+
+
 def _compiled_checks() -> dict:
     """Runs in a process where Triton compiles for the GPU; returns what the tests assert."""
     import launch_overhead as lo
@@ -241,6 +247,25 @@ def _compiled_checks() -> dict:
                 lo.count_calls(lambda f=fn, g=grid2, a=args2, k=kwargs2: f[g](*a, **k)) - stub_extra
             )
             rec.clear()
+            if name == "attn_fwd":  # outputs the caller allocates: no data_ptr() check
+                dk_a = DirectKernel.capture(
+                    fn, grid2, args2, kwargs2, assume_aligned=("Out", "LSE")
+                )
+                last()
+                i_out = dk._rt_names.index("Out")
+                bad_out = (*rt2[:i_out], _misaligned(rt2[i_out]), *rt2[i_out + 1 :])
+                r["assume_aligned"] = [
+                    dk_a.matches(*rt2), dk_a.matches(*bad_out), dk.matches(*bad_out)
+                ]  # fmt: skip
+                r["calls_matches"] = [
+                    lo.count_calls(lambda m=m, a=rt2: m(*a)) for m in (dk.matches, dk_a.matches)
+                ]
+                try:
+                    DirectKernel.capture(fn, grid2, args2, kwargs2, assume_aligned=("Outt",))
+                    r["bad_name"] = None
+                except ValueError as e:
+                    r["bad_name"] = str(e)
+            rec.clear()
             res[name] = r
     return res
 
@@ -258,15 +283,11 @@ def _matches_vs_binder(fn, dk: DirectKernel, rt: tuple, kwargs: dict, name: str)
         named.update(changes)
         return tuple(named[n] for n in names)
 
-    def misaligned(t: torch.Tensor) -> torch.Tensor:
-        flat = torch.empty(t.numel() + 1, dtype=t.dtype)[1:]  # storage offset 1 element
-        return flat.as_strided(t.shape, t.stride())
-
     if name == "attn_fwd":
         q = rt[names.index("Q")]
         variants = {
             "same": variant(),
-            "q misaligned": variant(Q=misaligned(q)),
+            "q misaligned": variant(Q=_misaligned(q)),
             "q fp32": variant(Q=q.float()),
             "prefix None": variant(PK=None),
             "N_Q 17->33": variant(N_Q=33),
@@ -281,7 +302,7 @@ def _matches_vs_binder(fn, dk: DirectKernel, rt: tuple, kwargs: dict, name: str)
         x = rt[names.index("X")]
         variants = {
             "same": variant(),
-            "x misaligned": variant(X=misaligned(x)),
+            "x misaligned": variant(X=_misaligned(x)),
             "y tensor": variant(Y=x),
             "scale as int": variant(scale=2),
             "stride_x 1->2": variant(stride_x=2),
@@ -365,6 +386,17 @@ def test_matches_agrees_with_tritons_binder(compiled: dict, name: str) -> None:
         assert verdict["seed 7->1 (do_not_specialize)"]
         for label in ("x misaligned", "y tensor", "scale as int", "stride_x 1->2", "n 100->96"):
             assert not verdict[label], label
+
+
+def test_assume_aligned_skips_the_pointer_check(compiled: dict) -> None:
+    """Out and LSE, allocated by the caller, trusted as aligned: a misaligned Out then
+    passes ``matches`` (the caller's promise), which the full check refuses; each trusted
+    pointer saves one data_ptr() call. A wrong name is a ValueError naming it."""
+    r = compiled["attn_fwd"]
+    assert r["assume_aligned"] == [True, True, False]
+    full, trusted = r["calls_matches"]
+    assert full - trusted == 2, r["calls_matches"]
+    assert r["bad_name"] and "assume_aligned" in r["bad_name"] and "Outt" in r["bad_name"]
 
 
 def test_direct_launch_python_calls(compiled: dict) -> None:

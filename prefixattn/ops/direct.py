@@ -192,7 +192,12 @@ class DirectKernel:
 
     @classmethod
     def capture(
-        cls, jit_fn: Any, grid: tuple[int, ...], args: tuple, kwargs: dict
+        cls,
+        jit_fn: Any,
+        grid: tuple[int, ...],
+        args: tuple,
+        kwargs: dict,
+        assume_aligned: tuple[str, ...] = (),
     ) -> DirectKernel | None:
         """Launch ``jit_fn[grid](*args, **kwargs)`` through Triton's normal path (compiling
         it if needed; ``kwargs`` hold the constexprs and ``num_warps`` / ``num_stages``)
@@ -200,7 +205,11 @@ class DirectKernel:
         the same signature, or ``None`` (after the same normal launch) when direct
         launches are not possible: the interpreter, an unsupported Triton, a kernel
         with pre-run hooks, launch hooks installed, or an argument kind it does not
-        model (the reason is logged at debug level)."""
+        model (the reason is logged at debug level).
+
+        ``assume_aligned``: names of pointer parameters whose 16-byte alignment the
+        caller guarantees (tensors it allocates itself): :meth:`matches` skips their
+        ``data_ptr()`` call when they were aligned at capture."""
         ok, _, layout = _detect()
         if _interpreted(jit_fn) or not ok or getattr(jit_fn, "pre_run_hooks", None):
             jit_fn[grid](*args, **kwargs)
@@ -209,14 +218,20 @@ class DirectKernel:
         if kernel is None:
             return None
         try:
-            return cls._bind(jit_fn, kernel, layout, args, kwargs)
+            return cls._bind(jit_fn, kernel, layout, args, kwargs, assume_aligned)
         except _Unsupported as e:
             _log.debug("prefixattn direct launch of %s not used: %s", _name(jit_fn), e)
             return None
 
     @classmethod
     def _bind(
-        cls, jit_fn: Any, kernel: Any, layout: str | None, args: tuple, kwargs: dict
+        cls,
+        jit_fn: Any,
+        kernel: Any,
+        layout: str | None,
+        args: tuple,
+        kwargs: dict,
+        assume_aligned: tuple[str, ...],
     ) -> DirectKernel:
         from triton import knobs
         from triton.runtime.driver import driver
@@ -260,7 +275,13 @@ class DirectKernel:
         else:
             self._tail = None
             self._merge = _make_merge(rt_idx, const_idx, values)
-        self.matches = _make_matches(jit_fn, rt_idx, values, spec)
+        unknown = set(assume_aligned) - set(self._rt_names)
+        if unknown:
+            raise ValueError(
+                f"assume_aligned: {sorted(unknown)} are not runtime parameters of "
+                f"{_name(jit_fn)} (expected some of {list(self._rt_names)})"
+            )
+        self.matches = _make_matches(jit_fn, rt_idx, values, spec, set(assume_aligned))
 
         scratch = getattr(launcher, "global_scratch_size", 1) or getattr(
             launcher, "profile_scratch_size", 1
@@ -371,9 +392,12 @@ def _make_merge(rt_idx: list[int], const_idx: list[int], values: tuple):
     return ns["merge"]
 
 
-def _make_matches(jit_fn: Any, rt_idx: list[int], values: tuple, spec: list):
+def _make_matches(
+    jit_fn: Any, rt_idx: list[int], values: tuple, spec: list, assume_aligned: set[str]
+):
     """A generated ``matches(*args) -> bool`` for the captured specialization ``spec``
-    (the binder's ``(type, key)`` per parameter)."""
+    (the binder's ``(type, key)`` per parameter); pointers named in ``assume_aligned``
+    that were aligned at capture are taken as aligned."""
     conds, ns = [], {}
     for j, i in enumerate(rt_idx):
         p = jit_fn.params[i]
@@ -403,7 +427,7 @@ def _make_matches(jit_fn: Any, rt_idx: list[int], values: tuple, spec: list):
         elif hasattr(v, "data_ptr") and hasattr(v, "dtype"):
             ns[f"d{j}"] = v.dtype
             conds.append(f"{a} is not None and {a}.dtype is d{j}")
-            if align_spec:
+            if align_spec and not (key == "D" and p.name in assume_aligned):
                 conds.append(f"{a}.data_ptr() % 16 {'==' if key == 'D' else '!='} 0")
         else:
             raise _Unsupported(f"parameter {p.name!r} of type {type(v).__name__} is not modelled")
