@@ -8,10 +8,14 @@ cubin) is stubbed. Everything before it, Triton's binder, specialization, cache 
 and launcher object, runs as on a GPU host. The stub is ``"".format``, a C function that
 takes any arguments, so neither path pays for a Python stub.
 
-Per launch, for a toy kernel and prefixattn's ``_attn_fwd`` (56 parameters), it reports the
+Per launch, for a toy kernel and prefixattn's ``_attn_fwd`` (54 parameters), it reports the
 Python-level calls (``sys.setprofile`` 'call' + 'c_call' events) and host microseconds
-(best of ``--repeats`` runs of ``--launches`` launches). These are host timings of this
-machine's CPU, not kernel timings.
+(best of ``--repeats`` runs of ``--launches`` launches) of: ``jit_run``
+(``kernel[grid](*args, **constexprs)``), ``direct`` (``DirectKernel.__call__``),
+``direct_with_matches`` (``matches`` over every argument, then the launch) and
+``direct_with_matches_tensors_seed`` (``matches`` over the tensors and the seed only, what
+a call plan keyed on sizes and strides needs). These are host timings of this machine's
+CPU, not kernel timings.
 
     python scripts/launch_overhead.py [--json out.json]
 """
@@ -232,6 +236,17 @@ def measure(launches: int = 2000, repeats: int = 7) -> dict:
                 if dk.matches(*args):
                     dk(grid, *args)
 
+            # a plan's check: only the tensors and the seed (its key holds the rest)
+            names = [p.name for p in fn.params if not p.is_constexpr]
+            varying = tuple(
+                n for n, a in zip(names, rt_args) if isinstance(a, torch.Tensor) or n == "seed"
+            )
+            dk_v = DirectKernel.capture(fn, grid, args, kwargs, check=varying)
+
+            def direct_checked_varying(dk=dk_v, grid=grid, args=rt_args) -> None:
+                if dk.matches(*args):
+                    dk(grid, *args)
+
             rows[name] = {
                 "params": len(fn.params),
                 "mode": f"{dk.mode}/{dk.layout}",
@@ -239,12 +254,16 @@ def measure(launches: int = 2000, repeats: int = 7) -> dict:
                     "jit_run": count_calls(normal),
                     "direct": count_calls(direct),
                     "direct_with_matches": count_calls(direct_checked),
+                    "direct_with_matches_tensors_seed": count_calls(direct_checked_varying),
                 },
                 "us_per_launch": {
                     "jit_run": round(per_launch_us(normal, launches, repeats), 2),
                     "direct": round(per_launch_us(direct, launches, repeats), 2),
                     "direct_with_matches": round(
                         per_launch_us(direct_checked, launches, repeats), 2
+                    ),
+                    "direct_with_matches_tensors_seed": round(
+                        per_launch_us(direct_checked_varying, launches, repeats), 2
                     ),
                 },
             }

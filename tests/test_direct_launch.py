@@ -260,6 +260,18 @@ def _compiled_checks() -> dict:
                 r["calls_matches"] = [
                     lo.count_calls(lambda m=m, a=rt2: m(*a)) for m in (dk.matches, dk_a.matches)
                 ]
+                # only what changes between calls of one plan: the tensors and the seed
+                varying = ("Q", "K", "V", "PK", "PV", "Out", "LSE", "seed")
+                dk_c = DirectKernel.capture(fn, grid2, args2, kwargs2, check=varying)
+                last()
+                i_q, i_nq = dk._rt_names.index("Q"), dk._rt_names.index("N_Q")
+                bad_q = (*rt2[:i_q], _misaligned(rt2[i_q]), *rt2[i_q + 1 :])
+                nq32 = (*rt2[:i_nq], 32, *rt2[i_nq + 1 :])
+                r["check_subset"] = [
+                    dk_c.matches(*rt2), dk_c.matches(*bad_q), dk_c.matches(*nq32),
+                    dk.matches(*nq32),
+                ]  # fmt: skip
+                r["calls_matches"].append(lo.count_calls(lambda m=dk_c.matches, a=rt2: m(*a)))
                 try:
                     DirectKernel.capture(fn, grid2, args2, kwargs2, assume_aligned=("Outt",))
                     r["bad_name"] = None
@@ -394,9 +406,16 @@ def test_assume_aligned_skips_the_pointer_check(compiled: dict) -> None:
     pointer saves one data_ptr() call. A wrong name is a ValueError naming it."""
     r = compiled["attn_fwd"]
     assert r["assume_aligned"] == [True, True, False]
-    full, trusted = r["calls_matches"]
+    full, trusted, subset = r["calls_matches"]
     assert full - trusted == 2, r["calls_matches"]
+    assert subset == 1 + 7, r["calls_matches"]  # matches + data_ptr() of the 7 tensors
     assert r["bad_name"] and "assume_aligned" in r["bad_name"] and "Outt" in r["bad_name"]
+
+
+def test_check_subset_leaves_the_rest_to_the_caller(compiled: dict) -> None:
+    """``check=`` the tensors and the seed: a misaligned q is refused, a changed N_Q is
+    not looked at (the caller's key holds it), while the full check refuses it."""
+    assert compiled["attn_fwd"]["check_subset"] == [True, False, True, False]
 
 
 def test_direct_launch_python_calls(compiled: dict) -> None:

@@ -198,6 +198,7 @@ class DirectKernel:
         args: tuple,
         kwargs: dict,
         assume_aligned: tuple[str, ...] = (),
+        check: tuple[str, ...] | None = None,
     ) -> DirectKernel | None:
         """Launch ``jit_fn[grid](*args, **kwargs)`` through Triton's normal path (compiling
         it if needed; ``kwargs`` hold the constexprs and ``num_warps`` / ``num_stages``)
@@ -209,7 +210,9 @@ class DirectKernel:
 
         ``assume_aligned``: names of pointer parameters whose 16-byte alignment the
         caller guarantees (tensors it allocates itself): :meth:`matches` skips their
-        ``data_ptr()`` call when they were aligned at capture."""
+        ``data_ptr()`` call when they were aligned at capture. ``check``: names of the
+        runtime parameters :meth:`matches` looks at (``None``: all); the others are the
+        caller's to keep equal (e.g. sizes and strides that its cache key holds)."""
         ok, _, layout = _detect()
         if _interpreted(jit_fn) or not ok or getattr(jit_fn, "pre_run_hooks", None):
             jit_fn[grid](*args, **kwargs)
@@ -218,7 +221,7 @@ class DirectKernel:
         if kernel is None:
             return None
         try:
-            return cls._bind(jit_fn, kernel, layout, args, kwargs, assume_aligned)
+            return cls._bind(jit_fn, kernel, layout, args, kwargs, assume_aligned, check)
         except _Unsupported as e:
             _log.debug("prefixattn direct launch of %s not used: %s", _name(jit_fn), e)
             return None
@@ -232,6 +235,7 @@ class DirectKernel:
         args: tuple,
         kwargs: dict,
         assume_aligned: tuple[str, ...],
+        check: tuple[str, ...] | None,
     ) -> DirectKernel:
         from triton import knobs
         from triton.runtime.driver import driver
@@ -275,13 +279,15 @@ class DirectKernel:
         else:
             self._tail = None
             self._merge = _make_merge(rt_idx, const_idx, values)
-        unknown = set(assume_aligned) - set(self._rt_names)
-        if unknown:
-            raise ValueError(
-                f"assume_aligned: {sorted(unknown)} are not runtime parameters of "
-                f"{_name(jit_fn)} (expected some of {list(self._rt_names)})"
-            )
-        self.matches = _make_matches(jit_fn, rt_idx, values, spec, set(assume_aligned))
+        for arg, names in (("assume_aligned", assume_aligned), ("check", check or ())):
+            unknown = set(names) - set(self._rt_names)
+            if unknown:
+                raise ValueError(
+                    f"{arg}: {sorted(unknown)} are not runtime parameters of "
+                    f"{_name(jit_fn)} (expected some of {list(self._rt_names)})"
+                )
+        checked = set(self._rt_names if check is None else check)
+        self.matches = _make_matches(jit_fn, rt_idx, values, spec, set(assume_aligned), checked)
 
         scratch = getattr(launcher, "global_scratch_size", 1) or getattr(
             launcher, "profile_scratch_size", 1
@@ -393,16 +399,24 @@ def _make_merge(rt_idx: list[int], const_idx: list[int], values: tuple):
 
 
 def _make_matches(
-    jit_fn: Any, rt_idx: list[int], values: tuple, spec: list, assume_aligned: set[str]
+    jit_fn: Any,
+    rt_idx: list[int],
+    values: tuple,
+    spec: list,
+    assume_aligned: set[str],
+    checked: set[str],
 ):
     """A generated ``matches(*args) -> bool`` for the captured specialization ``spec``
-    (the binder's ``(type, key)`` per parameter); pointers named in ``assume_aligned``
-    that were aligned at capture are taken as aligned."""
+    (the binder's ``(type, key)`` per parameter), over the parameters in ``checked``;
+    pointers named in ``assume_aligned`` that were aligned at capture are taken as
+    aligned."""
     conds, ns = [], {}
     for j, i in enumerate(rt_idx):
         p = jit_fn.params[i]
         v, (ty, key) = values[i], spec[i]
         a = f"a{j}"
+        if p.name not in checked:
+            continue
         value_spec = not p.do_not_specialize
         align_spec = value_spec and not p.do_not_specialize_on_alignment
         if v is None:
