@@ -135,7 +135,7 @@ def stand_in_driver(launch: Callable, arch: int = 90) -> Iterator[types.SimpleNa
 def forward_launch_args(dtype=None, gen_seed: int = 0, dropout_seed: int = 0) -> tuple:
     """(jit_fn, grid, args, kwargs) of the ``_attn_fwd`` launch that prefixattn makes for a
     small shared-prefix call (B=2, H=4, Hkv=2, Nq=Nk=17, D=64, CPU tensors: nothing
-    runs), with the default config's tiles; recorded from ``launch.attention_forward``.
+    runs), with the default config's tiles; built by ``launch.forward_spec``.
     ``gen_seed`` seeds the random inputs, ``dropout_seed`` is the kernel's seed argument."""
     import torch
 
@@ -149,17 +149,14 @@ def forward_launch_args(dtype=None, gen_seed: int = 0, dropout_seed: int = 0) ->
     pk = torch.randn(2, 7, 64, generator=g).to(dtype)
     pv = torch.randn(2, 7, 64, generator=g).to(dtype)
     prob = validation.validate(q, k, v, pk, pv, None, None, True, None, 0.0, "triton")
-    seen = {}
-
-    def record(name, kernel, grid_fn, q, n_q, n_kp, *args, **kwargs):
-        seen.update(kernel=kernel, grid_fn=grid_fn, args=args, kwargs=kwargs)
-
-    with mock.patch.object(launch, "_launch", record):
-        launch.attention_forward(q, k, v, pk, pv, None, None, True, 0.0, dropout_seed, prob)
+    out, lse = launch.forward_outputs(q, prob)
+    x = launch._Inputs(q, k, v, pk, pv, None, None)
+    spec = launch.forward_spec(x, out, lse, True, 0.0, dropout_seed, prob)
     cfg = launch.CONFIG_LISTS["fwd"][0]
-    kwargs = {**seen["kwargs"], **cfg.tiles()}
+    kwargs = {**spec.consts, **cfg.tiles()}
     kwargs.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return seen["kernel"], seen["grid_fn"](cfg.tiles()), seen["args"], kwargs
+    kernel = getattr(launch._kernels(), spec.attr)
+    return kernel, spec.grid(cfg.tiles()), spec.args(), kwargs
 
 
 def toy_launch_args(n: int = 100, seed: int = 7) -> tuple:

@@ -390,8 +390,8 @@ def test_matches_agrees_with_tritons_binder(compiled: dict, name: str) -> None:
         for label in ("q misaligned", "q fp32", "prefix None", "N_Q 17->32", "N_Q 17->1"):
             assert not verdict[label], label
         assert not verdict["N_K 2^31"] and not verdict["stride_qd 1->2"]
-        # _attn_fwd specializes its dropout seed (0 % 16 == 0): a new seed would recompile
-        assert not verdict["seed 0->12345"]
+        # _attn_fwd does not specialize its dropout seed (do_not_specialize): new seeds
+        assert verdict["seed 0->12345"]  # keep the compiled kernel
     else:
         assert verdict["n 100->116"]
         assert verdict["seed 7->16 (do_not_specialize)"]

@@ -28,11 +28,12 @@ class PrefixAttentionFunction(torch.autograd.Function):
         plan: CallPlan,
     ) -> torch.Tensor:
         seed = new_seed() if plan.dropout_p > 0.0 else 0
-        out, lse = plan.forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, seed)
+        out, lse, aligned = plan.forward(
+            q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, seed
+        )
         ctx.save_for_backward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, out, lse)
-        ctx.seed, ctx.plan = seed, plan
-        # the inputs' alignment, for the backward's direct launches (the same tensors)
-        ctx.aligned = plan.aligned(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask)
+        # aligned: the inputs' alignment, for the backward's direct launches (same tensors)
+        ctx.seed, ctx.plan, ctx.aligned = seed, plan, aligned
         return out
 
     @staticmethod

@@ -1024,10 +1024,10 @@ def backward_pointers(
         )
     else:  # one partial per entry: the prefix programs write the gradient itself
         ptrs["DPK"], ptrs["DPV"] = (dpk, dpv) if need_p else (q, q)
-    ptrs.update(
-        DO=do, LSE=lse, O=out, DQ=dq if needs[0] else q, DK=dk if need_kv else q,
-        DV=dv if need_kv else q, GPK=dpk if need_p else q, GPV=dpv if need_p else q,
-    )  # fmt: skip
+    ptrs["DO"], ptrs["LSE"], ptrs["O"] = do, lse, out
+    ptrs["DQ"] = dq if needs[0] else q
+    ptrs["DK"], ptrs["DV"] = (dk, dv) if need_kv else (q, q)
+    ptrs["GPK"], ptrs["GPV"] = (dpk, dpv) if need_p else (q, q)
     return ptrs
 
 

@@ -174,9 +174,7 @@ class KernelLaunch:
                 return
             if self.capture:  # launch 2: through Triton, capturing a direct launch
                 self.capture = False
-                self.direct = _capture(self.kernel, self.grid, args, self.kw)
-                if self.direct is None:
-                    self.bound(*args, **self.kw)
+                self.direct = _capture(self.kernel, self.grid, args, self.kw)  # launches
                 return
         bound = self.bound
         if bound is not None:
@@ -253,32 +251,31 @@ class CallPlan:
         prefix_index: torch.Tensor | None,
         key_padding_mask: torch.Tensor | None,
         seed: int,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(out [B, H, Nq, D], lse [B, H, Nq] fp32) of the Triton forward."""
+    ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """(out [B, H, Nq, D], lse [B, H, Nq] fp32, aligned) of the Triton forward;
+        ``aligned``: the inputs' alignment (:meth:`aligned`), for the backward."""
         if self.chunked:
-            return L.attention_forward(
+            out, lse = L.attention_forward(
                 q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
                 self.causal, self.dropout_p, seed, self.prob,
             )  # fmt: skip
+            return out, lse, False
         out = torch.empty(self.out_shape, device=q.device, dtype=q.dtype)
         lse = torch.empty(self.lse_shape, device=q.device, dtype=torch.float32)
         if self.empty:
-            return out, lse
+            return out, lse, False
         mode = self.prob.prefix_mode
         ptrs = L.pointer_args(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, mode)
         ptrs["Out"], ptrs["LSE"] = out, lse
+        aligned = self.aligned(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask)
         fl = self.fwd
         if fl is not None:
-            fl(
-                ptrs,
-                seed,
-                self.aligned(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask),
-            )
-            return out, lse
+            fl(ptrs, seed, aligned)
+            return out, lse, aligned
         x = L._Inputs(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask)
         spec = L.forward_spec(x, out, lse, self.causal, self.dropout_p, seed, self.prob)
         self.fwd = KernelLaunch.first(spec, q)
-        return out, lse
+        return out, lse, aligned
 
     def backward(
         self,
