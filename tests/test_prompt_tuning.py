@@ -15,7 +15,14 @@ import prefixattn
 import prefixattn.hf.patching
 from prefixattn import PromptTuning, PromptTuningConfig
 from prefixattn.hf.prompt_tuning import CONFIG_NAME, WEIGHTS_NAME
-from prefixattn.hf.testing import VOCAB, left_padded_batch, single_thread, tiny_gpt2, tiny_llama
+from prefixattn.hf.testing import (
+    VOCAB,
+    greedy_reference,
+    left_padded_batch,
+    single_thread,
+    tiny_gpt2,
+    tiny_llama,
+)
 
 TOL = dict(atol=2e-5, rtol=1e-5)
 MODELS = {"gpt2": tiny_gpt2, "llama": tiny_llama}
@@ -389,7 +396,9 @@ def test_peft_parity(peft, tmp_path, arch: str) -> None:
     from peft import PromptTuningConfig as PeftConfig
     from peft import get_peft_model
 
-    base = MODELS[arch]()
+    # a tiny random GPT-2 at its default init (std 0.02) repeats its last token whatever the
+    # prompt: a larger init lets the soft prompt change the generations
+    base = MODELS[arch](**({"initializer_range": 0.1} if arch == "gpt2" else {}))
     pm = get_peft_model(
         copy.deepcopy(base), PeftConfig(task_type="CAUSAL_LM", num_virtual_tokens=P)
     )
@@ -412,8 +421,11 @@ def test_peft_parity(peft, tmp_path, arch: str) -> None:
 
     lids, lmask = left_padded_batch([5, 3], seed=13)
     gen = dict(max_new_tokens=5, do_sample=False, pad_token_id=1)
-    ref_gen = pm.generate(input_ids=lids, attention_mask=lmask, **gen)
-    assert torch.equal(ours.generate(input_ids=lids, attention_mask=lmask, **gen), ref_gen)
+    # against greedy decoding over PEFT's forward, not PEFT's generate (see test_peft_upstream)
+    ref_gen = greedy_reference(pm, lids, lmask, max_new_tokens=5, pad_token_id=1)
+    out_gen = ours.generate(input_ids=lids, attention_mask=lmask, **gen)
+    assert torch.equal(out_gen, ref_gen)
+    assert not torch.equal(out_gen, base.generate(input_ids=lids, attention_mask=lmask, **gen))
 
     # round trip through PEFT's file format, both ways
     ours.to_peft(tmp_path / "peft")
