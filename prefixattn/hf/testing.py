@@ -24,6 +24,8 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from ._compat import cache_kwarg
+
 __all__ = [
     "concat_prefix_forward",
     "greedy_reference",
@@ -160,9 +162,9 @@ def concat_prefix_forward(
     return model(
         input_ids=input_ids,
         attention_mask=full_mask,
-        past_key_values=cache,
         position_ids=pos,
         use_cache=True,
+        **{cache_kwarg(model.forward): cache},  # `cache` from transformers 5.2x
         **kwargs,
     )
 
