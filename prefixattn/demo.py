@@ -205,6 +205,7 @@ def concat_reference_logits(
     """
     from transformers import DynamicCache
 
+    from .hf._compat import cache_kwarg
     from .hf.patching import patch, unpatch
 
     model = pt.model
@@ -225,8 +226,8 @@ def concat_reference_logits(
             input_ids=input_ids,
             attention_mask=mask,
             position_ids=pos,
-            past_key_values=cache,
             use_cache=True,
+            **{cache_kwarg(model.forward): cache},  # `past_key_values` before transformers 5.2x
         )
     finally:
         patch(model, pt.config.backend)

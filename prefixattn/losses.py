@@ -187,6 +187,8 @@ def chunked_loss_forward(model: Any, input_ids: torch.Tensor | None, kwargs: dic
     ``CausalLMOutputWithPast`` whose ``logits`` is None."""
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
+    from .hf._compat import output_cache, output_cache_field
+
     kwargs = dict(kwargs)
     labels = kwargs.pop("labels")
     num_items = kwargs.pop("num_items_in_batch", None)
@@ -202,8 +204,8 @@ def chunked_loss_forward(model: Any, input_ids: torch.Tensor | None, kwargs: dic
     res = CausalLMOutputWithPast(
         loss=loss,
         logits=None,
-        past_key_values=out.past_key_values,
         hidden_states=out.hidden_states,
         attentions=out.attentions,
+        **{output_cache_field(CausalLMOutputWithPast): output_cache(out)},  # renamed in 5.2x
     )
     return res if return_dict else res.to_tuple()

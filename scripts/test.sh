@@ -1,9 +1,32 @@
 #!/usr/bin/env bash
 # The test command: set up (once), lint, then the whole suite (kernel tests run in Triton's
 # CPU interpreter when there is no GPU; GPU-only tests and benchmarks skip with a reason).
-#   scripts/test.sh [pytest args...]
+#   scripts/test.sh [pytest args...]            pinned versions (constraints/ci.txt), .venv
+#   scripts/test.sh --latest [pytest args...]   newest releases, in .venv-latest (drift check)
 set -euo pipefail
+if [ "${1:-}" = "--latest" ]; then
+  shift
+  root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+  export PREFIXATTN_PINS=latest
+  export PREFIXATTN_VENV="${PREFIXATTN_VENV:-$root/.venv-latest}"
+fi
 . "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh" test
+PREFIXATTN_PINNED_BY="$pins" python - <<'EOF'
+import os
+from importlib.metadata import PackageNotFoundError, version
+
+names = ["torch", "triton", "transformers", "peft", "accelerate", "safetensors", "numpy"]
+names += ["pytest", "hypothesis", "ruff"]
+found = []
+for name in names:
+    try:
+        found.append(f"{name} {version(name)}")
+    except PackageNotFoundError:
+        found.append(f"{name} -")
+pins = os.environ["PREFIXATTN_PINNED_BY"]
+source = "newest releases" if pins == "latest" else f"pinned by {pins}"
+print(f"test.sh: versions ({source}):", ", ".join(found))
+EOF
 ruff check .
 ruff format --check .
 set +e

@@ -12,6 +12,7 @@ pytest.importorskip("transformers")
 
 import prefixattn
 from prefixattn.hf import patching
+from prefixattn.hf._compat import cache_kwarg, output_cache
 from prefixattn.hf.patching import StaticPrefix, get_prefix, is_patched, set_prefix
 from prefixattn.hf.testing import (
     concat_prefix_forward,
@@ -51,7 +52,8 @@ def static(prefix: torch.Tensor) -> StaticPrefix:
 def greedy_with_cache(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, steps: int):
     """Manual greedy decoding with a KV cache; returns the per-step last logits [steps, B, V]."""
     out = model(input_ids=ids, attention_mask=mask, use_cache=True)
-    cache, logits = out.past_key_values, [out.logits[:, -1]]
+    cache, logits = output_cache(out), [out.logits[:, -1]]
+    name = cache_kwarg(model.forward)  # `cache`, or `past_key_values` before transformers 5.2x
     pos = mask.long().cumsum(-1)[:, -1:] - 1  # [B, 1] position of the last real token
     for _ in range(steps - 1):
         nxt = logits[-1].argmax(-1, keepdim=True)  # [B, 1]
@@ -60,11 +62,11 @@ def greedy_with_cache(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Ten
         out = model(
             input_ids=nxt,
             attention_mask=mask,
-            past_key_values=cache,
             position_ids=pos,
             use_cache=True,
+            **{name: cache},
         )
-        cache = out.past_key_values
+        cache = output_cache(out)
         logits.append(out.logits[:, -1])
     return torch.stack(logits)
 
@@ -129,7 +131,7 @@ def test_static_prefix_matches_concat_reference(family: str) -> None:
     torch.testing.assert_close(out.logits[real], ref.logits[real], **TOL)
     assert (out.logits[real] - plain[real]).abs().max() > 1e-2  # the prefix does something
     # the prefix stays out of the KV cache
-    assert out.past_key_values.get_seq_length() == ids.shape[1]
+    assert output_cache(out).get_seq_length() == ids.shape[1]
 
 
 def test_per_row_prefix_matches_rows_alone() -> None:
@@ -291,7 +293,7 @@ def test_unsupported_attention_patterns_raise() -> None:
     # a static cache
     cache = StaticCache(config=model.config, max_cache_len=16)
     with pytest.raises(ValueError, match="static"):
-        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        model(input_ids=ids, use_cache=True, **{cache_kwarg(model.forward): cache})
     # a mask longer than the keys, without a cache
     with pytest.raises(ValueError, match="aligned"):
         model(input_ids=ids, attention_mask=torch.ones(1, 9, dtype=torch.long), use_cache=False)

@@ -13,6 +13,7 @@ pytest.importorskip("transformers")
 
 import prefixattn
 from prefixattn import PrefixTuning, PrefixTuningConfig
+from prefixattn.hf._compat import cache_kwarg, output_cache
 from prefixattn.hf.patching import get_prefix, record_kv, set_prefix
 from prefixattn.hf.testing import (
     concat_prefix_forward,
@@ -164,8 +165,23 @@ def test_generate_kv_cache_matches_full_recompute(offset: int) -> None:
     assert not torch.equal(gen, base_gen)
     with torch.no_grad():
         out = pt(input_ids=ids, attention_mask=mask, use_cache=True)
-    assert out.past_key_values.get_seq_length() == ids.shape[1]
+    assert output_cache(out).get_seq_length() == ids.shape[1]
     assert get_prefix(pt.model) is pt._provider  # generate restored the live provider
+
+
+def test_cache_continuation_without_position_ids() -> None:
+    """With a position offset, a call given a cache (under the release's name: ``cache``, or
+    ``past_key_values`` before 5.2x) and no position_ids continues at cache length + offset."""
+    pt = PrefixTuning(tiny_llama(), 4, init="vocab", position_offset=4)  # RoPE: positions matter
+    ids = torch.randint(2, 128, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = pt(input_ids=ids).logits
+        cache = output_cache(pt(input_ids=ids[:, :5], use_cache=True))
+        kw = {cache_kwarg(pt.model.forward): cache}
+        step = pt(input_ids=ids[:, 5:], use_cache=True, **kw).logits
+        unshifted = PrefixTuning(tiny_llama(), 4, init="vocab")(input_ids=ids).logits
+    torch.testing.assert_close(step, full[:, 5:], **TOL)
+    assert not torch.allclose(full, unshifted, atol=1e-3)  # the offset changes the logits
 
 
 # ------------------------------------------------------------------ init strategies

@@ -50,6 +50,7 @@ from ..losses import check_chunked_loss_support, chunked_loss_forward
 from ..ops.validation import BACKENDS, MAX_HEAD_DIM, MIN_HEAD_DIM
 from ._common import INIT_STRATEGIES as INIT_STRATEGIES  # kept importable from here
 from ._common import PEFT_WEIGHTS_KEY, TuningConfigBase, is_int, read_artifact, read_peft_dir
+from ._compat import cache_arg
 from .patching import (
     PrefixProvider,
     StaticPrefix,
@@ -235,7 +236,7 @@ def _offset_positions(
         ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
         if ref is None:
             return kwargs  # the model raises its own error about missing inputs
-        past = kwargs.get("past_key_values")
+        _, past = cache_arg(kwargs)  # `cache` or (before transformers 5.2x) `past_key_values`
         past_len = int(past.get_seq_length()) if hasattr(past, "get_seq_length") else 0
         n = ref.shape[1]
         pos = torch.arange(past_len, past_len + n, device=ref.device).unsqueeze(0)  # [1, N]

@@ -54,6 +54,7 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
 from ..losses import check_chunked_loss_support, chunked_loss_forward
 from ._common import INIT_STRATEGIES as INIT_STRATEGIES  # kept importable from here
 from ._common import PEFT_WEIGHTS_KEY, TuningConfigBase, is_int, read_artifact, read_peft_dir
+from ._compat import cache_arg
 from .patching import get_prefix, is_patched, set_prefix
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "PromptTuning", "PromptTuningConfig"]
@@ -455,18 +456,18 @@ class PromptTuning(nn.Module):
         Raises:
             ValueError, TypeError: missing or malformed inputs (the message names them).
         """
-        past = kwargs.get("past_key_values")
+        cache_name, past = cache_arg(kwargs)  # `cache` or `past_key_values`
         cache_len = 0
         if past is not None:
             if not hasattr(past, "get_seq_length"):
                 raise TypeError(
-                    "past_key_values must be a transformers Cache (e.g. the one returned by a "
+                    f"{cache_name} must be a transformers Cache (e.g. the one returned by a "
                     f"previous call), got {type(past).__name__}"
                 )
             cache_len = int(past.get_seq_length())
             if 0 < cache_len < self.num_virtual_tokens:
                 raise ValueError(
-                    f"past_key_values holds {cache_len} positions, fewer than the "
+                    f"{cache_name} holds {cache_len} positions, fewer than the "
                     f"{self.num_virtual_tokens} virtual tokens: not a cache of this PromptTuning"
                 )
         prepend = cache_len == 0
@@ -531,9 +532,10 @@ class PromptTuning(nn.Module):
             ValueError: ``past_key_values`` (generation starts from the soft prompt), or
                 malformed inputs.
         """
-        if kwargs.get("past_key_values") is not None:
+        cache_name, past = cache_arg(kwargs)
+        if past is not None:
             raise ValueError(
-                "past_key_values is not supported by PromptTuning.generate: generation always "
+                f"{cache_name} is not supported by PromptTuning.generate: generation always "
                 "starts from the soft prompt"
             )
         P = self.num_virtual_tokens
@@ -565,8 +567,21 @@ class PromptTuning(nn.Module):
 
     def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
         """``model.gradient_checkpointing_enable(**kwargs)``; the soft prompt still trains
-        (it enters through ``inputs_embeds``, which require grad)."""
-        self.model.gradient_checkpointing_enable(**kwargs)
+        (it enters through ``inputs_embeds``, which require grad).
+
+        On transformers >= 5.23 this calls ``model.activation_checkpointing_enable`` (the
+        old name warns), with ``gradient_checkpointing_kwargs`` passed on as
+        ``activation_checkpointing_kwargs``.
+        """
+        model = self.model
+        if hasattr(model, "activation_checkpointing_enable"):
+            if "gradient_checkpointing_kwargs" in kwargs:
+                kwargs["activation_checkpointing_kwargs"] = kwargs.pop(
+                    "gradient_checkpointing_kwargs"
+                )
+            model.activation_checkpointing_enable(**kwargs)
+        else:
+            model.gradient_checkpointing_enable(**kwargs)
 
     # ------------------------------------------------------------------ as a prefix
 

@@ -9,7 +9,7 @@ prefix K/V, run on an *unpatched* model), which is independent of the prefixattn
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -24,8 +24,11 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from ._compat import cache_kwarg
+
 __all__ = [
     "concat_prefix_forward",
+    "greedy_reference",
     "left_padded_batch",
     "single_thread",
     "tiny_gpt2",
@@ -159,8 +162,62 @@ def concat_prefix_forward(
     return model(
         input_ids=input_ids,
         attention_mask=full_mask,
-        past_key_values=cache,
         position_ids=pos,
         use_cache=True,
+        **{cache_kwarg(model.forward): cache},  # `cache` from transformers 5.2x
         **kwargs,
     )
+
+
+@torch.no_grad()
+def greedy_reference(
+    forward: Callable[..., Any],
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    max_new_tokens: int = 8,
+    eos_token_id: int | None = _SPECIAL["eos_token_id"],
+    pad_token_id: int = _SPECIAL["pad_token_id"],
+) -> torch.Tensor:
+    """Greedy decoding from forward passes only: what ``generate(do_sample=False)`` must return.
+
+    Each row is decoded alone, without its padding and without a KV cache: every step
+    runs ``forward(input_ids=row, attention_mask=ones)`` on the whole sequence so far and
+    appends the argmax of the last position's logits. Nothing of transformers' or PEFT's
+    ``generate`` (caches, position bookkeeping, padded batches) is involved, so this is the
+    reference generate is checked against.
+
+    Arguments:
+        forward: a callable taking ``input_ids`` [1, n] and ``attention_mask`` [1, n] and
+            returning an output with ``logits`` [1, m, V] (m >= n; only the last position
+            is read), e.g. a ``PeftModel``, a ``PrefixTuning`` or a plain model.
+        input_ids: [B, N] prompts, padded on either side.
+        attention_mask: 0/1 [B, N] (1 = real token) or None (no padding).
+        max_new_tokens: tokens to generate per row.
+        eos_token_id: a row stops after producing it (None: never stops early).
+        pad_token_id: fills a finished row's remaining positions.
+
+    Returns:
+        [B, N + T] int64: each row's prompt as given (padding included) followed by its new
+        tokens, with T = max_new_tokens, or fewer when every row produced ``eos_token_id``
+        earlier (as ``generate`` does).
+    """
+    B = input_ids.shape[0]
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    rows: list[list[int]] = []
+    for b in range(B):
+        seq = input_ids[b][attention_mask[b].bool()][None]  # [1, n]: the real tokens only
+        new: list[int] = []
+        for _ in range(max_new_tokens):
+            logits = forward(input_ids=seq, attention_mask=torch.ones_like(seq)).logits
+            token = int(logits[0, -1].argmax())
+            new.append(token)
+            if token == eos_token_id:
+                break
+            seq = torch.cat([seq, seq.new_tensor([[token]])], dim=1)  # [1, n + 1]
+        rows.append(new)
+    T = max(len(r) for r in rows) if rows else 0
+    new_ids = torch.full((B, T), pad_token_id, dtype=input_ids.dtype)  # [B, T]
+    for b, r in enumerate(rows):
+        new_ids[b, : len(r)] = torch.tensor(r, dtype=input_ids.dtype)
+    return torch.cat([input_ids, new_ids.to(input_ids.device)], dim=1)  # [B, N + T]
