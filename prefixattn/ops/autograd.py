@@ -27,13 +27,15 @@ class PrefixAttentionFunction(torch.autograd.Function):
         causal: bool,
         dropout_p: float,
         prob: AttnProblem,
+        prefix_lengths: torch.Tensor | None = None,
     ) -> torch.Tensor:
         seed = new_seed() if dropout_p > 0.0 else 0
         out, lse = attention_forward(
             q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
-            causal, dropout_p, seed, prob,
+            causal, dropout_p, seed, prob, prefix_lengths=prefix_lengths,
         )  # fmt: skip
         ctx.save_for_backward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, out, lse)
+        ctx.prefix_lengths = prefix_lengths  # int64 [T], never differentiated
         ctx.causal, ctx.dropout_p, ctx.seed, ctx.prob = causal, dropout_p, seed, prob
         return out
 
@@ -44,7 +46,7 @@ class PrefixAttentionFunction(torch.autograd.Function):
         dq, dk, dv, dpk, dpv = attention_backward(
             do, q, k, v, prefix_k, prefix_v, prefix_index, kpm, out, lse,
             ctx.causal, ctx.dropout_p, ctx.seed, ctx.prob,
-            needs=(n[0], n[1], n[2], n[3] or n[4]),
+            needs=(n[0], n[1], n[2], n[3] or n[4]), prefix_lengths=ctx.prefix_lengths,
         )  # fmt: skip
         return (
             dq,
@@ -52,5 +54,5 @@ class PrefixAttentionFunction(torch.autograd.Function):
             dv if n[2] else None,
             dpk if n[3] else None,
             dpv if n[4] else None,
-            None, None, None, None, None,
+            None, None, None, None, None, None,
         )  # fmt: skip

@@ -423,17 +423,23 @@ def _prefix_args(
     prefix_v: torch.Tensor | None,
     prefix_index: torch.Tensor | None,
     key_padding_mask: torch.Tensor | None,
+    prefix_lengths: torch.Tensor | None = None,
 ):
-    """Pointers for optional inputs: absent ones get a dummy tensor the kernel never reads."""
+    """Pointers for optional inputs: absent ones get a dummy tensor the kernel never reads.
+
+    Returns ``(pk, pv, pidx, plen, kpm, kpm_strides)``; ``plen`` is the ``PLEN`` pointer
+    (``HAS_PLEN`` = ``prefix_lengths is not None`` for a kernel that reads the prefix).
+    """
     pk = prefix_k if prefix_k is not None else q
     pv = prefix_v if prefix_v is not None else q
     pidx = prefix_index if prefix_index is not None else q
+    plen = prefix_lengths if prefix_lengths is not None else q
     if key_padding_mask is not None:
         kpm = key_padding_mask.view(torch.uint8)
         kpm_strides = kpm.stride()
     else:
         kpm, kpm_strides = q, (0, 0)
-    return pk, pv, pidx, kpm, kpm_strides
+    return pk, pv, pidx, plen, kpm, kpm_strides
 
 
 def new_seed() -> int:
@@ -455,18 +461,20 @@ def attention_forward(
     seed: int,
     prob: AttnProblem,
     wrap=None,
+    prefix_lengths: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``_attn_fwd``; returns (out [B, H, Nq, D] in q's dtype, lse [B, H, Nq] fp32).
 
     ``wrap``: applied to every kernel before its launch (``torch.library.wrap_triton`` in
-    the custom ops); ``None`` launches directly.
+    the custom ops); ``None`` launches directly. ``prefix_lengths``: int64 [T] visible
+    prefix keys per entry (bank / per-row layouts), or None for all P.
     """
     B, H, Nq, D = prob.B, prob.H, prob.Nq, prob.D
     out = torch.empty((B, H, Nq, D), device=q.device, dtype=q.dtype)
     lse = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
     if B * H * Nq == 0:
         return out, lse
-    x = _Inputs(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask)
+    x = _Inputs(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, prefix_lengths)
     for i, (rows, sub) in enumerate(_batch_chunks(prob, wrap)):
         _forward_launch(
             x.rows(rows, prob), _take(out, rows), _take(lse, rows),
@@ -520,6 +528,7 @@ class _Inputs(NamedTuple):
     prefix_v: torch.Tensor | None
     prefix_index: torch.Tensor | None
     key_padding_mask: torch.Tensor | None
+    prefix_lengths: torch.Tensor | None = None  # int64 [T]: entries as prefix_k
 
     def rows(self, rows: slice, prob: AttnProblem) -> _Inputs:
         """Batch rows ``rows`` (views; a shared prefix or a bank stays whole)."""
@@ -531,6 +540,7 @@ class _Inputs(NamedTuple):
             _take(self.prefix_k, rows) if per_row else self.prefix_k,
             _take(self.prefix_v, rows) if per_row else self.prefix_v,
             _take(self.prefix_index, rows), _take(self.key_padding_mask, rows),
+            _take(self.prefix_lengths, rows) if per_row else self.prefix_lengths,
         )  # fmt: skip
 
 
@@ -551,13 +561,13 @@ def _forward_launch(
     wrap,
 ) -> None:
     """One ``_attn_fwd`` launch over the rows of ``prob``."""
-    q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask = x
+    q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, prefix_lengths = x
     B, H, Nq, Nk, P, D = prob.B, prob.H, prob.Nq, prob.Nk, prob.P, prob.D
     mode = prob.prefix_mode
     if mode == PREFIX_NONE:
-        prefix_k = prefix_v = prefix_index = None
-    pk, pv, pidx, kpm, kpm_strides = _prefix_args(
-        q, prefix_k, prefix_v, prefix_index, key_padding_mask
+        prefix_k = prefix_v = prefix_index = prefix_lengths = None
+    pk, pv, pidx, plen, kpm, kpm_strides = _prefix_args(
+        q, prefix_k, prefix_v, prefix_index, key_padding_mask, prefix_lengths
     )
     block_d = max(16, triton_next_pow2(D))
     _launcher(wrap)(
@@ -567,7 +577,7 @@ def _forward_launch(
         q,
         Nq,
         max(Nk, P),
-        q, k, v, pk, pv, pidx, kpm, out, lse,
+        q, k, v, pk, pv, pidx, plen, kpm, out, lse,
         *q.stride(), *k.stride(), *v.stride(),
         *_strides4(prefix_k if mode != PREFIX_NONE else None),
         *_strides4(prefix_v if mode != PREFIX_NONE else None),
@@ -578,6 +588,7 @@ def _forward_launch(
         BLOCK_D=block_d,
         IS_CAUSAL=causal,
         PREFIX_MODE=mode,
+        HAS_PLEN=prefix_lengths is not None,
         HAS_KPM=key_padding_mask is not None,
         HAS_DROPOUT=dropout_p > 0.0,
         INPUT_PRECISION=_input_precision(q),
@@ -636,6 +647,7 @@ def attention_backward(
     prob: AttnProblem,
     needs: tuple[bool, bool, bool, bool],
     wrap=None,
+    prefix_lengths: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
     """Gradients (dq, dk, dv, dprefix_k, dprefix_v); ``needs`` = (q, k, v, prefix) flags.
 
@@ -665,7 +677,7 @@ def attention_backward(
         dpk = palloc(prefix_k.shape, device=q.device, dtype=prefix_k.dtype)
         dpv = palloc(prefix_v.shape, device=q.device, dtype=prefix_v.dtype)
     if mode == PREFIX_NONE:
-        prefix_k = prefix_v = prefix_index = None
+        prefix_k = prefix_v = prefix_index = prefix_lengths = None
         need_p = False
     if trivial:
         return dq, dk, dv, dpk, dpv
@@ -689,7 +701,7 @@ def attention_backward(
         part_k, part_v = parts[0], parts[1]
 
     delta = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
-    x = _Inputs(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask)
+    x = _Inputs(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, prefix_lengths)
     for i, (rows, sub) in enumerate(_batch_chunks(prob, wrap)):
         # the partials of row b are rows [b * splits, (b + 1) * splits) of part_k / part_v
         prow = rows if rows == slice(None) else slice(rows.start * splits, rows.stop * splits)
@@ -737,7 +749,7 @@ def _backward_launches(
 ) -> None:
     """The backward's launches over the rows of ``prob``, up to the prefix partials:
     Delta, then dK/dV, dQ and the partials (split: three kernels; fused: one)."""
-    q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask = x
+    q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, prefix_lengths = x
     ks = _kernels()
     B, H, Hkv, Nq, Nk, P, D = prob.B, prob.H, prob.Hkv, prob.Nq, prob.Nk, prob.P, prob.D
     mode = prob.prefix_mode
@@ -749,8 +761,9 @@ def _backward_launches(
         INPUT_PRECISION=_input_precision(q),
     )
     has_kpm = key_padding_mask is not None
-    pk, pv, pidx, kpm, kpm_strides = _prefix_args(
-        q, prefix_k, prefix_v, prefix_index, key_padding_mask
+    has_plen = prefix_lengths is not None
+    pk, pv, pidx, plen, kpm, kpm_strides = _prefix_args(
+        q, prefix_k, prefix_v, prefix_index, key_padding_mask, prefix_lengths
     )
     pk_strides = _strides4(prefix_k)
     pv_strides = _strides4(prefix_v)
@@ -776,14 +789,15 @@ def _backward_launches(
                 + (math.ceil(Nq / m["BLOCK_M2"]) if need_q else 0),
             ),
             q, Nq, max(Nk, P),
-            q, k, v, pk, pv, pidx, kpm, do, lse, delta,
+            q, k, v, pk, pv, pidx, plen, kpm, do, lse, delta,
             dq if need_q else q, dk if need_kv else q, dv if need_kv else q,
             part_k if need_p else q, part_v if need_p else q,
             *q.stride(), *k.stride(), *v.stride(), *pk_strides, *pv_strides, *kpm_strides,
             *do.stride(), *(dq.stride() if need_q else (0, 0, 0, 0)), *dkv_strides,
             H, Hkv, prob.group, Nq, Nk, n_p, *scalars,
             int(need_kv), int(need_q), n_prefix, splits,
-            BLOCK_NP=_prefix_block_n(P), IS_CAUSAL=causal, PREFIX_MODE=mode, HAS_KPM=has_kpm,
+            BLOCK_NP=_prefix_block_n(P), IS_CAUSAL=causal, PREFIX_MODE=mode,
+            HAS_PLEN=has_plen, HAS_KPM=has_kpm,
             **flags,
         )  # fmt: skip
     else:
@@ -791,11 +805,12 @@ def _backward_launches(
             launch(
                 "dq", ks._attn_bwd_dq, lambda m: (math.ceil(Nq / m["BLOCK_M"]), B * H),
                 q, Nq, max(Nk, P),
-                q, k, v, pk, pv, pidx, kpm, do, lse, delta, dq,
+                q, k, v, pk, pv, pidx, plen, kpm, do, lse, delta, dq,
                 *q.stride(), *k.stride(), *v.stride(), *pk_strides, *pv_strides,
                 *kpm_strides, *do.stride(), *dq.stride(),
                 H, prob.group, Nq, Nk, n_p, *scalars,
-                IS_CAUSAL=causal, PREFIX_MODE=mode, HAS_KPM=has_kpm, **flags,
+                IS_CAUSAL=causal, PREFIX_MODE=mode, HAS_PLEN=has_plen, HAS_KPM=has_kpm,
+                **flags,
             )  # fmt: skip
         if need_kv:
             launch(
@@ -811,8 +826,8 @@ def _backward_launches(
             launch(
                 "prefix_dkdv", ks._attn_bwd_prefix_dkdv,
                 lambda m: (math.ceil(P / m["BLOCK_N"]), B * Hkv, splits), q, Nq, P,
-                q, pk, pv, pidx, do, lse, delta, part_k, part_v,
+                q, pk, pv, pidx, plen, do, lse, delta, part_k, part_v,
                 *q.stride(), *pk_strides, *pv_strides, *do.stride(),
                 H, Hkv, prob.group, Nq, Nk, P, *scalars,
-                PREFIX_MODE=mode, **flags,
+                PREFIX_MODE=mode, HAS_PLEN=has_plen, **flags,
             )  # fmt: skip

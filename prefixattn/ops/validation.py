@@ -96,6 +96,69 @@ def _check_index_range(prefix_index: torch.Tensor, T: int) -> None:
     _checked_index[ident] = (ref, *key)
 
 
+# the same cache for prefix_lengths tensors: id -> (weakref, version, data_ptr, P)
+_checked_lengths: dict[int, tuple] = {}
+
+
+def _check_lengths_range(prefix_lengths: torch.Tensor, P: int) -> None:
+    key = (prefix_lengths._version, prefix_lengths.data_ptr(), P)
+    seen = _checked_lengths.get(id(prefix_lengths))
+    if seen is not None and seen[0]() is prefix_lengths and seen[1:] == key:
+        return
+    lo, hi = torch.aminmax(prefix_lengths)
+    lo, hi = int(lo), int(hi)
+    if lo < 0 or hi > P:
+        raise ValueError(
+            f"prefix_lengths values must be in [0, P] with P={P} (the prefix length of "
+            f"prefix_k), got values in [{lo}, {hi}]"
+        )
+    if len(_checked_lengths) > 1024:
+        _checked_lengths.clear()
+    ident = id(prefix_lengths)
+    ref = weakref.ref(prefix_lengths, lambda _: _checked_lengths.pop(ident, None))
+    _checked_lengths[ident] = (ref, *key)
+
+
+def check_prefix_lengths(
+    prefix_lengths: object,
+    prob: AttnProblem,
+    device: torch.device,
+    check_values: bool = True,
+) -> None:
+    """Check ``prefix_lengths`` against a validated problem (see :func:`validate`).
+
+    It is an int64 [T] tensor on the device of q, one visible prefix length per entry of a
+    bank (T bank entries, with ``prefix_index``) or of a per-row prefix (T = B), each in
+    [0, P]. A shared prefix [Hkv, P, D] and no prefix take no lengths.
+    """
+    if prob.layout == PREFIX_NONE:
+        raise ValueError("prefix_lengths was given without prefix_k/prefix_v")
+    if prob.layout == PREFIX_SHARED:
+        raise ValueError(
+            "prefix_lengths needs a bank [T, Hkv, P, D] with prefix_index or a per-row prefix "
+            "[B, Hkv, P, D]; prefix_k is a shared prefix [Hkv, P, D] (slice it to the length "
+            "you want instead)"
+        )
+    if not isinstance(prefix_lengths, torch.Tensor):
+        raise TypeError(
+            f"prefix_lengths must be an int64 torch.Tensor of shape [T], got "
+            f"{type(prefix_lengths).__name__}"
+        )
+    if prefix_lengths.dtype != torch.int64:
+        raise TypeError(f"prefix_lengths must have dtype torch.int64, got {prefix_lengths.dtype}")
+    what = "T bank entries" if prob.layout == PREFIX_BANK else "B rows of the per-row prefix"
+    if tuple(prefix_lengths.shape) != (prob.T,):
+        raise ValueError(
+            f"prefix_lengths must have shape [T]=[{prob.T}] ({what}), got {_shape(prefix_lengths)}"
+        )
+    if prefix_lengths.device != device:
+        raise ValueError(
+            f"prefix_lengths must be on the device of q ({device}), got {prefix_lengths.device}"
+        )
+    if check_values and prob.T > 0:
+        _check_lengths_range(prefix_lengths, prob.P)
+
+
 def validate(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -109,11 +172,12 @@ def validate(
     dropout_p: float,
     backend: str,
     check_index_values: bool = True,
+    prefix_lengths: torch.Tensor | None = None,
 ) -> AttnProblem:
     """Check every argument against the contract; return the problem sizes.
 
-    ``check_index_values=False`` skips the range check of ``prefix_index`` (it costs a
-    device sync); callers that built the index themselves use it.
+    ``check_index_values=False`` skips the range checks of ``prefix_index`` and
+    ``prefix_lengths`` (they cost a device sync); callers that built them use it.
     """
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -246,7 +310,7 @@ def validate(
     if not 0.0 <= float(dropout_p) < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
 
-    return AttnProblem(
+    prob = AttnProblem(
         B=B,
         H=H,
         Hkv=Hkv,
@@ -259,6 +323,9 @@ def validate(
         layout=layout,
         sm_scale=scale,
     )
+    if prefix_lengths is not None:
+        check_prefix_lengths(prefix_lengths, prob, q.device, check_index_values)
+    return prob
 
 
 def check_kernel_dtype(q: torch.Tensor) -> None:
