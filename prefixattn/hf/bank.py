@@ -232,15 +232,32 @@ class TaskBank(nn.Module):
             raise TypeError(f"name must be a non-empty str, got {name!r}")
         with self._lock:
             pre, offset = self._read(name, prefix)
-            self.geometry.check_prefix(pre, f"prefix of task {name!r}")
-            pre = pre.to(device=_device(self.model), dtype=torch.float32)
-            st = self._state
-            entries = {} if st.bank is None else self._entries(st)
-            lengths = dict(zip(st.names, st.lengths))
-            offsets = dict(zip(st.names, st.offsets))
-            entries[name], lengths[name], offsets[name] = pre, int(pre.shape[3]), int(offset)
-            names = list(st.names) + ([] if name in st.names else [name])
-            self._state = self._build(names, entries, lengths, offsets)
+            self._put(name, pre, offset)
+
+    def add_base(self, name: str) -> None:
+        """Add task ``name`` with no prefix (P = 0): its rows get the base model's own
+        outputs, in the same mixed batches as the other tasks.
+
+        Raises:
+            TypeError: wrong ``name`` type.
+        """
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"name must be a non-empty str, got {name!r}")
+        g = self.geometry
+        with self._lock:
+            self._put(name, torch.zeros(g.num_layers, 2, g.num_kv_heads, 0, g.head_dim), 0)
+
+    def _put(self, name: str, pre: torch.Tensor, offset: int) -> None:
+        """Insert or replace one task's prefix [L, 2, Hkv, P, D] (under ``self._lock``)."""
+        self.geometry.check_prefix(pre, f"prefix of task {name!r}")
+        pre = pre.to(device=_device(self.model), dtype=torch.float32)
+        st = self._state
+        entries = {} if st.bank is None else self._entries(st)
+        lengths = dict(zip(st.names, st.lengths))
+        offsets = dict(zip(st.names, st.offsets))
+        entries[name], lengths[name], offsets[name] = pre, int(pre.shape[3]), int(offset)
+        names = list(st.names) + ([] if name in st.names else [name])
+        self._state = self._build(names, entries, lengths, offsets)
 
     def remove(self, name: str) -> None:
         """Remove task ``name`` (safe while the bank serves calls).
