@@ -199,3 +199,13 @@ def test_compiled_reference_takes_lengths_and_triton_refuses() -> None:
 
     with pytest.raises(Exception, match="prefix_lengths is not supported on the Triton path"):
         torch.compile(tri_call, backend="eager", fullgraph=True)(**kw)
+
+
+def test_ragged_prefix_grads_are_bitwise_deterministic() -> None:
+    c = Case(B=4, H=2, Hkv=1, Nq=33, Nk=20, P=9, D=16, prefix="bank", T=2)
+    kw = ragged_inputs(c, torch.float32, [4, 9], [1, 0, 1, 1], seed=5)
+    with forced_config(prefix_splits=2):
+        _, g, first = run_with_grads(triton_attn, kw)
+        _, _, second = run_with_grads(triton_attn, kw, grad_out=g)
+    for name in ("prefix_k", "prefix_v"):
+        assert torch.equal(first[name], second[name])
