@@ -257,7 +257,7 @@ def test_full_queue_429_and_disconnect_frees_the_slot(env) -> None:
         _wait(lambda: engine.batches > batches)  # "a" is taken, its batch blocked
         engine.max_queue = 2
         cancelled = engine.requests["cancelled"]
-        b = threading.Thread(target=send, args=("b", 0.6))
+        b = threading.Thread(target=send, args=("b", 1.5))
         b.start()
         c = threading.Thread(target=send, args=("c",))
         c.start()
@@ -363,3 +363,29 @@ def test_openai_client(env) -> None:
     assert [m.id for m in client.models.list()].count("soft") == 1
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="nope", prompt="x", max_tokens=1)
+
+
+def test_stream_client_gone_stops_its_row(env) -> None:
+    """A streaming client that leaves while its batch waits: the row is cancelled and
+    generates at most one token instead of 300."""
+    engine = env["app"].state.engine
+    body = {"model": "sst2", "prompt": PROMPTS[0], "max_tokens": 300, "temperature": 0,
+            "stream": True}  # fmt: skip
+    cancelled, tokens = engine.requests["cancelled"], engine.tokens_generated
+    engine.model_lock.acquire()
+    try:
+        batches = engine.batches
+        timeout = httpx.Timeout(10.0, read=1.0)  # the body read times out: the client leaves
+        with (
+            pytest.raises(httpx.ReadTimeout),
+            httpx.stream("POST", env["url"] + "/v1/completions", json=body, timeout=timeout) as r,
+        ):
+            assert r.status_code == 200
+            for _ in r.iter_lines():
+                pass
+        _wait(lambda: engine.batches > batches)
+    finally:
+        engine.model_lock.release()
+    _wait(lambda: engine.requests["cancelled"] > cancelled)
+    _wait(lambda: engine.queue_depth == 0)
+    assert engine.tokens_generated - tokens <= 1

@@ -20,6 +20,7 @@ from typing import Any
 from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 
 from ..hf.bank import TaskBank
 from .engine import (
@@ -262,7 +263,14 @@ def create_app(
                         if not r.done:
                             engine.cancel(r)
 
-            return StreamingResponse(events(), media_type="text/event-stream")
+            def cancel_rest() -> None:  # also when the client left before the first event
+                for r in reqs:
+                    if not r.done:
+                        engine.cancel(r)
+
+            return StreamingResponse(
+                events(), media_type="text/event-stream", background=BackgroundTask(cancel_rest)
+            )
 
         left = len(reqs)
         while left:
