@@ -389,3 +389,14 @@ def test_stream_client_gone_stops_its_row(env) -> None:
     _wait(lambda: engine.requests["cancelled"] > cancelled)
     _wait(lambda: engine.queue_depth == 0)
     assert engine.tokens_generated - tokens <= 1
+
+
+def test_seeded_sampling_is_reproducible(env) -> None:
+    body = {"model": "bbc", "prompt": PROMPTS[2], "max_tokens": 8, "temperature": 1.5,
+            "top_p": 0.95}  # fmt: skip
+    a = post(env, {**body, "seed": 7}).json()["choices"][0]["token_ids"]
+    b = post(env, {**body, "seed": 7}).json()["choices"][0]["token_ids"]
+    others = {tuple(post(env, {**body, "seed": s}).json()["choices"][0]["token_ids"])
+              for s in (1, 2, 3)}  # fmt: skip
+    assert a == b and len(a) > 0
+    assert others != {tuple(a)}  # sampling really samples
