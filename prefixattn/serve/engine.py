@@ -16,7 +16,7 @@ import queue
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -367,8 +367,3 @@ def context_limit(model: Any) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
-
-
-def task_offsets(bank: TaskBank) -> Mapping[str, int]:
-    """Each task's position offset (prompt positions start there)."""
-    return bank.offsets
