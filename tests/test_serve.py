@@ -256,7 +256,7 @@ def test_full_queue_429_and_disconnect_frees_the_slot(env) -> None:
         a.start()
         _wait(lambda: engine.batches > batches)  # "a" is taken, its batch blocked
         engine.max_queue = 2
-        cancelled = engine.requests["cancelled"]
+        cancelled, gone = engine.requests["cancelled"], engine.requests["client_gone"]
         b = threading.Thread(target=send, args=("b", 1.5))
         b.start()
         c = threading.Thread(target=send, args=("c",))
@@ -266,6 +266,7 @@ def test_full_queue_429_and_disconnect_frees_the_slot(env) -> None:
         assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
         b.join()
         assert results["b"] == "timeout"  # the client of "b" went away
+        _wait(lambda: engine.requests["client_gone"] > gone)  # and the server noticed
         assert httpx.get(env["url"] + "/health", timeout=10).status_code == 200
     finally:
         engine.max_queue = old_max
@@ -372,6 +373,7 @@ def test_stream_client_gone_stops_its_row(env) -> None:
     body = {"model": "sst2", "prompt": PROMPTS[0], "max_tokens": 300, "temperature": 0,
             "stream": True}  # fmt: skip
     cancelled, tokens = engine.requests["cancelled"], engine.tokens_generated
+    gone = engine.requests["client_gone"]
     engine.model_lock.acquire()
     try:
         batches = engine.batches
@@ -384,6 +386,7 @@ def test_stream_client_gone_stops_its_row(env) -> None:
             for _ in r.iter_lines():
                 pass
         _wait(lambda: engine.batches > batches)
+        _wait(lambda: engine.requests["client_gone"] > gone)  # noticed while it waits
     finally:
         engine.model_lock.release()
     _wait(lambda: engine.requests["cancelled"] > cancelled)

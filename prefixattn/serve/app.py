@@ -246,7 +246,13 @@ def create_app(
                 left = len(reqs)
                 try:
                     while left:
-                        kind, (i, text) = await q.get()
+                        try:
+                            kind, (i, text) = await asyncio.wait_for(q.get(), timeout=0.25)
+                        except asyncio.TimeoutError:
+                            # noticed even while nothing is sent (the row still queued)
+                            if await request.is_disconnected():
+                                return
+                            continue
                         if kind == "delta":
                             yield chunk(i, text, None)
                         else:

@@ -133,7 +133,8 @@ class Engine:
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_id = pad if pad is not None else (min(self.eos_ids) if self.eos_ids else 0)
         # metrics
-        self.requests = Counter()  # submitted, completed, cancelled, rejected, failed
+        # submitted, completed, cancelled, rejected, failed, client_gone (cancel asked)
+        self.requests = Counter()
         self.tokens_generated = 0
         self.prompt_tokens = 0
         self.batches = 0
@@ -182,6 +183,8 @@ class Engine:
 
     def cancel(self, req: GenRequest) -> None:
         """The client went away: the row stops at its next token (or is never run)."""
+        if not req.done and not req.cancelled:
+            self.requests["client_gone"] += 1
         req.cancelled = True
 
     # ------------------------------------------------------------------ worker
