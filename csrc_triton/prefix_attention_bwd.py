@@ -41,7 +41,13 @@ gradient. A backward is 1 or 2 launches.
 import triton
 import triton.language as tl
 
-from .prefix_attention_fwd import PREFIX_BANK, PREFIX_PER_ROW, _dropout_keep, _prefix_entry
+from .prefix_attention_fwd import (
+    PREFIX_BANK,
+    PREFIX_PER_ROW,
+    _dropout_keep,
+    _prefix_entry,
+    _prefix_len,
+)
 
 
 @triton.jit
@@ -478,6 +484,7 @@ def _bwd_dq_program(
     PK,
     PV,
     PIDX,
+    PLEN,
     KPM,
     DO,
     LSE,
@@ -528,6 +535,7 @@ def _bwd_dq_program(
     BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
     PREFIX_MODE: tl.constexpr,
+    HAS_PLEN: tl.constexpr,
     HAS_KPM: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -566,11 +574,12 @@ def _bwd_dq_program(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if PREFIX_MODE != 0:
         entry = _prefix_entry(PIDX, off_b, PREFIX_MODE)
+        P_row = _prefix_len(PLEN, entry, N_P, HAS_PLEN)  # keys [0, P_row) are visible
         pk = PK + entry * stride_pkz + off_hk.to(tl.int64) * stride_pkh
         pv = PV + entry * stride_pvz + off_hk.to(tl.int64) * stride_pvh
         dq = _attn_bwd_dq_inner(
             dq, q, do, lse, delta, pk, pv, stride_pkn, stride_pkd, stride_pvn, stride_pvd,
-            KPM, stride_kpmn, 0, N_P, N_P, causal_off, offs_m, qk_scale,
+            KPM, stride_kpmn, 0, P_row, P_row, causal_off, offs_m, qk_scale,
             seed, drop_rows, 0, dropout_p,
             D, BLOCK_D, BLOCK_N, True, False, False, HAS_DROPOUT, INPUT_PRECISION,
         )  # fmt: skip
@@ -612,6 +621,7 @@ def _attn_bwd_dq(
     PK,
     PV,
     PIDX,
+    PLEN,
     KPM,
     DO,
     LSE,
@@ -663,6 +673,7 @@ def _attn_bwd_dq(
     BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
     PREFIX_MODE: tl.constexpr,
+    HAS_PLEN: tl.constexpr,
     HAS_KPM: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -672,14 +683,14 @@ def _attn_bwd_dq(
     off_bh = tl.program_id(1)
     _bwd_dq_program(
         tl.program_id(0) * BLOCK_M, off_bh // H, off_bh % H,
-        Q, K, V, PK, PV, PIDX, KPM, DO, LSE, Delta, Delta, DQ,
+        Q, K, V, PK, PV, PIDX, PLEN, KPM, DO, LSE, Delta, Delta, DQ,
         stride_qz, stride_qh, stride_qm, stride_qd, stride_kz, stride_kh, stride_kn, stride_kd,
         stride_vz, stride_vh, stride_vn, stride_vd, stride_pkz, stride_pkh, stride_pkn,
         stride_pkd, stride_pvz, stride_pvh, stride_pvn, stride_pvd, stride_kpmz, stride_kpmn,
         stride_doz, stride_doh, stride_dom, stride_dod, stride_dqz, stride_dqh, stride_dqm,
         stride_dqd,
         H, GROUP, N_Q, N_K, N_P, sm_scale, dropout_p, seed,
-        D, BLOCK_D, BLOCK_M, BLOCK_N, IS_CAUSAL, PREFIX_MODE, HAS_KPM, HAS_DROPOUT,
+        D, BLOCK_D, BLOCK_M, BLOCK_N, IS_CAUSAL, PREFIX_MODE, HAS_PLEN, HAS_KPM, HAS_DROPOUT,
         INPUT_PRECISION, True,
     )  # fmt: skip
 
@@ -695,6 +706,7 @@ def _bwd_prefix_program(
     PK,
     PV,
     PIDX,
+    PLEN,
     DO,
     LSE,
     Delta,
@@ -731,6 +743,7 @@ def _bwd_prefix_program(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     PREFIX_MODE: tl.constexpr,
+    HAS_PLEN: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     HAS_DELTA: tl.constexpr,
@@ -749,16 +762,18 @@ def _bwd_prefix_program(
     offs_d = tl.arange(0, BLOCK_D)
     ld = (offs_n[:, None] < N_P) & (offs_d[None, :] < D)
     entry = _prefix_entry(PIDX, off_b, PREFIX_MODE)
+    P_row = _prefix_len(PLEN, entry, N_P, HAS_PLEN)  # keys [0, P_row) are visible
+    vis = offs_n < P_row  # invisible keys get zero partials (written, masked by ld)
     rows_n = offs_n[:, None].to(tl.int64)
     k = tl.load(
         PK + entry * stride_pkz + off_hk.to(tl.int64) * stride_pkh + rows_n * stride_pkn
         + offs_d[None, :] * stride_pkd,
-        mask=ld, other=0.0,
+        mask=ld & vis[:, None], other=0.0,
     )  # fmt: skip
     v = tl.load(
         PV + entry * stride_pvz + off_hk.to(tl.int64) * stride_pvh + rows_n * stride_pvn
         + offs_d[None, :] * stride_pvd,
-        mask=ld, other=0.0,
+        mask=ld & vis[:, None], other=0.0,
     )  # fmt: skip
     q_per_split = tl.cdiv(tl.cdiv(N_Q, BLOCK_M), n_split) * BLOCK_M
     q_lo = split * q_per_split
@@ -776,9 +791,9 @@ def _bwd_prefix_program(
             LSE + off_bh.to(tl.int64) * N_Q, Delta + off_bh.to(tl.int64) * N_Q,
             O + off_bh.to(tl.int64) * N_Q * D,
             stride_qm, stride_qd, stride_dom, stride_dod,
-            q_lo, q_hi, offs_n, offs_n < N_P, q_hi, 0, qk_scale,
+            q_lo, q_hi, offs_n, vis, q_hi, 0, qk_scale,
             seed, off_bh.to(tl.int64) * N_Q, N_P + N_K, 0, dropout_p,
-            D, BLOCK_D, BLOCK_M, False, False, HAS_DROPOUT, INPUT_PRECISION, HAS_DELTA,
+            D, BLOCK_D, BLOCK_M, False, HAS_PLEN, HAS_DROPOUT, INPUT_PRECISION, HAS_DELTA,
         )  # fmt: skip
     dk = dk * sm_scale
     part = (b64 * n_split + split) * HKV + off_hk
@@ -793,6 +808,7 @@ def _attn_bwd_prefix_dkdv(
     PK,
     PV,
     PIDX,
+    PLEN,
     DO,
     LSE,
     Delta,
@@ -830,6 +846,7 @@ def _attn_bwd_prefix_dkdv(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     PREFIX_MODE: tl.constexpr,
+    HAS_PLEN: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
@@ -842,12 +859,12 @@ def _attn_bwd_prefix_dkdv(
     _bwd_prefix_program(
         tl.program_id(0) * BLOCK_N, off_bhk // HKV, off_bhk % HKV,
         tl.program_id(2), tl.num_programs(2),
-        Q, PK, PV, PIDX, DO, LSE, Delta, Delta, DPK, DPV,
+        Q, PK, PV, PIDX, PLEN, DO, LSE, Delta, Delta, DPK, DPV,
         stride_qz, stride_qh, stride_qm, stride_qd, stride_pkz, stride_pkh, stride_pkn,
         stride_pkd, stride_pvz, stride_pvh, stride_pvn, stride_pvd,
         stride_doz, stride_doh, stride_dom, stride_dod,
         H, HKV, GROUP, N_Q, N_K, N_P, sm_scale, dropout_p, seed,
-        D, BLOCK_D, BLOCK_M, BLOCK_N, PREFIX_MODE, HAS_DROPOUT, INPUT_PRECISION, True,
+        D, BLOCK_D, BLOCK_M, BLOCK_N, PREFIX_MODE, HAS_PLEN, HAS_DROPOUT, INPUT_PRECISION, True,
     )  # fmt: skip
 
 
@@ -859,6 +876,7 @@ def _attn_bwd(
     PK,
     PV,
     PIDX,
+    PLEN,
     KPM,
     DO,
     LSE,
@@ -927,6 +945,7 @@ def _attn_bwd(
     BLOCK_NP: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
     PREFIX_MODE: tl.constexpr,
+    HAS_PLEN: tl.constexpr,
     HAS_KPM: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -960,12 +979,12 @@ def _attn_bwd(
         if PREFIX_MODE != 0:
             _bwd_prefix_program(
                 (j // N_SPLIT) * BLOCK_NP, off_b, off_hk, j % N_SPLIT, N_SPLIT,
-                Q, PK, PV, PIDX, DO, LSE, Delta, O, DPK, DPV,
+                Q, PK, PV, PIDX, PLEN, DO, LSE, Delta, O, DPK, DPV,
                 stride_qz, stride_qh, stride_qm, stride_qd, stride_pkz, stride_pkh,
                 stride_pkn, stride_pkd, stride_pvz, stride_pvh, stride_pvn, stride_pvd,
                 stride_doz, stride_doh, stride_dom, stride_dod,
                 H, HKV, GROUP, N_Q, N_K, N_P, sm_scale, dropout_p, seed,
-                D, BLOCK_D, BLOCK_M, BLOCK_NP, PREFIX_MODE, HAS_DROPOUT, INPUT_PRECISION,
+                D, BLOCK_D, BLOCK_M, BLOCK_NP, PREFIX_MODE, HAS_PLEN, HAS_DROPOUT, INPUT_PRECISION,
                 HAS_DELTA,
             )  # fmt: skip
     elif j < N_PREFIX_PROGS + n_kv:
@@ -986,14 +1005,14 @@ def _attn_bwd(
         for g in range(GROUP):
             _bwd_dq_program(
                 start_m, off_b, off_hk * GROUP + g,
-                Q, K, V, PK, PV, PIDX, KPM, DO, LSE, Delta, O, DQ,
+                Q, K, V, PK, PV, PIDX, PLEN, KPM, DO, LSE, Delta, O, DQ,
                 stride_qz, stride_qh, stride_qm, stride_qd, stride_kz, stride_kh, stride_kn,
                 stride_kd, stride_vz, stride_vh, stride_vn, stride_vd, stride_pkz,
                 stride_pkh, stride_pkn, stride_pkd, stride_pvz, stride_pvh, stride_pvn,
                 stride_pvd, stride_kpmz, stride_kpmn, stride_doz, stride_doh, stride_dom,
                 stride_dod, stride_dqz, stride_dqh, stride_dqm, stride_dqd,
                 H, GROUP, N_Q, N_K, N_P, sm_scale, dropout_p, seed,
-                D, BLOCK_D, BLOCK_M2, BLOCK_N2, IS_CAUSAL, PREFIX_MODE, HAS_KPM,
+                D, BLOCK_D, BLOCK_M2, BLOCK_N2, IS_CAUSAL, PREFIX_MODE, HAS_PLEN, HAS_KPM,
                 HAS_DROPOUT, INPUT_PRECISION, HAS_DELTA,
             )  # fmt: skip
 

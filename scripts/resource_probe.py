@@ -39,6 +39,7 @@ _PTR_TYPES = {
     "DPK": "*fp32",
     "DPV": "*fp32",
     "PIDX": "*i64",
+    "PLEN": "*i64",
     "KPM": "*u8",
 }
 _FLOAT_ARGS = ("sm_scale", "dropout_p")
@@ -98,11 +99,18 @@ def kernel_flags(name: str, D: int) -> dict:
     block_d = max(16, 1 << (D - 1).bit_length())
     common = dict(D=D, BLOCK_D=block_d, HAS_DROPOUT=False, INPUT_PRECISION="ieee")
     per_kernel = {
-        "fwd": dict(IS_CAUSAL=True, PREFIX_MODE=1, HAS_KPM=False),
+        "fwd": dict(IS_CAUSAL=True, PREFIX_MODE=1, HAS_PLEN=False, HAS_KPM=False),
         "dkdv": dict(IS_CAUSAL=True, HAS_KPM=False),
-        "dq": dict(IS_CAUSAL=True, PREFIX_MODE=1, HAS_KPM=False),
-        "prefix_dkdv": dict(PREFIX_MODE=1),
-        "bwd": dict(IS_CAUSAL=True, PREFIX_MODE=1, HAS_KPM=False, BLOCK_NP=64, HAS_DELTA=False),
+        "dq": dict(IS_CAUSAL=True, PREFIX_MODE=1, HAS_PLEN=False, HAS_KPM=False),
+        "prefix_dkdv": dict(PREFIX_MODE=1, HAS_PLEN=False),
+        "bwd": dict(
+            IS_CAUSAL=True,
+            PREFIX_MODE=1,
+            HAS_PLEN=False,
+            HAS_KPM=False,
+            BLOCK_NP=64,
+            HAS_DELTA=False,
+        ),
     }
     return {**common, **per_kernel[name]}
 

@@ -37,8 +37,13 @@ def attention64(
     sm_scale: float | None = None,
     keep: torch.Tensor | None = None,
     dropout_p: float = 0.0,
+    prefix_lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """float64 attention; ``keep`` [B, H, Nq, P + Nk] bool is an explicit dropout mask."""
+    """float64 attention; ``keep`` [B, H, Nq, P + Nk] bool is an explicit dropout mask.
+
+    ``prefix_lengths`` int64 [T]: row b sees prefix keys c < prefix_lengths[entry of b]
+    (entry = prefix_index[b] for a bank, b for a per-row prefix).
+    """
     q, k, v = q.double(), k.double(), v.double()
     B, H, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
@@ -60,6 +65,10 @@ def attention64(
         vis[:, :, :, P:] = j - i <= Nk - Nq
     if key_padding_mask is not None:
         vis[:, :, :, P:] &= key_padding_mask[:, None, None, :].to(q.device)
+    if prefix_lengths is not None and P:
+        entry = prefix_index.tolist() if prefix_index is not None else list(range(B))
+        for b in range(B):
+            vis[b, :, :, int(prefix_lengths[entry[b]]) : P] = False
     s = s.masked_fill(~vis, float("-inf"))
     any_vis = vis.any(dim=-1, keepdim=True)
     s = torch.where(any_vis, s, torch.zeros_like(s))

@@ -1,21 +1,24 @@
 """Several named prefixes on one frozen base model, mixed in one batch.
 
 :class:`TaskBank` stacks the prefixes of T tasks once per layer into a bank
-[T, Hkv, P, D]; a forward or generate call takes one task name per row, builds
-``prefix_index`` [B] and runs the whole mixed batch in one pass through the kernel's bank
-path (no per-row copy of any prefix).
+[T, Hkv, P, D] (P the longest task's; shorter tasks are zero-padded and the kernel reads
+only their first ``prefix_lengths[t]`` keys: a ragged bank); a forward or generate call
+takes one task name per row, builds ``prefix_index`` [B] and runs the whole mixed batch in
+one pass through the kernel's bank path (no per-row copy of any prefix). Tasks whose
+position offsets differ get per-row position ids.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
-from .patching import StaticPrefix, is_patched, patch, set_prefix
+from .patching import StaticPrefix, get_prefix, is_patched, patch, set_prefix
 from .prefix_tuning import (
     ModelGeometry,
     PrefixTuning,
@@ -25,6 +28,7 @@ from .prefix_tuning import (
     check_model_type,
     read_prefix,
 )
+from .prompt_tuning import PromptTuning
 
 try:
     from transformers import PreTrainedModel
@@ -34,16 +38,80 @@ except ImportError as err:  # pragma: no cover
 __all__ = ["TaskBank"]
 
 
+class _BankState(NamedTuple):
+    """One consistent snapshot of the bank (swapped whole by add/remove, so a call that
+    started with it keeps its tensors while tasks change)."""
+
+    names: tuple[str, ...]
+    bank: torch.Tensor | None  # [L, 2, T, Hkv, P, D], P = max length
+    lengths: tuple[int, ...]  # per task
+    offsets: tuple[int, ...]  # per task
+    lengths_t: torch.Tensor | None  # int64 [T] on the bank's device; None when all equal P
+
+
+def _default_positions(kwargs: dict[str, Any], input_ids: torch.Tensor | None):
+    """The model's own ``position_ids`` ([B or 1, N]) for a call, or None if unknown."""
+    pos = kwargs.get("position_ids")
+    if pos is not None:
+        return pos
+    ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+    if ref is None:
+        return None
+    past = kwargs.get("past_key_values")
+    past_len = int(past.get_seq_length()) if hasattr(past, "get_seq_length") else 0
+    return torch.arange(past_len, past_len + ref.shape[1], device=ref.device)[None]  # [1, N]
+
+
+def _offset_rows(
+    kwargs: dict[str, Any], input_ids: torch.Tensor | None, offsets: torch.Tensor
+) -> dict[str, Any]:
+    """``kwargs`` with ``position_ids`` shifted per row by ``offsets`` int64 [B0]; a batch
+    of k * B0 rows (beams / samples, each row repeated consecutively) repeats them."""
+    pos = _default_positions(kwargs, input_ids)
+    if pos is None:
+        return kwargs  # the model raises its own error about missing inputs
+    ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+    B = ref.shape[0] if ref is not None else pos.shape[0]
+    n = offsets.shape[0]
+    if n != B:
+        if n == 0 or B % n:
+            raise ValueError(f"the batch has {B} rows but the tasks name {n} rows")
+        offsets = offsets.repeat_interleave(B // n)  # [B]
+    return {**kwargs, "position_ids": pos + offsets.to(pos.device)[:, None]}  # [B, N]
+
+
+class _RowOffsetHook:
+    """Forward pre-hook adding per-row position offsets to every model call (generate)."""
+
+    def __init__(self, offsets: torch.Tensor) -> None:
+        self.offsets = offsets
+
+    def __call__(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        input_ids = args[0] if args else kwargs.get("input_ids")
+        return args, _offset_rows(kwargs, input_ids, self.offsets)
+
+
 class TaskBank(nn.Module):
     """Named prefixes sharing one base model; every row of a batch picks its task.
 
-    All tasks must have the same prefix length P and position offset (one kernel call
-    serves the whole batch). The bank holds frozen copies of the prefixes (MLPs folded):
-    it is for inference and evaluation; train with :class:`PrefixTuning`.
+    Tasks may have different prefix lengths P: the bank stores them zero-padded to the
+    longest and the kernel's ragged bank (``prefix_lengths``) lets each row see only its
+    task's own keys, so every row gets exactly what its task alone would give. Tasks may
+    also have different position offsets (a converted soft prompt has ``P``, a prefix
+    usually 0): the rows then get per-row position ids. Tasks can be added and removed
+    while the bank is in use: a call that already started keeps the tasks it started with.
+
+    The bank holds frozen copies of the prefixes (MLPs folded): it is for inference and
+    evaluation; train with :class:`PrefixTuning` / :class:`PromptTuning`.
 
     Arguments:
         model: the transformers decoder the prefixes were trained on (patched here).
-        prefixes: optional ``{name: PrefixTuning or directory written by PrefixTuning.save}``.
+        prefixes: optional ``{name: PrefixTuning | PromptTuning | directory}``; a directory
+            is anything :func:`prefixattn.artifacts.load_artifact` reads (a prefixattn
+            prefix or soft prompt, a PEFT prefix- or prompt-tuning adapter). Soft prompts
+            are turned into prefixes (:meth:`PromptTuning.to_prefix_tuning`).
         backend: kernel backend ("auto", "triton", "reference").
 
     Example::
@@ -51,12 +119,14 @@ class TaskBank(nn.Module):
         bank = TaskBank(model, {"sst2": pt_sst2, "ner": "prefixes/ner"})
         out = bank(tasks=["sst2", "ner"], input_ids=ids, attention_mask=mask)
         gen = bank.generate(tasks=["ner", "ner"], input_ids=ids, max_new_tokens=20)
+        bank.add("topic", "prompts/topic")   # a soft prompt with another P: fine
+        bank.remove("sst2")
     """
 
     def __init__(
         self,
         model: PreTrainedModel,
-        prefixes: Mapping[str, PrefixTuning | str | os.PathLike] | None = None,
+        prefixes: Mapping[str, PrefixTuning | PromptTuning | str | os.PathLike] | None = None,
         *,
         backend: str = "auto",
     ) -> None:
@@ -68,108 +138,180 @@ class TaskBank(nn.Module):
         self.geometry = ModelGeometry.of(model)
         patch(model, backend)
         self.model = model
-        self._names: list[str] = []
-        self._offset: int | None = None
-        # bank[l, 0] = keys [T, Hkv, P, D] of layer l, bank[l, 1] = values
-        self.register_buffer("bank", None)
+        self.backend = backend
+        self._lock = threading.Lock()  # serialises add / remove (calls read snapshots)
+        self._state = _BankState((), None, (), (), None)
         if prefixes is not None:
             if not isinstance(prefixes, Mapping):
                 raise TypeError(
-                    f"prefixes must be a mapping name -> PrefixTuning | path, got "
-                    f"{type(prefixes).__name__}"
+                    f"prefixes must be a mapping name -> PrefixTuning | PromptTuning | path, "
+                    f"got {type(prefixes).__name__}"
                 )
             for name, prefix in prefixes.items():
                 self.add(name, prefix)
 
     @property
+    def bank(self) -> torch.Tensor | None:
+        """The stacked prefixes [L, 2, T, Hkv, P, D] (None while empty)."""
+        return self._state.bank
+
+    @property
     def tasks(self) -> list[str]:
         """Task names, in bank order."""
-        return list(self._names)
+        return list(self._state.names)
 
     def __len__(self) -> int:
-        return len(self._names)
+        return len(self._state.names)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._names
+        return name in self._state.names
 
     def __iter__(self) -> Iterator[str]:
-        return iter(list(self._names))
+        return iter(self._state.names)
 
     @property
     def num_virtual_tokens(self) -> int | None:
-        """The common prefix length P (None while empty)."""
+        """The bank's P: the longest task's prefix length (None while empty)."""
         return None if self.bank is None else int(self.bank.shape[4])
 
     @property
-    def position_offset(self) -> int:
-        """The common position offset of the tasks (0 while empty)."""
-        return self._offset or 0
+    def lengths(self) -> dict[str, int]:
+        """Each task's own prefix length."""
+        return dict(zip(self._state.names, self._state.lengths))
 
-    def add(self, name: str, prefix: PrefixTuning | str | os.PathLike) -> None:
-        """Add (or replace) task ``name`` with a :class:`PrefixTuning` or a saved prefix.
+    @property
+    def offsets(self) -> dict[str, int]:
+        """Each task's position offset."""
+        return dict(zip(self._state.names, self._state.offsets))
 
-        Raises:
-            TypeError: wrong ``name`` or ``prefix`` type.
-            ValueError: the prefix does not fit the model, or its P / position offset differs
-                from the bank's.
-        """
-        if not isinstance(name, str) or not name:
-            raise TypeError(f"name must be a non-empty str, got {name!r}")
+    @property
+    def position_offset(self) -> int | None:
+        """The tasks' common position offset (0 while empty; None when they differ)."""
+        offs = set(self._state.offsets)
+        return 0 if not offs else (offs.pop() if len(offs) == 1 else None)
+
+    def _read(self, name: str, prefix: object) -> tuple[torch.Tensor, int]:
+        """(prefix [L, 2, Hkv, P, D], position offset) of one task."""
+        if isinstance(prefix, PromptTuning):
+            prefix = prefix.to_prefix_tuning(backend=self.backend)
         if isinstance(prefix, PrefixTuning):
             with torch.no_grad():
                 pre = prefix.prefix_tensor().detach()  # [L, 2, Hkv, P, D]
-            offset = prefix.position_offset
-        elif isinstance(prefix, (str, os.PathLike)):
-            pre, meta = read_prefix(prefix)
-            check_model_type(meta, self.model, f"prefix of task {name!r}")
-            offset = int(meta["config"].get("position_offset", 0))
-        else:
+            return pre, prefix.position_offset
+        if not isinstance(prefix, (str, os.PathLike)):
             raise TypeError(
-                f"prefix for task {name!r} must be a PrefixTuning or a directory written by "
-                f"PrefixTuning.save, got {type(prefix).__name__}"
+                f"prefix for task {name!r} must be a PrefixTuning, a PromptTuning or a saved "
+                f"tuner directory, got {type(prefix).__name__}"
             )
+        from ..artifacts import PREFIX, artifact_kind, load_artifact
+
+        method, source = artifact_kind(prefix)
+        if method == PREFIX and source == "prefixattn":
+            pre, meta = read_prefix(prefix)  # no model work: read the folded K/V
+            check_model_type(meta, self.model, f"prefix of task {name!r}")
+            return pre, int(meta["config"].get("position_offset", 0))
+        # a soft prompt (prefixattn or PEFT) or a PEFT prefix: load it on the model
+        previous = get_prefix(self.model)
+        try:
+            tuner = load_artifact(prefix, self.model, backend=self.backend)
+            return self._read(name, tuner)
+        finally:
+            set_prefix(self.model, previous)
+
+    def add(self, name: str, prefix: PrefixTuning | PromptTuning | str | os.PathLike) -> None:
+        """Add (or replace) task ``name``: a tuner object or a saved tuner directory.
+
+        Any prefix length and position offset is accepted. Safe while the bank serves
+        calls (they keep the snapshot they started with).
+
+        Raises:
+            TypeError: wrong ``name`` or ``prefix`` type.
+            ValueError: the prefix does not fit the model, or is not a saved tuner.
+        """
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"name must be a non-empty str, got {name!r}")
+        with self._lock:
+            pre, offset = self._read(name, prefix)
+            self._put(name, pre, offset)
+
+    def add_base(self, name: str) -> None:
+        """Add task ``name`` with no prefix (P = 0): its rows get the base model's own
+        outputs, in the same mixed batches as the other tasks.
+
+        Raises:
+            TypeError: wrong ``name`` type.
+        """
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"name must be a non-empty str, got {name!r}")
+        g = self.geometry
+        with self._lock:
+            self._put(name, torch.zeros(g.num_layers, 2, g.num_kv_heads, 0, g.head_dim), 0)
+
+    def _put(self, name: str, pre: torch.Tensor, offset: int) -> None:
+        """Insert or replace one task's prefix [L, 2, Hkv, P, D] (under ``self._lock``)."""
         self.geometry.check_prefix(pre, f"prefix of task {name!r}")
-        P = int(pre.shape[3])
-        others = [n for n in self._names if n != name]
-        if others and self.num_virtual_tokens != P:
-            raise ValueError(
-                f"all tasks need the same num_virtual_tokens: task {name!r} has P={P}, the bank "
-                f"has P={self.num_virtual_tokens}"
-            )
-        if others and self._offset != offset:
-            raise ValueError(
-                f"all tasks need the same position_offset: task {name!r} has {offset}, the "
-                f"bank has {self._offset}"
-            )
         pre = pre.to(device=_device(self.model), dtype=torch.float32)
-        entries = [] if self.bank is None else list(self.bank.unbind(2))  # T x [L, 2, Hkv, P, D]
-        if name in self._names:
-            entries[self._names.index(name)] = pre
-        else:
-            self._names.append(name)
-            entries.append(pre)
-        self.bank = torch.stack(entries, dim=2).contiguous()  # [L, 2, T, Hkv, P, D]
-        self._offset = offset
+        st = self._state
+        entries = {} if st.bank is None else self._entries(st)
+        lengths = dict(zip(st.names, st.lengths))
+        offsets = dict(zip(st.names, st.offsets))
+        entries[name], lengths[name], offsets[name] = pre, int(pre.shape[3]), int(offset)
+        names = list(st.names) + ([] if name in st.names else [name])
+        self._state = self._build(names, entries, lengths, offsets)
 
     def remove(self, name: str) -> None:
-        """Remove task ``name``.
+        """Remove task ``name`` (safe while the bank serves calls).
 
         Raises:
             ValueError: unknown task.
         """
-        if name not in self._names:
-            raise ValueError(f"name must be one of the bank's tasks {self._names}, got {name!r}")
-        i = self._names.index(name)
-        del self._names[i]
-        if not self._names:
-            self.bank, self._offset = None, None
-            return
-        keep = [j for j in range(self.bank.shape[2]) if j != i]
-        self.bank = self.bank[:, :, keep].contiguous()
+        with self._lock:
+            st = self._state
+            if name not in st.names:
+                raise ValueError(
+                    f"name must be one of the bank's tasks {list(st.names)}, got {name!r}"
+                )
+            entries = self._entries(st)
+            names = [n for n in st.names if n != name]
+            self._state = self._build(
+                names,
+                entries,
+                dict(zip(st.names, st.lengths)),
+                dict(zip(st.names, st.offsets)),
+            )
 
-    def _index(self, tasks: str | Sequence[str], batch_size: int | None) -> torch.Tensor:
+    @staticmethod
+    def _entries(st: _BankState) -> dict[str, torch.Tensor]:
+        """name -> its own prefix [L, 2, Hkv, P_t, D] (views of the bank)."""
+        return {
+            n: st.bank[:, :, t, :, : st.lengths[t]] for t, n in enumerate(st.names)
+        }  # [L, 2, Hkv, P_t, D]
+
+    @staticmethod
+    def _build(
+        names: list[str],
+        entries: dict[str, torch.Tensor],
+        lengths: dict[str, int],
+        offsets: dict[str, int],
+    ) -> _BankState:
+        if not names:
+            return _BankState((), None, (), (), None)
+        P = max(lengths[n] for n in names)
+        padded = [
+            torch.nn.functional.pad(entries[n], (0, 0, 0, P - lengths[n])) for n in names
+        ]  # T x [L, 2, Hkv, P, D], zero keys/values past each task's length
+        bank = torch.stack(padded, dim=2).contiguous()  # [L, 2, T, Hkv, P, D]
+        lens = tuple(lengths[n] for n in names)
+        lengths_t = None
+        if any(n != P for n in lens):
+            lengths_t = torch.tensor(lens, dtype=torch.int64, device=bank.device)  # [T]
+        return _BankState(tuple(names), bank, lens, tuple(offsets[n] for n in names), lengths_t)
+
+    def _index(
+        self, st: _BankState, tasks: str | Sequence[str], batch_size: int | None
+    ) -> torch.Tensor:
         """int64 [B] bank index for the rows' task names."""
-        if self.bank is None:
+        if st.bank is None:
             raise ValueError("the bank is empty: add tasks first")
         if isinstance(tasks, str):
             if batch_size is None:
@@ -182,20 +324,30 @@ class TaskBank(nn.Module):
                 f"tasks must name one task per row: got {len(tasks)} names for a batch of "
                 f"{batch_size} rows"
             )
-        unknown = sorted({t for t in tasks if t not in self._names})
+        unknown = sorted({t for t in tasks if t not in st.names})
         if unknown:
-            raise ValueError(f"tasks contains unknown task(s) {unknown}; known: {self._names}")
-        pos = {n: i for i, n in enumerate(self._names)}
-        return torch.tensor([pos[t] for t in tasks], dtype=torch.int64, device=self.bank.device)
+            raise ValueError(f"tasks contains unknown task(s) {unknown}; known: {list(st.names)}")
+        pos = {n: i for i, n in enumerate(st.names)}
+        return torch.tensor([pos[t] for t in tasks], dtype=torch.int64, device=st.bank.device)
 
-    def _provider(self, index: torch.Tensor, expand_batch: bool = False) -> StaticPrefix:
-        L = self.bank.shape[0]
+    @staticmethod
+    def _provider(st: _BankState, index: torch.Tensor, expand_batch: bool = False) -> StaticPrefix:
+        L = st.bank.shape[0]
         return StaticPrefix(
-            [self.bank[i, 0] for i in range(L)],  # [T, Hkv, P, D]
-            [self.bank[i, 1] for i in range(L)],
+            [st.bank[i, 0] for i in range(L)],  # [T, Hkv, P, D]
+            [st.bank[i, 1] for i in range(L)],
             index,
             expand_batch=expand_batch,
+            prefix_lengths=st.lengths_t,
         )
+
+    @staticmethod
+    def _row_offsets(st: _BankState, index: torch.Tensor) -> int | torch.Tensor:
+        """The common offset (int), or int64 [B] per-row offsets when the rows differ."""
+        offs = {st.offsets[i] for i in index.tolist()}
+        if len(offs) <= 1:
+            return offs.pop() if offs else 0
+        return torch.tensor(st.offsets, dtype=torch.int64)[index.cpu()]  # [B]
 
     def _check_patched(self) -> None:
         if not is_patched(self.model):
@@ -222,9 +374,14 @@ class TaskBank(nn.Module):
             What the model returns.
         """
         self._check_patched()
-        index = self._index(tasks, self._batch_size(input_ids, kwargs))
-        set_prefix(self.model, self._provider(index))
-        kwargs = _offset_positions(kwargs, input_ids, self.position_offset)
+        st = self._state
+        index = self._index(st, tasks, self._batch_size(input_ids, kwargs))
+        set_prefix(self.model, self._provider(st, index))
+        offsets = self._row_offsets(st, index)
+        if isinstance(offsets, torch.Tensor):
+            kwargs = _offset_rows(kwargs, input_ids, offsets)
+        else:
+            kwargs = _offset_positions(kwargs, input_ids, offsets)
         return self.model(input_ids=input_ids, **kwargs)
 
     @torch.no_grad()
@@ -236,13 +393,16 @@ class TaskBank(nn.Module):
         Beam search and ``num_return_sequences`` work (each row's copies keep its task).
         """
         self._check_patched()
-        index = self._index(tasks, self._batch_size(input_ids, kwargs))
+        st = self._state
+        index = self._index(st, tasks, self._batch_size(input_ids, kwargs))
         if input_ids is not None:
             kwargs["input_ids"] = input_ids
-        return _generate_with(
-            self.model,
-            self._provider(index, expand_batch=True),
-            self.position_offset,
-            kwargs,
-            restore=None,
-        )
+        provider = self._provider(st, index, expand_batch=True)
+        offsets = self._row_offsets(st, index)
+        if not isinstance(offsets, torch.Tensor):
+            return _generate_with(self.model, provider, offsets, kwargs, restore=None)
+        handle = self.model.register_forward_pre_hook(_RowOffsetHook(offsets), with_kwargs=True)
+        try:
+            return _generate_with(self.model, provider, 0, kwargs, restore=None)
+        finally:
+            handle.remove()

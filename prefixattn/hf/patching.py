@@ -115,6 +115,8 @@ class PrefixProvider:
             ``None`` (no prefix on this layer) or ``(prefix_k, prefix_v, prefix_index)`` with
             ``prefix_k``/``prefix_v`` of shape [Hkv, P, D] (shared), [B, Hkv, P, D] (per row,
             ``prefix_index=None``) or [T, Hkv, P, D] with ``prefix_index`` int64 [B] (bank).
+            A ragged bank returns a 4-tuple: ``prefix_lengths`` int64 [T] last (see
+            :func:`prefixattn.prefix_attention`).
         """
         raise NotImplementedError
 
@@ -129,6 +131,8 @@ class StaticPrefix(PrefixProvider):
         expand_batch: allow a batch that is a multiple of ``len(prefix_index)`` (generation
             with ``num_beams`` / ``num_return_sequences`` repeats each row consecutively); the
             index is then repeated with ``repeat_interleave``.
+        prefix_lengths: int64 [T], a ragged bank: entry t exposes its first
+            ``prefix_lengths[t]`` keys (only with ``prefix_index``).
     """
 
     def __init__(
@@ -138,7 +142,10 @@ class StaticPrefix(PrefixProvider):
         prefix_index: torch.Tensor | None = None,
         *,
         expand_batch: bool = False,
+        prefix_lengths: torch.Tensor | None = None,
     ) -> None:
+        if prefix_lengths is not None and prefix_index is None:
+            raise ValueError("prefix_lengths needs prefix_index (a bank)")
         if not isinstance(keys, Sequence) or not isinstance(values, Sequence):
             raise TypeError("keys and values must be sequences of per-layer tensors (or None)")
         if len(keys) != len(values):
@@ -174,6 +181,7 @@ class StaticPrefix(PrefixProvider):
         self.values = list(values)
         self.prefix_index = prefix_index
         self.expand_batch = expand_batch
+        self.prefix_lengths = prefix_lengths
 
     def layer_prefix(
         self, layer_idx: int, batch_size: int
@@ -192,6 +200,8 @@ class StaticPrefix(PrefixProvider):
             if not (self.expand_batch and n > 0 and batch_size % n == 0):
                 raise ValueError(f"prefix_index has {n} rows but the batch has {batch_size} rows")
             index = index.repeat_interleave(batch_size // n)  # [B]: beams/samples of a row
+        if self.prefix_lengths is not None:
+            return k, v, index, self.prefix_lengths
         return k, v, index
 
 
@@ -541,7 +551,7 @@ def prefixattn_attention_forward(
     backend = state.backend if state is not None else "auto"
     provider = state.provider if state is not None else None
 
-    prefix_k = prefix_v = prefix_index = None
+    prefix_k = prefix_v = prefix_index = prefix_lengths = None
     is_cross = getattr(module, "is_cross_attention", False)
     layer_idx = getattr(module, "layer_idx", None)
     if state is not None and state.recorder is not None and not is_cross and layer_idx is not None:
@@ -553,7 +563,9 @@ def prefixattn_attention_forward(
             )
         got = provider.layer_prefix(int(layer_idx), B)
         if got is not None:
-            prefix_k, prefix_v, prefix_index = got
+            prefix_k, prefix_v, prefix_index, *rest = got
+            if rest:  # a ragged bank
+                prefix_lengths = rest[0].to(query.device)
             # a prefix trained in fp32 on a half-precision model (or vice versa): cast
             prefix_k = prefix_k.to(device=query.device, dtype=query.dtype)
             prefix_v = prefix_v.to(device=query.device, dtype=query.dtype)
@@ -567,6 +579,7 @@ def prefixattn_attention_forward(
         prefix_k,
         prefix_v,
         prefix_index=prefix_index,
+        prefix_lengths=prefix_lengths,
         key_padding_mask=attention_mask,
         causal=bool(causal),
         sm_scale=None if scaling is None else float(scaling),

@@ -35,6 +35,7 @@ def prefix_attention(
     sm_scale: float | None = None,
     dropout_p: float = 0.0,
     backend: str = "auto",
+    prefix_lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention over a prefix of P virtual keys plus the sequence keys, fused.
 
@@ -51,6 +52,11 @@ def prefix_attention(
             [T, Hkv, P, D]  a bank of T prefixes, with ``prefix_index``.
             ``None`` or P == 0 is plain attention.
         prefix_index: int64 [B]; row b uses bank entry ``prefix_index[b]``.
+        prefix_lengths: int64 [T], a ragged bank: row b sees only the first
+            ``prefix_lengths[prefix_index[b]]`` prefix keys of its entry (each length in
+            [0, P]; keys past it get no probability and zero gradient). Also taken by the
+            per-row layout (T = B: row b sees ``prefix_lengths[b]`` keys); not by a shared
+            prefix. ``None``: every row sees all P keys.
         key_padding_mask: bool [B, Nk], True = real token. Masks sequence keys only.
         causal: causal mask on the sequence keys, aligned bottom-right.
         sm_scale: softmax scale, default 1 / sqrt(D).
@@ -72,8 +78,8 @@ def prefix_attention(
         query 3   x x x   | x x x x x x
 
     With Nq = 1 (decoding with a KV cache) the query sees the whole cache. A row with
-    nothing to attend to (possible only when P == 0) outputs zeros and gets zero
-    gradients. Gradients flow to q, k, v, prefix_k and prefix_v: a shared prefix gets the
+    nothing to attend to (P == 0, or a prefix length of 0, with every sequence key
+    masked) outputs zeros and gets zero gradients. Gradients flow to q, k, v, prefix_k and prefix_v: a shared prefix gets the
     sum over rows, a bank each row's gradient added at its index, bitwise reproducibly.
 
     Under ``torch.compile`` the call is traced into the graph without a graph break (the
@@ -91,12 +97,12 @@ def prefix_attention(
 
         return traced_prefix_attention(
             q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
-            causal, sm_scale, dropout_p, backend,
+            causal, sm_scale, dropout_p, backend, prefix_lengths=prefix_lengths,
         )  # fmt: skip
     # the call's plan: validated and set up once per signature (plan.py)
     plan = lookup_plan(
         q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
-        causal, sm_scale, dropout_p, backend,
+        causal, sm_scale, dropout_p, backend, prefix_lengths,
     )  # fmt: skip
     if plan.backend == "triton":
         if _grad_enabled() and (
@@ -107,12 +113,14 @@ def prefix_attention(
         ):
             return _apply(
                 PrefixAttentionFunction, q, k, v, prefix_k, prefix_v, prefix_index,
-                key_padding_mask, plan,
+                key_padding_mask, plan, prefix_lengths,
             )  # fmt: skip
         # inference (decoding): no graph to record, so skip autograd.Function's host cost
         seed = new_seed() if plan.dropout_p > 0.0 else 0
-        return plan.forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, seed)[0]
+        return plan.forward(
+            q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, seed, prefix_lengths
+        )[0]
     return reference_prefix_attention(
         q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
-        causal, plan.dropout_p, plan.prob,
+        causal, plan.dropout_p, plan.prob, prefix_lengths,
     )  # fmt: skip

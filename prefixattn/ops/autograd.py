@@ -26,23 +26,26 @@ class PrefixAttentionFunction(torch.autograd.Function):
         prefix_index: torch.Tensor | None,
         key_padding_mask: torch.Tensor | None,
         plan: CallPlan,
+        prefix_lengths: torch.Tensor | None = None,
     ) -> torch.Tensor:
         seed = new_seed() if plan.dropout_p > 0.0 else 0
         out, lse, aligned = plan.forward(
-            q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, seed
+            q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, seed, prefix_lengths
         )
-        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, out, lse)
+        ctx.save_for_backward(
+            q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, out, lse, prefix_lengths
+        )
         # aligned: the inputs' alignment, for the backward's direct launches (same tensors)
         ctx.seed, ctx.plan, ctx.aligned = seed, plan, aligned
         return out
 
     @staticmethod
     def backward(ctx: Any, do: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        q, k, v, prefix_k, prefix_v, prefix_index, kpm, out, lse = ctx.saved_tensors
+        q, k, v, prefix_k, prefix_v, prefix_index, kpm, out, lse, plen = ctx.saved_tensors
         n = ctx.needs_input_grad
         dq, dk, dv, dpk, dpv = ctx.plan.backward(
             do, q, k, v, prefix_k, prefix_v, prefix_index, kpm, out, lse, ctx.seed,
-            (n[0], n[1], n[2], n[3] or n[4]), ctx.aligned,
+            (n[0], n[1], n[2], n[3] or n[4]), ctx.aligned, plen,
         )  # fmt: skip
         return (
             dq,
@@ -50,7 +53,7 @@ class PrefixAttentionFunction(torch.autograd.Function):
             dv if n[2] else None,
             dpk if n[3] else None,
             dpv if n[4] else None,
-            None, None, None,
+            None, None, None, None,
         )  # fmt: skip
 
 

@@ -352,6 +352,7 @@ def traced_prefix_attention(
     sm_scale: float | None,
     dropout_p: float,
     backend: str,
+    prefix_lengths: Tensor | None = None,
 ) -> Tensor:
     """:func:`prefixattn.prefix_attention` while ``torch.compile`` traces it.
 
@@ -359,19 +360,33 @@ def traced_prefix_attention(
     traces it without graph breaks: no host sync (the ``prefix_index`` range check is an
     in-graph ``torch._assert_async``), the Triton path through the custom ops above, the
     reference path as plain tensor ops (Inductor fuses it).
+
+    ``prefix_lengths`` (a ragged bank) is traced on the reference path; the Triton custom
+    ops do not take it yet, so a compiled Triton call with it raises ``ValueError``.
     """
     prob = validate(
         q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
         causal, sm_scale, dropout_p, backend, check_index_values=False,
+        prefix_lengths=prefix_lengths,
     )  # fmt: skip
     dropout_p = float(dropout_p)
     if prefix_index is not None and prob.B > 0:
         # the eager range check syncs with the device; this one runs in the graph
         in_range = ((prefix_index >= 0) & (prefix_index < prob.T)).all()
         torch._assert_async(in_range, "prefix_index values must be in [0, T) (T bank entries)")
+    if prefix_lengths is not None and prob.T > 0:
+        in_range = ((prefix_lengths >= 0) & (prefix_lengths <= prob.P)).all()
+        torch._assert_async(in_range, "prefix_lengths values must be in [0, P]")
     if resolve_backend(backend, q) != "triton":
         return reference_prefix_attention(
-            q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, causal, dropout_p, prob
+            q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, causal, dropout_p, prob,
+            prefix_lengths,
+        )  # fmt: skip
+    if prefix_lengths is not None:
+        raise ValueError(
+            "prefix_lengths is not supported on the Triton path under torch.compile yet "
+            "(the prefixattn::fwd/bwd custom ops do not take it); call prefix_attention "
+            "eagerly (torch.compiler.disable) or use backend='reference'"
         )
     if q.device.type == "cuda":
         check_kernel_dtype(q)

@@ -340,7 +340,7 @@ def kernel_params(attr: str) -> tuple[str, ...]:
 # Parameters whose value changes from call to call with the same signature: the tensors
 # (their storage) and the dropout seed. Every kernel lists its pointers first.
 DYNAMIC_PARAMS = frozenset(
-    ("Q", "K", "V", "PK", "PV", "PIDX", "KPM", "Out", "LSE", "O", "DO", "Delta", "DQ",
+    ("Q", "K", "V", "PK", "PV", "PIDX", "PLEN", "KPM", "Out", "LSE", "O", "DO", "Delta", "DQ",
      "DK", "DV", "DPK", "DPV", "GPK", "GPV", "seed")
 )  # fmt: skip
 
@@ -517,6 +517,7 @@ def pointer_args(
     prefix_index: torch.Tensor | None,
     key_padding_mask: torch.Tensor | None,
     mode: int,
+    prefix_lengths: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """The input pointers of a call by kernel parameter name. Absent optional inputs get
     ``q`` as a dummy the kernel never reads; the key mask goes in as uint8 (a view)."""
@@ -532,6 +533,7 @@ def pointer_args(
         if has_p and prefix_index is not None
         else q,
         "KPM": key_padding_mask.view(torch.uint8) if key_padding_mask is not None else q,
+        "PLEN": prefix_lengths if has_p and prefix_lengths is not None else q,
     }
 
 
@@ -586,6 +588,7 @@ class _Inputs(NamedTuple):
     prefix_v: torch.Tensor | None
     prefix_index: torch.Tensor | None
     key_padding_mask: torch.Tensor | None
+    prefix_lengths: torch.Tensor | None = None  # int64 [T]: entries as prefix_k
 
     def rows(self, rows: slice, prob: AttnProblem) -> _Inputs:
         """Batch rows ``rows`` (views; a shared prefix or a bank stays whole)."""
@@ -597,6 +600,7 @@ class _Inputs(NamedTuple):
             _take(self.prefix_k, rows) if per_row else self.prefix_k,
             _take(self.prefix_v, rows) if per_row else self.prefix_v,
             _take(self.prefix_index, rows), _take(self.key_padding_mask, rows),
+            _take(self.prefix_lengths, rows) if per_row else self.prefix_lengths,
         )  # fmt: skip
 
 
@@ -626,7 +630,7 @@ def forward_spec(
     has_p = mode != PREFIX_NONE
     B, H = prob.B, prob.H
     vals = {
-        **pointer_args(*x, mode),
+        **pointer_args(*x[:7], mode, x.prefix_lengths),
         "Out": out,
         "LSE": lse,
         **_strides("q", x.q, "zhmd"),
@@ -652,6 +656,7 @@ def forward_spec(
         BLOCK_D=max(16, triton_next_pow2(D)),
         IS_CAUSAL=causal,
         PREFIX_MODE=mode,
+        HAS_PLEN=has_p and x.prefix_lengths is not None,
         HAS_KPM=x.key_padding_mask is not None,
         HAS_DROPOUT=dropout_p > 0.0,
         INPUT_PRECISION=_input_precision(x.q),
@@ -688,8 +693,10 @@ def attention_forward(
     seed: int,
     prob: AttnProblem,
     wrap=None,
+    prefix_lengths: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``_attn_fwd``; returns (out [B, H, Nq, D] in q's dtype, lse [B, H, Nq] fp32).
+    ``prefix_lengths``: int64 [T] visible prefix keys per entry (a ragged bank).
 
     The general path: the custom ops of ``custom_op.py`` (``wrap`` =
     ``torch.library.wrap_triton``) and batches past the grid limit. Eager calls normally
@@ -698,7 +705,7 @@ def attention_forward(
     out, lse = forward_outputs(q, prob)
     if prob.B * prob.H * prob.Nq == 0:
         return out, lse
-    x = _Inputs(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask)
+    x = _Inputs(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, prefix_lengths)
     specs = [
         forward_spec(
             x.rows(rows, prob),
@@ -906,6 +913,7 @@ def backward_specs(
         D=D, BLOCK_D=block_d, HAS_DROPOUT=dropout_p > 0.0, INPUT_PRECISION=_input_precision(q)
     )
     has_kpm = x.key_padding_mask is not None
+    has_plen = mode != PREFIX_NONE and x.prefix_lengths is not None
     specs = []
     if lay.has_delta:
         pre_bm = 64 if not kernels_interpreted() else 32
@@ -941,6 +949,7 @@ def backward_specs(
                     BLOCK_NP=_prefix_block_n(P),
                     IS_CAUSAL=causal,
                     PREFIX_MODE=mode,
+                    HAS_PLEN=has_plen,
                     HAS_KPM=has_kpm,
                     HAS_DELTA=lay.has_delta,
                     **flags,
@@ -957,7 +966,13 @@ def backward_specs(
                 Nq,
                 max(Nk, P),
                 vals,
-                dict(IS_CAUSAL=causal, PREFIX_MODE=mode, HAS_KPM=has_kpm, **flags),
+                dict(
+                    IS_CAUSAL=causal,
+                    PREFIX_MODE=mode,
+                    HAS_PLEN=has_plen,
+                    HAS_KPM=has_kpm,
+                    **flags,
+                ),
             )
         )
     if need_kv:
@@ -982,7 +997,7 @@ def backward_specs(
                 Nq,
                 P,
                 vals,
-                dict(PREFIX_MODE=mode, **flags),
+                dict(PREFIX_MODE=mode, HAS_PLEN=has_plen, **flags),
             )
         )
     return specs
@@ -1004,15 +1019,15 @@ def backward_pointers(
     gradients (GPK/GPV: the prefix gradients) and the workspace's parts as views (Delta;
     DPK/DPV: the fp32 prefix partials, or the prefix gradients themselves when each entry
     has one partial). Absent ones get ``q`` (never read). ``chunk``: the first row of a
-    batch chunk (the views then start at its rows). ``x``: the 7 inputs in
-    :class:`_Inputs` order."""
+    batch chunk (the views then start at its rows). ``x``: the inputs in
+    :class:`_Inputs` order (7, or 8 with prefix_lengths)."""
     q = x[0]
     dq, dk, dv, dpk, dpv = grads
     mode = prob.prefix_mode
     need_kv = (needs[1] or needs[2]) and prob.Nk > 0
     need_p = needs[3] and mode != PREFIX_NONE
     row0 = chunk or 0
-    ptrs = pointer_args(*x, mode)
+    ptrs = pointer_args(*x[:7], mode, x[7] if len(x) > 7 else None)
     n_delta = lay.n_delta
     ptrs["Delta"] = ws[row0 * prob.H * prob.Nq : n_delta] if lay.has_delta else lse
     if need_p and lay.reduce:
@@ -1067,6 +1082,7 @@ def attention_backward(
     prob: AttnProblem,
     needs: tuple[bool, bool, bool, bool],
     wrap=None,
+    prefix_lengths: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
     """Gradients (dq, dk, dv, dprefix_k, dprefix_v); ``needs`` = (q, k, v, prefix) flags.
 
@@ -1084,7 +1100,7 @@ def attention_backward(
     )
     if prob.B * prob.H * prob.Nq == 0:
         return dq, dk, dv, dpk, dpv
-    x = _Inputs(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask)
+    x = _Inputs(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, prefix_lengths)
     specs = []
     for i, (rows, sub) in enumerate(_batch_chunks(prob, wrap)):
         chunk = None if rows == slice(None) else rows.start

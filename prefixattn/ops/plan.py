@@ -32,7 +32,13 @@ import weakref
 import torch
 
 from . import launch as L
-from .validation import PREFIX_NONE, AttnProblem, check_index_range, validate
+from .validation import (
+    PREFIX_NONE,
+    AttnProblem,
+    check_index_range,
+    check_lengths_range,
+    validate,
+)
 
 MAX_PLANS = 512
 _PLANS: dict[tuple, CallPlan] = {}
@@ -55,6 +61,7 @@ def lookup_plan(
     sm_scale: float | None,
     dropout_p: float,
     backend: str,
+    prefix_lengths: torch.Tensor | None = None,
 ) -> CallPlan:
     """The call's plan: cached, or validated and built (bad input raises here).
 
@@ -65,7 +72,7 @@ def lookup_plan(
     once per index tensor (and again after an in-place change): every layer of a model
     gets the same index tensor.
     """
-    pk, pv, pidx, kpm = prefix_k, prefix_v, prefix_index, key_padding_mask
+    pk, pv, pidx, kpm, plen = prefix_k, prefix_v, prefix_index, key_padding_mask, prefix_lengths
     try:
         key = (
             q.__class__, q.shape, q.stride(), q.dtype, q.device,
@@ -75,6 +82,7 @@ def lookup_plan(
             None if pv is None else (pv.shape, pv.stride(), pv.dtype, pv.device),
             None if pidx is None else (pidx.__class__, pidx.shape, pidx.dtype, pidx.device),
             None if kpm is None else (kpm.shape, kpm.stride(), kpm.dtype, kpm.device),
+            None if plen is None else (plen.__class__, plen.shape, plen.dtype, plen.device),
             causal, causal.__class__, sm_scale, sm_scale.__class__,
             dropout_p, dropout_p.__class__, backend,
         )  # fmt: skip
@@ -87,19 +95,29 @@ def lookup_plan(
             if seen is None or seen[0]() is not pidx or seen[1] != pidx._version:
                 check_index_range(pidx, plan.prob.T)
                 plan.index_seen = (weakref.ref(pidx), pidx._version)
+        if plen is not None and plan.check_lengths:
+            seen = plan.lengths_seen
+            if seen is None or seen[0]() is not plen or seen[1] != plen._version:
+                check_lengths_range(plen, plan.prob.P)
+                plan.lengths_seen = (weakref.ref(plen), plen._version)
         return plan
     prob = validate(
         q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
-        causal, sm_scale, dropout_p, backend,
+        causal, sm_scale, dropout_p, backend, prefix_lengths=prefix_lengths,
     )  # fmt: skip
     from .attention import resolve_backend
 
     resolved = resolve_backend(backend, q)
     if resolved == "triton":
         L.check_triton_device(q)
-    plan = CallPlan(prob, resolved, causal, float(dropout_p), prefix_index is not None)
-    if plan.check_index:  # validate() checked this tensor's values
+    plan = CallPlan(
+        prob, resolved, causal, float(dropout_p), prefix_index is not None,
+        prefix_lengths is not None,
+    )  # fmt: skip
+    if plan.check_index:  # validate() checked these tensors' values
         plan.index_seen = (weakref.ref(prefix_index), prefix_index._version)
+    if plan.check_lengths:
+        plan.lengths_seen = (weakref.ref(prefix_lengths), prefix_lengths._version)
     if key is not None:
         if len(_PLANS) >= MAX_PLANS:
             _PLANS.clear()
@@ -207,11 +225,20 @@ class CallPlan:
     resolved backend, and (Triton) the forward's and each backward variant's launches."""
 
     def __init__(
-        self, prob: AttnProblem, backend: str, causal: bool, dropout_p: float, has_index: bool
+        self,
+        prob: AttnProblem,
+        backend: str,
+        causal: bool,
+        dropout_p: float,
+        has_index: bool,
+        has_lengths: bool = False,
     ) -> None:
         self.prob, self.backend, self.causal, self.dropout_p = prob, backend, causal, dropout_p
         self.check_index = has_index and prob.B > 0
-        self.index_seen: tuple | None = None  # (weakref, version) of the last index checked
+        self.check_lengths = has_lengths and prob.T > 0
+        # (weakref, version) of the last prefix_index / prefix_lengths tensor checked
+        self.index_seen: tuple | None = None
+        self.lengths_seen: tuple | None = None
         self.empty = prob.B * prob.H * prob.Nq == 0
         self.chunked = len(L._batch_chunks(prob, None)) > 1
         self.has_p = prob.prefix_mode != PREFIX_NONE
@@ -251,13 +278,14 @@ class CallPlan:
         prefix_index: torch.Tensor | None,
         key_padding_mask: torch.Tensor | None,
         seed: int,
+        prefix_lengths: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """(out [B, H, Nq, D], lse [B, H, Nq] fp32, aligned) of the Triton forward;
         ``aligned``: the inputs' alignment (:meth:`aligned`), for the backward."""
         if self.chunked:
             out, lse = L.attention_forward(
                 q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
-                self.causal, self.dropout_p, seed, self.prob,
+                self.causal, self.dropout_p, seed, self.prob, prefix_lengths=prefix_lengths,
             )  # fmt: skip
             return out, lse, False
         out = torch.empty(self.out_shape, device=q.device, dtype=q.dtype)
@@ -265,14 +293,18 @@ class CallPlan:
         if self.empty:
             return out, lse, False
         mode = self.prob.prefix_mode
-        ptrs = L.pointer_args(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, mode)
+        ptrs = L.pointer_args(
+            q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, mode, prefix_lengths
+        )
         ptrs["Out"], ptrs["LSE"] = out, lse
         aligned = self.aligned(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask)
+        if prefix_lengths is not None:
+            aligned = aligned and not prefix_lengths.data_ptr() & 15
         fl = self.fwd
         if fl is not None:
             fl(ptrs, seed, aligned)
             return out, lse, aligned
-        x = L._Inputs(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask)
+        x = L._Inputs(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, prefix_lengths)
         spec = L.forward_spec(x, out, lse, self.causal, self.dropout_p, seed, self.prob)
         self.fwd = KernelLaunch.first(spec, q)
         return out, lse, aligned
@@ -292,6 +324,7 @@ class CallPlan:
         seed: int,
         needs: tuple[bool, bool, bool, bool],
         aligned: bool = False,
+        prefix_lengths: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor | None, ...]:
         """(dq, dk, dv, dprefix_k, dprefix_v) of the Triton backward; ``needs`` = (q, k,
         v, prefix) flags. Variants (needs, dO's strides; the backward layout is read when
@@ -301,7 +334,7 @@ class CallPlan:
         if self.chunked:
             return L.attention_backward(
                 do, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, out, lse,
-                self.causal, self.dropout_p, seed, prob, needs,
+                self.causal, self.dropout_p, seed, prob, needs, prefix_lengths=prefix_lengths,
             )  # fmt: skip
         needs = (needs[0], needs[1], needs[2], needs[3] and prefix_k is not None)
         key = (needs, do.stride())
@@ -315,7 +348,7 @@ class CallPlan:
             return grads[:5]
         ws = grads[5]
         grads = grads[:5]
-        x = (q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask)
+        x = (q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, prefix_lengths)
         ptrs = L.backward_pointers(x, do, out, lse, grads, ws, prob, needs, lay)
         launches = bp.launches
         if launches is not None:

@@ -36,6 +36,18 @@ def visible_mask(
     return mask
 
 
+def prefix_visible(
+    prefix_lengths: torch.Tensor, prefix_index: torch.Tensor | None, P: int
+) -> torch.Tensor:
+    """Which prefix keys each row sees: bool [B, P], key c visible iff c < its entry's length.
+
+    ``prefix_lengths`` is int64 [T]; row b reads entry ``prefix_index[b]`` (bank) or b
+    (per-row layout, ``prefix_index`` None).
+    """
+    rows = prefix_lengths if prefix_index is None else prefix_lengths[prefix_index]  # [B]
+    return torch.arange(P, device=rows.device)[None, :] < rows[:, None]  # [B, P]
+
+
 def reference_prefix_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -47,8 +59,13 @@ def reference_prefix_attention(
     causal: bool,
     dropout_p: float,
     prob: AttnProblem,
+    prefix_lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Prefix attention in plain PyTorch ops (differentiable). Inputs already validated."""
+    """Prefix attention in plain PyTorch ops (differentiable). Inputs already validated.
+
+    ``prefix_lengths`` (int64 [T], bank or per-row layouts): row b sees only the first
+    ``prefix_lengths[entry(b)]`` prefix keys; the others are masked like padding.
+    """
     B, H, Hkv, Nq, Nk, D = prob.B, prob.H, prob.Hkv, prob.Nq, prob.Nk, prob.D
     G = prob.group
     cdt = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
@@ -67,6 +84,11 @@ def reference_prefix_attention(
             pk, pv = pk[prefix_index], pv[prefix_index]  # [B, Hkv, P, D]
         # shared [Hkv, P, D] broadcasts over the batch; per-row/bank are [B, Hkv, P, D]
         s_pre = torch.matmul(qf, pk.transpose(-1, -2)).view(B, Hkv, G, Nq, P)
+        if prefix_lengths is not None:
+            s_pre = s_pre.masked_fill(
+                ~prefix_visible(prefix_lengths, prefix_index, P)[:, None, None, None, :],
+                float("-inf"),
+            )  # [B, 1, 1, 1, P]: the row's invisible prefix keys
         scores = torch.cat([s_pre, s_seq], dim=-1) * prob.sm_scale  # [B, Hkv, G, Nq, P+Nk]
     else:
         scores = s_seq * prob.sm_scale

@@ -87,6 +87,58 @@ def check_index_range(prefix_index: torch.Tensor, T: int) -> None:
         raise ValueError(f"{msg}, got values in [{int(lo)}, {int(hi)}]") from None
 
 
+def check_lengths_range(prefix_lengths: torch.Tensor, P: int) -> None:
+    """Check 0 <= prefix_lengths <= P without a host-device sync (as
+    :func:`check_index_range`)."""
+    msg = f"prefix_lengths values must be in [0, P] with P={P} (the prefix length of prefix_k)"
+    ok = torch.logical_and(prefix_lengths >= 0, prefix_lengths <= P).all()
+    try:
+        torch._assert_async(ok, msg)
+    except RuntimeError:  # CPU: the check ran now
+        lo, hi = torch.aminmax(prefix_lengths)
+        raise ValueError(f"{msg}, got values in [{int(lo)}, {int(hi)}]") from None
+
+
+def check_prefix_lengths(
+    prefix_lengths: object,
+    prob: AttnProblem,
+    device: torch.device,
+    check_values: bool = True,
+) -> None:
+    """Check ``prefix_lengths`` against a validated problem (see :func:`validate`).
+
+    It is an int64 [T] tensor on the device of q, one visible prefix length per entry of a
+    bank (T bank entries, with ``prefix_index``) or of a per-row prefix (T = B), each in
+    [0, P]. A shared prefix [Hkv, P, D] and no prefix take no lengths.
+    """
+    if prob.layout == PREFIX_NONE:
+        raise ValueError("prefix_lengths was given without prefix_k/prefix_v")
+    if prob.layout == PREFIX_SHARED:
+        raise ValueError(
+            "prefix_lengths needs a bank [T, Hkv, P, D] with prefix_index or a per-row prefix "
+            "[B, Hkv, P, D]; prefix_k is a shared prefix [Hkv, P, D] (slice it to the length "
+            "you want instead)"
+        )
+    if not isinstance(prefix_lengths, torch.Tensor):
+        raise TypeError(
+            f"prefix_lengths must be an int64 torch.Tensor of shape [T], got "
+            f"{type(prefix_lengths).__name__}"
+        )
+    if prefix_lengths.dtype != torch.int64:
+        raise TypeError(f"prefix_lengths must have dtype torch.int64, got {prefix_lengths.dtype}")
+    what = "T bank entries" if prob.layout == PREFIX_BANK else "B rows of the per-row prefix"
+    if tuple(prefix_lengths.shape) != (prob.T,):
+        raise ValueError(
+            f"prefix_lengths must have shape [T]=[{prob.T}] ({what}), got {_shape(prefix_lengths)}"
+        )
+    if prefix_lengths.device != device:
+        raise ValueError(
+            f"prefix_lengths must be on the device of q ({device}), got {prefix_lengths.device}"
+        )
+    if check_values and prob.T > 0:
+        check_lengths_range(prefix_lengths, prob.P)
+
+
 def validate(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -100,11 +152,12 @@ def validate(
     dropout_p: float,
     backend: str,
     check_index_values: bool = True,
+    prefix_lengths: torch.Tensor | None = None,
 ) -> AttnProblem:
     """Check every argument against the contract; return the problem sizes.
 
-    ``check_index_values=False`` skips the range check of ``prefix_index`` (traced calls
-    check it in the graph instead).
+    ``check_index_values=False`` skips the range checks of ``prefix_index`` and
+    ``prefix_lengths`` (traced calls check them in the graph instead).
     """
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -237,7 +290,7 @@ def validate(
     if not 0.0 <= float(dropout_p) < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
 
-    return AttnProblem(
+    prob = AttnProblem(
         B=B,
         H=H,
         Hkv=Hkv,
@@ -250,6 +303,9 @@ def validate(
         layout=layout,
         sm_scale=scale,
     )
+    if prefix_lengths is not None:
+        check_prefix_lengths(prefix_lengths, prob, q.device, check_index_values)
+    return prob
 
 
 def check_kernel_dtype(q: torch.Tensor) -> None:

@@ -1,0 +1,80 @@
+"""``prefixattn serve`` as a process: starts on 127.0.0.1, answers, exits on SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("httpx")
+pytest.importorskip("uvicorn")
+pytest.importorskip("fastapi")
+
+import httpx
+
+from prefixattn import PrefixTuning
+from prefixattn.cli import main
+from prefixattn.serve import load_base
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_serve_arguments_are_checked(tmp_path, capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "--model", "tiny", "--task", "no-equals-sign"])
+    assert info.value.code == 2
+    assert "NAME=PATH" in capsys.readouterr().err
+    assert main(["serve", "--model", "tiny", "--task", f"a={tmp_path}"]) == 2
+    assert "artifact" in capsys.readouterr().err
+
+
+def test_serve_process_answers_on_loopback(tmp_path) -> None:
+    model, _, _ = load_base("tiny")
+    torch.manual_seed(0)
+    PrefixTuning(model, 4).save(tmp_path / "topic")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    cmd = [
+        sys.executable, "-m", "prefixattn.cli", "serve", "--model", "tiny",
+        "--task", f"topic={tmp_path / 'topic'}", "--port", str(port), "--device", "cpu",
+        "--log-level", "warning",
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        t0 = time.time()
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
+            assert time.time() - t0 < 60, "server did not come up"
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        ids = [m["id"] for m in httpx.get(url + "/v1/models", timeout=5).json()["data"]]
+        assert ids == ["tiny", "topic"]
+        r = httpx.post(
+            url + "/v1/completions",
+            json={"model": "topic", "prompt": "the market", "max_tokens": 3, "temperature": 0},
+            timeout=30,
+        )
+        assert r.status_code == 200 and len(r.json()["choices"][0]["token_ids"]) <= 3
+        assert httpx.post(url + "/admin/tasks", json={}, timeout=5).status_code == 404
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    out = proc.stdout.read().decode()
+    assert "tiny, topic on http://127.0.0.1" in out and "no admin routes" in out
