@@ -44,7 +44,7 @@ class TaskBank(nn.Module):
     Arguments:
         model: the transformers decoder the prefixes were trained on (patched here).
         prefixes: optional ``{name: PrefixTuning or directory written by PrefixTuning.save}``.
-        backend: kernel backend ("auto", "triton", "reference").
+        backend: kernel backend ("auto", "triton", "sdpa", "reference").
 
     Example::
 

@@ -7,13 +7,14 @@ import torch
 from .autograd import PrefixAttentionFunction
 from .launch import attention_forward, check_triton_device, new_seed
 from .reference import reference_prefix_attention
-from .validation import KERNEL_DTYPES, validate
+from .sdpa import sdpa_prefix_attention
+from .validation import auto_backend, validate
 
 
 def resolve_backend(backend: str, q: torch.Tensor) -> str:
-    """``"auto"``: the Triton kernel for CUDA tensors of a kernel dtype, else the reference."""
+    """``"auto"``: the Triton kernel for CUDA tensors of a kernel dtype, else ``"sdpa"``."""
     if backend == "auto":
-        return "triton" if q.is_cuda and q.dtype in KERNEL_DTYPES else "reference"
+        return auto_backend(q.device, q.dtype)
     return backend
 
 
@@ -50,8 +51,10 @@ def prefix_attention(
         causal: causal mask on the sequence keys, aligned bottom-right.
         sm_scale: softmax scale, default 1 / sqrt(D).
         dropout_p: attention dropout probability (Philox; backward regenerates the mask).
-        backend: "auto" (Triton on CUDA, reference on CPU), "triton" (CUDA, or CPU under
-            TRITON_INTERPRET=1) or "reference" (pure PyTorch).
+        backend: "auto" (Triton on CUDA, "sdpa" elsewhere), "triton" (CUDA, or CPU under
+            TRITON_INTERPRET=1), "sdpa" (PyTorch's fused scaled_dot_product_attention on
+            the concatenated prefix + keys: any device and dtype) or "reference" (the
+            exact, materialising pure-PyTorch path the tests compare against).
 
     Returns:
         [B, H, Nq, D] in the dtype of q.
@@ -93,7 +96,8 @@ def prefix_attention(
         causal, sm_scale, dropout_p, backend,
     )  # fmt: skip
     dropout_p = float(dropout_p)
-    if resolve_backend(backend, q) == "triton":
+    resolved = resolve_backend(backend, q)
+    if resolved == "triton":
         check_triton_device(q)
         if torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (q, k, v, prefix_k, prefix_v)
@@ -109,6 +113,10 @@ def prefix_attention(
             causal, dropout_p, seed, prob,
         )  # fmt: skip
         return out
+    if resolved == "sdpa":
+        return sdpa_prefix_attention(
+            q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, causal, dropout_p, prob
+        )
     return reference_prefix_attention(
         q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, causal, dropout_p, prob
     )

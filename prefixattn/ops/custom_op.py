@@ -43,6 +43,7 @@ from .launch import (
     kernels_interpreted,
 )
 from .reference import reference_prefix_attention
+from .sdpa import sdpa_prefix_attention
 from .validation import AttnProblem, check_kernel_dtype, validate
 
 __all__ = [
@@ -358,7 +359,7 @@ def traced_prefix_attention(
     Same arguments, checks and results as the eager function, written so that Dynamo
     traces it without graph breaks: no host sync (the ``prefix_index`` range check is an
     in-graph ``torch._assert_async``), the Triton path through the custom ops above, the
-    reference path as plain tensor ops (Inductor fuses it).
+    reference path as plain tensor ops (Inductor fuses it), the sdpa path as SDPA.
     """
     prob = validate(
         q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
@@ -369,7 +370,12 @@ def traced_prefix_attention(
         # the eager range check syncs with the device; this one runs in the graph
         in_range = ((prefix_index >= 0) & (prefix_index < prob.T)).all()
         torch._assert_async(in_range, "prefix_index values must be in [0, T) (T bank entries)")
-    if resolve_backend(backend, q) != "triton":
+    resolved = resolve_backend(backend, q)
+    if resolved == "sdpa":
+        return sdpa_prefix_attention(
+            q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, causal, dropout_p, prob
+        )
+    if resolved != "triton":
         return reference_prefix_attention(
             q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, causal, dropout_p, prob
         )
