@@ -20,11 +20,11 @@ from prefixattn.ops.sdpa import prefix_visibility_mask
 
 sdpa_attn = functools.partial(prefixattn.prefix_attention, backend="sdpa")
 
-# Cases for the mask paths the kernel grid (CASES) touches little: is_causal with prepended
-# query rows and Nq < Nk, plain is_causal (P == 0, Nq == Nk), no mask at all (not causal /
-# Nq == 1), the explicit mask with GQA, P == 0 with rows that see nothing.
+# Cases for the mask paths the kernel grid (CASES) touches little: the shared [1, 1, Nq,
+# P + Nk] mask with Nq < Nk and GQA, plain is_causal (P == 0, Nq == Nk), no mask at all (not
+# causal / Nq == 1), P == 0 with rows that see nothing, Nq > Nk with a prefix.
 PATH_CASES = [
-    Case(B=2, H=4, Hkv=2, Nq=9, Nk=20, P=5, D=40, prefix="shared"),  # is_causal, extra rows
+    Case(B=2, H=4, Hkv=2, Nq=9, Nk=20, P=5, D=40, prefix="shared"),  # one mask for all rows
     Case(B=3, H=2, Hkv=1, Nq=17, Nk=17, P=0, D=32, prefix="none"),  # is_causal, square
     Case(B=2, H=4, Hkv=1, Nq=13, Nk=13, P=7, D=16, prefix="bank", T=3, causal=False),
     Case(B=3, H=2, Hkv=2, Nq=1, Nk=33, P=1, D=96, prefix="row"),  # decode: no mask
@@ -58,8 +58,8 @@ def test_noncontiguous_inputs(case: Case) -> None:
 
 
 def test_sdpa_gradcheck() -> None:
-    """float64 gradcheck through the explicit mask (bank, padding) and through is_causal
-    with prepended query rows (shared prefix, Nq < Nk)."""
+    """float64 gradcheck through the per-row mask (bank, padding) and the mask shared by
+    the rows (shared prefix, Nq < Nk)."""
     for c in (
         Case(B=2, H=2, Hkv=1, Nq=4, Nk=5, P=2, D=16, prefix="bank", T=2, pad="left"),
         Case(B=2, H=2, Hkv=1, Nq=3, Nk=6, P=2, D=16, prefix="shared"),

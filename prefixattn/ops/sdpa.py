@@ -7,11 +7,13 @@ flash-style kernel (no [B, H, Nq, P + Nk] score matrix in memory) and on other d
 whatever PyTorch has there. Every other rule of :func:`prefixattn.prefix_attention` holds:
 
 * the mask: every prefix key is visible, sequence keys are causal aligned bottom-right
-  and removed by ``key_padding_mask``. Without padding and with ``Nq <= Nk`` the mask
-  over the concatenated keys is plain bottom-right causal; when it is also square after
-  prepending ``P + Nk - Nq`` unused query rows, SDPA's ``is_causal`` path runs (it skips
-  the key blocks above the diagonal); otherwise an explicit boolean mask is built
-  (:func:`prefix_visibility_mask`);
+  and removed by ``key_padding_mask``. No mask when every key is visible (not causal, or
+  a decode step ``Nq == 1``), SDPA's ``is_causal`` for square plain attention, otherwise
+  one boolean mask [B|1, 1, Nq, P + Nk] (:func:`prefix_visibility_mask`; what
+  ``causal_lower_right(Nq, P + Nk)`` materialises on the CPU, so the call costs what the
+  ``torch.cat`` + SDPA path it replaces costs, in time and memory). Measured and not
+  kept: prepending ``P + Nk - Nq`` unused query rows to use ``is_causal`` (faster on the
+  CPU only past ~1k keys, and it keeps a larger q and output for the backward);
 * gradients: autograd through ``expand`` sums a shared prefix's gradient over the rows,
   through ``bank[prefix_index]`` adds each row's gradient at its index (both in a fixed
   order: bitwise reproducible);
@@ -119,21 +121,11 @@ def sdpa_prefix_attention(
     if key_padding_mask is None and (not causal or Nq == 1):
         # every query sees every key (Nq == 1 with causal: a decode step sees the cache)
         return F.scaled_dot_product_attention(q, k, v, **kw)
-    if key_padding_mask is None and Nq <= Nk:
-        # bottom-right causal over the P + Nk keys: all prefix keys are visible to every
-        # query. Prepending P + Nk - Nq query rows that are thrown away makes the mask
-        # square, i.e. SDPA's is_causal (top-left), which skips the blocks above it.
-        extra = P + Nk - Nq
-        if extra == 0:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, **kw)
-        q_pad = q.new_zeros(B, H, extra, prob.D)  # [B, H, P + Nk - Nq, D]
-        out = F.scaled_dot_product_attention(
-            torch.cat([q_pad, q], dim=2), k, v, is_causal=True, **kw
-        )  # [B, H, P + Nk, D]
-        return out[:, :, extra:]  # [B, H, Nq, D]
+    if key_padding_mask is None and causal and Nq == Nk and P == 0:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, **kw)
 
     mask = prefix_visibility_mask(Nq, Nk, P, causal, key_padding_mask, q.device)
-    if P > 0:  # every query sees a prefix key: no row can be empty
+    if P > 0 or (key_padding_mask is None and Nq <= Nk):  # every row sees some key
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kw)
     # P == 0 with padding or Nq > Nk: a row may see nothing. Give it every key (a finite
     # softmax in any kernel), then zero its output (its gradients are then exactly zero).
