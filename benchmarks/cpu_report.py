@@ -17,6 +17,11 @@ def _ms(x: float | None) -> str:
     return "-" if x is None else f"{x:.1f}"
 
 
+def _load(rows: list[dict[str, Any]]) -> str:
+    loads = [b["extra_info"]["loadavg_1m"] for b in rows if "loadavg_1m" in b["extra_info"]]
+    return f"{min(loads):.1f} .. {max(loads):.1f}" if loads else "not recorded"
+
+
 def render(data: dict[str, Any]) -> str:
     """The markdown report of one pytest-benchmark JSON of the CPU suite."""
     rows = [b for b in data.get("benchmarks", []) if b.get("extra_info", {}).get("suite") == "cpu"]
@@ -33,6 +38,7 @@ def render(data: dict[str, Any]) -> str:
         f"- torch {first.get('torch', '?')}, {first.get('torch_threads', '?')} CPU threads, "
         f"python {meta.get('versions', {}).get('python', '?')}",
         f"- full shapes: {first.get('full', '?')} (False: the tiny CI shape)",
+        f"- 1-min load average at the rows' start: {_load(rows)}",
         "",
         "`ab ratio`: auto / concat_sdpa, median of per-round ratios of the two timed "
         "alternately on the same inputs (the fair comparison on a machine whose load "

@@ -150,6 +150,7 @@ def test_cpu(benchmark, case: str, impl: str, mode: str) -> None:
         torch=torch.__version__,
         torch_threads=torch.get_num_threads(),
         full=FULL,
+        loadavg_1m=os.getloadavg()[0],  # a shared machine: how busy it was
     )
     benchmark.group = f"cpu {case} {mode}"
     fn = IMPLS[impl]
