@@ -18,9 +18,10 @@ whatever PyTorch has there. Every other rule of :func:`prefixattn.prefix_attenti
   through ``bank[prefix_index]`` adds each row's gradient at its index (both in a fixed
   order: bitwise reproducible);
 * a row that sees nothing (only possible with P == 0) outputs zeros with zero gradients:
-  it is given one visible key (so no kernel can produce NaN) and its output is zeroed
-  (so its gradients are exactly zero). This costs nothing when no row can be empty;
-* GQA through ``enable_gqa=True`` (no copy of K/V per query head);
+  it is given every key (so no kernel can produce NaN) and its output is zeroed (so its
+  gradients are exactly zero). This costs nothing when no row can be empty;
+* GQA through ``enable_gqa=True`` (no ``repeat_interleave`` of K/V here: SDPA maps the
+  head groups itself);
 * dropout through SDPA's own ``dropout_p`` (``torch.manual_seed`` reproduces it).
 """
 
