@@ -273,3 +273,27 @@ def test_fullgraph_compile_matches_eager(case: Case) -> None:
     assert len(rec.graphs) == 1
     assert any("scaled_dot_product" in name for name in rec.ops())
     torch._dynamo.reset()
+
+
+def test_demo_step_time_script_runs() -> None:
+    """scripts/demo_step_time.py on the tiny model: one JSON line per backend and the
+    paired ratio (no timing is asserted)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("transformers")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    proc = subprocess.run(
+        [sys.executable, "scripts/demo_step_time.py", "--tiny", "--rounds", "2", "--steps", "1"],
+        capture_output=True, text=True, env=env, cwd=root, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    rows = [json.loads(ln) for ln in lines[:2]]
+    assert [r["backend"] for r in rows] == ["reference", "sdpa"]
+    assert all(r["s_per_step_median"] > 0 and r["rounds"] == 2 for r in rows)
+    assert lines[2].startswith("sdpa / reference: ratio of medians")
