@@ -26,6 +26,7 @@ from typing import Any
 
 from . import __version__
 from .data import DEMO_MODEL, TextRecord, read_text_records
+from .ops.validation import BACKENDS
 
 METHODS = ("prefix", "prompt")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -451,8 +452,8 @@ def _add_common(p: argparse.ArgumentParser, *, model: bool = True) -> None:
     p.add_argument(
         "--backend",
         default="auto",
-        choices=("auto", "triton", "reference"),
-        help="kernel backend for prefix tuning (auto: Triton on CUDA, reference on CPU)",
+        choices=BACKENDS,
+        help="kernel backend for prefix tuning (auto: Triton on CUDA, sdpa elsewhere)",
     )
 
 

@@ -84,18 +84,23 @@ def resolve_device(device: str) -> torch.device:
 
 def kernel_backend(device: torch.device, dtype: torch.dtype, backend: str = "auto") -> str:
     """The kernel path :func:`prefixattn.prefix_attention` takes for tensors on ``device``."""
-    from .ops.validation import KERNEL_DTYPES
+    from .ops.validation import auto_backend
 
     if backend != "auto":
         return backend
-    return "triton" if device.type == "cuda" and dtype in KERNEL_DTYPES else "reference"
+    return auto_backend(device, dtype)
 
 
 def describe_backend(name: str) -> str:
     """A human-readable line for a kernel backend name."""
     if name == "triton":
         return "triton (fused Triton kernel; the prefix is read from its own buffer)"
-    return "reference (pure PyTorch; the Triton kernel is used automatically on CUDA)"
+    if name == "sdpa":
+        return (
+            "sdpa (PyTorch's fused scaled_dot_product_attention on the concatenated prefix; "
+            "the Triton kernel is used automatically on CUDA)"
+        )
+    return "reference (exact pure PyTorch, materialises the scores; for checking)"
 
 
 class TopicTask:

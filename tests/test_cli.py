@@ -174,7 +174,7 @@ def test_train_on_plain_text(capsys, tmp_path, model_dir) -> None:
 def test_info_counts(capsys, model_dir) -> None:
     rc, out, err = run(capsys, "info", "--model", model_dir, "-P", 5, "--device", "cpu")
     assert rc == 0, err
-    assert "kernel backend: reference" in out
+    assert "kernel backend: sdpa" in out
     # tiny llama: 2 layers, 2 KV heads, head dim 16, hidden 64
     assert f"prefix tuning, P=5: {2 * 2 * 2 * 5 * 16:,} trainable" in out
     assert f"prompt tuning, P=5: {5 * 64:,} trainable" in out

@@ -40,6 +40,6 @@ def test_auto_backend_choice() -> None:
     c = Case(B=2, H=2, Hkv=2, Nq=9, Nk=9, P=3, D=16, pad="right")
     kw = make_inputs(c, torch.float32, DEVICE)
     auto, _, _ = run_with_grads(functools.partial(prefixattn.prefix_attention, backend="auto"), kw)
-    chosen = "triton" if HAS_CUDA else "reference"
+    chosen = "triton" if HAS_CUDA else "sdpa"
     same, _, _ = run_with_grads(functools.partial(prefixattn.prefix_attention, backend=chosen), kw)
     assert torch.equal(auto, same)

@@ -84,7 +84,7 @@ BAD = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("backend", ["reference", "auto", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "auto", "triton", "sdpa"])
 @pytest.mark.parametrize("name,mutate,exc,words", BAD, ids=[b[0] for b in BAD])
 def test_bad_input(backend: str, name: str, mutate, exc: type, words: list[str]) -> None:
     kw = mutate(good())

@@ -112,7 +112,7 @@ class TaskBank(nn.Module):
             is anything :func:`prefixattn.artifacts.load_artifact` reads (a prefixattn
             prefix or soft prompt, a PEFT prefix- or prompt-tuning adapter). Soft prompts
             are turned into prefixes (:meth:`PromptTuning.to_prefix_tuning`).
-        backend: kernel backend ("auto", "triton", "reference").
+        backend: kernel backend ("auto", "triton", "sdpa", "reference").
 
     Example::
 

@@ -266,8 +266,8 @@ def patch(model: PreTrainedModel, backend: str = "auto") -> PreTrainedModel:
 
     Arguments:
         model: a transformers ``PreTrainedModel``; modified in place.
-        backend: kernel backend, "auto" (Triton on CUDA, reference on CPU), "triton" or
-            "reference".
+        backend: kernel backend, "auto" (Triton on CUDA, "sdpa" elsewhere), "triton",
+            "sdpa" or "reference".
 
     Returns:
         ``model`` itself.

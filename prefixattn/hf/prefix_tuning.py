@@ -132,7 +132,10 @@ class PrefixTuningConfig(TuningConfigBase):
     )
     backend: str = field(
         default="auto",
-        metadata={"help": "Kernel backend: 'auto' (Triton on CUDA), 'triton' or 'reference'."},
+        metadata={
+            "help": "Kernel backend: 'auto' (Triton on CUDA, 'sdpa' elsewhere), 'triton', "
+            "'sdpa' or 'reference'."
+        },
     )
     chunked_loss: bool = field(
         default=False,
@@ -324,7 +327,7 @@ class PrefixTuning(nn.Module):
         tokenizer: tokenizer for a string ``init_text``.
         init_std: std of the random init.
         position_offset: input position shift (0: the model's own positions; P: PEFT's).
-        backend: kernel backend ("auto", "triton", "reference").
+        backend: kernel backend ("auto", "triton", "sdpa", "reference").
         chunked_loss: in training mode with ``labels``, compute the loss in chunks of tokens
             from the last hidden states (:func:`prefixattn.losses.causal_lm_loss`): the
             same loss without the [B, N, V] logits, which then come back as ``None``.

@@ -8,7 +8,8 @@ from .autograd import PrefixAttentionFunction, apply_function
 from .launch import new_seed
 from .plan import lookup_plan
 from .reference import reference_prefix_attention
-from .validation import KERNEL_DTYPES
+from .sdpa import sdpa_prefix_attention
+from .validation import auto_backend
 
 _grad_enabled = torch.is_grad_enabled
 _apply = apply_function
@@ -16,9 +17,9 @@ _is_compiling = torch.compiler.is_compiling
 
 
 def resolve_backend(backend: str, q: torch.Tensor) -> str:
-    """``"auto"``: the Triton kernel for CUDA tensors of a kernel dtype, else the reference."""
+    """``"auto"``: the Triton kernel for CUDA tensors of a kernel dtype, else ``"sdpa"``."""
     if backend == "auto":
-        return "triton" if q.is_cuda and q.dtype in KERNEL_DTYPES else "reference"
+        return auto_backend(q.device, q.dtype)
     return backend
 
 
@@ -61,8 +62,10 @@ def prefix_attention(
         causal: causal mask on the sequence keys, aligned bottom-right.
         sm_scale: softmax scale, default 1 / sqrt(D).
         dropout_p: attention dropout probability (Philox; backward regenerates the mask).
-        backend: "auto" (Triton on CUDA, reference on CPU), "triton" (CUDA, or CPU under
-            TRITON_INTERPRET=1) or "reference" (pure PyTorch).
+        backend: "auto" (Triton on CUDA, "sdpa" elsewhere), "triton" (CUDA, or CPU under
+            TRITON_INTERPRET=1), "sdpa" (PyTorch's fused scaled_dot_product_attention on
+            the concatenated prefix + keys: any device and dtype) or "reference" (the
+            exact, materialising pure-PyTorch path the tests compare against).
 
     Returns:
         [B, H, Nq, D] in the dtype of q.
@@ -120,6 +123,11 @@ def prefix_attention(
         return plan.forward(
             q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, seed, prefix_lengths
         )[0]
+    if plan.backend == "sdpa":
+        return sdpa_prefix_attention(
+            q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
+            causal, plan.dropout_p, plan.prob, prefix_lengths,
+        )  # fmt: skip
     return reference_prefix_attention(
         q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
         causal, plan.dropout_p, plan.prob, prefix_lengths,

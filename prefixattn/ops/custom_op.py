@@ -43,6 +43,7 @@ from .launch import (
     kernels_interpreted,
 )
 from .reference import reference_prefix_attention
+from .sdpa import sdpa_prefix_attention
 from .validation import AttnProblem, check_kernel_dtype, validate
 
 __all__ = [
@@ -359,10 +360,11 @@ def traced_prefix_attention(
     Same arguments, checks and results as the eager function, written so that Dynamo
     traces it without graph breaks: no host sync (the ``prefix_index`` range check is an
     in-graph ``torch._assert_async``), the Triton path through the custom ops above, the
-    reference path as plain tensor ops (Inductor fuses it).
+    reference path as plain tensor ops (Inductor fuses it), the sdpa path as SDPA.
 
-    ``prefix_lengths`` (a ragged bank) is traced on the reference path; the Triton custom
-    ops do not take it yet, so a compiled Triton call with it raises ``ValueError``.
+    ``prefix_lengths`` (a ragged bank) is traced on the reference and sdpa paths; the
+    Triton custom ops do not take it yet, so a compiled Triton call with it raises
+    ``ValueError``.
     """
     prob = validate(
         q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
@@ -377,7 +379,13 @@ def traced_prefix_attention(
     if prefix_lengths is not None and prob.T > 0:
         in_range = ((prefix_lengths >= 0) & (prefix_lengths <= prob.P)).all()
         torch._assert_async(in_range, "prefix_lengths values must be in [0, P]")
-    if resolve_backend(backend, q) != "triton":
+    resolved = resolve_backend(backend, q)
+    if resolved == "sdpa":
+        return sdpa_prefix_attention(
+            q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
+            causal, dropout_p, prob, prefix_lengths,
+        )  # fmt: skip
+    if resolved != "triton":
         return reference_prefix_attention(
             q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, causal, dropout_p, prob,
             prefix_lengths,

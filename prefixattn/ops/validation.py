@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-BACKENDS = ("auto", "triton", "reference")
+BACKENDS = ("auto", "triton", "sdpa", "reference")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # The reference path also takes float64 (useful for gradcheck); the kernel does not.
 REFERENCE_DTYPES = (*KERNEL_DTYPES, torch.float64)
@@ -311,3 +311,9 @@ def validate(
 def check_kernel_dtype(q: torch.Tensor) -> None:
     """The Triton kernel takes float16, bfloat16 and float32."""
     _check_float_dtype("q", q, KERNEL_DTYPES)
+
+
+def auto_backend(device: torch.device, dtype: torch.dtype) -> str:
+    """What ``backend="auto"`` runs for tensors on ``device`` of ``dtype``: ``"triton"`` for
+    CUDA tensors of a kernel dtype, ``"sdpa"`` (PyTorch's fused attention) everywhere else."""
+    return "triton" if device.type == "cuda" and dtype in KERNEL_DTYPES else "sdpa"

@@ -1,0 +1,144 @@
+"""Prefix attention on PyTorch's fused ``scaled_dot_product_attention``: the ``"sdpa"``
+backend, what ``backend="auto"`` runs off CUDA.
+
+It puts each row's prefix in front of its keys and values (``torch.cat``: a fallback may
+copy the prefix; the Triton kernel never does) and calls SDPA, which on the CPU is a fused
+flash-style kernel (no [B, H, Nq, P + Nk] score matrix in memory) and on other devices
+whatever PyTorch has there. Every other rule of :func:`prefixattn.prefix_attention` holds:
+
+* the mask: every prefix key is visible, sequence keys are causal aligned bottom-right
+  and removed by ``key_padding_mask``. No mask when every key is visible (not causal, or
+  a decode step ``Nq == 1``), SDPA's ``is_causal`` for square plain attention, otherwise
+  one boolean mask [B|1, 1, Nq, P + Nk] (:func:`prefix_visibility_mask`; what
+  ``causal_lower_right(Nq, P + Nk)`` materialises on the CPU, so the call costs what the
+  ``torch.cat`` + SDPA path it replaces costs, in time and memory). Measured and not
+  kept: prepending ``P + Nk - Nq`` unused query rows to use ``is_causal`` (faster on the
+  CPU only past ~1k keys, and it keeps a larger q and output for the backward);
+* gradients: autograd through ``expand`` sums a shared prefix's gradient over the rows,
+  through ``bank[prefix_index]`` adds each row's gradient at its index (both in a fixed
+  order: bitwise reproducible);
+* a row that sees nothing (only possible with P == 0) outputs zeros with zero gradients:
+  it is given every key (so no kernel can produce NaN) and its output is zeroed (so its
+  gradients are exactly zero). This costs nothing when no row can be empty;
+* GQA through ``enable_gqa=True`` (no ``repeat_interleave`` of K/V here: SDPA maps the
+  head groups itself);
+* dropout through SDPA's own ``dropout_p`` (``torch.manual_seed`` reproduces it).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .reference import prefix_visible, visible_mask
+from .validation import PREFIX_BANK, PREFIX_NONE, PREFIX_SHARED, AttnProblem
+
+
+def prefix_visibility_mask(
+    Nq: int,
+    Nk: int,
+    P: int,
+    causal: bool,
+    key_padding_mask: torch.Tensor | None,
+    device: torch.device,
+    prefix_visible: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Which of the P prefix + Nk sequence keys each query sees: bool [B|1, 1, Nq, P + Nk].
+
+    Arguments:
+        Nq, Nk, P: query, sequence-key and prefix lengths.
+        causal: bottom-right causal on the sequence keys (query i sees key j iff
+            j <= i + (Nk - Nq)).
+        key_padding_mask: bool [B, Nk], True = real token, or None.
+        device: where to build the mask.
+        prefix_visible: bool [B, P], which prefix keys each row sees, or None for all of
+            them (a per-row prefix length L becomes ``arange(P) < L[:, None]``).
+
+    Returns:
+        bool [B, 1, Nq, P + Nk] if anything depends on the row, else [1, 1, Nq, P + Nk]
+        (broadcast over batch and heads by SDPA).
+    """
+    seq = visible_mask(Nq, Nk, causal, key_padding_mask, device)  # [B|1, Nq, Nk] or None
+    if seq is None:
+        seq = torch.ones(1, Nq, Nk, dtype=torch.bool, device=device)
+    if prefix_visible is None:
+        pre = torch.ones(1, 1, P, dtype=torch.bool, device=device)  # [1, 1, P]
+    else:
+        pre = prefix_visible[:, None, :]  # [B, 1, P]
+    rows = max(seq.shape[0], pre.shape[0])
+    pre = pre.expand(rows, Nq, P)  # [B|1, Nq, P]
+    seq = seq.expand(rows, Nq, Nk)  # [B|1, Nq, Nk]
+    return torch.cat([pre, seq], dim=-1)[:, None]  # [B|1, 1, Nq, P + Nk]
+
+
+def _row_prefix(
+    prefix: torch.Tensor, prefix_index: torch.Tensor | None, B: int, layout: int
+) -> torch.Tensor:
+    """Any prefix layout -> [B, Hkv, P, D]: a shared prefix expanded (a view; autograd
+    sums its gradient over the rows), a bank gathered (autograd adds at the index)."""
+    if layout == PREFIX_SHARED:
+        return prefix.unsqueeze(0).expand(B, -1, -1, -1)  # [Hkv, P, D] -> [B, Hkv, P, D]
+    if layout == PREFIX_BANK:
+        return prefix[prefix_index]  # [T, Hkv, P, D] -> [B, Hkv, P, D]
+    return prefix  # per row: already [B, Hkv, P, D]
+
+
+def sdpa_prefix_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_k: torch.Tensor | None,
+    prefix_v: torch.Tensor | None,
+    prefix_index: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None,
+    causal: bool,
+    dropout_p: float,
+    prob: AttnProblem,
+    prefix_lengths: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Prefix attention through ``F.scaled_dot_product_attention`` (differentiable).
+
+    Arguments (already validated, see :func:`prefixattn.prefix_attention`):
+        q: [B, H, Nq, D]; k, v: [B, Hkv, Nk, D].
+        prefix_k, prefix_v: [Hkv, P, D] shared, [B, Hkv, P, D] per row, [T, Hkv, P, D]
+            bank (with ``prefix_index`` int64 [B]), or None.
+        key_padding_mask: bool [B, Nk], True = real token, or None.
+        causal: bottom-right causal on the sequence keys.
+        dropout_p: attention dropout probability (SDPA's own dropout).
+        prob: the sizes and softmax scale from :func:`~prefixattn.ops.validation.validate`.
+        prefix_lengths: int64 [T] (a ragged bank, or per-row lengths): row b sees only
+            the first ``prefix_lengths[entry]`` prefix keys; the rest are masked, so a row
+            can then be empty with P > 0 too.
+
+    Returns:
+        [B, H, Nq, D] in the dtype of q.
+    """
+    B, H, Hkv, Nq, Nk, P = prob.B, prob.H, prob.Hkv, prob.Nq, prob.Nk, prob.P
+    if prob.layout != PREFIX_NONE:  # P may be 0: the empty prefix still gets (empty) grads
+        pk = _row_prefix(prefix_k, prefix_index, B, prob.layout)  # [B, Hkv, P, D]
+        pv = _row_prefix(prefix_v, prefix_index, B, prob.layout)
+        k = torch.cat([pk, k], dim=2)  # [B, Hkv, P + Nk, D]
+        v = torch.cat([pv, v], dim=2)
+    kw: dict = {"dropout_p": dropout_p, "scale": prob.sm_scale}
+    if Hkv != H:
+        kw["enable_gqa"] = True  # query head h reads kv head h // (H // Hkv)
+
+    vis = None  # bool [B, P]: which prefix keys each row sees (a ragged bank)
+    if prefix_lengths is not None and prob.layout != PREFIX_NONE and P > 0:
+        vis = prefix_visible(prefix_lengths, prefix_index, P)
+    if vis is None and key_padding_mask is None and (not causal or Nq == 1):
+        # every query sees every key (Nq == 1 with causal: a decode step sees the cache)
+        return F.scaled_dot_product_attention(q, k, v, **kw)
+    if vis is None and key_padding_mask is None and causal and Nq == Nk and P == 0:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, **kw)
+
+    mask = prefix_visibility_mask(Nq, Nk, P, causal, key_padding_mask, q.device, vis)
+    if vis is None and (P > 0 or (key_padding_mask is None and Nq <= Nk)):
+        # every row sees some key
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kw)
+    # a row may see nothing (P == 0 or a prefix length of 0, with padding or Nq > Nk).
+    # Give it every key (a finite softmax in any kernel), then zero its output (its
+    # gradients are then exactly zero).
+    seen = mask.any(dim=-1, keepdim=True)  # [B|1, 1, Nq, 1]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask | ~seen, **kw)
+    return out.masked_fill(~seen, 0.0)
