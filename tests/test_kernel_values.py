@@ -206,8 +206,13 @@ class _LaunchSpy:
 
         class Spy:
             def __getitem__(self, grid):
-                log.append(name)
-                return kernel[grid]
+                launch = kernel[grid]
+
+                def logged(*args, **kwargs):
+                    log.append(name)
+                    return launch(*args, **kwargs)
+
+                return logged
 
         return Spy()
 
