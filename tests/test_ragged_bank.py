@@ -18,6 +18,7 @@ from prefixattn.ops.launch import KernelConfig, forced_config
 
 triton_attn = functools.partial(prefixattn.prefix_attention, backend="triton")
 ref_attn = functools.partial(prefixattn.prefix_attention, backend="reference")
+sdpa_attn = functools.partial(prefixattn.prefix_attention, backend="sdpa")
 
 
 def ragged_inputs(
@@ -64,6 +65,14 @@ def test_triton_ragged_matches_float64(param, dtype: torch.dtype) -> None:
 def test_reference_ragged_matches_float64(param, dtype: torch.dtype) -> None:
     c, lengths, index = param
     check_against_float64(ref_attn, ragged_inputs(c, dtype, lengths, index), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("param", RAGGED, ids=_id)
+def test_sdpa_ragged_matches_float64(param, dtype: torch.dtype) -> None:
+    """The sdpa backend (what auto runs off CUDA) masks the invisible prefix keys too."""
+    c, lengths, index = param
+    check_against_float64(sdpa_attn, ragged_inputs(c, dtype, lengths, index), dtype)
 
 
 def test_float64_reference_is_a_truncated_prefix() -> None:
@@ -113,7 +122,9 @@ def test_block_shapes_and_splits_ragged() -> None:
         check_against_float64(triton_attn, kw, torch.float32)
 
 
-@pytest.mark.parametrize("attn", [triton_attn, ref_attn], ids=["triton", "reference"])
+@pytest.mark.parametrize(
+    "attn", [triton_attn, ref_attn, sdpa_attn], ids=["triton", "reference", "sdpa"]
+)
 def test_nothing_visible_is_zero_not_nan(attn) -> None:
     """Length 0 with every sequence key padded: zeros out, zero grads, never NaN."""
     c = Case(B=2, H=2, Hkv=2, Nq=5, Nk=5, P=7, D=16, prefix="bank", T=2, pad="right")
@@ -151,7 +162,7 @@ def _bad_cases():
     ]
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("backend", ["triton", "reference", "sdpa"])
 def test_bad_prefix_lengths(backend: str) -> None:
     c, bad = _bad_cases()
     kw = make_inputs(c, torch.float32, DEVICE)
