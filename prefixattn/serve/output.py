@@ -228,7 +228,9 @@ def completion_logprobs(entries: Sequence[LogprobEntry | None], offset: int = 0)
             continue
         tokens.append(e.token)
         token_logprobs.append(e.logprob)
-        top = dict(e.top)
+        top: dict[str, float] = {}
+        for t, lp in e.top:  # descending: where token strings collide, the likelier wins
+            top.setdefault(t, lp)
         top.setdefault(e.token, e.logprob)
         top_logprobs.append(top)
         offset += len(e.token)
