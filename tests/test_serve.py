@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
-import socket
 import threading
 import time
 
@@ -22,7 +21,7 @@ pytest.importorskip("uvicorn")
 pytest.importorskip("fastapi")
 
 import httpx
-import uvicorn
+from serve_support import Server
 
 from prefixattn import PrefixTuning, PromptTuning, TaskBank
 from prefixattn.hf.testing import single_thread
@@ -43,34 +42,6 @@ PROMPTS = [
     "the minister said",
     "Topic:",
 ]
-
-
-class Server:
-    """uvicorn in a thread, on a socket bound to 127.0.0.1 port 0 (a free port)."""
-
-    def __init__(self, app) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-        self.thread = threading.Thread(
-            target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
-        )
-
-    def __enter__(self) -> Server:
-        self.thread.start()
-        t0 = time.time()
-        while not self.server.started:
-            assert self.thread.is_alive() and time.time() - t0 < 30, "server did not start"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(15)
-        self.sock.close()
 
 
 @pytest.fixture(scope="module")
@@ -416,3 +387,10 @@ def test_seeded_sampling_is_reproducible(env) -> None:
               for s in (1, 2, 3)}  # fmt: skip
     assert a == b and len(a) > 0
     assert others != {tuple(a)}  # sampling really samples
+
+
+def test_chat_without_a_chat_template_is_a_clear_400(env) -> None:
+    body = {"model": "bbc", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    r = httpx.post(env["url"] + "/v1/chat/completions", json=body, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "no_chat_template"
+    assert "chat template" in r.json()["error"]["message"]
