@@ -28,7 +28,7 @@ from .metrics import CONTENT_TYPE, ServeMetrics
 from .schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from .serving_chat import OpenAIServingChat
 from .serving_completion import OpenAIServingCompletion
-from .serving_engine import ServeContext, context_limit
+from .serving_engine import ServeContext, context_limit, eos_token_ids
 from .serving_models import OpenAIServingModels
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
@@ -96,6 +96,7 @@ def create_app(
         engine=engine, bank=bank, tokenizer=tokenizer, model_name=model_name,
         metrics=ServeMetrics(engine), limit=context_limit(model),
         vocab_size=model.get_input_embeddings().num_embeddings,
+        eos_ids=eos_token_ids(model, tokenizer),
     )  # fmt: skip
     completion, chat = OpenAIServingCompletion(ctx), OpenAIServingChat(ctx)
     models = OpenAIServingModels(ctx)

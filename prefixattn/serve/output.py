@@ -165,6 +165,10 @@ class RequestOutput:
         stop: stop strings (any number); ``include_stop`` keeps the match in the text.
         logprobs: report each generated token's logprob (and ``top``) when True.
         skip_special_tokens: as ``tokenizer.decode``.
+        eos_ids: end-of-sequence ids this sink ends the row on itself (the engine then
+            runs with ``ignore_eos``), so that the EOS token is reported with its logprob
+            as vLLM does (lm-eval's loglikelihood reads the entry after the prompt); it
+            adds no text.
     """
 
     def __init__(
@@ -177,10 +181,12 @@ class RequestOutput:
         include_stop: bool = False,
         logprobs: bool = False,
         skip_special_tokens: bool = True,
+        eos_ids: frozenset[int] = frozenset(),
     ) -> None:
         self.detok = IncrementalDetokenizer(tokenizer, skip_special_tokens)
         self.stops = StopStrings(stop, include_stop)
         self.strings, self.emit, self.logprobs = token_strings, emit, logprobs
+        self.eos_ids = eos_ids
         self.num_tokens = 0
         self.t_first_token: float | None = None
         self.finished = False
@@ -195,7 +201,10 @@ class RequestOutput:
         if self.t_first_token is None:
             self.t_first_token = time.perf_counter()
         self.num_tokens += 1
-        text, stopped = self.stops.add(self.detok.step(out.token_id))
+        if out.token_id in self.eos_ids:
+            text, stopped = "", True
+        else:
+            text, stopped = self.stops.add(self.detok.step(out.token_id))
         entries = [self.strings.entry(out)] if self.logprobs else None
         self.emit(Event("delta", text=text, logprobs=entries, token_ids=[out.token_id]))
         return stopped

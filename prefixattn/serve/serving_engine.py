@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -45,6 +46,20 @@ def context_limit(model: Any) -> int | None:
     return None
 
 
+def eos_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    """The ids that end a row: the tokenizer's EOS and the generation config's."""
+    ids: set[int] = set()
+    for value in (
+        getattr(tokenizer, "eos_token_id", None),
+        getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+    ):
+        if isinstance(value, int):
+            ids.add(value)
+        elif value:
+            ids.update(int(v) for v in value)
+    return frozenset(ids)
+
+
 @dataclass
 class ServeContext:
     """The pieces every endpoint uses (built once by :func:`~prefixattn.serve.create_app`)."""
@@ -56,6 +71,7 @@ class ServeContext:
     metrics: ServeMetrics
     limit: int | None  # the model's context (positions), None: unknown
     vocab_size: int
+    eos_ids: frozenset[int] = frozenset()
     created: int = field(default_factory=lambda: int(time.time()))
     # one worker: the tokenizer is not guaranteed thread-safe; never the event loop
     pool: ThreadPoolExecutor = field(
@@ -171,13 +187,17 @@ class OpenAIServing:
                     with contextlib.suppress(RuntimeError):
                         loop.call_soon_threadsafe(q.put_nowait, (index, ev))
 
+                # with logprobs the sink ends the row on EOS, so that EOS is reported
+                eos = self.ctx.eos_ids if logprobs is not None and not body.ignore_eos else None
                 sink = RequestOutput(
                     self.ctx.tokenizer, self.ctx.token_strings, emit, stop=body.stop_list(),
                     include_stop=body.include_stop_str_in_output,
                     logprobs=logprobs is not None,
-                    skip_special_tokens=body.skip_special_tokens,
+                    skip_special_tokens=body.skip_special_tokens, eos_ids=eos or frozenset(),
                 )  # fmt: skip
                 params = self.sampling(body, max_tokens[p], j, logprobs, prompt_logprobs)
+                if eos:
+                    params = dataclasses.replace(params, ignore_eos=True)
                 req = GenRequest(task=task, prompt_ids=list(ids), params=params, sink=sink)
                 rows.append(Row(index, req, prompt_index=p, first=j == 0))
         return rows, q
