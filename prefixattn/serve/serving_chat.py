@@ -3,7 +3,6 @@ the same rows as completions; OpenAI's chat shapes (message, delta chunks, logpr
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -15,7 +14,7 @@ from .errors import APIError
 from .output import chat_logprobs
 from .request import ERROR
 from .schemas import ChatCompletionRequest, ChatMessage
-from .serving_engine import OpenAIServing, Row, ServeContext, new_id
+from .serving_engine import OpenAIServing, Row, ServeContext, new_id, sse
 
 
 def chat_prompt_ids(
@@ -46,15 +45,6 @@ def chat_prompt_ids(
 
 class OpenAIServingChat(OpenAIServing):
     """The chat completions endpoint."""
-
-    async def create(self, body: ChatCompletionRequest, request: Request) -> Any:
-        """Answer one chat request (a JSON body, or an SSE stream)."""
-        task = self.check_model(body.model)
-        try:
-            return await self._create(body, request, task)
-        except APIError as err:
-            self.ctx.metrics.request(task, "rejected" if err.status == 429 else "invalid")
-            raise
 
     async def _create(self, body: ChatCompletionRequest, request: Request, task: str) -> Any:
         self.check_fields(body)
@@ -109,7 +99,7 @@ class OpenAIServingChat(OpenAIServing):
             }  # fmt: skip
             if usage_chunks:
                 data["usage"] = None
-            return f"data: {json.dumps(data)}\n\n"
+            return sse(data)
 
         for row in rows:
             yield chunk(row, {"role": "assistant", "content": ""}, None, None)
@@ -119,17 +109,11 @@ class OpenAIServingChat(OpenAIServing):
                     yield chunk(row, {"content": ev.text}, ev.logprobs, None)
             elif ev.kind == "finish":
                 if ev.reason == ERROR:
-                    yield f"data: {json.dumps(self.row_error(row).body())}\n\n"
+                    yield sse(self.row_error(row).body())
                     continue
                 if ev.text:
                     yield chunk(row, {"content": ev.text}, None, None)
                 yield chunk(row, {}, None, self.finish_reason(row))
-        if any(r.reason is None for r in rows):
-            return  # the client went away
-        if usage_chunks:
-            data = {
-                "id": rid, "object": "chat.completion.chunk", "created": now,
-                "model": body.model, "choices": [], "usage": self.usage(rows),
-            }  # fmt: skip
-            yield f"data: {json.dumps(data)}\n\n"
-        yield "data: [DONE]\n\n"
+        head = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": body.model}
+        for line in self.stream_end(rows, head, usage_chunks):
+            yield line

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -15,7 +14,7 @@ from .errors import APIError
 from .output import completion_logprobs
 from .request import ERROR
 from .schemas import CompletionRequest
-from .serving_engine import MAX_PROMPTS, OpenAIServing, Row, new_id
+from .serving_engine import MAX_PROMPTS, OpenAIServing, Row, new_id, sse
 
 
 def _is_ids(prompt: Any) -> bool:
@@ -46,15 +45,6 @@ class OpenAIServingCompletion(OpenAIServing):
             for t in row:
                 self.check_token_id(t, "prompt")
         return ids, texts
-
-    async def create(self, body: CompletionRequest, request: Request) -> Any:
-        """Answer one completions request (a JSON body, or an SSE stream)."""
-        task = self.check_model(body.model)
-        try:
-            return await self._create(body, request, task)
-        except APIError as err:
-            self.ctx.metrics.request(task, "rejected" if err.status == 429 else "invalid")
-            raise
 
     async def _create(self, body: CompletionRequest, request: Request, task: str) -> Any:
         self.check_fields(body)
@@ -113,7 +103,7 @@ class OpenAIServingCompletion(OpenAIServing):
             }  # fmt: skip
             if usage_chunks:
                 data["usage"] = None
-            return f"data: {json.dumps(data)}\n\n"
+            return sse(data)
 
         if body.echo and k is None:  # the prompt's text first (with logprobs: on its event)
             for row in rows:
@@ -125,17 +115,11 @@ class OpenAIServingCompletion(OpenAIServing):
                 if ev.text or (k is not None and ev.logprobs):
                     yield chunk(row, ev.text, ev.logprobs, None)
             elif ev.reason == ERROR:
-                yield f"data: {json.dumps(self.row_error(row).body())}\n\n"
+                yield sse(self.row_error(row).body())
             else:
                 if ev.text:
                     yield chunk(row, ev.text, [], None)
                 yield chunk(row, "", [], self.finish_reason(row))
-        if any(r.reason is None for r in rows):
-            return  # the client went away
-        if usage_chunks:
-            data = {
-                "id": rid, "object": "text_completion", "created": now, "model": body.model,
-                "choices": [], "usage": self.usage(rows),
-            }  # fmt: skip
-            yield f"data: {json.dumps(data)}\n\n"
-        yield "data: [DONE]\n\n"
+        head = {"id": rid, "object": "text_completion", "created": now, "model": body.model}
+        for line in self.stream_end(rows, head, usage_chunks):
+            yield line

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import dataclasses
 import itertools
+import json
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +35,11 @@ _ids = itertools.count()
 def new_id(prefix: str = "cmpl") -> str:
     """A process-unique response id."""
     return f"{prefix}-{int(time.time() * 1000):x}{next(_ids):06x}"
+
+
+def sse(data: dict[str, Any]) -> str:
+    """One server-sent event."""
+    return f"data: {json.dumps(data)}\n\n"
 
 
 def context_limit(model: Any) -> int | None:
@@ -108,6 +114,26 @@ class OpenAIServing:
 
     def __init__(self, ctx: ServeContext) -> None:
         self.ctx = ctx
+
+    async def create(self, body: Any, request: Request) -> Any:
+        """Answer one request of this endpoint (a JSON body, or an SSE stream)."""
+        task = self.check_model(body.model)
+        try:
+            return await self._create(body, request, task)
+        except APIError as err:
+            self.ctx.metrics.request(task, "rejected" if err.status == 429 else "invalid")
+            raise
+
+    async def _create(self, body: Any, request: Request, task: str) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} does not generate")
+
+    def stream_end(self, rows: list[Row], head: dict[str, Any], usage: bool) -> list[str]:
+        """The last SSE events: the usage chunk (``include_usage``) and ``[DONE]``; none
+        when the client went away."""
+        if any(r.reason is None for r in rows):
+            return []
+        out = [sse({**head, "choices": [], "usage": self.usage(rows)})] if usage else []
+        return [*out, "data: [DONE]\n\n"]
 
     # ------------------------------------------------------------------ checks
 
