@@ -125,7 +125,8 @@ def test_lm_eval_local_completions_end_to_end(env, model, monkeypatch) -> None:
     )
     out = lm_eval.simple_evaluate(
         model="local-completions", model_args=model_args, tasks=["tiny_gen", "tiny_mc"],
-        task_manager=TaskManager(include_path=str(env["root"])), log_samples=True,
+        task_manager=TaskManager(include_path=str(env["root"]), include_defaults=False),
+        log_samples=True,
         bootstrap_iters=0,
     )  # fmt: skip
     assert set(out["results"]) == {"tiny_gen", "tiny_mc"}
