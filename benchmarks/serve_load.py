@@ -156,11 +156,11 @@ def run_config(
     with _Server(app) as srv:
         warm = [dict(b, max_tokens=2) for b in bodies[: min(4, len(bodies))]]
         asyncio.run(_load(srv.url, warm, len(warm), args.timeout))  # first-call costs
-        before = httpx.get(srv.url + "/metrics", timeout=10).json()
+        before = httpx.get(srv.url + "/metrics.json", timeout=10).json()
         t0 = time.perf_counter()
         results = asyncio.run(_load(srv.url, bodies, args.concurrency, args.timeout))
         wall = time.perf_counter() - t0
-        after = httpx.get(srv.url + "/metrics", timeout=10).json()
+        after = httpx.get(srv.url + "/metrics.json", timeout=10).json()
     bad = [r for r in results if r[0] != 200]
     if bad:
         raise RuntimeError(f"{len(bad)} requests failed, e.g. {bad[0][2]}")

@@ -649,6 +649,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         import uvicorn
 
         from .serve import create_app, load_base
+        from .serve.app import check_task_name
     except ImportError as err:
         raise CLIError(
             f"serve needs the serve extra: pip install 'prefixattn[serve]' ({err})"
@@ -659,19 +660,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     tasks = dict(args.task or [])
     if len(tasks) != len(args.task or []):
         raise CLIError("--task: each NAME may appear once")
-    for path in tasks.values():
+    for name, path in tasks.items():
+        check_task_name(name)
         artifact_kind(path)  # fail early, before loading the model
     token = args.admin_token or os.environ.get("PREFIXATTN_ADMIN_TOKEN") or None
+    api_key = args.api_key or os.environ.get("PREFIXATTN_API_KEY") or None
     dev = resolve_device(args.device)
     model, tok, name = load_base(args.model, device=str(dev), dtype=_torch_dtype(args.dtype))
     app = create_app(
         model, tok, tasks, model_name=args.model_name or name, admin_token=token,
-        max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
-        max_queue=args.max_queue, backend=args.backend,
+        api_key=api_key, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
+        max_queue=args.max_queue, max_body_bytes=args.max_body_bytes, backend=args.backend,
     )  # fmt: skip
     served = ", ".join(app.state.bank.tasks)
     admin = "admin routes on" if token else "no admin routes (no --admin-token)"
-    print(f"prefixattn serve: {served} on http://{args.host}:{args.port} ({admin})")
+    key = "API key required" if api_key else "no API key"
+    print(f"prefixattn serve: {served} on http://{args.host}:{args.port} ({admin}; {key})")
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
@@ -710,6 +714,18 @@ def _add_serve(sub: Any) -> None:
         default=None,
         help="enable /admin/tasks with this bearer token (or PREFIXATTN_ADMIN_TOKEN); "
         "without one there are no admin routes",
+    )
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="the inference routes (/v1/*, /tokenize, /detokenize) need "
+        "'Authorization: Bearer KEY' (or PREFIXATTN_API_KEY); /health and /metrics stay open",
+    )
+    p.add_argument(
+        "--max-body-bytes",
+        type=_positive_int,
+        default=8 * 1024 * 1024,
+        help="larger request bodies get 413 (default 8 MiB)",
     )
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info"))
     p.set_defaults(func=cmd_serve)

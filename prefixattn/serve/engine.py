@@ -2,72 +2,39 @@
 
 Requests that arrive together (up to ``max_batch_size`` within ``max_wait_ms`` of the
 first), for any mix of tasks, run as one :meth:`TaskBank.generate` call on the ragged bank.
-Each row stops on its own (``max_tokens``, EOS, a stop string, or its client gone) through
-a per-row stopping criterion; the batch ends when every row is done. Greedy requests share
-a batch; sampling requests share one only with the same (temperature, top_p) and no seed
-(a seeded request runs alone so that its seed reproduces it).
+Each row stops on its own (``max_tokens``, EOS, a stop token id, its sink's stop string,
+or its client gone) through a per-row stopping criterion; the batch ends when every row is
+done. Greedy requests share a batch; sampling requests share one only with the same
+(temperature, top_p) and no seed (a seeded request runs alone so that its seed reproduces
+it). The engine is token-level (:mod:`prefixattn.serve.request`): text, stop strings and
+logprob formatting are the front end's (:mod:`prefixattn.serve.output`).
 """
 
 from __future__ import annotations
 
-import asyncio
-import itertools
 import queue
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from ..hf.bank import TaskBank
+from .logprobs import token_outs
+from .request import CANCELLED, ERROR, LENGTH, STOP, GenRequest, QueueFullError, TokenOut
 
-# finish reasons, as OpenAI names them (plus "cancelled": the client went away)
-STOP, LENGTH, CANCELLED = "stop", "length", "cancelled"
-
-
-class QueueFullError(Exception):
-    """The request queue is full (the server answers 429)."""
+__all__ = ["CANCELLED", "ERROR", "LENGTH", "STOP", "Engine", "GenRequest", "QueueFullError"]
 
 
-@dataclass
-class GenRequest:
-    """One completion of one prompt.
-
-    ``on_event`` (called from the worker thread) gets ``("delta", text)`` as text becomes
-    final and ``("done", None)`` once; the app turns it into SSE chunks or one response.
-    """
-
-    task: str
-    prompt_ids: list[int]
-    max_tokens: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-    on_event: Callable[[str, str | None], None] | None = None
-    # filled in by the engine
-    out_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    finish_reason: str | None = None
-    sent: int = 0  # characters of text already sent as deltas
-    cancelled: bool = False
-    t_submit: float = field(default_factory=time.perf_counter)
-    t_done: float | None = None
-
-    @property
-    def done(self) -> bool:
-        return self.finish_reason is not None
-
-    def sampling_key(self) -> tuple:
-        """Requests with equal keys may share a batch."""
-        if self.temperature <= 0.0:
-            return ("greedy",)
-        if self.seed is not None:
-            return ("seeded", id(self))
-        return ("sample", self.temperature, self.top_p)
+def sampling_key(req: GenRequest) -> tuple:
+    """Requests with equal keys may share a batch."""
+    p = req.params
+    if p.greedy:
+        return ("greedy",)
+    if p.seed is not None:
+        return ("seeded", id(req))
+    return ("sample", p.temperature, p.top_p)
 
 
 class _RowStop:
@@ -79,10 +46,19 @@ class _RowStop:
 
     def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
         last = input_ids[:, -1].tolist()  # [B]: the token each row just produced
+        k = max(
+            (r.params.logprobs for r in self.reqs if r.params.logprobs is not None), default=None
+        )
+        outs = None
+        if k is not None and self.engine._logits is not None:  # [B, V] raw, this step's
+            outs = token_outs(self.engine._logits, last, k)
         done = []
-        for req, tok in zip(self.reqs, last):
+        for b, (req, tok) in enumerate(zip(self.reqs, last)):
             if not req.done:
-                self.engine._advance(req, tok)
+                out = outs[b] if outs is not None and req.params.logprobs is not None else None
+                if out is not None:
+                    out.top = out.top[: req.params.logprobs]
+                self.engine._advance(req, tok, out)
             done.append(req.done)
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
@@ -142,6 +118,8 @@ class Engine:
         self.batch_sizes: Counter[int] = Counter()
         self.max_tasks_in_batch = 0
         self.latencies: deque[float] = deque(maxlen=4096)
+        self.running = 0  # rows in the generate call in flight
+        self._logits: torch.Tensor | None = None  # [B, V] raw logits of the last step
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -221,29 +199,39 @@ class Engine:
                     self._finish(r, CANCELLED)
                 elif r.task not in self.bank:  # removed while it waited
                     self.requests["failed"] += 1
-                    r.text = f"task {r.task!r} was removed while the request waited"
-                    self._finish(r, "error")
+                    self._finish(r, ERROR, f"task {r.task!r} was removed while the request waited")
                 else:
                     live.append(r)
             if not live:
                 continue
             # one sampling mode per generate call; the others wait for the next round
-            key = live[0].sampling_key()
-            group = [r for r in live if r.sampling_key() == key]
-            carry = [r for r in live if r.sampling_key() != key]
+            key = sampling_key(live[0])
+            group = [r for r in live if sampling_key(r) == key]
+            carry = [r for r in live if sampling_key(r) != key]
             try:
                 self._generate(group)
             except Exception as err:  # a failing batch must not kill the server
                 for r in group:
                     if not r.done:
                         self.requests["failed"] += 1
-                        r.text = f"internal error: {type(err).__name__}: {err}"
-                        self._finish(r, "error")
+                        self._finish(r, ERROR, f"internal error: {type(err).__name__}: {err}")
+            finally:
+                self.running = 0
 
     def _generate(self, reqs: list[GenRequest]) -> None:
         """One generate call for ``reqs`` (left-padded into one batch)."""
         from transformers import StoppingCriteriaList
 
+        self.running = len(reqs)
+        for r in reqs:
+            if r.params.prompt_logprobs is not None:
+                self._prompt_logprobs(r)
+        for r in reqs:  # echo only: nothing to generate
+            if r.params.max_tokens == 0:
+                self._finish(r, LENGTH)
+        reqs = [r for r in reqs if not r.done]
+        if not reqs:
+            return
         n = max(len(r.prompt_ids) for r in reqs)
         ids = torch.full((len(reqs), n), self.pad_id, dtype=torch.long)  # [B, N]
         mask = torch.zeros((len(reqs), n), dtype=torch.long)  # [B, N]
@@ -254,12 +242,12 @@ class Engine:
         kw: dict[str, Any] = dict(
             input_ids=ids.to(device),
             attention_mask=mask.to(device),
-            max_new_tokens=max(r.max_tokens for r in reqs),
+            max_new_tokens=max(r.params.max_tokens for r in reqs),
             pad_token_id=self.pad_id,
             stopping_criteria=StoppingCriteriaList([_RowStop(self, reqs, n)]),
         )
-        r0 = reqs[0]
-        if r0.temperature > 0.0:
+        r0 = reqs[0].params
+        if not r0.greedy:
             kw.update(do_sample=True, temperature=r0.temperature, top_p=r0.top_p, top_k=0)
         else:
             kw.update(do_sample=False)
@@ -269,57 +257,68 @@ class Engine:
         self.max_tasks_in_batch = max(self.max_tasks_in_batch, n_tasks)
         self.mixed_task_batches += n_tasks > 1
         self.prompt_tokens += sum(len(r.prompt_ids) for r in reqs)
+        want_logprobs = any(r.params.logprobs is not None for r in reqs)
         with self.model_lock:
-            if r0.seed is not None and r0.temperature > 0.0:
+            if r0.seed is not None and not r0.greedy:
                 torch.manual_seed(r0.seed)
-            self.bank.generate([r.task for r in reqs], **kw)
+            hook = (
+                self.bank.model.register_forward_hook(self._keep_logits) if want_logprobs else None
+            )
+            try:
+                self.bank.generate([r.task for r in reqs], **kw)
+            finally:
+                if hook is not None:
+                    hook.remove()
+                self._logits = None
         for r in reqs:  # rows generate stopped at max_new_tokens without our criterion
             if not r.done:
                 self._finish(r, LENGTH)
 
-    def _advance(self, req: GenRequest, tok: int) -> None:
-        """Row ``req`` produced ``tok``: update its text, send the final part, maybe stop."""
+    def _keep_logits(self, module: Any, args: Any, output: Any) -> None:
+        """Forward hook: the raw logits of each row's last position [B, V]."""
+        logits = output.logits if hasattr(output, "logits") else output[0]  # [B, N, V]
+        self._logits = logits[:, -1, :]
+
+    @torch.no_grad()
+    def _prompt_logprobs(self, req: GenRequest) -> None:
+        """One forward of the prompt through the bank: each prompt token's logprob."""
+        k = req.params.prompt_logprobs or 0
+        device = next(self.bank.model.parameters()).device
+        ids = torch.tensor([req.prompt_ids], dtype=torch.long, device=device)  # [1, N]
+        with self.model_lock:
+            logits = self.bank([req.task], input_ids=ids).logits[0, :-1]  # [N-1, V]
+        outs = token_outs(logits, req.prompt_ids[1:], k) if len(req.prompt_ids) > 1 else []
+        req.sink.prompt_logprobs([None, *outs])
+
+    def _advance(self, req: GenRequest, tok: int, out: TokenOut | None = None) -> None:
+        """Row ``req`` produced ``tok``: hand it to the sink, maybe stop the row."""
         if req.cancelled:
             self._finish(req, CANCELLED)
             return
-        if tok in self.eos_ids:
+        p = req.params
+        if (tok in self.eos_ids and not p.ignore_eos) or tok in p.stop_token_ids:
             self._finish(req, STOP)
             return
         req.out_ids.append(tok)
         self.tokens_generated += 1
-        req.text = self.tokenizer.decode(req.out_ids, skip_special_tokens=True)
-        if req.stop:
-            cut = min((i for i in (req.text.find(s) for s in req.stop) if i >= 0), default=-1)
-            if cut >= 0:
-                req.text = req.text[:cut]
-                self._finish(req, STOP)
-                return
-        if len(req.out_ids) >= req.max_tokens:
+        if req.t_first_token is None:
+            req.t_first_token = time.perf_counter()
+        if req.sink.token(out if out is not None else TokenOut(tok)):
+            self._finish(req, STOP)
+        elif len(req.out_ids) >= p.max_tokens:
             self._finish(req, LENGTH)
-            return
-        # text that a stop string could still swallow is held back
-        hold = max((len(s) - 1 for s in req.stop), default=0)
-        self._emit(req, len(req.text) - hold)
 
-    def _emit(self, req: GenRequest, upto: int) -> None:
-        if upto > req.sent and req.on_event is not None:
-            req.on_event("delta", req.text[req.sent : upto])
-        req.sent = max(req.sent, upto)
-
-    def _finish(self, req: GenRequest, reason: str) -> None:
+    def _finish(self, req: GenRequest, reason: str, error: str | None = None) -> None:
         if req.done:
             return
         req.finish_reason = reason
         req.t_done = time.perf_counter()
         if reason == CANCELLED:
             self.requests["cancelled"] += 1
-        elif reason != "error":
+        elif reason != ERROR:
             self.requests["completed"] += 1
             self.latencies.append(req.t_done - req.t_submit)
-        if reason != "error":
-            self._emit(req, len(req.text))
-        if req.on_event is not None:
-            req.on_event("done", None)
+        req.sink.finish(reason, error)
 
     # ------------------------------------------------------------------ metrics
 
@@ -343,30 +342,3 @@ class Engine:
             "latency_s": {"count": len(lat), "p50": pct(50), "p90": pct(90), "p99": pct(99)},
             "tasks": self.bank.tasks,
         }
-
-
-def threadsafe_events(loop: asyncio.AbstractEventLoop, q: asyncio.Queue) -> Callable:
-    """An ``on_event`` that forwards the worker's events into ``q`` on ``loop``."""
-
-    def on_event(kind: str, text: str | None) -> None:
-        loop.call_soon_threadsafe(q.put_nowait, (kind, text))
-
-    return on_event
-
-
-_ids = itertools.count()
-
-
-def new_id(prefix: str = "cmpl") -> str:
-    """A process-unique response id."""
-    return f"{prefix}-{int(time.time() * 1000):x}{next(_ids):06x}"
-
-
-def context_limit(model: Any) -> int | None:
-    """The model's maximum number of positions (None if it does not say)."""
-    cfg = model.config
-    for name in ("n_positions", "max_position_embeddings"):
-        value = getattr(cfg, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
