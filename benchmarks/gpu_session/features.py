@@ -60,7 +60,7 @@ FEATURES: tuple[Feature, ...] = (
         "ragged bank (prefix_lengths)",
         {"prefix": "bank", "T": 3},
         {"prefix_lengths": _ragged_lengths},
-    ),  # fmt: skip
+    ),
     Feature("no prefix (P = 0)", {"prefix": "none", "P": 0}),
     Feature("P = 1", {"P": 1}),
     Feature("GQA 8:2", {"H": 8, "Hkv": 2}, dry_case={"H": 4, "Hkv": 2}),

@@ -301,12 +301,11 @@ def crossover(ctx: StepContext) -> None:
             for r in range(5 if not ctx.dry else 1):
                 for layout in ("fused", "split") if r % 2 == 0 else ("split", "fused"):
                     with backward_layout(layout):
-                        out = bl.prefixattn_call(x)
-                        step = _step_fn(lambda _x: out, x, "bwd")
+                        step = _step_fn(bl.prefixattn_call, x, "bwd")  # forward here
                         step()
                         t = time_alternating({layout: step}, device, rounds=1, warmup=1)
                         times[layout].append(t[layout]["time_ms"])
-                    del out, step
+                    del step
             med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
             pt = {"B": B, "N": N, "work": work, "fused_ms": med["fused"], "split_ms": med["split"],
                   "split_over_fused": med["split"] / med["fused"]}  # fmt: skip
