@@ -182,8 +182,8 @@ def fastest_sdpa(
 
 
 def measure_shape(
-    ctx: StepContext, shape: AttnShape, modes: tuple[str, ...], *, eager: bool = True,
-    host: bool = False, rows: tuple[int, ...] = (0,),
+    ctx: StepContext, tag: str, shape: AttnShape, modes: tuple[str, ...], *,
+    eager: bool = True, host: bool = False, rows: tuple[int, ...] = (0,),
 ) -> None:  # fmt: skip
     """For each mode: prefixattn, the fastest SDPA variant and (``eager``) concat_eager,
     gated, then timed alternating; ``row`` records per impl, ``compare`` records of
@@ -217,7 +217,7 @@ def measure_shape(
                 extra: dict[str, Any] = {}
                 if host and n == "prefixattn":
                     extra["host_ms"] = host_ms_per_call(steps[n], device)
-                ctx.write("row", name=f"{shape.id} {mode}", impl=n, mode=mode,
+                ctx.write("row", name=f"{shape.id} {mode}", impl=n, mode=mode, tag=tag,
                           shape=shape.as_dict(), case=shape.id, flops=flops,
                           tflops=flops / (t["time_ms"] * 1e-3) / 1e12,
                           peak_mem_bytes=peak_mem(steps[n], device),
@@ -225,6 +225,7 @@ def measure_shape(
             for n in timed:
                 if n != "prefixattn":
                     ctx.write("compare", name=f"{shape.id} {mode}", a="prefixattn", b=n,
+                              tag=tag, mode=mode, case=shape.id,
                               ratio=timed[n]["time_ms"] / timed["prefixattn"]["time_ms"],
                               baseline_kind="sdpa" if n.startswith("sdpa[") else n)  # fmt: skip
             del steps
@@ -251,19 +252,23 @@ def gemm(ctx: StepContext) -> None:
 def n1024(ctx: StepContext) -> None:
     """The first target: fwd+bwd B8 H12 N1024 D64 P64 (host time per call too)."""
     modes = ("fwd_bwd",) if ctx.dry else ("fwd_bwd", "fwd", "bwd")
-    measure_shape(ctx, DRY if ctx.dry else N1024, modes, host=True)
+    measure_shape(ctx, "n1024", DRY if ctx.dry else N1024, modes, host=True)
 
 
 def n4096(ctx: StepContext) -> None:
     """N = 4096: fwd and bwd TFLOP/s (the %-of-GEMM targets), and fwd+bwd."""
-    shape = DRY if ctx.dry else N4096
-    measure_shape(ctx, shape, ("bwd",) if ctx.dry else ("fwd", "bwd", "fwd_bwd"), eager=ctx.dry)
-    if not ctx.dry:  # concat_eager at N4096 materialises 6.5 GB of scores: fwd+bwd only
-        measure_shape(ctx, shape, ("fwd_bwd",), eager=True)
+    if ctx.dry:
+        measure_shape(ctx, "n4096", DRY, ("bwd",))
+        return
+    # concat_eager at N4096 materialises 6.5 GB of fp32 scores: in the fwd+bwd row only
+    measure_shape(ctx, "n4096", N4096, ("fwd", "bwd"), eager=False)
+    measure_shape(ctx, "n4096", N4096, ("fwd_bwd",), eager=True)
 
 
 def gqa(ctx: StepContext) -> None:
-    measure_shape(ctx, DRY_GQA if ctx.dry else GQA, ("fwd",) if ctx.dry else ("fwd_bwd", "fwd"))
+    measure_shape(
+        ctx, "gqa", DRY_GQA if ctx.dry else GQA, ("fwd",) if ctx.dry else ("fwd_bwd", "fwd")
+    )
 
 
 def decode(ctx: StepContext) -> None:
@@ -272,7 +277,7 @@ def decode(ctx: StepContext) -> None:
     for P in (64,) if ctx.dry else (64, 512):
         shape = decode_shape(P, ctx.dry)
         rows = tuple(range(min(shape.B, 8)))  # rows with different bank entries
-        measure_shape(ctx, shape, ("fwd", "graph"), rows=rows)
+        measure_shape(ctx, f"decode-P{P}", shape, ("fwd", "graph"), rows=rows)
 
 
 def crossover(ctx: StepContext) -> None:

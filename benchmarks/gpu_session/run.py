@@ -52,7 +52,7 @@ class Step:
 
 STAGES = {
     0: ("0-env.jsonl", 15, 30),  # file, GPU budget (s), dry-run budget (s)
-    1: ("1-core.jsonl", 120, 45),
+    1: ("1-core.jsonl", 120, 75),
     2: ("2-headline.jsonl", 240, 55),
     3: ("3-serve.jsonl", 95, 30),
 }
@@ -62,7 +62,7 @@ STEPS: tuple[Step, ...] = (
     # 1. the CUDA correctness core
     Step("core.direct", 1, 30, 20, "core:direct_launches", "direct launches vs float64"),
     Step("core.graphs", 1, 60, 25, "core:pytest_graphs", "CUDA-graph capture tests"),
-    Step("core.features", 1, 50, 30, "core:features", "bf16 value of each feature"),
+    Step("core.features", 1, 50, 50, "core:features", "bf16 value of each feature"),
     Step("core.engine_graph", 1, 25, 20, "serving:engine_graph_check", "engine decode graph"),
     # 2. the headline rows
     Step("gemm", 2, 15, 10, "kernel:gemm", "bf16 GEMM rate"),
@@ -77,7 +77,8 @@ STEPS: tuple[Step, ...] = (
     Step("e2e.compiled", 2, 70, 30, "e2e:compiled", "GPT-2 small step, torch.compile"),
     Step("e2e.compiled_cg", 2, 70, 10, "e2e:compiled_cg", "GPT-2 small, reduce-overhead"),
     # 3. the serving engine
-    Step("serve", 3, 95, 40, "serving:run", "serving workload"),
+    Step("serve", 3, 70, 40, "serving:run", "serving workload, eager / graph decode"),
+    Step("serve.hf_cb", 3, 30, 10, "serving:hf_continuous_batching", "HF continuous batching"),
 )
 STEP_NAMES = tuple(s.name for s in STEPS)
 REPORT_RESERVE_S = 10.0  # kept for the report at the end
