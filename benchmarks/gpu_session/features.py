@@ -4,7 +4,8 @@ Each :class:`Feature` is one awkward shape (``case``: fields of ``tests/helpers.
 over :data:`BASE` / :data:`DRY_BASE`) plus extra ``prefix_attention`` keywords
 (``call``). The core step runs it through ``backend="triton"`` (bf16 on the GPU, fp32
 under the interpreter in the dry run), forward and all five gradients, once with the
-fused and once with the split backward, and compares with the independent float64
+fused and once with the split backward (lines marked ``both_layouts``; ``auto`` for the
+rest), and compares with the independent float64
 reference ``tests/reference64.attention64`` called with the same keywords.
 
 **To add a feature, add one line.** ``call`` values may be a callable ``(case, device) ->
@@ -42,7 +43,9 @@ def _ragged_lengths(case: Any, device: Any) -> Any:
 class Feature:
     """One line of the table: ``case`` overrides the base shape, ``call`` adds keywords;
     ``dry_case`` overrides the dry run's base instead (default: ``case``);
-    ``noncontiguous`` makes strided inputs; ``grads`` False checks the forward only."""
+    ``noncontiguous`` makes strided inputs; ``grads`` False checks the forward only;
+    ``both_layouts`` checks the fused and the split backward (else ``auto``, which is the
+    fused one at these sizes: each layout compiles its own kernels on a fresh machine)."""
 
     name: str
     case: dict[str, Any] = field(default_factory=dict)
@@ -50,12 +53,13 @@ class Feature:
     dry_case: dict[str, Any] | None = None
     noncontiguous: bool = False
     grads: bool = True
+    both_layouts: bool = False
 
 
 FEATURES: tuple[Feature, ...] = (
-    Feature("shared prefix", {}),
+    Feature("shared prefix", {}, both_layouts=True),
     Feature("per-row prefix", {"prefix": "row"}),
-    Feature("bank prefix + prefix_index", {"prefix": "bank", "T": 3}),
+    Feature("bank prefix + prefix_index", {"prefix": "bank", "T": 3}, both_layouts=True),
     Feature(
         "ragged bank (prefix_lengths)",
         {"prefix": "bank", "T": 3},
@@ -63,10 +67,10 @@ FEATURES: tuple[Feature, ...] = (
     ),
     Feature("no prefix (P = 0)", {"prefix": "none", "P": 0}),
     Feature("P = 1", {"P": 1}),
-    Feature("GQA 8:2", {"H": 8, "Hkv": 2}, dry_case={"H": 4, "Hkv": 2}),
+    Feature("GQA 8:2", {"H": 8, "Hkv": 2}, dry_case={"H": 4, "Hkv": 2}, both_layouts=True),
     Feature("MQA 4:1", {"H": 4, "Hkv": 1}, dry_case={"H": 2, "Hkv": 1}),
     Feature("key padding, left", {"pad": "left"}),
-    Feature("key padding, random", {"pad": "random", "prefix": "bank"}),
+    Feature("key padding, random", {"pad": "random", "prefix": "bank"}, both_layouts=True),
     Feature("not causal", {"causal": False}),
     Feature("decode Nq = 1", {"Nq": 1, "prefix": "bank"}, dry_case={"Nq": 1, "prefix": "bank"}),
     Feature("Nq = Nk = 17", {"Nq": 17, "Nk": 17}),
