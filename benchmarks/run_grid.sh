@@ -26,7 +26,7 @@ GRID="${2:-core}"
 shift "$(( $# < 2 ? $# : 2 ))"
 case "$GRID" in
   core|full) ;;
-  *) echo "run_gpu.sh: grid must be 'core' or 'full', got '$GRID'" >&2; exit 64 ;;
+  *) echo "run_grid.sh: grid must be 'core' or 'full', got '$GRID'" >&2; exit 64 ;;
 esac
 PY="${PYTHON:-python}"
 BUDGET="${BENCH_BUDGET_S:-480}"
@@ -34,7 +34,7 @@ export PYTHONPATH=".${PYTHONPATH:+:${PYTHONPATH}}"
 unset TRITON_INTERPRET PREFIXATTN_BENCH_SMOKE
 
 if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
-  echo "run_gpu.sh: torch sees no CUDA device; on a CPU machine run the smoke suite instead:" >&2
+  echo "run_grid.sh: torch sees no CUDA device; on a CPU machine run the smoke suite instead:" >&2
   echo "            pytest benchmarks" >&2
   exit 1
 fi
@@ -62,7 +62,7 @@ start=$(date +%s)
   "$@"
 rc=$?
 echo
-echo "run_gpu.sh: pytest exited $rc after $(( $(date +%s) - start )) s; results in $JSON"
+echo "run_grid.sh: pytest exited $rc after $(( $(date +%s) - start )) s; results in $JSON"
 
 # host time per call: prefixattn's Python vs Triton's launches (split and fused backward)
 echo
@@ -72,7 +72,7 @@ if [ -s "$JSON" ]; then
   echo
   "$PY" benchmarks/report.py "$JSON" --out "$OUT_DIR" || rc=$(( rc ? rc : 1 ))
 else
-  echo "run_gpu.sh: no results file was written" >&2
+  echo "run_grid.sh: no results file was written" >&2
   rc=$(( rc ? rc : 1 ))
 fi
 exit "$rc"

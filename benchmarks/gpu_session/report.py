@@ -4,8 +4,8 @@
 
 ``SESSION_DIR`` holds what the session wrote (``0-env.jsonl`` ... ``3-serve.jsonl``).
 Writes ``<out>/<gpu>-<date>.json`` (every record, the targets, the summary),
-``<gpu>-<date>.md`` and ``<gpu>-<date>.png`` (matplotlib; left out with a note if it is
-missing). ``--session-files`` writes ``report.md`` / ``report.json`` instead (what run.py
+``<gpu>-<date>.md``, ``<gpu>-<date>.png`` (matplotlib; left out with a note if it is
+missing) and ``<gpu>-<date>.log`` (the session's run.log). ``--session-files`` writes ``report.md`` / ``report.json`` instead (what run.py
 does at the end of a session, so the device tool brings the report back with the files).
 
 Every target of issue 23 is computed from the records, never typed in: met, missed (by
@@ -139,7 +139,15 @@ def _e2e_targets(recs: list[dict]) -> list[dict[str, Any]]:
     a, b = best.get("prefixattn"), best.get("peft_sdpa")
     why = ", ".join(_step_status(recs, s) for s in ("e2e.eager", "e2e.compiled"))
     speed = a["tokens_per_s"] / b["tokens_per_s"] if a and b else None
-    src = f"prefixattn {a['variant']} vs PEFT {b['variant']}" if a and b else ""
+    ran = {
+        s: sorted(r["variant"] for r in _all(recs, kind="e2e", impl=s))
+        for s in ("prefixattn", "peft_sdpa")
+    }
+    src = ""
+    if a and b:
+        src = f"prefixattn {a['variant']} vs PEFT {b['variant']} (measured: {ran})"
+        if ran["prefixattn"] != ran["peft_sdpa"]:
+            src += "; NOT the same variants: the comparison is incomplete"
     mem = None
     if a and b and a.get("peak_mem_bytes") and b.get("peak_mem_bytes"):
         mem = a["peak_mem_bytes"] / b["peak_mem_bytes"]
@@ -366,6 +374,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if note:
             md += f"\n{note}\n"
     (out / f"{stem}.md").write_text(md)
+    log = Path(args.session_dir) / "run.log"
+    if not args.session_files and log.is_file():
+        (out / f"{stem}.log").write_text(log.read_text())
     print("\n".join(f"{t['verdict'][:60]:60s} {t['target']}" for t in tgts))
     return {"summary": summ, "targets": tgts, "stem": stem}
 
