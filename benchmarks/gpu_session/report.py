@@ -5,8 +5,9 @@
 ``SESSION_DIR`` holds what the session wrote (``0-env.jsonl`` ... ``3-serve.jsonl``).
 Writes ``<out>/<gpu>-<date>.json`` (every record, the targets, the summary),
 ``<gpu>-<date>.md``, ``<gpu>-<date>.png`` (matplotlib; left out with a note if it is
-missing) and ``<gpu>-<date>.log`` (the session's run.log). ``--session-files`` writes ``report.md`` / ``report.json`` instead (what run.py
-does at the end of a session, so the device tool brings the report back with the files).
+missing) and ``<gpu>-<date>.log`` (the session's run.log). ``--session-files`` writes
+``report.md`` / ``report.json`` instead (what run.py does at the end of a session, so the
+device tool brings the report back with the files).
 
 Every target of issue 23 is computed from the records, never typed in: met, missed (by
 how much), or "not measured" with the step's status. A dry run's report says so on top
@@ -77,8 +78,9 @@ def _step_status(recs: list[dict], step: str) -> str:
     if r is None:
         return f"step {step} did not run"
     out = f"step {step} {r['status']}" + (f" ({r['reason']})" if r.get("reason") else "")
-    first = next(
-        (x for x in recs if x.get("step") == step and x["kind"] in ("error", "skip")), None
+    mine = [x for x in recs if x.get("step") == step]
+    first = next((x for x in mine if x["kind"] == "error"), None) or next(
+        (x for x in mine if x["kind"] == "skip" and not x["name"].startswith("sdpa[")), None
     )
     if first:
         out += f"; {first['name']}: {first.get('error') or first.get('reason')}"[:300]
