@@ -344,6 +344,18 @@ def plot(recs: list[dict], tgts: list[dict], path: Path, dry: bool) -> str | Non
     return None
 
 
+def _local_commit() -> str | None:
+    import subprocess
+
+    try:
+        res = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return f"{res.stdout.strip()} (the checkout that wrote the report)" if res.stdout else None
+
+
 def stem_for(summ: dict) -> str:
     import re
 
@@ -363,6 +375,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     recs = load(Path(args.session_dir))
     tgts = targets(recs)
     summ = summary(recs)
+    if not summ["git_commit"]:  # the device machine's copy has no .git: this checkout's
+        summ["git_commit"] = _local_commit()
     md = markdown(recs, tgts, summ)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
