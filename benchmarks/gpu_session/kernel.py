@@ -40,7 +40,9 @@ def decode_shape(P: int, dry: bool) -> AttnShape:
 
 
 # (B, N) points of the crossover sweep at H12 D64 P64, nearest the current threshold first
-CROSSOVER_POINTS = ((4, 2048), (6, 2048), (8, 2048), (8, 1024), (8, 4096), (8, 512))
+# (work 208M, 311M, 415M, 107M, 1.6G score elements; N1024 / N4096 were tuned by the
+# kernel steps before, N2048 is one new autotune bucket; H100 first calls: ~10-15 s each)
+CROSSOVER_POINTS = ((4, 2048), (6, 2048), (8, 2048), (8, 1024), (8, 4096))
 DRY_CROSSOVER_POINTS = ((1, 16),)
 
 

@@ -76,7 +76,8 @@ STEPS: tuple[Step, ...] = (
     Step("crossover", 2, 35, 60, "kernel:crossover", "fused / split backward"),
     Step("host", 2, 20, 75, "host:run", "host us per call"),
     Step("e2e.compiled", 2, 70, 90, "e2e:compiled", "GPT-2 small step, torch.compile"),
-    Step("kernel.gqa", 2, 30, 60, "kernel:gqa", "Llama GQA N2048 D128"),
+    # D128 autotuning alone took 31 s on an H100 (2026-11-22 run): last but one
+    Step("kernel.gqa", 2, 45, 60, "kernel:gqa", "Llama GQA N2048 D128"),
     Step("e2e.compiled_cg", 2, 70, 30, "e2e:compiled_cg", "GPT-2 small, reduce-overhead"),
     # 3. the serving engine
     Step("serve", 3, 70, 120, "serving:run", "serving workload, eager / graph decode"),
