@@ -51,23 +51,6 @@ def _make_step(wrapped: Any, params: list, ids: Any, capturable: bool) -> Any:
     return step
 
 
-def _graph_step(step: Any) -> Any:
-    """The whole train step captured in one CUDA graph (PyTorch's whole-network recipe:
-    warm-up on a side stream, AdamW capturable); returns the replay."""
-    import torch
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph.replay
-
-
 def run_variant(ctx: StepContext, variant: str) -> None:
     import torch
 
@@ -107,7 +90,9 @@ def run_variant(ctx: StepContext, variant: str) -> None:
                           errors={"loss0": loss0}, detail=f"ln V = {ln_v:.2f}")  # fmt: skip
                 continue
             if variant == "cudagraph":
-                step = _graph_step(step)
+                # the whole step in one CUDA graph (PyTorch's whole-network recipe: side
+                # stream warm-up, AdamW capturable); the replay is the step
+                step = bl.capture_cuda_graph(step)
             for _ in range(2):
                 step()
             peak = None

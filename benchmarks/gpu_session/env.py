@@ -21,7 +21,8 @@ def _nvidia_smi() -> str | None:
     return (res.stdout or res.stderr).strip()
 
 
-def _git_commit() -> str | None:
+def git_commit() -> str | None:
+    """This checkout's commit (None without git or outside a repository)."""
     try:
         res = subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
@@ -54,7 +55,7 @@ def run(ctx: StepContext) -> None:
         nvidia_smi=_nvidia_smi() if torch.cuda.is_available() else None,
         loadavg=loadavg(),
         cpu_count=os.cpu_count(),
-        git_commit=_git_commit(),
+        git_commit=git_commit(),
         command=os.environ.get("PREFIXATTN_SESSION_COMMAND", " ".join(sys.argv)),
         triton_autotune_disk_cache=autotune_cache,
         date_utc=__import__("datetime")

@@ -345,15 +345,10 @@ def plot(recs: list[dict], tgts: list[dict], path: Path, dry: bool) -> str | Non
 
 
 def _local_commit() -> str | None:
-    import subprocess
+    from .env import git_commit
 
-    try:
-        res = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return f"{res.stdout.strip()} (the checkout that wrote the report)" if res.stdout else None
+    commit = git_commit()
+    return f"{commit} (the checkout that wrote the report)" if commit else None
 
 
 def stem_for(summ: dict) -> str:
