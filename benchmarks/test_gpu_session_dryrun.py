@@ -115,6 +115,21 @@ def test_report_of_the_dry_run_lists_every_target(session) -> None:
     assert measured and all(t["met"] in (True, False) for t in measured)
 
 
+def test_a_step_past_its_limit_is_killed_and_recorded(tmp_path: Path) -> None:
+    """The hard limit: core.features (~25 s of CPU) gets ~6.5 s of an 11.5 s total (5 s
+    are kept for the report); its process group is killed, the run goes on to record
+    ``timeout`` for it, and whatever it wrote before stays valid JSON lines."""
+    from benchmarks.gpu_session import run
+
+    rc = run.main(["--out", str(tmp_path), "--dry-run", "--only", "core.features",
+                   "--total-s", "11.5", "--no-report"])  # fmt: skip
+    assert rc == 1
+    recs = [json.loads(line) for line in (tmp_path / "1-core.jsonl").read_text().splitlines()]
+    steps = [r for r in recs if r["kind"] == "step"]
+    assert [(r["step"], r["status"]) for r in steps] == [("core.features", "timeout")]
+    assert steps[0]["wall_s"] < 20
+
+
 # --------------------------------------------------------------------------------------
 # the report's arithmetic on synthetic records (no session needed)
 # --------------------------------------------------------------------------------------

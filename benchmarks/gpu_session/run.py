@@ -146,24 +146,44 @@ def _run_group(
     log.flush()
     cmd = [sys.executable, "-m", "benchmarks.gpu_session.step", *names]
     budgets = {s.name: limit for s in steps}
+    # its own process group (not session): killed as a whole at its limit, and by the
+    # device tool when the command returns
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=_step_env(dry, out, budgets), stdout=log, stderr=subprocess.STDOUT,
-        start_new_session=True,
+        process_group=0,
     )  # fmt: skip
+    _RUNNING[:] = [proc]
     try:
         return "exited", proc.wait(timeout=limit)
     except subprocess.TimeoutExpired:
-        for sig, wait in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 5.0)):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                proc.wait(timeout=wait)
-                break
-            except subprocess.TimeoutExpired:
-                continue
+        _kill(proc)
         return "timeout", None
+    finally:
+        _RUNNING.clear()
+
+
+_RUNNING: list[subprocess.Popen] = []  # the step process now running
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    """SIGTERM to the step's process group, SIGKILL 3 s later if it is still there."""
+    for sig, wait in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _on_term(signum: int, frame: Any) -> None:
+    """run_gpu.sh's overall timeout (or ^C): end the running step's group too."""
+    for proc in list(_RUNNING):
+        _kill(proc)
+    raise SystemExit(128 + signum)
 
 
 def _groups(steps: list[Step], dry: bool) -> list[list[Step]]:
@@ -189,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-report", action="store_true", help="skip the report at the end")
     args = ap.parse_args(argv)
     dry = args.dry_run
+    signal.signal(signal.SIGTERM, _on_term)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     col = 2 if dry else 1
