@@ -64,9 +64,12 @@ def backward_layout(mode: str) -> Iterator[None]:
         clear_plans()
 
 
-def compare64(kw: dict, dtype: Any, grads: bool = True) -> dict[str, Any]:
-    """``backend="triton"`` on ``kw`` vs the float64 reference: relative-norm errors of the
-    output and each gradient, the tolerances, and whether all are inside them."""
+def compare64(
+    kw: dict, dtype: Any, grads: bool = True, ref_extra: dict | None = None
+) -> dict[str, Any]:
+    """``backend="triton"`` on ``kw`` vs the float64 reference (``ref_extra``: keywords
+    for the reference only): relative-norm errors of the output and each gradient, the
+    tolerances, and whether all are inside them."""
     import torch
 
     _tests_on_path()
@@ -82,6 +85,7 @@ def compare64(kw: dict, dtype: Any, grads: bool = True) -> dict[str, Any]:
         n: (t.detach().double().requires_grad_(grads) if n in DIFF_NAMES else t)
         for n, t in kw.items()
     }
+    ref_kw.update(ref_extra or {})
     tol_o, tol_g = TOL[dtype]
     errors: dict[str, float | None] = {}
     if grads:
@@ -246,3 +250,40 @@ def features(ctx: StepContext) -> None:
                           dtype=str(dtype).replace("torch.", ""), case=case.id(), **r)  # fmt: skip
         if device == "cuda":
             torch.cuda.empty_cache()
+    dropout(ctx, device, dtype)
+
+
+def dropout(ctx: StepContext, device: str, dtype: Any) -> None:
+    """Attention dropout, forward and all gradients, against the float64 reference run
+    with the kernel's own keep mask: read back under the same seed with one-hot values
+    (then output column c is P[c] / (1 - p) where kept, 0 where dropped), as
+    tests/test_dropout.py does; with the fused and the split backward."""
+    import torch
+
+    _tests_on_path()
+    from helpers import Case, make_inputs
+
+    import prefixattn
+
+    p, seed = 0.2, 123
+    if ctx.dry:
+        c = Case(B=2, H=2, Hkv=1, Nq=4, Nk=6, P=2, D=16, prefix="shared")
+    else:
+        c = Case(B=2, H=4, Hkv=2, Nq=12, Nk=20, P=8, D=64, prefix="bank", T=2, pad="left")
+    n = c.P + c.Nk  # one-hot values need P + Nk <= D
+    for layout in ("auto",) if ctx.dry else ("fused", "split"):
+        with ctx.part(f"dropout {layout}"), backward_layout(layout):
+            kw = {k: (t.detach() if torch.is_tensor(t) else t)
+                  for k, t in make_inputs(c, dtype, device, seed=5).items()}  # fmt: skip
+            eye = torch.eye(c.D, device=device, dtype=dtype)
+            kw["prefix_v"] = eye[: c.P].expand(kw["prefix_v"].shape).contiguous()
+            kw["v"] = eye[c.P : n].expand(c.B, c.Hkv, c.Nk, c.D).contiguous()
+            torch.manual_seed(seed)
+            keep = prefixattn.prefix_attention(**kw, dropout_p=p, backend="triton")[..., :n] != 0
+            kw = make_inputs(c, dtype, device, seed=5)
+            kw["dropout_p"] = p
+            torch.manual_seed(seed)  # the same Philox seed: the same mask
+            r = compare64(kw, dtype, True, ref_extra={"keep": keep})
+            ctx.write("check", name="feature: dropout 0.2", layout=layout,
+                      dtype=str(dtype).replace("torch.", ""), case=c.id(),
+                      keep_rate=float(keep.float().mean()), **r)  # fmt: skip
