@@ -3,18 +3,20 @@
     python -m benchmarks.gpu_session.run --out DIR [--dry-run] [--only NAME ...]
         [--total-s S]
 
-Steps run in :data:`STEPS` order (the issue's order of importance). Each runs as
-``python -m benchmarks.gpu_session.step NAME`` in a new process group, killed (SIGTERM,
-then SIGKILL) when its own budget or its stage's budget runs out; stages pass unspent
-time on to the next. A step appends its records to its stage's file as it goes, so a
-killed step still leaves what it finished; run.py adds one ``step`` record per step
-(``ok`` / ``failed`` / ``timeout`` / ``skipped`` with the reason). Everything lands in
-``DIR`` (at most 8 files, none in sub-folders: what the device tool brings back)::
+Steps run in :data:`STEPS` order (the issue's order of importance). On the GPU each
+runs as ``python -m benchmarks.gpu_session.step NAME`` in its own process group, killed
+(SIGTERM, then SIGKILL) when its own budget or its stage's budget runs out; stages pass
+unspent time on to the next. The dry run starts one process per stage instead (process
+start-up is most of a tiny step's cost), under the same limits. A step appends its
+records to its stage's file as it goes, so a killed step still leaves what it finished;
+each step gets one ``step`` record (``ok`` / ``failed`` from the step process; ``timeout``
+/ ``crashed`` / ``skipped`` with the reason from here). Everything lands in ``DIR`` (at
+most 8 files, none in sub-folders: what the device tool brings back)::
 
     0-env.jsonl  1-core.jsonl  2-headline.jsonl  3-serve.jsonl  run.log
     report.md  report.json      (benchmarks.gpu_session.report, at the end)
 
-``--dry-run``: CPU, tiny shapes, Triton's interpreter, fp32, short budgets: the plumbing
+``--dry-run``: CPU, tiny shapes, Triton's interpreter, fp32, generous limits: the plumbing
 of every step (CI runs it: benchmarks/test_gpu_session_dryrun.py). Nothing it prints is
 a measurement.
 """
