@@ -166,6 +166,7 @@ def test_shared_prefix_is_never_expanded_in_memory() -> None:
         prefixattn.ops.validation.validate(q, k, v, pk, pv, None, None, True, None, 0.0, "triton"),
         q,
         False,
+        False,  # the split layout's count: at least the fused one's, so an upper bound
     )
     partials = 2 * B * splits * H * P * D * 4
     assert bwd_extra < grads + partials + out.numel() * 4 + 2**22
