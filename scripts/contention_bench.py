@@ -122,11 +122,25 @@ def command(config: str, workload: str, work: Path, args: argparse.Namespace) ->
             "--port", str(args.port), "--log-level", "warning"]  # fmt: skip
 
 
-def run_demo(cmd: list[str]) -> dict[str, Any]:
-    """``demo_step_time.py``: its s/step median (1 round of S steps after a warm-up step)."""
+def _run(cmd: list[str], timeout: float) -> tuple[subprocess.CompletedProcess | None, float]:
+    """Run ``cmd``; ``(None, seconds)`` when it is still running after ``timeout`` s."""
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=900)
-    wall = time.perf_counter() - t0
+    try:
+        proc = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:  # subprocess.run kills the child
+        return None, time.perf_counter() - t0
+    return proc, time.perf_counter() - t0
+
+
+def _timed_out(wall: float, unit: str) -> dict[str, Any]:
+    return {"value": None, "unit": unit, "timed_out": True, "process_s": round(wall, 1)}
+
+
+def run_demo(cmd: list[str], timeout: float) -> dict[str, Any]:
+    """``demo_step_time.py``: its s/step median (1 round of S steps after a warm-up step)."""
+    proc, wall = _run(cmd, timeout)
+    if proc is None:
+        return _timed_out(wall, "s/step")
     if proc.returncode:
         raise RuntimeError(f"demo_step_time failed:\n{proc.stderr[-2000:]}")
     row = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("{")))
@@ -134,11 +148,11 @@ def run_demo(cmd: list[str]) -> dict[str, Any]:
             "child_omp_wait_policy": row.get("omp_wait_policy")}  # fmt: skip
 
 
-def run_train(cmd: list[str]) -> dict[str, Any]:
+def run_train(cmd: list[str], timeout: float) -> dict[str, Any]:
     """``prefixattn train``: the whole process's wall time, and the training loop's time."""
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=900)
-    wall = time.perf_counter() - t0
+    proc, wall = _run(cmd, timeout)
+    if proc is None:
+        return _timed_out(wall, "s (process)")
     if proc.returncode:
         raise RuntimeError(f"prefixattn train failed:\n{proc.stderr[-2000:]}")
     line = next(x for x in proc.stdout.splitlines() if x.startswith("trained "))
@@ -175,16 +189,27 @@ def run_serve(cmd: list[str], args: argparse.Namespace) -> dict[str, Any]:
         body = {"model": "base", "max_tokens": args.max_tokens, "temperature": 0}
         prompts = [f"Article: story number {i} about the markets and the match.\nTopic:"
                    for i in range(args.requests)]  # fmt: skip
-        _post(base + "/v1/completions", {**body, "prompt": prompts[0]}, 600)  # warm-up
+        t_up = time.perf_counter()
+        try:
+            _post(base + "/v1/completions", {**body, "prompt": prompts[0]}, args.timeout)  # warm-up
+        except OSError:
+            return _timed_out(time.perf_counter() - t_up, "tokens/s")
         tokens: list[int] = []
         lock = threading.Lock()
 
         def client(mine: list[str]) -> None:
             for p in mine:
-                out = _post(base + "/v1/completions", {**body, "prompt": p}, 600)
+                left = args.timeout - (time.perf_counter() - t_start)
+                if left <= 0:
+                    return
+                try:
+                    out = _post(base + "/v1/completions", {**body, "prompt": p}, left)
+                except OSError:
+                    return
                 with lock:
                     tokens.append(out["usage"]["completion_tokens"])
 
+        t_start = time.perf_counter()
         shares = [prompts[i :: args.concurrency] for i in range(args.concurrency)]
         threads = [threading.Thread(target=client, args=(s,)) for s in shares]
         t0 = time.perf_counter()
@@ -194,7 +219,7 @@ def run_serve(cmd: list[str], args: argparse.Namespace) -> dict[str, Any]:
             t.join()
         wall = time.perf_counter() - t0
         if len(tokens) != args.requests:
-            raise RuntimeError(f"{args.requests - len(tokens)} requests failed")
+            return {**_timed_out(wall, "tokens/s"), "finished_requests": len(tokens)}
         return {"value": round(sum(tokens) / wall, 2), "unit": "tokens/s",
                 "tokens": sum(tokens), "seconds": round(wall, 2)}  # fmt: skip
     finally:
@@ -282,14 +307,21 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument(
+        "--first-round", type=int, default=0, help="round number to start at (odd: after first)"
+    )
     ap.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
     ap.add_argument("--conditions", nargs="+", choices=CONDITIONS, default=list(CONDITIONS))
+    ap.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
     ap.add_argument("--demo-steps", type=int, default=2, help="timed steps per demo run")
     ap.add_argument("--train-steps", type=int, default=4)
     ap.add_argument("--requests", type=int, default=8)
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--port", type=int, default=0, help="0: a free port")
+    ap.add_argument(
+        "--timeout", type=float, default=600, help="s per measurement; then recorded as timed out"
+    )
     ap.add_argument("--work", default=None, help="folder for the converted model (reused)")
     ap.add_argument("--out", default=None, help="write OUT.json (rows, summary, environment)")
     args = ap.parse_args(argv)
@@ -308,18 +340,19 @@ def main(argv: list[str] | None = None) -> int:
         print("converting the demo model to a save_pretrained folder ...", flush=True)
         subprocess.run([sys.executable, "-c", PREPARE, str(work)], env=child_env(), check=True)
     rows: list[dict[str, Any]] = []
-    for r in range(args.rounds):
+    for r in range(args.first_round, args.first_round + args.rounds):
         for w in args.workloads:
             for cond in args.conditions:
                 competitor = Competitor(3600) if cond == "contended" else None
                 try:
-                    for config in CONFIGS if r % 2 == 0 else CONFIGS[::-1]:
+                    order = [c for c in CONFIGS if c in args.configs]
+                    for config in order if r % 2 == 0 else order[::-1]:
                         cmd = command(config, w, work, args)
                         load0 = loadavg()
                         if w == "demo":
-                            res = run_demo(cmd)
+                            res = run_demo(cmd, args.timeout)
                         elif w == "train":
-                            res = run_train(cmd)
+                            res = run_train(cmd, args.timeout)
                         else:
                             res = run_serve(cmd, args)
                         row = {"round": r, "workload": w, "condition": cond, "config": config,
@@ -333,6 +366,9 @@ def main(argv: list[str] | None = None) -> int:
                         competitor.stop()
     summary = summarize(rows)
     for k, v in summary.items():
+        if "note" in v:
+            print(f"{k}: {v}")
+            continue
         print(f"{k}: idle {v['idle']} {v['unit']}, contended {v['contended']}: "
               f"slowdown {v['slowdown_contended_vs_idle']}x")  # fmt: skip
     if args.out:
