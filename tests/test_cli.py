@@ -476,7 +476,7 @@ def test_says_what_it_loads_before_a_long_load(
     seen_before_load: list[str] = []
 
     def fake_load(spec, **kwargs):
-        seen_before_load.append(capsys.readouterr().out)
+        seen_before_load.append(capsys.readouterr().err)
         raise ValueError("model: fake load stopped here")
 
     monkeypatch.setattr(pdata, "load_model", fake_load)
@@ -540,11 +540,12 @@ def test_progress_bar_shows_the_last_loss_and_labels_the_average(capsys) -> None
             super().__init__()
             self.w = torch.nn.Parameter(torch.zeros(()))
 
-        def forward(self, x: torch.Tensor) -> Any:
+        def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> Any:
             loss = self.w * 0 + next(losses)  # known losses, with a gradient path
             return type("Out", (), {"loss": loss})()
 
-    result = train(Fixed(), [{"x": torch.zeros(1)}] * 3, steps=3, lr=0.1, progress=True)
+    batch = {"input_ids": torch.zeros(1, 4, dtype=torch.long), "labels": torch.zeros(1, 4)}
+    result = train(Fixed(), [batch] * 3, steps=3, lr=0.1, progress=True)
     assert result.losses == [5.0, 1.0, 3.0]
     err = capsys.readouterr().err
     last = err.replace("\r", "\n").strip().splitlines()[-1]
