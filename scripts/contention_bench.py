@@ -122,14 +122,16 @@ def command(config: str, workload: str, work: Path, args: argparse.Namespace) ->
             "--port", str(args.port), "--log-level", "warning"]  # fmt: skip
 
 
-def _run(cmd: list[str], timeout: float) -> tuple[subprocess.CompletedProcess | None, float]:
-    """Run ``cmd``; ``(None, seconds)`` when it is still running after ``timeout`` s."""
+def _run(cmd: list[str], timeout: float, what: str) -> tuple[str | None, float]:
+    """``(stdout, seconds)`` of ``cmd``; stdout ``None`` when it ran past ``timeout`` s."""
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:  # subprocess.run kills the child
         return None, time.perf_counter() - t0
-    return proc, time.perf_counter() - t0
+    if proc.returncode:
+        raise RuntimeError(f"{what} failed:\n{proc.stderr[-2000:]}")
+    return proc.stdout, time.perf_counter() - t0
 
 
 def _timed_out(wall: float, unit: str) -> dict[str, Any]:
@@ -138,24 +140,20 @@ def _timed_out(wall: float, unit: str) -> dict[str, Any]:
 
 def run_demo(cmd: list[str], timeout: float) -> dict[str, Any]:
     """``demo_step_time.py``: its s/step median (1 round of S steps after a warm-up step)."""
-    proc, wall = _run(cmd, timeout)
-    if proc is None:
+    out, wall = _run(cmd, timeout, "demo_step_time")
+    if out is None:
         return _timed_out(wall, "s/step")
-    if proc.returncode:
-        raise RuntimeError(f"demo_step_time failed:\n{proc.stderr[-2000:]}")
-    row = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("{")))
+    row = json.loads(next(x for x in out.splitlines() if x.startswith("{")))
     return {"value": row["s_per_step_median"], "unit": "s/step", "process_s": round(wall, 2),
             "child_omp_wait_policy": row.get("omp_wait_policy")}  # fmt: skip
 
 
 def run_train(cmd: list[str], timeout: float) -> dict[str, Any]:
     """``prefixattn train``: the whole process's wall time, and the training loop's time."""
-    proc, wall = _run(cmd, timeout)
-    if proc is None:
+    out, wall = _run(cmd, timeout, "prefixattn train")
+    if out is None:
         return _timed_out(wall, "s (process)")
-    if proc.returncode:
-        raise RuntimeError(f"prefixattn train failed:\n{proc.stderr[-2000:]}")
-    line = next(x for x in proc.stdout.splitlines() if x.startswith("trained "))
+    line = next(x for x in out.splitlines() if x.startswith("trained "))
     loop_s = float(line.split(" in ")[1].split(" s ")[0])
     return {"value": round(wall, 2), "unit": "s (process)", "train_loop_s": loop_s}
 
