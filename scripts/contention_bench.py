@@ -25,6 +25,7 @@ instead of de-quantizing the GGUF each run). Children get the environment withou
 ``OMP_WAIT_POLICY`` and ``OMP_NUM_THREADS`` (PyTorch's default thread count).
 
     python scripts/contention_bench.py --rounds 2 --out benchmarks/results/contention-cpu
+    python scripts/contention_bench.py --merge run1.json run2.json --out OUT   # OUT.json, .md
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import signal
 import socket
 import statistics
@@ -302,6 +304,56 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def markdown(runs: list[dict[str, Any]], rows: list[dict[str, Any]]) -> str:
+    """A report: the environment and command of each run, the summary and every row."""
+    summary = summarize(rows)
+    lines = ["# CPU contention: idle vs beside a second PyTorch process, before / after", ""]
+    lines += [
+        "Written by `scripts/contention_bench.py` (its docstring says what each case is).",
+        "",
+    ]
+    for env in runs:
+        lines.append(f"- {env['date']}: `{env['command']}`; {env['device']}, {env['cpu_count']} "
+                     f"cores, torch {env['torch']}, transformers {env['transformers']}, Python "
+                     f"{env['python']}; load average at the start {env['load_average_at_start']}")  # fmt: skip
+    lines += ["", "| workload | config | idle (median) | beside a PyTorch job (median) | slowdown |",
+              "|---|---|---|---|---|"]  # fmt: skip
+    for key, v in summary.items():
+        w, c = key.split("/")
+        slow = v.get("slowdown_contended_vs_idle", v.get("note"))
+        lines.append(f"| {w} | {c} | {v['idle']} | {v['contended']} | {slow} |")
+    lines += ["", "Every measurement (load average `/proc/loadavg` before and after each):", "",
+              "| round | workload | condition | config | value | unit | load before | load after |",
+              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        lines.append(f"| {r['round']} | {r['workload']} | {r['condition']} | {r['config']} | "
+                     f"{r['value']} | {r['unit']} | {r['loadavg_before']} | {r['loadavg_after']} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def merge(files: list[str], out: str) -> None:
+    """Merge result JSONs (or JSON-lines logs of rows) into ``out``.json and ``out``.md."""
+    runs: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = []
+    for f in files:
+        text = Path(f).read_text()
+        if f.endswith(".json"):
+            data = json.loads(text)
+            runs.append(data["environment"])
+            rows += data["rows"]
+            continue
+        for line in text.splitlines():  # a log: the environment line, then one row per line
+            obj = json.loads(line)
+            (runs if "command" in obj else rows).append(obj)
+    for env in runs:  # the scratch folders' paths are this machine's, not the result's
+        env["command"] = re.sub(
+            r"--(work|out) \S+", lambda m: f"--{m[1]} {m[1].upper()}", env["command"]
+        )
+    data = {"environments": runs, "summary": summarize(rows), "rows": rows}
+    Path(out).with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
+    Path(out).with_suffix(".md").write_text(markdown(runs, rows))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=2)
@@ -322,7 +374,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--work", default=None, help="folder for the converted model (reused)")
     ap.add_argument("--out", default=None, help="write OUT.json (rows, summary, environment)")
+    ap.add_argument(
+        "--merge", nargs="+", default=None, help="merge these results (JSON / row logs) into --out"
+    )
     args = ap.parse_args(argv)
+    if args.merge:
+        merge(args.merge, args.out)
+        return 0
     if args.port == 0:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
