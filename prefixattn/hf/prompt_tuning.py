@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 try:
@@ -53,7 +52,14 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
 
 from ..losses import check_chunked_loss_support, chunked_loss_forward
 from ._common import INIT_STRATEGIES as INIT_STRATEGIES  # kept importable from here
-from ._common import PEFT_WEIGHTS_KEY, TuningConfigBase, is_int, read_artifact, read_peft_dir
+from ._common import (
+    PEFT_WEIGHTS_KEY,
+    TuningConfigBase,
+    is_int,
+    read_artifact,
+    read_peft_dir,
+    save_tensors,
+)
 from ._compat import cache_arg
 from .patching import get_prefix, is_patched, set_prefix
 
@@ -647,7 +653,7 @@ class PromptTuning(nn.Module):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         weight = self.prompt.detach().to("cpu", torch.float32).contiguous()  # [P, hidden]
-        save_file({PEFT_WEIGHTS_KEY: weight}, str(path / WEIGHTS_NAME), metadata={"format": FORMAT})
+        save_tensors({PEFT_WEIGHTS_KEY: weight}, path / WEIGHTS_NAME, metadata={"format": FORMAT})
         cfg = self.model.config
         meta = {
             "format": FORMAT,
@@ -774,7 +780,7 @@ class PromptTuning(nn.Module):
         )
         pcfg.save_pretrained(str(path))
         weight = self.prompt.detach().to("cpu", torch.float32).contiguous()
-        save_file({PEFT_WEIGHTS_KEY: weight}, str(path / "adapter_model.safetensors"))
+        save_tensors({PEFT_WEIGHTS_KEY: weight}, path / "adapter_model.safetensors")
         return path
 
 
