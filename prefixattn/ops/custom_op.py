@@ -21,6 +21,11 @@ function calls :func:`traced_prefix_attention`, which uses these operators:
     ``fwd``/``bwd`` route to these as well: that is how the compiled Triton path is tested
     on CPU.
 
+Every op takes the call's fields in :class:`~prefixattn.ops.call.AttentionCall` order (its
+tensors, then ``causal``, ``sm_scale``, ``dropout_p``), ``prefix_lengths`` included: an op
+body turns them back into a call (:func:`op_call`) for the launchers, and the compiled
+entry point flattens a call into them (:func:`op_args`).
+
 Validation while compiling: shapes, dtypes, devices and flags are checked at trace time
 exactly as in eager mode. The range check of ``prefix_index`` (eager: a host sync and a
 Python branch on the values) becomes ``torch._assert_async`` in the graph: no sync; on
@@ -35,15 +40,12 @@ import torch
 from torch import Tensor
 from torch.library import custom_op, triton_op, wrap_triton
 
-from .attention import resolve_backend
-from .launch import (
-    attention_backward,
-    attention_forward,
-    check_triton_device,
-    kernels_interpreted,
-)
-from .reference import reference_prefix_attention
-from .sdpa import sdpa_prefix_attention
+from .backward import attention_backward
+from .call import N_TENSORS, AttentionCall
+from .forward import attention_forward
+from .kernels import source
+from .sdpa import torch_backend
+from .settings import current_settings
 from .validation import AttnProblem, check_kernel_dtype, validate
 
 __all__ = [
@@ -51,29 +53,27 @@ __all__ = [
     "bwd_seeded",
     "fwd",
     "fwd_seeded",
+    "op_args",
+    "op_call",
     "traced_prefix_attention",
 ]
 
-_SEED_HIGH = 2**31 - 1  # seeds in [0, 2^31 - 1), like launch.new_seed
+_SEED_HIGH = 2**31 - 1  # seeds in [0, 2^31 - 1), like args.new_seed
+Opt = Tensor | None
 
 
-def _problem(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    prefix_k: Tensor | None,
-    prefix_v: Tensor | None,
-    prefix_index: Tensor | None,
-    key_padding_mask: Tensor | None,
-    causal: bool,
-    sm_scale: float,
-    dropout_p: float,
-) -> AttnProblem:
-    """The :class:`AttnProblem` of an op call (shape checks only: no device sync)."""
-    return validate(
-        q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
-        causal, sm_scale, dropout_p, "triton", check_index_values=False,
-    )  # fmt: skip
+def op_call(*fields: Any) -> tuple[AttentionCall, AttnProblem]:
+    """The call of an op's leading arguments (the call's tensors, causal, sm_scale,
+    dropout_p) on the Triton backend with the current settings, and its problem (shape
+    checks only: no device sync)."""
+    call = AttentionCall(*fields, backend="triton", settings=current_settings())
+    return call, validate(call, check_values=False)
+
+
+def op_args(call: AttentionCall, prob: AttnProblem) -> tuple:
+    """A call as the ops' leading arguments (the validated softmax scale, a float
+    dropout probability)."""
+    return (*call[:N_TENSORS], call.causal, prob.sm_scale, float(call.dropout_p))
 
 
 def _empty_grad(t: Tensor) -> Tensor:
@@ -112,10 +112,22 @@ def _fake_bwd(
     )
 
 
-def _fake_fwd(q: Tensor) -> tuple[Tensor, Tensor]:
+def _fake_fwd(q: Tensor, *args: Any) -> tuple[Tensor, Tensor]:
     """Shapes of :func:`attention_forward`'s results: out like q (contiguous), lse fp32."""
     B, H, Nq, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((B, H, Nq), dtype=torch.float32)
+
+
+def _forward(fields: tuple, seed: int, wrap: Any = None) -> tuple[Tensor, Tensor]:
+    call, prob = op_call(*fields)
+    return attention_forward(call, prob, seed, wrap)
+
+
+def _backward_op(
+    do: Tensor, fields: tuple, out: Tensor, lse: Tensor, seed: int, needs: tuple, wrap: Any = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    call, prob = op_call(*fields)
+    return _grads(attention_backward(call, prob, do, out, lse, seed, needs, wrap), call.q)
 
 
 # --------------------------------------------------------------------------------------
@@ -125,70 +137,36 @@ def _fake_fwd(q: Tensor) -> tuple[Tensor, Tensor]:
 
 @custom_op("prefixattn::fwd_seeded", mutates_args=())
 def fwd_seeded(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    prefix_k: Tensor | None,
-    prefix_v: Tensor | None,
-    prefix_index: Tensor | None,
-    key_padding_mask: Tensor | None,
-    causal: bool,
-    sm_scale: float,
-    dropout_p: float,
-    seed: Tensor,
-) -> tuple[Tensor, Tensor]:
+    q: Tensor, k: Tensor, v: Tensor, prefix_k: Opt, prefix_v: Opt, prefix_index: Opt,
+    prefix_lengths: Opt, key_padding_mask: Opt, causal: bool, sm_scale: float,
+    dropout_p: float, seed: Tensor,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
     """Forward kernel; ``seed``: int64 tensor with one element (the Philox seed).
 
     Returns ``(out [B, H, Nq, D], lse [B, H, Nq] float32)``.
     """
-    prob = _problem(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
-                    causal, sm_scale, dropout_p)  # fmt: skip
-    return attention_forward(
-        q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
-        causal, dropout_p, int(seed), prob,
-    )  # fmt: skip
+    fields = (q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask)
+    return _forward((*fields, causal, sm_scale, dropout_p), int(seed))
 
 
-@fwd_seeded.register_fake
-def _fwd_seeded_fake(q: Tensor, *args: Any) -> tuple[Tensor, Tensor]:
-    return _fake_fwd(q)
+fwd_seeded.register_fake(_fake_fwd)
 
 
 @custom_op("prefixattn::bwd_seeded", mutates_args=())
 def bwd_seeded(
-    do: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    prefix_k: Tensor | None,
-    prefix_v: Tensor | None,
-    prefix_index: Tensor | None,
-    key_padding_mask: Tensor | None,
-    out: Tensor,
-    lse: Tensor,
-    causal: bool,
-    sm_scale: float,
-    dropout_p: float,
-    seed: Tensor,
-    need_q: bool,
-    need_k: bool,
-    need_v: bool,
-    need_prefix: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, prefix_k: Opt, prefix_v: Opt,
+    prefix_index: Opt, prefix_lengths: Opt, key_padding_mask: Opt, out: Tensor, lse: Tensor,
+    causal: bool, sm_scale: float, dropout_p: float, seed: Tensor,
+    need_q: bool, need_k: bool, need_v: bool, need_prefix: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """Backward kernels: ``(dq, dk, dv, dprefix_k, dprefix_v)``; a gradient that is not
     needed (or a missing prefix's) is an empty tensor."""
-    prob = _problem(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
-                    causal, sm_scale, dropout_p)  # fmt: skip
-    grads = attention_backward(
-        do, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, out, lse,
-        causal, dropout_p, int(seed), prob, needs=(need_q, need_k, need_v, need_prefix),
-    )  # fmt: skip
-    return _grads(grads, q)
+    fields = (q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask)
+    needs = (need_q, need_k, need_v, need_prefix)
+    return _backward_op(do, (*fields, causal, sm_scale, dropout_p), out, lse, int(seed), needs)
 
 
-@bwd_seeded.register_fake
-def _bwd_seeded_fake(*args: Any) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _fake_bwd(*args)
+bwd_seeded.register_fake(_fake_bwd)
 
 
 # --------------------------------------------------------------------------------------
@@ -196,127 +174,86 @@ def _bwd_seeded_fake(*args: Any) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor
 # --------------------------------------------------------------------------------------
 
 
+def _interpreted() -> bool:
+    """Whether the current settings' kernels are interpreted (then they cannot be traced:
+    the traceable ops run them through the opaque ones)."""
+    return source(current_settings()).interpreted()
+
+
 @triton_op("prefixattn::fwd", mutates_args=())
 def fwd(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    prefix_k: Tensor | None,
-    prefix_v: Tensor | None,
-    prefix_index: Tensor | None,
-    key_padding_mask: Tensor | None,
-    causal: bool,
-    sm_scale: float,
-    dropout_p: float,
-    seed: int,
-) -> tuple[Tensor, Tensor]:
+    q: Tensor, k: Tensor, v: Tensor, prefix_k: Opt, prefix_v: Opt, prefix_index: Opt,
+    prefix_lengths: Opt, key_padding_mask: Opt, causal: bool, sm_scale: float,
+    dropout_p: float, seed: int,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
     """Forward kernel (``seed``: the Philox seed, used when ``dropout_p > 0``).
 
     Returns ``(out [B, H, Nq, D], lse [B, H, Nq] float32)``.
     """
-    if kernels_interpreted():  # interpreted kernels cannot be traced: run them opaquely
-        seed_t = torch.full((1,), seed, dtype=torch.int64)
-        return torch.ops.prefixattn.fwd_seeded(
-            q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
-            causal, sm_scale, dropout_p, seed_t,
-        )  # fmt: skip
-    prob = _problem(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
-                    causal, sm_scale, dropout_p)  # fmt: skip
-    return attention_forward(
-        q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
-        causal, dropout_p, seed, prob, wrap=wrap_triton,
-    )  # fmt: skip
+    fields = (q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask,
+              causal, sm_scale, dropout_p)  # fmt: skip
+    if _interpreted():  # interpreted kernels cannot be traced: run them opaquely
+        return torch.ops.prefixattn.fwd_seeded(*fields, torch.full((1,), seed, dtype=torch.int64))
+    return _forward(fields, seed, wrap_triton)
 
 
 # The fake implementation triton_op registers is the body above; this one only allocates
 # (cheaper for shape propagation, and valid for interpreted kernels too). Inductor still
 # traces the body through wrap_triton.
-@fwd.register_fake
-def _fwd_fake(q: Tensor, *args: Any) -> tuple[Tensor, Tensor]:
-    return _fake_fwd(q)
+fwd.register_fake(_fake_fwd)
 
 
 @triton_op("prefixattn::bwd", mutates_args=())
 def bwd(
-    do: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    prefix_k: Tensor | None,
-    prefix_v: Tensor | None,
-    prefix_index: Tensor | None,
-    key_padding_mask: Tensor | None,
-    out: Tensor,
-    lse: Tensor,
-    causal: bool,
-    sm_scale: float,
-    dropout_p: float,
-    seed: int,
-    need_q: bool,
-    need_k: bool,
-    need_v: bool,
-    need_prefix: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, prefix_k: Opt, prefix_v: Opt,
+    prefix_index: Opt, prefix_lengths: Opt, key_padding_mask: Opt, out: Tensor, lse: Tensor,
+    causal: bool, sm_scale: float, dropout_p: float, seed: int,
+    need_q: bool, need_k: bool, need_v: bool, need_prefix: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """Backward kernels: ``(dq, dk, dv, dprefix_k, dprefix_v)``; a gradient that is not
     needed (or a missing prefix's) is an empty tensor."""
-    if kernels_interpreted():
+    fields = (q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask)
+    needs = (need_q, need_k, need_v, need_prefix)
+    scalars = (causal, sm_scale, dropout_p)
+    if _interpreted():
         seed_t = torch.full((1,), seed, dtype=torch.int64)
-        return torch.ops.prefixattn.bwd_seeded(
-            do, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, out, lse,
-            causal, sm_scale, dropout_p, seed_t, need_q, need_k, need_v, need_prefix,
-        )  # fmt: skip
-    prob = _problem(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
-                    causal, sm_scale, dropout_p)  # fmt: skip
-    grads = attention_backward(
-        do, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, out, lse,
-        causal, dropout_p, seed, prob, needs=(need_q, need_k, need_v, need_prefix),
-        wrap=wrap_triton,
-    )  # fmt: skip
-    return _grads(grads, q)
+        return torch.ops.prefixattn.bwd_seeded(do, *fields, out, lse, *scalars, seed_t, *needs)
+    return _backward_op(do, (*fields, *scalars), out, lse, seed, needs, wrap_triton)
 
 
-@bwd.register_fake
-def _bwd_fake(*args: Any) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _fake_bwd(*args)
+bwd.register_fake(_fake_bwd)
 
 
 # --------------------------------------------------------------------------------------
 # autograd
 # --------------------------------------------------------------------------------------
 
+_N_OP_INPUTS = N_TENSORS + 4  # the call's tensors, causal, sm_scale, dropout_p, seed
+
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
     """Save what backward needs; the seed is a tensor for the ``_seeded`` ops."""
-    q, k, v, pk, pv, pidx, kpm, causal, sm_scale, dropout_p, seed = inputs
+    *tensors, causal, sm_scale, dropout_p, seed = inputs
     out, lse = output
     seed_t = seed if isinstance(seed, Tensor) else None
-    ctx.save_for_backward(q, k, v, pk, pv, pidx, kpm, out, lse, seed_t)
-    ctx.causal, ctx.sm_scale, ctx.dropout_p = causal, sm_scale, dropout_p
+    ctx.save_for_backward(*tensors, out, lse, seed_t)
+    ctx.scalars = (causal, sm_scale, dropout_p)
     ctx.seed = None if seed_t is not None else seed
 
 
 def _backward(ctx: Any, do: Tensor, dlse: Tensor | None) -> tuple[Tensor | None, ...]:
     """Gradients of the forward ops' inputs through the matching backward op (``lse`` is
     not differentiable: ``dlse`` is ignored)."""
-    q, k, v, pk, pv, pidx, kpm, out, lse, seed_t = ctx.saved_tensors
+    *tensors, out, lse, seed_t = ctx.saved_tensors
     n = ctx.needs_input_grad
     needs = (n[0], n[1], n[2], n[3] or n[4])
     if seed_t is not None:
         op, seed = torch.ops.prefixattn.bwd_seeded, seed_t
     else:
         op, seed = torch.ops.prefixattn.bwd, ctx.seed
-    dq, dk, dv, dpk, dpv = op(
-        do, q, k, v, pk, pv, pidx, kpm, out, lse,
-        ctx.causal, ctx.sm_scale, ctx.dropout_p, seed, *needs,
-    )  # fmt: skip
-    return (
-        dq if n[0] else None,
-        dk if n[1] else None,
-        dv if n[2] else None,
-        dpk if n[3] else None,
-        dpv if n[4] else None,
-        None, None, None, None, None, None,
-    )  # fmt: skip
+    dq, dk, dv, dpk, dpv = op(do, *tensors, out, lse, *ctx.scalars, seed, *needs)
+    grads = (dq, dk, dv, dpk, dpv)
+    return tuple(g if n[i] else None for i, g in enumerate(grads)) + (None,) * (_N_OP_INPUTS - 5)
 
 
 fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -332,46 +269,27 @@ fwd_seeded.register_autograd(_backward, setup_context=_setup_context)
 def _triton_device_problem(device: torch.device, dtype: torch.dtype) -> str:
     """Why ``backend='triton'`` cannot run on ``device``/``dtype`` ('' if it can).
 
-    Evaluated once at trace time (it reads the environment and imports the kernels).
+    Evaluated once at trace time (it reads the settings and imports the kernels).
     """
-    try:
-        check_triton_device(SimpleNamespace(device=device, dtype=dtype))  # duck-typed q
+    settings = current_settings()
+    try:  # a duck-typed q
+        source(settings).check_device(SimpleNamespace(device=device, dtype=dtype), settings)
     except (TypeError, ValueError) as err:
         return str(err)
     return ""
 
 
-def traced_prefix_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    prefix_k: Tensor | None,
-    prefix_v: Tensor | None,
-    prefix_index: Tensor | None,
-    key_padding_mask: Tensor | None,
-    causal: bool,
-    sm_scale: float | None,
-    dropout_p: float,
-    backend: str,
-    prefix_lengths: Tensor | None = None,
-) -> Tensor:
+def traced_prefix_attention(call: AttentionCall) -> Tensor:
     """:func:`prefixattn.prefix_attention` while ``torch.compile`` traces it.
 
-    Same arguments, checks and results as the eager function, written so that Dynamo
-    traces it without graph breaks: no host sync (the ``prefix_index`` range check is an
-    in-graph ``torch._assert_async``), the Triton path through the custom ops above, the
-    reference path as plain tensor ops (Inductor fuses it), the sdpa path as SDPA.
-
-    ``prefix_lengths`` (a ragged bank) is traced on the reference and sdpa paths; the
-    Triton custom ops do not take it yet, so a compiled Triton call with it raises
-    ``ValueError``.
+    Same call, checks and results as the eager function, written so that Dynamo traces
+    it without graph breaks: no host sync (the ``prefix_index`` / ``prefix_lengths``
+    range checks are in-graph ``torch._assert_async``), the Triton path through the
+    custom ops above, the reference path as plain tensor ops (Inductor fuses it), the
+    sdpa path as SDPA.
     """
-    prob = validate(
-        q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
-        causal, sm_scale, dropout_p, backend, check_index_values=False,
-        prefix_lengths=prefix_lengths,
-    )  # fmt: skip
-    dropout_p = float(dropout_p)
+    prob = validate(call, check_values=False)
+    q, prefix_index, prefix_lengths = call.q, call.prefix_index, call.prefix_lengths
     if prefix_index is not None and prob.B > 0:
         # the eager range check syncs with the device; this one runs in the graph
         in_range = ((prefix_index >= 0) & (prefix_index < prob.T)).all()
@@ -379,39 +297,17 @@ def traced_prefix_attention(
     if prefix_lengths is not None and prob.T > 0:
         in_range = ((prefix_lengths >= 0) & (prefix_lengths <= prob.P)).all()
         torch._assert_async(in_range, "prefix_lengths values must be in [0, P]")
-    resolved = resolve_backend(backend, q)
-    if resolved == "sdpa":
-        return sdpa_prefix_attention(
-            q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
-            causal, dropout_p, prob, prefix_lengths,
-        )  # fmt: skip
-    if resolved != "triton":
-        return reference_prefix_attention(
-            q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, causal, dropout_p, prob,
-            prefix_lengths,
-        )  # fmt: skip
-    if prefix_lengths is not None:
-        raise ValueError(
-            "prefix_lengths is not supported on the Triton path under torch.compile yet "
-            "(the prefixattn::fwd/bwd custom ops do not take it); call prefix_attention "
-            "eagerly (torch.compiler.disable) or use backend='reference'"
-        )
+    if call.backend != "triton":
+        return torch_backend(call, prob)
     if q.device.type == "cuda":
         check_kernel_dtype(q)
     else:  # CPU: only under TRITON_INTERPRET=1, decided once at trace time
         problem = _triton_device_problem(q.device, q.dtype)
         if problem:
             raise ValueError(problem)
-    if dropout_p > 0.0:
+    args = op_args(call, prob)
+    if args[-1] > 0.0:
         # a fresh seed per call, drawn inside the graph (from the CPU generator, as eager)
         seed = torch.randint(0, _SEED_HIGH, (1,), dtype=torch.int64)
-        out, _ = torch.ops.prefixattn.fwd_seeded(
-            q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
-            causal, prob.sm_scale, dropout_p, seed,
-        )  # fmt: skip
-        return out
-    out, _ = torch.ops.prefixattn.fwd(
-        q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
-        causal, prob.sm_scale, dropout_p, 0,
-    )  # fmt: skip
-    return out
+        return torch.ops.prefixattn.fwd_seeded(*args, seed)[0]
+    return torch.ops.prefixattn.fwd(*args, 0)[0]

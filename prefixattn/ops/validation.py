@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .call import N_TENSORS, AttentionCall
+
 BACKENDS = ("auto", "triton", "sdpa", "reference")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # The reference path also takes float64 (useful for gradcheck); the kernel does not.
@@ -139,26 +141,15 @@ def check_prefix_lengths(
         check_lengths_range(prefix_lengths, prob.P)
 
 
-def validate(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    prefix_k: torch.Tensor | None,
-    prefix_v: torch.Tensor | None,
-    prefix_index: torch.Tensor | None,
-    key_padding_mask: torch.Tensor | None,
-    causal: bool,
-    sm_scale: float | None,
-    dropout_p: float,
-    backend: str,
-    check_index_values: bool = True,
-    prefix_lengths: torch.Tensor | None = None,
-) -> AttnProblem:
-    """Check every argument against the contract; return the problem sizes.
+def validate(call: AttentionCall, check_values: bool = True) -> AttnProblem:
+    """Check every input of ``call`` against the contract; return the problem sizes.
 
-    ``check_index_values=False`` skips the range checks of ``prefix_index`` and
+    ``check_values=False`` skips the range checks of ``prefix_index`` and
     ``prefix_lengths`` (traced calls check them in the graph instead).
     """
+    q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask = call[:N_TENSORS]
+    causal, sm_scale, dropout_p, backend = call.causal, call.sm_scale, call.dropout_p, call.backend
+    check_index_values = check_values
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     _check_tensor("q", q, 4, "[B, H, Nq, D]")
@@ -317,3 +308,11 @@ def auto_backend(device: torch.device, dtype: torch.dtype) -> str:
     """What ``backend="auto"`` runs for tensors on ``device`` of ``dtype``: ``"triton"`` for
     CUDA tensors of a kernel dtype, ``"sdpa"`` (PyTorch's fused attention) everywhere else."""
     return "triton" if device.type == "cuda" and dtype in KERNEL_DTYPES else "sdpa"
+
+
+def resolve_backend(backend: str, q: torch.Tensor) -> str:
+    """``"auto"``: the Triton kernel for CUDA tensors of a kernel dtype, else ``"sdpa"``;
+    any other value as given (validation names a bad one, or a q that is not a tensor)."""
+    if backend == "auto" and isinstance(q, torch.Tensor):
+        return auto_backend(q.device, q.dtype)
+    return backend
