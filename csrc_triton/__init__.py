@@ -1,5 +1,5 @@
 """Triton kernels of prefixattn (``@triton.jit`` functions only; launchers live in
-``prefixattn.ops.launch``).
+``prefixattn.ops.forward`` and ``prefixattn.ops.backward``).
 
 Import this module lazily: Triton decides at decoration time whether a kernel is compiled
 or interpreted (``TRITON_INTERPRET=1``), so ``prefixattn`` imports it on the first call.

@@ -120,17 +120,10 @@ def probe(name: str, cfg, D: int, dtype: str = "bf16", arch: int = 90) -> Resour
     import triton
     from triton.compiler import ASTSource
 
-    from prefixattn.ops import launch
+    from prefixattn.ops import kernels
 
     _use_target(arch)
-    fn = {
-        "fwd": "_attn_fwd",
-        "dkdv": "_attn_bwd_dkdv",
-        "dq": "_attn_bwd_dq",
-        "prefix_dkdv": "_attn_bwd_prefix_dkdv",
-        "bwd": "_attn_bwd",
-    }[name]
-    fn = getattr(launch._kernels(), fn)
+    fn = getattr(kernels.DEFAULT_SOURCE.module(), kernels.TUNED_KERNELS[name][0])
     sig, attrs, consts = _signature(fn, dtype, {**kernel_flags(name, D), **cfg.tiles()})
     t0 = time.perf_counter()
     compiled = triton.compile(
@@ -214,12 +207,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silences a Triton 3.9 notice
     from concurrent.futures import ProcessPoolExecutor
 
-    from prefixattn.ops import launch
+    from prefixattn.ops import settings
 
     jobs = [
         (name, cfg, D, args.dtype, args.arch)
         for name in args.kernels
-        for cfg in launch.CONFIG_LISTS[name]
+        for cfg in settings.CONFIG_LISTS[name]
         for D in args.d
     ]
     print(f"{'kernel':12} {'config':22} {'D':>4} {'regs':>5} {'stack':>6} {'shared':>7}")

@@ -35,7 +35,7 @@ def test_host_overhead_script(tmp_path: Path) -> None:
 
 def test_resource_probe_script(tmp_path: Path) -> None:
     """scripts/resource_probe.py writes its table (every forward candidate at D=64)."""
-    from prefixattn.ops.launch import FWD_CONFIGS
+    from prefixattn.ops.settings import FWD_CONFIGS
 
     out = tmp_path / "res.md"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
