@@ -66,10 +66,10 @@ LAYERS: list[list[str]] = [
 ]
 
 
-def module_name(path: Path) -> str:
+def module_name(path: Path, root: Path = ROOT) -> str:
     """``prefixattn/ops/plan.py`` -> ``prefixattn.ops.plan`` (a package's __init__: the
     package)."""
-    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    parts = list(path.relative_to(root).with_suffix("").parts)
     if parts[-1] == "__init__":
         parts.pop()
     return ".".join(parts)
@@ -118,7 +118,7 @@ def layer_of(name: str) -> int | None:
 def check(root: Path = ROOT) -> list[str]:
     """Every problem of the package's import graph, one line each."""
     files = sorted((root / PACKAGE).rglob("*.py"))
-    names = {module_name(f): f for f in files}
+    names = {module_name(f, root): f for f in files}
     problems = []
     graph: dict[str, set[str]] = {}
     for name, path in names.items():
