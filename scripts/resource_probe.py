@@ -98,19 +98,17 @@ def kernel_flags(name: str, D: int) -> dict:
     no dropout."""
     block_d = max(16, 1 << (D - 1).bit_length())
     common = dict(D=D, BLOCK_D=block_d, HAS_DROPOUT=False, INPUT_PRECISION="ieee")
+    flags = dict(IS_CAUSAL=True, PREFIX_MODE=1, HAS_PLEN=False, HAS_KPM=False)
+    # the split backward kernels are _attn_bwd with KIND (what the launcher passes: the
+    # fused kind's constexprs and the flags a kind does not read fixed)
+    unread = dict(IS_CAUSAL=False, PREFIX_MODE=0, HAS_PLEN=False, HAS_KPM=False)
+    split = dict(BLOCK_M2=0, BLOCK_N2=0, BLOCK_NP=16, HAS_DELTA=True)
     per_kernel = {
-        "fwd": dict(IS_CAUSAL=True, PREFIX_MODE=1, HAS_PLEN=False, HAS_KPM=False),
-        "dkdv": dict(IS_CAUSAL=True, HAS_KPM=False),
-        "dq": dict(IS_CAUSAL=True, PREFIX_MODE=1, HAS_PLEN=False, HAS_KPM=False),
-        "prefix_dkdv": dict(PREFIX_MODE=1, HAS_PLEN=False),
-        "bwd": dict(
-            IS_CAUSAL=True,
-            PREFIX_MODE=1,
-            HAS_PLEN=False,
-            HAS_KPM=False,
-            BLOCK_NP=64,
-            HAS_DELTA=False,
-        ),
+        "fwd": flags,
+        "dkdv": {**unread, "IS_CAUSAL": True, **split, "KIND": 1},
+        "dq": {**flags, **split, "KIND": 2},
+        "prefix_dkdv": {**unread, "PREFIX_MODE": 1, **split, "KIND": 3},
+        "bwd": {**flags, "BLOCK_NP": 64, "HAS_DELTA": False, "KIND": 0},
     }
     return {**common, **per_kernel[name]}
 

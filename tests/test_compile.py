@@ -415,6 +415,7 @@ _TRACE_SCRIPT = textwrap.dedent(
     settings.ACTIVE.settings = settings.Settings.from_env(prefix_splits=2, kernels=FakeGpu())
 
     graphs = {}
+    SPLIT_NAMES = {1: "_dkdv", 2: "_dq", 3: "_prefix_dkdv"}
 
     def fw(gm, example_inputs):
         graphs["fw"] = gm
@@ -449,7 +450,10 @@ _TRACE_SCRIPT = textwrap.dedent(
                 from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
                 kern = kernel_side_table.get_kernel(n.kwargs["kernel_idx"])
                 fn = getattr(kern, "fn", kern)
-                res.append([fn.__name__, sorted(n.kwargs.get("tensors_to_clone", []))])
+                consts = kernel_side_table.get_constant_args(n.kwargs["constant_args_idx"])
+                # the split backward's kernels are _attn_bwd launched with KIND = 1, 2, 3
+                name = fn.__name__ + SPLIT_NAMES.get(consts.get("KIND", 0), "")
+                res.append([name, sorted(n.kwargs.get("tensors_to_clone", []))])
             elif n.op == "call_function" and "prefixattn" in str(n.target):
                 res.append([str(n.target), []])
         return res

@@ -12,7 +12,7 @@ from helpers import Case, check_against_float64, make_inputs, run_with_grads
 from reference64 import attention64, rel_err
 
 import prefixattn
-from prefixattn.ops.kernels import KernelSource
+from prefixattn.ops.kernels import DEFAULT_SOURCE, KernelSource
 from prefixattn.ops.settings import KernelConfig, use_settings
 
 triton_attn = functools.partial(prefixattn.prefix_attention, backend="triton")
@@ -203,6 +203,9 @@ class _SpySource(KernelSource):
 
     def module(self):
         return _LaunchSpy(super().module(), self.log)
+
+    def interpreted(self) -> bool:
+        return DEFAULT_SOURCE.interpreted()  # the wrapped kernels'
 
 
 class _LaunchSpy:

@@ -19,7 +19,7 @@ import torch
 
 from .args import batch_chunks, chunk_seed, input_args, input_flags, pick, pointer_args, strides
 from .call import AttentionCall, take
-from .kernels import LaunchSpec, hint, launch_all, next_pow2, source
+from .kernels import BWD_KINDS, LaunchSpec, hint, launch_all, next_pow2, source
 from .settings import FUSED_BWD_MAX_WORK, PREFIX_BLOCK_N, REDUCE_BLOCK
 from .validation import PREFIX_NONE, PREFIX_PER_ROW, PREFIX_SHARED, AttnProblem
 
@@ -243,6 +243,7 @@ def backward_specs(
             **pick(flags, "IS_CAUSAL", "PREFIX_MODE", "HAS_PLEN", "HAS_KPM"),
             "HAS_DELTA": lay.has_delta,
             **common,
+            "KIND": BWD_KINDS["bwd"],
         }
         grid = lambda m: (  # noqa: E731
             B * Hkv,
@@ -252,17 +253,26 @@ def backward_specs(
         )
         specs.append(spec("bwd", "_attn_bwd", grid, max(Nk, P), consts))
         return specs
+    # the split kernels are _attn_bwd too (KIND): the fused kind's own arguments get fixed
+    # placeholders, and so do the flags a kind does not read (no needless compiles)
+    vals.update(NEED_KV=0, NEED_DQ=0, N_PREFIX_PROGS=0, N_SPLIT=1)
+    split = {**common, "BLOCK_M2": 0, "BLOCK_N2": 0, "BLOCK_NP": 16, "HAS_DELTA": True}
+    unread = {"IS_CAUSAL": False, "PREFIX_MODE": 0, "HAS_PLEN": False, "HAS_KPM": False}
+
+    def split_consts(name: str, *read: str) -> dict:
+        return {**unread, **pick(flags, *read), **split, "KIND": BWD_KINDS[name]}
+
     if need_q:
-        consts = {**pick(flags, "IS_CAUSAL", "PREFIX_MODE", "HAS_PLEN", "HAS_KPM"), **common}
+        consts = split_consts("dq", "IS_CAUSAL", "PREFIX_MODE", "HAS_PLEN", "HAS_KPM")
         grid = lambda m: (math.ceil(Nq / m["BLOCK_M"]), B * H)  # noqa: E731
         specs.append(spec("dq", "_attn_bwd_dq", grid, max(Nk, P), consts))
     if need_kv:
-        consts = {**pick(flags, "IS_CAUSAL", "HAS_KPM"), **common}
+        consts = split_consts("dkdv", "IS_CAUSAL", "HAS_KPM")
         grid = lambda m: (math.ceil(Nk / m["BLOCK_N"]), B * Hkv)  # noqa: E731
         specs.append(spec("dkdv", "_attn_bwd_dkdv", grid, Nk, consts))
     if need_p:
         splits = lay.splits
-        consts = {**pick(flags, "PREFIX_MODE", "HAS_PLEN"), **common}
+        consts = split_consts("prefix_dkdv", "PREFIX_MODE", "HAS_PLEN")
         grid = lambda m: (math.ceil(P / m["BLOCK_N"]), B * Hkv, splits)  # noqa: E731
         specs.append(spec("prefix_dkdv", "_attn_bwd_prefix_dkdv", grid, P, consts))
     return specs

@@ -45,6 +45,9 @@ TUNED_KERNELS = {
     "prefix_dkdv": ("_attn_bwd_prefix_dkdv", "N_P"),
     "bwd": ("_attn_bwd", "N_K"),
 }
+# the KIND constexpr of ``_attn_bwd`` per backward kernel name (csrc_triton's BWD_FUSED,
+# BWD_DKDV, BWD_DQ, BWD_PREFIX): the split kernels are launches of the same kernel
+BWD_KINDS = {"bwd": 0, "dkdv": 1, "dq": 2, "prefix_dkdv": 3}
 # the constexprs each autotuned kernel's cache key has besides the size buckets
 _TUNE_KEYS = {
     "fwd": ["IS_CAUSAL", "PREFIX_MODE", "HAS_KPM"],
@@ -372,6 +375,7 @@ def input_precision(q: torch.Tensor) -> str:
 
 
 __all__ = [
+    "BWD_KINDS",
     "DEFAULT_SOURCE",
     "DYNAMIC_PARAMS",
     "KernelSource",
