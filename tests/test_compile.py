@@ -310,7 +310,7 @@ def test_backward_ops(seeded: bool, needs: tuple, monkeypatch) -> None:
     out, lse = fwd(*_fwd_args(kw, scale, 0.2, seed))
     do = torch.randn_like(out)
     op = torch.ops.prefixattn.bwd_seeded if seeded else torch.ops.prefixattn.bwd
-    args = (do, *_tensors(kw), out, lse, True, scale, 0.2, seed, *needs)
+    args = (do, out, lse, *_tensors(kw), True, scale, 0.2, seed, *needs)
     if all(needs):  # (opcheck compiles: once per op is enough)
         torch.library.opcheck(op.default, args)
     grads = op(*args)

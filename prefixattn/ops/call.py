@@ -13,8 +13,9 @@ Adding an input
     4. its use where it matters: a kernel argument (``args.pointer_args`` for a tensor,
        ``forward.forward_spec`` / ``backward.backward_specs`` for a scalar or constexpr),
        the math of ``reference.py`` and ``sdpa.py``;
-    5. for ``torch.compile``: a parameter of the custom ops (``custom_op.py``; their
-       schemas list the fields in this order, see ``custom_op.op_args``).
+    5. for ``torch.compile``: nothing for a tensor field (the custom ops' schemas are
+       built from the fields); a scalar field gets its schema type in
+       ``custom_op.OP_SCALARS`` and its value in ``custom_op.op_args``.
 """
 
 from __future__ import annotations

@@ -22,9 +22,12 @@ function calls :func:`traced_prefix_attention`, which uses these operators:
     on CPU.
 
 Every op takes the call's fields in :class:`~prefixattn.ops.call.AttentionCall` order (its
-tensors, then ``causal``, ``sm_scale``, ``dropout_p``), ``prefix_lengths`` included: an op
-body turns them back into a call (:func:`op_call`) for the launchers, and the compiled
-entry point flattens a call into them (:func:`op_args`).
+tensors, then ``causal``, ``sm_scale``, ``dropout_p``), ``prefix_lengths`` included, then
+the seed: ``fwd(*fields, seed)``, ``bwd(do, out, lse, *fields, seed, need_q, need_k,
+need_v, need_prefix)``. The schemas are built from the call's fields (a new field is a new
+op argument with no edit here); an op body turns them back into a call (:func:`op_call`)
+for the launchers, and the compiled entry point flattens a call into them
+(:func:`op_args`).
 
 Validation while compiling: shapes, dtypes, devices and flags are checked at trace time
 exactly as in eager mode. The range check of ``prefix_index`` (eager: a host sync and a
@@ -33,6 +36,7 @@ CPU an out-of-range index raises ``RuntimeError``, on CUDA it is a device-side a
 (the CUDA context is lost, as for any device assert).
 """
 
+import inspect
 from types import SimpleNamespace
 from typing import Any
 
@@ -41,7 +45,7 @@ from torch import Tensor
 from torch.library import custom_op, triton_op, wrap_triton
 
 from .backward import attention_backward
-from .call import N_TENSORS, AttentionCall
+from .call import N_TENSORS, TENSOR_FIELDS, AttentionCall
 from .forward import attention_forward
 from .kernels import source
 from .sdpa import torch_backend
@@ -49,6 +53,8 @@ from .settings import current_settings
 from .validation import AttnProblem, check_kernel_dtype, validate
 
 __all__ = [
+    "OP_FIELDS",
+    "OP_SCALARS",
     "bwd",
     "bwd_seeded",
     "fwd",
@@ -59,20 +65,19 @@ __all__ = [
 ]
 
 _SEED_HIGH = 2**31 - 1  # seeds in [0, 2^31 - 1), like args.new_seed
-Opt = Tensor | None
 
 
 def op_call(*fields: Any) -> tuple[AttentionCall, AttnProblem]:
-    """The call of an op's leading arguments (the call's tensors, causal, sm_scale,
-    dropout_p) on the Triton backend with the current settings, and its problem (shape
-    checks only: no device sync)."""
-    call = AttentionCall(*fields, backend="triton", settings=current_settings())
+    """The call of an op's leading arguments (:data:`OP_FIELDS`) on the Triton backend
+    with the current settings, and its problem (shape checks only: no device sync)."""
+    kw = dict(zip(OP_FIELDS, fields))
+    call = AttentionCall(**kw, backend="triton", settings=current_settings())
     return call, validate(call, check_values=False)
 
 
 def op_args(call: AttentionCall, prob: AttnProblem) -> tuple:
-    """A call as the ops' leading arguments (the validated softmax scale, a float
-    dropout probability)."""
+    """A call as the ops' leading arguments (:data:`OP_FIELDS`: the validated softmax
+    scale, a float dropout probability)."""
     return (*call[:N_TENSORS], call.causal, prob.sm_scale, float(call.dropout_p))
 
 
@@ -89,18 +94,63 @@ def _grads(
     return dq, dk, dv, dpk, dpv
 
 
-def _fake_bwd(
-    do: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    prefix_k: Tensor | None,
-    prefix_v: Tensor | None,
-    *args: Any,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Shapes of the backward ops' results (the last four arguments are the need flags):
-    like :func:`attention_backward`'s, empty where not computed."""
-    need_q, need_k, need_v, need_p = args[-4:]
+# The ops' signatures, from the call's fields: a tensor field is an optional tensor
+# argument of every op (q, k, v required); a scalar field needs its type here and its
+# (validated) value in :func:`op_args`.
+OP_SCALARS: dict[str, type] = {"causal": bool, "sm_scale": float, "dropout_p": float}
+OP_FIELDS = (*TENSOR_FIELDS, *OP_SCALARS)
+_NEEDS = ("need_q", "need_k", "need_v", "need_prefix")
+_GRADS = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
+
+
+def _signed(fn: Any, params: list[tuple[str, Any]], returns: Any) -> Any:
+    """``fn`` (which takes ``*args``) with the signature ``params`` -> ``returns``: what
+    ``torch.library`` reads to build an op's schema."""
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    fn.__signature__ = inspect.Signature(
+        [inspect.Parameter(n, kind, annotation=t) for n, t in params], return_annotation=returns
+    )
+    return fn
+
+
+def _fields_params() -> list[tuple[str, Any]]:
+    tensors = [(n, Tensor if n in ("q", "k", "v") else Tensor | None) for n in TENSOR_FIELDS]
+    return tensors + list(OP_SCALARS.items())
+
+
+def _fwd_signed(fn: Any, seed: type) -> Any:
+    return _signed(fn, [*_fields_params(), ("seed", seed)], tuple[Tensor, Tensor])
+
+
+def _bwd_signed(fn: Any, seed: type) -> Any:
+    outs = [("do", Tensor), ("out", Tensor), ("lse", Tensor)]
+    needs = [(n, bool) for n in _NEEDS]
+    return _signed(fn, [*outs, *_fields_params(), ("seed", seed), *needs], _GRADS)
+
+
+def _split_fwd(args: tuple) -> tuple[tuple, Any]:
+    """A forward op's arguments: (the call's fields, seed)."""
+    return args[:-1], args[-1]
+
+
+def _split_bwd(args: tuple) -> tuple[Tensor, Tensor, Tensor, tuple, Any, tuple]:
+    """A backward op's arguments: (do, out, lse, the call's fields, seed, needs)."""
+    do, out, lse, *rest = args
+    return do, out, lse, tuple(rest[:-5]), rest[-5], tuple(rest[-4:])
+
+
+def _fake_fwd(*args: Any) -> tuple[Tensor, Tensor]:
+    """Shapes of :func:`attention_forward`'s results: out like q (contiguous), lse fp32."""
+    q = args[0]
+    B, H, Nq, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((B, H, Nq), dtype=torch.float32)
+
+
+def _fake_bwd(*args: Any) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Shapes of the backward ops' results: like :func:`attention_backward`'s, empty where
+    not computed."""
+    _, _, _, fields, _, (need_q, need_k, need_v, need_p) = _split_bwd(args)
+    q, k, v, prefix_k, prefix_v = fields[:5]
     kv = need_k or need_v
     has_p = need_p and prefix_k is not None
     return (
@@ -112,22 +162,23 @@ def _fake_bwd(
     )
 
 
-def _fake_fwd(q: Tensor, *args: Any) -> tuple[Tensor, Tensor]:
-    """Shapes of :func:`attention_forward`'s results: out like q (contiguous), lse fp32."""
-    B, H, Nq, _ = q.shape
-    return q.new_empty(q.shape), q.new_empty((B, H, Nq), dtype=torch.float32)
+def _seed_int(seed: Any) -> Any:
+    """The Philox seed as the kernels take it: a ``_seeded`` op's int64 tensor read on the
+    host (an opaque op's body runs on real data), a traced op's int as it is."""
+    return int(seed) if isinstance(seed, Tensor) else seed
 
 
-def _forward(fields: tuple, seed: int, wrap: Any = None) -> tuple[Tensor, Tensor]:
+def _forward(args: tuple, wrap: Any = None) -> tuple[Tensor, Tensor]:
+    fields, seed = _split_fwd(args)
     call, prob = op_call(*fields)
-    return attention_forward(call, prob, seed, wrap)
+    return attention_forward(call, prob, _seed_int(seed), wrap)
 
 
-def _backward_op(
-    do: Tensor, fields: tuple, out: Tensor, lse: Tensor, seed: int, needs: tuple, wrap: Any = None
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _backward_op(args: tuple, wrap: Any = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    do, out, lse, fields, seed, needs = _split_bwd(args)
     call, prob = op_call(*fields)
-    return _grads(attention_backward(call, prob, do, out, lse, seed, needs, wrap), call.q)
+    grads = attention_backward(call, prob, do, out, lse, _seed_int(seed), needs, wrap)
+    return _grads(grads, call.q)
 
 
 # --------------------------------------------------------------------------------------
@@ -135,37 +186,21 @@ def _backward_op(
 # --------------------------------------------------------------------------------------
 
 
-@custom_op("prefixattn::fwd_seeded", mutates_args=())
-def fwd_seeded(
-    q: Tensor, k: Tensor, v: Tensor, prefix_k: Opt, prefix_v: Opt, prefix_index: Opt,
-    prefix_lengths: Opt, key_padding_mask: Opt, causal: bool, sm_scale: float,
-    dropout_p: float, seed: Tensor,
-) -> tuple[Tensor, Tensor]:  # fmt: skip
-    """Forward kernel; ``seed``: int64 tensor with one element (the Philox seed).
-
-    Returns ``(out [B, H, Nq, D], lse [B, H, Nq] float32)``.
-    """
-    fields = (q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask)
-    return _forward((*fields, causal, sm_scale, dropout_p), int(seed))
+def _fwd_seeded(*args: Any) -> tuple[Tensor, Tensor]:
+    """Forward kernel: ``(out [B, H, Nq, D], lse [B, H, Nq] float32)``; ``seed`` is an
+    int64 tensor with one element (the Philox seed)."""
+    return _forward(args)
 
 
-fwd_seeded.register_fake(_fake_fwd)
-
-
-@custom_op("prefixattn::bwd_seeded", mutates_args=())
-def bwd_seeded(
-    do: Tensor, q: Tensor, k: Tensor, v: Tensor, prefix_k: Opt, prefix_v: Opt,
-    prefix_index: Opt, prefix_lengths: Opt, key_padding_mask: Opt, out: Tensor, lse: Tensor,
-    causal: bool, sm_scale: float, dropout_p: float, seed: Tensor,
-    need_q: bool, need_k: bool, need_v: bool, need_prefix: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+def _bwd_seeded(*args: Any) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Backward kernels: ``(dq, dk, dv, dprefix_k, dprefix_v)``; a gradient that is not
     needed (or a missing prefix's) is an empty tensor."""
-    fields = (q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask)
-    needs = (need_q, need_k, need_v, need_prefix)
-    return _backward_op(do, (*fields, causal, sm_scale, dropout_p), out, lse, int(seed), needs)
+    return _backward_op(args)
 
 
+fwd_seeded = custom_op("prefixattn::fwd_seeded", _fwd_signed(_fwd_seeded, Tensor), mutates_args=())
+fwd_seeded.register_fake(_fake_fwd)
+bwd_seeded = custom_op("prefixattn::bwd_seeded", _bwd_signed(_bwd_seeded, Tensor), mutates_args=())
 bwd_seeded.register_fake(_fake_bwd)
 
 
@@ -180,47 +215,34 @@ def _interpreted() -> bool:
     return source(current_settings()).interpreted()
 
 
-@triton_op("prefixattn::fwd", mutates_args=())
-def fwd(
-    q: Tensor, k: Tensor, v: Tensor, prefix_k: Opt, prefix_v: Opt, prefix_index: Opt,
-    prefix_lengths: Opt, key_padding_mask: Opt, causal: bool, sm_scale: float,
-    dropout_p: float, seed: int,
-) -> tuple[Tensor, Tensor]:  # fmt: skip
-    """Forward kernel (``seed``: the Philox seed, used when ``dropout_p > 0``).
+def _seed_tensor(seed: int) -> Tensor:
+    return torch.full((1,), seed, dtype=torch.int64)
 
-    Returns ``(out [B, H, Nq, D], lse [B, H, Nq] float32)``.
-    """
-    fields = (q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask,
-              causal, sm_scale, dropout_p)  # fmt: skip
+
+def _fwd(*args: Any) -> tuple[Tensor, Tensor]:
+    """Forward kernel (``seed``: the Philox seed, used when ``dropout_p > 0``):
+    ``(out [B, H, Nq, D], lse [B, H, Nq] float32)``."""
     if _interpreted():  # interpreted kernels cannot be traced: run them opaquely
-        return torch.ops.prefixattn.fwd_seeded(*fields, torch.full((1,), seed, dtype=torch.int64))
-    return _forward(fields, seed, wrap_triton)
+        return torch.ops.prefixattn.fwd_seeded(*args[:-1], _seed_tensor(args[-1]))
+    return _forward(args, wrap_triton)
 
 
-# The fake implementation triton_op registers is the body above; this one only allocates
+def _bwd(*args: Any) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Backward kernels: ``(dq, dk, dv, dprefix_k, dprefix_v)``; a gradient that is not
+    needed (or a missing prefix's) is an empty tensor."""
+    if _interpreted():
+        seed_at = len(args) - 5
+        seed = _seed_tensor(args[seed_at])
+        return torch.ops.prefixattn.bwd_seeded(*args[:seed_at], seed, *args[seed_at + 1 :])
+    return _backward_op(args, wrap_triton)
+
+
+fwd = triton_op("prefixattn::fwd", _fwd_signed(_fwd, int), mutates_args=())
+# The fake implementation triton_op registers is the body; this one only allocates
 # (cheaper for shape propagation, and valid for interpreted kernels too). Inductor still
 # traces the body through wrap_triton.
 fwd.register_fake(_fake_fwd)
-
-
-@triton_op("prefixattn::bwd", mutates_args=())
-def bwd(
-    do: Tensor, q: Tensor, k: Tensor, v: Tensor, prefix_k: Opt, prefix_v: Opt,
-    prefix_index: Opt, prefix_lengths: Opt, key_padding_mask: Opt, out: Tensor, lse: Tensor,
-    causal: bool, sm_scale: float, dropout_p: float, seed: int,
-    need_q: bool, need_k: bool, need_v: bool, need_prefix: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    """Backward kernels: ``(dq, dk, dv, dprefix_k, dprefix_v)``; a gradient that is not
-    needed (or a missing prefix's) is an empty tensor."""
-    fields = (q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask)
-    needs = (need_q, need_k, need_v, need_prefix)
-    scalars = (causal, sm_scale, dropout_p)
-    if _interpreted():
-        seed_t = torch.full((1,), seed, dtype=torch.int64)
-        return torch.ops.prefixattn.bwd_seeded(do, *fields, out, lse, *scalars, seed_t, *needs)
-    return _backward_op(do, (*fields, *scalars), out, lse, seed, needs, wrap_triton)
-
-
+bwd = triton_op("prefixattn::bwd", _bwd_signed(_bwd, int), mutates_args=())
 bwd.register_fake(_fake_bwd)
 
 
@@ -228,16 +250,16 @@ bwd.register_fake(_fake_bwd)
 # autograd
 # --------------------------------------------------------------------------------------
 
-_N_OP_INPUTS = N_TENSORS + 4  # the call's tensors, causal, sm_scale, dropout_p, seed
+_N_OP_INPUTS = len(OP_FIELDS) + 1  # the call's fields, seed
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
     """Save what backward needs; the seed is a tensor for the ``_seeded`` ops."""
-    *tensors, causal, sm_scale, dropout_p, seed = inputs
+    *fields, seed = inputs
     out, lse = output
     seed_t = seed if isinstance(seed, Tensor) else None
-    ctx.save_for_backward(*tensors, out, lse, seed_t)
-    ctx.scalars = (causal, sm_scale, dropout_p)
+    ctx.save_for_backward(*fields[:N_TENSORS], out, lse, seed_t)
+    ctx.scalars = tuple(fields[N_TENSORS:])
     ctx.seed = None if seed_t is not None else seed
 
 
@@ -251,9 +273,9 @@ def _backward(ctx: Any, do: Tensor, dlse: Tensor | None) -> tuple[Tensor | None,
         op, seed = torch.ops.prefixattn.bwd_seeded, seed_t
     else:
         op, seed = torch.ops.prefixattn.bwd, ctx.seed
-    dq, dk, dv, dpk, dpv = op(do, *tensors, out, lse, *ctx.scalars, seed, *needs)
-    grads = (dq, dk, dv, dpk, dpv)
-    return tuple(g if n[i] else None for i, g in enumerate(grads)) + (None,) * (_N_OP_INPUTS - 5)
+    grads = op(do, out, lse, *tensors, *ctx.scalars, seed, *needs)
+    wanted = tuple(g if n[i] else None for i, g in enumerate(grads))
+    return wanted + (None,) * (_N_OP_INPUTS - len(wanted))
 
 
 fwd.register_autograd(_backward, setup_context=_setup_context)
