@@ -12,7 +12,8 @@ Adding an input
        if it changes what a plan set up: a shape, a dtype, a flag);
     4. its use where it matters: a kernel argument (``args.pointer_args`` for a tensor,
        ``forward.forward_spec`` / ``backward.backward_specs`` for a scalar or constexpr),
-       the math of ``reference.py`` and ``sdpa.py``;
+       the math of ``reference.py`` and ``sdpa.py``; a tensor with one entry per batch
+       row is also cut in :meth:`AttentionCall.rows` (batches past the grid limit);
     5. for ``torch.compile``: nothing for a tensor field (the custom ops' schemas are
        built from the fields); a scalar field gets its schema type in
        ``custom_op.OP_SCALARS`` and its value in ``custom_op.op_args``.
