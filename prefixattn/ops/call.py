@@ -8,8 +8,8 @@ Adding an input
     1. a field here (tensors before ``causal``: :data:`N_TENSORS` counts them, and the
        autograd function saves exactly those), with a default if it is optional;
     2. ``prefix_attention``'s parameter (``attention.py``) and its place in the call;
-    3. its checks in ``validation.validate`` (and in the plan key, ``plan.signature_key``,
-       if it changes what a plan set up: a shape, a dtype, a flag);
+    3. its checks in ``validation.validate`` (and in the plan key in ``plan.lookup_plan``,
+       if it changes what a plan sets up: a shape, a dtype, a flag);
     4. its use where it matters: a kernel argument (``args.pointer_args`` for a tensor,
        ``forward.forward_spec`` / ``backward.backward_specs`` for a scalar or constexpr),
        the math of ``reference.py`` and ``sdpa.py``; a tensor with one entry per batch
@@ -68,7 +68,7 @@ class AttentionCall(NamedTuple):
 
 
 # the tensor fields come first: call[:N_TENSORS] are the tensors (or None)
-N_TENSORS = 8
+N_TENSORS = AttentionCall._fields.index("causal")
 TENSOR_FIELDS = AttentionCall._fields[:N_TENSORS]
 # builds a call without the generated __new__'s Python frame (the per-call host path):
 # ``new_call(AttentionCall, (q, k, ...))`` with every field given, in order
