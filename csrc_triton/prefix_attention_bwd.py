@@ -738,8 +738,7 @@ def _attn_bwd(
             D, BLOCK_D, BLOCK_M, BLOCK_N, IS_CAUSAL, PREFIX_MODE, HAS_PLEN, HAS_KPM,
             HAS_DROPOUT, INPUT_PRECISION, HAS_DELTA,
         )  # fmt: skip
-        return
-    if KIND == BWD_DKDV:
+    elif KIND == BWD_DKDV:
         off_bhk = tl.program_id(1)
         _bwd_dkdv_program(
             tl.program_id(0) * BLOCK_N, off_bhk // HKV, off_bhk % HKV,
@@ -747,8 +746,7 @@ def _attn_bwd(
             D, BLOCK_D, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_KPM, HAS_DROPOUT, INPUT_PRECISION,
             HAS_DELTA,
         )  # fmt: skip
-        return
-    if KIND == BWD_PREFIX:
+    elif KIND == BWD_PREFIX:
         off_bhk = tl.program_id(1)
         _bwd_prefix_program(
             tl.program_id(0) * BLOCK_N, off_bhk // HKV, off_bhk % HKV,
@@ -757,38 +755,37 @@ def _attn_bwd(
             D, BLOCK_D, BLOCK_M, BLOCK_N, PREFIX_MODE, HAS_PLEN, HAS_DROPOUT, INPUT_PRECISION,
             HAS_DELTA,
         )  # fmt: skip
-        return
-    # BWD_FUSED
-    off_bhk = tl.program_id(0)
-    off_b = off_bhk // HKV
-    off_hk = off_bhk % HKV
-    j = tl.program_id(1)
-    n_kv = NEED_KV * tl.cdiv(N_K, BLOCK_N)
-    if j < N_PREFIX_PROGS:
-        if PREFIX_MODE != 0:
-            _bwd_prefix_program(
-                (j // N_SPLIT) * BLOCK_NP, off_b, off_hk, j % N_SPLIT, N_SPLIT,
-                q, pk, pv, PIDX, PLEN, do, LSE, Delta, O, DPK, DPV, sizes, scalars,
-                D, BLOCK_D, BLOCK_M, BLOCK_NP, PREFIX_MODE, HAS_PLEN, HAS_DROPOUT, INPUT_PRECISION,
+    else:  # BWD_FUSED (KIND is a constexpr: only one branch is compiled)
+        off_bhk = tl.program_id(0)
+        off_b = off_bhk // HKV
+        off_hk = off_bhk % HKV
+        j = tl.program_id(1)
+        n_kv = NEED_KV * tl.cdiv(N_K, BLOCK_N)
+        if j < N_PREFIX_PROGS:
+            if PREFIX_MODE != 0:
+                _bwd_prefix_program(
+                    (j // N_SPLIT) * BLOCK_NP, off_b, off_hk, j % N_SPLIT, N_SPLIT,
+                    q, pk, pv, PIDX, PLEN, do, LSE, Delta, O, DPK, DPV, sizes, scalars,
+                    D, BLOCK_D, BLOCK_M, BLOCK_NP, PREFIX_MODE, HAS_PLEN, HAS_DROPOUT, INPUT_PRECISION,
+                    HAS_DELTA,
+                )  # fmt: skip
+        elif j < N_PREFIX_PROGS + n_kv:
+            _bwd_dkdv_program(
+                (j - N_PREFIX_PROGS) * BLOCK_N, off_b, off_hk,
+                q, k, v, do, kpm, dk, DV, LSE, Delta, O, sizes, scalars,
+                D, BLOCK_D, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_KPM, HAS_DROPOUT, INPUT_PRECISION,
                 HAS_DELTA,
             )  # fmt: skip
-    elif j < N_PREFIX_PROGS + n_kv:
-        _bwd_dkdv_program(
-            (j - N_PREFIX_PROGS) * BLOCK_N, off_b, off_hk,
-            q, k, v, do, kpm, dk, DV, LSE, Delta, O, sizes, scalars,
-            D, BLOCK_D, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_KPM, HAS_DROPOUT, INPUT_PRECISION,
-            HAS_DELTA,
-        )  # fmt: skip
-    else:
-        n_dq = NEED_DQ * tl.cdiv(N_Q, BLOCK_M2)
-        start_m = (N_PREFIX_PROGS + n_kv + n_dq - 1 - j) * BLOCK_M2
-        for g in range(GROUP):
-            _bwd_dq_program(
-                start_m, off_b, off_hk * GROUP + g,
-                q, k, v, pk, pv, PIDX, PLEN, kpm, do, LSE, Delta, O, dq, sizes, scalars,
-                D, BLOCK_D, BLOCK_M2, BLOCK_N2, IS_CAUSAL, PREFIX_MODE, HAS_PLEN, HAS_KPM,
-                HAS_DROPOUT, INPUT_PRECISION, HAS_DELTA,
-            )  # fmt: skip
+        else:
+            n_dq = NEED_DQ * tl.cdiv(N_Q, BLOCK_M2)
+            start_m = (N_PREFIX_PROGS + n_kv + n_dq - 1 - j) * BLOCK_M2
+            for g in range(GROUP):
+                _bwd_dq_program(
+                    start_m, off_b, off_hk * GROUP + g,
+                    q, k, v, pk, pv, PIDX, PLEN, kpm, do, LSE, Delta, O, dq, sizes, scalars,
+                    D, BLOCK_D, BLOCK_M2, BLOCK_N2, IS_CAUSAL, PREFIX_MODE, HAS_PLEN, HAS_KPM,
+                    HAS_DROPOUT, INPUT_PRECISION, HAS_DELTA,
+                )  # fmt: skip
 
 
 @triton.jit
