@@ -450,7 +450,7 @@ _TRACE_SCRIPT = textwrap.dedent(
                 from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
                 kern = kernel_side_table.get_kernel(n.kwargs["kernel_idx"])
                 fn = getattr(kern, "fn", kern)
-                consts = kernel_side_table.get_constant_args(n.kwargs["constant_args_idx"])
+                consts = n.kwargs.get("kwargs", {})  # the launch's arguments by name
                 # the split backward's kernels are _attn_bwd launched with KIND = 1, 2, 3
                 name = fn.__name__ + SPLIT_NAMES.get(consts.get("KIND", 0), "")
                 res.append([name, sorted(n.kwargs.get("tensors_to_clone", []))])
