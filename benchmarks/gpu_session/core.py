@@ -37,7 +37,10 @@ def device_dtype(ctx: StepContext) -> tuple[str, Any]:
     tests/test_gpu.py's business, the tuned configs pass the headline rows' gate."""
     import torch
 
-    os.environ["PREFIXATTN_AUTOTUNE"] = "0"
+    from prefixattn.ops.settings import ACTIVE
+
+    os.environ["PREFIXATTN_AUTOTUNE"] = "0"  # for child processes (pytest_graphs)
+    ACTIVE.settings = ACTIVE.settings.replace(autotune=False)  # for this process
     if ctx.dry:
         return "cpu", torch.float32
     if not torch.cuda.is_available():
@@ -47,21 +50,12 @@ def device_dtype(ctx: StepContext) -> tuple[str, Any]:
 
 @contextmanager
 def backward_layout(mode: str) -> Iterator[None]:
-    """``PREFIXATTN_BWD=mode`` for the calls inside, with cached call plans dropped before
-    and after (the layout is read when a plan's backward is set up)."""
-    from prefixattn.ops.plan import clear_plans  # moved by a refactor? update this line
+    """The backward layout ``mode`` (``Settings.backward``) for the calls inside: a new
+    Settings object, so no plan made under another layout is reused."""
+    from prefixattn.ops.settings import use_settings
 
-    old = os.environ.get("PREFIXATTN_BWD")
-    os.environ["PREFIXATTN_BWD"] = mode
-    clear_plans()
-    try:
+    with use_settings(backward=mode):
         yield
-    finally:
-        if old is None:
-            os.environ.pop("PREFIXATTN_BWD", None)
-        else:
-            os.environ["PREFIXATTN_BWD"] = old
-        clear_plans()
 
 
 def compare64(

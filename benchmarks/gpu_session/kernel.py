@@ -298,9 +298,9 @@ def crossover(ctx: StepContext) -> None:
 
     device = _device(ctx)
     try:
-        from prefixattn.ops import launch
+        from prefixattn.ops import settings as ops_settings
 
-        current = getattr(launch, "FUSED_BWD_MAX_WORK", None)
+        current = getattr(ops_settings, "FUSED_BWD_MAX_WORK", None)
     except ImportError:
         current = None
     points = []

@@ -266,7 +266,7 @@ def markdown(recs: list[dict], tgts: list[dict], summ: dict) -> str:
     if xo:
         lines += ["", "## Fused / split backward crossover", "",
                   f"measured FUSED_BWD_MAX_WORK ~ {xo['measured_max_work']} (current "
-                  f"{xo['current_max_work']}); set it in prefixattn/ops/launch.py", "",
+                  f"{xo['current_max_work']}); set it in prefixattn/ops/settings.py", "",
                   "| B | N | work | fused ms | split ms | split / fused |", "|---|---|---|---|---|---|"]  # fmt: skip
         for p in xo["points"]:
             lines.append(f"| {p['B']} | {p['N']} | {p['work']} | {_f(p['fused_ms'], '.4g')} | "
