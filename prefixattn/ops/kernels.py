@@ -113,7 +113,7 @@ class KernelSource:
             if not settings.interpret:
                 raise ValueError(
                     "backend='triton' needs CUDA tensors; on CPU it runs only under Triton's "
-                    "interpreter (set TRITON_INTERPRET=1 before the first call), or use "
+                    "interpreter (set TRITON_INTERPRET=1 before importing prefixattn), or use "
                     "backend='reference' / 'auto'"
                 )
             if not self.interpreted():
