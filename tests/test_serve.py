@@ -25,8 +25,8 @@ import httpx
 import uvicorn
 
 from prefixattn import PrefixTuning, PromptTuning, TaskBank
-from prefixattn.hf.testing import single_thread
 from prefixattn.serve import Engine, GenRequest, QueueFullError, create_app, load_base
+from prefixattn.testing import single_thread
 
 TOKEN = "s3cret"
 PROMPTS = [
