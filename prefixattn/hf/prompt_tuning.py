@@ -50,7 +50,7 @@ from ._common import INIT_STRATEGIES as INIT_STRATEGIES  # kept importable from 
 from ._common import PEFT_WEIGHTS_KEY, TuningConfigBase, is_int, read_artifact
 from ._compat import cache_arg
 from .patching import get_prefix, is_patched, set_prefix
-from .tuner import Tuner, prepare_init_text, repeat_to
+from .tuner import Tuner, model_inputs, prepare_init_text, repeat_to
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "PromptTuning", "PromptTuningConfig"]
 
@@ -344,15 +344,24 @@ class PromptTuning(Tuner):
                 kwargs["position_ids"] = pos + P
         return kwargs, N
 
-    def forward(self, input_ids: torch.Tensor | None = None, **kwargs: Any) -> Any:
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
         """Run the model with the soft prompt: same arguments and outputs as ``model(...)``.
 
         Arguments:
             input_ids: [B, N] token ids (or pass ``inputs_embeds`` [B, N, hidden]).
-            **kwargs: anything the model takes: ``attention_mask`` [B, N] (real tokens
-                only; with a non-empty ``past_key_values`` it covers the cached real tokens
-                plus the N new ones), ``labels`` [B, N], ``position_ids`` [B, N],
-                ``past_key_values``, ``use_cache``, ``return_dict``, ...
+            attention_mask: [B, N] (real tokens only; with a non-empty ``past_key_values``
+                it covers the cached real tokens plus the N new ones).
+            labels: [B, N]; position_ids: [B, N].
+            **kwargs: anything else the model takes: ``past_key_values``, ``use_cache``,
+                ``return_dict``, ...
 
         With an empty (or no) cache the soft prompt is prepended; with a cache that already
         holds it (a cache returned by an earlier call), the new tokens are passed as they
@@ -365,6 +374,13 @@ class PromptTuning(Tuner):
         Raises:
             ValueError, TypeError: missing or malformed inputs (the message names them).
         """
+        kwargs = model_inputs(
+            kwargs,
+            attention_mask=attention_mask,
+            labels=labels,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+        )
         cache_name, past = cache_arg(kwargs)  # `cache` or `past_key_values`
         cache_len = 0
         if past is not None:
@@ -398,18 +414,31 @@ class PromptTuning(Tuner):
             self._strip_virtual(out, N)
         return out if return_dict else out.to_tuple()
 
+    def _backbone(self, input_ids: torch.Tensor | None, kwargs: dict[str, Any]) -> Any:
+        """The backbone on the soft prompt + inputs; ``last_hidden_state`` is cut back to
+        the N real positions: [B, N, hidden]."""
+        _, past = cache_arg(kwargs)
+        if past is not None and past.get_seq_length() > 0:
+            raise ValueError("PromptTuning.base_model starts from the soft prompt: no cache")
+        self._detach_prefix()
+        model_kwargs, N = self._extend(input_ids, kwargs, prepend=True)
+        out = self.model.base_model(**model_kwargs)
+        self._strip_virtual(out, N, key="last_hidden_state")
+        return out
+
     def _detach_prefix(self) -> None:
         """A ``PrefixTuning`` / ``TaskBank`` sharing this model leaves its prefix attached
         after its calls (they re-attach theirs on every call): run without it."""
         if is_patched(self.model) and get_prefix(self.model) is not None:
             set_prefix(self.model, None)
 
-    def _strip_virtual(self, out: ModelOutput, n: int) -> None:
-        """Cut ``logits`` / ``hidden_states`` of ``out`` to the last ``n`` (real) positions."""
+    def _strip_virtual(self, out: ModelOutput, n: int, key: str = "logits") -> None:
+        """Cut ``out[key]`` (``logits`` or ``last_hidden_state``) and ``hidden_states`` of
+        ``out`` to the last ``n`` (real) positions."""
         total = self.num_virtual_tokens + n
-        logits = out.get("logits") if isinstance(out, Mapping) else None
+        logits = out.get(key) if isinstance(out, Mapping) else None
         if isinstance(logits, torch.Tensor) and logits.dim() == 3 and logits.shape[1] == total:
-            out["logits"] = logits[:, total - n :]  # [B, N, V]
+            out[key] = logits[:, total - n :]  # [B, N, V or hidden]
         hs = out.get("hidden_states") if isinstance(out, Mapping) else None
         if isinstance(hs, tuple):
             out["hidden_states"] = tuple(

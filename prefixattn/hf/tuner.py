@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import json
 import os
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.nn.modules.module import _IncompatibleKeys
 from transformers import PreTrainedModel
 
 from ..losses import check_chunked_loss_support
@@ -46,6 +48,38 @@ __all__ = [
 
 _T = TypeVar("_T", bound="Tuner")
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
+#: the file transformers' Trainer writes a model's ``state_dict()`` to in a checkpoint
+TRAINER_WEIGHTS_NAME = "model.safetensors"
+#: the ``state_dict()`` entry holding a tuner's JSON metadata (uint8 bytes)
+STATE_META_KEY = "prefixattn.meta"
+
+
+def model_inputs(kwargs: dict[str, Any], **named: Any) -> dict[str, Any]:
+    """``kwargs`` plus the explicitly named model inputs that are not None."""
+    return {**{k: v for k, v in named.items() if v is not None}, **kwargs}
+
+
+def meta_tensor(meta: Mapping[str, Any]) -> torch.Tensor:
+    """JSON metadata as a uint8 [n] tensor (safetensors files hold only tensors)."""
+    raw = json.dumps(meta, sort_keys=True).encode()
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8).clone()  # [n]
+
+
+def read_meta_tensor(t: torch.Tensor) -> dict[str, Any]:
+    """The metadata :func:`meta_tensor` stored."""
+    return json.loads(bytes(t.to("cpu", torch.uint8).tolist()).decode())
+
+
+def read_trainer_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
+    """``(meta, tensors)`` of a tuner checkpoint written by transformers' ``Trainer``
+    (``model.safetensors`` holding a tuner's ``state_dict()``), or None if ``path`` has none."""
+    f = path / TRAINER_WEIGHTS_NAME
+    if not f.is_file():
+        return None
+    tensors = load_file(str(f))
+    if STATE_META_KEY not in tensors:
+        return None
+    return read_meta_tensor(tensors.pop(STATE_META_KEY)), tensors
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -220,6 +254,16 @@ def generate_with(
 # ------------------------------------------------------------------------ the base class
 
 
+class _Backbone:
+    """``tuner.base_model``: calls the base model's backbone with the tuner applied."""
+
+    def __init__(self, tuner: Tuner) -> None:
+        self.tuner = tuner
+
+    def __call__(self, input_ids: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        return self.tuner._backbone(input_ids, kwargs)
+
+
 def _as_dir(path: object) -> Path:
     """``path`` as a created directory; ``TypeError`` for a non-path."""
     if not isinstance(path, (str, os.PathLike)):
@@ -279,6 +323,7 @@ class Tuner(nn.Module):
             check_chunked_loss_support(model)
         for p in model.parameters():
             p.requires_grad_(False)
+        config._model_config = model.config
         self.config = config
         self.model = model
         self._setup()
@@ -318,15 +363,121 @@ class Tuner(nn.Module):
         base = sum(p.numel() for p in self.model.parameters())
         return self.num_trainable_parameters() / max(base, 1)
 
+    # ------------------------------------------------------------------ Trainer glue
+
+    def _own_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """The tuner's own parameters (not the frozen base model's), by state-dict name."""
+        return [(n, p) for n, p in self.named_parameters() if not n.startswith("model.")]
+
+    def _meta(self) -> dict[str, Any]:
+        """The JSON metadata :meth:`save` writes (format, version, sizes, model type, config)."""
+        return {
+            "format": self.FORMAT,
+            "version": self.FORMAT_VERSION,
+            **self._artifact_meta(),
+            "model_type": getattr(self.model.config, "model_type", None),
+            "config": self.config.to_dict(),
+        }
+
+    def state_dict(  # type: ignore[override]
+        self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False
+    ) -> dict[str, Any]:
+        """The trainable tensors only (and the metadata), not the frozen base model.
+
+        This is what ``transformers.Trainer`` writes to ``model.safetensors`` in each
+        checkpoint (a few KB instead of the base model), what ``resume_from_checkpoint`` and
+        ``load_best_model_at_end`` load back through :meth:`load_state_dict`, and what
+        :meth:`load` reads from a checkpoint directory. The entry ``"prefixattn.meta"``
+        (uint8 JSON) carries the config.
+        """
+        if args:  # torch's deprecated positional (destination, prefix, keep_vars)
+            raise TypeError("state_dict takes keyword arguments only")
+        out = destination if destination is not None else OrderedDict()
+        for name, p in self._own_parameters():
+            out[prefix + name] = p if keep_vars else p.detach()
+        out[prefix + STATE_META_KEY] = meta_tensor(self._meta())
+        return out
+
+    def load_state_dict(  # type: ignore[override]
+        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+    ) -> _IncompatibleKeys:
+        """Load what :meth:`state_dict` returned (a full ``nn.Module`` state dict with the
+        base model's ``model.*`` entries loads as ``nn.Module.load_state_dict`` would).
+
+        Raises:
+            ValueError: the metadata names another tuner format, or a tensor has another
+                shape than this tuner's.
+            RuntimeError: ``strict`` and missing or unexpected entries.
+        """
+        sd = dict(state_dict)
+        meta = sd.pop(STATE_META_KEY, None)
+        if meta is not None:
+            fmt = read_meta_tensor(meta).get("format")
+            if fmt != self.FORMAT:
+                raise ValueError(f"state_dict holds a {fmt!r} tuner, this is a {self.FORMAT!r}")
+        if any(k.startswith("model.") for k in sd):
+            return super().load_state_dict(sd, strict=strict, assign=assign)
+        own = dict(self._own_parameters())
+        missing = sorted(set(own) - set(sd))
+        unexpected = sorted(set(sd) - set(own))
+        if strict and (missing or unexpected):
+            raise RuntimeError(
+                f"Error(s) in loading state_dict for {type(self).__name__}: missing keys "
+                f"{missing}, unexpected keys {unexpected}"
+            )
+        with torch.no_grad():
+            for name in sorted(set(own) & set(sd)):
+                value = sd[name]
+                if tuple(value.shape) != tuple(own[name].shape):
+                    raise ValueError(
+                        f"state_dict[{name!r}] has shape {tuple(value.shape)}, this tuner's "
+                        f"{name} has {tuple(own[name].shape)}"
+                    )
+                own[name].copy_(value)
+        return _IncompatibleKeys(missing, unexpected)
+
+    # what HF trainers (Trainer, TRL) look up on a model, answered by the base model
+
+    @property
+    def generation_config(self) -> Any:
+        """The base model's generation config."""
+        return getattr(self.model, "generation_config", None)
+
+    def get_input_embeddings(self) -> nn.Module:
+        """The base model's input embeddings."""
+        return self.model.get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        """The base model's LM head."""
+        return self.model.get_output_embeddings()
+
+    def add_model_tags(self, tags: list[str] | str) -> None:
+        """Tag the base model (what TRL's trainers call)."""
+        if hasattr(self.model, "add_model_tags"):
+            self.model.add_model_tags(tags)
+
+    @property
+    def base_model(self) -> Any:
+        """The backbone with this tuner applied: ``tuner.base_model(input_ids=...)``
+        returns the base model's backbone output (``last_hidden_state`` [B, N, hidden]
+        for the N input positions). TRL's fused LM-head loss and
+        :func:`prefixattn.losses.causal_lm_loss` read hidden states through it."""
+        return _Backbone(self)
+
+    def _backbone(self, input_ids: torch.Tensor | None, kwargs: dict[str, Any]) -> Any:
+        """``model.base_model(...)`` with this tuner applied (see :attr:`base_model`)."""
+        raise NotImplementedError
+
     # ------------------------------------------------------------------ checkpointing
 
     def gradient_checkpointing_enable(
-        self, gradient_checkpointing_kwargs: dict[str, Any] | None = None
+        self, gradient_checkpointing_kwargs: dict[str, Any] | None = None, **extra: Any
     ) -> None:
         """Turn on gradient (activation) checkpointing of the base model; the tuner trains.
 
         Calls ``model.activation_checkpointing_enable`` (transformers >= 5.23) or
-        ``model.gradient_checkpointing_enable``. The default, non-reentrant checkpointing
+        ``model.gradient_checkpointing_enable``; ``extra`` (``every_n_layers``, ``offload``
+        on transformers >= 5.23) is passed on. The default, non-reentrant checkpointing
         needs nothing else; with ``{"use_reentrant": True}`` the input embeddings are made to
         require grad so that the frozen model still backpropagates to the tuner.
         Checkpointing is active in train mode only (transformers' rule).
@@ -334,14 +485,21 @@ class Tuner(nn.Module):
         model = self.model
         if hasattr(model, "activation_checkpointing_enable"):
             model.activation_checkpointing_enable(
-                activation_checkpointing_kwargs=gradient_checkpointing_kwargs
+                activation_checkpointing_kwargs=gradient_checkpointing_kwargs, **extra
             )
         else:
             model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs=gradient_checkpointing_kwargs
+                gradient_checkpointing_kwargs=gradient_checkpointing_kwargs, **extra
             )
         if (gradient_checkpointing_kwargs or {}).get("use_reentrant", False):
             model.enable_input_require_grads()
+
+    def activation_checkpointing_enable(
+        self, activation_checkpointing_kwargs: dict[str, Any] | None = None, **extra: Any
+    ) -> None:
+        """transformers >= 5.23's name of :meth:`gradient_checkpointing_enable` (what its
+        ``Trainer`` calls for ``gradient_checkpointing=True``)."""
+        self.gradient_checkpointing_enable(activation_checkpointing_kwargs, **extra)
 
     def gradient_checkpointing_disable(self) -> None:
         """Turn gradient checkpointing of the base model off again."""
@@ -351,10 +509,17 @@ class Tuner(nn.Module):
         else:
             model.gradient_checkpointing_disable()
 
+    activation_checkpointing_disable = gradient_checkpointing_disable
+
     @property
-    def is_gradient_checkpointing(self) -> bool:
+    def is_activation_checkpointing(self) -> bool:
         """Whether the base model checkpoints activations (what ``Trainer`` asks)."""
-        return bool(getattr(self.model, "is_gradient_checkpointing", False))
+        model = self.model
+        if hasattr(type(model), "is_activation_checkpointing"):  # transformers >= 5.23
+            return bool(model.is_activation_checkpointing)
+        return bool(getattr(model, "is_gradient_checkpointing", False))
+
+    is_gradient_checkpointing = is_activation_checkpointing
 
     # ------------------------------------------------------------------ files
 
@@ -378,14 +543,7 @@ class Tuner(nn.Module):
         path = _as_dir(path)
         tensors = self._artifact_tensors()
         save_file(tensors, str(path / self.WEIGHTS_NAME), metadata={"format": self.FORMAT})
-        meta = {
-            "format": self.FORMAT,
-            "version": self.FORMAT_VERSION,
-            **self._artifact_meta(),
-            "model_type": getattr(self.model.config, "model_type", None),
-            "config": self.config.to_dict(),
-        }
-        (path / self.CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+        (path / self.CONFIG_NAME).write_text(json.dumps(self._meta(), indent=2) + "\n")
         return path
 
     @classmethod
@@ -406,7 +564,16 @@ class Tuner(nn.Module):
 
     @classmethod
     def _load(cls: type[_T], path: str | os.PathLike, model: object, **overrides: Any) -> _T:
-        """:meth:`load`'s body: read, check (model, model type, shapes), build, copy."""
+        """:meth:`load`'s body: read, check (model, model type, shapes), build, copy.
+
+        ``path`` may also be a ``transformers.Trainer`` checkpoint of this tuner (its
+        ``model.safetensors`` holds :meth:`state_dict`): the trained tensors are restored
+        as they were (a reparameterized prefix keeps its MLP).
+        """
+        if isinstance(path, (str, os.PathLike)) and not (Path(path) / cls.CONFIG_NAME).exists():
+            ckpt = read_trainer_checkpoint(Path(path))
+            if ckpt is not None:
+                return cls._from_state(ckpt[0], ckpt[1], model, str(path), **overrides)
         tensor, meta = cls.read(path)
         model = cls.check_model(model)
         where = f"the {cls.artifact_noun} in {str(path)!r}"
@@ -416,6 +583,29 @@ class Tuner(nn.Module):
         self = cls._uninitialized(model, config)
         with torch.no_grad():
             self._set_loaded(tensor)
+        return self
+
+    @classmethod
+    def _from_state(
+        cls: type[_T],
+        meta: Mapping[str, Any],
+        tensors: Mapping[str, torch.Tensor],
+        model: object,
+        where: str,
+        **overrides: Any,
+    ) -> _T:
+        """A tuner rebuilt from :meth:`state_dict` output (a Trainer checkpoint)."""
+        if meta.get("format") != cls.FORMAT:
+            raise ValueError(
+                f"{where} holds a {meta.get('format')!r} checkpoint, not a {cls.FORMAT!r} one"
+            )
+        model = cls.check_model(model)
+        check_model_type(meta, model, f"the {cls.artifact_noun} in {where!r}")
+        cfg = dict(meta["config"])
+        cfg.update({k: v for k, v in overrides.items() if v is not None})
+        cfg.update(init="random", init_text=None)  # the tensors replace the init
+        self = cls._uninitialized(model, cls.config_class.from_dict(cfg))
+        self.load_state_dict(tensors)
         return self
 
     # ------------------------------------------------------------------ PEFT
