@@ -307,3 +307,26 @@ def test_torchrun_two_processes_train_the_one_process_tuner(tmp_path: Path) -> N
     err = (a - b).abs().max().item()
     assert err < 1e-6, f"2-process prefix differs from the 1-process prefix by {err:.2e}"
     assert not torch.equal(a, make_tuner("prefix").prefix)  # it trained
+
+
+# ------------------------------------------------------------------ multi-task
+
+
+def test_trainer_trains_the_multitask_tuner_from_a_task_ids_column(tmp_path: Path) -> None:
+    from prefixattn import MultiTaskPrefixTuning
+
+    ds = dataset().map(lambda row, i: {"task_ids": i % 3}, with_indices=True)
+    torch.manual_seed(0)
+    mt = MultiTaskPrefixTuning(tiny_gpt2(), {"a": 2, "b": 5, "c": 1}, backend="sdpa")
+    before = mt.bank.detach().clone()
+    trainer = Trainer(model=mt, args=args(tmp_path), train_dataset=ds)
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert "task_ids" in batch  # the column reaches forward
+    trainer.train()
+    for t, P in enumerate((2, 5, 1)):  # every task trained, only its own positions
+        assert not torch.equal(mt.bank[:, :, t, :, :P], before[:, :, t, :, :P])
+        assert torch.count_nonzero(mt.bank[:, :, t, :, P:]) == 0
+    loaded = MultiTaskPrefixTuning.load(tmp_path / "checkpoint-4", tiny_gpt2())
+    assert torch.equal(loaded.bank, mt.bank.detach())
+    mt.save(tmp_path / "tasks")
+    assert PrefixTuning.load(tmp_path / "tasks" / "b", tiny_gpt2()).num_virtual_tokens == 5

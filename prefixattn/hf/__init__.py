@@ -30,6 +30,8 @@ _LAZY = {
     "TaskBank": "prefixattn.hf.bank",
     "LayerPrefix": "prefixattn.hf.patching",
     "Tuner": "prefixattn.hf.tuner",
+    "MultiTaskPrefixTuning": "prefixattn.hf.multitask",
+    "MultiTaskPrefixTuningConfig": "prefixattn.hf.multitask",
 }
 
 __all__ = list(_LAZY)

@@ -75,6 +75,7 @@ __all__ = [
     "PrefixTuning",
     "PrefixTuningConfig",
     "read_prefix",
+    "token_kv",
 ]
 
 CONFIG_NAME = "prefixattn_prefix.json"
@@ -234,6 +235,34 @@ class _TuningProvider(PrefixProvider):
         return LayerPrefix(k, v)
 
 
+@torch.no_grad()
+def token_kv(
+    model: PreTrainedModel,
+    geometry: ModelGeometry,
+    ids: torch.Tensor,
+    restore: PrefixProvider | None,
+) -> torch.Tensor:
+    """K/V activations of token ids [P] run through the frozen, patched ``model`` without
+    any prefix (the paper's "vocab" / "text" init): [L, 2, Hkv, P, D] float32. ``restore``
+    is attached to the model again afterwards."""
+    was_training = model.training
+    model.eval()
+    set_prefix(model, None)
+    try:
+        with record_kv(model) as rec:
+            model(input_ids=ids[None].to(model_device(model)), use_cache=False)
+    finally:
+        set_prefix(model, restore)
+        model.train(was_training)
+    L = geometry.num_layers
+    if sorted(rec) != list(range(L)):
+        raise ValueError(
+            f"expected K/V from layers 0..{L - 1}, the model produced layers {sorted(rec)}"
+        )
+    out = torch.stack([torch.stack(rec[i]) for i in range(L)])  # [L, 2, 1, Hkv, P, D]
+    return out[:, :, 0].float()  # [L, 2, Hkv, P, D]
+
+
 def read_prefix(path: str | os.PathLike) -> tuple[torch.Tensor, dict[str, Any]]:
     """Read a prefix written by :meth:`PrefixTuning.save`.
 
@@ -386,26 +415,9 @@ class PrefixTuning(Tuner):
             else:
                 self._fit_mlp_output(target)
 
-    @torch.no_grad()
     def _activations(self, ids: torch.Tensor) -> torch.Tensor:
         """K/V activations of token ids [P] run through the frozen model: [L, 2, Hkv, P, D]."""
-        model, geo = self.model, self.geometry
-        was_training = model.training
-        model.eval()
-        set_prefix(model, None)
-        try:
-            with record_kv(model) as rec:
-                model(input_ids=ids[None].to(model_device(model)), use_cache=False)
-        finally:
-            set_prefix(model, self._provider)
-            model.train(was_training)
-        if sorted(rec) != list(range(geo.num_layers)):
-            raise ValueError(
-                f"expected K/V from layers 0..{geo.num_layers - 1}, the model produced layers "
-                f"{sorted(rec)}"
-            )
-        out = torch.stack([torch.stack(rec[i]) for i in range(geo.num_layers)])  # [L,2,1,Hkv,P,D]
-        return out[:, :, 0].float()  # [L, 2, Hkv, P, D]
+        return token_kv(self.model, self.geometry, ids, restore=self._provider)
 
     def _fit_mlp_output(self, target: torch.Tensor) -> None:
         """Set the last MLP layer so the MLP outputs ``target`` [L, 2, Hkv, P, D] exactly.

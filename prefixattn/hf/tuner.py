@@ -586,6 +586,11 @@ class Tuner(nn.Module):
         return self
 
     @classmethod
+    def _trained_config(cls, cfg: dict[str, Any]) -> dict[str, Any]:
+        """A saved config dict for a tuner whose tensors are loaded (no init to run)."""
+        return {**cfg, "init": "random", "init_text": None}
+
+    @classmethod
     def _from_state(
         cls: type[_T],
         meta: Mapping[str, Any],
@@ -601,9 +606,8 @@ class Tuner(nn.Module):
             )
         model = cls.check_model(model)
         check_model_type(meta, model, f"the {cls.artifact_noun} in {where!r}")
-        cfg = dict(meta["config"])
+        cfg = cls._trained_config(dict(meta["config"]))
         cfg.update({k: v for k, v in overrides.items() if v is not None})
-        cfg.update(init="random", init_text=None)  # the tensors replace the init
         self = cls._uninitialized(model, cls.config_class.from_dict(cfg))
         self.load_state_dict(tensors)
         return self
