@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .data import DEMO_MODEL, TextRecord, read_text_records
+from .data import DEMO_MODEL, read_text_records
 from .ops.validation import BACKENDS
+from .training import encode_records as encode_records  # kept importable from here
 
 METHODS = ("prefix", "prompt")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -128,46 +129,14 @@ def _param_line(tuner: Any) -> str:
 # --------------------------------------------------------------------------------------
 
 
-def encode_records(
-    records: Sequence[TextRecord], tokenizer: Any, seq_len: int
-) -> tuple[list[list[int]], list[int]]:
-    """Token ids and loss start per training sequence.
-
-    ``text`` records are language modelling on the whole text (cut into ``seq_len``
-    chunks); ``prompt``/``completion`` records get a loss on the completion only (the
-    prompt is cut from the left when the pair is longer than ``seq_len``). An EOS token
-    ends each record when the tokenizer has one.
-
-    Returns:
-        ``(sequences, label_starts)``; a record without any loss token is dropped.
-    """
-    eos = tokenizer.eos_token_id
-    seqs: list[list[int]] = []
-    starts: list[int] = []
-    for r in records:
-        tail = [eos] if eos is not None else []
-        if not r.prompt:
-            ids = list(tokenizer(r.completion)["input_ids"]) + tail
-            for i in range(0, len(ids), seq_len):
-                chunk = ids[i : i + seq_len]
-                if len(chunk) >= 2:
-                    seqs.append(chunk)
-                    starts.append(0)
-            continue
-        p = list(tokenizer(r.prompt)["input_ids"])
-        c = list(tokenizer(r.completion, add_special_tokens=False)["input_ids"]) + tail
-        c = c[: max(seq_len - 1, 1)]
-        p = p[-(seq_len - len(c)) :] if seq_len > len(c) else p[-1:]
-        ids = (p + c)[:seq_len]
-        start = len(p)
-        if start < len(ids):
-            seqs.append(ids)
-            starts.append(start)
-    return seqs, starts
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     """``prefixattn train``."""
+    if bool(args.data) == bool(args.task):
+        raise CLIError("train needs --data FILE, or --task NAME=FILE (once per task), not both")
+    if args.task:
+        from .train_tasks import train_tasks
+
+        return train_tasks(args)
     import torch
 
     from .artifacts import TRAIN_INFO, artifact_bytes
@@ -493,9 +462,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a prefix or soft prompt on a JSONL / text file")
     p.add_argument(
         "--data",
-        required=True,
+        default=None,
         help='JSONL with {"text": ...} or {"prompt": ..., "completion": ...} per line, '
         "or a plain text file (one record per paragraph)",
+    )
+    p.add_argument(
+        "--task",
+        action="append",
+        type=_task_spec,
+        default=[],
+        metavar="NAME=FILE",
+        help="train several tasks' prefixes at once, in mixed batches (instead of --data; "
+        "repeat per task; saved to OUT/NAME); see docs/training.md",
+    )
+    p.add_argument(
+        "--task-tokens",
+        action="append",
+        type=_task_spec,
+        default=[],
+        metavar="NAME=P",
+        help="prefix length of one --task (default: --num-virtual-tokens)",
     )
     p.add_argument("--out", required=True, help="directory to save the trained artifact to")
     _add_common(p)

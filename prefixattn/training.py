@@ -12,9 +12,13 @@ import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from .data import TextRecord
 
 Batch = dict[str, torch.Tensor]
 
@@ -184,3 +188,41 @@ def pad_batch(
     if label_starts is not None:
         batch["labels"] = labels.to(device)
     return batch
+
+
+def encode_records(
+    records: Sequence[TextRecord], tokenizer: Any, seq_len: int
+) -> tuple[list[list[int]], list[int]]:
+    """Token ids and loss start per training sequence.
+
+    ``text`` records are language modelling on the whole text (cut into ``seq_len``
+    chunks); ``prompt``/``completion`` records get a loss on the completion only (the
+    prompt is cut from the left when the pair is longer than ``seq_len``). An EOS token
+    ends each record when the tokenizer has one.
+
+    Returns:
+        ``(sequences, label_starts)``; a record without any loss token is dropped.
+    """
+    eos = tokenizer.eos_token_id
+    seqs: list[list[int]] = []
+    starts: list[int] = []
+    for r in records:
+        tail = [eos] if eos is not None else []
+        if not r.prompt:
+            ids = list(tokenizer(r.completion)["input_ids"]) + tail
+            for i in range(0, len(ids), seq_len):
+                chunk = ids[i : i + seq_len]
+                if len(chunk) >= 2:
+                    seqs.append(chunk)
+                    starts.append(0)
+            continue
+        p = list(tokenizer(r.prompt)["input_ids"])
+        c = list(tokenizer(r.completion, add_special_tokens=False)["input_ids"]) + tail
+        c = c[: max(seq_len - 1, 1)]
+        p = p[-(seq_len - len(c)) :] if seq_len > len(c) else p[-1:]
+        ids = (p + c)[:seq_len]
+        start = len(p)
+        if start < len(ids):
+            seqs.append(ids)
+            starts.append(start)
+    return seqs, starts
