@@ -102,3 +102,21 @@ def test_train_tasks_errors(capsys, tmp_path: Path, files) -> None:
         capsys, *base, "--task", f"a={files['colour']}", "--task", f"a={files['count']}"
     )
     assert rc == 2 and "each NAME may appear once" in err
+
+
+def test_demo_multi_task_tiny(capsys) -> None:
+    """``prefixattn demo --tiny --multi-task``: the whole pipeline in seconds."""
+    from prefixattn.demo import DemoConfig
+    from prefixattn.demo_multitask import run_multitask_demo
+
+    lines: list[str] = []
+    res = run_multitask_demo(
+        DemoConfig(tiny=True, steps=4, eval_size=10, progress=False), log=lines.append
+    )
+    for table in (res.zero_shot, res.separate, res.mixed):
+        assert set(table) == {"topic", "headline"} and all(0 <= a <= 1 for a in table.values())
+    assert res.mixed_seconds > 0 and res.separate_seconds > 0
+    assert any(line.startswith("training wall time") for line in lines)
+    rc, out, err = run(capsys, "demo", "--tiny", "--multi-task", "--steps", 2, "--no-progress")
+    assert rc == 0, err
+    assert "mixed - alone" in out
