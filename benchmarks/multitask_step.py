@@ -152,10 +152,18 @@ def main() -> None:
     for n in names:
         med = statistics.median(times[n])
         res[n] = {"step_s": med, "tokens_per_s": tokens / med, "step_s_all": times[n]}
-    memory = {}
     for n in names:
-        cmd = [sys.executable, __file__, "--child", n, *sys.argv[1:]]
-        cmd = [c for c in cmd if not c.startswith("--out")]
+        print(f"{n}: median step {res[n]['step_s']:.3f} s, {res[n]['tokens_per_s']:.0f} tokens/s")
+    memory = {}
+    shape_args = []  # this run's arguments without --out (the children write nothing)
+    argv = iter(sys.argv[1:])
+    for a in argv:
+        if a == "--out":
+            next(argv, None)
+        elif not a.startswith("--out="):
+            shape_args.append(a)
+    for n in names:
+        cmd = [sys.executable, __file__, "--child", n, *shape_args]
         got = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=900)
         memory[n] = json.loads(got.stdout.strip().splitlines()[-1])["peak_rss_growth_mib"]
         res[n]["peak_rss_growth_mib"] = memory[n]

@@ -28,6 +28,7 @@ from . import __version__
 from .data import DEMO_MODEL, read_text_records
 from .ops.validation import BACKENDS
 from .training import encode_records as encode_records  # kept importable from here
+from .training import split_records
 
 METHODS = ("prefix", "prompt")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -148,20 +149,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     dctx = init_distributed(args.device, backend=args.dist_backend)
     dctx.silence_other_ranks()  # rank 0 prints
 
-    records = read_text_records(args.data)
-    random.Random(args.seed).shuffle(records)
-    if args.eval_size is not None:
-        n_eval = args.eval_size
-    else:
-        n_eval = round(len(records) * args.eval_fraction)
-        if args.eval_fraction > 0 and len(records) >= 2:
-            n_eval = max(n_eval, 1)
-    if n_eval >= len(records):
-        raise CLIError(
-            f"--eval-size/--eval-fraction leave no training records ({len(records)} records, "
-            f"{n_eval} for evaluation)"
-        )
-    eval_records, train_records = records[:n_eval], records[n_eval:]
+    eval_records, train_records = split_records(
+        read_text_records(args.data), args.eval_size, args.eval_fraction, args.seed, what=""
+    )
 
     if args.fsdp and not dctx.is_distributed:
         print(

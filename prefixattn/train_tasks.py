@@ -23,7 +23,7 @@ from .artifacts import TRAIN_INFO, artifact_bytes
 from .data import load_model, read_text_records
 from .demo import kernel_backend, resolve_device
 from .distributed import init_distributed
-from .training import Batch, encode_records, evaluate_loss, pad_batch, train
+from .training import Batch, encode_records, evaluate_loss, pad_batch, split_records, train
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -38,23 +38,6 @@ def _task_lengths(args: argparse.Namespace, names: list[str]) -> dict[str, int]:
             raise ValueError(f"--task-tokens {name}={value}: expected an integer >= 1")
         out[name] = int(value)
     return out
-
-
-def _split(records: list[Any], args: argparse.Namespace, name: str) -> tuple[list, list]:
-    """``(eval, train)`` records of one task, as ``train --data`` splits them."""
-    random.Random(args.seed).shuffle(records)
-    if args.eval_size is not None:
-        n_eval = args.eval_size
-    else:
-        n_eval = round(len(records) * args.eval_fraction)
-        if args.eval_fraction > 0 and len(records) >= 2:
-            n_eval = max(n_eval, 1)
-    if n_eval >= len(records):
-        raise ValueError(
-            f"--task {name}: --eval-size/--eval-fraction leave no training records "
-            f"({len(records)} records, {n_eval} for evaluation)"
-        )
-    return records[:n_eval], records[n_eval:]
 
 
 def train_tasks(args: argparse.Namespace) -> int:
@@ -87,7 +70,8 @@ def train_tasks(args: argparse.Namespace) -> int:
     print(f"model {args.model!r} loaded in {time.perf_counter() - t0:.1f} s")
     data: dict[str, dict[str, Any]] = {}
     for name, path in args.task:
-        eval_r, train_r = _split(read_text_records(path), args, name)
+        eval_r, train_r = split_records(read_text_records(path), args.eval_size,
+                                        args.eval_fraction, args.seed, what=f"--task {name}: ")  # fmt: skip
         seqs, starts = encode_records(train_r, tok, args.seq_len)
         eval_seqs, eval_starts = encode_records(eval_r, tok, args.seq_len)
         if not seqs:

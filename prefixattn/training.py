@@ -9,6 +9,7 @@ decay, and shows a tqdm bar with the loss and the tokens per second.
 from __future__ import annotations
 
 import math
+import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -226,3 +227,28 @@ def encode_records(
             seqs.append(ids)
             starts.append(start)
     return seqs, starts
+
+
+def split_records(
+    records: list[Any], eval_size: int | None, eval_fraction: float, seed: int, what: str
+) -> tuple[list[Any], list[Any]]:
+    """``(eval, train)``: ``records`` shuffled with ``seed``, the first ``eval_size`` (or
+    ``eval_fraction`` of them, at least one when the fraction is > 0) held out.
+
+    Raises:
+        ValueError: nothing would be left to train on (the message starts with ``what``).
+    """
+    records = list(records)
+    random.Random(seed).shuffle(records)
+    if eval_size is not None:
+        n_eval = eval_size
+    else:
+        n_eval = round(len(records) * eval_fraction)
+        if eval_fraction > 0 and len(records) >= 2:
+            n_eval = max(n_eval, 1)
+    if n_eval >= len(records):
+        raise ValueError(
+            f"{what}--eval-size/--eval-fraction leave no training records ({len(records)} "
+            f"records, {n_eval} for evaluation)"
+        )
+    return records[:n_eval], records[n_eval:]

@@ -62,7 +62,6 @@ from .tuner import (
     Tuner,
     generate_with,
     model_device,
-    model_inputs,
     offset_positions,
     prepare_init_text,
     repeat_to,
@@ -492,29 +491,13 @@ class PrefixTuning(Tuner):
             )
         set_prefix(self.model, self._provider)
 
-    def forward(
-        self,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        **kwargs: Any,
-    ) -> Any:
-        """Run the model with the prefix: same arguments and outputs as ``model(...)``.
+    def _forward(self, input_ids: torch.Tensor | None, kwargs: dict[str, Any]) -> Any:
+        """The model call with the prefix attached and positions shifted.
 
         ``input_ids`` [B, N], ``attention_mask`` [B, N] (or [B, cache + N] with a cache),
         ``labels`` [B, N], ``position_ids``, ``inputs_embeds``, ``past_key_values`` (the
-        cache never holds the prefix), ... (The common inputs are named in the signature
-        so that ``transformers.Trainer`` keeps those dataset columns.)
+        cache never holds the prefix), ...
         """
-        kwargs = model_inputs(
-            kwargs,
-            attention_mask=attention_mask,
-            labels=labels,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-        )
         self._activate()
         kwargs = offset_positions(kwargs, input_ids, self.position_offset)
         if self.config.chunked_loss and self.training and kwargs.get("labels") is not None:

@@ -50,7 +50,7 @@ from ._common import INIT_STRATEGIES as INIT_STRATEGIES  # kept importable from 
 from ._common import PEFT_WEIGHTS_KEY, TuningConfigBase, is_int, read_artifact
 from ._compat import cache_arg
 from .patching import get_prefix, is_patched, set_prefix
-from .tuner import Tuner, model_inputs, prepare_init_text, repeat_to
+from .tuner import Tuner, prepare_init_text, repeat_to
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "PromptTuning", "PromptTuningConfig"]
 
@@ -344,24 +344,15 @@ class PromptTuning(Tuner):
                 kwargs["position_ids"] = pos + P
         return kwargs, N
 
-    def forward(
-        self,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        **kwargs: Any,
-    ) -> Any:
-        """Run the model with the soft prompt: same arguments and outputs as ``model(...)``.
+    def _forward(self, input_ids: torch.Tensor | None, kwargs: dict[str, Any]) -> Any:
+        """The model call with the soft prompt (``forward`` takes what the model takes).
 
         Arguments:
             input_ids: [B, N] token ids (or pass ``inputs_embeds`` [B, N, hidden]).
-            attention_mask: [B, N] (real tokens only; with a non-empty ``past_key_values``
-                it covers the cached real tokens plus the N new ones).
-            labels: [B, N]; position_ids: [B, N].
-            **kwargs: anything else the model takes: ``past_key_values``, ``use_cache``,
-                ``return_dict``, ...
+            kwargs: ``attention_mask`` [B, N] (real tokens only; with a non-empty
+                ``past_key_values`` it covers the cached real tokens plus the N new ones),
+                ``labels`` [B, N], ``position_ids`` [B, N], ``past_key_values``,
+                ``use_cache``, ``return_dict``, ...
 
         With an empty (or no) cache the soft prompt is prepended; with a cache that already
         holds it (a cache returned by an earlier call), the new tokens are passed as they
@@ -374,13 +365,6 @@ class PromptTuning(Tuner):
         Raises:
             ValueError, TypeError: missing or malformed inputs (the message names them).
         """
-        kwargs = model_inputs(
-            kwargs,
-            attention_mask=attention_mask,
-            labels=labels,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-        )
         cache_name, past = cache_arg(kwargs)  # `cache` or `past_key_values`
         cache_len = 0
         if past is not None:

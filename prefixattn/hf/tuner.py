@@ -436,6 +436,31 @@ class Tuner(nn.Module):
                 own[name].copy_(value)
         return _IncompatibleKeys(missing, unexpected)
 
+    # ------------------------------------------------------------------ running
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Run the model with the tuner: same arguments and outputs as ``model(...)``.
+
+        The common inputs are named so that ``transformers.Trainer`` keeps those dataset
+        columns; ``**kwargs`` takes anything else the model takes (``past_key_values``,
+        ``use_cache``, ``return_dict``, ``num_items_in_batch``, ...). See the subclass's
+        :meth:`_forward` for what it does to the call.
+        """
+        kwargs = model_inputs(kwargs, attention_mask=attention_mask, labels=labels,
+                              position_ids=position_ids, inputs_embeds=inputs_embeds)  # fmt: skip
+        return self._forward(input_ids, kwargs)
+
+    def _forward(self, input_ids: torch.Tensor | None, kwargs: dict[str, Any]) -> Any:
+        raise NotImplementedError
+
     # what HF trainers (Trainer, TRL) look up on a model, answered by the base model
 
     @property
