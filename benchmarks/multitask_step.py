@@ -167,12 +167,14 @@ def main() -> None:
         got = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=900)
         memory[n] = json.loads(got.stdout.strip().splitlines()[-1])["peak_rss_growth_mib"]
         res[n]["peak_rss_growth_mib"] = memory[n]
+    import peft
     import transformers
 
     env = {
         "device": f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"{torch.get_num_threads()} torch thread(s))",
         "torch": torch.__version__, "transformers": transformers.__version__,
+        "peft": peft.__version__,
         "python": platform.python_version(),
         "loadavg_start": load_start, "loadavg_end": Path("/proc/loadavg").read_text().split()[:3],
         "command": "python benchmarks/multitask_step.py " + " ".join(sys.argv[1:]),
@@ -194,7 +196,7 @@ def main() -> None:
         )
         md = [f"# Multi-task training step vs per-task steps ({env['device']})", "",
               f"- command: `{env['command']}`", f"- torch {env['torch']}, transformers "
-              f"{env['transformers']}, Python {env['python']}",
+              f"{env['transformers']}, peft {env['peft']}, Python {env['python']}",
               f"- load average at start / end: {' '.join(load_start)} / "
               f"{' '.join(env['loadavg_end'])} (2 cores shared with other jobs)",
               f"- shape: {env['shape']}", "- 'vs mixed': mixed step time / this step time "
