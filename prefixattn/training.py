@@ -13,13 +13,10 @@ import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
-
-if TYPE_CHECKING:
-    from .data import TextRecord
 
 Batch = dict[str, torch.Tensor]
 
@@ -192,7 +189,7 @@ def pad_batch(
 
 
 def encode_records(
-    records: Sequence[TextRecord], tokenizer: Any, seq_len: int
+    records: Sequence[Any], tokenizer: Any, seq_len: int
 ) -> tuple[list[list[int]], list[int]]:
     """Token ids and loss start per training sequence.
 
