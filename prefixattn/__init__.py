@@ -28,6 +28,8 @@ _LAZY = {
     "PromptTuning": "prefixattn.hf.prompt_tuning",
     "PromptTuningConfig": "prefixattn.hf.prompt_tuning",
     "TaskBank": "prefixattn.hf.bank",
+    "MultiTaskPrefixTuning": "prefixattn.hf.multitask",
+    "MultiTaskPrefixTuningConfig": "prefixattn.hf.multitask",
     "causal_lm_loss": "prefixattn.losses",
 }
 

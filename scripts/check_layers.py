@@ -48,15 +48,21 @@ LAYERS: list[list[str]] = [
     ["prefixattn.losses"],
     # Hugging Face glue
     ["prefixattn.hf.patching"],
+    ["prefixattn.hf.tuner"],
     ["prefixattn.hf.prefix_tuning"],
     ["prefixattn.hf.prompt_tuning"],
     ["prefixattn.artifacts"],
     ["prefixattn.hf.bank"],
+    ["prefixattn.hf.multitask"],
     ["prefixattn.hf"],
     ["prefixattn.tiny"],
+    # test support (nothing in the library imports it) and its old import path
+    ["prefixattn.testing"],
+    ["prefixattn.hf.testing"],
     # the public package, then the applications on top of it
     ["prefixattn"],
     ["prefixattn.demo"],
+    ["prefixattn.demo_multitask", "prefixattn.train_tasks"],
     ["prefixattn.serve.*"],
     ["prefixattn.serve.request", "prefixattn.serve.schemas"],
     ["prefixattn.serve.engine"],

@@ -25,7 +25,7 @@ import prefixattn
 from prefixattn import data as pdata
 from prefixattn.cli import build_parser, encode_records, main
 from prefixattn.data import Example, TextRecord
-from prefixattn.hf.testing import single_thread
+from prefixattn.testing import single_thread
 from prefixattn.tiny import TINY_LABELS, synthetic_articles, tiny_model, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]

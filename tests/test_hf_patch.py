@@ -14,7 +14,7 @@ import prefixattn
 from prefixattn.hf import patching
 from prefixattn.hf._compat import cache_kwarg, output_cache
 from prefixattn.hf.patching import StaticPrefix, get_prefix, is_patched, set_prefix
-from prefixattn.hf.testing import (
+from prefixattn.testing import (
     concat_prefix_forward,
     left_padded_batch,
     single_thread,

@@ -1,7 +1,7 @@
 """PEFT's own ``generate`` against greedy decoding over PEFT's own forward.
 
 The interop tests (test_peft_interop.py, test_prompt_tuning.py, test_gqa_models.py) check
-prefixattn's generations against :func:`prefixattn.hf.testing.greedy_reference` over PEFT's
+prefixattn's generations against :func:`prefixattn.testing.greedy_reference` over PEFT's
 forward (one unpadded row at a time, no cache), because PEFT's ``generate`` does not always
 follow its forward: under transformers 5.24 with PEFT 0.21.2 it ignores a prefix-tuning
 prefix (GPT-2: the base model's tokens), and its prompt-tuning generate on a left-padded
@@ -22,7 +22,7 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 from prefixattn import PrefixTuning, PromptTuning  # noqa: E402
-from prefixattn.hf.testing import (  # noqa: E402
+from prefixattn.testing import (  # noqa: E402
     greedy_reference,
     left_padded_batch,
     single_thread,

@@ -24,7 +24,6 @@ import httpx
 from serve_support import Server
 
 from prefixattn import PrefixTuning, PromptTuning, TaskBank
-from prefixattn.hf.testing import single_thread
 from prefixattn.serve import (
     Engine,
     GenRequest,
@@ -34,6 +33,7 @@ from prefixattn.serve import (
     load_base,
 )
 from prefixattn.serve.output import RequestOutput, TokenStrings
+from prefixattn.testing import single_thread
 
 TOKEN = "s3cret"
 PROMPTS = [

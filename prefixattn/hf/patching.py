@@ -62,6 +62,7 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
+    "LayerPrefix",
     "PrefixProvider",
     "StaticPrefix",
     "get_prefix",
@@ -97,6 +98,24 @@ _UNSUPPORTED_KWARGS = {
 # --------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class LayerPrefix:
+    """One layer's prefix as a :class:`PrefixProvider` hands it to the attention function.
+
+    Attributes:
+        key, value: [Hkv, P, D] (shared by all rows), [B, Hkv, P, D] (per row, ``index``
+            None) or [T, Hkv, P, D] (a bank, with ``index``).
+        index: int64 [B], the bank entry of each row (None: not a bank).
+        lengths: int64 [T], a ragged bank: entry t exposes its first ``lengths[t]`` keys
+            (None: every entry has all P; only with ``index``).
+    """
+
+    key: torch.Tensor
+    value: torch.Tensor
+    index: torch.Tensor | None = None
+    lengths: torch.Tensor | None = None
+
+
 class PrefixProvider:
     """Where a patched model gets its per-layer prefix K/V from.
 
@@ -106,17 +125,12 @@ class PrefixProvider:
     trained.
     """
 
-    def layer_prefix(
-        self, layer_idx: int, batch_size: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+    def layer_prefix(self, layer_idx: int, batch_size: int) -> LayerPrefix | None:
         """The prefix of layer ``layer_idx`` for a batch of ``batch_size`` rows.
 
         Returns:
-            ``None`` (no prefix on this layer) or ``(prefix_k, prefix_v, prefix_index)`` with
-            ``prefix_k``/``prefix_v`` of shape [Hkv, P, D] (shared), [B, Hkv, P, D] (per row,
-            ``prefix_index=None``) or [T, Hkv, P, D] with ``prefix_index`` int64 [B] (bank).
-            A ragged bank returns a 4-tuple: ``prefix_lengths`` int64 [T] last (see
-            :func:`prefixattn.prefix_attention`).
+            ``None`` (no prefix on this layer) or a :class:`LayerPrefix` (see
+            :func:`prefixattn.prefix_attention` for the shapes).
         """
         raise NotImplementedError
 
@@ -183,9 +197,7 @@ class StaticPrefix(PrefixProvider):
         self.expand_batch = expand_batch
         self.prefix_lengths = prefix_lengths
 
-    def layer_prefix(
-        self, layer_idx: int, batch_size: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+    def layer_prefix(self, layer_idx: int, batch_size: int) -> LayerPrefix | None:
         """See :meth:`PrefixProvider.layer_prefix`."""
         if layer_idx >= len(self.keys):
             raise ValueError(
@@ -200,9 +212,7 @@ class StaticPrefix(PrefixProvider):
             if not (self.expand_batch and n > 0 and batch_size % n == 0):
                 raise ValueError(f"prefix_index has {n} rows but the batch has {batch_size} rows")
             index = index.repeat_interleave(batch_size // n)  # [B]: beams/samples of a row
-        if self.prefix_lengths is not None:
-            return k, v, index, self.prefix_lengths
-        return k, v, index
+        return LayerPrefix(k, v, index, self.prefix_lengths)
 
 
 @dataclass
@@ -563,14 +573,18 @@ def prefixattn_attention_forward(
             )
         got = provider.layer_prefix(int(layer_idx), B)
         if got is not None:
-            prefix_k, prefix_v, prefix_index, *rest = got
-            if rest:  # a ragged bank
-                prefix_lengths = rest[0].to(query.device)
+            if not isinstance(got, LayerPrefix):
+                raise TypeError(
+                    f"{type(provider).__name__}.layer_prefix must return a LayerPrefix or None, "
+                    f"got {type(got).__name__}"
+                )
             # a prefix trained in fp32 on a half-precision model (or vice versa): cast
-            prefix_k = prefix_k.to(device=query.device, dtype=query.dtype)
-            prefix_v = prefix_v.to(device=query.device, dtype=query.dtype)
-            if prefix_index is not None:
-                prefix_index = prefix_index.to(query.device)
+            prefix_k = got.key.to(device=query.device, dtype=query.dtype)
+            prefix_v = got.value.to(device=query.device, dtype=query.dtype)
+            if got.index is not None:
+                prefix_index = got.index.to(query.device)
+            if got.lengths is not None:  # a ragged bank
+                prefix_lengths = got.lengths.to(query.device)
 
     out = prefix_attention(
         query,
