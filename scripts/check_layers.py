@@ -23,6 +23,8 @@ PACKAGE = "prefixattn"
 # Lowest first. Patterns (fnmatch) name modules; a module takes the first layer that
 # names it exactly, else the first pattern that matches.
 LAYERS: list[list[str]] = [
+    # process set-up that must run before torch is imported (OMP_WAIT_POLICY)
+    ["prefixattn._runtime"],
     # the kernel path (prefixattn.ops): settings and the call object at the bottom
     ["prefixattn.ops.settings"],
     ["prefixattn.ops.call"],
@@ -64,11 +66,24 @@ LAYERS: list[list[str]] = [
     ["prefixattn.demo"],
     ["prefixattn.demo_multitask", "prefixattn.train_tasks"],
     ["prefixattn.serve.*"],
-    ["prefixattn.serve.request", "prefixattn.serve.schemas"],
+    # serving: the engine's interface and the protocol models at the bottom
+    [
+        "prefixattn.serve.request",
+        "prefixattn.serve.schemas",
+        "prefixattn.serve.errors",
+        "prefixattn.serve.metrics",
+    ],
+    ["prefixattn.serve.logprobs", "prefixattn.serve.output", "prefixattn.serve.auth"],
     ["prefixattn.serve.engine"],
+    # the OpenAI front end: shared serving code, one class per endpoint, the router
+    ["prefixattn.serve.serving_engine"],
+    ["prefixattn.serve.serving_chat", "prefixattn.serve.serving_completion"],
+    ["prefixattn.serve.serving_models"],
+    ["prefixattn.serve.admin"],
     ["prefixattn.serve.app"],
     ["prefixattn.serve"],
     ["prefixattn.cli"],
+    ["prefixattn.__main__"],
 ]
 
 
