@@ -27,6 +27,7 @@ import uvicorn
 from prefixattn import PrefixTuning, PromptTuning, TaskBank
 from prefixattn.hf.testing import single_thread
 from prefixattn.serve import Engine, GenRequest, QueueFullError, create_app, load_base
+from prefixattn.serve.request import SamplingParams
 
 TOKEN = "s3cret"
 PROMPTS = [
@@ -79,7 +80,7 @@ def env(tmp_path_factory):
         tasks = {t: str(root / t) for t in ("bbc", "sst2", "soft")}
         app = create_app(
             copy.deepcopy(model), tok, tasks, model_name=name, admin_token=TOKEN,
-            max_batch_size=8, max_wait_ms=40, max_queue=64,
+            max_num_seqs=8, max_queue=64,
         )  # fmt: skip
         ref = TaskBank(copy.deepcopy(model), {**tasks, "extra": str(root / "extra")})
         ref.add_base(name)
@@ -321,10 +322,11 @@ def test_no_token_no_admin_route_and_engine_queue_bound(env) -> None:
 
     assert asyncio.run(call()) in (404, 405)
     engine = Engine(app.state.bank, tok, max_queue=2)  # never started: nothing drains
+    params = SamplingParams(max_tokens=1)
     for _ in range(2):
-        engine.submit(GenRequest(task="tiny", prompt_ids=[5], max_tokens=1))
+        engine.submit(GenRequest(task="tiny", prompt_ids=[5], params=params, sink=None))
     with pytest.raises(QueueFullError, match="queue is full"):
-        engine.submit(GenRequest(task="tiny", prompt_ids=[5], max_tokens=1))
+        engine.submit(GenRequest(task="tiny", prompt_ids=[5], params=params, sink=None))
     assert engine.metrics()["requests"]["rejected"] == 1
 
 

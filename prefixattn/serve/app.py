@@ -25,13 +25,16 @@ from starlette.background import BackgroundTask
 from ..hf.bank import TaskBank
 from .engine import (
     CANCELLED,
+    ERROR,
     Engine,
     GenRequest,
     QueueFullError,
+    SamplingParams,
     context_limit,
     new_id,
     threadsafe_events,
 )
+from .request import TokenOut
 from .schemas import AddTaskRequest, CompletionRequest
 
 MAX_STOP = 4
@@ -55,6 +58,47 @@ def _error_body(err: APIError) -> dict[str, Any]:
     }
 
 
+class _TextSink:
+    """The engine's :class:`~.request.OutputSink` for this app: decodes the row's tokens,
+    cuts stop strings and forwards ``("delta", text)`` / ``("done", None)`` to ``on_event``.
+
+    A stop-gap until the front end's output module (incremental detokenization) lands.
+    """
+
+    def __init__(self, tokenizer: Any, stop: tuple[str, ...]) -> None:
+        self.tokenizer, self.stop = tokenizer, stop
+        self.ids: list[int] = []
+        self.text, self.sent = "", 0
+        self.on_event: Any = None
+
+    def _emit(self, upto: int) -> None:
+        if upto > self.sent and self.on_event is not None:
+            self.on_event("delta", self.text[self.sent : upto])
+        self.sent = max(self.sent, upto)
+
+    def prompt_logprobs(self, outs: list[TokenOut | None]) -> None:
+        pass  # this app does not ask for them
+
+    def token(self, out: TokenOut) -> bool:
+        self.ids.append(out.token_id)
+        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        cut = min((i for i in (self.text.find(s) for s in self.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            self.text = self.text[:cut]
+            return True
+        # text that a stop string could still swallow is held back
+        self._emit(len(self.text) - max((len(s) - 1 for s in self.stop), default=0))
+        return False
+
+    def finish(self, reason: str, error: str | None = None) -> None:
+        if reason == ERROR:
+            self.text = error or "generation failed"
+        else:
+            self._emit(len(self.text))
+        if self.on_event is not None:
+            self.on_event("done", None)
+
+
 def create_app(
     model: Any,
     tokenizer: Any,
@@ -62,9 +106,11 @@ def create_app(
     *,
     model_name: str = "base",
     admin_token: str | None = None,
-    max_batch_size: int = 8,
-    max_wait_ms: float = 10.0,
+    max_num_seqs: int = 16,
+    max_num_batched_tokens: int = 512,
     max_queue: int = 256,
+    kv_slots: int | None = None,
+    max_model_len: int | None = None,
     backend: str = "auto",
 ) -> FastAPI:
     """The serving app for one base model and a set of tasks.
@@ -76,7 +122,8 @@ def create_app(
         model_name: the ``model`` value that means the base model without prefix.
         admin_token: enables the admin routes, which need ``Authorization: Bearer <token>``;
             None: no admin routes at all.
-        max_batch_size, max_wait_ms, max_queue: see :class:`~prefixattn.serve.Engine`.
+        max_num_seqs, max_num_batched_tokens, max_queue, kv_slots, max_model_len: see
+            :class:`~prefixattn.serve.Engine`.
         backend: kernel backend of the bank.
 
     Returns:
@@ -90,8 +137,9 @@ def create_app(
             raise ValueError(f"tasks: the name {name!r} is the base model's model_name")
         bank.add(name, tuner)
     engine = Engine(
-        bank, tokenizer, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
-        max_queue=max_queue,
+        bank, tokenizer, max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_num_batched_tokens, max_queue=max_queue,
+        kv_slots=kv_slots, max_model_len=max_model_len,
     )  # fmt: skip
     limit = context_limit(model)
     created = int(time.time())
@@ -102,7 +150,7 @@ def create_app(
         try:
             yield
         finally:
-            engine.stop()
+            engine.drain(timeout=10.0)  # SIGTERM: finish the rows taken, refuse new ones
 
     app = FastAPI(title="prefixattn serve", lifespan=lifespan)
     app.state.engine, app.state.bank, app.state.model_name = engine, bank, model_name
@@ -186,24 +234,18 @@ def create_app(
                     f"context of {limit} tokens",
                     "context_length_exceeded", "max_tokens",
                 )  # fmt: skip
-            reqs.append(
-                GenRequest(
-                    task=body.model,
-                    prompt_ids=ids,
-                    max_tokens=body.max_tokens,
-                    temperature=body.temperature,
-                    top_p=body.top_p,
-                    stop=tuple(stop),
-                    seed=body.seed,
-                )
-            )
+            params = SamplingParams(
+                max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
+                seed=body.seed,
+            )  # fmt: skip
+            reqs.append(GenRequest(body.model, ids, params, _TextSink(tokenizer, tuple(stop))))
         return reqs
 
     def _submit(reqs: list[GenRequest], q: asyncio.Queue) -> None:
         loop = asyncio.get_running_loop()
         for i, r in enumerate(reqs):
             forward = threadsafe_events(loop, q)
-            r.on_event = lambda kind, text, i=i, forward=forward: forward(kind, (i, text))
+            r.sink.on_event = lambda kind, text, i=i, forward=forward: forward(kind, (i, text))
         submitted = []
         try:
             for r in reqs:
@@ -221,8 +263,9 @@ def create_app(
 
     def _check_failed(reqs: list[GenRequest]) -> None:
         for r in reqs:
-            if r.finish_reason == "error":
-                raise APIError(500, r.text, "generation_failed")
+            if r.finish_reason == ERROR:
+                status = 500 if r.sink.text.startswith("internal error") else 400
+                raise APIError(status, r.sink.text, "generation_failed")
 
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> Any:
@@ -258,8 +301,8 @@ def create_app(
                         else:
                             left -= 1
                             r = reqs[i]
-                            if r.finish_reason == "error":
-                                err = {"error": {"message": r.text, "type": "server_error"}}
+                            if r.finish_reason == ERROR:
+                                err = {"error": {"message": r.sink.text, "type": "server_error"}}
                                 yield f"data: {json.dumps(err)}\n\n"
                             else:
                                 yield chunk(i, "", r.finish_reason)
@@ -297,7 +340,7 @@ def create_app(
             "model": body.model,
             "choices": [
                 {
-                    "text": r.text,
+                    "text": r.sink.text,
                     "index": i,
                     "logprobs": None,
                     "finish_reason": r.finish_reason if r.finish_reason != CANCELLED else None,
