@@ -141,6 +141,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._draining = False
+        self._unfinished = 0  # submitted and not finished (waiting or running)
         self.eos_ids = _eos_ids(tokenizer, model)
         # metrics
         # submitted, completed, cancelled, rejected, failed, client_gone (cancel asked)
@@ -188,11 +189,11 @@ class Engine:
         (SIGTERM). Returns whether everything finished within ``timeout`` seconds."""
         self._draining = True
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and (self.queue_depth or self.scheduler.running):
+        while time.monotonic() < deadline and self._unfinished:
             if self._thread is None or not self._thread.is_alive():
                 break
             time.sleep(0.01)
-        done = not (self.queue_depth or self.scheduler.running)
+        done = not self._unfinished
         self.stop(max(deadline - time.monotonic(), 0.1))
         return done
 
@@ -220,6 +221,7 @@ class Engine:
                 )  # fmt: skip
                 raise QueueFullError(f"{why}; retry later")
             self.requests["submitted"] += 1
+            self._unfinished += 1
             self._inbox.append(req)
         self._wake.set()
 
@@ -386,6 +388,8 @@ class Engine:
             return
         req.finish_reason = reason
         req.t_done = time.perf_counter()
+        with self._lock:
+            self._unfinished -= 1
         if reason == CANCELLED:
             self.requests["cancelled"] += 1
         elif reason != ERROR:
