@@ -318,6 +318,8 @@ class Engine:
                     ready.append((row, logits[-1]))
             self.prefill_tokens += sum(n for _, n in plan.prefill)
             if plan.decode:
+                # in slot order: consecutive slots are read in place (kv_cache.SlotCache)
+                plan.decode.sort(key=lambda r: r.slot)
                 logits = self.runner.decode(plan.decode)  # [B, V]
                 ready.extend(zip(plan.decode, logits))
                 self.decode_tokens += len(plan.decode)

@@ -157,10 +157,11 @@ class SlotCache(Cache):
         rows = st.slots[:, None].expand(-1, st.n_new)  # [B, n_new]
         pk.permute(0, 2, 1, 3).index_put_((rows, self._pos), key_states.transpose(1, 2))
         pv.permute(0, 2, 1, 3).index_put_((rows, self._pos), value_states.transpose(1, 2))
+        s0, n = st.slot_list[0], st.kv_len
+        if st.slot_list == list(range(s0, s0 + B)):  # consecutive slots: a view, no copy
+            return pk[s0 : s0 + B, :, :n], pv[s0 : s0 + B, :, :n]
         # [B, Hkv, kv_len, D]: the rows' slots, read up to the longest row (padding masked)
-        return pk.index_select(0, st.slots)[:, :, : st.kv_len], pv.index_select(0, st.slots)[
-            :, :, : st.kv_len
-        ]
+        return pk.index_select(0, st.slots)[:, :, :n], pv.index_select(0, st.slots)[:, :, :n]
 
     def get_seq_length(self, layer_idx: int = 0, *args: Any, **kwargs: Any) -> int:
         st = self.step

@@ -82,7 +82,7 @@ class ModelRunner:
         return logits[0]
 
     def decode(self, rows: list[Row]) -> torch.Tensor:
-        """Feed each row's last token; logits float32 [B, V]."""
+        """Feed each row's last token; logits float32 [B, V] in the order of ``rows``."""
         dev = self.device
         ids = torch.tensor([[r.last_token] for r in rows], device=dev)  # [B, 1]
         positions = torch.tensor([[r.next_position] for r in rows], device=dev)  # [B, 1]
