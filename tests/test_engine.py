@@ -384,3 +384,36 @@ def test_a_sink_that_raises_ends_only_its_row(setup) -> None:
 def test_bad_engine_options(setup, kw, match) -> None:
     with pytest.raises(ValueError, match=match):
         Engine(setup["bank"], setup["tok"], **kw)
+
+
+def test_static_decode_buckets_equal_taskbank_alone(setup) -> None:
+    """The CUDA-graph decode path's static buffers, run eagerly on the CPU: padded to
+    buckets 1/2/4 (padding rows on the scratch slot), 6 rows (5-6 decoding rows exceed the
+    largest bucket and fall back to the dynamic path); the same tokens as the row alone."""
+    with single_thread():
+        bank = setup["bank"]
+        ps = prompts(setup["vocab"], [3, 14, 6, 1, 9, 20, 4], seed=9)
+        tasks = ["p33", "base", "soft", "p1", "p7", "p33", "base"]
+        eng = engine_for(setup, max_num_seqs=6, max_num_batched_tokens=24,
+                         decode_buckets=(1, 2, 4))  # fmt: skip
+        assert eng.pool.scratch_slot == 6
+        reqs = [request(t, p, max_tokens=4 + i) for i, (t, p) in enumerate(zip(tasks, ps))]
+        run(eng, reqs)
+        eos = setup["tok"].eos_token_id
+        for r in reqs:
+            assert r.sink.ids == alone(bank, r.task, r.prompt_ids, r.params.max_tokens, eos)
+        assert eng.graphs.graphs == {}  # nothing captured off CUDA
+        assert 0 < eng.graphs.steps < eng.metrics()["steps"]["count"]
+
+
+def test_pick_bucket_and_bad_buckets(setup) -> None:
+    from prefixattn.serve.cuda_graphs import DecodeGraphs, pick_bucket
+
+    assert [pick_bucket(n, (1, 2, 4, 8)) for n in (1, 2, 3, 5, 8, 9)] == [1, 2, 4, 8, 8, None]
+    eng = engine_for(setup)
+    with pytest.raises(ValueError, match="scratch slot"):
+        DecodeGraphs(eng.runner, (1, 2))
+    eng = engine_for(setup, decode_buckets=(1, 2))
+    for bad in ((), (2, 1), (0, 1), (1, 1)):
+        with pytest.raises(ValueError, match="buckets"):
+            DecodeGraphs(eng.runner, bad)

@@ -484,8 +484,10 @@ def prefixattn_mask(
                 "plus key padding, which is all the prefixattn kernel computes"
             )
     # An all-real mask is dropped (the kernel's unmasked path is faster); the check is a
-    # host sync, so it is skipped while torch.compile traces (no graph break).
-    if kpm is not None and not torch.compiler.is_compiling() and bool(kpm.all()):
+    # host sync, so it is skipped while torch.compile traces (no graph break) and while a
+    # CUDA graph is captured (the serving engine's decode graphs).
+    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    if kpm is not None and not torch.compiler.is_compiling() and not capturing and bool(kpm.all()):
         kpm = None
     return kpm
 

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from ..hf.bank import TaskBank
+from .cuda_graphs import DecodeGraphs
 from .kv_cache import KVPool
 from .request import (
     CANCELLED,
@@ -87,6 +88,9 @@ class Engine:
             finishes with ERROR (the front end answers 400).
         max_batch_size: the former name of ``max_num_seqs`` (used when that is not given).
         seed: seeds the generators of sampled requests without a seed.
+        decode_buckets: run decode steps padded to these batch sizes over static buffers,
+            captured as CUDA graphs at :meth:`start` on a CUDA model (eager elsewhere);
+            None: dynamic shapes (see :mod:`.cuda_graphs`).
     """
 
     def __init__(
@@ -101,6 +105,7 @@ class Engine:
         max_model_len: int | None = None,
         max_batch_size: int = 16,
         seed: int | None = None,
+        decode_buckets: tuple[int, ...] | None = None,
     ) -> None:
         max_num_seqs = max_batch_size if max_num_seqs is None else max_num_seqs
         for name, value in (
@@ -126,12 +131,14 @@ class Engine:
         param = next(model.parameters())
         self.pool = KVPool(
             g.num_layers, g.num_kv_heads, g.head_dim, slots=kv_slots, max_len=max_model_len,
-            dtype=param.dtype, device=param.device,
+            dtype=param.dtype, device=param.device, scratch=decode_buckets is not None,
         )  # fmt: skip
         self.scheduler = Scheduler(
             self.pool, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens
         )
         self.runner = ModelRunner(model, self.pool)
+        self.graphs = None if decode_buckets is None else DecodeGraphs(self.runner, decode_buckets)
+        self._captured = False
         self._rng = random.Random(seed)
         self._inbox: deque[GenRequest] = deque()
         self._lock = threading.Lock()  # guards _inbox and the counters submit touches
@@ -170,6 +177,10 @@ class Engine:
 
     def start(self) -> None:
         """Start the worker thread (idempotent)."""
+        if self.graphs is not None and not self._captured:
+            with self.model_lock:
+                self.graphs.capture()  # CUDA graphs per bucket (a no-op off CUDA)
+            self._captured = True
         if self._thread is None or not self._thread.is_alive():
             self._stop.clear()
             self._draining = False
@@ -320,7 +331,9 @@ class Engine:
             if plan.decode:
                 # in slot order: consecutive slots are read in place (kv_cache.SlotCache)
                 plan.decode.sort(key=lambda r: r.slot)
-                logits = self.runner.decode(plan.decode)  # [B, V]
+                logits = None if self.graphs is None else self.graphs.decode(plan.decode)
+                if logits is None:  # dynamic shapes, or more rows than the largest bucket
+                    logits = self.runner.decode(plan.decode)  # [B, V]
                 ready.extend(zip(plan.decode, logits))
                 self.decode_tokens += len(plan.decode)
             if ready:
@@ -431,6 +444,8 @@ class Engine:
                 "decode_tokens": self.decode_tokens,
                 "time_s": _percentiles(steps),
                 "mean_time_s": sum(steps) / len(steps) if steps else None,
+                "static_decode": 0 if self.graphs is None else self.graphs.steps,
+                "graph_replays": 0 if self.graphs is None else self.graphs.replays,
             },
             "batches": self.batches,
             "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},

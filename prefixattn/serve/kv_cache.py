@@ -41,6 +41,8 @@ class KVPool:
         slots: rows the pool holds at once.
         max_len: keys per slot (prefix + prompt + generated tokens).
         dtype, device: of the pool (the model's).
+        scratch: add one slot no row ever holds (:attr:`scratch_slot`): the padding rows of
+            a static-shape decode step (:mod:`.cuda_graphs`) write there.
     """
 
     def __init__(
@@ -53,11 +55,13 @@ class KVPool:
         max_len: int,
         dtype: torch.dtype,
         device: torch.device | str,
+        scratch: bool = False,
     ) -> None:
         if slots < 1 or max_len < 2:
             raise ValueError(f"slots must be >= 1 and max_len >= 2, got {slots} and {max_len}")
         self.slots, self.max_len = slots, max_len
-        shape = (slots, num_kv_heads, max_len, head_dim)
+        self.scratch_slot = slots if scratch else None
+        shape = (slots + int(scratch), num_kv_heads, max_len, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self._free = list(range(slots - 1, -1, -1))  # pop() gives the lowest slot first
@@ -99,14 +103,16 @@ class StepLayout:
     ``slots`` int64 [B]: each row's slot; ``starts`` int64 [B]: the slot position of each
     row's first new token; ``n_new``: new tokens per row (the same for every row: a decode
     batch has 1, a prefill chunk is one row). ``kv_len``: keys the attention reads
-    (``max(starts) + n_new``).
+    (``max(starts) + n_new``). ``slot_list``: the slots on the host (views instead of a
+    gather where they allow); None for a static-shape step (no host values: always the
+    gather, so a captured graph is right for any slots).
     """
 
     slots: torch.Tensor
     starts: torch.Tensor
     n_new: int
     kv_len: int
-    slot_list: list[int]
+    slot_list: list[int] | None
 
 
 class SlotCache(Cache):
@@ -149,7 +155,9 @@ class SlotCache(Cache):
             raise ValueError("SlotCache.update before set_step: the engine sets the step first")
         pk, pv = self.pool.keys[layer_idx], self.pool.values[layer_idx]
         B = key_states.shape[0]
-        if B == 1:  # one row (a prefill chunk, or a lone decode row): views, no gather
+        if (
+            B == 1 and st.slot_list is not None
+        ):  # one row (a prefill chunk, or a lone decode row): views, no gather
             s, a = st.slot_list[0], int(st.starts[0])
             pk[s, :, a : a + st.n_new] = key_states[0]
             pv[s, :, a : a + st.n_new] = value_states[0]
@@ -157,8 +165,11 @@ class SlotCache(Cache):
         rows = st.slots[:, None].expand(-1, st.n_new)  # [B, n_new]
         pk.permute(0, 2, 1, 3).index_put_((rows, self._pos), key_states.transpose(1, 2))
         pv.permute(0, 2, 1, 3).index_put_((rows, self._pos), value_states.transpose(1, 2))
-        s0, n = st.slot_list[0], st.kv_len
-        if st.slot_list == list(range(s0, s0 + B)):  # consecutive slots: a view, no copy
+        n = st.kv_len
+        if st.slot_list is not None and st.slot_list == list(
+            range(st.slot_list[0], st.slot_list[0] + B)
+        ):  # consecutive slots: a view, no copy
+            s0 = st.slot_list[0]
             return pk[s0 : s0 + B, :, :n], pv[s0 : s0 + B, :, :n]
         # [B, Hkv, kv_len, D]: the rows' slots, read up to the longest row (padding masked)
         return pk.index_select(0, st.slots)[:, :, :n], pv.index_select(0, st.slots)[:, :, :n]
