@@ -668,7 +668,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         model, tok, tasks, model_name=args.model_name or name, admin_token=token,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_queue=args.max_queue, kv_slots=args.kv_slots, max_model_len=args.max_model_len,
-        backend=args.backend,
+        cuda_graphs=args.cuda_graphs, backend=args.backend,
     )  # fmt: skip
     served = ", ".join(app.state.bank.tasks)
     admin = "admin routes on" if token else "no admin routes (no --admin-token)"
@@ -724,6 +724,12 @@ def _add_serve(sub: Any) -> None:
         default=None,
         help="KV positions per slot: task prefix + prompt + max_tokens of one request "
         "(default the model's context, at most 1024)",
+    )
+    p.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="capture the decode step in CUDA graphs for batch sizes 1, 2, 4, ... "
+        "--max-num-seqs (CUDA only; elsewhere the same static-shape step runs eagerly)",
     )
     p.add_argument("--max-queue", type=_positive_int, default=256, help="then 429")
     p.add_argument(

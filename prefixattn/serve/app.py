@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
 from ..hf.bank import TaskBank
+from .cuda_graphs import buckets_up_to
 from .engine import (
     CANCELLED,
     ERROR,
@@ -111,6 +112,7 @@ def create_app(
     max_queue: int = 256,
     kv_slots: int | None = None,
     max_model_len: int | None = None,
+    cuda_graphs: bool = False,
     backend: str = "auto",
 ) -> FastAPI:
     """The serving app for one base model and a set of tasks.
@@ -124,6 +126,8 @@ def create_app(
             None: no admin routes at all.
         max_num_seqs, max_num_batched_tokens, max_queue, kv_slots, max_model_len: see
             :class:`~prefixattn.serve.Engine`.
+        cuda_graphs: decode steps padded to buckets up to ``max_num_seqs`` and replayed
+            as CUDA graphs (on a CUDA model; see :mod:`prefixattn.serve.cuda_graphs`).
         backend: kernel backend of the bank.
 
     Returns:
@@ -140,6 +144,7 @@ def create_app(
         bank, tokenizer, max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens, max_queue=max_queue,
         kv_slots=kv_slots, max_model_len=max_model_len,
+        decode_buckets=buckets_up_to(max_num_seqs) if cuda_graphs else None,
     )  # fmt: skip
     limit = context_limit(model)
     created = int(time.time())

@@ -22,9 +22,15 @@ from .kv_cache import StepLayout
 from .runner import ModelRunner
 from .scheduler import Row
 
-__all__ = ["DEFAULT_BUCKETS", "DecodeGraphs", "pick_bucket"]
+__all__ = ["DEFAULT_BUCKETS", "DecodeGraphs", "buckets_up_to", "pick_bucket"]
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16)
+
+
+def buckets_up_to(n: int) -> tuple[int, ...]:
+    """Powers of two below ``n``, and ``n`` itself: the buckets for ``max_num_seqs = n``."""
+    out = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b < n]
+    return (*out, n)
 
 
 def pick_bucket(n: int, buckets: tuple[int, ...]) -> int | None:
