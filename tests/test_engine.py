@@ -417,3 +417,33 @@ def test_pick_bucket_and_bad_buckets(setup) -> None:
     for bad in ((), (2, 1), (0, 1), (1, 1)):
         with pytest.raises(ValueError, match="buckets"):
             DecodeGraphs(eng.runner, bad)
+
+
+@pytest.mark.parametrize("slots", [[0, 1, 2], [2, 0, 3], [3]])
+def test_slot_cache_writes_and_reads_the_rows_slots(slots) -> None:
+    """SlotCache.update against plain indexing: consecutive slots (a view), out of order
+    (a gather), one row (its slot in place); new keys land at each row's start."""
+    from prefixattn.serve.kv_cache import KVPool, SlotCache, StepLayout
+
+    torch.manual_seed(0)
+    pool = KVPool(2, 2, 5, slots=4, max_len=9, dtype=torch.float64, device="cpu")
+    for t in pool.keys + pool.values:
+        t.normal_()
+    before = [t.clone() for t in pool.keys]
+    starts = [3, 0, 6][: len(slots)]
+    n = 1 if len(slots) > 1 else 3
+    cache = SlotCache(pool)
+    kv_len = max(starts) + n
+    cache.set_step(StepLayout(torch.tensor(slots), torch.tensor(starts), n, kv_len, slots))
+    new_k = torch.randn(len(slots), 2, n, 5, dtype=torch.float64)
+    k, v = cache.update(new_k, new_k + 1, 1)
+    want = before[1].clone()
+    for b, (s, a) in enumerate(zip(slots, starts)):
+        want[s, :, a : a + n] = new_k[b]
+    torch.testing.assert_close(pool.keys[1], want, rtol=0, atol=0)
+    torch.testing.assert_close(pool.keys[0], before[0], rtol=0, atol=0)  # other layer
+    torch.testing.assert_close(k, want[slots][:, :, :kv_len], rtol=0, atol=0)
+    assert cache.get_seq_length() == kv_len - n and cache.get_mask_sizes(n, 0) == (kv_len, 0)
+    assert v.shape == k.shape
+    with pytest.raises(ValueError, match="slot must be a taken slot"):
+        pool.release(0)  # never allocated
