@@ -70,6 +70,7 @@ __all__ = [
     "prefixattn_attention_forward",
     "prefixattn_mask",
     "record_kv",
+    "set_kv_pool",
     "set_prefix",
     "unpatch",
 ]
@@ -214,6 +215,9 @@ class _PatchState:
     provider: PrefixProvider | None = None
     # layer_idx -> (key, value) seen by the attention function, while record_kv is active
     recorder: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+    # (cache_seqlens [B], cache_batch_idx [B]) while the model's cache hands the attention
+    # a KV-cache pool [S, Hkv, Nmax, D] instead of each row's keys (see set_kv_pool)
+    kv_pool: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 # --------------------------------------------------------------------------------------
@@ -375,6 +379,24 @@ def record_kv(model: PreTrainedModel) -> Iterator[dict[int, tuple[torch.Tensor, 
         yield state.recorder
     finally:
         state.recorder = previous
+
+
+def set_kv_pool(model: PreTrainedModel, view: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+    """Tell a patched ``model``'s attention that its cache returns a KV-cache pool.
+
+    ``view = (cache_seqlens, cache_batch_idx)``, int [B] each: the keys and values the
+    attention receives are a pool [S, Hkv, Nmax, D] of slots, row b reads slot
+    ``cache_batch_idx[b]`` up to key ``cache_seqlens[b]`` (see
+    :func:`prefixattn.prefix_attention`); the kernel reads it in place. ``None``: keys
+    and values are per row again. Used by the serving engine around a decode step.
+
+    Raises:
+        ValueError: ``model`` is not patched.
+    """
+    state = getattr(model, _STATE_ATTR, None)
+    if not isinstance(state, _PatchState):
+        raise ValueError("model must be patched with prefixattn.patch(model) before set_kv_pool")
+    state.kv_pool = view
 
 
 def get_prefix(model: nn.Module) -> PrefixProvider | None:
@@ -574,6 +596,8 @@ def prefixattn_attention_forward(
             if prefix_index is not None:
                 prefix_index = prefix_index.to(query.device)
 
+    pool = state.kv_pool if state is not None and not is_cross else None
+    kw = {} if pool is None else {"cache_seqlens": pool[0], "cache_batch_idx": pool[1]}
     out = prefix_attention(
         query,
         key,
@@ -587,5 +611,6 @@ def prefixattn_attention_forward(
         sm_scale=None if scaling is None else float(scaling),
         dropout_p=float(dropout),
         backend=backend,
+        **kw,
     )  # [B, H, Nq, D]
     return out.transpose(1, 2).contiguous(), None  # [B, Nq, H, D]

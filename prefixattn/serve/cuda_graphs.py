@@ -85,8 +85,12 @@ class DecodeGraphs:
 
     def _forward(self, B: int) -> torch.Tensor:
         """The static decode forward of bucket ``B`` (what a graph captures): logits [B, V]."""
-        L = self.runner.pool.max_len
         starts = self.starts[:B]
+        if self.runner.in_place:  # the kernel reads the pool: no mask, no gather
+            return self.runner.decode_in_place(
+                self.ids[:B], self.positions[:B], self.slots[:B], starts
+            )
+        L = self.runner.pool.max_len
         keys = torch.arange(L, device=starts.device)[None, :]  # [1, L]
         key_mask = keys <= starts[:, None]  # [B, L]: each row's keys and its new one
         layout = StepLayout(slots=self.slots[:B], starts=starts, n_new=1, kv_len=L, slot_list=None)

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from ..hf.bank import TaskBank
+from ..ops.attention import resolve_backend
 from .cuda_graphs import DecodeGraphs
 from .kv_cache import KVPool
 from .request import (
@@ -91,6 +92,10 @@ class Engine:
         decode_buckets: run decode steps padded to these batch sizes over static buffers,
             captured as CUDA graphs at :meth:`start` on a CUDA model (eager elsewhere);
             None: dynamic shapes (see :mod:`.cuda_graphs`).
+        kv_in_place: decode attention reads the KV pool in place (the kernel's per-row
+            ``cache_seqlens`` / ``cache_batch_idx``: no gather, no mask); None: where the
+            bank's backend runs the Triton kernel (CUDA). Else the rows' slots are
+            gathered up to the longest row (PyTorch's SDPA on the CPU).
     """
 
     def __init__(
@@ -106,6 +111,7 @@ class Engine:
         max_batch_size: int = 16,
         seed: int | None = None,
         decode_buckets: tuple[int, ...] | None = None,
+        kv_in_place: bool | None = None,
     ) -> None:
         max_num_seqs = max_batch_size if max_num_seqs is None else max_num_seqs
         for name, value in (
@@ -136,7 +142,10 @@ class Engine:
         self.scheduler = Scheduler(
             self.pool, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens
         )
-        self.runner = ModelRunner(model, self.pool)
+        if kv_in_place is None:
+            probe = torch.empty(0, dtype=param.dtype, device=param.device)
+            kv_in_place = resolve_backend(bank.backend, probe) == "triton"
+        self.runner = ModelRunner(model, self.pool, in_place=bool(kv_in_place))
         self.graphs = None if decode_buckets is None else DecodeGraphs(self.runner, decode_buckets)
         self._captured = False
         self._rng = random.Random(seed)

@@ -105,7 +105,10 @@ class StepLayout:
     batch has 1, a prefill chunk is one row). ``kv_len``: keys the attention reads
     (``max(starts) + n_new``). ``slot_list``: the slots on the host (views instead of a
     gather where they allow); None for a static-shape step (no host values: always the
-    gather, so a captured graph is right for any slots).
+    gather, so a captured graph is right for any slots). ``in_place``: the attention reads
+    the pool itself (the kernel's ``cache_seqlens`` / ``cache_batch_idx``, see
+    :func:`prefixattn.hf.patching.set_kv_pool`): :meth:`SlotCache.update` returns the
+    whole pool, and ``kv_len`` is the pool's ``max_len``.
     """
 
     slots: torch.Tensor
@@ -113,6 +116,7 @@ class StepLayout:
     n_new: int
     kv_len: int
     slot_list: list[int] | None
+    in_place: bool = False
 
 
 class SlotCache(Cache):
@@ -165,6 +169,8 @@ class SlotCache(Cache):
         rows = st.slots[:, None].expand(-1, st.n_new)  # [B, n_new]
         pk.permute(0, 2, 1, 3).index_put_((rows, self._pos), key_states.transpose(1, 2))
         pv.permute(0, 2, 1, 3).index_put_((rows, self._pos), value_states.transpose(1, 2))
+        if st.in_place:  # the kernel reads each row's slot up to its length, in place
+            return pk, pv  # [S, Hkv, max_len, D]
         n = st.kv_len
         if st.slot_list is not None and st.slot_list == list(
             range(st.slot_list[0], st.slot_list[0] + B)

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..hf.patching import set_prefix
+from ..hf.patching import set_kv_pool, set_prefix
 from .kv_cache import KVPool, SlotCache, StepLayout
 from .scheduler import Row
 
@@ -29,11 +29,15 @@ class ModelRunner:
     Arguments:
         model: the bank's (patched) transformers decoder.
         pool: the engine's KV pool (the model's layers, KV heads, head size and dtype).
+        in_place: decode steps hand the attention the pool itself with per-row lengths
+            and slots (the kernel's ``cache_seqlens`` / ``cache_batch_idx``): no gather,
+            no mask. Else the rows' slots are gathered up to the longest row.
     """
 
-    def __init__(self, model: Any, pool: KVPool) -> None:
+    def __init__(self, model: Any, pool: KVPool, in_place: bool = False) -> None:
         self.model = model
         self.pool = pool
+        self.in_place = in_place
         self.cache = SlotCache(pool)
         self.device = pool.keys[0].device
         # transformers >= 5.24 names the cache argument ``cache`` (``past_key_values`` before)
@@ -81,11 +85,31 @@ class ModelRunner:
         row.prefilled += n
         return logits[0]
 
+    def decode_in_place(
+        self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, starts: torch.Tensor
+    ) -> torch.Tensor:
+        """A decode forward over the pool read in place: ``ids``/``positions`` [B, 1],
+        ``slots``/``starts`` int64 [B] (device tensors; no host value is read, so the call
+        can be captured in a CUDA graph). Returns logits float32 [B, V]."""
+        layout = StepLayout(slots, starts, 1, self.pool.max_len, None, in_place=True)
+        set_kv_pool(self.model, (starts + 1, slots))  # each row's keys: its cache + the new one
+        try:
+            return self._forward(ids, positions, layout, None, 1)[:, -1]
+        finally:
+            set_kv_pool(self.model, None)
+
     def decode(self, rows: list[Row]) -> torch.Tensor:
         """Feed each row's last token; logits float32 [B, V] in the order of ``rows``."""
         dev = self.device
         ids = torch.tensor([[r.last_token] for r in rows], device=dev)  # [B, 1]
         positions = torch.tensor([[r.next_position] for r in rows], device=dev)  # [B, 1]
+        if self.in_place:
+            slots = torch.tensor([r.slot for r in rows], device=dev)
+            starts = torch.tensor([r.kv_len for r in rows], device=dev)
+            logits = self.decode_in_place(ids, positions, slots, starts)
+            for r in rows:
+                r.kv_len += 1
+            return logits
         lens = [r.kv_len + 1 for r in rows]
         kv_len = max(lens)
         key_mask = None
