@@ -137,12 +137,21 @@ def run_engine(bank: Any, tok: Any, work: list, args: argparse.Namespace, prefix
 def run_hf_cb(model: Any, tok: Any, work: list, args: argparse.Namespace) -> dict:
     """transformers' continuous batching (no prefix) under the same closed loop."""
     from transformers import GenerationConfig
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
     gc = GenerationConfig(
         do_sample=False, max_new_tokens=max(mt for *_, mt in work),
         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
     )  # fmt: skip
-    manager = model.init_continuous_batching(generation_config=gc)
+    # the same KV capacity and token budget as the engine (left alone, it sizes its cache
+    # from free memory: gigabytes on a CPU machine)
+    cb = ContinuousBatchingConfig(
+        page_size=32,
+        num_blocks=-(-args.max_num_seqs * args.max_model_len // 32),
+        max_batch_tokens=args.max_num_batched_tokens,
+        max_requests_per_batch=args.max_num_seqs, allow_block_sharing=False,
+    )  # fmt: skip
+    manager = model.init_continuous_batching(generation_config=gc, continuous_batching_config=cb)
     manager.start()
     try:
         for _, ids, _ in work[:2]:
@@ -227,6 +236,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--max-model-len", type=int, default=352)
     p.add_argument("--rounds", type=int, default=1, help="alternations of the 3 configs")
     p.add_argument("--no-hf", action="store_true", help="skip transformers' batching")
+    p.add_argument("--reverse", action="store_true", help="start with the last config")
     p.add_argument("--step-rows", type=int, default=16)
     p.add_argument("--step-context", type=int, default=150)
     p.add_argument("--step-count", type=int, default=8)
@@ -270,7 +280,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ]
         if not args.no_hf:
             configs.append(lambda: run_hf_cb(plain, tok, work, args))
-        for fn in configs if rnd % 2 == 0 else configs[::-1]:
+        for fn in configs if (rnd % 2 == 0) != args.reverse else configs[::-1]:
             before = _load()
             row = fn()
             row.update(round=rnd, load_before=before, load_after=_load())
