@@ -222,6 +222,43 @@ def decode_step_ratio(bank: Any, tok: Any, args: argparse.Namespace, tasks: list
     }  # fmt: skip
 
 
+def _rss_mb() -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
+
+
+def rss_over_requests(bank: Any, tok: Any, args: argparse.Namespace, tasks: list[str]) -> dict:
+    """RSS (MB) every ``n / 10`` of ``--rss-requests`` short requests through one engine
+    (``--concurrency`` at a time): flat if nothing grows per request."""
+    from prefixattn.serve.engine import Engine
+    from prefixattn.serve.request import GenRequest, SamplingParams
+
+    n = args.rss_requests
+    work = workload(n, len(tok), 11, tasks, 4, 24, 8)
+    eng = Engine(bank, tok, max_num_seqs=args.max_num_seqs, max_queue=n + 8,
+                 max_model_len=args.max_model_len)  # fmt: skip
+    eng.start()
+    free = threading.Semaphore(args.concurrency)
+    samples = []
+    try:
+        for i, (task, ids, mt) in enumerate(work):
+            if i % max(n // 10, 1) == 0:
+                samples.append((i, _rss_mb()))
+            free.acquire()
+            eng.submit(GenRequest(task, ids, SamplingParams(max_tokens=mt), _Sink(free)))
+        for _ in range(args.concurrency):
+            free.acquire()
+        samples.append((n, _rss_mb()))
+    finally:
+        eng.stop()
+    return {"requests": n, "rss_mb": samples, "kv_bytes": eng.pool.bytes}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2", help="smollm2 | tiny | a local model folder")
@@ -242,6 +279,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--step-count", type=int, default=8)
     p.add_argument("--step-rounds", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rss-requests", type=int, default=0, help="then RSS over this many")
+    p.add_argument("--only-rss", action="store_true", help="only the RSS check")
     p.add_argument("--out", default=None, help="write the JSON here")
     args = p.parse_args(argv)
 
@@ -272,6 +311,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "max_num_seqs": args.max_num_seqs,
         "max_num_batched_tokens": args.max_num_batched_tokens,
     }  # fmt: skip
+    if args.rss_requests:
+        report["rss"] = rss_over_requests(bank, tok, args, names)
+        print(json.dumps(report["rss"]), flush=True)
+    if args.only_rss:
+        if args.out:
+            Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        return report
     runs = []
     for rnd in range(args.rounds):
         configs = [
