@@ -354,6 +354,17 @@ def test_queue_full_drain_and_bad_requests(setup) -> None:
         assert r.finish_reason == LENGTH
         with pytest.raises(QueueFullError, match="shutting down"):
             eng.submit(request("p1", [5]))
+        # stop with rows running and waiting: each still finishes once, with ERROR
+        eng = engine_for(setup, max_num_seqs=1, max_model_len=300)
+        rows = [request("p1", [5, 6], max_tokens=250, ignore_eos=True) for _ in range(2)]
+        for r in rows:
+            eng.submit(r)
+        eng.start()
+        while not rows[0].sink.tokens:
+            time.sleep(0.005)
+        eng.stop()
+        for r in rows:
+            assert r.sink.finished == [(ERROR, "the engine stopped")]
 
 
 def test_a_sink_that_raises_ends_only_its_row(setup) -> None:

@@ -198,7 +198,8 @@ class Engine:
             self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop the worker after the step in flight (running rows are left unfinished)."""
+        """Stop the worker after the step in flight; requests not finished by then finish
+        with ERROR ("the engine stopped")."""
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
@@ -270,6 +271,12 @@ class Engine:
                 msg = f"internal error: {type(err).__name__}: {err}"
                 for row in {id(r): r for r in plan.decode + [r for r, _ in plan.prefill]}.values():
                     self._finish(row.req, ERROR, msg, row)
+        # stopped: every request still here hears so (finish is called exactly once)
+        self._intake()
+        for row in list(self.scheduler.running):
+            self._finish(row.req, ERROR, "the engine stopped", row)
+        while self.scheduler.waiting:
+            self._finish(self.scheduler.waiting.popleft(), ERROR, "the engine stopped")
 
     def _intake(self) -> None:
         """New requests join the waiting queue; cancelled ones (waiting or running) leave."""
