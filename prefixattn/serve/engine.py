@@ -221,6 +221,11 @@ class Engine:
     # ------------------------------------------------------------------ requests
 
     @property
+    def running(self) -> int:
+        """Rows running (each holding a KV slot)."""
+        return len(self.scheduler.running)
+
+    @property
     def queue_depth(self) -> int:
         """Requests submitted and not yet running."""
         return len(self._inbox) + len(self.scheduler.waiting)
@@ -435,14 +440,14 @@ class Engine:
 
     def metrics(self) -> dict[str, Any]:
         """Counters, running rows, KV usage, step statistics, latency and TTFT (seconds)."""
-        running = list(self.scheduler.running)
-        used = sum(r.kv_len for r in running)
+        rows = list(self.scheduler.running)
+        used = sum(r.kv_len for r in rows)
         steps = list(self.step_times)
         return {
             "requests": dict(self.requests),
             "tokens_generated": self.tokens_generated,
             "prompt_tokens": self.prompt_tokens,
-            "running": len(running),
+            "running": len(rows),
             "queue_depth": self.queue_depth,
             "max_num_seqs": self.max_num_seqs,
             "max_num_batched_tokens": self.max_num_batched_tokens,
