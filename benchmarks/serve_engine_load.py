@@ -75,6 +75,7 @@ def _summary(name: str, rows: list[tuple[float, float, float, int]], wall: float
         "latency_p99_s": p99(lat),
         "ttft_p50_s": round(statistics.median(ttft), 3),
         "ttft_p99_s": p99(ttft),
+        "ttft_s_each": [round(f - s, 3) for s, f, _, _ in rows],  # in submission order
     }
 
 
