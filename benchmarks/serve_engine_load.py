@@ -295,6 +295,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = sys.argv[1:] if argv is None else argv
     report: dict[str, Any] = {"environment": environment(argv), "model": args.model}
     report["environment"]["torch_threads"] = torch.get_num_threads()
+    report["environment"]["command"] = " ".join(["python benchmarks/serve_engine_load.py", *argv])
     lengths = [int(x) for x in args.prefix_lengths.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         tasks = make_tasks(model, len(lengths), lengths, Path(tmp))
