@@ -4,23 +4,17 @@ from __future__ import annotations
 
 import torch
 
+from .args import new_seed
 from .autograd import PrefixAttentionFunction, apply_function
-from .launch import new_seed
+from .call import AttentionCall, new_call
 from .plan import lookup_plan
-from .reference import reference_prefix_attention
-from .sdpa import sdpa_prefix_attention
-from .validation import auto_backend
+from .sdpa import torch_backend
+from .settings import ACTIVE
+from .validation import resolve_backend
 
 _grad_enabled = torch.is_grad_enabled
 _apply = apply_function
 _is_compiling = torch.compiler.is_compiling
-
-
-def resolve_backend(backend: str, q: torch.Tensor) -> str:
-    """``"auto"``: the Triton kernel for CUDA tensors of a kernel dtype, else ``"sdpa"``."""
-    if backend == "auto":
-        return auto_backend(q.device, q.dtype)
-    return backend
 
 
 def prefix_attention(
@@ -93,20 +87,21 @@ def prefix_attention(
     Raises:
         TypeError, ValueError: on bad input, naming the argument and what was expected.
     """
+    # the call, once: every layer below takes it (call.py); "auto" is resolved here
+    call = new_call(
+        AttentionCall,
+        (q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, causal,
+         sm_scale, dropout_p, backend if backend != "auto" else resolve_backend(backend, q),
+         ACTIVE.settings),
+    )  # fmt: skip
     if _is_compiling():
         # imported here: registering the ops imports parts of torch._inductor (~1 s), a
         # cost only compiling callers should pay
         from .custom_op import traced_prefix_attention
 
-        return traced_prefix_attention(
-            q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
-            causal, sm_scale, dropout_p, backend, prefix_lengths=prefix_lengths,
-        )  # fmt: skip
+        return traced_prefix_attention(call)
     # the call's plan: validated and set up once per signature (plan.py)
-    plan = lookup_plan(
-        q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
-        causal, sm_scale, dropout_p, backend, prefix_lengths,
-    )  # fmt: skip
+    plan = lookup_plan(call)
     if plan.backend == "triton":
         if _grad_enabled() and (
             q.requires_grad
@@ -114,21 +109,7 @@ def prefix_attention(
             or v.requires_grad
             or (prefix_k is not None and (prefix_k.requires_grad or prefix_v.requires_grad))
         ):
-            return _apply(
-                PrefixAttentionFunction, q, k, v, prefix_k, prefix_v, prefix_index,
-                key_padding_mask, plan, prefix_lengths,
-            )  # fmt: skip
+            return _apply(PrefixAttentionFunction, q, k, v, prefix_k, prefix_v, call, plan)
         # inference (decoding): no graph to record, so skip autograd.Function's host cost
-        seed = new_seed() if plan.dropout_p > 0.0 else 0
-        return plan.forward(
-            q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, seed, prefix_lengths
-        )[0]
-    if plan.backend == "sdpa":
-        return sdpa_prefix_attention(
-            q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
-            causal, plan.dropout_p, plan.prob, prefix_lengths,
-        )  # fmt: skip
-    return reference_prefix_attention(
-        q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
-        causal, plan.dropout_p, plan.prob, prefix_lengths,
-    )  # fmt: skip
+        return plan.forward(call, new_seed() if plan.dropout else 0)[0]
+    return torch_backend(call, plan.prob)
