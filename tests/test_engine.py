@@ -458,3 +458,30 @@ def test_slot_cache_writes_and_reads_the_rows_slots(slots) -> None:
     assert v.shape == k.shape
     with pytest.raises(ValueError, match="slot must be a taken slot"):
         pool.release(0)  # never allocated
+
+
+@pytest.mark.parametrize("buckets", [None, (1, 2, 4)], ids=["dynamic", "static"])
+def test_in_place_decode_reads_the_pool_through_the_kernel(setup, buckets) -> None:
+    """kv_in_place: every decode attention call gets the whole pool with per-row
+    cache_seqlens / cache_batch_idx and the Triton kernel (the interpreter on the CPU)
+    reads each row's slot in place; dynamic shapes and the static (CUDA-graph) buffers.
+    The same greedy tokens as TaskBank.generate of each row alone (sdpa)."""
+    from prefixattn.hf.patching import patch
+
+    bank = setup["bank"]
+    ps = prompts(setup["vocab"], [5, 12, 3, 8], seed=10)
+    tasks = ["p7", "base", "p33", "soft"]
+    eos = setup["tok"].eos_token_id
+    with single_thread():
+        want = [alone(bank, t, p, 5, eos) for t, p in zip(tasks, ps)]
+        patch(bank.model, "triton")
+        try:
+            eng = engine_for(setup, max_num_seqs=3, kv_in_place=True, decode_buckets=buckets)
+            assert eng.runner.in_place
+            reqs = [request(t, p, max_tokens=5) for t, p in zip(tasks, ps)]
+            run(eng, reqs)
+        finally:
+            patch(bank.model, "auto")
+        for r, w in zip(reqs, want):
+            assert r.sink.ids == w, r.task
+        assert eng.metrics()["steps"]["decode_tokens"] > 0
