@@ -98,6 +98,17 @@ def prefix_attention(
     Raises:
         TypeError, ValueError: on bad input, naming the argument and what was expected.
     """
+    if _is_compiling():
+        # imported here: registering the ops imports parts of torch._inductor (~1 s), a
+        # cost only compiling callers should pay. The call by keyword: Dynamo traces the
+        # NamedTuple's own constructor.
+        from .custom_op import traced_prefix_attention
+
+        return traced_prefix_attention(AttentionCall(
+            q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask,
+            causal, sm_scale, dropout_p, resolve_backend(backend, q), ACTIVE.settings,
+            cache_seqlens=cache_seqlens, cache_batch_idx=cache_batch_idx,
+        ))  # fmt: skip
     # the call, once: every layer below takes it (call.py); "auto" is resolved here
     call = new_call(
         AttentionCall,
@@ -107,12 +118,6 @@ def prefix_attention(
     )  # fmt: skip
     if (cache_seqlens is not None or cache_batch_idx is not None) and _grad_enabled():
         check_no_grad(call)
-    if _is_compiling():
-        # imported here: registering the ops imports parts of torch._inductor (~1 s), a
-        # cost only compiling callers should pay
-        from .custom_op import traced_prefix_attention
-
-        return traced_prefix_attention(call)
     # the call's plan: validated and set up once per signature (plan.py)
     plan = lookup_plan(call)
     if plan.backend == "triton":
