@@ -9,6 +9,10 @@ Notation (shapes as the launcher passes them; any strides):
     PLEN [T] int64 (only with HAS_PLEN): row b sees only the first min(P, PLEN[entry])
         prefix keys of its entry (a ragged bank); dropout columns still count all P
     KPM [B, Nk] uint8, 1 = real key (only with HAS_KPM)
+    A KV-cache pool (as flash_attn_with_kvcache): K, V [S, Hkv, Nk, D] slots; CBI [B]
+        (only with HAS_CBI): row b reads slot CBI[b] (else slot b); CSL [B] (only with
+        HAS_CSL): row b sees keys [0, CSL[b]) of its slot, its causal band aligned to
+        CSL[b] (else to Nk). Read in place: no gather, no mask.
     Out [B, H, Nq, D]; LSE [B, H, Nq] fp32, log2-domain logsumexp (+inf for an empty row)
 
 Query i of a row sees every prefix key, and sequence key j iff j <= i + (Nk - Nq) when
@@ -146,6 +150,8 @@ def _attn_fwd(
     PIDX,
     PLEN,
     KPM,
+    CSL,
+    CBI,
     Out,
     LSE,
     stride_qz,
@@ -194,6 +200,8 @@ def _attn_fwd(
     HAS_KPM: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    HAS_CSL: tl.constexpr,
+    HAS_CBI: tl.constexpr,
 ):
     """Prefix-aware attention forward.
 
@@ -235,7 +243,16 @@ def _attn_fwd(
 
     n_tot = N_P + N_K
     drop_rows = (off_bh.to(tl.int64) * N_Q + offs_m) * n_tot
-    causal_off = N_K - N_Q
+    # this row's keys: all Nk of batch entry b, or (a KV-cache pool) CSL[b] of slot CBI[b]
+    if HAS_CSL:  # noqa: SIM108 (a constexpr branch: only one side is compiled)
+        n_k = tl.load(CSL + off_b).to(tl.int32)
+    else:
+        n_k = N_K
+    if HAS_CBI:  # noqa: SIM108
+        kv_b = tl.load(CBI + off_b).to(tl.int64)
+    else:
+        kv_b = b64
+    causal_off = n_k - N_Q
 
     # -- stage 1: prefix keys, read from their own buffer -------------------------------
     if PREFIX_MODE != PREFIX_NONE:
@@ -251,26 +268,26 @@ def _attn_fwd(
         )  # fmt: skip
 
     # -- stages 2 and 3: sequence keys ---------------------------------------------------
-    k_base = K + b64 * stride_kz + off_hk.to(tl.int64) * stride_kh
-    v_base = V + b64 * stride_vz + off_hk.to(tl.int64) * stride_vh
+    k_base = K + kv_b * stride_kz + off_hk.to(tl.int64) * stride_kh
+    v_base = V + kv_b * stride_vz + off_hk.to(tl.int64) * stride_vh
     kpm_base = KPM + b64 * stride_kpmz
     if IS_CAUSAL:
         # keys [0, start_m + off] are visible to every row of the block
         full_hi = tl.maximum(start_m + causal_off + 1, 0)
         full_hi = (full_hi // BLOCK_N) * BLOCK_N
-        hi = tl.minimum(tl.maximum(start_m + BLOCK_M + causal_off, 0), N_K)
+        hi = tl.minimum(tl.maximum(start_m + BLOCK_M + causal_off, 0), n_k)
     else:
-        full_hi = (N_K // BLOCK_N) * BLOCK_N
-        hi = N_K
+        full_hi = (n_k // BLOCK_N) * BLOCK_N
+        hi = n_k
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-        kpm_base, stride_kpmn, 0, full_hi, N_K, causal_off, offs_m, qk_scale,
+        kpm_base, stride_kpmn, 0, full_hi, n_k, causal_off, offs_m, qk_scale,
         seed, drop_rows, N_P, dropout_p,
         D, BLOCK_D, BLOCK_N, False, False, HAS_KPM, HAS_DROPOUT, INPUT_PRECISION,
     )  # fmt: skip
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-        kpm_base, stride_kpmn, full_hi, hi, N_K, causal_off, offs_m, qk_scale,
+        kpm_base, stride_kpmn, full_hi, hi, n_k, causal_off, offs_m, qk_scale,
         seed, drop_rows, N_P, dropout_p,
         D, BLOCK_D, BLOCK_N, True, IS_CAUSAL, HAS_KPM, HAS_DROPOUT, INPUT_PRECISION,
     )  # fmt: skip

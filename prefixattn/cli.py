@@ -691,8 +691,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     model, tok, name = load_base(args.model, device=str(dev), dtype=_torch_dtype(args.dtype))
     app = create_app(
         model, tok, tasks, model_name=args.model_name or name, admin_token=token,
-        api_key=api_key, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
-        max_queue=args.max_queue, max_body_bytes=args.max_body_bytes, backend=args.backend,
+        api_key=api_key, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, max_queue=args.max_queue,
+        kv_slots=args.kv_slots, max_model_len=args.max_model_len, cuda_graphs=args.cuda_graphs,
+        max_body_bytes=args.max_body_bytes, backend=args.backend,
     )  # fmt: skip
     served = ", ".join(app.state.bank.tasks)
     admin = "admin routes on" if token else "no admin routes (no --admin-token)"
@@ -718,12 +720,38 @@ def _add_serve(sub: Any) -> None:
     p.add_argument("--model-name", default=None, help="the base model's name in requests")
     p.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine)")
     p.add_argument("--port", type=_positive_int, default=8000, help="TCP port")
-    p.add_argument("--max-batch-size", type=_positive_int, default=8, help="rows per batch")
     p.add_argument(
-        "--max-wait-ms",
-        type=_checked(float, lambda v: v >= 0, "a number >= 0"),
-        default=10.0,
-        help="how long a request waits for others to batch with (default 10 ms)",
+        "--max-num-seqs",
+        "--max-batch-size",
+        dest="max_num_seqs",
+        type=_positive_int,
+        default=16,
+        help="rows running at once, each in its own KV slot (continuous batching; default 16)",
+    )
+    p.add_argument(
+        "--max-num-batched-tokens",
+        type=_positive_int,
+        default=512,
+        help="tokens per step: one per decoding row plus prefill chunks (default 512)",
+    )
+    p.add_argument(
+        "--kv-slots",
+        type=_positive_int,
+        default=None,
+        help="KV cache slots preallocated at start-up (default --max-num-seqs)",
+    )
+    p.add_argument(
+        "--max-model-len",
+        type=_positive_int,
+        default=None,
+        help="KV positions per slot: task prefix + prompt + max_tokens of one request "
+        "(default the model's context, at most 1024)",
+    )
+    p.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="capture the decode step in CUDA graphs for batch sizes 1, 2, 4, ... "
+        "--max-num-seqs (CUDA only; elsewhere the same static-shape step runs eagerly)",
     )
     p.add_argument("--max-queue", type=_positive_int, default=256, help="then 429")
     p.add_argument(

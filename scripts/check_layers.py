@@ -74,6 +74,10 @@ LAYERS: list[list[str]] = [
         "prefixattn.serve.metrics",
     ],
     ["prefixattn.serve.logprobs", "prefixattn.serve.output", "prefixattn.serve.auth"],
+    ["prefixattn.serve.kv_cache", "prefixattn.serve.sampling"],
+    ["prefixattn.serve.scheduler"],
+    ["prefixattn.serve.runner"],
+    ["prefixattn.serve.cuda_graphs"],
     ["prefixattn.serve.engine"],
     # the OpenAI front end: shared serving code, one class per endpoint, the router
     ["prefixattn.serve.serving_engine"],

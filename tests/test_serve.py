@@ -58,7 +58,7 @@ def env(tmp_path_factory):
         tasks = {t: str(root / t) for t in ("bbc", "sst2", "soft")}
         app = create_app(
             copy.deepcopy(model), tok, tasks, model_name=name, admin_token=TOKEN,
-            max_batch_size=8, max_wait_ms=40, max_queue=64,
+            max_num_seqs=8, max_queue=64,
         )  # fmt: skip
         ref = TaskBank(copy.deepcopy(model), {**tasks, "extra": str(root / "extra")})
         ref.add_base(name)

@@ -135,6 +135,19 @@ class TaskBank(nn.Module):
         offs = set(self._state.offsets)
         return 0 if not offs else (offs.pop() if len(offs) == 1 else None)
 
+    def task_prefix(self, name: str) -> tuple[torch.Tensor | None, int] | None:
+        """``(prefix [L, 2, Hkv, P, D] or None when P = 0, position offset)`` of task
+        ``name`` from one snapshot of the bank (a view, not a copy); None when the bank has
+        no such task. Used by the serving engine to write a row's prefix into its KV slot.
+        """
+        st = self._state
+        if name not in st.names:
+            return None
+        t = st.names.index(name)
+        P = st.lengths[t]
+        pre = None if P == 0 else st.bank[:, :, t, :, :P]  # [L, 2, Hkv, P, D]
+        return pre, st.offsets[t]
+
     def _read(self, name: str, prefix: object) -> tuple[torch.Tensor, int]:
         """(prefix [L, 2, Hkv, P, D], position offset) of one task."""
         if isinstance(prefix, PromptTuning):

@@ -71,6 +71,7 @@ __all__ = [
     "prefixattn_attention_forward",
     "prefixattn_mask",
     "record_kv",
+    "set_kv_pool",
     "set_prefix",
     "unpatch",
 ]
@@ -224,6 +225,9 @@ class _PatchState:
     provider: PrefixProvider | None = None
     # layer_idx -> (key, value) seen by the attention function, while record_kv is active
     recorder: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+    # (cache_seqlens [B], cache_batch_idx [B]) while the model's cache hands the attention
+    # a KV-cache pool [S, Hkv, Nmax, D] instead of each row's keys (see set_kv_pool)
+    kv_pool: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 # --------------------------------------------------------------------------------------
@@ -387,6 +391,24 @@ def record_kv(model: PreTrainedModel) -> Iterator[dict[int, tuple[torch.Tensor, 
         state.recorder = previous
 
 
+def set_kv_pool(model: PreTrainedModel, view: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+    """Tell a patched ``model``'s attention that its cache returns a KV-cache pool.
+
+    ``view = (cache_seqlens, cache_batch_idx)``, int [B] each: the keys and values the
+    attention receives are a pool [S, Hkv, Nmax, D] of slots, row b reads slot
+    ``cache_batch_idx[b]`` up to key ``cache_seqlens[b]`` (see
+    :func:`prefixattn.prefix_attention`); the kernel reads it in place. ``None``: keys
+    and values are per row again. Used by the serving engine around a decode step.
+
+    Raises:
+        ValueError: ``model`` is not patched.
+    """
+    state = getattr(model, _STATE_ATTR, None)
+    if not isinstance(state, _PatchState):
+        raise ValueError("model must be patched with prefixattn.patch(model) before set_kv_pool")
+    state.kv_pool = view
+
+
 def get_prefix(model: nn.Module) -> PrefixProvider | None:
     """The provider attached to ``model`` (``None`` if none or not patched)."""
     state = getattr(model, _STATE_ATTR, None)
@@ -494,8 +516,10 @@ def prefixattn_mask(
                 "plus key padding, which is all the prefixattn kernel computes"
             )
     # An all-real mask is dropped (the kernel's unmasked path is faster); the check is a
-    # host sync, so it is skipped while torch.compile traces (no graph break).
-    if kpm is not None and not torch.compiler.is_compiling() and bool(kpm.all()):
+    # host sync, so it is skipped while torch.compile traces (no graph break) and while a
+    # CUDA graph is captured (the serving engine's decode graphs).
+    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    if kpm is not None and not torch.compiler.is_compiling() and not capturing and bool(kpm.all()):
         kpm = None
     return kpm
 
@@ -586,6 +610,8 @@ def prefixattn_attention_forward(
             if got.lengths is not None:  # a ragged bank
                 prefix_lengths = got.lengths.to(query.device)
 
+    pool = state.kv_pool if state is not None and not is_cross else None
+    kw = {} if pool is None else {"cache_seqlens": pool[0], "cache_batch_idx": pool[1]}
     out = prefix_attention(
         query,
         key,
@@ -599,5 +625,6 @@ def prefixattn_attention_forward(
         sm_scale=None if scaling is None else float(scaling),
         dropout_p=float(dropout),
         backend=backend,
+        **kw,
     )  # [B, H, Nq, D]
     return out.transpose(1, 2).contiguous(), None  # [B, Nq, H, D]

@@ -49,6 +49,8 @@ def pointer_args(call: AttentionCall, mode: int) -> dict[str, torch.Tensor]:
         else q,
         "KPM": kpm.view(torch.uint8) if kpm is not None else q,
         "PLEN": plen if has_p and plen is not None else q,
+        "CSL": call.cache_seqlens if call.cache_seqlens is not None else q,
+        "CBI": call.cache_batch_idx if call.cache_batch_idx is not None else q,
     }
 
 
@@ -90,6 +92,8 @@ def input_flags(call: AttentionCall, prob: AttnProblem) -> dict:
         PREFIX_MODE=prob.prefix_mode,
         HAS_PLEN=has_p and call.prefix_lengths is not None,
         HAS_KPM=call.key_padding_mask is not None,
+        HAS_CSL=call.cache_seqlens is not None,
+        HAS_CBI=call.cache_batch_idx is not None,
         HAS_DROPOUT=call.dropout_p > 0.0,
         INPUT_PRECISION=input_precision(call.q),
     )

@@ -310,6 +310,11 @@ def traced_prefix_attention(call: AttentionCall) -> Tensor:
     custom ops above, the reference path as plain tensor ops (Inductor fuses it), the
     sdpa path as SDPA.
     """
+    if call.cache_seqlens is not None or call.cache_batch_idx is not None:
+        raise ValueError(
+            "cache_seqlens / cache_batch_idx (a KV-cache pool) are not supported under "
+            "torch.compile; call prefix_attention eagerly"
+        )
     prob = validate(call, check_values=False)
     q, prefix_index, prefix_lengths = call.q, call.prefix_index, call.prefix_lengths
     if prefix_index is not None and prob.B > 0:

@@ -222,7 +222,7 @@ def kernel_params(attr: str) -> tuple[str, ...]:
 # Parameters whose value changes from call to call with the same signature: the tensors
 # (their storage) and the dropout seed. Every kernel lists its pointers first.
 DYNAMIC_PARAMS = frozenset(
-    ("Q", "K", "V", "PK", "PV", "PIDX", "PLEN", "KPM", "Out", "LSE", "O", "DO", "Delta", "DQ",
+    ("Q", "K", "V", "PK", "PV", "PIDX", "PLEN", "KPM", "CSL", "CBI", "Out", "LSE", "O", "DO", "Delta", "DQ",
      "DK", "DV", "DPK", "DPV", "GPK", "GPV", "seed")
 )  # fmt: skip
 

@@ -21,15 +21,23 @@ def visible_mask(
     causal: bool,
     key_padding_mask: torch.Tensor | None,
     device: torch.device,
+    seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Which sequence keys each query sees: bool [B or 1, Nq, Nk], or None for all.
 
     Causal is aligned bottom-right: query i sees key j iff j <= i + (Nk - Nq).
+    ``seqlens`` int [B] (a KV-cache pool's ``cache_seqlens``): row b sees keys
+    j < seqlens[b], its causal band aligned to seqlens[b] instead of Nk.
     """
     mask = None
-    if causal:
-        i = torch.arange(Nq, device=device)[:, None]
-        j = torch.arange(Nk, device=device)[None, :]
+    i = torch.arange(Nq, device=device)[:, None]
+    j = torch.arange(Nk, device=device)[None, :]
+    if seqlens is not None:
+        n = seqlens.to(torch.int64)[:, None, None]  # [B, 1, 1]
+        mask = j[None] < n  # [B, 1, Nk]
+        if causal:
+            mask = mask & (j[None] <= i[None] + (n - Nq))  # [B, Nq, Nk]
+    elif causal:
         mask = (j <= i + (Nk - Nq))[None]  # [1, Nq, Nk]
     if key_padding_mask is not None:
         kpm = key_padding_mask[:, None, :]  # [B, 1, Nk]
@@ -49,6 +57,16 @@ def prefix_visible(
     return torch.arange(P, device=rows.device)[None, :] < rows[:, None]  # [B, P]
 
 
+def pool_rows(call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
+    """(k, v) [B, Hkv, Nk, D] of the call's rows: a KV-cache pool's slots gathered by
+    ``cache_batch_idx`` (these torch backends copy; the Triton kernel reads in place)."""
+    idx = call.cache_batch_idx
+    if idx is None:
+        return call.k, call.v
+    idx = idx.to(torch.int64)
+    return call.k.index_select(0, idx), call.v.index_select(0, idx)  # [B, Hkv, Nk, D]
+
+
 def reference_prefix_attention(call: AttentionCall, prob: AttnProblem) -> torch.Tensor:
     """Prefix attention in plain PyTorch ops (differentiable). ``call`` already validated
     (``prob``: its sizes and softmax scale).
@@ -57,6 +75,7 @@ def reference_prefix_attention(call: AttentionCall, prob: AttnProblem) -> torch.
     ``prefix_lengths[entry(b)]`` prefix keys; the others are masked like padding.
     """
     q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask = call[:N_TENSORS]
+    k, v = pool_rows(call)
     causal, dropout_p = call.causal, float(call.dropout_p)
     B, H, Hkv, Nq, Nk, D = prob.B, prob.H, prob.Hkv, prob.Nq, prob.Nk, prob.D
     G = prob.group
@@ -65,7 +84,7 @@ def reference_prefix_attention(call: AttentionCall, prob: AttnProblem) -> torch.
     kf, vf = k.to(cdt), v.to(cdt)  # [B, Hkv, Nk, D]
 
     s_seq = torch.matmul(qf, kf.transpose(-1, -2)).view(B, Hkv, G, Nq, Nk)
-    mask = visible_mask(Nq, Nk, causal, key_padding_mask, q.device)
+    mask = visible_mask(Nq, Nk, causal, key_padding_mask, q.device, call.cache_seqlens)
     if mask is not None:
         s_seq = s_seq.masked_fill(~mask[:, None, None], float("-inf"))  # [B|1, 1, 1, Nq, Nk]
 

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .call import N_TENSORS, AttentionCall
-from .reference import prefix_visible, reference_prefix_attention, visible_mask
+from .reference import pool_rows, prefix_visible, reference_prefix_attention, visible_mask
 from .validation import PREFIX_BANK, PREFIX_NONE, PREFIX_SHARED, AttnProblem
 
 
@@ -43,6 +43,7 @@ def prefix_visibility_mask(
     key_padding_mask: torch.Tensor | None,
     device: torch.device,
     prefix_visible: torch.Tensor | None = None,
+    seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Which of the P prefix + Nk sequence keys each query sees: bool [B|1, 1, Nq, P + Nk].
 
@@ -54,12 +55,14 @@ def prefix_visibility_mask(
         device: where to build the mask.
         prefix_visible: bool [B, P], which prefix keys each row sees, or None for all of
             them (a per-row prefix length L becomes ``arange(P) < L[:, None]``).
+        seqlens: int [B], a KV-cache pool's per-row key lengths (see
+            :func:`~prefixattn.ops.reference.visible_mask`), or None.
 
     Returns:
         bool [B, 1, Nq, P + Nk] if anything depends on the row, else [1, 1, Nq, P + Nk]
         (broadcast over batch and heads by SDPA).
     """
-    seq = visible_mask(Nq, Nk, causal, key_padding_mask, device)  # [B|1, Nq, Nk] or None
+    seq = visible_mask(Nq, Nk, causal, key_padding_mask, device, seqlens)  # [B|1, Nq, Nk]
     if seq is None:
         seq = torch.ones(1, Nq, Nk, dtype=torch.bool, device=device)
     if prefix_visible is None:
@@ -97,6 +100,8 @@ def sdpa_prefix_attention(call: AttentionCall, prob: AttnProblem) -> torch.Tenso
         [B, H, Nq, D] in the dtype of q.
     """
     q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask = call[:N_TENSORS]
+    k, v = pool_rows(call)  # [B, Hkv, Nk, D]
+    seqlens = call.cache_seqlens
     causal, dropout_p = call.causal, float(call.dropout_p)
     B, H, Hkv, Nq, Nk, P = prob.B, prob.H, prob.Hkv, prob.Nq, prob.Nk, prob.P
     if prob.layout != PREFIX_NONE:  # P may be 0: the empty prefix still gets (empty) grads
@@ -111,14 +116,15 @@ def sdpa_prefix_attention(call: AttentionCall, prob: AttnProblem) -> torch.Tenso
     vis = None  # bool [B, P]: which prefix keys each row sees (a ragged bank)
     if prefix_lengths is not None and prob.layout != PREFIX_NONE and P > 0:
         vis = prefix_visible(prefix_lengths, prefix_index, P)
-    if vis is None and key_padding_mask is None and (not causal or Nq == 1):
+    plain = vis is None and key_padding_mask is None and seqlens is None
+    if plain and (not causal or Nq == 1):
         # every query sees every key (Nq == 1 with causal: a decode step sees the cache)
         return F.scaled_dot_product_attention(q, k, v, **kw)
-    if vis is None and key_padding_mask is None and causal and Nq == Nk and P == 0:
+    if plain and causal and Nq == Nk and P == 0:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, **kw)
 
-    mask = prefix_visibility_mask(Nq, Nk, P, causal, key_padding_mask, q.device, vis)
-    if vis is None and (P > 0 or (key_padding_mask is None and Nq <= Nk)):
+    mask = prefix_visibility_mask(Nq, Nk, P, causal, key_padding_mask, q.device, vis, seqlens)
+    if vis is None and (P > 0 or (key_padding_mask is None and seqlens is None and Nq <= Nk)):
         # every row sees some key
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kw)
     # a row may see nothing (P == 0 or a prefix length of 0, with padding or Nq > Nk).

@@ -168,8 +168,12 @@ def validate(call: AttentionCall, check_values: bool = True) -> AttnProblem:
             raise ValueError(f"{name} must be on the device of q ({q.device}), got {t.device}")
     B, H, Nq, D = q.shape
     Bk, Hkv, Nk, Dk = k.shape
-    if Bk != B:
-        raise ValueError(f"k must have batch size B={B} (from q), got k of shape {_shape(k)}")
+    if Bk != B and call.cache_batch_idx is None:
+        pool = " (a KV-cache pool of other than B slots needs cache_batch_idx)"
+        raise ValueError(
+            f"k must have batch size B={B} (from q), got k of shape {_shape(k)}"
+            + (pool if call.cache_seqlens is not None else "")
+        )
     if Dk != D:
         raise ValueError(f"k must have head dim D={D} (from q), got k of shape {_shape(k)}")
     if tuple(v.shape) != tuple(k.shape):
@@ -289,7 +293,68 @@ def validate(call: AttentionCall, check_values: bool = True) -> AttnProblem:
     )
     if prefix_lengths is not None:
         check_prefix_lengths(prefix_lengths, prob, q.device, check_index_values)
+    if call.has_cache:
+        check_cache(call, prob, check_index_values)
     return prob
+
+
+def _check_range(t: torch.Tensor, lo: int, hi: int, msg: str) -> None:
+    """Check lo <= t <= hi without a host-device sync (see :func:`check_index_range`)."""
+    ok = torch.logical_and(t >= lo, t <= hi).all()
+    try:
+        torch._assert_async(ok, msg)
+    except RuntimeError:  # CPU: the check ran now
+        a, b = torch.aminmax(t)
+        raise ValueError(f"{msg}, got values in [{int(a)}, {int(b)}]") from None
+
+
+def check_cache_values(call: AttentionCall, Nk: int, S: int) -> None:
+    """The ranges of ``cache_seqlens`` ([0, Nk]) and ``cache_batch_idx`` ([0, S)): every
+    call (they change every decoding step), without a host-device sync."""
+    csl, cbi = call.cache_seqlens, call.cache_batch_idx
+    if csl is not None and csl.numel():
+        _check_range(csl, 0, Nk, f"cache_seqlens values must be in [0, Nmax] with Nmax={Nk}")
+    if cbi is not None and cbi.numel():
+        _check_range(cbi, 0, S - 1, f"cache_batch_idx values must be in [0, S) with S={S} slots")
+
+
+def check_no_grad(call: AttentionCall) -> None:
+    """A KV-cache call is inference only: refuse inputs that require grad."""
+    grads = [n for n in ("q", "k", "v", "prefix_k", "prefix_v")
+             if isinstance(getattr(call, n), torch.Tensor) and getattr(call, n).requires_grad]  # fmt: skip
+    if grads:
+        raise ValueError(
+            f"cache_seqlens / cache_batch_idx (a KV-cache pool) are for inference: "
+            f"{', '.join(grads)} require grad; call under torch.no_grad()"
+        )
+
+
+def check_cache(call: AttentionCall, prob: AttnProblem, check_values: bool = True) -> None:
+    """Check ``cache_seqlens`` / ``cache_batch_idx`` of a validated call (see
+    :func:`prefixattn.prefix_attention`)."""
+    B, S = prob.B, call.k.shape[0]
+    for name in ("cache_seqlens", "cache_batch_idx"):
+        t = getattr(call, name)
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(
+                f"{name} must be an int32 or int64 torch.Tensor of shape [B], got "
+                f"{type(t).__name__}"
+            )
+        if t.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{name} must have dtype torch.int32 or torch.int64, got {t.dtype}")
+        if tuple(t.shape) != (B,):
+            raise ValueError(f"{name} must have shape [B]=[{B}], got {_shape(t)}")
+        if t.device != call.q.device:
+            raise ValueError(f"{name} must be on the device of q ({call.q.device}), got {t.device}")
+    if float(call.dropout_p) > 0.0:
+        raise ValueError(
+            "dropout_p must be 0 with cache_seqlens / cache_batch_idx (a KV-cache pool is "
+            f"for inference), got {call.dropout_p!r}"
+        )
+    if check_values:
+        check_cache_values(call, prob.Nk, S)
 
 
 def check_kernel_dtype(q: torch.Tensor) -> None:

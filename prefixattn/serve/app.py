@@ -22,6 +22,7 @@ from starlette.concurrency import run_in_threadpool
 from ..hf.bank import TaskBank
 from . import admin
 from .auth import BearerAuth
+from .cuda_graphs import buckets_up_to
 from .engine import Engine
 from .errors import BodyLimit, install_error_handlers
 from .metrics import CONTENT_TYPE, ServeMetrics
@@ -54,9 +55,12 @@ def create_app(
     model_name: str = "base",
     admin_token: str | None = None,
     api_key: str | None = None,
-    max_batch_size: int = 8,
-    max_wait_ms: float = 10.0,
+    max_num_seqs: int = 16,
+    max_num_batched_tokens: int = 512,
     max_queue: int = 256,
+    kv_slots: int | None = None,
+    max_model_len: int | None = None,
+    cuda_graphs: bool = False,
     max_body_bytes: int = MAX_BODY_BYTES,
     backend: str = "auto",
 ) -> FastAPI:
@@ -70,7 +74,10 @@ def create_app(
         admin_token: enables the admin routes, which need ``Authorization: Bearer <token>``;
             None: no admin routes at all.
         api_key: the inference routes need ``Authorization: Bearer <api_key>``; None: open.
-        max_batch_size, max_wait_ms, max_queue: see :class:`~prefixattn.serve.Engine`.
+        max_num_seqs, max_num_batched_tokens, max_queue, kv_slots, max_model_len: see
+            :class:`~prefixattn.serve.Engine`.
+        cuda_graphs: decode steps padded to buckets up to ``max_num_seqs`` and replayed
+            as CUDA graphs (on a CUDA model; see :mod:`prefixattn.serve.cuda_graphs`).
         max_body_bytes: larger request bodies get 413.
         backend: kernel backend of the bank.
 
@@ -89,8 +96,10 @@ def create_app(
             raise ValueError(f"tasks: the name {name!r} is the base model's model_name")
         bank.add(name, tuner)
     engine = Engine(
-        bank, tokenizer, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
-        max_queue=max_queue,
+        bank, tokenizer, max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_num_batched_tokens, max_queue=max_queue,
+        kv_slots=kv_slots, max_model_len=max_model_len,
+        decode_buckets=buckets_up_to(max_num_seqs) if cuda_graphs else None,
     )  # fmt: skip
     ctx = ServeContext(
         engine=engine, bank=bank, tokenizer=tokenizer, model_name=model_name,
@@ -107,7 +116,7 @@ def create_app(
         try:
             yield
         finally:
-            engine.stop()
+            engine.drain(timeout=10.0)  # SIGTERM: finish the rows taken, refuse new ones
             ctx.pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="prefixattn serve", lifespan=lifespan)
