@@ -310,8 +310,10 @@ class Engine:
         problem = None
         if not req.prompt_ids:
             problem = "prompt_ids is empty"
-        elif req.params.max_tokens < 1:
-            problem = f"max_tokens must be >= 1, got {req.params.max_tokens}"
+        elif req.params.max_tokens < 0:
+            problem = f"max_tokens must be >= 0, got {req.params.max_tokens}"
+        elif req.params.max_tokens == 0 and req.params.prompt_logprobs is None:
+            problem = "max_tokens 0 is only for scoring a prompt (prompt_logprobs)"
         elif need > self.pool.max_len:
             problem = (
                 f"the request needs {need} KV positions (task prefix {P} + prompt "
@@ -339,6 +341,7 @@ class Engine:
         self.mixed_task_batches += len(tasks) > 1
         t0 = time.perf_counter()
         ready: list[tuple[Row, torch.Tensor]] = []  # rows that get a token: (row, logits [V])
+        scored: list[Row] = []  # max_tokens 0: the prompt scored, nothing to generate
         with self.model_lock, torch.no_grad():
             for row, n in plan.prefill:
                 want = row.req.params.prompt_logprobs is not None
@@ -346,7 +349,9 @@ class Engine:
                 logits = self.runner.prefill(row, n, want)  # [n or 1, V]
                 if want:
                     self._gather_prompt_logprobs(row, logits, start)
-                if row.decoding:
+                if row.decoding and row.req.params.max_tokens == 0:
+                    scored.append(row)
+                elif row.decoding:
                     ready.append((row, logits[-1]))
             self.prefill_tokens += sum(n for _, n in plan.prefill)
             if plan.decode:
@@ -363,6 +368,8 @@ class Engine:
                 want_lp = any(r.req.params.logprobs is not None for r, _ in ready)
                 logprobs = torch.log_softmax(stacked, dim=-1) if want_lp else None  # [R, V]
         self.step_times.append(time.perf_counter() - t0)
+        for row in scored:
+            self._finish(row.req, LENGTH, None, row)
         for i, (row, _) in enumerate(ready):
             lp = None if logprobs is None else logprobs[i]
             self._emit(row, tokens[i], lp)

@@ -88,10 +88,16 @@ class ServeContext:
         self.token_strings = TokenStrings(self.tokenizer)
 
     def max_len(self, task: str) -> int | None:
-        """Prompt + generated tokens a row of ``task`` may hold (its offset counts)."""
-        if self.limit is None:
-            return None
-        return self.limit - self.bank.offsets.get(task, 0)
+        """Prompt + generated tokens a row of ``task`` may hold: the model's context less
+        the task's position offset, and the engine's KV positions per row less the task's
+        prefix (None: no limit known)."""
+        caps = []
+        if self.limit is not None:
+            caps.append(self.limit - self.bank.offsets.get(task, 0))
+        kv_len = getattr(getattr(self.engine, "pool", None), "max_len", None)
+        if isinstance(kv_len, int):
+            caps.append(kv_len - self.bank.lengths.get(task, 0))
+        return min(caps) if caps else None
 
 
 @dataclass(eq=False)
@@ -171,9 +177,10 @@ class OpenAIServing:
         if cap is not None and n_prompt + max_tokens > cap:
             raise APIError(
                 400,
-                f"prompt {i} has {n_prompt} tokens; with max_tokens={max_tokens} (and the "
-                f"task's position offset {self.ctx.bank.offsets.get(task, 0)}) that exceeds "
-                f"the model's context of {self.ctx.limit} tokens",
+                f"prompt {i} has {n_prompt} tokens; with max_tokens={max_tokens} that exceeds "
+                f"the {cap} tokens a row of {task!r} may hold (the model's context of "
+                f"{self.ctx.limit} tokens less the task's position offset, and the server's KV "
+                f"cache per row less the task's prefix: --max-model-len)",
                 "context_length_exceeded", "max_tokens",
             )  # fmt: skip
 
