@@ -57,7 +57,7 @@ def env(tmp_path_factory):
         PrefixTuning(copy.deepcopy(model), 2, init="vocab").save(root / "t2")
         app = create_app(
             copy.deepcopy(model), tok, {"t1": str(root / "t1")}, model_name="byte",
-            admin_token=ADMIN, api_key=KEY, max_batch_size=8, max_wait_ms=20, max_queue=64,
+            admin_token=ADMIN, api_key=KEY, max_num_seqs=8, max_queue=64,
         )  # fmt: skip
         with Server(app) as srv:
             client = openai.OpenAI(base_url=srv.url + "/v1", api_key=KEY, max_retries=0)
