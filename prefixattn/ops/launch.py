@@ -341,7 +341,7 @@ def kernel_params(attr: str) -> tuple[str, ...]:
 # (their storage) and the dropout seed. Every kernel lists its pointers first.
 DYNAMIC_PARAMS = frozenset(
     ("Q", "K", "V", "PK", "PV", "PIDX", "PLEN", "KPM", "Out", "LSE", "O", "DO", "Delta", "DQ",
-     "DK", "DV", "DPK", "DPV", "GPK", "GPV", "seed")
+     "DK", "DV", "DPK", "DPV", "GPK", "GPV", "SINKS", "seed")
 )  # fmt: skip
 
 
@@ -650,6 +650,10 @@ def forward_spec(
         "seed": seed,
         "TUNE_NQ": _bucket(Nq),
         "TUNE_NK": _bucket(Nk),
+        # TODO(i20): window / softcap / sinks from the call object (after the i17 refactor)
+        "window": 0,
+        "softcap": 1.0,
+        "SINKS": x.q,
     }
     consts = dict(
         D=D,
@@ -895,7 +899,7 @@ def backward_specs(
         "H": H, "HKV": Hkv, "GROUP": prob.group, "N_Q": Nq, "N_K": Nk,
         "N_P": P if mode != PREFIX_NONE else 0, "sm_scale": prob.sm_scale,
         "dropout_p": float(dropout_p), "seed": seed, "TUNE_NQ": _bucket(Nq),
-        "TUNE_NK": _bucket(Nk),
+        "TUNE_NK": _bucket(Nk), "window": 0, "softcap": 1.0,
     }  # fmt: skip
     vals = {
         **backward_pointers(x, do, out, lse, grads, ws, prob, needs, lay, chunk),
