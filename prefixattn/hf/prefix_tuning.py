@@ -47,7 +47,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..losses import check_chunked_loss_support, chunked_loss_forward
-from ..ops.validation import BACKENDS, MAX_HEAD_DIM, MIN_HEAD_DIM
+from ..ops.validation import BACKENDS, MAX_HEAD_DIM, MIN_HEAD_DIM, PREFIX_WINDOWS
 from ._common import INIT_STRATEGIES as INIT_STRATEGIES  # kept importable from here
 from ._common import PEFT_WEIGHTS_KEY, TuningConfigBase, is_int, read_artifact, read_peft_dir
 from ._compat import cache_arg
@@ -137,6 +137,15 @@ class PrefixTuningConfig(TuningConfigBase):
             "'sdpa' or 'reference'."
         },
     )
+    prefix_window: str = field(
+        default="all",
+        metadata={
+            "help": "On sliding-window layers (Mistral, Gemma-2/3, gpt-oss, ...): 'all' (every "
+            "query sees the whole prefix, a task memory) or 'sliding' (PEFT's behaviour: the "
+            "prefix keys are the P positions before the first token and leave the window). "
+            "The two agree while the prefix plus the tokens fit the window (P + N <= window)."
+        },
+    )
     chunked_loss: bool = field(
         default=False,
         metadata={
@@ -171,6 +180,10 @@ class PrefixTuningConfig(TuningConfigBase):
             raise ValueError(f"position_offset must be an int >= 0, got {self.position_offset!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.prefix_window not in PREFIX_WINDOWS:
+            raise ValueError(
+                f"prefix_window must be one of {PREFIX_WINDOWS}, got {self.prefix_window!r}"
+            )
         self._check_chunked_loss()
 
 
@@ -265,6 +278,11 @@ class _TuningProvider(PrefixProvider):
     def __init__(self, owner: PrefixTuning) -> None:
         self.owner = owner
 
+    @property
+    def prefix_window(self) -> str:  # type: ignore[override]
+        """The owner's ``config.prefix_window``."""
+        return self.owner.config.prefix_window
+
     def layer_prefix(
         self, layer_idx: int, batch_size: int
     ) -> tuple[torch.Tensor, torch.Tensor, None]:
@@ -350,6 +368,7 @@ class PrefixTuning(nn.Module):
         position_offset: int = 0,
         backend: str = "auto",
         chunked_loss: bool = False,
+        prefix_window: str = "all",
     ) -> None:
         super().__init__()
         text_ids = None
@@ -368,6 +387,7 @@ class PrefixTuning(nn.Module):
             position_offset=position_offset,
             backend=backend,
             chunked_loss=chunked_loss,
+            prefix_window=prefix_window,
         )
         self._setup(model, config)
         self._initialize(text_ids)
@@ -394,6 +414,7 @@ class PrefixTuning(nn.Module):
             position_offset=c.position_offset,
             backend=c.backend,
             chunked_loss=c.chunked_loss,
+            prefix_window=c.prefix_window,
         )
 
     @classmethod
@@ -584,7 +605,9 @@ class PrefixTuning(nn.Module):
         with torch.no_grad():
             pre = self.prefix_tensor().detach()  # [L, 2, Hkv, P, D]
         return StaticPrefix(
-            [pre[i, 0] for i in range(len(pre))], [pre[i, 1] for i in range(len(pre))]
+            [pre[i, 0] for i in range(len(pre))],
+            [pre[i, 1] for i in range(len(pre))],
+            prefix_window=self.config.prefix_window,
         )
 
     @torch.no_grad()
@@ -705,6 +728,7 @@ class PrefixTuning(nn.Module):
         model: PreTrainedModel | None = None,
         *,
         backend: str = "auto",
+        prefix_window: str = "all",
     ) -> PrefixTuning:
         """Load a PEFT prefix-tuning adapter; reproduces PEFT's logits, generations, gradients.
 
@@ -717,6 +741,13 @@ class PrefixTuning(nn.Module):
                 which is then no longer usable through the ``PeftModel`` (the prefix would be
                 applied twice); pass a separate copy to compare the two.
             backend: kernel backend.
+            prefix_window: what a sliding-window layer's query sees of the prefix. PEFT's
+                prefix sits in the KV cache, so on a sliding-window model (Mistral,
+                Gemma-2/3, gpt-oss, ...) its keys leave the window: ``"sliding"``. The
+                default ``"all"`` (every query sees the whole prefix) gives PEFT's result
+                exactly while the prefix plus the tokens fit the window (P + N <= window),
+                and is tested there; past that, pass ``"sliding"`` to keep PEFT's
+                semantics.
 
         The result uses PEFT's position convention (``position_offset=P``).
 
@@ -766,6 +797,7 @@ class PrefixTuning(nn.Module):
             encoder_hidden_size=int(pcfg["encoder_hidden_size"]) if mlp is not None else None,
             position_offset=P,
             backend=backend,
+            prefix_window=prefix_window,
         )
         self = cls._uninitialized(model, config)
         with torch.no_grad():

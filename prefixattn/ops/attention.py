@@ -9,7 +9,7 @@ from .launch import new_seed
 from .plan import lookup_plan
 from .reference import reference_prefix_attention
 from .sdpa import sdpa_prefix_attention
-from .validation import auto_backend
+from .validation import auto_backend, validate
 
 _grad_enabled = torch.is_grad_enabled
 _apply = apply_function
@@ -37,6 +37,10 @@ def prefix_attention(
     dropout_p: float = 0.0,
     backend: str = "auto",
     prefix_lengths: torch.Tensor | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
+    prefix_window: str = "all",
 ) -> torch.Tensor:
     """Attention over a prefix of P virtual keys plus the sequence keys, fused.
 
@@ -66,6 +70,19 @@ def prefix_attention(
             TRITON_INTERPRET=1), "sdpa" (PyTorch's fused scaled_dot_product_attention on
             the concatenated prefix + keys: any device and dtype) or "reference" (the
             exact, materialising pure-PyTorch path the tests compare against).
+        window: sliding window W >= 1 (needs ``causal``): query i sees sequence key j
+            iff i + (Nk - Nq) - W < j <= i + (Nk - Nq), its last W positions
+            (FlashAttention's ``window_size=(W - 1, 0)``, transformers' ``sliding_window``).
+            The Triton kernel never visits key blocks wholly outside the band.
+        prefix_window: what a windowed query sees of the prefix: "all" (default: every
+            prefix key, always, like an attention sink) or "sliding" (PEFT's behaviour:
+            prefix key c of a row with L visible prefix keys sits at position c - L and is
+            seen iff c - L > i + (Nk - Nq) - W). Equal while P + Nk <= W.
+        softcap: logit soft-capping C > 0 (Gemma-2): every logit s = sm_scale * q.k
+            becomes C * tanh(s / C); exact backward.
+        sinks: float [H], one learned logit per query head added to the softmax
+            denominator, with no value (gpt-oss's ``sinks`` / ``s_aux``); gets a gradient
+            when it requires grad. A row then never sums to 1 and is never empty.
 
     Returns:
         [B, H, Nq, D] in the dtype of q.
@@ -93,6 +110,16 @@ def prefix_attention(
     Raises:
         TypeError, ValueError: on bad input, naming the argument and what was expected.
     """
+    if window is not None or softcap is not None or sinks is not None:
+        if _is_compiling():
+            return _traced_features(
+                q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, causal, sm_scale,
+                dropout_p, backend, prefix_lengths, window, softcap, sinks, prefix_window,
+            )  # fmt: skip
+        return _prefix_attention_features(
+            q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, causal, sm_scale,
+            dropout_p, backend, prefix_lengths, window, softcap, sinks, prefix_window,
+        )  # fmt: skip
     if _is_compiling():
         # imported here: registering the ops imports parts of torch._inductor (~1 s), a
         # cost only compiling callers should pay
@@ -131,4 +158,90 @@ def prefix_attention(
     return reference_prefix_attention(
         q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
         causal, plan.dropout_p, plan.prob, prefix_lengths,
+    )  # fmt: skip
+
+
+def _prefix_attention_features(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_k: torch.Tensor | None,
+    prefix_v: torch.Tensor | None,
+    prefix_index: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None,
+    causal: bool,
+    sm_scale: float | None,
+    dropout_p: float,
+    backend: str,
+    prefix_lengths: torch.Tensor | None,
+    window: int | None,
+    softcap: float | None,
+    sinks: torch.Tensor | None,
+    prefix_window: str,
+) -> torch.Tensor:
+    """:func:`prefix_attention` with a sliding window, soft-capping or sinks (eager)."""
+    plan = lookup_plan(
+        q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
+        causal, sm_scale, dropout_p, backend, prefix_lengths,
+        window, softcap, sinks, prefix_window,
+    )  # fmt: skip
+    if plan.backend == "triton":
+        if _grad_enabled() and (
+            q.requires_grad
+            or k.requires_grad
+            or v.requires_grad
+            or (prefix_k is not None and (prefix_k.requires_grad or prefix_v.requires_grad))
+            or (sinks is not None and sinks.requires_grad)
+        ):
+            return _apply(
+                PrefixAttentionFunction, q, k, v, prefix_k, prefix_v, prefix_index,
+                key_padding_mask, plan, prefix_lengths, sinks,
+            )  # fmt: skip
+        seed = new_seed() if plan.dropout_p > 0.0 else 0
+        return plan.forward(
+            q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, seed, prefix_lengths,
+            sinks,
+        )[0]  # fmt: skip
+    fn = sdpa_prefix_attention if plan.backend == "sdpa" else reference_prefix_attention
+    return fn(
+        q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
+        causal, plan.dropout_p, plan.prob, prefix_lengths, sinks,
+    )  # fmt: skip
+
+
+def _traced_features(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_k: torch.Tensor | None,
+    prefix_v: torch.Tensor | None,
+    prefix_index: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None,
+    causal: bool,
+    sm_scale: float | None,
+    dropout_p: float,
+    backend: str,
+    prefix_lengths: torch.Tensor | None,
+    window: int | None,
+    softcap: float | None,
+    sinks: torch.Tensor | None,
+    prefix_window: str,
+) -> torch.Tensor:
+    """Under ``torch.compile``: the sdpa / reference paths (plain PyTorch, traced). The
+    Triton custom ops do not take window / softcap / sinks yet."""
+    prob = validate(
+        q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, causal, sm_scale,
+        dropout_p, backend, check_index_values=False, prefix_lengths=prefix_lengths,
+        window=window, softcap=softcap, sinks=sinks, prefix_window=prefix_window,
+    )  # fmt: skip
+    resolved = resolve_backend(backend, q)
+    if resolved == "triton":
+        raise NotImplementedError(
+            "window / softcap / sinks under torch.compile run on backend='sdpa' or "
+            "'reference'; the compiled Triton custom ops do not take them yet"
+        )
+    fn = sdpa_prefix_attention if resolved == "sdpa" else reference_prefix_attention
+    return fn(
+        q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
+        causal, float(dropout_p), prob, prefix_lengths, sinks,
     )  # fmt: skip

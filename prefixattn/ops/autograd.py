@@ -27,21 +27,24 @@ class PrefixAttentionFunction(torch.autograd.Function):
         key_padding_mask: torch.Tensor | None,
         plan: CallPlan,
         prefix_lengths: torch.Tensor | None = None,
+        sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:
         seed = new_seed() if plan.dropout_p > 0.0 else 0
         out, lse, aligned = plan.forward(
-            q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, seed, prefix_lengths
-        )
+            q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, seed, prefix_lengths,
+            sinks,
+        )  # fmt: skip
         ctx.save_for_backward(
-            q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, out, lse, prefix_lengths
-        )
+            q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, out, lse, prefix_lengths,
+            sinks,
+        )  # fmt: skip
         # aligned: the inputs' alignment, for the backward's direct launches (same tensors)
         ctx.seed, ctx.plan, ctx.aligned = seed, plan, aligned
         return out
 
     @staticmethod
     def backward(ctx: Any, do: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        q, k, v, prefix_k, prefix_v, prefix_index, kpm, out, lse, plen = ctx.saved_tensors
+        q, k, v, prefix_k, prefix_v, prefix_index, kpm, out, lse, plen, sinks = ctx.saved_tensors
         n = ctx.needs_input_grad
         dq, dk, dv, dpk, dpv = ctx.plan.backward(
             do, q, k, v, prefix_k, prefix_v, prefix_index, kpm, out, lse, ctx.seed,
@@ -54,7 +57,20 @@ class PrefixAttentionFunction(torch.autograd.Function):
             dpk if n[3] else None,
             dpv if n[4] else None,
             None, None, None, None,
+            sink_grad(sinks, lse, out, do) if n[9] else None,
         )  # fmt: skip
+
+
+def sink_grad(
+    sinks: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, do: torch.Tensor
+) -> torch.Tensor:
+    """The gradient of attention sinks [H]: a sink's logit has no value, so its dP is 0 and
+    dsink[h] = -sum_{b, i} p_sink[b, h, i] * Delta[b, h, i], with p_sink = exp(sink[h] -
+    lse) and Delta = rowsum(dO * O) (lse: the forward's log2 log-sum-exp [B, H, Nq], the
+    sink included). A fixed-order reduction in fp32: bitwise reproducible."""
+    delta = (do.float() * out.float()).sum(-1)  # [B, H, Nq]
+    p_sink = torch.exp2(sinks.float()[None, :, None] * 1.4426950408889634 - lse)  # [B, H, Nq]
+    return (-(p_sink * delta).sum((0, 2))).to(sinks.dtype)
 
 
 # torch.autograd.Function.apply (Python) binds default arguments and unwraps dead

@@ -301,15 +301,15 @@ def _tuned(name: str):  # -> autotuned kernel
     def prune(configs, named_args, **kwargs):
         return _prune_for(kwargs["BLOCK_D"], named_args["N_Q"], named_args[n_key], configs)
 
-    common = ["TUNE_NQ", "TUNE_NK", "D", "HAS_DROPOUT"]
+    common = ["TUNE_NQ", "TUNE_NK", "D", "HAS_DROPOUT", "HAS_SOFTCAP"]
     key = (
         common
         + {
-            "fwd": ["IS_CAUSAL", "PREFIX_MODE", "HAS_KPM"],
-            "dkdv": ["IS_CAUSAL", "HAS_KPM"],
-            "dq": ["IS_CAUSAL", "PREFIX_MODE", "HAS_KPM"],
-            "prefix_dkdv": ["PREFIX_MODE"],
-            "bwd": ["IS_CAUSAL", "PREFIX_MODE", "HAS_KPM"],
+            "fwd": ["IS_CAUSAL", "PREFIX_MODE", "HAS_KPM", "HAS_WINDOW", "HAS_SINKS"],
+            "dkdv": ["IS_CAUSAL", "HAS_KPM", "HAS_WINDOW"],
+            "dq": ["IS_CAUSAL", "PREFIX_MODE", "HAS_KPM", "HAS_WINDOW"],
+            "prefix_dkdv": ["PREFIX_MODE", "PREFIX_WINDOWED"],
+            "bwd": ["IS_CAUSAL", "PREFIX_MODE", "HAS_KPM", "HAS_WINDOW"],
         }[name]
     )
     return triton.autotune(
@@ -589,6 +589,7 @@ class _Inputs(NamedTuple):
     prefix_index: torch.Tensor | None
     key_padding_mask: torch.Tensor | None
     prefix_lengths: torch.Tensor | None = None  # int64 [T]: entries as prefix_k
+    sinks: torch.Tensor | None = None  # [H] attention sinks (whole for every run of rows)
 
     def rows(self, rows: slice, prob: AttnProblem) -> _Inputs:
         """Batch rows ``rows`` (views; a shared prefix or a bank stays whole)."""
@@ -601,6 +602,7 @@ class _Inputs(NamedTuple):
             _take(self.prefix_v, rows) if per_row else self.prefix_v,
             _take(self.prefix_index, rows), _take(self.key_padding_mask, rows),
             _take(self.prefix_lengths, rows) if per_row else self.prefix_lengths,
+            self.sinks,
         )  # fmt: skip
 
 
@@ -650,10 +652,8 @@ def forward_spec(
         "seed": seed,
         "TUNE_NQ": _bucket(Nq),
         "TUNE_NK": _bucket(Nk),
-        # TODO(i20): window / softcap / sinks from the call object (after the i17 refactor)
-        "window": 0,
-        "softcap": 1.0,
-        "SINKS": x.q,
+        **feature_scalars(prob),
+        "SINKS": x.sinks if x.sinks is not None else x.q,
     }
     consts = dict(
         D=D,
@@ -664,11 +664,26 @@ def forward_spec(
         HAS_KPM=x.key_padding_mask is not None,
         HAS_DROPOUT=dropout_p > 0.0,
         INPUT_PRECISION=_input_precision(x.q),
+        HAS_WINDOW=has_window(prob),
+        PREFIX_WINDOWED=prob.prefix_windowed,
+        HAS_SOFTCAP=prob.softcap > 0.0,
+        HAS_SINKS=prob.has_sinks,
     )
     return LaunchSpec(
         "fwd", "_attn_fwd", lambda m: (math.ceil(Nq / m["BLOCK_M"]), B * H),
         Nq, max(Nk, prob.P), vals, consts,
     )  # fmt: skip
+
+
+def has_window(prob: AttnProblem) -> bool:
+    """Whether the sliding window masks a sequence key: W < Nk (a window holding every key
+    runs the plain causal kernels)."""
+    return 0 < prob.window < prob.Nk
+
+
+def feature_scalars(prob: AttnProblem) -> dict:
+    """The kernels' ``window`` and ``softcap`` runtime arguments (placeholders when off)."""
+    return {"window": prob.window, "softcap": prob.softcap or 1.0}
 
 
 def _kpm_strides(kpm: torch.Tensor | None) -> dict[str, int]:
@@ -698,6 +713,7 @@ def attention_forward(
     prob: AttnProblem,
     wrap=None,
     prefix_lengths: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``_attn_fwd``; returns (out [B, H, Nq, D] in q's dtype, lse [B, H, Nq] fp32).
     ``prefix_lengths``: int64 [T] visible prefix keys per entry (a ragged bank).
@@ -709,7 +725,7 @@ def attention_forward(
     out, lse = forward_outputs(q, prob)
     if prob.B * prob.H * prob.Nq == 0:
         return out, lse
-    x = _Inputs(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, prefix_lengths)
+    x = _Inputs(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, prefix_lengths, sinks)
     specs = [
         forward_spec(
             x.rows(rows, prob),
@@ -899,7 +915,7 @@ def backward_specs(
         "H": H, "HKV": Hkv, "GROUP": prob.group, "N_Q": Nq, "N_K": Nk,
         "N_P": P if mode != PREFIX_NONE else 0, "sm_scale": prob.sm_scale,
         "dropout_p": float(dropout_p), "seed": seed, "TUNE_NQ": _bucket(Nq),
-        "TUNE_NK": _bucket(Nk), "window": 0, "softcap": 1.0,
+        "TUNE_NK": _bucket(Nk), **feature_scalars(prob),
     }  # fmt: skip
     vals = {
         **backward_pointers(x, do, out, lse, grads, ws, prob, needs, lay, chunk),
@@ -914,8 +930,11 @@ def backward_specs(
     }  # fmt: skip
     block_d = max(16, triton_next_pow2(D))
     flags = dict(
-        D=D, BLOCK_D=block_d, HAS_DROPOUT=dropout_p > 0.0, INPUT_PRECISION=_input_precision(q)
-    )
+        D=D, BLOCK_D=block_d, HAS_DROPOUT=dropout_p > 0.0, INPUT_PRECISION=_input_precision(q),
+        HAS_SOFTCAP=prob.softcap > 0.0,
+    )  # fmt: skip
+    win = dict(HAS_WINDOW=has_window(prob))
+    pwin = dict(PREFIX_WINDOWED=prob.prefix_windowed)
     has_kpm = x.key_padding_mask is not None
     has_plen = mode != PREFIX_NONE and x.prefix_lengths is not None
     specs = []
@@ -957,6 +976,8 @@ def backward_specs(
                     HAS_KPM=has_kpm,
                     HAS_DELTA=lay.has_delta,
                     **flags,
+                    **win,
+                    **pwin,
                 ),
             )
         )
@@ -976,6 +997,8 @@ def backward_specs(
                     HAS_PLEN=has_plen,
                     HAS_KPM=has_kpm,
                     **flags,
+                    **win,
+                    **pwin,
                 ),
             )
         )
@@ -988,7 +1011,7 @@ def backward_specs(
                 Nq,
                 Nk,
                 vals,
-                dict(IS_CAUSAL=causal, HAS_KPM=has_kpm, **flags),
+                dict(IS_CAUSAL=causal, HAS_KPM=has_kpm, **flags, **win),
             )
         )
     if need_p:
@@ -1001,7 +1024,7 @@ def backward_specs(
                 Nq,
                 P,
                 vals,
-                dict(PREFIX_MODE=mode, HAS_PLEN=has_plen, **flags),
+                dict(PREFIX_MODE=mode, HAS_PLEN=has_plen, **flags, **pwin),
             )
         )
     return specs

@@ -62,6 +62,10 @@ def lookup_plan(
     dropout_p: float,
     backend: str,
     prefix_lengths: torch.Tensor | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
+    prefix_window: str = "all",
 ) -> CallPlan:
     """The call's plan: cached, or validated and built (bad input raises here).
 
@@ -73,6 +77,12 @@ def lookup_plan(
     gets the same index tensor.
     """
     pk, pv, pidx, kpm, plen = prefix_k, prefix_v, prefix_index, key_padding_mask, prefix_lengths
+    feats = None  # window, soft-capping, sinks: part of the key only when one is used
+    if window is not None or softcap is not None or sinks is not None:
+        feats = (
+            window, window.__class__, softcap, softcap.__class__, prefix_window,
+            None if sinks is None else (sinks.__class__, sinks.shape, sinks.dtype, sinks.device),
+        )  # fmt: skip
     try:
         key = (
             q.__class__, q.shape, q.stride(), q.dtype, q.device,
@@ -84,7 +94,7 @@ def lookup_plan(
             None if kpm is None else (kpm.shape, kpm.stride(), kpm.dtype, kpm.device),
             None if plen is None else (plen.__class__, plen.shape, plen.dtype, plen.device),
             causal, causal.__class__, sm_scale, sm_scale.__class__,
-            dropout_p, dropout_p.__class__, backend,
+            dropout_p, dropout_p.__class__, backend, feats,
         )  # fmt: skip
         plan = _PLANS.get(key)
     except (AttributeError, TypeError):  # not tensors, or unhashable scalars
@@ -104,6 +114,7 @@ def lookup_plan(
     prob = validate(
         q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
         causal, sm_scale, dropout_p, backend, prefix_lengths=prefix_lengths,
+        window=window, softcap=softcap, sinks=sinks, prefix_window=prefix_window,
     )  # fmt: skip
     from .attention import resolve_backend
 
@@ -279,13 +290,18 @@ class CallPlan:
         key_padding_mask: torch.Tensor | None,
         seed: int,
         prefix_lengths: torch.Tensor | None = None,
+        sinks: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """(out [B, H, Nq, D], lse [B, H, Nq] fp32, aligned) of the Triton forward;
-        ``aligned``: the inputs' alignment (:meth:`aligned`), for the backward."""
+        ``aligned``: the inputs' alignment (:meth:`aligned`), for the backward.
+        ``sinks``: [H] attention sinks (read as a dense vector)."""
+        if sinks is not None and not sinks.is_contiguous():
+            sinks = sinks.contiguous()
         if self.chunked:
             out, lse = L.attention_forward(
                 q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
                 self.causal, self.dropout_p, seed, self.prob, prefix_lengths=prefix_lengths,
+                sinks=sinks,
             )  # fmt: skip
             return out, lse, False
         out = torch.empty(self.out_shape, device=q.device, dtype=q.dtype)
@@ -300,11 +316,18 @@ class CallPlan:
         aligned = self.aligned(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask)
         if prefix_lengths is not None:
             aligned = aligned and not prefix_lengths.data_ptr() & 15
+        if sinks is not None:
+            ptrs["SINKS"] = sinks
+            aligned = aligned and not sinks.data_ptr() & 15
+        else:
+            ptrs["SINKS"] = q
         fl = self.fwd
         if fl is not None:
             fl(ptrs, seed, aligned)
             return out, lse, aligned
-        x = L._Inputs(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, prefix_lengths)
+        x = L._Inputs(
+            q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, prefix_lengths, sinks
+        )
         spec = L.forward_spec(x, out, lse, self.causal, self.dropout_p, seed, self.prob)
         self.fwd = KernelLaunch.first(spec, q)
         return out, lse, aligned

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 
 BACKENDS = ("auto", "triton", "sdpa", "reference")
+#: What a sliding-window query sees of the prefix (see prefix_attention).
+PREFIX_WINDOWS = ("all", "sliding")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # The reference path also takes float64 (useful for gradcheck); the kernel does not.
 REFERENCE_DTYPES = (*KERNEL_DTYPES, torch.float64)
@@ -45,6 +47,10 @@ class AttnProblem:
     prefix_mode: int  # what the kernel runs: PREFIX_NONE when there is no prefix or P == 0
     layout: int  # the prefix tensors' layout (shared / per-row / bank), even when P == 0
     sm_scale: float
+    window: int = 0  # sliding window (sequence keys a query sees), 0 = none
+    softcap: float = 0.0  # logit soft-capping C (C * tanh(s / C)), 0 = none
+    has_sinks: bool = False  # attention sinks [H] in the softmax denominator
+    prefix_windowed: bool = False  # prefix keys leave the window ("sliding"), with a prefix
 
     @property
     def group(self) -> int:
@@ -153,6 +159,10 @@ def validate(
     backend: str,
     check_index_values: bool = True,
     prefix_lengths: torch.Tensor | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
+    prefix_window: str = "all",
 ) -> AttnProblem:
     """Check every argument against the contract; return the problem sizes.
 
@@ -290,6 +300,7 @@ def validate(
     if not 0.0 <= float(dropout_p) < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
 
+    feats = check_features(window, softcap, sinks, prefix_window, causal, q)
     prob = AttnProblem(
         B=B,
         H=H,
@@ -302,10 +313,59 @@ def validate(
         prefix_mode=mode,
         layout=layout,
         sm_scale=scale,
+        window=feats[0],
+        softcap=feats[1],
+        has_sinks=sinks is not None,
+        prefix_windowed=feats[0] > 0 and prefix_window == "sliding" and mode != PREFIX_NONE,
     )
     if prefix_lengths is not None:
         check_prefix_lengths(prefix_lengths, prob, q.device, check_index_values)
     return prob
+
+
+def check_features(
+    window: object,
+    softcap: object,
+    sinks: object,
+    prefix_window: object,
+    causal: bool,
+    q: torch.Tensor,
+) -> tuple[int, float]:
+    """Check the sliding window, soft-capping, sinks and prefix-window arguments; returns
+    (window or 0, softcap or 0.0)."""
+    if prefix_window not in PREFIX_WINDOWS:
+        raise ValueError(f"prefix_window must be one of {PREFIX_WINDOWS}, got {prefix_window!r}")
+    w = 0
+    if window is not None:
+        if isinstance(window, bool) or not isinstance(window, numbers.Integral):
+            raise TypeError(f"window must be an int >= 1 or None, got {type(window).__name__}")
+        if window < 1:
+            raise ValueError(f"window must be an int >= 1 (keys a query sees), got {window!r}")
+        if not causal:
+            raise ValueError("window (a causal sliding window) needs causal=True")
+        w = int(window)
+    cap = 0.0
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+            raise TypeError(f"softcap must be a float > 0 or None, got {type(softcap).__name__}")
+        cap = float(softcap)
+        if not math.isfinite(cap) or cap <= 0:
+            raise ValueError(f"softcap must be a finite float > 0, got {softcap!r}")
+    if sinks is not None:
+        if not isinstance(sinks, torch.Tensor):
+            raise TypeError(
+                f"sinks must be a float torch.Tensor of shape [H] or None, got "
+                f"{type(sinks).__name__}"
+            )
+        _check_float_dtype("sinks", sinks, REFERENCE_DTYPES)
+        H = q.shape[1]
+        if tuple(sinks.shape) != (H,):
+            raise ValueError(
+                f"sinks must have shape [H]=[{H}] (one per query head), got {_shape(sinks)}"
+            )
+        if sinks.device != q.device:
+            raise ValueError(f"sinks must be on the device of q ({q.device}), got {sinks.device}")
+    return w, cap
 
 
 def check_kernel_dtype(q: torch.Tensor) -> None:
