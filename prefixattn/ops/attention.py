@@ -110,7 +110,7 @@ def prefix_attention(
     Raises:
         TypeError, ValueError: on bad input, naming the argument and what was expected.
     """
-    if window is not None or softcap is not None or sinks is not None:
+    if window is not None or softcap is not None or sinks is not None or prefix_window != "all":
         if _is_compiling():
             return _traced_features(
                 q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, causal, sm_scale,

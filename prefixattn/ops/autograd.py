@@ -57,7 +57,8 @@ class PrefixAttentionFunction(torch.autograd.Function):
             dpk if n[3] else None,
             dpv if n[4] else None,
             None, None, None, None,
-            sink_grad(sinks, lse, out, do) if n[9] else None,
+            # (a call without sinks passes 9 inputs: a trailing None is allowed)
+            sink_grad(sinks, lse, out, do) if sinks is not None and n[9] else None,
         )  # fmt: skip
 
 

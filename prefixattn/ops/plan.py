@@ -77,13 +77,13 @@ def lookup_plan(
     gets the same index tensor.
     """
     pk, pv, pidx, kpm, plen = prefix_k, prefix_v, prefix_index, key_padding_mask, prefix_lengths
-    feats = None  # window, soft-capping, sinks: part of the key only when one is used
-    if window is not None or softcap is not None or sinks is not None:
-        feats = (
-            window, window.__class__, softcap, softcap.__class__, prefix_window,
-            None if sinks is None else (sinks.__class__, sinks.shape, sinks.dtype, sinks.device),
-        )  # fmt: skip
     try:
+        feats = None  # window, soft-capping, sinks: part of the key only when one is used
+        if window is not None or softcap is not None or sinks is not None or prefix_window != "all":
+            feats = (
+                window, window.__class__, softcap, softcap.__class__, prefix_window,
+                None if sinks is None else (sinks.__class__, sinks.shape, sinks.dtype, sinks.device),
+            )  # fmt: skip
         key = (
             q.__class__, q.shape, q.stride(), q.dtype, q.device,
             k.shape, k.stride(), k.dtype, k.device,
