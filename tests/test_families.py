@@ -305,3 +305,21 @@ def test_prefix_windows_agree_when_everything_fits() -> None:
         a = pt_all(input_ids=long, attention_mask=mask).logits
         b = pt_sl(input_ids=long, attention_mask=mask).logits
     assert not torch.allclose(a, b, atol=1e-3)
+
+
+def test_task_bank_refuses_a_sliding_prefix_window(tmp_path) -> None:
+    """A bank runs every task with prefix_window="all": a task tuned with "sliding" is an
+    error (live or saved), never silently run with the other semantics."""
+    stock, pt = _prefix_case("mistral", "sdpa", "sliding")
+    pt.save(tmp_path / "p")
+    with pytest.raises(ValueError, match="prefix_window"):
+        prefixattn.TaskBank(copy.deepcopy(stock), {"t": pt})
+    with pytest.raises(ValueError, match="prefix_window"):
+        prefixattn.TaskBank(copy.deepcopy(stock), {"t": tmp_path / "p"})
+    _, ok = _prefix_case("mistral", "sdpa", "all")
+    bank = prefixattn.TaskBank(copy.deepcopy(stock), {"t": ok})
+    ids, mask = _batch(LENGTHS)
+    with torch.no_grad():
+        a = bank(["t"] * 3, input_ids=ids, attention_mask=mask).logits
+        b = ok(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(a[mask.bool()], b[mask.bool()], **TOL)
