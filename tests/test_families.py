@@ -323,3 +323,34 @@ def test_task_bank_refuses_a_sliding_prefix_window(tmp_path) -> None:
         a = bank(["t"] * 3, input_ids=ids, attention_mask=mask).logits
         b = ok(input_ids=ids, attention_mask=mask).logits
     torch.testing.assert_close(a[mask.bool()], b[mask.bool()], **TOL)
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma3"])
+def test_from_peft_on_a_windowed_model_where_peft_agrees(family: str) -> None:
+    """from_peft's default prefix_window="all" reproduces PEFT's logits on a
+    sliding-window model while the prefix and the tokens fit the window (P + N <= W);
+    past that, prefix_window="sliding" does (and "all" does not)."""
+    peft = pytest.importorskip("peft")
+    base = build(family)
+    P = 3
+    cfg = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P)
+    torch.manual_seed(0)
+    pm = peft.get_peft_model(copy.deepcopy(base), cfg).eval()
+    with torch.no_grad():
+        emb = pm.prompt_encoder[pm.active_adapter].embedding.weight
+        emb.copy_(torch.randn(emb.shape))
+    ours = PrefixTuning.from_peft(pm, copy.deepcopy(base), backend="sdpa").eval()
+    assert ours.config.prefix_window == "all"
+    ids = _batch([W - P])[0]  # P + N = W: every prefix key still in every window
+    with torch.no_grad():
+        want = pm(input_ids=ids).logits
+        got = ours(input_ids=ids).logits
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+    long = _batch([W + 6])[0]
+    sliding = PrefixTuning.from_peft(
+        pm, copy.deepcopy(base), backend="sdpa", prefix_window="sliding"
+    ).eval()
+    with torch.no_grad():
+        want = pm(input_ids=long).logits
+        torch.testing.assert_close(sliding(input_ids=long).logits, want, atol=2e-5, rtol=1e-5)
+        assert not torch.allclose(ours(input_ids=long).logits, want, atol=1e-3)
