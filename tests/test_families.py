@@ -237,6 +237,35 @@ def _prefix_case(family: str, backend: str, prefix_window: str, P: int = 5):
     return stock, pt
 
 
+@pytest.mark.parametrize(("family", "prefix_window"), [("gemma2", "all"), ("gpt_oss", "sliding")])
+def test_triton_family_past_the_window(family: str, prefix_window: str) -> None:
+    """The Triton kernel (the interpreter on CPU) in a whole model: soft-capping + window
+    (Gemma-2) and sinks + window (gpt-oss), patched = stock without a prefix, and
+    PrefixTuning logits and prefix gradients = the reference."""
+    stock = build(family)
+    patched = prefixattn.patch(copy.deepcopy(stock), backend="triton")
+    ids, mask = _batch([13, 10])
+    real = mask.bool()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            patched(input_ids=ids, attention_mask=mask).logits[real],
+            stock(input_ids=ids, attention_mask=mask).logits[real],
+            **TOL,
+        )
+    _, pt = _prefix_case(family, "triton", prefix_window)
+    labels = ids.masked_fill(mask == 0, -100)
+    out = pt(input_ids=ids, attention_mask=mask, labels=labels)
+    (grad,) = torch.autograd.grad(out.loss, pt.prefix)
+    prefix = pt.prefix.detach().clone().requires_grad_()
+    ref = reference_model(stock, prefix, prefix_window)(
+        input_ids=ids, attention_mask=mask, labels=labels
+    )
+    (ref_grad,) = torch.autograd.grad(ref.loss, prefix)
+    torch.testing.assert_close(out.logits[real], ref.logits[real], **TOL)
+    assert grad.abs().sum() > 0
+    torch.testing.assert_close(grad, ref_grad, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("prefix_window", ["all", "sliding"])
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("family", sorted(FAMILIES))
