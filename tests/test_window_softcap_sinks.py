@@ -200,3 +200,32 @@ def test_bad_input(kwargs: dict, err: type, match: str, backend: str) -> None:
     k = v = torch.randn(1, 2, 4, 16)
     with pytest.raises(err, match=match):
         prefixattn.prefix_attention(q, k, v, backend=backend, **kwargs)
+
+
+@pytest.mark.parametrize("backend", ["reference", "sdpa"])
+def test_fullgraph_compile_traces_the_torch_paths(backend: str) -> None:
+    """Under torch.compile a window / soft-capping / sinks call traces the sdpa and
+    reference paths (no graph break) with the eager values; the Triton custom ops do not
+    take them yet and say so."""
+    case = Case(B=2, H=4, Hkv=2, Nq=9, Nk=15, P=3, D=16, prefix="shared", pad="left")
+    kw = _kwargs(case, Feat(window=4, softcap=2.0, sinks=True), torch.float32)
+    kw = {k: (t.detach() if torch.is_tensor(t) else t) for k, t in kw.items()}
+
+    def f(q, k, v):
+        return prefixattn.prefix_attention(**dict(kw, q=q, k=k, v=v), backend=backend)
+
+    eager = f(kw["q"], kw["k"], kw["v"])
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(kw["q"], kw["k"], kw["v"])
+    torch.testing.assert_close(compiled, eager, atol=1e-6, rtol=1e-5)
+
+
+def test_compile_with_triton_backend_says_not_supported() -> None:
+    case = Case(B=1, H=2, Hkv=2, Nq=4, Nk=4, P=0, D=16, prefix="none")
+    kw = _kwargs(case, Feat(window=2), torch.float32)
+    kw = {k: (t.detach() if torch.is_tensor(t) else t) for k, t in kw.items()}
+
+    def f(q):
+        return prefixattn.prefix_attention(**dict(kw, q=q), backend="triton")
+
+    with pytest.raises(Exception, match=r"torch\.compile"):
+        torch.compile(f, fullgraph=True, backend="aot_eager")(kw["q"])
