@@ -410,7 +410,7 @@ def impl_fn(impl: str, device: torch.device) -> Callable[[AttnInputs], torch.Ten
     """The callable for an ``impl`` name (kernel and serving names)."""
     on_cuda = device.type == "cuda"
     if impl in ("prefixattn", "prefixattn_fused", "prefixattn_split"):
-        # backend="triton": CUDA, or the interpreter on CPU; the caller sets PREFIXATTN_BWD
+        # backend="triton": CUDA, or the interpreter on CPU; the caller sets the backward layout (ops.settings.use_settings)
         return prefixattn_call
     if impl in ("concat_eager", "gather_concat_eager"):
         return concat_eager

@@ -196,9 +196,9 @@ def triton_interpreter() -> None:
     """Make sure prefixattn's Triton kernels run under the CPU interpreter (smoke rows)."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("TRITON_INTERPRET=1 is not set (it must be set before triton is imported)")
-    from prefixattn.ops.launch import kernels_interpreted
+    from prefixattn.ops.kernels import DEFAULT_SOURCE
 
-    if not kernels_interpreted():
+    if not DEFAULT_SOURCE.interpreted():
         pytest.skip(
             "prefixattn's Triton kernels were built compiled (triton was imported before "
             "TRITON_INTERPRET=1 was set), so they cannot run on the CPU in this process"

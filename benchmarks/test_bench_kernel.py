@@ -11,7 +11,7 @@ import torch
 
 from benchmarks import benchlib as bl
 from benchmarks.benchlib import AttnShape
-from prefixattn.ops.plan import clear_plans
+from prefixattn.ops.settings import use_settings
 
 
 def gpt2(N: int, P: int, dtype: str = "bf16", H: int = 12, family: str = "gpt2s") -> AttnShape:
@@ -125,9 +125,10 @@ def test_kernel(
     shape = SHAPES[case]
     smoke = case in SMOKE_IDS
     if impl in ("prefixattn_fused", "prefixattn_split"):
-        request.getfixturevalue("monkeypatch").setenv("PREFIXATTN_BWD", impl.split("_")[1])
-    if impl.startswith("prefixattn"):
-        clear_plans()  # the backward layout is read when a call plan's backward is set up
+        # the backward layout of this row's calls (their plans are keyed on the settings)
+        chosen = use_settings(backward=impl.split("_")[1])
+        chosen.__enter__()
+        request.addfinalizer(lambda: chosen.__exit__(None, None, None))
     if smoke:
         device, gemm = torch.device("cpu"), None
         if impl.startswith("prefixattn"):

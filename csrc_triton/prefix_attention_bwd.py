@@ -14,8 +14,8 @@ and every gradient of that row is 0). Soft-capping (HAS_SOFTCAP, logit c = C tan
 multiplies dS by dc/ds = 1 - tanh^2(s / C). Sinks need nothing here: the LSE includes the
 sink, so P is right, and a sink has no value, so Delta and dS are unchanged; the sink's own
 gradient, dsink[h] = -sum_{b,i} exp(sink[h] - lse[b,h,i]) Delta[b,h,i], is a reduction
-the launcher computes from LSE, O and dO. The sliding window (HAS_WINDOW, PREFIX_WINDOWED)
-masks and bounds the loops exactly as in the forward.
+the autograd function computes from LSE, O and dO. The sliding window (HAS_WINDOW,
+PREFIX_WINDOWED) masks and bounds the loops exactly as in the forward.
 
 What one program computes (``@triton.jit`` helpers, inlined where they are called):
 
@@ -29,18 +29,21 @@ What one program computes (``@triton.jit`` helpers, inlined where they are calle
 Kernels, in launch order. The split backward (large problems, GPU-bound):
 
     _attn_bwd_preprocess    Delta, one program per (query block, b*h)
-    _attn_bwd_dkdv          one _bwd_dkdv_program per program    (each of the three
-    _attn_bwd_dq            one _bwd_dq_program per program       autotuned on its own)
-    _attn_bwd_prefix_dkdv   one _bwd_prefix_program per program
+    _attn_bwd (KIND=BWD_DKDV)     one _bwd_dkdv_program per program   (each of the three
+    _attn_bwd (KIND=BWD_DQ)       one _bwd_dq_program per program      autotuned on its
+    _attn_bwd (KIND=BWD_PREFIX)   one _bwd_prefix_program per program  own)
     _prefix_grad_reduce     sums the partials of the rows that use each prefix entry, in
                             a fixed order: bitwise reproducible, no atomics
 
+(``csrc_triton`` also names the three split launches ``_attn_bwd_dkdv``, ``_attn_bwd_dq``
+and ``_attn_bwd_prefix_dkdv``: the same kernel, one parameter list.)
+
 The fused backward (small problems, where the host's launches cost more than the GPU's
-work): ``_attn_bwd`` runs all three kinds of program in one launch and, without
-HAS_DELTA, each program computes the Delta it needs from O and dO itself (no pre-pass);
-then ``_prefix_grad_reduce``, unless each prefix entry has exactly one partial (a per-row
-prefix in one query split), which the prefix programs then write directly as the
-gradient. A backward is 1 or 2 launches.
+work): ``_attn_bwd`` (KIND=BWD_FUSED) runs all three kinds of program in one launch and,
+without HAS_DELTA, each program computes the Delta it needs from O and dO itself (no
+pre-pass); then ``_prefix_grad_reduce``, unless each prefix entry has exactly one partial
+(a per-row prefix in one query split), which the prefix programs then write directly as
+the gradient. A backward is 1 or 2 launches.
 """
 
 import triton
@@ -57,6 +60,13 @@ from .prefix_attention_fwd import (
     _score_scale,
     _window_bounds,
 )
+
+# What one launch of ``_attn_bwd`` runs (its KIND constexpr): the fused backward, or one
+# of the split backward's three kernels
+BWD_FUSED: tl.constexpr = tl.constexpr(0)
+BWD_DKDV: tl.constexpr = tl.constexpr(1)
+BWD_DQ: tl.constexpr = tl.constexpr(2)
+BWD_PREFIX: tl.constexpr = tl.constexpr(3)
 
 
 @triton.jit
@@ -225,48 +235,18 @@ def _bwd_dkdv_program(
     start_n,
     off_b,
     off_hk,
-    Q,
-    K,
-    V,
-    DO,
+    q,
+    k,
+    v,
+    do,
+    kpm,
+    dk,
+    DV,
     LSE,
     Delta,
     O,
-    KPM,
-    DK,
-    DV,
-    stride_qz,
-    stride_qh,
-    stride_qm,
-    stride_qd,
-    stride_kz,
-    stride_kh,
-    stride_kn,
-    stride_kd,
-    stride_vz,
-    stride_vh,
-    stride_vn,
-    stride_vd,
-    stride_doz,
-    stride_doh,
-    stride_dom,
-    stride_dod,
-    stride_kpmz,
-    stride_kpmn,
-    stride_dkz,
-    stride_dkh,
-    stride_dkn,
-    stride_dkd,
-    H,
-    GROUP,
-    N_Q,
-    N_K,
-    N_P,
-    sm_scale,
-    dropout_p,
-    seed,
-    window,
-    softcap,
+    sizes,
+    scalars,
     D: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -283,10 +263,19 @@ def _bwd_dkdv_program(
     ``off_b``, summed over the GROUP query heads that share it and every query that sees
     them: with causal alignment, query i sees key j iff i >= j - (Nk - Nq), so the walk
     starts at the first such query block, masks the on-band blocks and runs the rest
-    unmasked. With HAS_WINDOW the walk stops after the last query whose window still
+    unmasked; with HAS_WINDOW the walk stops after the last query whose window still
     holds a key of the block (masking the queries on the window's edge). DK and DV share
     strides (both are allocated contiguous [B, Hkv, Nk, D]).
+    Tensor arguments are bundles (see :func:`_attn_bwd`).
     """
+    Q, stride_qz, stride_qh, stride_qm, stride_qd = q
+    K, stride_kz, stride_kh, stride_kn, stride_kd = k
+    V, stride_vz, stride_vh, stride_vn, stride_vd = v
+    DO, stride_doz, stride_doh, stride_dom, stride_dod = do
+    KPM, stride_kpmz, stride_kpmn = kpm
+    DK, stride_dkz, stride_dkh, stride_dkn, stride_dkd = dk
+    H, _, GROUP, N_Q, N_K, N_P = sizes  # HKV: not read here
+    sm_scale, dropout_p, seed, window, softcap = scalars
     b64 = off_b.to(tl.int64)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -379,81 +368,6 @@ def _bwd_dkdv_program(
     tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=ld)
 
 
-@triton.jit(do_not_specialize=["seed"])
-def _attn_bwd_dkdv(
-    Q,
-    K,
-    V,
-    DO,
-    LSE,
-    Delta,
-    KPM,
-    DK,
-    DV,
-    stride_qz,
-    stride_qh,
-    stride_qm,
-    stride_qd,
-    stride_kz,
-    stride_kh,
-    stride_kn,
-    stride_kd,
-    stride_vz,
-    stride_vh,
-    stride_vn,
-    stride_vd,
-    stride_doz,
-    stride_doh,
-    stride_dom,
-    stride_dod,
-    stride_kpmz,
-    stride_kpmn,
-    stride_dkz,
-    stride_dkh,
-    stride_dkn,
-    stride_dkd,
-    H,
-    HKV,
-    GROUP,
-    N_Q,
-    N_K,
-    N_P,
-    sm_scale,
-    dropout_p,
-    seed,
-    window,
-    softcap,
-    TUNE_NQ,
-    TUNE_NK,
-    D: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    IS_CAUSAL: tl.constexpr,
-    HAS_KPM: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    HAS_WINDOW: tl.constexpr = False,
-    HAS_SOFTCAP: tl.constexpr = False,
-):
-    """dK, dV of the sequence keys (split backward).
-
-    Grid: (cdiv(Nk, BLOCK_N), B * Hkv); program (n, b*Hkv + hk) runs
-    :func:`_bwd_dkdv_program` for key block n of kv head hk of row b.
-    """
-    off_bhk = tl.program_id(1)
-    _bwd_dkdv_program(
-        tl.program_id(0) * BLOCK_N, off_bhk // HKV, off_bhk % HKV,
-        Q, K, V, DO, LSE, Delta, Delta, KPM, DK, DV,
-        stride_qz, stride_qh, stride_qm, stride_qd, stride_kz, stride_kh, stride_kn, stride_kd,
-        stride_vz, stride_vh, stride_vn, stride_vd, stride_doz, stride_doh, stride_dom,
-        stride_dod, stride_kpmz, stride_kpmn, stride_dkz, stride_dkh, stride_dkn, stride_dkd,
-        H, GROUP, N_Q, N_K, N_P, sm_scale, dropout_p, seed, window, softcap,
-        D, BLOCK_D, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_KPM, HAS_DROPOUT, INPUT_PRECISION, True,
-        HAS_WINDOW, HAS_SOFTCAP,
-    )  # fmt: skip
-
-
 @triton.jit
 def _attn_bwd_dq_inner(
     dq,
@@ -541,59 +455,21 @@ def _bwd_dq_program(
     start_m,
     off_b,
     off_h,
-    Q,
-    K,
-    V,
-    PK,
-    PV,
+    q,
+    k,
+    v,
+    pk,
+    pv,
     PIDX,
     PLEN,
-    KPM,
-    DO,
+    kpm,
+    do,
     LSE,
     Delta,
     O,
-    DQ,
-    stride_qz,
-    stride_qh,
-    stride_qm,
-    stride_qd,
-    stride_kz,
-    stride_kh,
-    stride_kn,
-    stride_kd,
-    stride_vz,
-    stride_vh,
-    stride_vn,
-    stride_vd,
-    stride_pkz,
-    stride_pkh,
-    stride_pkn,
-    stride_pkd,
-    stride_pvz,
-    stride_pvh,
-    stride_pvn,
-    stride_pvd,
-    stride_kpmz,
-    stride_kpmn,
-    stride_doz,
-    stride_doh,
-    stride_dom,
-    stride_dod,
-    stride_dqz,
-    stride_dqh,
-    stride_dqm,
-    stride_dqd,
-    H,
-    GROUP,
-    N_Q,
-    N_K,
-    N_P,
-    sm_scale,
-    dropout_p,
-    seed,
-    window,
-    softcap,
+    dq_out,
+    sizes,
+    scalars,
     D: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -610,7 +486,18 @@ def _bwd_dq_program(
     HAS_SOFTCAP: tl.constexpr,
 ):
     """dQ of queries [start_m, start_m + BLOCK_M) of query head ``off_h`` of row
-    ``off_b``: the same key stages as the forward (prefix, off-band, on-band)."""
+    ``off_b``: the same key stages as the forward (prefix, off-band, on-band). Tensor
+    arguments are bundles (see :func:`_attn_bwd`)."""
+    Q, stride_qz, stride_qh, stride_qm, stride_qd = q
+    K, stride_kz, stride_kh, stride_kn, stride_kd = k
+    V, stride_vz, stride_vh, stride_vn, stride_vd = v
+    PK, stride_pkz, stride_pkh, stride_pkn, stride_pkd = pk
+    PV, stride_pvz, stride_pvh, stride_pvn, stride_pvd = pv
+    KPM, stride_kpmz, stride_kpmn = kpm
+    DO, stride_doz, stride_doh, stride_dom, stride_dod = do
+    DQ, stride_dqz, stride_dqh, stride_dqm, stride_dqd = dq_out
+    H, _, GROUP, N_Q, N_K, N_P = sizes  # HKV: not read here
+    sm_scale, dropout_p, seed, window, softcap = scalars
     off_hk = off_h // GROUP
     off_bh = off_b * H + off_h
     b64 = off_b.to(tl.int64)
@@ -690,93 +577,6 @@ def _bwd_dq_program(
     tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=ld)
 
 
-@triton.jit(do_not_specialize=["seed"])
-def _attn_bwd_dq(
-    Q,
-    K,
-    V,
-    PK,
-    PV,
-    PIDX,
-    PLEN,
-    KPM,
-    DO,
-    LSE,
-    Delta,
-    DQ,
-    stride_qz,
-    stride_qh,
-    stride_qm,
-    stride_qd,
-    stride_kz,
-    stride_kh,
-    stride_kn,
-    stride_kd,
-    stride_vz,
-    stride_vh,
-    stride_vn,
-    stride_vd,
-    stride_pkz,
-    stride_pkh,
-    stride_pkn,
-    stride_pkd,
-    stride_pvz,
-    stride_pvh,
-    stride_pvn,
-    stride_pvd,
-    stride_kpmz,
-    stride_kpmn,
-    stride_doz,
-    stride_doh,
-    stride_dom,
-    stride_dod,
-    stride_dqz,
-    stride_dqh,
-    stride_dqm,
-    stride_dqd,
-    H,
-    GROUP,
-    N_Q,
-    N_K,
-    N_P,
-    sm_scale,
-    dropout_p,
-    seed,
-    window,
-    softcap,
-    TUNE_NQ,
-    TUNE_NK,
-    D: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    IS_CAUSAL: tl.constexpr,
-    PREFIX_MODE: tl.constexpr,
-    HAS_PLEN: tl.constexpr,
-    HAS_KPM: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    HAS_WINDOW: tl.constexpr = False,
-    PREFIX_WINDOWED: tl.constexpr = False,
-    HAS_SOFTCAP: tl.constexpr = False,
-):
-    """dQ (split backward). Grid: (cdiv(Nq, BLOCK_M), B * H); program (m, b*H + h) runs
-    :func:`_bwd_dq_program` for query block m of head h of row b."""
-    off_bh = tl.program_id(1)
-    _bwd_dq_program(
-        tl.program_id(0) * BLOCK_M, off_bh // H, off_bh % H,
-        Q, K, V, PK, PV, PIDX, PLEN, KPM, DO, LSE, Delta, Delta, DQ,
-        stride_qz, stride_qh, stride_qm, stride_qd, stride_kz, stride_kh, stride_kn, stride_kd,
-        stride_vz, stride_vh, stride_vn, stride_vd, stride_pkz, stride_pkh, stride_pkn,
-        stride_pkd, stride_pvz, stride_pvh, stride_pvn, stride_pvd, stride_kpmz, stride_kpmn,
-        stride_doz, stride_doh, stride_dom, stride_dod, stride_dqz, stride_dqh, stride_dqm,
-        stride_dqd,
-        H, GROUP, N_Q, N_K, N_P, sm_scale, dropout_p, seed, window, softcap,
-        D, BLOCK_D, BLOCK_M, BLOCK_N, IS_CAUSAL, PREFIX_MODE, HAS_PLEN, HAS_KPM, HAS_DROPOUT,
-        INPUT_PRECISION, True, HAS_WINDOW, PREFIX_WINDOWED, HAS_SOFTCAP,
-    )  # fmt: skip
-
-
 @triton.jit
 def _bwd_prefix_program(
     start_n,
@@ -784,44 +584,19 @@ def _bwd_prefix_program(
     off_hk,
     split,
     n_split,
-    Q,
-    PK,
-    PV,
+    q,
+    pk,
+    pv,
     PIDX,
     PLEN,
-    DO,
+    do,
     LSE,
     Delta,
     O,
     DPK,
     DPV,
-    stride_qz,
-    stride_qh,
-    stride_qm,
-    stride_qd,
-    stride_pkz,
-    stride_pkh,
-    stride_pkn,
-    stride_pkd,
-    stride_pvz,
-    stride_pvh,
-    stride_pvn,
-    stride_pvd,
-    stride_doz,
-    stride_doh,
-    stride_dom,
-    stride_dod,
-    H,
-    HKV,
-    GROUP,
-    N_Q,
-    N_K,
-    N_P,
-    sm_scale,
-    dropout_p,
-    seed,
-    window,
-    softcap,
+    sizes,
+    scalars,
     D: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -842,8 +617,15 @@ def _bwd_prefix_program(
     start_n:start_n+BLOCK_N, :], contiguous [B * n_split, Hkv, P, D], in DPK's dtype; no
     two programs write the same element, so nothing is atomic. With n_split = 1 and one row
     per entry (a per-row prefix) that is the prefix gradient itself, and the launcher
-    passes the gradient tensors as DPK/DPV.
+    passes the gradient tensors as DPK/DPV. Tensor arguments are bundles (see
+    :func:`_attn_bwd`).
     """
+    Q, stride_qz, stride_qh, stride_qm, stride_qd = q
+    PK, stride_pkz, stride_pkh, stride_pkn, stride_pkd = pk
+    PV, stride_pvz, stride_pvh, stride_pvn, stride_pvd = pv
+    DO, stride_doz, stride_doh, stride_dom, stride_dod = do
+    H, HKV, GROUP, N_Q, N_K, N_P = sizes
+    sm_scale, dropout_p, seed, window, softcap = scalars
     b64 = off_b.to(tl.int64)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -892,77 +674,6 @@ def _bwd_prefix_program(
     out_off = (part * N_P + rows_n) * D + offs_d[None, :]
     tl.store(DPK + out_off, dk.to(DPK.dtype.element_ty), mask=ld)
     tl.store(DPV + out_off, dv.to(DPV.dtype.element_ty), mask=ld)
-
-
-@triton.jit(do_not_specialize=["seed"])
-def _attn_bwd_prefix_dkdv(
-    Q,
-    PK,
-    PV,
-    PIDX,
-    PLEN,
-    DO,
-    LSE,
-    Delta,
-    DPK,
-    DPV,
-    stride_qz,
-    stride_qh,
-    stride_qm,
-    stride_qd,
-    stride_pkz,
-    stride_pkh,
-    stride_pkn,
-    stride_pkd,
-    stride_pvz,
-    stride_pvh,
-    stride_pvn,
-    stride_pvd,
-    stride_doz,
-    stride_doh,
-    stride_dom,
-    stride_dod,
-    H,
-    HKV,
-    GROUP,
-    N_Q,
-    N_K,
-    N_P,
-    sm_scale,
-    dropout_p,
-    seed,
-    window,
-    softcap,
-    TUNE_NQ,
-    TUNE_NK,
-    D: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    PREFIX_MODE: tl.constexpr,
-    HAS_PLEN: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    PREFIX_WINDOWED: tl.constexpr = False,
-    HAS_SOFTCAP: tl.constexpr = False,
-):
-    """Per-row partial gradients of the prefix (split backward).
-
-    Grid: (cdiv(P, BLOCK_N), B * Hkv, S); program (n, b*Hkv + hk, s) runs
-    :func:`_bwd_prefix_program` for prefix block n, kv head hk, row b, query split s.
-    """
-    off_bhk = tl.program_id(1)
-    _bwd_prefix_program(
-        tl.program_id(0) * BLOCK_N, off_bhk // HKV, off_bhk % HKV,
-        tl.program_id(2), tl.num_programs(2),
-        Q, PK, PV, PIDX, PLEN, DO, LSE, Delta, Delta, DPK, DPV,
-        stride_qz, stride_qh, stride_qm, stride_qd, stride_pkz, stride_pkh, stride_pkn,
-        stride_pkd, stride_pvz, stride_pvh, stride_pvn, stride_pvd,
-        stride_doz, stride_doh, stride_dom, stride_dod,
-        H, HKV, GROUP, N_Q, N_K, N_P, sm_scale, dropout_p, seed, window, softcap,
-        D, BLOCK_D, BLOCK_M, BLOCK_N, PREFIX_MODE, HAS_PLEN, HAS_DROPOUT, INPUT_PRECISION, True,
-        PREFIX_WINDOWED, HAS_SOFTCAP,
-    )  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -1049,14 +760,29 @@ def _attn_bwd(
     HAS_DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     HAS_DELTA: tl.constexpr,
+    KIND: tl.constexpr,
     HAS_WINDOW: tl.constexpr = False,
     PREFIX_WINDOWED: tl.constexpr = False,
     HAS_SOFTCAP: tl.constexpr = False,
 ):
-    """The whole backward in one launch (fused backward).
+    """Every backward program but Delta's pre-pass and the prefix reduce: the fused
+    backward (``KIND`` = BWD_FUSED, one launch) and the split backward's three kernels
+    (BWD_DKDV, BWD_DQ, BWD_PREFIX, each its own launch and autotuned config), so that
+    one parameter list serves them all.
 
-    Grid: (B * Hkv, N_PREFIX_PROGS + n_kv + n_dq), n_kv = NEED_KV * cdiv(Nk, BLOCK_N),
-    n_dq = NEED_DQ * cdiv(Nq, BLOCK_M2). Program (b*Hkv + hk, j) is, by j:
+    The programs take *bundles*: a tensor's pointer with its strides over [Z, H, N, D]
+    (``q = (Q, stride_qz, stride_qh, stride_qm, stride_qd)``; the key mask
+    ``(KPM, stride_kpmz, stride_kpmn)``), ``sizes = (H, HKV, GROUP, N_Q, N_K, N_P)`` and
+    ``scalars = (sm_scale, dropout_p, seed, window, softcap)``. Grids, by KIND:
+
+    BWD_DKDV (cdiv(Nk, BLOCK_N), B * Hkv): program (n, b*Hkv + hk) is
+        :func:`_bwd_dkdv_program` for key block n of kv head hk of row b.
+    BWD_DQ (cdiv(Nq, BLOCK_M), B * H): program (m, b*H + h) is :func:`_bwd_dq_program`
+        for query block m of head h of row b.
+    BWD_PREFIX (cdiv(P, BLOCK_N), B * Hkv, S): program (n, b*Hkv + hk, s) is
+        :func:`_bwd_prefix_program` for prefix block n, kv head hk, row b, query split s.
+    BWD_FUSED (B * Hkv, N_PREFIX_PROGS + n_kv + n_dq), n_kv = NEED_KV * cdiv(Nk,
+        BLOCK_N), n_dq = NEED_DQ * cdiv(Nq, BLOCK_M2). Program (b*Hkv + hk, j) is, by j:
 
         [0, N_PREFIX_PROGS)       prefix partials: block j // N_SPLIT (BLOCK_NP keys),
                                   split j % N_SPLIT, query tiles of BLOCK_M
@@ -1065,58 +791,82 @@ def _attn_bwd(
         [.., + n_dq)              dQ of one query block (BLOCK_M2 queries, key tiles of
                                   BLOCK_N2) for each of the GROUP heads of kv head hk
 
-    The programs are the split kernels' (same math, still no atomics); one launch instead
-    of four saves host time, and the three kinds run side by side on the GPU. Without
-    HAS_DELTA every program computes Delta = rowsum(dO * O) of the query rows it loads from
-    O (the forward's output, contiguous [B, H, Nq, D]) instead of reading a pre-pass's. Long programs come first: prefix programs walk every query (of their split), key
-    block 0 is seen by every query, and dQ runs from the last query block (which sees
-    the most keys) down.
+    The fused programs are the split kernels' (same math, still no atomics); one launch
+    instead of four saves host time, and the three kinds run side by side on the GPU.
+    Without HAS_DELTA every program computes Delta = rowsum(dO * O) of the query rows it
+    loads from O (the forward's output, contiguous [B, H, Nq, D]) instead of reading a
+    pre-pass's (the split kinds always have one). Long programs come first: prefix
+    programs walk every query (of their split), key block 0 is seen by every query, and
+    dQ runs from the last query block (which sees the most keys) down. NEED_KV, NEED_DQ,
+    N_PREFIX_PROGS, N_SPLIT and BLOCK_M2, BLOCK_N2, BLOCK_NP are the fused kind's only.
     """
-    off_bhk = tl.program_id(0)
-    off_b = off_bhk // HKV
-    off_hk = off_bhk % HKV
-    j = tl.program_id(1)
-    n_kv = NEED_KV * tl.cdiv(N_K, BLOCK_N)
-    if j < N_PREFIX_PROGS:
-        if PREFIX_MODE != 0:
-            _bwd_prefix_program(
-                (j // N_SPLIT) * BLOCK_NP, off_b, off_hk, j % N_SPLIT, N_SPLIT,
-                Q, PK, PV, PIDX, PLEN, DO, LSE, Delta, O, DPK, DPV,
-                stride_qz, stride_qh, stride_qm, stride_qd, stride_pkz, stride_pkh,
-                stride_pkn, stride_pkd, stride_pvz, stride_pvh, stride_pvn, stride_pvd,
-                stride_doz, stride_doh, stride_dom, stride_dod,
-                H, HKV, GROUP, N_Q, N_K, N_P, sm_scale, dropout_p, seed, window, softcap,
-                D, BLOCK_D, BLOCK_M, BLOCK_NP, PREFIX_MODE, HAS_PLEN, HAS_DROPOUT, INPUT_PRECISION,
-                HAS_DELTA, PREFIX_WINDOWED, HAS_SOFTCAP,
-            )  # fmt: skip
-    elif j < N_PREFIX_PROGS + n_kv:
+    q = (Q, stride_qz, stride_qh, stride_qm, stride_qd)
+    k = (K, stride_kz, stride_kh, stride_kn, stride_kd)
+    v = (V, stride_vz, stride_vh, stride_vn, stride_vd)
+    pk = (PK, stride_pkz, stride_pkh, stride_pkn, stride_pkd)
+    pv = (PV, stride_pvz, stride_pvh, stride_pvn, stride_pvd)
+    kpm = (KPM, stride_kpmz, stride_kpmn)
+    do = (DO, stride_doz, stride_doh, stride_dom, stride_dod)
+    dq = (DQ, stride_dqz, stride_dqh, stride_dqm, stride_dqd)
+    dk = (DK, stride_dkz, stride_dkh, stride_dkn, stride_dkd)
+    sizes = (H, HKV, GROUP, N_Q, N_K, N_P)
+    scalars = (sm_scale, dropout_p, seed, window, softcap)
+    if KIND == BWD_DQ:
+        off_bh = tl.program_id(1)
+        _bwd_dq_program(
+            tl.program_id(0) * BLOCK_M, off_bh // H, off_bh % H,
+            q, k, v, pk, pv, PIDX, PLEN, kpm, do, LSE, Delta, O, dq, sizes, scalars,
+            D, BLOCK_D, BLOCK_M, BLOCK_N, IS_CAUSAL, PREFIX_MODE, HAS_PLEN, HAS_KPM,
+            HAS_DROPOUT, INPUT_PRECISION, HAS_DELTA, HAS_WINDOW, PREFIX_WINDOWED, HAS_SOFTCAP,
+        )  # fmt: skip
+    elif KIND == BWD_DKDV:
+        off_bhk = tl.program_id(1)
         _bwd_dkdv_program(
-            (j - N_PREFIX_PROGS) * BLOCK_N, off_b, off_hk,
-            Q, K, V, DO, LSE, Delta, O, KPM, DK, DV,
-            stride_qz, stride_qh, stride_qm, stride_qd, stride_kz, stride_kh, stride_kn,
-            stride_kd, stride_vz, stride_vh, stride_vn, stride_vd, stride_doz, stride_doh,
-            stride_dom, stride_dod, stride_kpmz, stride_kpmn, stride_dkz, stride_dkh,
-            stride_dkn, stride_dkd,
-            H, GROUP, N_Q, N_K, N_P, sm_scale, dropout_p, seed, window, softcap,
+            tl.program_id(0) * BLOCK_N, off_bhk // HKV, off_bhk % HKV,
+            q, k, v, do, kpm, dk, DV, LSE, Delta, O, sizes, scalars,
             D, BLOCK_D, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_KPM, HAS_DROPOUT, INPUT_PRECISION,
             HAS_DELTA, HAS_WINDOW, HAS_SOFTCAP,
         )  # fmt: skip
-    else:
-        n_dq = NEED_DQ * tl.cdiv(N_Q, BLOCK_M2)
-        start_m = (N_PREFIX_PROGS + n_kv + n_dq - 1 - j) * BLOCK_M2
-        for g in range(GROUP):
-            _bwd_dq_program(
-                start_m, off_b, off_hk * GROUP + g,
-                Q, K, V, PK, PV, PIDX, PLEN, KPM, DO, LSE, Delta, O, DQ,
-                stride_qz, stride_qh, stride_qm, stride_qd, stride_kz, stride_kh, stride_kn,
-                stride_kd, stride_vz, stride_vh, stride_vn, stride_vd, stride_pkz,
-                stride_pkh, stride_pkn, stride_pkd, stride_pvz, stride_pvh, stride_pvn,
-                stride_pvd, stride_kpmz, stride_kpmn, stride_doz, stride_doh, stride_dom,
-                stride_dod, stride_dqz, stride_dqh, stride_dqm, stride_dqd,
-                H, GROUP, N_Q, N_K, N_P, sm_scale, dropout_p, seed, window, softcap,
-                D, BLOCK_D, BLOCK_M2, BLOCK_N2, IS_CAUSAL, PREFIX_MODE, HAS_PLEN, HAS_KPM,
-                HAS_DROPOUT, INPUT_PRECISION, HAS_DELTA, HAS_WINDOW, PREFIX_WINDOWED, HAS_SOFTCAP,
+    elif KIND == BWD_PREFIX:
+        off_bhk = tl.program_id(1)
+        _bwd_prefix_program(
+            tl.program_id(0) * BLOCK_N, off_bhk // HKV, off_bhk % HKV,
+            tl.program_id(2), tl.num_programs(2),
+            q, pk, pv, PIDX, PLEN, do, LSE, Delta, O, DPK, DPV, sizes, scalars,
+            D, BLOCK_D, BLOCK_M, BLOCK_N, PREFIX_MODE, HAS_PLEN, HAS_DROPOUT, INPUT_PRECISION,
+            HAS_DELTA, PREFIX_WINDOWED, HAS_SOFTCAP,
+        )  # fmt: skip
+    else:  # BWD_FUSED (KIND is a constexpr: only one branch is compiled)
+        off_bhk = tl.program_id(0)
+        off_b = off_bhk // HKV
+        off_hk = off_bhk % HKV
+        j = tl.program_id(1)
+        n_kv = NEED_KV * tl.cdiv(N_K, BLOCK_N)
+        if j < N_PREFIX_PROGS:
+            if PREFIX_MODE != 0:
+                _bwd_prefix_program(
+                    (j // N_SPLIT) * BLOCK_NP, off_b, off_hk, j % N_SPLIT, N_SPLIT,
+                    q, pk, pv, PIDX, PLEN, do, LSE, Delta, O, DPK, DPV, sizes, scalars,
+                    D, BLOCK_D, BLOCK_M, BLOCK_NP, PREFIX_MODE, HAS_PLEN, HAS_DROPOUT, INPUT_PRECISION,
+                    HAS_DELTA, PREFIX_WINDOWED, HAS_SOFTCAP,
+                )  # fmt: skip
+        elif j < N_PREFIX_PROGS + n_kv:
+            _bwd_dkdv_program(
+                (j - N_PREFIX_PROGS) * BLOCK_N, off_b, off_hk,
+                q, k, v, do, kpm, dk, DV, LSE, Delta, O, sizes, scalars,
+                D, BLOCK_D, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_KPM, HAS_DROPOUT, INPUT_PRECISION,
+                HAS_DELTA, HAS_WINDOW, HAS_SOFTCAP,
             )  # fmt: skip
+        else:
+            n_dq = NEED_DQ * tl.cdiv(N_Q, BLOCK_M2)
+            start_m = (N_PREFIX_PROGS + n_kv + n_dq - 1 - j) * BLOCK_M2
+            for g in range(GROUP):
+                _bwd_dq_program(
+                    start_m, off_b, off_hk * GROUP + g,
+                    q, k, v, pk, pv, PIDX, PLEN, kpm, do, LSE, Delta, O, dq, sizes, scalars,
+                    D, BLOCK_D, BLOCK_M2, BLOCK_N2, IS_CAUSAL, PREFIX_MODE, HAS_PLEN, HAS_KPM,
+                    HAS_DROPOUT, INPUT_PRECISION, HAS_DELTA, HAS_WINDOW, PREFIX_WINDOWED, HAS_SOFTCAP,
+                )  # fmt: skip
 
 
 @triton.jit

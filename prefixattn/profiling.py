@@ -20,12 +20,11 @@ import sys
 import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from unittest import mock
 
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .ops import launch as _launch
-from .ops.plan import clear_plans
+from .ops.kernels import KernelSource
+from .ops.settings import CONFIG_LISTS, use_settings
 
 KERNELS = (
     "_attn_fwd",
@@ -71,42 +70,57 @@ class _Stub:
         self.counter[0] += 1
 
 
+class StubKernels(KernelSource):
+    """A kernel source whose kernels only count launches (see :func:`no_launches`).
+
+    ``gpu=True``: the launchers take their GPU path on any machine (compiled kernels,
+    autotuning, 132 SMs, every device accepted; each autotuned kernel reports its list's
+    first config as the tuned one); ``gpu=False``: the interpreter's fixed configs."""
+
+    def __init__(self, counter: list[int], gpu: bool) -> None:
+        super().__init__()
+        import triton
+
+        self.gpu = gpu
+        self.stubs = types.SimpleNamespace(**{k: _Stub(counter) for k in KERNELS})
+        self.tuned_stubs = {
+            name: _Stub(
+                counter, triton.Config(cfgs[0].tiles(), num_warps=cfgs[0].num_warps, num_stages=2)
+            )
+            for name, cfgs in CONFIG_LISTS.items()
+        }
+
+    def module(self) -> types.SimpleNamespace:
+        return self.stubs
+
+    def interpreted(self) -> bool:
+        return not self.gpu
+
+    def autotune_enabled(self, q: object, settings: object) -> bool:
+        return self.gpu
+
+    def sm_count(self, device_index: int | None) -> int:
+        return 132
+
+    def tuned(self, name: str) -> _Stub:
+        return self.tuned_stubs[name]
+
+    def check_device(self, q: object, settings: object) -> None:
+        return None
+
+
 @contextlib.contextmanager
 def no_launches(path: str = "cuda") -> Iterator[list[int]]:
     """Replace every Triton launch by a counting no-op; yields the launch counter
     (``[n]``). ``path="cuda"``: the launchers take their GPU path (a tuned config cached
     per bucket, as after the first call); ``"interpreter"``: the interpreter's configs.
-    Cached call plans are dropped on entry and exit (they hold the kernels)."""
+    Calls in the block run under settings with :class:`StubKernels` (so they get plans of
+    their own, and nothing is patched)."""
     if path not in ("cuda", "interpreter"):
         raise ValueError(f"path must be 'cuda' or 'interpreter', got {path!r}")
-    import triton
-
     counter = [0]
-    stubs = types.SimpleNamespace(**{k: _Stub(counter) for k in KERNELS})
-    patches: dict = {"_kernels": lambda: stubs}
-    if path == "cuda":
-        tuned = {
-            name: _Stub(
-                counter, triton.Config(cfgs[0].tiles(), num_warps=cfgs[0].num_warps, num_stages=2)
-            )
-            for name, cfgs in _launch.CONFIG_LISTS.items()
-        }
-        patches.update(
-            kernels_interpreted=lambda: False,
-            _autotune_enabled=lambda q: True,
-            _tuned=lambda name: tuned[name],
-            _sm_count=lambda index: 132,
-            _best_config={},
-            check_triton_device=lambda q: None,
-        )
-    else:
-        patches.update(kernels_interpreted=lambda: True, check_triton_device=lambda q: None)
-    clear_plans()
-    try:
-        with mock.patch.multiple(_launch, **patches):
-            yield counter
-    finally:
-        clear_plans()
+    with use_settings(kernels=StubKernels(counter, gpu=path == "cuda")):
+        yield counter
 
 
 @dataclass(frozen=True)
@@ -176,6 +190,7 @@ def syncing_ops(fn: Callable[[], object]) -> list[str]:
 __all__ = [
     "SYNCING",
     "HostCounts",
+    "StubKernels",
     "count_calls",
     "count_host_work",
     "dispatched_ops",

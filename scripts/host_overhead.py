@@ -42,6 +42,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention.bias import causal_lower_right  # noqa: E402
 
 import prefixattn  # noqa: E402
+from prefixattn.ops.settings import use_settings  # noqa: E402
 from prefixattn.profiling import count_host_work, no_launches  # noqa: E402
 
 B, H, N, P, D = 2, 2, 16, 4, 64
@@ -125,24 +126,26 @@ def main(argv: list[str] | None = None) -> int:
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     rows = []
     for bwd in ("auto", "split"):
-        os.environ["PREFIXATTN_BWD"] = bwd
-        for prefix in ("shared", "row", "bank"):
-            calls = make_calls(device, dtype, prefix)
-            for mode in ("fwd", "fwd_bwd"):
-                fn = calls[mode]
-                row: dict = {"bwd": bwd, "prefix": prefix, "mode": mode}
-                with no_launches(args.path) as launches:
-                    c = count_host_work(fn, launches)
-                    row.update(calls=c.calls, launches=c.launches, allocations=c.allocations)
-                    row["python_us"] = round(per_call_us(fn, args.calls, sync, args.repeats), 1)
-                if cuda:
-                    row["full_us"] = round(per_call_us(fn, args.calls, sync, args.repeats), 1)
-                    row["launches_us"] = round(row["full_us"] - row["python_us"], 1)
-                base = calls["concat_" + mode]
-                row["concat_sdpa_calls"] = count_host_work(base).calls
-                row["concat_sdpa_us"] = round(per_call_us(base, args.calls, sync, args.repeats), 1)
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+        with use_settings(backward=bwd):
+            for prefix in ("shared", "row", "bank"):
+                calls = make_calls(device, dtype, prefix)
+                for mode in ("fwd", "fwd_bwd"):
+                    fn = calls[mode]
+                    row: dict = {"bwd": bwd, "prefix": prefix, "mode": mode}
+                    with no_launches(args.path) as launches:
+                        c = count_host_work(fn, launches)
+                        row.update(calls=c.calls, launches=c.launches, allocations=c.allocations)
+                        row["python_us"] = round(per_call_us(fn, args.calls, sync, args.repeats), 1)
+                    if cuda:
+                        row["full_us"] = round(per_call_us(fn, args.calls, sync, args.repeats), 1)
+                        row["launches_us"] = round(row["full_us"] - row["python_us"], 1)
+                    base = calls["concat_" + mode]
+                    row["concat_sdpa_calls"] = count_host_work(base).calls
+                    row["concat_sdpa_us"] = round(
+                        per_call_us(base, args.calls, sync, args.repeats), 1
+                    )
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
     meta = {
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "cpu": platform.processor() or platform.machine(),

@@ -135,11 +135,12 @@ def stand_in_driver(launch: Callable, arch: int = 90) -> Iterator[types.SimpleNa
 def forward_launch_args(dtype=None, gen_seed: int = 0, dropout_seed: int = 0) -> tuple:
     """(jit_fn, grid, args, kwargs) of the ``_attn_fwd`` launch that prefixattn makes for a
     small shared-prefix call (B=2, H=4, Hkv=2, Nq=Nk=17, D=64, CPU tensors: nothing
-    runs), with the default config's tiles; built by ``launch.forward_spec``.
+    runs), with the default config's tiles; built by ``forward.forward_spec``.
     ``gen_seed`` seeds the random inputs, ``dropout_seed`` is the kernel's seed argument."""
     import torch
 
-    from prefixattn.ops import launch, validation
+    from prefixattn.ops import forward, settings, validation
+    from prefixattn.ops.call import AttentionCall
 
     dtype = dtype or torch.float16
     g = torch.Generator().manual_seed(gen_seed)
@@ -148,14 +149,14 @@ def forward_launch_args(dtype=None, gen_seed: int = 0, dropout_seed: int = 0) ->
     v = torch.randn(2, 2, 17, 64, generator=g).to(dtype)
     pk = torch.randn(2, 7, 64, generator=g).to(dtype)
     pv = torch.randn(2, 7, 64, generator=g).to(dtype)
-    prob = validation.validate(q, k, v, pk, pv, None, None, True, None, 0.0, "triton")
-    out, lse = launch.forward_outputs(q, prob)
-    x = launch._Inputs(q, k, v, pk, pv, None, None)
-    spec = launch.forward_spec(x, out, lse, True, 0.0, dropout_seed, prob)
-    cfg = launch.CONFIG_LISTS["fwd"][0]
+    call = AttentionCall(q, k, v, pk, pv, settings=settings.current_settings())
+    prob = validation.validate(call)
+    out, lse = forward.forward_outputs(q, prob)
+    spec = forward.forward_spec(call, out, lse, dropout_seed, prob)
+    cfg = settings.CONFIG_LISTS["fwd"][0]
     kwargs = {**spec.consts, **cfg.tiles()}
     kwargs.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    kernel = getattr(launch._kernels(), spec.attr)
+    kernel = spec.kernel()
     return kernel, spec.grid(cfg.tiles()), spec.args(), kwargs
 
 

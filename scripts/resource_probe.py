@@ -103,19 +103,17 @@ def kernel_flags(name: str, D: int) -> dict:
     no dropout."""
     block_d = max(16, 1 << (D - 1).bit_length())
     common = dict(D=D, BLOCK_D=block_d, HAS_DROPOUT=False, INPUT_PRECISION="ieee")
+    flags = dict(IS_CAUSAL=True, PREFIX_MODE=1, HAS_PLEN=False, HAS_KPM=False)
+    # the split backward kernels are _attn_bwd with KIND (what the launcher passes: the
+    # fused kind's constexprs and the flags a kind does not read fixed)
+    unread = dict(IS_CAUSAL=False, PREFIX_MODE=0, HAS_PLEN=False, HAS_KPM=False)
+    split = dict(BLOCK_M2=0, BLOCK_N2=0, BLOCK_NP=16, HAS_DELTA=True)
     per_kernel = {
-        "fwd": dict(IS_CAUSAL=True, PREFIX_MODE=1, HAS_PLEN=False, HAS_KPM=False),
-        "dkdv": dict(IS_CAUSAL=True, HAS_KPM=False),
-        "dq": dict(IS_CAUSAL=True, PREFIX_MODE=1, HAS_PLEN=False, HAS_KPM=False),
-        "prefix_dkdv": dict(PREFIX_MODE=1, HAS_PLEN=False),
-        "bwd": dict(
-            IS_CAUSAL=True,
-            PREFIX_MODE=1,
-            HAS_PLEN=False,
-            HAS_KPM=False,
-            BLOCK_NP=64,
-            HAS_DELTA=False,
-        ),
+        "fwd": flags,
+        "dkdv": {**unread, "IS_CAUSAL": True, **split, "KIND": 1},
+        "dq": {**flags, **split, "KIND": 2},
+        "prefix_dkdv": {**unread, "PREFIX_MODE": 1, **split, "KIND": 3},
+        "bwd": {**flags, "BLOCK_NP": 64, "HAS_DELTA": False, "KIND": 0},
     }
     return {**common, **per_kernel[name]}
 
@@ -125,17 +123,10 @@ def probe(name: str, cfg, D: int, dtype: str = "bf16", arch: int = 90) -> Resour
     import triton
     from triton.compiler import ASTSource
 
-    from prefixattn.ops import launch
+    from prefixattn.ops import kernels
 
     _use_target(arch)
-    fn = {
-        "fwd": "_attn_fwd",
-        "dkdv": "_attn_bwd_dkdv",
-        "dq": "_attn_bwd_dq",
-        "prefix_dkdv": "_attn_bwd_prefix_dkdv",
-        "bwd": "_attn_bwd",
-    }[name]
-    fn = getattr(launch._kernels(), fn)
+    fn = getattr(kernels.DEFAULT_SOURCE.module(), kernels.TUNED_KERNELS[name][0])
     sig, attrs, consts = _signature(fn, dtype, {**kernel_flags(name, D), **cfg.tiles()})
     t0 = time.perf_counter()
     compiled = triton.compile(
@@ -219,12 +210,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silences a Triton 3.9 notice
     from concurrent.futures import ProcessPoolExecutor
 
-    from prefixattn.ops import launch
+    from prefixattn.ops import settings
 
     jobs = [
         (name, cfg, D, args.dtype, args.arch)
         for name in args.kernels
-        for cfg in launch.CONFIG_LISTS[name]
+        for cfg in settings.CONFIG_LISTS[name]
         for D in args.d
     ]
     print(f"{'kernel':12} {'config':22} {'D':>4} {'regs':>5} {'stack':>6} {'shared':>7}")

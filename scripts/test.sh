@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The test command: set up (once), lint, then the whole suite (kernel tests run in Triton's
+# The test command: set up (once), lint, check the import layers, then the whole suite (kernel tests run in Triton's
 # CPU interpreter when there is no GPU; GPU-only tests and benchmarks skip with a reason).
 #   scripts/test.sh [pytest args...]            pinned versions (constraints/ci.txt), .venv
 #   scripts/test.sh --latest [pytest args...]   newest releases, in .venv-latest (drift check)
@@ -29,6 +29,7 @@ print(f"test.sh: versions ({source}):", ", ".join(found))
 EOF
 ruff check .
 ruff format --check .
+python scripts/check_layers.py  # prefixattn/ imports only downward (declared order)
 set +e
 python -m pytest "$@"
 rc=$?

@@ -6,7 +6,9 @@ module lazily), so it is set here, at collection time.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -35,6 +37,16 @@ def _fresh_call_plans() -> None:
     from prefixattn.ops.plan import clear_plans
 
     clear_plans()
+
+
+@pytest.fixture
+def settings() -> Iterator[Callable[..., object]]:
+    """``settings(backward="fused", ...)``: the kernel path's settings
+    (``prefixattn.ops.settings.Settings``) with these changes, for the rest of the test."""
+    from prefixattn.ops.settings import use_settings
+
+    with contextlib.ExitStack() as stack:
+        yield lambda **changes: stack.enter_context(use_settings(**changes))
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:

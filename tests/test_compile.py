@@ -26,6 +26,8 @@ from reference64 import attention64, rel_err
 import prefixattn
 from prefixattn.ops import custom_op  # noqa: F401 - registers torch.ops.prefixattn.*
 from prefixattn.ops.autograd import PrefixAttentionFunction
+from prefixattn.ops.call import AttentionCall
+from prefixattn.ops.settings import current_settings
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 # compiled vs eager, fp32: the same kernels and configs on CPU (exact up to op fusion); on
@@ -179,6 +181,39 @@ def test_dropout_under_compile_uses_the_eager_seed_stream() -> None:
     assert not torch.allclose(cf(**kw), out_c)
 
 
+@pytest.mark.parametrize(
+    "case,lengths",
+    [
+        (Case(B=3, H=4, Hkv=2, Nq=6, Nk=9, P=7, D=16, prefix="bank", T=2, pad="left"), [0, 7]),
+        (Case(B=2, H=2, Hkv=1, Nq=5, Nk=5, P=3, D=40, prefix="row"), [3, 1]),
+    ],
+    ids=["bank", "row"],
+)
+def test_compiled_triton_takes_prefix_lengths(case: Case, lengths: list[int]) -> None:
+    """The custom ops take ``prefix_lengths`` as the eager path does: the compiled Triton
+    call (fullgraph) has the float64 reference's values and gradients (zero past each
+    entry's length), and the eager call's, through ``prefixattn::fwd``."""
+    kw = make_inputs(case, torch.float32, DEVICE)
+    kw["prefix_lengths"] = torch.tensor(lengths, device=DEVICE)
+
+    def f(**kw):
+        return prefixattn.prefix_attention(**kw, backend="triton")
+
+    rec = RecordingBackend()
+    cf = torch.compile(f, fullgraph=True, backend=rec)
+    check_against_float64(cf, kw, torch.float32)
+    assert "prefixattn.fwd" in rec.ops()
+    out_e, g, grads_e = run_with_grads(f, kw)
+    out_c, _, grads_c = run_with_grads(cf, kw, grad_out=g)
+    assert_same(out_c, out_e, "out", ATOL)
+    for name, ge in grads_e.items():
+        assert_same(grads_c[name], ge, f"d{name}", ATOL)
+    for t, n in enumerate(lengths):
+        assert torch.equal(
+            grads_c["prefix_k"][t, :, n:], torch.zeros_like(grads_c["prefix_k"][t, :, n:])
+        )
+
+
 @pytest.mark.skipif(HAS_CUDA, reason="on CUDA the check is a device-side assert, which ends "
                     "the CUDA context of the test process")  # fmt: skip
 @pytest.mark.parametrize("backend", ["reference", "triton"])
@@ -224,9 +259,15 @@ def _op_inputs(grad: bool) -> tuple[dict, float]:
     return kw, 0.25
 
 
+def _tensors(kw: dict) -> tuple:
+    """The ops' leading tensors (the call's, in AttentionCall order)."""
+    from prefixattn.ops.call import TENSOR_FIELDS
+
+    return tuple(kw.get(n) for n in TENSOR_FIELDS)
+
+
 def _fwd_args(kw: dict, sm_scale: float, dropout_p: float, seed):
-    return (kw["q"], kw["k"], kw["v"], kw["prefix_k"], kw["prefix_v"], kw["prefix_index"],
-            kw["key_padding_mask"], True, sm_scale, dropout_p, seed)  # fmt: skip
+    return (*_tensors(kw), True, sm_scale, dropout_p, seed)
 
 
 def _eager(kw: dict, scale: float, seed, monkeypatch) -> tuple[torch.Tensor, list]:
@@ -236,10 +277,11 @@ def _eager(kw: dict, scale: float, seed, monkeypatch) -> tuple[torch.Tensor, lis
 
     monkeypatch.setattr(ag, "new_seed", lambda: int(seed))
     leaves = [kw[n].detach().requires_grad_(True) for n in ("q", "k", "v", "prefix_k", "prefix_v")]
-    plan = lookup_plan(*leaves[:3], *leaves[3:], kw["prefix_index"], kw["key_padding_mask"],
-                       True, scale, 0.2, "triton")  # fmt: skip
-    out = PrefixAttentionFunction.apply(*leaves, kw["prefix_index"], kw["key_padding_mask"],
-                                        plan)  # fmt: skip
+    call = AttentionCall(*leaves, prefix_index=kw["prefix_index"],
+                         prefix_lengths=kw.get("prefix_lengths"),
+                         key_padding_mask=kw["key_padding_mask"], sm_scale=scale, dropout_p=0.2,
+                         settings=current_settings())  # fmt: skip
+    out = PrefixAttentionFunction.apply(*leaves, call, lookup_plan(call))
     return out, leaves
 
 
@@ -268,8 +310,7 @@ def test_backward_ops(seeded: bool, needs: tuple, monkeypatch) -> None:
     out, lse = fwd(*_fwd_args(kw, scale, 0.2, seed))
     do = torch.randn_like(out)
     op = torch.ops.prefixattn.bwd_seeded if seeded else torch.ops.prefixattn.bwd
-    args = (do, kw["q"], kw["k"], kw["v"], kw["prefix_k"], kw["prefix_v"], kw["prefix_index"],
-            kw["key_padding_mask"], out, lse, True, scale, 0.2, seed, *needs)  # fmt: skip
+    args = (do, out, lse, *_tensors(kw), True, scale, 0.2, seed, *needs)
     if all(needs):  # (opcheck compiles: once per op is enough)
         torch.library.opcheck(op.default, args)
     grads = op(*args)
@@ -355,21 +396,26 @@ _TRACE_SCRIPT = textwrap.dedent(
     from torch._dynamo.backends.common import aot_autograd
 
     import prefixattn
-    from prefixattn.ops import custom_op, launch
+    from prefixattn.ops import custom_op, kernels, settings
 
-    assert not launch.kernels_interpreted()
+    assert not kernels.DEFAULT_SOURCE.interpreted()
 
     class FakeDriver:  # lets Triton build the TTIR used for mutation analysis
         def get_current_target(self):
             return GPUTarget("cuda", 90, 32)
 
     triton.runtime.driver.set_active(FakeDriver())
-    # the launch heuristics ask the GPU; the tensors here are CPU tensors
-    custom_op._triton_device_problem = torch.compiler.assume_constant_result(lambda d, t: "")
-    launch._prefix_splits = lambda *args: 2
-    launch._autotune_enabled = lambda q: True
+    class FakeGpu(kernels.KernelSource):  # the launchers ask the GPU; these are CPU tensors
+        def autotune_enabled(self, q, s):
+            return True
+
+        def check_device(self, q, s):
+            return None
+
+    settings.ACTIVE.settings = settings.Settings.from_env(prefix_splits=2, kernels=FakeGpu())
 
     graphs = {}
+    SPLIT_NAMES = {1: "_dkdv", 2: "_dq", 3: "_prefix_dkdv"}
 
     def fw(gm, example_inputs):
         graphs["fw"] = gm
@@ -404,7 +450,10 @@ _TRACE_SCRIPT = textwrap.dedent(
                 from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
                 kern = kernel_side_table.get_kernel(n.kwargs["kernel_idx"])
                 fn = getattr(kern, "fn", kern)
-                res.append([fn.__name__, sorted(n.kwargs.get("tensors_to_clone", []))])
+                consts = n.kwargs.get("kwargs", {})  # the launch's arguments by name
+                # the split backward's kernels are _attn_bwd launched with KIND = 1, 2, 3
+                name = fn.__name__ + SPLIT_NAMES.get(consts.get("KIND", 0), "")
+                res.append([name, sorted(n.kwargs.get("tensors_to_clone", []))])
             elif n.op == "call_function" and "prefixattn" in str(n.target):
                 res.append([str(n.target), []])
         return res

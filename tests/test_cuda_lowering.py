@@ -24,8 +24,8 @@ sys.path.insert(0, "scripts")
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 import resource_probe
-from prefixattn.ops import launch
-jobs = [(name, launch.CONFIG_LISTS[name][0], D, "bf16", 90)
+from prefixattn.ops import settings
+jobs = [(name, settings.CONFIG_LISTS[name][0], D, "bf16", 90)
         for name in resource_probe.KERNEL_NAMES for D in (64, 128)]
 with ProcessPoolExecutor(2) as pool:
     rows = [asdict(r) for r in pool.map(resource_probe._probe_job, jobs)]

@@ -11,31 +11,32 @@ import pytest
 from helpers import run_compiled_triton_script
 
 _SCRIPT = """
-import inspect, json, os, sys
+import json, os, sys
 os.environ.pop("TRITON_INTERPRET", None)
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 sys.path.insert(0, "scripts")
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 import resource_probe
-from prefixattn.ops import launch
+from prefixattn.ops import settings
 
-ATTR = {"fwd": "_attn_fwd", "dkdv": "_attn_bwd_dkdv", "dq": "_attn_bwd_dq",
-        "prefix_dkdv": "_attn_bwd_prefix_dkdv", "bwd": "_attn_bwd"}
+# the feature flags each kernel (or backward KIND) reads, as the launchers pass them
+FEATURES = {
+    "fwd": ("HAS_WINDOW", "PREFIX_WINDOWED", "HAS_SOFTCAP", "HAS_SINKS"),
+    "dkdv": ("HAS_WINDOW", "HAS_SOFTCAP"),
+    "dq": ("HAS_WINDOW", "PREFIX_WINDOWED", "HAS_SOFTCAP"),
+    "prefix_dkdv": ("PREFIX_WINDOWED", "HAS_SOFTCAP"),
+    "bwd": ("HAS_WINDOW", "PREFIX_WINDOWED", "HAS_SOFTCAP"),
+}
 
 def family_flags(name, D, _plain=resource_probe.kernel_flags):
-    flags = _plain(name, D)
-    params = inspect.signature(getattr(launch._kernels(), ATTR[name]).fn).parameters
-    for flag in ("HAS_WINDOW", "PREFIX_WINDOWED", "HAS_SOFTCAP", "HAS_SINKS"):
-        if flag in params:
-            flags[flag] = True
-    return flags
+    return {**_plain(name, D), **dict.fromkeys(FEATURES[name], True)}
 
 def job(args):
     resource_probe.kernel_flags = family_flags
     return resource_probe._probe_job(args)
 
-jobs = [(name, launch.CONFIG_LISTS[name][0], 64, "bf16", 90) for name in ATTR]
+jobs = [(name, settings.CONFIG_LISTS[name][0], 64, "bf16", 90) for name in FEATURES]
 with ProcessPoolExecutor(2) as pool:
     rows = [asdict(r) for r in pool.map(job, jobs)]
 print(json.dumps(rows))

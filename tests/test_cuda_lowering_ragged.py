@@ -17,7 +17,7 @@ sys.path.insert(0, "scripts")
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 import resource_probe
-from prefixattn.ops import launch
+from prefixattn.ops import settings
 
 def ragged_flags(name, D, _plain=resource_probe.kernel_flags):
     flags = _plain(name, D)
@@ -29,7 +29,7 @@ def job(args):
     resource_probe.kernel_flags = ragged_flags
     return resource_probe._probe_job(args)
 
-jobs = [(name, launch.CONFIG_LISTS[name][0], 64, "bf16", 90)
+jobs = [(name, settings.CONFIG_LISTS[name][0], 64, "bf16", 90)
         for name in ("fwd", "dq", "prefix_dkdv", "bwd")]
 with ProcessPoolExecutor(2) as pool:
     rows = [asdict(r) for r in pool.map(job, jobs)]

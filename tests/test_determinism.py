@@ -18,8 +18,8 @@ SIZE = (
 
 @pytest.mark.parametrize("bwd_mode", ["split", "fused"])
 @pytest.mark.parametrize("prefix", ["shared", "bank", "row"])
-def test_prefix_grads_bitwise_reproducible(prefix: str, bwd_mode: str, monkeypatch) -> None:
-    monkeypatch.setenv("PREFIXATTN_BWD", bwd_mode)
+def test_prefix_grads_bitwise_reproducible(prefix: str, bwd_mode: str, settings) -> None:
+    settings(backward=bwd_mode)
     dtype = torch.bfloat16 if HAS_CUDA else torch.float32
     c = Case(**SIZE, prefix=prefix, T=3, pad="right")
     kw = make_inputs(c, dtype, DEVICE)

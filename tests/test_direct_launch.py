@@ -25,7 +25,7 @@ import triton.language as tl
 from helpers import Case, check_against_float64, make_inputs, run_compiled_triton_script
 
 import prefixattn
-from prefixattn.ops import direct, launch
+from prefixattn.ops import direct, kernels
 from prefixattn.ops.direct import DirectKernel, direct_launch_supported
 
 _TRITON = tuple(int(x) for x in triton.__version__.split(".")[:2])
@@ -104,7 +104,7 @@ def test_interpreter_kernels_through_capture_match_float64(prefix: str) -> None:
 
     case = Case(B=2, H=4, Hkv=2, Nq=17, Nk=33, P=7, D=40, prefix=prefix, pad="left")
     kw = make_inputs(case, torch.float32, "cpu", seed=5)
-    with mock.patch.object(launch, "_run_config", run_config):
+    with mock.patch.object(kernels, "_run_config", run_config):
         check_against_float64(
             lambda **a: prefixattn.prefix_attention(**a, backend="triton"), kw, torch.float32
         )

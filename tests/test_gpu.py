@@ -15,7 +15,10 @@ from helpers import TOL, Case, check_against_float64, make_inputs
 from reference64 import rel_err
 
 import prefixattn
-from prefixattn.ops import launch
+from prefixattn.ops import kernels
+from prefixattn.ops import settings as ops_settings
+from prefixattn.ops.backward import prefix_splits
+from prefixattn.ops.call import AttentionCall
 
 pytestmark = gpu_only
 triton_attn = functools.partial(prefixattn.prefix_attention, backend="triton")
@@ -23,17 +26,17 @@ triton_attn = functools.partial(prefixattn.prefix_attention, backend="triton")
 KERNEL_CONFIGS = [
     (name, cfg)
     for name, cfgs in (
-        ("fwd", launch.FWD_CONFIGS),
-        ("dkdv", launch.DKDV_CONFIGS),
-        ("dq", launch.DQ_CONFIGS),
-        ("prefix_dkdv", launch.PREFIX_DKDV_CONFIGS),
-        ("bwd", launch.BWD_CONFIGS),
+        ("fwd", ops_settings.FWD_CONFIGS),
+        ("dkdv", ops_settings.DKDV_CONFIGS),
+        ("dq", ops_settings.DQ_CONFIGS),
+        ("prefix_dkdv", ops_settings.PREFIX_DKDV_CONFIGS),
+        ("bwd", ops_settings.BWD_CONFIGS),
     )
-    for cfg in [*cfgs, launch.SAFE_BWD_CONFIG if name == "bwd" else launch.SAFE_CONFIG]
+    for cfg in [*cfgs, ops_settings.SAFE_BWD_CONFIG if name == "bwd" else ops_settings.SAFE_CONFIG]
 ]
 
 
-def _cfg_id(name: str, c: launch.KernelConfig) -> str:
+def _cfg_id(name: str, c: ops_settings.KernelConfig) -> str:
     tiles = "".join(f"{k[6:]}{v}" for k, v in c.tiles().items())  # M32N128M2128N232
     return f"{name}-{tiles}w{c.num_warps}s{c.num_stages}"
 
@@ -43,17 +46,17 @@ def _cfg_id(name: str, c: launch.KernelConfig) -> str:
     "name,cfg", KERNEL_CONFIGS, ids=[_cfg_id(n, c) for n, c in KERNEL_CONFIGS]
 )  # fmt: skip
 def test_every_autotune_candidate_is_correct(
-    name: str, cfg: launch.KernelConfig, D: int, monkeypatch: pytest.MonkeyPatch
+    name: str, cfg: ops_settings.KernelConfig, D: int, settings
 ) -> None:
     """Autotuning may pick any candidate: each must be right on an awkward shape (the fused
     backward's under PREFIXATTN_BWD=fused)."""
     from triton.runtime.errors import OutOfResources
 
-    monkeypatch.setenv("PREFIXATTN_BWD", "fused" if name == "bwd" else "split")
+    settings(backward="fused" if name == "bwd" else "split")
 
     c = Case(B=2, H=4, Hkv=2, Nq=300, Nk=333, P=40, D=D, prefix="bank", T=3, pad="left")
     kw = make_inputs(c, torch.bfloat16, "cuda")
-    with launch.forced_config(**{name: cfg}, prefix_splits=3):
+    with ops_settings.use_settings(**{name: cfg}, prefix_splits=3):
         try:
             check_against_float64(triton_attn, kw, torch.bfloat16)
         except OutOfResources as e:  # autotune skips such configs the same way
@@ -61,9 +64,9 @@ def test_every_autotune_candidate_is_correct(
 
 
 @pytest.mark.parametrize("bwd_mode", ["split", "fused"])
-def test_autotuned_path_is_correct(bwd_mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PREFIXATTN_AUTOTUNE", "1")
-    monkeypatch.setenv("PREFIXATTN_BWD", bwd_mode)
+def test_autotuned_path_is_correct(bwd_mode: str, settings) -> None:
+    settings(autotune=True)
+    settings(backward=bwd_mode)
     c = Case(B=2, H=4, Hkv=2, Nq=200, Nk=256, P=64, D=64, prefix="shared", pad="right")
     check_against_float64(triton_attn, make_inputs(c, torch.bfloat16, "cuda"), torch.bfloat16)
 
@@ -90,8 +93,8 @@ def _sdpa_concat_fp32(q, k, v, pk, pv) -> torch.Tensor:
 
 @pytest.mark.parametrize("bwd_mode", ["split", "fused"])
 @pytest.mark.parametrize("N,backward", [(4096, True), (16384, True)])
-def test_long_sequences(N: int, backward: bool, bwd_mode: str, monkeypatch) -> None:
-    monkeypatch.setenv("PREFIXATTN_BWD", bwd_mode)
+def test_long_sequences(N: int, backward: bool, bwd_mode: str, settings) -> None:
+    settings(backward=bwd_mode)
     torch.manual_seed(0)
     B, H, Hkv, P, D = 1, 4, 2, 64, 64
     q = torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -162,20 +165,17 @@ def test_shared_prefix_is_never_expanded_in_memory() -> None:
     bwd_extra = torch.cuda.max_memory_allocated() - base
     # grads of q, k, v, prefix + fp32 per-row prefix partials (the deterministic reduction)
     grads = 3 * out.numel() * 2 + 2 * H * P * D * 2
-    splits = launch._prefix_splits(
-        prefixattn.ops.validation.validate(q, k, v, pk, pv, None, None, True, None, 0.0, "triton"),
-        q,
-        False,
-    )
+    call = AttentionCall(q, k, v, pk, pv, settings=ops_settings.current_settings())
+    splits = prefix_splits(call, prefixattn.ops.validation.validate(call), False)
     partials = 2 * B * splits * H * P * D * 4
     assert bwd_extra < grads + partials + out.numel() * 4 + 2**22
 
 
-def test_decode_bucket_does_not_retune(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_decode_bucket_does_not_retune(settings) -> None:
     """Growing the cache inside one power-of-two bucket reuses the tuned config."""
-    monkeypatch.setenv("PREFIXATTN_AUTOTUNE", "1")
+    settings(autotune=True)
     q = torch.randn(4, 8, 1, 64, device="cuda", dtype=torch.bfloat16)
-    tuned = launch._tuned("fwd")
+    tuned = kernels.DEFAULT_SOURCE.tuned("fwd")
     for n in range(1025, 1040):
         k = torch.randn(4, 8, n, 64, device="cuda", dtype=torch.bfloat16)
         triton_attn(q, k, k)
@@ -194,12 +194,12 @@ def _graph_case(prefix: str, nq: int) -> tuple[dict, list[torch.Tensor], torch.T
 @pytest.mark.parametrize("bwd_mode", ["auto", "split"])
 @pytest.mark.parametrize("prefix", ["shared", "bank"])
 def test_cuda_graph_replays_forward_backward_with_new_values(
-    prefix: str, bwd_mode: str, monkeypatch: pytest.MonkeyPatch
+    prefix: str, bwd_mode: str, settings
 ) -> None:
     """Forward + backward (torch.autograd.grad) captured in a CUDA graph: nothing in the
     call path syncs with the device (capture would fail), and a replay after new values
     are copied into the static inputs gives what an eager call on those values gives."""
-    monkeypatch.setenv("PREFIXATTN_BWD", bwd_mode)
+    settings(backward=bwd_mode)
     kw, leaves, gout = _graph_case(prefix, 17)
 
     def step() -> tuple[torch.Tensor, ...]:

@@ -17,7 +17,8 @@ from conftest import DEVICE
 from helpers import Case, make_inputs
 
 import prefixattn
-from prefixattn.ops import launch, plan
+from prefixattn.ops import args, plan
+from prefixattn.ops.settings import use_settings
 from prefixattn.profiling import count_calls, count_host_work, no_launches, syncing_ops
 
 # Issue targets (CI machine): inference forward <= 40 calls, 1 launch, 2 allocations
@@ -75,9 +76,7 @@ def test_counts_see_the_work() -> None:
         count_calls(fwd)  # launch 2 captures a direct launch where Triton allows
         again = count_calls(fwd)
         assert first > 2 * again, (first, again)
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("PREFIXATTN_BWD", "split")
-            plan.clear_plans()
+        with use_settings(backward="split"):
             out = prefixattn.prefix_attention(**kw, backend="triton")
             n0 = launches[0]
             torch.autograd.grad(out, leaves, gout)
@@ -115,7 +114,7 @@ def test_dropout_seed_is_drawn_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> No
         return real(*args, **kwargs)
 
     monkeypatch.setattr(torch, "randint", spy)
-    launch.new_seed()
+    args.new_seed()
     assert seen == ["cpu"]
 
 
@@ -137,9 +136,9 @@ def test_plan_is_reused_and_keyed_by_signature(monkeypatch: pytest.MonkeyPatch) 
     prefixattn.prefix_attention(**{**kw, "causal": False}, backend="triton")
     prefixattn.prefix_attention(**{**kw, "q": kw["q"].transpose(0, 1).contiguous().transpose(0, 1)}, backend="triton")  # fmt: skip
     assert len(calls) == 3  # another flag, other strides: new plans
-    with launch.forced_config():
+    with use_settings():
         prefixattn.prefix_attention(**kw, backend="triton")
-    assert len(calls) == 4  # forced_config starts without plans
+    assert len(calls) == 4  # other settings: a plan of their own
 
 
 def test_bad_values_fail_on_a_cached_plan() -> None:
@@ -167,7 +166,7 @@ def test_plan_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     x = torch.randn(1, 1, 4, 16, device=DEVICE)
     for n in range(1, 8):
         prefixattn.prefix_attention(x[..., :n, :], x[..., :n, :], x[..., :n, :], backend="reference")  # fmt: skip
-        assert len(plan._PLANS) <= 3
+        assert len(plan.PLANS) <= 3
 
 
 def test_plans_across_threads() -> None:

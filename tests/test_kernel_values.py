@@ -12,8 +12,8 @@ from helpers import Case, check_against_float64, make_inputs, run_with_grads
 from reference64 import attention64, rel_err
 
 import prefixattn
-from prefixattn.ops.launch import KernelConfig, forced_config
-from prefixattn.ops.plan import clear_plans
+from prefixattn.ops.kernels import DEFAULT_SOURCE, KernelSource
+from prefixattn.ops.settings import KernelConfig, use_settings
 
 triton_attn = functools.partial(prefixattn.prefix_attention, backend="triton")
 
@@ -78,7 +78,7 @@ def test_block_shapes_and_split_prefix_reduction(case: Case, cfg: KernelConfig) 
     """BLOCK_M != BLOCK_N moves the off-band/on-band boundaries; splits > 1 exercises the
     fixed-order reduction of prefix partials."""
     kw = make_inputs(case, torch.float32, DEVICE, seed=3)
-    with forced_config(fwd=cfg, dkdv=cfg, dq=cfg, prefix_dkdv=cfg, prefix_splits=3):
+    with use_settings(fwd=cfg, dkdv=cfg, dq=cfg, prefix_dkdv=cfg, prefix_splits=3):
         check_against_float64(triton_attn, kw, torch.float32)
 
 
@@ -132,8 +132,8 @@ def test_zero_batch() -> None:
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="checks the CPU interpreter requirement")
-def test_triton_on_cpu_requires_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+def test_triton_on_cpu_requires_interpreter(settings) -> None:
+    settings(interpret=False)
     x = torch.randn(1, 1, 4, 16)
     with pytest.raises(ValueError, match="backend"):
         prefixattn.prefix_attention(x, x, x, backend="triton")
@@ -145,8 +145,8 @@ def test_triton_on_cpu_requires_interpreter(monkeypatch: pytest.MonkeyPatch) -> 
 
 
 @pytest.fixture
-def fused_backward(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PREFIXATTN_BWD", "fused")
+def fused_backward(settings) -> None:
+    settings(backward="fused")
 
 
 @pytest.mark.parametrize("case", CASES, ids=Case.id)
@@ -168,7 +168,7 @@ def test_fused_backward_block_shapes_and_splits(
     case: Case, cfg: KernelConfig, fused_backward: None
 ) -> None:
     kw = make_inputs(case, torch.float32, DEVICE, seed=5)
-    with forced_config(bwd=cfg, prefix_splits=3):
+    with use_settings(bwd=cfg, prefix_splits=3):
         check_against_float64(triton_attn, kw, torch.float32)
 
 
@@ -192,6 +192,20 @@ def test_fused_backward_fp16_and_partial_needs(case: Case, fused_backward: None)
         got = torch.autograd.grad(out, [kw[n] for n in subset], g, retain_graph=True)
         for n, t in zip(subset, got):
             assert torch.equal(t, ref[n]), f"d{n} differs when only {subset} are asked for"
+
+
+class _SpySource(KernelSource):
+    """The real kernels, each launch recorded in ``log`` (by kernel name)."""
+
+    def __init__(self, log: list[str]) -> None:
+        super().__init__()
+        self.log = log
+
+    def module(self):
+        return _LaunchSpy(super().module(), self.log)
+
+    def interpreted(self) -> bool:
+        return DEFAULT_SOURCE.interpreted()  # the wrapped kernels'
 
 
 class _LaunchSpy:
@@ -231,19 +245,16 @@ class _LaunchSpy:
         ("auto", "shared", ["_attn_bwd", "_prefix_grad_reduce"]),
     ],
 )  # fmt: skip
-def test_backward_launches(mode: str, prefix: str, expected: list[str], monkeypatch) -> None:
+def test_backward_launches(mode: str, prefix: str, expected: list[str], settings) -> None:
     """The fused backward is one launch (Delta computed in the kernel), plus the prefix
     reduce when an entry has several partials; a per-row prefix's programs write its
     gradient directly. ``auto`` picks the fused one for a small problem."""
-    from prefixattn.ops import launch
-
     c = Case(B=2, H=2, Hkv=1, Nq=9, Nk=9, P=3, D=16, prefix=prefix)
     kw = make_inputs(c, torch.float32, DEVICE)
-    out = triton_attn(**kw)
     log: list[str] = []
-    monkeypatch.setenv("PREFIXATTN_BWD", mode)
-    monkeypatch.setattr(launch, "_kernels", lambda: _LaunchSpy(launch._kernels_module(), log))
-    clear_plans()
+    settings(backward=mode, kernels=_SpySource(log))  # a call keeps its settings
+    out = triton_attn(**kw)
+    log.clear()  # the forward's launch
     out.sum().backward()
     assert log == expected
 
@@ -276,32 +287,30 @@ def test_inference_call_is_the_training_forward() -> None:
     ],
     ids=Case.id,
 )
-def test_batch_over_the_grid_limit_runs_in_chunks(case: Case, bwd_mode: str, monkeypatch) -> None:
+def test_batch_over_the_grid_limit_runs_in_chunks(case: Case, bwd_mode: str, settings) -> None:
     """B * H past CUDA's grid-axis limit: the launchers cover the batch in chunks of rows
     (views), with the same values and gradients, bitwise, as one launch."""
-    from prefixattn.ops import launch
+    from prefixattn.ops.args import batch_chunks
+    from prefixattn.ops.call import AttentionCall
     from prefixattn.ops.validation import validate
 
-    monkeypatch.setenv("PREFIXATTN_BWD", bwd_mode)
+    settings(backward=bwd_mode)
     kw = make_inputs(case, torch.float32, DEVICE)
     out, g, grads = run_with_grads(triton_attn, kw)
-    monkeypatch.setattr(launch, "MAX_GRID_Y", 2 * case.H)  # chunks of 2 rows
-    clear_plans()
-    prob = validate(*(kw.get(n) for n in ("q", "k", "v", "prefix_k", "prefix_v",
-                    "prefix_index", "key_padding_mask")), case.causal, None, 0.0, "triton")  # fmt: skip
-    assert len(launch._batch_chunks(prob, None)) == -(-case.B // 2)
+    chunked = settings(max_grid_y=2 * case.H)  # chunks of 2 rows
+    names = ("q", "k", "v", "prefix_k", "prefix_v", "prefix_index", "key_padding_mask")
+    prob = validate(AttentionCall(**{n: kw.get(n) for n in names}, causal=case.causal))
+    assert len(batch_chunks(prob, chunked, None)) == -(-case.B // 2)
     out_c, _, grads_c = run_with_grads(triton_attn, kw, grad_out=g)
     assert torch.equal(out_c, out)
     for name in grads:
         assert torch.equal(grads_c[name], grads[name]), f"d{name} differs in chunks"
 
 
-def test_dropout_masks_differ_between_batch_chunks(monkeypatch) -> None:
+def test_dropout_masks_differ_between_batch_chunks(settings) -> None:
     """Each chunk draws its own dropout stream: identical rows in different chunks get
     different masks (the kernels number rows from the chunk's first row)."""
-    from prefixattn.ops import launch
-
-    monkeypatch.setattr(launch, "MAX_GRID_Y", 2)  # H = 2: one row per chunk
+    settings(max_grid_y=2)  # H = 2: one row per chunk
     c = Case(B=3, H=2, Hkv=2, Nq=8, Nk=8, P=4, D=16, prefix="shared")
     kw = make_inputs(c, torch.float32, DEVICE)
     for name in ("q", "k", "v"):  # every row the same
@@ -311,19 +320,16 @@ def test_dropout_masks_differ_between_batch_chunks(monkeypatch) -> None:
     assert not torch.equal(out[0], out[1]) and not torch.equal(out[1], out[2])
 
 
-def test_fused_backward_falls_back_to_split_past_the_grid_limit(monkeypatch) -> None:
+def test_fused_backward_falls_back_to_split_past_the_grid_limit(settings) -> None:
     """When the fused kernel's programs per (row, kv head) could exceed the grid-axis limit
     (very long sequences), the split kernels run instead, with the same gradients."""
-    from prefixattn.ops import launch
-
     c = Case(B=2, H=2, Hkv=1, Nq=40, Nk=40, P=9, D=16, prefix="shared")
     kw = make_inputs(c, torch.float32, DEVICE)
-    monkeypatch.setenv("PREFIXATTN_BWD", "fused")
+    settings(backward="fused")
     out, g, grads = run_with_grads(triton_attn, kw)
-    monkeypatch.setattr(launch, "MAX_GRID_Y", 21)  # 16 + 2 * 3 programs would not fit
     log: list[str] = []
-    monkeypatch.setattr(launch, "_kernels", lambda: _LaunchSpy(launch._kernels_module(), log))
-    clear_plans()
+    # 16 + 2 * 3 programs would not fit a grid-axis limit of 21
+    settings(backward="fused", max_grid_y=21, kernels=_SpySource(log))
     out2, _, grads2 = run_with_grads(triton_attn, kw, grad_out=g)
     assert "_attn_bwd" not in log and "_attn_bwd_dkdv" in log
     assert torch.equal(out2, out)

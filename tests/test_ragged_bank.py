@@ -14,7 +14,7 @@ from helpers import Case, check_against_float64, make_inputs, run_with_grads
 from reference64 import attention64, rel_err
 
 import prefixattn
-from prefixattn.ops.launch import KernelConfig, forced_config
+from prefixattn.ops.settings import KernelConfig, use_settings
 
 triton_attn = functools.partial(prefixattn.prefix_attention, backend="triton")
 ref_attn = functools.partial(prefixattn.prefix_attention, backend="reference")
@@ -91,10 +91,10 @@ def test_float64_reference_is_a_truncated_prefix() -> None:
 
 
 @pytest.mark.parametrize("bwd", ["split", "fused"])
-def test_invisible_keys_get_exact_zero_grads(bwd: str, monkeypatch) -> None:
+def test_invisible_keys_get_exact_zero_grads(bwd: str, settings) -> None:
     """Gradients land only on visible keys: bitwise 0 past each entry's length, for both
     backward launch layouts; and a full length equals no lengths bitwise."""
-    monkeypatch.setenv("PREFIXATTN_BWD", bwd)
+    settings(backward=bwd)
     c = Case(B=3, H=2, Hkv=2, Nq=9, Nk=11, P=20, D=16, prefix="bank", T=3)
     lengths = [5, 0, 20]
     kw = ragged_inputs(c, torch.float32, lengths, [0, 1, 2])
@@ -118,7 +118,7 @@ def test_block_shapes_and_splits_ragged() -> None:
     c = Case(B=3, H=2, Hkv=2, Nq=40, Nk=30, P=40, D=16, prefix="bank", T=3)
     kw = ragged_inputs(c, torch.float32, [17, 33, 16], [1, 2, 0], seed=4)
     cfg = KernelConfig(16, 16)
-    with forced_config(fwd=cfg, dkdv=cfg, dq=cfg, prefix_dkdv=cfg, prefix_splits=3):
+    with use_settings(fwd=cfg, dkdv=cfg, dq=cfg, prefix_dkdv=cfg, prefix_splits=3):
         check_against_float64(triton_attn, kw, torch.float32)
 
 
@@ -192,9 +192,9 @@ def test_lengths_on_another_device_is_refused() -> None:
         ref_attn(**kw, prefix_lengths=lengths)
 
 
-def test_compiled_reference_takes_lengths_and_triton_refuses() -> None:
-    """Under torch.compile the reference path traces the lengths; the Triton custom ops do
-    not take them yet and say so."""
+def test_compiled_reference_and_triton_take_lengths() -> None:
+    """Under torch.compile the reference path traces the lengths, and the Triton custom
+    ops take them (values and prefix gradients as the float64 reference's)."""
     c = Case(B=2, H=2, Hkv=2, Nq=4, Nk=4, P=5, D=16, prefix="bank", T=2)
     kw = ragged_inputs(c, torch.float32, [2, 5], [1, 0])
     kw = {n: t.detach() if torch.is_tensor(t) else t for n, t in kw.items()}
@@ -208,14 +208,14 @@ def test_compiled_reference_takes_lengths_and_triton_refuses() -> None:
     def tri_call(**a):
         return prefixattn.prefix_attention(**a, backend="triton")
 
-    with pytest.raises(Exception, match="prefix_lengths is not supported on the Triton path"):
-        torch.compile(tri_call, backend="eager", fullgraph=True)(**kw)
+    got = torch.compile(tri_call, backend="eager", fullgraph=True)(**kw)
+    assert rel_err(got, attention64(**kw)) < 2e-5
 
 
 def test_ragged_prefix_grads_are_bitwise_deterministic() -> None:
     c = Case(B=4, H=2, Hkv=1, Nq=33, Nk=20, P=9, D=16, prefix="bank", T=2)
     kw = ragged_inputs(c, torch.float32, [4, 9], [1, 0, 1, 1], seed=5)
-    with forced_config(prefix_splits=2):
+    with use_settings(prefix_splits=2):
         _, g, first = run_with_grads(triton_attn, kw)
         _, _, second = run_with_grads(triton_attn, kw, grad_out=g)
     for name in ("prefix_k", "prefix_v"):

@@ -35,7 +35,7 @@ def test_host_overhead_script(tmp_path: Path) -> None:
 
 def test_resource_probe_script(tmp_path: Path) -> None:
     """scripts/resource_probe.py writes its table (every forward candidate at D=64)."""
-    from prefixattn.ops.launch import FWD_CONFIGS
+    from prefixattn.ops.settings import FWD_CONFIGS
 
     out = tmp_path / "res.md"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -53,3 +53,41 @@ def test_resource_probe_script(tmp_path: Path) -> None:
     rows = [line for line in out.read_text().splitlines() if line.startswith("| fwd |")]
     assert len(rows) == len(FWD_CONFIGS)
     assert "python scripts/resource_probe.py --kernels fwd" in out.read_text()
+
+
+def test_check_layers_script(tmp_path: Path, monkeypatch) -> None:
+    """scripts/check_layers.py passes on the package and names an upward import, a
+    module of its own layer, a cycle and an undeclared module."""
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import check_layers as cl
+
+    assert cl.check() == []
+    proc = subprocess.run([sys.executable, "scripts/check_layers.py"], cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ops = tmp_path / "prefixattn" / "ops"
+    ops.mkdir(parents=True)
+    files = {
+        "__init__.py": "from .ops import attention\n",
+        "ops/__init__.py": "",
+        "ops/settings.py": "from . import plan\n",  # upward, and a cycle with plan
+        "ops/plan.py": "from .settings import Settings\nfrom .call import AttentionCall\n",
+        "ops/call.py": "def f():\n    from .attention import prefix_attention\n",  # lazy, upward
+        "ops/forward.py": "from prefixattn.ops.backward import x\n",  # its own layer
+        "ops/backward.py": "",
+        "ops/attention.py": "from .plan import lookup_plan\n",
+        "extra.py": "",  # not declared
+    }
+    for name, text in files.items():
+        (tmp_path / "prefixattn" / name).write_text(text)
+    problems = cl.check(tmp_path)
+    expected = [
+        "prefixattn.extra: not declared",
+        "prefixattn.ops.call imports prefixattn.ops.attention, which is in a layer above it",
+        "prefixattn.ops.forward imports prefixattn.ops.backward, which is in its own layer",
+        "prefixattn.ops.settings imports prefixattn.ops.plan, which is in a layer above it",
+        "import cycle: prefixattn.ops.attention -> prefixattn.ops.plan -> prefixattn.ops.call",
+        "import cycle: prefixattn.ops.plan -> prefixattn.ops.settings -> prefixattn.ops.plan",
+    ]
+    for line in expected:
+        assert any(p.startswith(line) for p in problems), (line, problems)
+    assert len(problems) == len(expected), problems

@@ -4,23 +4,17 @@ from __future__ import annotations
 
 import torch
 
+from .args import new_seed
 from .autograd import PrefixAttentionFunction, apply_function
-from .launch import new_seed
+from .call import AttentionCall, new_call
 from .plan import lookup_plan
-from .reference import reference_prefix_attention
-from .sdpa import sdpa_prefix_attention
-from .validation import auto_backend, validate
+from .sdpa import torch_backend
+from .settings import ACTIVE
+from .validation import resolve_backend
 
 _grad_enabled = torch.is_grad_enabled
 _apply = apply_function
 _is_compiling = torch.compiler.is_compiling
-
-
-def resolve_backend(backend: str, q: torch.Tensor) -> str:
-    """``"auto"``: the Triton kernel for CUDA tensors of a kernel dtype, else ``"sdpa"``."""
-    if backend == "auto":
-        return auto_backend(q.device, q.dtype)
-    return backend
 
 
 def prefix_attention(
@@ -70,19 +64,6 @@ def prefix_attention(
             TRITON_INTERPRET=1), "sdpa" (PyTorch's fused scaled_dot_product_attention on
             the concatenated prefix + keys: any device and dtype) or "reference" (the
             exact, materialising pure-PyTorch path the tests compare against).
-        window: sliding window W >= 1 (needs ``causal``): query i sees sequence key j
-            iff i + (Nk - Nq) - W < j <= i + (Nk - Nq), its last W positions
-            (FlashAttention's ``window_size=(W - 1, 0)``, transformers' ``sliding_window``).
-            The Triton kernel never visits key blocks wholly outside the band.
-        prefix_window: what a windowed query sees of the prefix: "all" (default: every
-            prefix key, always, like an attention sink) or "sliding" (PEFT's behaviour:
-            prefix key c of a row with L visible prefix keys sits at position c - L and is
-            seen iff c - L > i + (Nk - Nq) - W). Equal while P + Nk <= W.
-        softcap: logit soft-capping C > 0 (Gemma-2): every logit s = sm_scale * q.k
-            becomes C * tanh(s / C); exact backward.
-        sinks: float [H], one learned logit per query head added to the softmax
-            denominator, with no value (gpt-oss's ``sinks`` / ``s_aux``); gets a gradient
-            when it requires grad. A row then never sums to 1 and is never empty.
 
     Returns:
         [B, H, Nq, D] in the dtype of q.
@@ -110,81 +91,21 @@ def prefix_attention(
     Raises:
         TypeError, ValueError: on bad input, naming the argument and what was expected.
     """
-    if window is not None or softcap is not None or sinks is not None or prefix_window != "all":
-        if _is_compiling():
-            return _traced_features(
-                q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, causal, sm_scale,
-                dropout_p, backend, prefix_lengths, window, softcap, sinks, prefix_window,
-            )  # fmt: skip
-        return _prefix_attention_features(
-            q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, causal, sm_scale,
-            dropout_p, backend, prefix_lengths, window, softcap, sinks, prefix_window,
-        )  # fmt: skip
+    # the call, once: every layer below takes it (call.py); "auto" is resolved here
+    call = new_call(
+        AttentionCall,
+        (q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, sinks,
+         causal, sm_scale, dropout_p, window, softcap, prefix_window,
+         backend if backend != "auto" else resolve_backend(backend, q), ACTIVE.settings),
+    )  # fmt: skip
     if _is_compiling():
         # imported here: registering the ops imports parts of torch._inductor (~1 s), a
         # cost only compiling callers should pay
         from .custom_op import traced_prefix_attention
 
-        return traced_prefix_attention(
-            q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
-            causal, sm_scale, dropout_p, backend, prefix_lengths=prefix_lengths,
-        )  # fmt: skip
+        return traced_prefix_attention(call)
     # the call's plan: validated and set up once per signature (plan.py)
-    plan = lookup_plan(
-        q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
-        causal, sm_scale, dropout_p, backend, prefix_lengths,
-    )  # fmt: skip
-    if plan.backend == "triton":
-        if _grad_enabled() and (
-            q.requires_grad
-            or k.requires_grad
-            or v.requires_grad
-            or (prefix_k is not None and (prefix_k.requires_grad or prefix_v.requires_grad))
-        ):
-            return _apply(
-                PrefixAttentionFunction, q, k, v, prefix_k, prefix_v, prefix_index,
-                key_padding_mask, plan, prefix_lengths,
-            )  # fmt: skip
-        # inference (decoding): no graph to record, so skip autograd.Function's host cost
-        seed = new_seed() if plan.dropout_p > 0.0 else 0
-        return plan.forward(
-            q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, seed, prefix_lengths
-        )[0]
-    if plan.backend == "sdpa":
-        return sdpa_prefix_attention(
-            q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
-            causal, plan.dropout_p, plan.prob, prefix_lengths,
-        )  # fmt: skip
-    return reference_prefix_attention(
-        q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
-        causal, plan.dropout_p, plan.prob, prefix_lengths,
-    )  # fmt: skip
-
-
-def _prefix_attention_features(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    prefix_k: torch.Tensor | None,
-    prefix_v: torch.Tensor | None,
-    prefix_index: torch.Tensor | None,
-    key_padding_mask: torch.Tensor | None,
-    causal: bool,
-    sm_scale: float | None,
-    dropout_p: float,
-    backend: str,
-    prefix_lengths: torch.Tensor | None,
-    window: int | None,
-    softcap: float | None,
-    sinks: torch.Tensor | None,
-    prefix_window: str,
-) -> torch.Tensor:
-    """:func:`prefix_attention` with a sliding window, soft-capping or sinks (eager)."""
-    plan = lookup_plan(
-        q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
-        causal, sm_scale, dropout_p, backend, prefix_lengths,
-        window, softcap, sinks, prefix_window,
-    )  # fmt: skip
+    plan = lookup_plan(call)
     if plan.backend == "triton":
         if _grad_enabled() and (
             q.requires_grad
@@ -193,55 +114,11 @@ def _prefix_attention_features(
             or (prefix_k is not None and (prefix_k.requires_grad or prefix_v.requires_grad))
             or (sinks is not None and sinks.requires_grad)
         ):
-            return _apply(
-                PrefixAttentionFunction, q, k, v, prefix_k, prefix_v, prefix_index,
-                key_padding_mask, plan, prefix_lengths, sinks,
-            )  # fmt: skip
-        seed = new_seed() if plan.dropout_p > 0.0 else 0
-        return plan.forward(
-            q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, seed, prefix_lengths,
-            sinks,
-        )[0]  # fmt: skip
-    fn = sdpa_prefix_attention if plan.backend == "sdpa" else reference_prefix_attention
-    return fn(
-        q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
-        causal, plan.dropout_p, plan.prob, prefix_lengths, sinks,
-    )  # fmt: skip
-
-
-def _traced_features(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    prefix_k: torch.Tensor | None,
-    prefix_v: torch.Tensor | None,
-    prefix_index: torch.Tensor | None,
-    key_padding_mask: torch.Tensor | None,
-    causal: bool,
-    sm_scale: float | None,
-    dropout_p: float,
-    backend: str,
-    prefix_lengths: torch.Tensor | None,
-    window: int | None,
-    softcap: float | None,
-    sinks: torch.Tensor | None,
-    prefix_window: str,
-) -> torch.Tensor:
-    """Under ``torch.compile``: the sdpa / reference paths (plain PyTorch, traced). The
-    Triton custom ops do not take window / softcap / sinks yet."""
-    prob = validate(
-        q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, causal, sm_scale,
-        dropout_p, backend, check_index_values=False, prefix_lengths=prefix_lengths,
-        window=window, softcap=softcap, sinks=sinks, prefix_window=prefix_window,
-    )  # fmt: skip
-    resolved = resolve_backend(backend, q)
-    if resolved == "triton":
-        raise NotImplementedError(
-            "window / softcap / sinks under torch.compile run on backend='sdpa' or "
-            "'reference'; the compiled Triton custom ops do not take them yet"
-        )
-    fn = sdpa_prefix_attention if resolved == "sdpa" else reference_prefix_attention
-    return fn(
-        q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
-        causal, float(dropout_p), prob, prefix_lengths, sinks,
-    )  # fmt: skip
+            if sinks is not None:  # the sinks' gradient too
+                return _apply(
+                    PrefixAttentionFunction, q, k, v, prefix_k, prefix_v, call, plan, sinks
+                )
+            return _apply(PrefixAttentionFunction, q, k, v, prefix_k, prefix_v, call, plan)
+        # inference (decoding): no graph to record, so skip autograd.Function's host cost
+        return plan.forward(call, new_seed() if plan.dropout else 0)[0]
+    return torch_backend(call, plan.prob)

@@ -6,14 +6,19 @@ from typing import Any
 
 import torch
 
-from .launch import new_seed
+from .args import new_seed
+from .call import N_TENSORS, AttentionCall, new_call
 from .plan import CallPlan
 
 
 class PrefixAttentionFunction(torch.autograd.Function):
-    """Forward saves (q, k, v, prefix, out, lse, dropout seed); backward recomputes the
+    """Forward saves (the call's tensors, out, lse, dropout seed); backward recomputes the
     probabilities from lse, and regenerates the dropout mask from the seed. Both run
-    through the call's :class:`~prefixattn.ops.plan.CallPlan`."""
+    through the call's :class:`~prefixattn.ops.plan.CallPlan`.
+
+    ``apply(q, k, v, prefix_k, prefix_v, call, plan[, sinks])``: the differentiable
+    tensors are passed on their own (autograd tracks arguments), and are the call's;
+    ``sinks`` only when the call has them (its gradient is :func:`sink_grad`)."""
 
     @staticmethod
     def forward(
@@ -23,43 +28,36 @@ class PrefixAttentionFunction(torch.autograd.Function):
         v: torch.Tensor,
         prefix_k: torch.Tensor | None,
         prefix_v: torch.Tensor | None,
-        prefix_index: torch.Tensor | None,
-        key_padding_mask: torch.Tensor | None,
+        call: AttentionCall,
         plan: CallPlan,
-        prefix_lengths: torch.Tensor | None = None,
         sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        seed = new_seed() if plan.dropout_p > 0.0 else 0
-        out, lse, aligned = plan.forward(
-            q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, seed, prefix_lengths,
-            sinks,
-        )  # fmt: skip
-        ctx.save_for_backward(
-            q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, out, lse, prefix_lengths,
-            sinks,
-        )  # fmt: skip
+        seed = new_seed() if plan.dropout else 0
+        out, lse, aligned = plan.forward(call, seed)
+        ctx.save_for_backward(*call[:N_TENSORS], out, lse)
         # aligned: the inputs' alignment, for the backward's direct launches (same tensors)
-        ctx.seed, ctx.plan, ctx.aligned = seed, plan, aligned
+        ctx.scalars, ctx.seed, ctx.plan, ctx.aligned = call[N_TENSORS:], seed, plan, aligned
         return out
 
     @staticmethod
     def backward(ctx: Any, do: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        q, k, v, prefix_k, prefix_v, prefix_index, kpm, out, lse, plen, sinks = ctx.saved_tensors
+        *inputs, out, lse = ctx.saved_tensors
+        call = new_call(AttentionCall, (*inputs, *ctx.scalars))
         n = ctx.needs_input_grad
         dq, dk, dv, dpk, dpv = ctx.plan.backward(
-            do, q, k, v, prefix_k, prefix_v, prefix_index, kpm, out, lse, ctx.seed,
-            (n[0], n[1], n[2], n[3] or n[4]), ctx.aligned, plen,
-        )  # fmt: skip
+            call, do, out, lse, ctx.seed, (n[0], n[1], n[2], n[3] or n[4]), ctx.aligned
+        )
         return (
             dq,
             dk if n[1] else None,
             dv if n[2] else None,
             dpk if n[3] else None,
             dpv if n[4] else None,
-            None, None, None, None,
-            # (a call without sinks passes 9 inputs: a trailing None is allowed)
-            sink_grad(sinks, lse, out, do) if sinks is not None and n[9] else None,
-        )  # fmt: skip
+            None,
+            None,
+            # (a call without sinks passes 7 inputs: a trailing None is allowed)
+            sink_grad(call.sinks, lse, out, do) if call.sinks is not None and n[7] else None,
+        )
 
 
 def sink_grad(

@@ -8,30 +8,47 @@ change with the same signature (the range of ``prefix_index``, without a device 
 allocates its outputs and launches:
 
     prefix_attention(q, k, v, ...)
-      key = signature_key(...)            shapes, strides, dtypes, devices, flags
-      plan = _PLANS[key]                  miss: validate(...), CallPlan(...)
-      plan.forward(...)                   2 allocations, 1 launch
-      plan.backward(...)                  grads + 1 workspace, 1-2 launches (fused)
+      call = AttentionCall(...)           the inputs, backend and settings (call.py)
+      plan = lookup_plan(call)            key: shapes, strides, dtypes, devices, flags,
+                                          backend, settings; miss: validate(call)
+      plan.forward(call, seed)            2 allocations, 1 launch
+      plan.backward(call, ...)            grads + 1 workspace, 1-2 launches (fused)
                                           or 4-5 (split, large problems)
 
 A plan launches each kernel through a :class:`KernelLaunch`: the first launch chooses
-the config (autotuning on CUDA, see ``launch.py``), the second is captured as a direct
+the config (autotuning on CUDA, see ``kernels.py``), the second is captured as a direct
 launch of the compiled kernel where Triton allows it (``direct.py``), and later ones pass
 only the new tensors and seed. The cache is bounded (:data:`MAX_PLANS`), keyed by device
-(so safe across devices), cleared by ``launch.forced_config`` and :func:`clear_plans`;
+(so safe across devices) and by the call's settings (so a change of settings is a new
+plan; :func:`clear_plans` empties the cache);
 dict operations are atomic under the GIL, and a plan built twice by two threads is
 harmless.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import operator
 import weakref
+from dataclasses import dataclass, replace
 
 import torch
 
-from . import launch as L
+from .args import batch_chunks, pointer_args
+from .backward import (
+    BackwardLayout,
+    Needs,
+    attention_backward,
+    backward_buffers,
+    backward_layout,
+    backward_pointers,
+    backward_specs,
+    reduce_spec,
+)
+from .call import AttentionCall
+from .direct import DirectKernel
+from .forward import attention_forward, forward_spec
+from .kernels import DYNAMIC_PARAMS, LaunchSpec, kernel_params, launch_now, source
+from .settings import CONFIG_LISTS
 from .validation import (
     PREFIX_NONE,
     AttnProblem,
@@ -41,49 +58,27 @@ from .validation import (
 )
 
 MAX_PLANS = 512
-_PLANS: dict[tuple, CallPlan] = {}
+PLANS: dict[tuple, CallPlan] = {}
 
 
 def clear_plans() -> None:
-    """Forget every cached plan (tests that swap kernels or limits call it)."""
-    _PLANS.clear()
+    """Forget every cached plan (plans hold the kernels they launched)."""
+    PLANS.clear()
 
 
-def lookup_plan(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    prefix_k: torch.Tensor | None,
-    prefix_v: torch.Tensor | None,
-    prefix_index: torch.Tensor | None,
-    key_padding_mask: torch.Tensor | None,
-    causal: bool,
-    sm_scale: float | None,
-    dropout_p: float,
-    backend: str,
-    prefix_lengths: torch.Tensor | None = None,
-    window: int | None = None,
-    softcap: float | None = None,
-    sinks: torch.Tensor | None = None,
-    prefix_window: str = "all",
-) -> CallPlan:
+def lookup_plan(call: AttentionCall) -> CallPlan:
     """The call's plan: cached, or validated and built (bad input raises here).
 
     The key: the shapes, strides, dtypes and devices of the tensors, the flags, the
-    scalars with their types (so ``causal=1`` never hits a plan made for ``True``) and
-    the backend. Arguments that are not tensors fail to make a key and go to validation,
-    which names them. On a hit the one value check left is the range of ``prefix_index``,
-    once per index tensor (and again after an in-place change): every layer of a model
-    gets the same index tensor.
+    scalars with their types (so ``causal=1`` never hits a plan made for ``True``), the
+    backend and the settings. Inputs that are not tensors fail to make a key and go to
+    validation, which names them. On a hit the value checks left are the ranges of
+    ``prefix_index`` and ``prefix_lengths``, once per tensor (and again after an in-place
+    change): every layer of a model gets the same index tensor.
     """
-    pk, pv, pidx, kpm, plen = prefix_k, prefix_v, prefix_index, key_padding_mask, prefix_lengths
+    q, k, v, pk, pv, pidx, plen, kpm, sinks, causal, sm_scale, dropout_p = call[:12]
+    window, softcap, prefix_window, backend, settings = call[12:]
     try:
-        feats = None  # window, soft-capping, sinks: part of the key only when one is used
-        if window is not None or softcap is not None or sinks is not None or prefix_window != "all":
-            feats = (
-                window, window.__class__, softcap, softcap.__class__, prefix_window,
-                None if sinks is None else (sinks.__class__, sinks.shape, sinks.dtype, sinks.device),
-            )  # fmt: skip
         key = (
             q.__class__, q.shape, q.stride(), q.dtype, q.device,
             k.shape, k.stride(), k.dtype, k.device,
@@ -94,9 +89,11 @@ def lookup_plan(
             None if kpm is None else (kpm.shape, kpm.stride(), kpm.dtype, kpm.device),
             None if plen is None else (plen.__class__, plen.shape, plen.dtype, plen.device),
             causal, causal.__class__, sm_scale, sm_scale.__class__,
-            dropout_p, dropout_p.__class__, backend, feats,
+            dropout_p, dropout_p.__class__, backend, settings,
+            None if sinks is None else (sinks.__class__, sinks.shape, sinks.dtype, sinks.device),
+            window, window.__class__, softcap, softcap.__class__, prefix_window,
         )  # fmt: skip
-        plan = _PLANS.get(key)
+        plan = PLANS.get(key)
     except (AttributeError, TypeError):  # not tensors, or unhashable scalars
         key, plan = None, None
     if plan is not None:
@@ -111,28 +108,18 @@ def lookup_plan(
                 check_lengths_range(plen, plan.prob.P)
                 plan.lengths_seen = (weakref.ref(plen), plen._version)
         return plan
-    prob = validate(
-        q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
-        causal, sm_scale, dropout_p, backend, prefix_lengths=prefix_lengths,
-        window=window, softcap=softcap, sinks=sinks, prefix_window=prefix_window,
-    )  # fmt: skip
-    from .attention import resolve_backend
-
-    resolved = resolve_backend(backend, q)
-    if resolved == "triton":
-        L.check_triton_device(q)
-    plan = CallPlan(
-        prob, resolved, causal, float(dropout_p), prefix_index is not None,
-        prefix_lengths is not None,
-    )  # fmt: skip
+    prob = validate(call)
+    if backend == "triton":
+        source(settings).check_device(q, settings)
+    plan = CallPlan(call, prob)
     if plan.check_index:  # validate() checked these tensors' values
-        plan.index_seen = (weakref.ref(prefix_index), prefix_index._version)
+        plan.index_seen = (weakref.ref(pidx), pidx._version)
     if plan.check_lengths:
-        plan.lengths_seen = (weakref.ref(prefix_lengths), prefix_lengths._version)
+        plan.lengths_seen = (weakref.ref(plen), plen._version)
     if key is not None:
-        if len(_PLANS) >= MAX_PLANS:
-            _PLANS.clear()
-        _PLANS[key] = plan
+        if len(PLANS) >= MAX_PLANS:
+            PLANS.clear()
+        PLANS[key] = plan
     return plan
 
 
@@ -151,13 +138,13 @@ class KernelLaunch:
         "spec", "tail",
     )  # fmt: skip
 
-    def __init__(self, spec: L.LaunchSpec) -> None:
-        names = L.kernel_params(spec.attr)
+    def __init__(self, spec: LaunchSpec) -> None:
+        names = kernel_params(spec.attr)
         n_ptr = 0
-        while n_ptr < len(names) and names[n_ptr] in L.DYNAMIC_PARAMS and names[n_ptr] != "seed":
+        while n_ptr < len(names) and names[n_ptr] in DYNAMIC_PARAMS and names[n_ptr] != "seed":
             n_ptr += 1
         rest = names[n_ptr:]
-        if [n for n in rest if n in L.DYNAMIC_PARAMS] not in ([], ["seed"]):
+        if [n for n in rest if n in DYNAMIC_PARAMS] not in ([], ["seed"]):
             raise AssertionError(f"{spec.attr}: tensor parameters must come first")
         self.spec, self.attr = spec, spec.attr
         self.ptrs = operator.itemgetter(*names[:n_ptr])
@@ -165,7 +152,7 @@ class KernelLaunch:
         cut = rest.index("seed") if self.seeded else len(rest)
         self.mid = tuple(spec.vals[n] for n in rest[:cut])
         self.tail = tuple(spec.vals[n] for n in rest[cut + 1 :])
-        self.kernel = getattr(L._kernels(), spec.attr)
+        self.kernel = spec.kernel()
         self.direct = None
         self.bound = None  # kernel[grid]: Triton's launcher for this grid
         self.capture = False
@@ -173,11 +160,11 @@ class KernelLaunch:
         self.kw: dict | None = None
 
     @classmethod
-    def first(cls, spec: L.LaunchSpec, q: torch.Tensor) -> KernelLaunch:
+    def first(cls, spec: LaunchSpec, q: torch.Tensor) -> KernelLaunch:
         """Build from the spec of the current call and launch it (choosing the config)."""
         self = cls(spec)
-        cfg, grid = L.launch_now(spec, q)
-        if spec.name not in L.CONFIG_LISTS:
+        cfg, grid = launch_now(spec, q)
+        if spec.name not in CONFIG_LISTS:
             self.grid, self.kw = grid, spec.consts
         elif cfg is not None:
             self.grid = grid
@@ -185,7 +172,7 @@ class KernelLaunch:
             self.kw.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         if self.kw is not None:
             self.bound = self.kernel[self.grid]
-            self.capture = not L.kernels_interpreted()
+            self.capture = not source(spec.settings).interpreted()
         return self
 
     def __call__(self, ptrs: dict, seed: int, aligned: bool = True) -> None:
@@ -203,31 +190,24 @@ class KernelLaunch:
                 return
             if self.capture:  # launch 2: through Triton, capturing a direct launch
                 self.capture = False
-                self.direct = _capture(self.kernel, self.grid, args, self.kw)  # launches
+                # a direct launcher of the compiled kernel for later calls, or None (then
+                # the normal path it is: direct.py falls back where Triton differs). The
+                # plan keeps the specialization equal: sizes and strides are in its key,
+                # the seed is not specialized, and alignment is checked per call.
+                self.direct = DirectKernel.capture(self.kernel, self.grid, args, self.kw, check=())
                 return
         bound = self.bound
         if bound is not None:
             bound(*args, **self.kw)
         else:  # the autotuner kept its choice to itself: its own path
             vals = {**self.spec.vals, **ptrs, "seed": seed}
-            L.launch_now(dataclasses.replace(self.spec, vals=vals), ptrs["Q"])
+            launch_now(replace(self.spec, vals=vals), ptrs["Q"])
 
 
-def _capture(kernel, grid: tuple, args: tuple, kw: dict):  # -> DirectKernel | None
-    """Launch through Triton's normal path and return a direct launcher of the compiled
-    kernel for later calls, or None after the same launch (then the normal path it is:
-    ``direct.py`` falls back by itself where Triton's internals differ). The plan keeps
-    the specialization equal itself: sizes and strides are in its key, the seed is not
-    specialized, and it checks the tensors' alignment per call (``check=()``)."""
-    from .direct import DirectKernel
-
-    return DirectKernel.capture(kernel, grid, args, kw, check=())
-
-
-@dataclasses.dataclass
+@dataclass
 class _BackwardPlan:
-    lay: L.BackwardLayout
-    needs: tuple[bool, bool, bool, bool]
+    lay: BackwardLayout
+    needs: Needs
     launches: list[KernelLaunch] | None = None
 
 
@@ -235,158 +215,95 @@ class CallPlan:
     """The cached part of every call with one signature: the validated problem, the
     resolved backend, and (Triton) the forward's and each backward variant's launches."""
 
-    def __init__(
-        self,
-        prob: AttnProblem,
-        backend: str,
-        causal: bool,
-        dropout_p: float,
-        has_index: bool,
-        has_lengths: bool = False,
-    ) -> None:
-        self.prob, self.backend, self.causal, self.dropout_p = prob, backend, causal, dropout_p
-        self.check_index = has_index and prob.B > 0
-        self.check_lengths = has_lengths and prob.T > 0
+    def __init__(self, call: AttentionCall, prob: AttnProblem) -> None:
+        self.prob, self.backend = prob, call.backend
+        self.check_index = call.prefix_index is not None and prob.B > 0
+        self.check_lengths = call.prefix_lengths is not None and prob.T > 0
         # (weakref, version) of the last prefix_index / prefix_lengths tensor checked
         self.index_seen: tuple | None = None
         self.lengths_seen: tuple | None = None
         self.empty = prob.B * prob.H * prob.Nq == 0
-        self.chunked = len(L._batch_chunks(prob, None)) > 1
+        self.chunked = len(batch_chunks(prob, call.settings, None)) > 1
         self.has_p = prob.prefix_mode != PREFIX_NONE
+        self.dropout = call.dropout_p > 0.0
         self.out_shape = (prob.B, prob.H, prob.Nq, prob.D)
         self.lse_shape = (prob.B, prob.H, prob.Nq)
         self.fwd: KernelLaunch | None = None
         self.bwd: dict[tuple, _BackwardPlan] = {}
 
-    def aligned(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        prefix_k: torch.Tensor | None,
-        prefix_v: torch.Tensor | None,
-        prefix_index: torch.Tensor | None,
-        key_padding_mask: torch.Tensor | None,
-    ) -> bool:
-        """Whether the caller's tensors start at 16-byte aligned addresses (Triton
-        specializes pointers on it; a view with an odd storage offset may not)."""
-        a = q.data_ptr() | k.data_ptr() | v.data_ptr()
-        if self.has_p:
-            a |= prefix_k.data_ptr() | prefix_v.data_ptr()
-            if prefix_index is not None:
-                a |= prefix_index.data_ptr()
-        if key_padding_mask is not None:
-            a |= key_padding_mask.data_ptr()
-        return not a & 15
-
-    def forward(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        prefix_k: torch.Tensor | None,
-        prefix_v: torch.Tensor | None,
-        prefix_index: torch.Tensor | None,
-        key_padding_mask: torch.Tensor | None,
-        seed: int,
-        prefix_lengths: torch.Tensor | None = None,
-        sinks: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    def forward(self, call: AttentionCall, seed: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """(out [B, H, Nq, D], lse [B, H, Nq] fp32, aligned) of the Triton forward;
-        ``aligned``: the inputs' alignment (:meth:`aligned`), for the backward.
-        ``sinks``: [H] attention sinks (read as a dense vector)."""
-        if sinks is not None and not sinks.is_contiguous():
-            sinks = sinks.contiguous()
+        ``aligned``: whether the inputs start at 16-byte aligned addresses (Triton
+        specializes pointers on it; a view with an odd storage offset may not), for the
+        backward."""
+        q = call.q
         if self.chunked:
-            out, lse = L.attention_forward(
-                q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
-                self.causal, self.dropout_p, seed, self.prob, prefix_lengths=prefix_lengths,
-                sinks=sinks,
-            )  # fmt: skip
+            out, lse = attention_forward(call, self.prob, seed)
             return out, lse, False
         out = torch.empty(self.out_shape, device=q.device, dtype=q.dtype)
         lse = torch.empty(self.lse_shape, device=q.device, dtype=torch.float32)
         if self.empty:
             return out, lse, False
-        mode = self.prob.prefix_mode
-        ptrs = L.pointer_args(
-            q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, mode, prefix_lengths
-        )
+        ptrs = pointer_args(call, self.prob.prefix_mode)
         ptrs["Out"], ptrs["LSE"] = out, lse
-        aligned = self.aligned(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask)
-        if prefix_lengths is not None:
-            aligned = aligned and not prefix_lengths.data_ptr() & 15
-        if sinks is not None:
-            ptrs["SINKS"] = sinks
-            aligned = aligned and not sinks.data_ptr() & 15
-        else:
-            ptrs["SINKS"] = q
+        a = q.data_ptr() | call.k.data_ptr() | call.v.data_ptr()
+        if self.has_p:
+            a |= call.prefix_k.data_ptr() | call.prefix_v.data_ptr()
+            if call.prefix_index is not None:
+                a |= call.prefix_index.data_ptr()
+            if call.prefix_lengths is not None:
+                a |= call.prefix_lengths.data_ptr()
+        if call.key_padding_mask is not None:
+            a |= call.key_padding_mask.data_ptr()
+        if call.sinks is not None:
+            a |= ptrs["SINKS"].data_ptr()
+        aligned = not a & 15
         fl = self.fwd
         if fl is not None:
             fl(ptrs, seed, aligned)
             return out, lse, aligned
-        x = L._Inputs(
-            q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, prefix_lengths, sinks
-        )
-        spec = L.forward_spec(x, out, lse, self.causal, self.dropout_p, seed, self.prob)
-        self.fwd = KernelLaunch.first(spec, q)
+        self.fwd = KernelLaunch.first(forward_spec(call, out, lse, seed, self.prob), q)
         return out, lse, aligned
 
     def backward(
         self,
+        call: AttentionCall,
         do: torch.Tensor,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        prefix_k: torch.Tensor | None,
-        prefix_v: torch.Tensor | None,
-        prefix_index: torch.Tensor | None,
-        key_padding_mask: torch.Tensor | None,
         out: torch.Tensor,
         lse: torch.Tensor,
         seed: int,
-        needs: tuple[bool, bool, bool, bool],
+        needs: Needs,
         aligned: bool = False,
-        prefix_lengths: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor | None, ...]:
         """(dq, dk, dv, dprefix_k, dprefix_v) of the Triton backward; ``needs`` = (q, k,
-        v, prefix) flags. Variants (needs, dO's strides; the backward layout is read when
-        one is set up) are cached. ``aligned``: the forward's inputs were 16-byte aligned
-        (:meth:`aligned`); dO is checked here."""
+        v, prefix) flags. Variants (needs, dO's strides) are cached, each with its layout.
+        ``aligned``: the forward's inputs were 16-byte aligned; dO is checked here."""
         prob = self.prob
         if self.chunked:
-            return L.attention_backward(
-                do, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, out, lse,
-                self.causal, self.dropout_p, seed, prob, needs, prefix_lengths=prefix_lengths,
-            )  # fmt: skip
-        needs = (needs[0], needs[1], needs[2], needs[3] and prefix_k is not None)
+            return attention_backward(call, prob, do, out, lse, seed, needs)
+        needs = (needs[0], needs[1], needs[2], needs[3] and call.prefix_k is not None)
         key = (needs, do.stride())
         bp = self.bwd.get(key)
-        if bp is None:  # PREFIXATTN_BWD is read here, when a variant is set up
-            lay = L.backward_layout(prob, q, needs[3], out.is_contiguous(), None)
+        if bp is None:
+            lay = backward_layout(call, prob, needs[3], out.is_contiguous())
             bp = self.bwd[key] = _BackwardPlan(lay, needs)
         lay = bp.lay
-        grads = L.backward_buffers(q, k, v, prefix_k, prefix_v, prob, needs, lay.ws_numel)
+        *grads, ws = backward_buffers(call, prob, needs, lay.ws_numel)
         if self.empty:
-            return grads[:5]
-        ws = grads[5]
-        grads = grads[:5]
-        x = (q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, prefix_lengths)
-        ptrs = L.backward_pointers(x, do, out, lse, grads, ws, prob, needs, lay)
+            return tuple(grads)
+        t = (do, out, lse, grads, ws)
+        ptrs = backward_pointers(call, t, prob, needs, lay)
         launches = bp.launches
         if launches is not None:
             aligned = aligned and not do.data_ptr() & 15
             for kl in launches:
                 kl(ptrs, seed, aligned)
             return grads
-        specs = L.backward_specs(
-            L._Inputs(*x), do, out, lse, grads, ws, self.causal, self.dropout_p, seed, prob,
-            needs, lay,
-        )  # fmt: skip
+        specs = backward_specs(call, t, seed, prob, needs, lay)
         if needs[3] and lay.reduce and self.has_p:
-            specs.append(L.reduce_spec(ptrs, prob, lay))
-        bp.launches = [KernelLaunch.first(spec, q) for spec in specs]
+            specs.append(reduce_spec(ptrs, prob, lay, call))
+        bp.launches = [KernelLaunch.first(spec, call.q) for spec in specs]
         return grads
 
 
-__all__ = ["MAX_PLANS", "CallPlan", "KernelLaunch", "clear_plans", "lookup_plan"]
+__all__ = ["MAX_PLANS", "PLANS", "CallPlan", "KernelLaunch", "clear_plans", "lookup_plan"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .call import N_TENSORS, AttentionCall
 from .validation import PREFIX_BANK, PREFIX_NONE, AttnProblem
 
 
@@ -74,21 +75,9 @@ def prefix_window_visible(
     return c - L > pos - window
 
 
-def reference_prefix_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    prefix_k: torch.Tensor | None,
-    prefix_v: torch.Tensor | None,
-    prefix_index: torch.Tensor | None,
-    key_padding_mask: torch.Tensor | None,
-    causal: bool,
-    dropout_p: float,
-    prob: AttnProblem,
-    prefix_lengths: torch.Tensor | None = None,
-    sinks: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Prefix attention in plain PyTorch ops (differentiable). Inputs already validated.
+def reference_prefix_attention(call: AttentionCall, prob: AttnProblem) -> torch.Tensor:
+    """Prefix attention in plain PyTorch ops (differentiable). ``call`` already validated
+    (``prob``: its sizes and softmax scale).
 
     ``prefix_lengths`` (int64 [T], bank or per-row layouts): row b sees only the first
     ``prefix_lengths[entry(b)]`` prefix keys; the others are masked like padding.
@@ -96,6 +85,10 @@ def reference_prefix_attention(
     (logits C * tanh(s / C), before masking) and ``sinks`` [H] (one more logit per head
     in the denominator, no value) as :func:`prefixattn.prefix_attention` describes.
     """
+    q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, sinks = call[
+        :N_TENSORS
+    ]
+    causal, dropout_p = call.causal, float(call.dropout_p)
     B, H, Hkv, Nq, Nk, D = prob.B, prob.H, prob.Hkv, prob.Nq, prob.Nk, prob.D
     G = prob.group
     cdt = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype

@@ -35,6 +35,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .call import N_TENSORS, AttentionCall
 from .reference import (
     prefix_visible,
     prefix_window_visible,
@@ -100,44 +101,26 @@ def _row_prefix(
     return prefix  # per row: already [B, Hkv, P, D]
 
 
-def sdpa_prefix_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    prefix_k: torch.Tensor | None,
-    prefix_v: torch.Tensor | None,
-    prefix_index: torch.Tensor | None,
-    key_padding_mask: torch.Tensor | None,
-    causal: bool,
-    dropout_p: float,
-    prob: AttnProblem,
-    prefix_lengths: torch.Tensor | None = None,
-    sinks: torch.Tensor | None = None,
-) -> torch.Tensor:
+def sdpa_prefix_attention(call: AttentionCall, prob: AttnProblem) -> torch.Tensor:
     """Prefix attention through ``F.scaled_dot_product_attention`` (differentiable).
 
     Arguments (already validated, see :func:`prefixattn.prefix_attention`):
-        q: [B, H, Nq, D]; k, v: [B, Hkv, Nk, D].
-        prefix_k, prefix_v: [Hkv, P, D] shared, [B, Hkv, P, D] per row, [T, Hkv, P, D]
-            bank (with ``prefix_index`` int64 [B]), or None.
-        key_padding_mask: bool [B, Nk], True = real token, or None.
-        causal: bottom-right causal on the sequence keys.
-        dropout_p: attention dropout probability (SDPA's own dropout).
+        call: the inputs. ``prefix_lengths`` (a ragged bank, or per-row lengths): row b
+            sees only the first ``prefix_lengths[entry]`` prefix keys; the rest are
+            masked, so a row can then be empty with P > 0 too. Dropout is SDPA's own.
         prob: the sizes and softmax scale from :func:`~prefixattn.ops.validation.validate`.
-        prefix_lengths: int64 [T] (a ragged bank, or per-row lengths): row b sees only
-            the first ``prefix_lengths[entry]`` prefix keys; the rest are masked, so a row
-            can then be empty with P > 0 too.
         sinks: [H] attention sinks, or None. Sinks and ``prob.softcap`` run through the
             reference path (SDPA has neither); ``prob.window`` is a mask here.
 
     Returns:
         [B, H, Nq, D] in the dtype of q.
     """
-    if prob.softcap or sinks is not None:
-        return reference_prefix_attention(
-            q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, causal, dropout_p,
-            prob, prefix_lengths, sinks,
-        )  # fmt: skip
+    if prob.softcap or call.sinks is not None:
+        return reference_prefix_attention(call, prob)
+    q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, _sinks = call[
+        :N_TENSORS
+    ]
+    causal, dropout_p = call.causal, float(call.dropout_p)
     B, H, Hkv, Nq, Nk, P = prob.B, prob.H, prob.Hkv, prob.Nq, prob.Nk, prob.P
     if prob.layout != PREFIX_NONE:  # P may be 0: the empty prefix still gets (empty) grads
         pk = _row_prefix(prefix_k, prefix_index, B, prob.layout)  # [B, Hkv, P, D]
@@ -174,3 +157,11 @@ def sdpa_prefix_attention(
     seen = mask.any(dim=-1, keepdim=True)  # [B|1, 1, Nq, 1]
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask | ~seen, **kw)
     return out.masked_fill(~seen, 0.0)
+
+
+def torch_backend(call: AttentionCall, prob: AttnProblem) -> torch.Tensor:
+    """The ``"sdpa"`` or ``"reference"`` backend (``call.backend``) on a validated call:
+    the one route to either, eager or traced."""
+    if call.backend == "sdpa":
+        return sdpa_prefix_attention(call, prob)
+    return reference_prefix_attention(call, prob)

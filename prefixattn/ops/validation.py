@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .call import N_TENSORS, AttentionCall
+
 BACKENDS = ("auto", "triton", "sdpa", "reference")
 #: What a sliding-window query sees of the prefix (see prefix_attention).
 PREFIX_WINDOWS = ("all", "sliding")
@@ -76,33 +78,52 @@ def _check_float_dtype(name: str, t: torch.Tensor, allowed: tuple[torch.dtype, .
         raise TypeError(f"{name} must have dtype in ({names}), got {t.dtype}")
 
 
-def check_index_range(prefix_index: torch.Tensor, T: int) -> None:
-    """Check 0 <= prefix_index < T without a host-device sync: ``torch._assert_async``.
-
-    On CPU the assertion fails at once and becomes a ValueError naming the values; on a
-    GPU it is a device-side assert (the error surfaces at the next sync, and the CUDA
-    context is lost, as for any device assert), so a call never waits for the GPU and
-    can be captured in a CUDA graph.
-    """
-    msg = f"prefix_index values must be in [0, T) with T={T} bank entries"
-    ok = torch.logical_and(prefix_index >= 0, prefix_index < T).all()
+def _assert_values(t: torch.Tensor, ok: torch.Tensor, msg: str) -> None:
+    """``torch._assert_async(ok, msg)``: no host-device sync. On CPU the assertion fails
+    at once and becomes a ValueError naming the values' range; on a GPU it is a
+    device-side assert (the error surfaces at the next sync, and the CUDA context is
+    lost, as for any device assert), so a call never waits for the GPU and can be
+    captured in a CUDA graph."""
     try:
         torch._assert_async(ok, msg)
     except RuntimeError:  # CPU: the check ran now
-        lo, hi = torch.aminmax(prefix_index)
+        lo, hi = torch.aminmax(t)
         raise ValueError(f"{msg}, got values in [{int(lo)}, {int(hi)}]") from None
+
+
+def check_index_range(prefix_index: torch.Tensor, T: int) -> None:
+    """Check 0 <= prefix_index < T without a host-device sync (see :func:`_assert_values`)."""
+    ok = torch.logical_and(prefix_index >= 0, prefix_index < T).all()
+    _assert_values(
+        prefix_index, ok, f"prefix_index values must be in [0, T) with T={T} bank entries"
+    )
 
 
 def check_lengths_range(prefix_lengths: torch.Tensor, P: int) -> None:
-    """Check 0 <= prefix_lengths <= P without a host-device sync (as
-    :func:`check_index_range`)."""
+    """Check 0 <= prefix_lengths <= P without a host-device sync."""
     msg = f"prefix_lengths values must be in [0, P] with P={P} (the prefix length of prefix_k)"
-    ok = torch.logical_and(prefix_lengths >= 0, prefix_lengths <= P).all()
-    try:
-        torch._assert_async(ok, msg)
-    except RuntimeError:  # CPU: the check ran now
-        lo, hi = torch.aminmax(prefix_lengths)
-        raise ValueError(f"{msg}, got values in [{int(lo)}, {int(hi)}]") from None
+    _assert_values(
+        prefix_lengths, torch.logical_and(prefix_lengths >= 0, prefix_lengths <= P).all(), msg
+    )
+
+
+def check_int64_vector(
+    name: str, t: object, size: int, dim: str, device: torch.device, what: str = ""
+) -> torch.Tensor:
+    """Check that input ``name`` is an int64 tensor of shape [``dim``] = [``size``] on
+    ``device`` (``what``: what the dimension counts, for the message)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(
+            f"{name} must be an int64 torch.Tensor of shape [{dim}], got {type(t).__name__}"
+        )
+    if t.dtype != torch.int64:
+        raise TypeError(f"{name} must have dtype torch.int64, got {t.dtype}")
+    if tuple(t.shape) != (size,):
+        what = f" ({what})" if what else ""
+        raise ValueError(f"{name} must have shape [{dim}]=[{size}]{what}, got {_shape(t)}")
+    if t.device != device:
+        raise ValueError(f"{name} must be on the device of q ({device}), got {t.device}")
+    return t
 
 
 def check_prefix_lengths(
@@ -125,50 +146,23 @@ def check_prefix_lengths(
             "[B, Hkv, P, D]; prefix_k is a shared prefix [Hkv, P, D] (slice it to the length "
             "you want instead)"
         )
-    if not isinstance(prefix_lengths, torch.Tensor):
-        raise TypeError(
-            f"prefix_lengths must be an int64 torch.Tensor of shape [T], got "
-            f"{type(prefix_lengths).__name__}"
-        )
-    if prefix_lengths.dtype != torch.int64:
-        raise TypeError(f"prefix_lengths must have dtype torch.int64, got {prefix_lengths.dtype}")
     what = "T bank entries" if prob.layout == PREFIX_BANK else "B rows of the per-row prefix"
-    if tuple(prefix_lengths.shape) != (prob.T,):
-        raise ValueError(
-            f"prefix_lengths must have shape [T]=[{prob.T}] ({what}), got {_shape(prefix_lengths)}"
-        )
-    if prefix_lengths.device != device:
-        raise ValueError(
-            f"prefix_lengths must be on the device of q ({device}), got {prefix_lengths.device}"
-        )
+    check_int64_vector("prefix_lengths", prefix_lengths, prob.T, "T", device, what)
     if check_values and prob.T > 0:
         check_lengths_range(prefix_lengths, prob.P)
 
 
-def validate(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    prefix_k: torch.Tensor | None,
-    prefix_v: torch.Tensor | None,
-    prefix_index: torch.Tensor | None,
-    key_padding_mask: torch.Tensor | None,
-    causal: bool,
-    sm_scale: float | None,
-    dropout_p: float,
-    backend: str,
-    check_index_values: bool = True,
-    prefix_lengths: torch.Tensor | None = None,
-    window: int | None = None,
-    softcap: float | None = None,
-    sinks: torch.Tensor | None = None,
-    prefix_window: str = "all",
-) -> AttnProblem:
-    """Check every argument against the contract; return the problem sizes.
+def validate(call: AttentionCall, check_values: bool = True) -> AttnProblem:
+    """Check every input of ``call`` against the contract; return the problem sizes.
 
-    ``check_index_values=False`` skips the range checks of ``prefix_index`` and
+    ``check_values=False`` skips the range checks of ``prefix_index`` and
     ``prefix_lengths`` (traced calls check them in the graph instead).
     """
+    q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, sinks = call[
+        :N_TENSORS
+    ]
+    causal, sm_scale, dropout_p, backend = call.causal, call.sm_scale, call.dropout_p, call.backend
+    check_index_values = check_values
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     _check_tensor("q", q, 4, "[B, H, Nq, D]")
@@ -244,19 +238,7 @@ def validate(
     if prefix_index is not None:
         if prefix_k is None:
             raise ValueError("prefix_index was given without prefix_k/prefix_v")
-        if not isinstance(prefix_index, torch.Tensor):
-            raise TypeError(
-                f"prefix_index must be an int64 torch.Tensor of shape [B], got "
-                f"{type(prefix_index).__name__}"
-            )
-        if prefix_index.dtype != torch.int64:
-            raise TypeError(f"prefix_index must have dtype torch.int64, got {prefix_index.dtype}")
-        if tuple(prefix_index.shape) != (B,):
-            raise ValueError(f"prefix_index must have shape [B]=[{B}], got {_shape(prefix_index)}")
-        if prefix_index.device != q.device:
-            raise ValueError(
-                f"prefix_index must be on the device of q ({q.device}), got {prefix_index.device}"
-            )
+        check_int64_vector("prefix_index", prefix_index, B, "B", q.device)
         if check_index_values and B > 0:
             check_index_range(prefix_index, T)
     layout = mode
@@ -300,7 +282,7 @@ def validate(
     if not 0.0 <= float(dropout_p) < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
 
-    feats = check_features(window, softcap, sinks, prefix_window, causal, q)
+    window, softcap = check_features(call)
     prob = AttnProblem(
         B=B,
         H=H,
@@ -313,26 +295,25 @@ def validate(
         prefix_mode=mode,
         layout=layout,
         sm_scale=scale,
-        window=feats[0],
-        softcap=feats[1],
+        window=window,
+        softcap=softcap,
         has_sinks=sinks is not None,
-        prefix_windowed=feats[0] > 0 and prefix_window == "sliding" and mode != PREFIX_NONE,
+        prefix_windowed=window > 0 and call.prefix_window == "sliding" and mode != PREFIX_NONE,
     )
     if prefix_lengths is not None:
         check_prefix_lengths(prefix_lengths, prob, q.device, check_index_values)
     return prob
 
 
-def check_features(
-    window: object,
-    softcap: object,
-    sinks: object,
-    prefix_window: object,
-    causal: bool,
-    q: torch.Tensor,
-) -> tuple[int, float]:
-    """Check the sliding window, soft-capping, sinks and prefix-window arguments; returns
-    (window or 0, softcap or 0.0)."""
+def check_features(call: AttentionCall) -> tuple[int, float]:
+    """Check the sliding window, soft-capping, sinks and prefix-window inputs of ``call``;
+    returns (window or 0, softcap or 0.0)."""
+    window, softcap, sinks, prefix_window = (
+        call.window,
+        call.softcap,
+        call.sinks,
+        call.prefix_window,
+    )
     if prefix_window not in PREFIX_WINDOWS:
         raise ValueError(f"prefix_window must be one of {PREFIX_WINDOWS}, got {prefix_window!r}")
     w = 0
@@ -341,7 +322,7 @@ def check_features(
             raise TypeError(f"window must be an int >= 1 or None, got {type(window).__name__}")
         if window < 1:
             raise ValueError(f"window must be an int >= 1 (keys a query sees), got {window!r}")
-        if not causal:
+        if not call.causal:
             raise ValueError("window (a causal sliding window) needs causal=True")
         w = int(window)
     cap = 0.0
@@ -352,6 +333,7 @@ def check_features(
         if not math.isfinite(cap) or cap <= 0:
             raise ValueError(f"softcap must be a finite float > 0, got {softcap!r}")
     if sinks is not None:
+        q = call.q
         if not isinstance(sinks, torch.Tensor):
             raise TypeError(
                 f"sinks must be a float torch.Tensor of shape [H] or None, got "
@@ -377,3 +359,11 @@ def auto_backend(device: torch.device, dtype: torch.dtype) -> str:
     """What ``backend="auto"`` runs for tensors on ``device`` of ``dtype``: ``"triton"`` for
     CUDA tensors of a kernel dtype, ``"sdpa"`` (PyTorch's fused attention) everywhere else."""
     return "triton" if device.type == "cuda" and dtype in KERNEL_DTYPES else "sdpa"
+
+
+def resolve_backend(backend: str, q: torch.Tensor) -> str:
+    """``"auto"``: the Triton kernel for CUDA tensors of a kernel dtype, else ``"sdpa"``;
+    any other value as given (validation names a bad one, or a q that is not a tensor)."""
+    if backend == "auto" and isinstance(q, torch.Tensor):
+        return auto_backend(q.device, q.dtype)
+    return backend
