@@ -237,6 +237,25 @@ def _prefix_case(family: str, backend: str, prefix_window: str, P: int = 5):
     return stock, pt
 
 
+def _check_against_reference(
+    stock, pt: PrefixTuning, prefix_window: str, ids: torch.Tensor, mask: torch.Tensor
+) -> None:
+    """``pt``'s logits and prefix gradient (causal-LM loss) = the reference model's over
+    the same prefix, on the real tokens of the batch."""
+    labels = ids.masked_fill(mask == 0, -100)
+    out = pt(input_ids=ids, attention_mask=mask, labels=labels)
+    (grad,) = torch.autograd.grad(out.loss, pt.prefix)
+    prefix = pt.prefix.detach().clone().requires_grad_()
+    ref = reference_model(stock, prefix, prefix_window)(
+        input_ids=ids, attention_mask=mask, labels=labels
+    )
+    (ref_grad,) = torch.autograd.grad(ref.loss, prefix)
+    real = mask.bool()
+    torch.testing.assert_close(out.logits[real], ref.logits[real], **TOL)
+    assert grad.abs().sum() > 0
+    torch.testing.assert_close(grad, ref_grad, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize(("family", "prefix_window"), [("gemma2", "all"), ("gpt_oss", "sliding")])
 def test_triton_family_past_the_window(family: str, prefix_window: str) -> None:
     """The Triton kernel (the interpreter on CPU) in a whole model: soft-capping + window
@@ -253,17 +272,7 @@ def test_triton_family_past_the_window(family: str, prefix_window: str) -> None:
             **TOL,
         )
     _, pt = _prefix_case(family, "triton", prefix_window)
-    labels = ids.masked_fill(mask == 0, -100)
-    out = pt(input_ids=ids, attention_mask=mask, labels=labels)
-    (grad,) = torch.autograd.grad(out.loss, pt.prefix)
-    prefix = pt.prefix.detach().clone().requires_grad_()
-    ref = reference_model(stock, prefix, prefix_window)(
-        input_ids=ids, attention_mask=mask, labels=labels
-    )
-    (ref_grad,) = torch.autograd.grad(ref.loss, prefix)
-    torch.testing.assert_close(out.logits[real], ref.logits[real], **TOL)
-    assert grad.abs().sum() > 0
-    torch.testing.assert_close(grad, ref_grad, atol=1e-5, rtol=1e-4)
+    _check_against_reference(stock, pt, prefix_window, ids, mask)
 
 
 @pytest.mark.parametrize("prefix_window", ["all", "sliding"])
@@ -275,19 +284,7 @@ def test_prefix_tuning_matches_reference(family: str, backend: str, prefix_windo
     if prefix_window == "sliding" and family not in WINDOWED:
         pytest.skip("prefix_window only matters on sliding-window layers")
     stock, pt = _prefix_case(family, backend, prefix_window)
-    ids, mask = _batch(LENGTHS)
-    labels = ids.masked_fill(mask == 0, -100)
-    out = pt(input_ids=ids, attention_mask=mask, labels=labels)
-    (grad,) = torch.autograd.grad(out.loss, pt.prefix)
-    prefix = pt.prefix.detach().clone().requires_grad_()
-    ref = reference_model(stock, prefix, prefix_window)(
-        input_ids=ids, attention_mask=mask, labels=labels
-    )
-    (ref_grad,) = torch.autograd.grad(ref.loss, prefix)
-    real = mask.bool()
-    torch.testing.assert_close(out.logits[real], ref.logits[real], **TOL)
-    assert grad.abs().sum() > 0
-    torch.testing.assert_close(grad, ref_grad, atol=1e-5, rtol=1e-4)
+    _check_against_reference(stock, pt, prefix_window, *_batch(LENGTHS))
 
 
 @pytest.mark.parametrize("prefix_window", ["all", "sliding"])
