@@ -38,6 +38,17 @@ class _BankState(NamedTuple):
     lengths_t: torch.Tensor | None  # int64 [T] on the bank's device; None when all equal P
 
 
+def _check_prefix_window(name: str, prefix_window: str) -> None:
+    """A bank runs every task with ``prefix_window="all"``: refuse another one (it would be
+    silently ignored)."""
+    if prefix_window != "all":
+        raise ValueError(
+            f"task {name!r} was tuned with prefix_window={prefix_window!r}; a TaskBank runs "
+            "every task with prefix_window='all' (the prefix always visible on "
+            "sliding-window layers)"
+        )
+
+
 class TaskBank(nn.Module):
     """Named prefixes sharing one base model; every row of a batch picks its task.
 
@@ -153,6 +164,7 @@ class TaskBank(nn.Module):
         if isinstance(prefix, PromptTuning):
             prefix = prefix.to_prefix_tuning(backend=self.backend)
         if isinstance(prefix, PrefixTuning):
+            _check_prefix_window(name, prefix.config.prefix_window)
             with torch.no_grad():
                 pre = prefix.prefix_tensor().detach()  # [L, 2, Hkv, P, D]
             return pre, prefix.position_offset
@@ -167,6 +179,7 @@ class TaskBank(nn.Module):
         if method == PREFIX and source == "prefixattn":
             pre, meta = read_prefix(prefix)  # no model work: read the folded K/V
             check_model_type(meta, self.model, f"prefix of task {name!r}")
+            _check_prefix_window(name, meta["config"].get("prefix_window", "all"))
             return pre, int(meta["config"].get("position_offset", 0))
         # a soft prompt (prefixattn or PEFT) or a PEFT prefix: load it on the model
         previous = get_prefix(self.model)

@@ -26,10 +26,17 @@ Llama, Qwen2, Mistral, ... including GQA/MQA). Only public, 5.0-era APIs are use
 ``PreTrainedModel.set_attn_implementation`` and the config's ``_attn_implementation``
 (plus ``sdpa_mask`` to check unusual mask patterns).
 
+Each layer's sliding window, logit soft-capping and attention sinks are taken from the
+attention kwargs the model passes (``sliding_window``, ``softcap``, ``s_aux`` / ``sinks``),
+so hybrid models (Gemma-2/3, gpt-oss, Qwen2 with ``use_sliding_window``) get a window on
+their sliding layers only; a sliding layer's mask is checked against the kernel's window
+(see docs/model-families.md). With a prefix, what a windowed layer's query sees of the
+prefix is the provider's ``prefix_window`` ("all" by default, "sliding" as PEFT).
+
 Not supported (a ``ValueError`` says so, no silent fallback): static / compileable / paged
 caches, custom 4-D attention masks, packed sequences (position-id resets without an
-attention mask), sliding windows shorter than the attended keys, attention soft-capping
-and attention sinks.
+attention mask), chunked attention and other mask overlays that are not causal + padding
++ a sliding window.
 """
 
 from __future__ import annotations
@@ -43,7 +50,7 @@ import torch
 from torch import nn
 
 from ..ops.attention import prefix_attention
-from ..ops.validation import BACKENDS
+from ..ops.validation import BACKENDS, PREFIX_WINDOWS
 
 try:  # transformers is the optional "hf" extra
     from transformers import PreTrainedModel
@@ -83,9 +90,6 @@ _STATE_ATTR = "_prefixattn_state"
 
 # Attention-function kwargs whose meaning the kernel cannot reproduce: refuse them when set.
 _UNSUPPORTED_KWARGS = {
-    "softcap": "attention logit soft-capping",
-    "s_aux": "attention sinks",
-    "sinks": "attention sinks",
     "position_bias": "additive position bias",
     "cu_seq_lens_q": "packed (varlen) sequences",
     "cu_seq_lens_k": "packed (varlen) sequences",
@@ -124,7 +128,15 @@ class PrefixProvider:
     forward pass (and again when gradient checkpointing recomputes a layer), so it should be
     cheap and must return tensors that are part of the autograd graph if the prefix is
     trained.
+
+    ``prefix_window`` says what a query of a sliding-window layer sees of the prefix:
+    ``"all"`` (every prefix key, always: a task memory like an attention sink) or
+    ``"sliding"`` (PEFT's behaviour: the prefix keys are the P positions before the
+    first token and leave the window like cache entries). See
+    :func:`prefixattn.prefix_attention`.
     """
+
+    prefix_window: str = "all"
 
     def layer_prefix(self, layer_idx: int, batch_size: int) -> LayerPrefix | None:
         """The prefix of layer ``layer_idx`` for a batch of ``batch_size`` rows.
@@ -148,6 +160,7 @@ class StaticPrefix(PrefixProvider):
             index is then repeated with ``repeat_interleave``.
         prefix_lengths: int64 [T], a ragged bank: entry t exposes its first
             ``prefix_lengths[t]`` keys (only with ``prefix_index``).
+        prefix_window: "all" or "sliding" (see :class:`PrefixProvider`).
     """
 
     def __init__(
@@ -158,7 +171,12 @@ class StaticPrefix(PrefixProvider):
         *,
         expand_batch: bool = False,
         prefix_lengths: torch.Tensor | None = None,
+        prefix_window: str = "all",
     ) -> None:
+        if prefix_window not in PREFIX_WINDOWS:
+            raise ValueError(
+                f"prefix_window must be one of {PREFIX_WINDOWS}, got {prefix_window!r}"
+            )
         if prefix_lengths is not None and prefix_index is None:
             raise ValueError("prefix_lengths needs prefix_index (a bank)")
         if not isinstance(keys, Sequence) or not isinstance(values, Sequence):
@@ -197,6 +215,7 @@ class StaticPrefix(PrefixProvider):
         self.prefix_index = prefix_index
         self.expand_batch = expand_batch
         self.prefix_lengths = prefix_lengths
+        self.prefix_window = prefix_window
 
     def layer_prefix(self, layer_idx: int, batch_size: int) -> LayerPrefix | None:
         """See :meth:`PrefixProvider.layer_prefix`."""
@@ -421,12 +440,21 @@ def get_prefix(model: nn.Module) -> PrefixProvider | None:
 
 
 def _kernel_visible(
-    batch_size: int, q_length: int, kv_length: int, kpm: torch.Tensor | None, device: Any
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    kpm: torch.Tensor | None,
+    device: Any,
+    window: int | None = None,
 ) -> torch.Tensor:
-    """The kernel's causal mask: bool [B, Nq, Nk], query i sees key j iff j <= i + Nk - Nq."""
+    """The kernel's causal mask: bool [B, Nq, Nk], query i sees key j iff j <= i + Nk - Nq
+    (and j > i + Nk - Nq - window with a sliding window)."""
     i = torch.arange(q_length, device=device)[:, None]
     j = torch.arange(kv_length, device=device)[None, :]
-    vis = (j <= i + (kv_length - q_length))[None].expand(batch_size, -1, -1)  # [B, Nq, Nk]
+    vis = j <= i + (kv_length - q_length)  # [Nq, Nk]
+    if window is not None:
+        vis = vis & (j > i + (kv_length - q_length) - window)
+    vis = vis[None].expand(batch_size, -1, -1)  # [B, Nq, Nk]
     if kpm is not None:
         vis = vis & kpm[:, None, :]
     return vis
@@ -450,12 +478,15 @@ def prefixattn_mask(
 
     Returns:
         bool [B, kv_length] (True = real token) when the 2-D ``attention_mask`` has padding,
-        else ``None``. Causality is left to the kernel (bottom-right aligned).
+        else ``None``. Causality is left to the kernel (bottom-right aligned), and so is a
+        sliding layer's window: the attention function gets it from the layer's
+        ``sliding_window`` kwarg; here a sliding mask (``local_size`` = its window) is
+        checked to be exactly causal + padding + that window.
 
     Raises:
         ValueError: the mask the model asks for cannot be expressed as a padding mask plus
-            the kernel's causal mask (static cache, packed sequences, sliding window
-            shorter than the keys, custom mask overlays).
+            the kernel's causal mask and window (static cache, packed sequences, chunked
+            attention, custom mask overlays).
     """
     cache_position = kwargs.pop("cache_position", None)
     position_kw: dict[str, Any]
@@ -508,12 +539,13 @@ def prefixattn_mask(
             use_vmap=kwargs.get("use_vmap", False),
             device=kwargs.get("device", "cpu"),
         )
-        ours = _kernel_visible(batch_size, q_length, kv_length, kpm, dense.device)
+        window = kwargs.get("local_size")  # a sliding layer's window (or a chunk size)
+        ours = _kernel_visible(batch_size, q_length, kv_length, kpm, dense.device, window)
         if not torch.equal(dense[:, 0].expand_as(ours), ours):
             raise ValueError(
-                "the attention pattern the model asks for (sliding window shorter than the "
-                "sequence, packed sequences or a custom mask overlay) is not a causal mask "
-                "plus key padding, which is all the prefixattn kernel computes"
+                "the attention pattern the model asks for (packed sequences, chunked "
+                "attention or a custom mask overlay) is not a causal mask plus key padding "
+                "and a sliding window, which is all the prefixattn kernel computes"
             )
     # An all-real mask is dropped (the kernel's unmasked path is faster); the check is a
     # host sync, so it is skipped while torch.compile traces (no graph break) and while a
@@ -553,9 +585,10 @@ def prefixattn_attention_forward(
         scaling: softmax scale (e.g. GPT-2's, which folds ``scale_attn_by_inverse_layer_idx``);
             None means 1/sqrt(D).
         is_causal: overrides ``module.is_causal``.
-        **kwargs: other model kwargs (``position_ids``, ``use_cache``, ...) are not needed;
-            the ones that would change the result (soft-capping, sinks, varlen, a sliding
-            window shorter than the keys) raise ``ValueError``.
+        **kwargs: ``sliding_window`` (this layer's window, or None), ``softcap`` (logit
+            soft-capping) and ``s_aux`` / ``sinks`` (attention sinks [H]) go to the kernel;
+            other model kwargs (``position_ids``, ``use_cache``, ...) are not needed; the
+            ones that would change the result (varlen, position bias) raise ``ValueError``.
 
     Returns:
         ``(out, None)`` with out [B, Nq, H, D] (attention weights are never materialised).
@@ -565,13 +598,11 @@ def prefixattn_attention_forward(
     if cache is not None and type(cache).__name__ == "PagedAttentionCache":
         raise ValueError("prefixattn does not support paged attention caches")
     B = query.shape[0]
-    Nk = key.shape[2]
     window = kwargs.get("sliding_window")
-    if window is not None and Nk > window:
-        raise ValueError(
-            f"prefixattn has no sliding window: this layer attends to {Nk} keys with "
-            f"sliding_window={window}"
-        )
+    softcap = kwargs.get("softcap")
+    sinks = kwargs.get("s_aux")
+    if sinks is None:
+        sinks = kwargs.get("sinks")
     if attention_mask is not None and (
         attention_mask.dim() != 2 or attention_mask.dtype != torch.bool
     ):
@@ -586,6 +617,7 @@ def prefixattn_attention_forward(
     provider = state.provider if state is not None else None
 
     prefix_k = prefix_v = prefix_index = prefix_lengths = None
+    prefix_window = "all"
     is_cross = getattr(module, "is_cross_attention", False)
     layer_idx = getattr(module, "layer_idx", None)
     if state is not None and state.recorder is not None and not is_cross and layer_idx is not None:
@@ -609,6 +641,13 @@ def prefixattn_attention_forward(
                 prefix_index = got.index.to(query.device)
             if got.lengths is not None:  # a ragged bank
                 prefix_lengths = got.lengths.to(query.device)
+            prefix_window = provider.prefix_window
+    if (
+        window is not None
+        and key.shape[2] <= window
+        and (prefix_k is None or prefix_window == "all")
+    ):
+        window = None  # the window holds every key: plain causal (the faster kernel variant)
 
     pool = state.kv_pool if state is not None and not is_cross else None
     kw = {} if pool is None else {"cache_seqlens": pool[0], "cache_batch_idx": pool[1]}
@@ -625,6 +664,10 @@ def prefixattn_attention_forward(
         sm_scale=None if scaling is None else float(scaling),
         dropout_p=float(dropout),
         backend=backend,
+        window=None if window is None else int(window),
+        softcap=None if softcap is None else float(softcap),
+        sinks=sinks,
+        prefix_window=prefix_window,
         **kw,
     )  # [B, H, Nq, D]
     return out.transpose(1, 2).contiguous(), None  # [B, Nq, H, D]

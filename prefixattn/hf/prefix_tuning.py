@@ -46,7 +46,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from ..losses import chunked_loss_forward
-from ..ops.validation import BACKENDS, MAX_HEAD_DIM, MIN_HEAD_DIM
+from ..ops.validation import BACKENDS, MAX_HEAD_DIM, MIN_HEAD_DIM, PREFIX_WINDOWS
 from ._common import INIT_STRATEGIES as INIT_STRATEGIES  # kept importable from here
 from ._common import PEFT_WEIGHTS_KEY, TuningConfigBase, is_int, read_artifact
 from .patching import (
@@ -140,6 +140,15 @@ class PrefixTuningConfig(TuningConfigBase):
             "'sdpa' or 'reference'."
         },
     )
+    prefix_window: str = field(
+        default="all",
+        metadata={
+            "help": "On sliding-window layers (Mistral, Gemma-2/3, gpt-oss, ...): 'all' (every "
+            "query sees the whole prefix, a task memory) or 'sliding' (PEFT's behaviour: the "
+            "prefix keys are the P positions before the first token and leave the window). "
+            "The two agree while the prefix plus the tokens fit the window (P + N <= window)."
+        },
+    )
     chunked_loss: bool = field(
         default=False,
         metadata={
@@ -174,6 +183,10 @@ class PrefixTuningConfig(TuningConfigBase):
             raise ValueError(f"position_offset must be an int >= 0, got {self.position_offset!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.prefix_window not in PREFIX_WINDOWS:
+            raise ValueError(
+                f"prefix_window must be one of {PREFIX_WINDOWS}, got {self.prefix_window!r}"
+            )
         self._check_chunked_loss()
 
 
@@ -228,6 +241,11 @@ class _TuningProvider(PrefixProvider):
 
     def __init__(self, owner: PrefixTuning) -> None:
         self.owner = owner
+
+    @property
+    def prefix_window(self) -> str:  # type: ignore[override]
+        """The owner's ``config.prefix_window``."""
+        return self.owner.config.prefix_window
 
     def layer_prefix(self, layer_idx: int, batch_size: int) -> LayerPrefix:
         k, v = self.owner._layer_kv(layer_idx)
@@ -341,6 +359,7 @@ class PrefixTuning(Tuner):
         position_offset: int = 0,
         backend: str = "auto",
         chunked_loss: bool = False,
+        prefix_window: str = "all",
     ) -> None:
         super().__init__()
         ids, stored_text = prepare_init_text(init, init_text, tokenizer)
@@ -354,6 +373,7 @@ class PrefixTuning(Tuner):
             position_offset=position_offset,
             backend=backend,
             chunked_loss=chunked_loss,
+            prefix_window=prefix_window,
         )
         self._attach(model, config)
         self._initialize(ids)
@@ -514,7 +534,9 @@ class PrefixTuning(Tuner):
         with torch.no_grad():
             pre = self.prefix_tensor().detach()  # [L, 2, Hkv, P, D]
         return StaticPrefix(
-            [pre[i, 0] for i in range(len(pre))], [pre[i, 1] for i in range(len(pre))]
+            [pre[i, 0] for i in range(len(pre))],
+            [pre[i, 1] for i in range(len(pre))],
+            prefix_window=self.config.prefix_window,
         )
 
     @torch.no_grad()
@@ -606,6 +628,7 @@ class PrefixTuning(Tuner):
         model: PreTrainedModel | None = None,
         *,
         backend: str = "auto",
+        prefix_window: str = "all",
     ) -> PrefixTuning:
         """Load a PEFT prefix-tuning adapter; reproduces PEFT's logits, generations, gradients.
 
@@ -618,6 +641,13 @@ class PrefixTuning(Tuner):
                 which is then no longer usable through the ``PeftModel`` (the prefix would be
                 applied twice); pass a separate copy to compare the two.
             backend: kernel backend.
+            prefix_window: what a sliding-window layer's query sees of the prefix. PEFT's
+                prefix sits in the KV cache, so on a sliding-window model (Mistral,
+                Gemma-2/3, gpt-oss, ...) its keys leave the window: ``"sliding"``. The
+                default ``"all"`` (every query sees the whole prefix) gives PEFT's result
+                exactly while the prefix plus the tokens fit the window (P + N <= window),
+                and is tested there; past that, pass ``"sliding"`` to keep PEFT's
+                semantics.
 
         The result uses PEFT's position convention (``position_offset=P``).
 
@@ -647,6 +677,7 @@ class PrefixTuning(Tuner):
             encoder_hidden_size=int(pcfg["encoder_hidden_size"]) if mlp is not None else None,
             position_offset=P,
             backend=backend,
+            prefix_window=prefix_window,
         )
         self = cls._uninitialized(model, config)
         with torch.no_grad():

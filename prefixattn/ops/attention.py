@@ -31,6 +31,10 @@ def prefix_attention(
     dropout_p: float = 0.0,
     backend: str = "auto",
     prefix_lengths: torch.Tensor | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
+    prefix_window: str = "all",
     cache_seqlens: torch.Tensor | None = None,
     cache_batch_idx: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -105,16 +109,20 @@ def prefix_attention(
         from .custom_op import traced_prefix_attention
 
         return traced_prefix_attention(AttentionCall(
-            q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask,
-            causal, sm_scale, dropout_p, resolve_backend(backend, q), ACTIVE.settings,
+            q=q, k=k, v=v, prefix_k=prefix_k, prefix_v=prefix_v, prefix_index=prefix_index,
+            prefix_lengths=prefix_lengths, key_padding_mask=key_padding_mask, sinks=sinks,
+            causal=causal, sm_scale=sm_scale, dropout_p=dropout_p, window=window,
+            softcap=softcap, prefix_window=prefix_window,
+            backend=resolve_backend(backend, q), settings=ACTIVE.settings,
             cache_seqlens=cache_seqlens, cache_batch_idx=cache_batch_idx,
         ))  # fmt: skip
     # the call, once: every layer below takes it (call.py); "auto" is resolved here
     call = new_call(
         AttentionCall,
-        (q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, causal,
-         sm_scale, dropout_p, backend if backend != "auto" else resolve_backend(backend, q),
-         ACTIVE.settings, cache_seqlens, cache_batch_idx),
+        (q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, sinks,
+         causal, sm_scale, dropout_p, window, softcap, prefix_window,
+         backend if backend != "auto" else resolve_backend(backend, q), ACTIVE.settings,
+         cache_seqlens, cache_batch_idx),
     )  # fmt: skip
     if (cache_seqlens is not None or cache_batch_idx is not None) and _grad_enabled():
         check_no_grad(call)
@@ -126,7 +134,12 @@ def prefix_attention(
             or k.requires_grad
             or v.requires_grad
             or (prefix_k is not None and (prefix_k.requires_grad or prefix_v.requires_grad))
+            or (sinks is not None and sinks.requires_grad)
         ):
+            if sinks is not None:  # the sinks' gradient too
+                return _apply(
+                    PrefixAttentionFunction, q, k, v, prefix_k, prefix_v, call, plan, sinks
+                )
             return _apply(PrefixAttentionFunction, q, k, v, prefix_k, prefix_v, call, plan)
         # inference (decoding): no graph to record, so skip autograd.Function's host cost
         return plan.forward(call, new_seed() if plan.dropout else 0)[0]

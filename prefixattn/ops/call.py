@@ -44,9 +44,13 @@ class AttentionCall(NamedTuple):
     prefix_index: torch.Tensor | None = None
     prefix_lengths: torch.Tensor | None = None
     key_padding_mask: torch.Tensor | None = None
+    sinks: torch.Tensor | None = None  # [H] attention sinks (one logit per query head)
     causal: bool = True
     sm_scale: float | None = None
     dropout_p: float = 0.0
+    window: int | None = None  # sliding window: sequence keys a query sees
+    softcap: float | None = None  # logit soft-capping C: s -> C * tanh(s / C)
+    prefix_window: str = "all"  # what a windowed query sees of the prefix: "all" | "sliding"
     backend: str = "triton"
     settings: Any = None  # Settings (typed loosely: settings.py sits beside this module)
     # a KV-cache pool (as flash_attn_with_kvcache): k, v are [S, Hkv, Nmax, D] slots; row b

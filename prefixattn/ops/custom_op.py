@@ -326,6 +326,11 @@ def traced_prefix_attention(call: AttentionCall) -> Tensor:
         torch._assert_async(in_range, "prefix_lengths values must be in [0, P]")
     if call.backend != "triton":
         return torch_backend(call, prob)
+    if prob.window or prob.softcap or prob.has_sinks:
+        raise NotImplementedError(
+            "window / softcap / sinks under torch.compile run on backend='sdpa' or "
+            "'reference'; the compiled Triton custom ops do not take them yet"
+        )
     if q.device.type == "cuda":
         check_kernel_dtype(q)
     else:  # CPU: only under TRITON_INTERPRET=1, decided once at trace time

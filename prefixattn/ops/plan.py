@@ -77,9 +77,8 @@ def lookup_plan(call: AttentionCall) -> CallPlan:
     ``prefix_index`` and ``prefix_lengths``, once per tensor (and again after an in-place
     change): every layer of a model gets the same index tensor.
     """
-    q, k, v, pk, pv, pidx, plen, kpm, causal, sm_scale, dropout_p, backend, settings, csl, cbi = (
-        call
-    )
+    q, k, v, pk, pv, pidx, plen, kpm, sinks, causal, sm_scale, dropout_p = call[:12]
+    window, softcap, prefix_window, backend, settings, csl, cbi = call[12:]
     try:
         key = (
             q.__class__, q.shape, q.stride(), q.dtype, q.device,
@@ -94,6 +93,8 @@ def lookup_plan(call: AttentionCall) -> CallPlan:
             dropout_p, dropout_p.__class__, backend, settings,
             None if csl is None else (csl.__class__, csl.shape, csl.dtype, csl.device),
             None if cbi is None else (cbi.__class__, cbi.shape, cbi.dtype, cbi.device),
+            None if sinks is None else (sinks.__class__, sinks.shape, sinks.dtype, sinks.device),
+            window, window.__class__, softcap, softcap.__class__, prefix_window,
         )  # fmt: skip
         plan = PLANS.get(key)
     except (AttributeError, TypeError):  # not tensors, or unhashable scalars
@@ -263,6 +264,8 @@ class CallPlan:
             a |= call.cache_seqlens.data_ptr()
         if call.cache_batch_idx is not None:
             a |= call.cache_batch_idx.data_ptr()
+        if call.sinks is not None:
+            a |= ptrs["SINKS"].data_ptr()
         aligned = not a & 15
         fl = self.fwd
         if fl is not None:

@@ -17,6 +17,8 @@ import torch
 from .call import N_TENSORS, AttentionCall
 
 BACKENDS = ("auto", "triton", "sdpa", "reference")
+#: What a sliding-window query sees of the prefix (see prefix_attention).
+PREFIX_WINDOWS = ("all", "sliding")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # The reference path also takes float64 (useful for gradcheck); the kernel does not.
 REFERENCE_DTYPES = (*KERNEL_DTYPES, torch.float64)
@@ -47,6 +49,10 @@ class AttnProblem:
     prefix_mode: int  # what the kernel runs: PREFIX_NONE when there is no prefix or P == 0
     layout: int  # the prefix tensors' layout (shared / per-row / bank), even when P == 0
     sm_scale: float
+    window: int = 0  # sliding window (sequence keys a query sees), 0 = none
+    softcap: float = 0.0  # logit soft-capping C (C * tanh(s / C)), 0 = none
+    has_sinks: bool = False  # attention sinks [H] in the softmax denominator
+    prefix_windowed: bool = False  # prefix keys leave the window ("sliding"), with a prefix
 
     @property
     def group(self) -> int:
@@ -152,7 +158,9 @@ def validate(call: AttentionCall, check_values: bool = True) -> AttnProblem:
     ``check_values=False`` skips the range checks of ``prefix_index`` and
     ``prefix_lengths`` (traced calls check them in the graph instead).
     """
-    q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask = call[:N_TENSORS]
+    q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, sinks = call[
+        :N_TENSORS
+    ]
     causal, sm_scale, dropout_p, backend = call.causal, call.sm_scale, call.dropout_p, call.backend
     check_index_values = check_values
     if not isinstance(backend, str) or backend not in BACKENDS:
@@ -278,6 +286,7 @@ def validate(call: AttentionCall, check_values: bool = True) -> AttnProblem:
     if not 0.0 <= float(dropout_p) < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
 
+    window, softcap = check_features(call)
     prob = AttnProblem(
         B=B,
         H=H,
@@ -290,6 +299,10 @@ def validate(call: AttentionCall, check_values: bool = True) -> AttnProblem:
         prefix_mode=mode,
         layout=layout,
         sm_scale=scale,
+        window=window,
+        softcap=softcap,
+        has_sinks=sinks is not None,
+        prefix_windowed=window > 0 and call.prefix_window == "sliding" and mode != PREFIX_NONE,
     )
     if prefix_lengths is not None:
         check_prefix_lengths(prefix_lengths, prob, q.device, check_index_values)
@@ -353,8 +366,58 @@ def check_cache(call: AttentionCall, prob: AttnProblem, check_values: bool = Tru
             "dropout_p must be 0 with cache_seqlens / cache_batch_idx (a KV-cache pool is "
             f"for inference), got {call.dropout_p!r}"
         )
+    if prob.prefix_windowed:
+        raise ValueError(
+            "prefix_window='sliding' is not supported with cache_seqlens / cache_batch_idx "
+            "(a KV-cache pool); use prefix_window='all'"
+        )
     if check_values:
         check_cache_values(call, prob.Nk, S)
+
+
+def check_features(call: AttentionCall) -> tuple[int, float]:
+    """Check the sliding window, soft-capping, sinks and prefix-window inputs of ``call``;
+    returns (window or 0, softcap or 0.0)."""
+    window, softcap, sinks, prefix_window = (
+        call.window,
+        call.softcap,
+        call.sinks,
+        call.prefix_window,
+    )
+    if prefix_window not in PREFIX_WINDOWS:
+        raise ValueError(f"prefix_window must be one of {PREFIX_WINDOWS}, got {prefix_window!r}")
+    w = 0
+    if window is not None:
+        if isinstance(window, bool) or not isinstance(window, numbers.Integral):
+            raise TypeError(f"window must be an int >= 1 or None, got {type(window).__name__}")
+        if window < 1:
+            raise ValueError(f"window must be an int >= 1 (keys a query sees), got {window!r}")
+        if not call.causal:
+            raise ValueError("window (a causal sliding window) needs causal=True")
+        w = int(window)
+    cap = 0.0
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+            raise TypeError(f"softcap must be a float > 0 or None, got {type(softcap).__name__}")
+        cap = float(softcap)
+        if not math.isfinite(cap) or cap <= 0:
+            raise ValueError(f"softcap must be a finite float > 0, got {softcap!r}")
+    if sinks is not None:
+        q = call.q
+        if not isinstance(sinks, torch.Tensor):
+            raise TypeError(
+                f"sinks must be a float torch.Tensor of shape [H] or None, got "
+                f"{type(sinks).__name__}"
+            )
+        _check_float_dtype("sinks", sinks, REFERENCE_DTYPES)
+        H = q.shape[1]
+        if tuple(sinks.shape) != (H,):
+            raise ValueError(
+                f"sinks must have shape [H]=[{H}] (one per query head), got {_shape(sinks)}"
+            )
+        if sinks.device != q.device:
+            raise ValueError(f"sinks must be on the device of q ({q.device}), got {sinks.device}")
+    return w, cap
 
 
 def check_kernel_dtype(q: torch.Tensor) -> None:
