@@ -145,7 +145,7 @@ def run_config(
 
     app = create_app(
         model, tok, tasks, model_name="base", max_num_seqs=batch,
-        max_queue=max(256, args.requests), backend=args.backend,
+        max_queue=max(256, args.requests), backend=args.backend, cuda_graphs=args.cuda_graphs,
     )  # fmt: skip
     names = list(tasks) or ["base"]
     bodies = [
@@ -197,6 +197,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--compare-unbatched", action="store_true", help="also max_num_seqs 1")
     p.add_argument("--device", default="auto")
     p.add_argument("--backend", default="auto")
+    p.add_argument(
+        "--cuda-graphs", action="store_true", help="decode steps as CUDA graphs (CUDA only)"
+    )
     p.add_argument("--timeout", type=float, default=600.0, help="per request, seconds")
     p.add_argument("--out", default=None, help="write the JSON here")
     args = p.parse_args(argv)

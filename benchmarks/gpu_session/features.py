@@ -39,6 +39,16 @@ def _ragged_lengths(case: Any, device: Any) -> Any:
     return torch.tensor([(3 * t + 1) % (case.P + 1) for t in range(T)], device=device)
 
 
+def _window(case: Any, device: Any) -> int:
+    return max(2, case.Nk // 3)  # shorter than the sequence: the window's blocks are skipped
+
+
+def _sinks(case: Any, device: Any) -> Any:
+    import torch
+
+    return torch.linspace(-1.0, 1.0, case.H, device=device)  # [H] float32 sink logits
+
+
 @dataclass(frozen=True)
 class Feature:
     """One line of the table: ``case`` overrides the base shape, ``call`` adds keywords;
@@ -79,8 +89,21 @@ FEATURES: tuple[Feature, ...] = (
     Feature("head dim 128", {"D": 128}, dry_case={"D": 32}),
     Feature("sm_scale 0.3", {}, {"sm_scale": 0.3}),
     Feature("non-contiguous inputs", {"prefix": "row"}, noncontiguous=True),
-    # new families (branch i20-families): uncomment / add when merged, with the reference
-    # Feature("sliding window 32", {}, {"window": 32}),
+    # model families (issue 20): window / softcap / sinks, alone and together
+    Feature("sliding window Nk/3", {}, {"window": _window}),
+    Feature(
+        "sliding window, prefix sliding",
+        {"prefix": "bank", "T": 3},
+        {"window": _window, "prefix_window": "sliding"},
+    ),
+    Feature("logit softcap 30", {}, {"softcap": 30.0}),
+    Feature("attention sinks", {}, {"sinks": _sinks}),
+    Feature(
+        "window + softcap + sinks, ragged bank",
+        {"prefix": "bank", "T": 3},
+        {"window": _window, "softcap": 20.0, "sinks": _sinks, "prefix_lengths": _ragged_lengths},
+        both_layouts=True,
+    ),
 )
 
 DTYPE_GPU = "bfloat16"

@@ -33,15 +33,14 @@ ROOT = Path(__file__).resolve().parents[2]
 CARRIED_CONFIG = ROOT / ".carry" / "smollm2-config"
 # the option of create_app (and serve_load's flag) that turns on CUDA-graph decode; the
 # lead sets these when the engine of branch i18-engine is merged
-GRAPH_OPTION = "cuda_graph"
-GRAPH_FLAG = "--cuda-graph"
+GRAPH_OPTION = "cuda_graphs"
+GRAPH_FLAG = "--cuda-graphs"
 
 # the workload (GPU) and its dry-run stand-in
 WORKLOAD = ["--tasks", "8", "--prefix-lengths", "16,64,32,128", "--requests", "128",
-            "--concurrency", "32", "--max-tokens", "64", "--max-batch-size", "32",
-            "--max-wait-ms", "5"]  # fmt: skip
+            "--concurrency", "32", "--max-tokens", "64", "--max-batch-size", "32"]  # fmt: skip
 DRY_WORKLOAD = ["--tasks", "2", "--prefix-lengths", "2,5", "--requests", "4",
-                "--concurrency", "4", "--max-tokens", "2", "--max-wait-ms", "20"]  # fmt: skip
+                "--concurrency", "4", "--max-tokens", "2"]  # fmt: skip
 
 
 def graph_decode_supported() -> tuple[bool, str]:
