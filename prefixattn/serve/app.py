@@ -23,13 +23,13 @@ from ..hf.bank import TaskBank
 from . import admin
 from .auth import BearerAuth
 from .cuda_graphs import buckets_up_to
-from .engine import Engine
+from .engine import Engine, context_limit, eos_token_ids
 from .errors import BodyLimit, install_error_handlers
 from .metrics import CONTENT_TYPE, ServeMetrics
 from .schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from .serving_chat import OpenAIServingChat
 from .serving_completion import OpenAIServingCompletion
-from .serving_engine import ServeContext, context_limit, eos_token_ids
+from .serving_engine import ServeContext
 from .serving_models import OpenAIServingModels
 
 MAX_BODY_BYTES = 8 * 1024 * 1024

@@ -19,8 +19,6 @@ Modules: :mod:`.scheduler` (what runs), :mod:`.runner` (the forwards), :mod:`.kv
 
 from __future__ import annotations
 
-import asyncio
-import itertools
 import random
 import threading
 import time
@@ -58,7 +56,7 @@ __all__ = [
     "QueueFullError",
     "SamplingParams",
     "context_limit",
-    "new_id",
+    "eos_token_ids",
 ]
 
 DEFAULT_MAX_MODEL_LEN = 1024
@@ -158,7 +156,7 @@ class Engine:
         self._stop = threading.Event()
         self._draining = False
         self._unfinished = 0  # submitted and not finished (waiting or running)
-        self.eos_ids = _eos_ids(tokenizer, model)
+        self.eos_ids = set(eos_token_ids(model, tokenizer))
         # metrics
         # submitted, completed, cancelled, rejected, failed, client_gone (cancel asked)
         self.requests: Counter[str] = Counter()
@@ -485,8 +483,8 @@ class Engine:
         }
 
 
-def _eos_ids(tokenizer: Any, model: Any) -> set[int]:
-    """EOS ids of the tokenizer and the model's generation config."""
+def eos_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    """The ids that end a row: the tokenizer's EOS and the model's generation config's."""
     ids: set[int] = set()
     for eos in (
         getattr(tokenizer, "eos_token_id", None),
@@ -496,24 +494,7 @@ def _eos_ids(tokenizer: Any, model: Any) -> set[int]:
             ids.add(eos)
         elif eos:
             ids.update(int(e) for e in eos)
-    return ids
-
-
-def threadsafe_events(loop: asyncio.AbstractEventLoop, q: asyncio.Queue) -> Callable:
-    """A callback that forwards ``(kind, payload)`` from the worker into ``q`` on ``loop``."""
-
-    def on_event(kind: str, payload: Any) -> None:
-        loop.call_soon_threadsafe(q.put_nowait, (kind, payload))
-
-    return on_event
-
-
-_ids = itertools.count()
-
-
-def new_id(prefix: str = "cmpl") -> str:
-    """A process-unique response id."""
-    return f"{prefix}-{int(time.time() * 1000):x}{next(_ids):06x}"
+    return frozenset(ids)
 
 
 def context_limit(model: Any) -> int | None:

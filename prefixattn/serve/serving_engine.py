@@ -42,30 +42,6 @@ def sse(data: dict[str, Any]) -> str:
     return f"data: {json.dumps(data)}\n\n"
 
 
-def context_limit(model: Any) -> int | None:
-    """The model's maximum number of positions (None if it does not say)."""
-    cfg = model.config
-    for name in ("n_positions", "max_position_embeddings"):
-        value = getattr(cfg, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
-def eos_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:
-    """The ids that end a row: the tokenizer's EOS and the generation config's."""
-    ids: set[int] = set()
-    for value in (
-        getattr(tokenizer, "eos_token_id", None),
-        getattr(getattr(model, "generation_config", None), "eos_token_id", None),
-    ):
-        if isinstance(value, int):
-            ids.add(value)
-        elif value:
-            ids.update(int(v) for v in value)
-    return frozenset(ids)
-
-
 @dataclass
 class ServeContext:
     """The pieces every endpoint uses (built once by :func:`~prefixattn.serve.create_app`)."""
