@@ -34,7 +34,10 @@ ruff check .
 ruff format --check .
 python scripts/check_layers.py  # prefixattn/ imports only downward (declared order)
 set +e
-python -m pytest "$@"
+# two workers by default (the suite is ~15 min on one core of a 2-core machine); whole files
+# per worker, so a module's fixtures (servers, models) stay in one process.
+# PYTEST_WORKERS=0 runs in this process (no xdist).
+python -m pytest -n "${PYTEST_WORKERS:-2}" --dist loadfile "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then  # pytest: no tests collected (e.g. a -k that matches nothing)
