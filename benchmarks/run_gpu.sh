@@ -1,77 +1,56 @@
 #!/usr/bin/env bash
-# Run the benchmark grid on a CUDA machine, write the JSON and the report, print the table;
-# then scripts/host_overhead.py (host time per call, <gpu>-<date>-host.json).
+# The GPU session's one command: correctness core, headline rows, serving, report.
 #
-#   benchmarks/run_gpu.sh [OUT_DIR] [core|full] [extra pytest args...]
+#   benchmarks/run_gpu.sh [--dry-run] [OUT_DIR] [-- extra args for gpu_session.run]
 #
-#   OUT_DIR   where <gpu>-<date>.json, <gpu>-<date>.md and the PNG plots go
-#             (default: benchmarks/results)
-#   core|full the grid (default: core, ~3 min on an H100; full is the whole issue grid)
+#   OUT_DIR   where the step files, run.log and report.{md,json} go (default: $OUT, else
+#             benchmarks/results/session-<UTC date-time>); at most 7 files, no sub-folders
+#   --dry-run every step's plumbing on the CPU: tiny shapes, Triton's interpreter, fp32
+#             (CI runs it: benchmarks/test_gpu_session_dryrun.py); not a measurement
 #
-# Environment:
-#   BENCH_BUDGET_S  soft budget in seconds (default 480): GPU rows that would start after it
-#                   are skipped with a reason, so the session always ends, writes its JSON
-#                   and its report well inside a 10-minute limit; 0 = no budget.
-#   PYTHON          the interpreter (default: python)
+# Budgets: each step runs in its own process under a hard limit (benchmarks/gpu_session/
+# run.py, STEPS and STAGES: ~2 min correctness core, ~4 min headline rows, ~1.5 min
+# serving); the whole command is bounded by SESSION_TOTAL_S (default 480 s, the dry run
+# 460 s: a hang guard; it needs ~50 s of CPU time) plus a 20 s margin. A killed step keeps every record it had written.
 #
-# Installs nothing and needs no network: torch, triton, pytest, pytest-benchmark,
-# matplotlib (and transformers + peft for the end-to-end rows) must already be there.
-# Runs from the repository root with PYTHONPATH=. so the checkout's prefixattn is used.
+# Wheels: if .whl/ holds wheels (python -m benchmarks.gpu_session.prepare writes it;
+# the GPU machine has no registry), they are installed into /tmp/site first and put on
+# PYTHONPATH (the serving stage needs fastapi / uvicorn / pydantic, not on the image).
+# Exit status: 0 when every step finished without an error record or failed check.
 set -uo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
-OUT_DIR="${1:-benchmarks/results}"
-GRID="${2:-core}"
-shift "$(( $# < 2 ? $# : 2 ))"
-case "$GRID" in
-  core|full) ;;
-  *) echo "run_gpu.sh: grid must be 'core' or 'full', got '$GRID'" >&2; exit 64 ;;
-esac
-PY="${PYTHON:-python}"
-BUDGET="${BENCH_BUDGET_S:-480}"
-export PYTHONPATH=".${PYTHONPATH:+:${PYTHONPATH}}"
-unset TRITON_INTERPRET PREFIXATTN_BENCH_SMOKE
-
-if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
-  echo "run_gpu.sh: torch sees no CUDA device; on a CPU machine run the smoke suite instead:" >&2
-  echo "            pytest benchmarks" >&2
-  exit 1
+DRY=""
+if [ "${1:-}" = "--dry-run" ]; then
+  DRY="--dry-run"
+  shift
 fi
+OUT_DIR="${1:-${OUT:-benchmarks/results/session-$(date -u +%Y%m%d-%H%M%S)}}"
+shift "$(( $# > 0 ? 1 : 0 ))"
+[ "${1:-}" = "--" ] && shift
+PY="${PYTHON:-python3}"
+command -v "$PY" >/dev/null 2>&1 || PY=python
+if [ -n "$DRY" ]; then TOTAL="${SESSION_TOTAL_S:-460}"; else TOTAL="${SESSION_TOTAL_S:-480}"; fi
 mkdir -p "$OUT_DIR" || exit 1
 
-GPU="$("$PY" -c '
-import re, torch
-name = torch.cuda.get_device_name(0).lower().replace("nvidia", "")
-print(re.sub(r"[^a-z0-9]+", "-", name).strip("-") or "gpu")
-')"
-JSON="$OUT_DIR/$GPU-$(date -u +%Y%m%d).json"
-if [ -e "$JSON" ]; then
-  JSON="$OUT_DIR/$GPU-$(date -u +%Y%m%d-%H%M%S).json"
+if [ -z "$DRY" ] && compgen -G ".whl/*.whl" >/dev/null; then
+  if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site .whl/*.whl; then
+    export PYTHONPATH="/tmp/site${PYTHONPATH:+:${PYTHONPATH}}"
+    echo "run_gpu.sh: installed $(ls .whl/*.whl | wc -l) carried wheels into /tmp/site"
+  else
+    echo "run_gpu.sh: installing the carried wheels failed; the serving stage will skip" >&2
+  fi
 fi
-export PREFIXATTN_BENCH_COMMAND="benchmarks/run_gpu.sh $OUT_DIR $GRID${*:+ $*} (BENCH_BUDGET_S=$BUDGET)"
+export PYTHONPATH=".${PYTHONPATH:+:${PYTHONPATH}}"
+export PREFIXATTN_SESSION_COMMAND="benchmarks/run_gpu.sh${DRY:+ $DRY} $OUT_DIR${*:+ $*}"
+export PYTHONUNBUFFERED=1
 
-start=$(date +%s)
-"$PY" -m pytest benchmarks \
-  --benchmark-enable \
-  --benchmark-json="$JSON" \
-  --benchmark-columns=min,median,max,rounds \
-  --bench-grid="$GRID" \
-  --bench-budget-s="$BUDGET" \
-  -p no:cacheprovider \
-  "$@"
+timeout -k 10 "$(( TOTAL + 20 ))" "$PY" -m benchmarks.gpu_session.run --out "$OUT_DIR" \
+  --total-s "$TOTAL" $DRY "$@"
 rc=$?
+[ "$rc" = 124 ] && echo "run_gpu.sh: the whole session hit its ${TOTAL} s limit" >&2
 echo
-echo "run_gpu.sh: pytest exited $rc after $(( $(date +%s) - start )) s; results in $JSON"
-
-# host time per call: prefixattn's Python vs Triton's launches (split and fused backward)
-echo
-"$PY" scripts/host_overhead.py --json "${JSON%.json}-host.json" || rc=$(( rc ? rc : 1 ))
-
-if [ -s "$JSON" ]; then
-  echo
-  "$PY" benchmarks/report.py "$JSON" --out "$OUT_DIR" || rc=$(( rc ? rc : 1 ))
-else
-  echo "run_gpu.sh: no results file was written" >&2
-  rc=$(( rc ? rc : 1 ))
-fi
+[ -s "$OUT_DIR/report.md" ] && sed -n '/^## Targets/,/^## Correctness/p' "$OUT_DIR/report.md"
+echo "run_gpu.sh: exit $rc; files in $OUT_DIR: $(ls "$OUT_DIR" | tr '\n' ' ')"
 exit "$rc"

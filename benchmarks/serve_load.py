@@ -3,8 +3,8 @@
 Starts the server in this process (uvicorn on 127.0.0.1, a free port), then sends
 ``--requests`` greedy completions, ``--concurrency`` at a time, over a mix of tasks of
 different prefix lengths (a ragged bank), with httpx. Reports requests/s, generated
-tokens/s, client-side p50 / p99 latency and the server's batch sizes, for dynamic
-batching and (``--compare-unbatched``) for ``--max-batch-size 1`` on the same model.
+tokens/s, client-side p50 / p99 latency and the server's batch sizes, for continuous
+batching and (``--compare-unbatched``) for one row at a time on the same model.
 Writes a JSON with the device, versions and the command beside the numbers.
 
     python benchmarks/serve_load.py --model smollm2 --requests 64 --concurrency 16 \\
@@ -144,8 +144,8 @@ def run_config(
     from prefixattn.serve import create_app
 
     app = create_app(
-        model, tok, tasks, model_name="base", max_batch_size=batch,
-        max_wait_ms=args.max_wait_ms, max_queue=max(256, args.requests), backend=args.backend,
+        model, tok, tasks, model_name="base", max_num_seqs=batch,
+        max_queue=max(256, args.requests), backend=args.backend, cuda_graphs=args.cuda_graphs,
     )  # fmt: skip
     names = list(tasks) or ["base"]
     bodies = [
@@ -156,18 +156,19 @@ def run_config(
     with _Server(app) as srv:
         warm = [dict(b, max_tokens=2) for b in bodies[: min(4, len(bodies))]]
         asyncio.run(_load(srv.url, warm, len(warm), args.timeout))  # first-call costs
-        before = httpx.get(srv.url + "/metrics", timeout=10).json()
+        before = httpx.get(srv.url + "/metrics.json", timeout=10).json()
         t0 = time.perf_counter()
         results = asyncio.run(_load(srv.url, bodies, args.concurrency, args.timeout))
         wall = time.perf_counter() - t0
-        after = httpx.get(srv.url + "/metrics", timeout=10).json()
+        after = httpx.get(srv.url + "/metrics.json", timeout=10).json()
     bad = [r for r in results if r[0] != 200]
     if bad:
         raise RuntimeError(f"{len(bad)} requests failed, e.g. {bad[0][2]}")
     lat = sorted(r[1] for r in results)
     tokens = sum(r[2]["usage"]["completion_tokens"] for r in results)
     sizes = {int(k): v - before["batch_sizes"].get(k, 0) for k, v in after["batch_sizes"].items()}
-    n_batches = sum(sizes.values())
+    n_batches = sum(sizes.values())  # engine steps
+    rows = sum(k * v for k, v in sizes.items())  # rows summed over the steps
     return {
         "max_batch_size": batch,
         "requests": len(results),
@@ -178,7 +179,7 @@ def run_config(
         "latency_p50_s": round(statistics.median(lat), 4),
         "latency_p99_s": round(lat[min(len(lat) - 1, round(0.99 * (len(lat) - 1)))], 4),
         "batches": n_batches,
-        "mean_batch_size": round(len(results) / max(n_batches, 1), 2),
+        "mean_batch_size": round(rows / max(n_batches, 1), 2),
         "mixed_task_batches": after["mixed_task_batches"] - before["mixed_task_batches"],
     }
 
@@ -192,11 +193,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=16)
-    p.add_argument("--max-batch-size", type=int, default=16)
-    p.add_argument("--max-wait-ms", type=float, default=10.0)
-    p.add_argument("--compare-unbatched", action="store_true", help="also max batch size 1")
+    p.add_argument("--max-batch-size", type=int, default=16, help="the engine's max_num_seqs")
+    p.add_argument("--compare-unbatched", action="store_true", help="also max_num_seqs 1")
     p.add_argument("--device", default="auto")
     p.add_argument("--backend", default="auto")
+    p.add_argument(
+        "--cuda-graphs", action="store_true", help="decode steps as CUDA graphs (CUDA only)"
+    )
     p.add_argument("--timeout", type=float, default=600.0, help="per request, seconds")
     p.add_argument("--out", default=None, help="write the JSON here")
     args = p.parse_args(argv)
@@ -216,7 +219,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         report["tasks"] = len(tasks)
         report["workload"] = {
             "requests": args.requests, "concurrency": args.concurrency,
-            "max_tokens": args.max_tokens, "max_wait_ms": args.max_wait_ms,
+            "max_tokens": args.max_tokens,
             "prompt_tokens": [len(tok(t)["input_ids"]) for t in PROMPTS],
         }  # fmt: skip
         runs = [run_config(model, tok, tasks, args, args.max_batch_size)]

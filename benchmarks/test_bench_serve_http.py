@@ -19,15 +19,15 @@ def test_serve_load_smoke(tmp_path) -> None:
     report = serve_load.main(
         [
             "--model", "tiny", "--tasks", "3", "--prefix-lengths", "2,5,1", "--requests", "12",
-            "--concurrency", "6", "--max-tokens", "3", "--max-wait-ms", "30",
+            "--concurrency", "6", "--max-tokens", "3",
             "--compare-unbatched", "--device", "cpu", "--out", str(out),
         ]
     )  # fmt: skip
     assert out.is_file() and report["tasks"] == 3
     batched, single = report["runs"]
     assert batched["requests"] == single["requests"] == 12
-    assert single["mean_batch_size"] == 1.0 and single["batches"] == 12
-    assert batched["batches"] < 12 and batched["mixed_task_batches"] >= 1
+    assert single["mean_batch_size"] == 1.0 and single["batches"] >= 12
+    assert batched["mean_batch_size"] > 1.0 and batched["mixed_task_batches"] >= 1
     for run in (batched, single):
         assert run["latency_p50_s"] <= run["latency_p99_s"]
         assert 0 < run["generated_tokens"] <= 12 * 3

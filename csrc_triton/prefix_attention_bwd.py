@@ -10,7 +10,12 @@ scaled by 1/(1-p) (all ones without dropout), O = (P*Z) V and dO the output grad
     dQ_i    = sm_scale * sum_j dS_ij K_j          dK_j = sm_scale * sum_i dS_ij Q_i
 
 P is recomputed from the forward's log2 logsumexp (LSE, +inf for an empty row, so P = 0
-and every gradient of that row is 0).
+and every gradient of that row is 0). Soft-capping (HAS_SOFTCAP, logit c = C tanh(s / C))
+multiplies dS by dc/ds = 1 - tanh^2(s / C). Sinks need nothing here: the LSE includes the
+sink, so P is right, and a sink has no value, so Delta and dS are unchanged; the sink's own
+gradient, dsink[h] = -sum_{b,i} exp(sink[h] - lse[b,h,i]) Delta[b,h,i], is a reduction
+the autograd function computes from LSE, O and dO. The sliding window (HAS_WINDOW,
+PREFIX_WINDOWED) masks and bounds the loops exactly as in the forward.
 
 What one program computes (``@triton.jit`` helpers, inlined where they are called):
 
@@ -47,9 +52,13 @@ import triton.language as tl
 from .prefix_attention_fwd import (
     PREFIX_BANK,
     PREFIX_PER_ROW,
+    _causal_bounds,
     _dropout_keep,
+    _logits,
     _prefix_entry,
     _prefix_len,
+    _score_scale,
+    _window_bounds,
 )
 
 # What one launch of ``_attn_bwd`` runs (its KIND constexpr): the fused backward, or one
@@ -151,6 +160,8 @@ def _attn_bwd_kv_inner(
     n_tot,
     col_base,
     dropout_p,
+    window,
+    softcap,
     D: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -159,6 +170,8 @@ def _attn_bwd_kv_inner(
     HAS_DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     HAS_DELTA: tl.constexpr,
+    MASK_WINDOW: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
 ):
     """Accumulate dK, dV [BLOCK_N, BLOCK_D] of one key block over query blocks [lo, hi).
 
@@ -188,10 +201,14 @@ def _attn_bwd_kv_inner(
         )  # [BLOCK_M, BLOCK_D]
         lse = tl.load(LSE + offs_m, mask=m_ok, other=float("inf"))
         delta = _row_delta(Delta, O, do, offs_m, offs_d, m_ok, d_ok, D, HAS_DELTA)
-        sT = tl.dot(k, qT, input_precision=INPUT_PRECISION) * qk_scale  # [N, M]
+        sT, tT = _logits(
+            tl.dot(k, qT, input_precision=INPUT_PRECISION), qk_scale, softcap, HAS_SOFTCAP
+        )  # [N, M]
         pT = tl.exp2(sT - lse[None, :])
         if MASK_CAUSAL:
             pT = tl.where(cols[:, None] <= offs_m[None, :] + causal_off, pT, 0.0)
+        if MASK_WINDOW:
+            pT = tl.where(cols[:, None] > offs_m[None, :] + causal_off - window, pT, 0.0)
         if HAS_KEY_MASK:
             pT = tl.where(key_real[:, None], pT, 0.0)
         dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)  # [N, M]
@@ -207,6 +224,8 @@ def _attn_bwd_kv_inner(
             pzT = pT
         dv = tl.dot(pzT.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
         dsT = pT * (dpT - delta[None, :])
+        if HAS_SOFTCAP:
+            dsT = dsT * (1.0 - tT * tT)
         dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=INPUT_PRECISION)
     return dk, dv
 
@@ -237,12 +256,16 @@ def _bwd_dkdv_program(
     HAS_DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     HAS_DELTA: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
 ):
     """dK, dV of sequence keys [start_n, start_n + BLOCK_N) of kv head ``off_hk`` of row
     ``off_b``, summed over the GROUP query heads that share it and every query that sees
     them: with causal alignment, query i sees key j iff i >= j - (Nk - Nq), so the walk
     starts at the first such query block, masks the on-band blocks and runs the rest
-    unmasked. DK and DV share strides (both are allocated contiguous [B, Hkv, Nk, D]).
+    unmasked; with HAS_WINDOW the walk stops after the last query whose window still
+    holds a key of the block (masking the queries on the window's edge). DK and DV share
+    strides (both are allocated contiguous [B, Hkv, Nk, D]).
     Tensor arguments are bundles (see :func:`_attn_bwd`).
     """
     Q, stride_qz, stride_qh, stride_qm, stride_qd = q
@@ -252,7 +275,7 @@ def _bwd_dkdv_program(
     KPM, stride_kpmz, stride_kpmn = kpm
     DK, stride_dkz, stride_dkh, stride_dkn, stride_dkd = dk
     H, _, GROUP, N_Q, N_K, N_P = sizes  # HKV: not read here
-    sm_scale, dropout_p, seed = scalars
+    sm_scale, dropout_p, seed, window, softcap = scalars
     b64 = off_b.to(tl.int64)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -286,8 +309,19 @@ def _bwd_dkdv_program(
     else:
         band_lo = 0
         band_hi = 0
+    if HAS_WINDOW:
+        # queries before w_full see every key of the block inside their window, queries
+        # from w_end on see none of them
+        q_end = ((N_Q + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
+        w_full = (tl.maximum(start_n - causal_off + window, 0) // BLOCK_M) * BLOCK_M
+        w_full = tl.minimum(tl.maximum(w_full, band_hi), q_end)
+        w_end = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - causal_off + window, 0), BLOCK_M)
+        w_end = tl.maximum(tl.minimum(w_end * BLOCK_M, q_end), w_full)
+    else:
+        w_full = N_Q
+        w_end = N_Q
 
-    qk_scale = sm_scale * 1.44269504089
+    qk_scale = _score_scale(sm_scale, softcap, HAS_SOFTCAP)
     n_tot = N_P + N_K
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -305,16 +339,27 @@ def _bwd_dkdv_program(
                 dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, o_ptr,
                 stride_qm, stride_qd, stride_dom, stride_dod,
                 band_lo, band_hi, offs_n, key_real, N_Q, causal_off, qk_scale,
-                seed, drop_base, n_tot, N_P, dropout_p,
+                seed, drop_base, n_tot, N_P, dropout_p, window, softcap,
                 D, BLOCK_D, BLOCK_M, True, HAS_KPM, HAS_DROPOUT, INPUT_PRECISION, HAS_DELTA,
+                HAS_WINDOW, HAS_SOFTCAP,
             )  # fmt: skip
         dk, dv = _attn_bwd_kv_inner(
             dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, o_ptr,
             stride_qm, stride_qd, stride_dom, stride_dod,
-            band_hi, N_Q, offs_n, key_real, N_Q, causal_off, qk_scale,
-            seed, drop_base, n_tot, N_P, dropout_p,
+            band_hi, w_full, offs_n, key_real, N_Q, causal_off, qk_scale,
+            seed, drop_base, n_tot, N_P, dropout_p, window, softcap,
             D, BLOCK_D, BLOCK_M, False, HAS_KPM, HAS_DROPOUT, INPUT_PRECISION, HAS_DELTA,
+            False, HAS_SOFTCAP,
         )  # fmt: skip
+        if HAS_WINDOW:  # the queries on the window's edge
+            dk, dv = _attn_bwd_kv_inner(
+                dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, o_ptr,
+                stride_qm, stride_qd, stride_dom, stride_dod,
+                w_full, w_end, offs_n, key_real, N_Q, causal_off, qk_scale,
+                seed, drop_base, n_tot, N_P, dropout_p, window, softcap,
+                D, BLOCK_D, BLOCK_M, False, HAS_KPM, HAS_DROPOUT, INPUT_PRECISION, HAS_DELTA,
+                True, HAS_SOFTCAP,
+            )  # fmt: skip
 
     dk = dk * sm_scale
     out_off = b64 * stride_dkz + off_hk.to(tl.int64) * stride_dkh + rows_n * stride_dkn
@@ -348,6 +393,8 @@ def _attn_bwd_dq_inner(
     drop_rows,
     col_base,
     dropout_p,
+    window,
+    softcap,
     D: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -356,6 +403,8 @@ def _attn_bwd_dq_inner(
     HAS_KPM: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    MASK_WINDOW: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
 ):
     """Accumulate dQ [BLOCK_M, BLOCK_D] (without sm_scale) over key blocks [lo, hi)."""
     offs_n = tl.arange(0, BLOCK_N)
@@ -376,12 +425,17 @@ def _attn_bwd_dq_inner(
             mask=kv_ok,
             other=0.0,
         )
-        qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+        qk, t = _logits(
+            tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION), qk_scale, softcap,
+            HAS_SOFTCAP,
+        )  # fmt: skip
         p = tl.exp2(qk - lse[:, None])
         if MASK_BOUNDS:
             p = tl.where(cols[None, :] < n_valid, p, 0.0)
         if MASK_CAUSAL:
             p = tl.where(cols[None, :] <= offs_m[:, None] + causal_off, p, 0.0)
+        if MASK_WINDOW:
+            p = tl.where(cols[None, :] > offs_m[:, None] + causal_off - window, p, 0.0)
         if HAS_KPM:
             real = tl.load(KPM + cols * stride_kpmn, mask=cols < n_valid, other=0)
             p = tl.where(real[None, :] != 0, p, 0.0)
@@ -390,6 +444,8 @@ def _attn_bwd_dq_inner(
             keep = _dropout_keep(seed, drop_rows, col_base + cols, dropout_p)
             dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
         ds = p * (dp - delta[:, None])
+        if HAS_SOFTCAP:
+            ds = ds * (1.0 - t * t)
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION)
     return dq
 
@@ -425,6 +481,9 @@ def _bwd_dq_program(
     HAS_DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     HAS_DELTA: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    PREFIX_WINDOWED: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
 ):
     """dQ of queries [start_m, start_m + BLOCK_M) of query head ``off_h`` of row
     ``off_b``: the same key stages as the forward (prefix, off-band, on-band). Tensor
@@ -438,7 +497,7 @@ def _bwd_dq_program(
     DO, stride_doz, stride_doh, stride_dom, stride_dod = do
     DQ, stride_dqz, stride_dqh, stride_dqm, stride_dqd = dq_out
     H, _, GROUP, N_Q, N_K, N_P = sizes  # HKV: not read here
-    sm_scale, dropout_p, seed = scalars
+    sm_scale, dropout_p, seed, window, softcap = scalars
     off_hk = off_h // GROUP
     off_bh = off_b * H + off_h
     b64 = off_b.to(tl.int64)
@@ -463,7 +522,7 @@ def _bwd_dq_program(
         offs_m, offs_d, m_ok, offs_d < D, D, HAS_DELTA,
     )  # fmt: skip
 
-    qk_scale = sm_scale * 1.44269504089
+    qk_scale = _score_scale(sm_scale, softcap, HAS_SOFTCAP)
     n_tot = N_P + N_K
     drop_rows = (off_bh.to(tl.int64) * N_Q + offs_m) * n_tot
     causal_off = N_K - N_Q
@@ -473,33 +532,42 @@ def _bwd_dq_program(
         P_row = _prefix_len(PLEN, entry, N_P, HAS_PLEN)  # keys [0, P_row) are visible
         pk = PK + entry * stride_pkz + off_hk.to(tl.int64) * stride_pkh
         pv = PV + entry * stride_pvz + off_hk.to(tl.int64) * stride_pvh
+        p_lo = 0
+        if PREFIX_WINDOWED:  # prefix key c sits at position c - P_row (see the forward)
+            p_lo = (tl.maximum(start_m + causal_off + P_row - window + 1, 0) // BLOCK_N) * BLOCK_N
         dq = _attn_bwd_dq_inner(
             dq, q, do, lse, delta, pk, pv, stride_pkn, stride_pkd, stride_pvn, stride_pvd,
-            KPM, stride_kpmn, 0, P_row, P_row, causal_off, offs_m, qk_scale,
-            seed, drop_rows, 0, dropout_p,
+            KPM, stride_kpmn, p_lo, P_row, P_row, causal_off + P_row, offs_m, qk_scale,
+            seed, drop_rows, 0, dropout_p, window, softcap,
             D, BLOCK_D, BLOCK_N, True, False, False, HAS_DROPOUT, INPUT_PRECISION,
+            PREFIX_WINDOWED, HAS_SOFTCAP,
         )  # fmt: skip
     k_base = K + b64 * stride_kz + off_hk.to(tl.int64) * stride_kh
     v_base = V + b64 * stride_vz + off_hk.to(tl.int64) * stride_vh
     kpm_base = KPM + b64 * stride_kpmz
-    if IS_CAUSAL:
-        full_hi = tl.maximum(start_m + causal_off + 1, 0)
-        full_hi = (full_hi // BLOCK_N) * BLOCK_N
-        hi = tl.minimum(tl.maximum(start_m + BLOCK_M + causal_off, 0), N_K)
-    else:
-        full_hi = (N_K // BLOCK_N) * BLOCK_N
-        hi = N_K
+    full_hi, hi = _causal_bounds(start_m, causal_off, N_K, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    lo, full_lo = _window_bounds(start_m, causal_off, window, full_hi, BLOCK_M, BLOCK_N, HAS_WINDOW)
+    if HAS_WINDOW:  # the window's left edge
+        dq = _attn_bwd_dq_inner(
+            dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+            kpm_base, stride_kpmn, lo, full_lo, N_K, causal_off, offs_m, qk_scale,
+            seed, drop_rows, N_P, dropout_p, window, softcap,
+            D, BLOCK_D, BLOCK_N, False, False, HAS_KPM, HAS_DROPOUT, INPUT_PRECISION,
+            True, HAS_SOFTCAP,
+        )  # fmt: skip
     dq = _attn_bwd_dq_inner(
         dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-        kpm_base, stride_kpmn, 0, full_hi, N_K, causal_off, offs_m, qk_scale,
-        seed, drop_rows, N_P, dropout_p,
+        kpm_base, stride_kpmn, full_lo, full_hi, N_K, causal_off, offs_m, qk_scale,
+        seed, drop_rows, N_P, dropout_p, window, softcap,
         D, BLOCK_D, BLOCK_N, False, False, HAS_KPM, HAS_DROPOUT, INPUT_PRECISION,
+        False, HAS_SOFTCAP,
     )  # fmt: skip
     dq = _attn_bwd_dq_inner(
         dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
         kpm_base, stride_kpmn, full_hi, hi, N_K, causal_off, offs_m, qk_scale,
-        seed, drop_rows, N_P, dropout_p,
+        seed, drop_rows, N_P, dropout_p, window, softcap,
         D, BLOCK_D, BLOCK_N, True, IS_CAUSAL, HAS_KPM, HAS_DROPOUT, INPUT_PRECISION,
+        HAS_WINDOW, HAS_SOFTCAP,
     )  # fmt: skip
     dq = dq * sm_scale
     dq_ptrs = (
@@ -538,11 +606,14 @@ def _bwd_prefix_program(
     HAS_DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     HAS_DELTA: tl.constexpr,
+    PREFIX_WINDOWED: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
 ):
     """fp32 partial dK, dV of prefix keys [start_n, start_n + BLOCK_N) of the entry row
     ``off_b`` reads, kv head ``off_hk``: the sum over the GROUP heads of that kv head and
     the ``split``-th of ``n_split`` equal runs of query blocks of row b (no causal mask:
-    every query sees every prefix key). Written to DPK/DPV[(b * n_split + split), hk,
+    every query sees every prefix key, unless PREFIX_WINDOWED: then the walk stops after
+    the last query whose window holds a key of the block). Written to DPK/DPV[(b * n_split + split), hk,
     start_n:start_n+BLOCK_N, :], contiguous [B * n_split, Hkv, P, D], in DPK's dtype; no
     two programs write the same element, so nothing is atomic. With n_split = 1 and one row
     per entry (a per-row prefix) that is the prefix gradient itself, and the launcher
@@ -554,7 +625,7 @@ def _bwd_prefix_program(
     PV, stride_pvz, stride_pvh, stride_pvn, stride_pvd = pv
     DO, stride_doz, stride_doh, stride_dom, stride_dod = do
     H, HKV, GROUP, N_Q, N_K, N_P = sizes
-    sm_scale, dropout_p, seed = scalars
+    sm_scale, dropout_p, seed, window, softcap = scalars
     b64 = off_b.to(tl.int64)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -576,7 +647,11 @@ def _bwd_prefix_program(
     q_per_split = tl.cdiv(tl.cdiv(N_Q, BLOCK_M), n_split) * BLOCK_M
     q_lo = split * q_per_split
     q_hi = tl.minimum(q_lo + q_per_split, N_Q)
-    qk_scale = sm_scale * 1.44269504089
+    q_stop = q_hi
+    p_off = N_K - N_Q + P_row  # PREFIX_WINDOWED: query i sees key c iff c > i + p_off - window
+    if PREFIX_WINDOWED:
+        q_stop = tl.maximum(tl.minimum(q_hi, start_n + BLOCK_N - 1 - p_off + window), q_lo)
+    qk_scale = _score_scale(sm_scale, softcap, HAS_SOFTCAP)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for g in range(GROUP):
@@ -589,9 +664,10 @@ def _bwd_prefix_program(
             LSE + off_bh.to(tl.int64) * N_Q, Delta + off_bh.to(tl.int64) * N_Q,
             O + off_bh.to(tl.int64) * N_Q * D,
             stride_qm, stride_qd, stride_dom, stride_dod,
-            q_lo, q_hi, offs_n, vis, q_hi, 0, qk_scale,
-            seed, off_bh.to(tl.int64) * N_Q, N_P + N_K, 0, dropout_p,
+            q_lo, q_stop, offs_n, vis, q_hi, p_off, qk_scale,
+            seed, off_bh.to(tl.int64) * N_Q, N_P + N_K, 0, dropout_p, window, softcap,
             D, BLOCK_D, BLOCK_M, False, HAS_PLEN, HAS_DROPOUT, INPUT_PRECISION, HAS_DELTA,
+            PREFIX_WINDOWED, HAS_SOFTCAP,
         )  # fmt: skip
     dk = dk * sm_scale
     part = (b64 * n_split + split) * HKV + off_hk
@@ -662,6 +738,8 @@ def _attn_bwd(
     sm_scale,
     dropout_p,
     seed,
+    window,
+    softcap,
     TUNE_NQ,
     TUNE_NK,
     NEED_KV,
@@ -683,6 +761,9 @@ def _attn_bwd(
     INPUT_PRECISION: tl.constexpr,
     HAS_DELTA: tl.constexpr,
     KIND: tl.constexpr,
+    HAS_WINDOW: tl.constexpr = False,
+    PREFIX_WINDOWED: tl.constexpr = False,
+    HAS_SOFTCAP: tl.constexpr = False,
 ):
     """Every backward program but Delta's pre-pass and the prefix reduce: the fused
     backward (``KIND`` = BWD_FUSED, one launch) and the split backward's three kernels
@@ -692,7 +773,7 @@ def _attn_bwd(
     The programs take *bundles*: a tensor's pointer with its strides over [Z, H, N, D]
     (``q = (Q, stride_qz, stride_qh, stride_qm, stride_qd)``; the key mask
     ``(KPM, stride_kpmz, stride_kpmn)``), ``sizes = (H, HKV, GROUP, N_Q, N_K, N_P)`` and
-    ``scalars = (sm_scale, dropout_p, seed)``. Grids, by KIND:
+    ``scalars = (sm_scale, dropout_p, seed, window, softcap)``. Grids, by KIND:
 
     BWD_DKDV (cdiv(Nk, BLOCK_N), B * Hkv): program (n, b*Hkv + hk) is
         :func:`_bwd_dkdv_program` for key block n of kv head hk of row b.
@@ -729,14 +810,14 @@ def _attn_bwd(
     dq = (DQ, stride_dqz, stride_dqh, stride_dqm, stride_dqd)
     dk = (DK, stride_dkz, stride_dkh, stride_dkn, stride_dkd)
     sizes = (H, HKV, GROUP, N_Q, N_K, N_P)
-    scalars = (sm_scale, dropout_p, seed)
+    scalars = (sm_scale, dropout_p, seed, window, softcap)
     if KIND == BWD_DQ:
         off_bh = tl.program_id(1)
         _bwd_dq_program(
             tl.program_id(0) * BLOCK_M, off_bh // H, off_bh % H,
             q, k, v, pk, pv, PIDX, PLEN, kpm, do, LSE, Delta, O, dq, sizes, scalars,
             D, BLOCK_D, BLOCK_M, BLOCK_N, IS_CAUSAL, PREFIX_MODE, HAS_PLEN, HAS_KPM,
-            HAS_DROPOUT, INPUT_PRECISION, HAS_DELTA,
+            HAS_DROPOUT, INPUT_PRECISION, HAS_DELTA, HAS_WINDOW, PREFIX_WINDOWED, HAS_SOFTCAP,
         )  # fmt: skip
     elif KIND == BWD_DKDV:
         off_bhk = tl.program_id(1)
@@ -744,7 +825,7 @@ def _attn_bwd(
             tl.program_id(0) * BLOCK_N, off_bhk // HKV, off_bhk % HKV,
             q, k, v, do, kpm, dk, DV, LSE, Delta, O, sizes, scalars,
             D, BLOCK_D, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_KPM, HAS_DROPOUT, INPUT_PRECISION,
-            HAS_DELTA,
+            HAS_DELTA, HAS_WINDOW, HAS_SOFTCAP,
         )  # fmt: skip
     elif KIND == BWD_PREFIX:
         off_bhk = tl.program_id(1)
@@ -753,7 +834,7 @@ def _attn_bwd(
             tl.program_id(2), tl.num_programs(2),
             q, pk, pv, PIDX, PLEN, do, LSE, Delta, O, DPK, DPV, sizes, scalars,
             D, BLOCK_D, BLOCK_M, BLOCK_N, PREFIX_MODE, HAS_PLEN, HAS_DROPOUT, INPUT_PRECISION,
-            HAS_DELTA,
+            HAS_DELTA, PREFIX_WINDOWED, HAS_SOFTCAP,
         )  # fmt: skip
     else:  # BWD_FUSED (KIND is a constexpr: only one branch is compiled)
         off_bhk = tl.program_id(0)
@@ -767,14 +848,14 @@ def _attn_bwd(
                     (j // N_SPLIT) * BLOCK_NP, off_b, off_hk, j % N_SPLIT, N_SPLIT,
                     q, pk, pv, PIDX, PLEN, do, LSE, Delta, O, DPK, DPV, sizes, scalars,
                     D, BLOCK_D, BLOCK_M, BLOCK_NP, PREFIX_MODE, HAS_PLEN, HAS_DROPOUT, INPUT_PRECISION,
-                    HAS_DELTA,
+                    HAS_DELTA, PREFIX_WINDOWED, HAS_SOFTCAP,
                 )  # fmt: skip
         elif j < N_PREFIX_PROGS + n_kv:
             _bwd_dkdv_program(
                 (j - N_PREFIX_PROGS) * BLOCK_N, off_b, off_hk,
                 q, k, v, do, kpm, dk, DV, LSE, Delta, O, sizes, scalars,
                 D, BLOCK_D, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_KPM, HAS_DROPOUT, INPUT_PRECISION,
-                HAS_DELTA,
+                HAS_DELTA, HAS_WINDOW, HAS_SOFTCAP,
             )  # fmt: skip
         else:
             n_dq = NEED_DQ * tl.cdiv(N_Q, BLOCK_M2)
@@ -784,7 +865,7 @@ def _attn_bwd(
                     start_m, off_b, off_hk * GROUP + g,
                     q, k, v, pk, pv, PIDX, PLEN, kpm, do, LSE, Delta, O, dq, sizes, scalars,
                     D, BLOCK_D, BLOCK_M2, BLOCK_N2, IS_CAUSAL, PREFIX_MODE, HAS_PLEN, HAS_KPM,
-                    HAS_DROPOUT, INPUT_PRECISION, HAS_DELTA,
+                    HAS_DROPOUT, INPUT_PRECISION, HAS_DELTA, HAS_WINDOW, PREFIX_WINDOWED, HAS_SOFTCAP,
                 )  # fmt: skip
 
 

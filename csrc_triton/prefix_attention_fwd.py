@@ -9,10 +9,23 @@ Notation (shapes as the launcher passes them; any strides):
     PLEN [T] int64 (only with HAS_PLEN): row b sees only the first min(P, PLEN[entry])
         prefix keys of its entry (a ragged bank); dropout columns still count all P
     KPM [B, Nk] uint8, 1 = real key (only with HAS_KPM)
+    A KV-cache pool (as flash_attn_with_kvcache): K, V [S, Hkv, Nk, D] slots; CBI [B]
+        (only with HAS_CBI): row b reads slot CBI[b] (else slot b); CSL [B] (only with
+        HAS_CSL): row b sees keys [0, CSL[b]) of its slot, its causal band aligned to
+        CSL[b] (else to Nk). Read in place: no gather, no mask.
     Out [B, H, Nq, D]; LSE [B, H, Nq] fp32, log2-domain logsumexp (+inf for an empty row)
 
 Query i of a row sees every prefix key, and sequence key j iff j <= i + (Nk - Nq) when
-IS_CAUSAL (bottom-right alignment), and KPM[b, j] when HAS_KPM. With dropout, kept
+IS_CAUSAL (bottom-right alignment), and KPM[b, j] when HAS_KPM. With HAS_WINDOW (causal
+only) it also needs j > i + (Nk - Nq) - window: the query's last ``window`` positions,
+FlashAttention's window_size=(window - 1, 0); key blocks wholly outside that band are
+never visited. Prefix keys stay visible to every query, unless PREFIX_WINDOWED: then
+prefix key c of a row that sees P_row of them sits at position c - P_row and leaves the
+window like a cache entry (c > i + (Nk - Nq) + P_row - window).
+
+HAS_SOFTCAP: each logit s = sm_scale * q.k becomes softcap * tanh(s / softcap) (Gemma-2).
+HAS_SINKS: SINKS [H] fp32 holds one more logit per head in the softmax denominator, with
+no value (gpt-oss); the LSE includes it, so a row is never empty. With dropout, kept
 probabilities are scaled by 1 / (1 - dropout_p); the keep mask of element (b, h, i, c),
 c the column in [0, P + Nk) (prefix columns first), is ``rand(seed, row*(P+Nk) + c) >= p``
 with row = (b*H + h)*Nq + i, so the backward regenerates it exactly.
@@ -50,6 +63,40 @@ def _prefix_len(PLEN, entry, N_P, HAS_PLEN: tl.constexpr):
 
 
 @triton.jit
+def _tanh(x):
+    """tanh in fp32 from exp2 (portable across Triton versions): sign(x) (1 - e) / (1 + e),
+    e = exp(-2|x|), never overflowing."""
+    e = tl.exp2(tl.abs(x) * -2.88539008178)  # exp(-2|x|)
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _score_scale(sm_scale, softcap, HAS_SOFTCAP: tl.constexpr):
+    """The factor applied to q.k before :func:`_logits`: sm_scale / softcap under
+    soft-capping (the tanh's argument), else sm_scale * log2(e) (the log2-domain logit)."""
+    if HAS_SOFTCAP:  # noqa: SIM108 (a constexpr branch: only one side is compiled)
+        scale = sm_scale / softcap
+    else:
+        scale = sm_scale * 1.44269504089
+    return scale
+
+
+@triton.jit
+def _logits(qk, qk_scale, softcap, HAS_SOFTCAP: tl.constexpr):
+    """(log2-domain logits, t) of raw dot products ``qk``; with HAS_SOFTCAP
+    t = tanh(sm_scale * qk / softcap) and the logit is softcap * t * log2(e) (the backward
+    needs t for the chain rule's 1 - t^2), else t is the logit itself (unused)."""
+    if HAS_SOFTCAP:
+        t = _tanh(qk * qk_scale)
+        s = t * (softcap * 1.44269504089)
+    else:
+        s = qk * qk_scale
+        t = s
+    return s, t
+
+
+@triton.jit
 def _dropout_keep(seed, drop_rows, cols, dropout_p):
     """Keep mask [BLOCK_M, BLOCK_N]: drop_rows int64 [BLOCK_M] = row*(P+Nk), cols int32."""
     offs = drop_rows[:, None] + cols[None, :]
@@ -80,6 +127,8 @@ def _attn_fwd_inner(
     drop_rows,
     col_base,
     dropout_p,
+    window,
+    softcap,
     D: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -88,12 +137,15 @@ def _attn_fwd_inner(
     HAS_KPM: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    MASK_WINDOW: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
 ):
     """One stage of the key loop: key blocks [lo, hi) of one source (prefix or sequence).
 
     K, V point at key 0 of this (row, kv head). Scores are in the log2 domain
-    (qk_scale = sm_scale * log2(e)). A fully masked row keeps m_i = -inf and l_i = 0;
-    ``m_safe`` keeps exp2 away from (-inf) - (-inf).
+    (:func:`_logits`). A fully masked row keeps m_i = -inf and l_i = 0; ``m_safe`` keeps
+    exp2 away from (-inf) - (-inf). MASK_WINDOW drops keys with
+    col <= row + causal_off - window (left of the sliding window).
     """
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -109,11 +161,16 @@ def _attn_fwd_inner(
             mask=kv_ok,
             other=0.0,
         )
-        qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+        qk, _ = _logits(
+            tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION), qk_scale, softcap,
+            HAS_SOFTCAP,
+        )  # fmt: skip
         if MASK_BOUNDS:
             qk = tl.where(cols[None, :] < n_valid, qk, float("-inf"))
         if MASK_CAUSAL:
             qk = tl.where(cols[None, :] <= offs_m[:, None] + causal_off, qk, float("-inf"))
+        if MASK_WINDOW:
+            qk = tl.where(cols[None, :] > offs_m[:, None] + causal_off - window, qk, float("-inf"))
         if HAS_KPM:
             real = tl.load(KPM + cols * stride_kpmn, mask=cols < n_valid, other=0)
             qk = tl.where(real[None, :] != 0, qk, float("-inf"))
@@ -136,6 +193,47 @@ def _attn_fwd_inner(
     return acc, l_i, m_i
 
 
+@triton.jit
+def _causal_bounds(
+    start_m, causal_off, N_K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr
+):
+    """(full_hi, hi) of query rows [start_m, start_m + BLOCK_M): key blocks below full_hi
+    are visible to every row (causally), keys at or past hi to none."""
+    if IS_CAUSAL:
+        # keys [0, start_m + off] are visible to every row of the block
+        full_hi = tl.maximum(start_m + causal_off + 1, 0)
+        full_hi = (full_hi // BLOCK_N) * BLOCK_N
+        hi = tl.minimum(tl.maximum(start_m + BLOCK_M + causal_off, 0), N_K)
+    else:
+        full_hi = (N_K // BLOCK_N) * BLOCK_N
+        hi = N_K
+    return full_hi, hi
+
+
+@triton.jit
+def _window_bounds(
+    start_m,
+    causal_off,
+    window,
+    full_hi,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+):
+    """(lo, full_lo) of query rows [start_m, start_m + BLOCK_M) under a sliding window:
+    key blocks start at lo (the block of the first row's first key in its window); from
+    full_lo on, every row's window covers the key (full_lo <= full_hi). Without a window
+    both are 0."""
+    if HAS_WINDOW:
+        lo = (tl.maximum(start_m + causal_off - window + 1, 0) // BLOCK_N) * BLOCK_N
+        full_lo = tl.cdiv(tl.maximum(start_m + BLOCK_M + causal_off - window, 0), BLOCK_N) * BLOCK_N
+        full_lo = tl.minimum(tl.maximum(full_lo, lo), tl.maximum(full_hi, lo))
+    else:
+        lo = 0
+        full_lo = 0
+    return lo, full_lo
+
+
 @triton.jit(do_not_specialize=["seed"])
 def _attn_fwd(
     Q,
@@ -146,6 +244,9 @@ def _attn_fwd(
     PIDX,
     PLEN,
     KPM,
+    CSL,
+    CBI,
+    SINKS,
     Out,
     LSE,
     stride_qz,
@@ -182,6 +283,8 @@ def _attn_fwd(
     sm_scale,
     dropout_p,
     seed,
+    window,
+    softcap,
     TUNE_NQ,
     TUNE_NK,
     D: tl.constexpr,
@@ -194,6 +297,12 @@ def _attn_fwd(
     HAS_KPM: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    HAS_CSL: tl.constexpr,
+    HAS_CBI: tl.constexpr,
+    HAS_WINDOW: tl.constexpr = False,
+    PREFIX_WINDOWED: tl.constexpr = False,
+    HAS_SOFTCAP: tl.constexpr = False,
+    HAS_SINKS: tl.constexpr = False,
 ):
     """Prefix-aware attention forward.
 
@@ -201,12 +310,14 @@ def _attn_fwd(
     (batch row b, head h): O = softmax(s) V over the P prefix keys then the Nk sequence
     keys, s = sm_scale * q k^T, and the log2-domain logsumexp of each row.
 
-    Key loop, in three stages:
+    Key loop, in stages:
       1. prefix blocks [0, P) through PK/PV of entry ``_prefix_entry(b)``; only the tail
-         past P is masked (no causal mask on prefix keys);
-      2. off-band sequence blocks: every row of the block sees every key, no mask;
-      3. on-band blocks: the causal band (and the Nk bound) is masked. Blocks above the
-         band are never visited.
+         past P is masked (no causal mask on prefix keys; PREFIX_WINDOWED starts at the
+         first block in the window and masks its left edge);
+      2. with HAS_WINDOW, the blocks on the window's left edge (window mask);
+      3. off-band sequence blocks: every row of the block sees every key, no mask;
+      4. on-band blocks: the causal band (and the Nk bound, and the window) is masked.
+         Blocks above the band, and left of the window, are never visited.
 
     TUNE_NQ / TUNE_NK are power-of-two buckets of Nq / Nk: autotune keys only, unused.
     """
@@ -228,14 +339,31 @@ def _attn_fwd(
     )  # fmt: skip
     q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
 
-    qk_scale = sm_scale * 1.44269504089
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    qk_scale = _score_scale(sm_scale, softcap, HAS_SOFTCAP)
+    if HAS_SINKS:
+        # the sink starts the online softmax: exp2(m - m) = 1 in the denominator, no value
+        m_i = (
+            tl.zeros([BLOCK_M], dtype=tl.float32)
+            + tl.load(SINKS + off_h).to(tl.float32) * 1.44269504089
+        )
+        l_i = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     n_tot = N_P + N_K
     drop_rows = (off_bh.to(tl.int64) * N_Q + offs_m) * n_tot
-    causal_off = N_K - N_Q
+    # this row's keys: all Nk of batch entry b, or (a KV-cache pool) CSL[b] of slot CBI[b]
+    if HAS_CSL:  # noqa: SIM108 (a constexpr branch: only one side is compiled)
+        n_k = tl.load(CSL + off_b).to(tl.int32)
+    else:
+        n_k = N_K
+    if HAS_CBI:  # noqa: SIM108
+        kv_b = tl.load(CBI + off_b).to(tl.int64)
+    else:
+        kv_b = b64
+    causal_off = n_k - N_Q
 
     # -- stage 1: prefix keys, read from their own buffer -------------------------------
     if PREFIX_MODE != PREFIX_NONE:
@@ -243,36 +371,45 @@ def _attn_fwd(
         P_row = _prefix_len(PLEN, entry, N_P, HAS_PLEN)  # keys [0, P_row) are visible
         pk = PK + entry * stride_pkz + off_hk.to(tl.int64) * stride_pkh
         pv = PV + entry * stride_pvz + off_hk.to(tl.int64) * stride_pvh
+        p_lo = 0
+        if PREFIX_WINDOWED:
+            # prefix key c sits at position c - P_row: the first one in the window
+            p_lo = (tl.maximum(start_m + causal_off + P_row - window + 1, 0) // BLOCK_N) * BLOCK_N
         acc, l_i, m_i = _attn_fwd_inner(
             acc, l_i, m_i, q, pk, pv, stride_pkn, stride_pkd, stride_pvn, stride_pvd,
-            KPM, stride_kpmn, 0, P_row, P_row, causal_off, offs_m, qk_scale,
-            seed, drop_rows, 0, dropout_p,
+            KPM, stride_kpmn, p_lo, P_row, P_row, causal_off + P_row, offs_m, qk_scale,
+            seed, drop_rows, 0, dropout_p, window, softcap,
             D, BLOCK_D, BLOCK_N, True, False, False, HAS_DROPOUT, INPUT_PRECISION,
+            PREFIX_WINDOWED, HAS_SOFTCAP,
         )  # fmt: skip
 
     # -- stages 2 and 3: sequence keys ---------------------------------------------------
-    k_base = K + b64 * stride_kz + off_hk.to(tl.int64) * stride_kh
-    v_base = V + b64 * stride_vz + off_hk.to(tl.int64) * stride_vh
+    k_base = K + kv_b * stride_kz + off_hk.to(tl.int64) * stride_kh
+    v_base = V + kv_b * stride_vz + off_hk.to(tl.int64) * stride_vh
     kpm_base = KPM + b64 * stride_kpmz
-    if IS_CAUSAL:
-        # keys [0, start_m + off] are visible to every row of the block
-        full_hi = tl.maximum(start_m + causal_off + 1, 0)
-        full_hi = (full_hi // BLOCK_N) * BLOCK_N
-        hi = tl.minimum(tl.maximum(start_m + BLOCK_M + causal_off, 0), N_K)
-    else:
-        full_hi = (N_K // BLOCK_N) * BLOCK_N
-        hi = N_K
+    full_hi, hi = _causal_bounds(start_m, causal_off, n_k, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    lo, full_lo = _window_bounds(start_m, causal_off, window, full_hi, BLOCK_M, BLOCK_N, HAS_WINDOW)
+    if HAS_WINDOW:  # the window's left edge: some rows of the block no longer see these
+        acc, l_i, m_i = _attn_fwd_inner(
+            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+            kpm_base, stride_kpmn, lo, full_lo, n_k, causal_off, offs_m, qk_scale,
+            seed, drop_rows, N_P, dropout_p, window, softcap,
+            D, BLOCK_D, BLOCK_N, False, False, HAS_KPM, HAS_DROPOUT, INPUT_PRECISION,
+            True, HAS_SOFTCAP,
+        )  # fmt: skip
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-        kpm_base, stride_kpmn, 0, full_hi, N_K, causal_off, offs_m, qk_scale,
-        seed, drop_rows, N_P, dropout_p,
+        kpm_base, stride_kpmn, full_lo, full_hi, n_k, causal_off, offs_m, qk_scale,
+        seed, drop_rows, N_P, dropout_p, window, softcap,
         D, BLOCK_D, BLOCK_N, False, False, HAS_KPM, HAS_DROPOUT, INPUT_PRECISION,
+        False, HAS_SOFTCAP,
     )  # fmt: skip
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-        kpm_base, stride_kpmn, full_hi, hi, N_K, causal_off, offs_m, qk_scale,
-        seed, drop_rows, N_P, dropout_p,
+        kpm_base, stride_kpmn, tl.maximum(full_hi, full_lo), hi, n_k, causal_off, offs_m,
+        qk_scale, seed, drop_rows, N_P, dropout_p, window, softcap,
         D, BLOCK_D, BLOCK_N, True, IS_CAUSAL, HAS_KPM, HAS_DROPOUT, INPUT_PRECISION,
+        HAS_WINDOW, HAS_SOFTCAP,
     )  # fmt: skip
 
     # -- epilogue: normalise; a row that saw nothing writes zeros and lse = +inf ---------

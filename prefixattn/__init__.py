@@ -10,7 +10,12 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .ops.attention import prefix_attention
+from ._runtime import prefer_passive_omp_wait
+
+# before anything imports torch: OpenMP threads that sleep when idle (prefixattn._runtime)
+prefer_passive_omp_wait()
+
+from .ops.attention import prefix_attention  # noqa: E402  (imports torch)
 
 __version__ = "0.1.0"
 
@@ -23,6 +28,8 @@ _LAZY = {
     "PromptTuning": "prefixattn.hf.prompt_tuning",
     "PromptTuningConfig": "prefixattn.hf.prompt_tuning",
     "TaskBank": "prefixattn.hf.bank",
+    "MultiTaskPrefixTuning": "prefixattn.hf.multitask",
+    "MultiTaskPrefixTuningConfig": "prefixattn.hf.multitask",
     "causal_lm_loss": "prefixattn.losses",
 }
 

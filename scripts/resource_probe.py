@@ -19,6 +19,7 @@ of 16.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import re
@@ -41,8 +42,9 @@ _PTR_TYPES = {
     "PIDX": "*i64",
     "PLEN": "*i64",
     "KPM": "*u8",
+    "SINKS": "*fp32",
 }
-_FLOAT_ARGS = ("sm_scale", "dropout_p")
+_FLOAT_ARGS = ("sm_scale", "dropout_p", "softcap")
 # non-pointer upper-case arguments (sizes, flags)
 _INT_PREFIXES = ("H", "HKV", "GROUP", "N_", "TUNE_", "NEED_")
 KERNEL_NAMES = ("fwd", "dkdv", "dq", "prefix_dkdv", "bwd")
@@ -73,9 +75,12 @@ def _use_target(arch: int) -> None:
 
 def _signature(fn, dtype: str, constexprs: dict) -> tuple[dict, dict, dict]:
     sig, attrs, consts = {}, {}, dict(constexprs)
+    defaults = inspect.signature(fn.fn).parameters
     for i, (name, p) in enumerate(zip(fn.arg_names, fn.params)):
         if p.is_constexpr:
             sig[name] = "constexpr"
+            if name not in consts and defaults[name].default is not inspect.Parameter.empty:
+                consts[name] = defaults[name].default  # a feature flag left off
         elif name in _FLOAT_ARGS:
             sig[name] = "fp32"
         elif name.startswith("stride_"):

@@ -4,6 +4,9 @@
 #   scripts/test.sh [pytest args...]            pinned versions (constraints/ci.txt), .venv
 #   scripts/test.sh --latest [pytest args...]   newest releases, in .venv-latest (drift check)
 set -euo pipefail
+# idle OpenMP threads sleep instead of spinning, so that a second PyTorch job on the same
+# cores does not starve this one (prefixattn/_runtime.py); a value you set is kept
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 if [ "${1:-}" = "--latest" ]; then
   shift
   root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -31,7 +34,10 @@ ruff check .
 ruff format --check .
 python scripts/check_layers.py  # prefixattn/ imports only downward (declared order)
 set +e
-python -m pytest "$@"
+# two workers by default (the suite is ~15 min on one core of a 2-core machine); whole files
+# per worker, so a module's fixtures (servers, models) stay in one process.
+# PYTEST_WORKERS=0 runs in this process (no xdist).
+python -m pytest -n "${PYTEST_WORKERS:-2}" --dist loadfile "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then  # pytest: no tests collected (e.g. a -k that matches nothing)

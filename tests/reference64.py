@@ -38,11 +38,24 @@ def attention64(
     keep: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     prefix_lengths: torch.Tensor | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
+    prefix_window: str = "all",
 ) -> torch.Tensor:
     """float64 attention; ``keep`` [B, H, Nq, P + Nk] bool is an explicit dropout mask.
 
     ``prefix_lengths`` int64 [T]: row b sees prefix keys c < prefix_lengths[entry of b]
     (entry = prefix_index[b] for a bank, b for a per-row prefix).
+
+    ``window`` W (causal only): query i, at sequence position i + Nk - Nq, sees sequence
+    key j iff position - W < j <= position. Prefix keys: ``prefix_window="all"`` every
+    query sees all of them; ``"sliding"`` prefix key c of a row whose prefix has L visible
+    keys sits at position c - L (the L positions before sequence key 0, as if it were in
+    the KV cache) and is seen iff position - W < c - L.
+
+    ``softcap`` C: every logit s (after the scale) becomes C * tanh(s / C) before masking.
+    ``sinks`` [H]: one more logit per head in the softmax denominator, with no value.
     """
     q, k, v = q.double(), k.double(), v.double()
     B, H, Nq, D = q.shape
@@ -58,21 +71,36 @@ def attention64(
     v = v.repeat_interleave(g, dim=1)
     scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
     s = torch.einsum("bhid,bhjd->bhij", q, k) * scale
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
     vis = torch.ones(B, 1, Nq, P + Nk, dtype=torch.bool, device=q.device)
+    pos = torch.arange(Nq, device=q.device)[:, None] + (Nk - Nq)  # [Nq, 1] query positions
     if causal:
-        i = torch.arange(Nq, device=q.device)[:, None]
         j = torch.arange(Nk, device=q.device)[None, :]
-        vis[:, :, :, P:] = j - i <= Nk - Nq
+        vis[:, :, :, P:] = j <= pos
+        if window is not None:
+            vis[:, :, :, P:] &= j > pos - window
     if key_padding_mask is not None:
         vis[:, :, :, P:] &= key_padding_mask[:, None, None, :].to(q.device)
     if prefix_lengths is not None and P:
         entry = prefix_index.tolist() if prefix_index is not None else list(range(B))
         for b in range(B):
             vis[b, :, :, int(prefix_lengths[entry[b]]) : P] = False
+    if window is not None and prefix_window == "sliding" and P:
+        for b in range(B):
+            L = P
+            if prefix_lengths is not None:
+                L = int(prefix_lengths[prefix_index[b] if prefix_index is not None else b])
+            c = torch.arange(P, device=q.device)[None, :]
+            vis[b, 0, :, :P] &= c - L > pos - window
     s = s.masked_fill(~vis, float("-inf"))
-    any_vis = vis.any(dim=-1, keepdim=True)
-    s = torch.where(any_vis, s, torch.zeros_like(s))
-    p = torch.softmax(s, dim=-1) * any_vis  # rows with nothing visible -> 0
+    if sinks is not None:  # the sink: one more column per head, always visible, no value
+        col = sinks.double().to(q.device).view(1, H, 1, 1).expand(B, H, Nq, 1)
+        p = torch.softmax(torch.cat([s, col], dim=-1), dim=-1)[..., :-1]
+    else:
+        any_vis = vis.any(dim=-1, keepdim=True)
+        s = torch.where(any_vis, s, torch.zeros_like(s))
+        p = torch.softmax(s, dim=-1) * any_vis  # rows with nothing visible -> 0
     if keep is not None:
         p = p * keep.double() / (1.0 - dropout_p)
     return torch.einsum("bhij,bhjd->bhid", p, v)

@@ -11,7 +11,7 @@ pytest.importorskip("transformers")
 
 from prefixattn import PrefixTuning, TaskBank
 from prefixattn.hf import patching
-from prefixattn.hf.testing import left_padded_batch, single_thread, tiny_gpt2, tiny_llama
+from prefixattn.testing import left_padded_batch, single_thread, tiny_gpt2, tiny_llama
 
 TOL = dict(atol=2e-5, rtol=1e-5)
 P = 4

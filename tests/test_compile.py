@@ -334,7 +334,7 @@ def test_gpt2_prefix_tuning_fullgraph(backend: str) -> None:
     """Patched GPT-2 + PrefixTuning: forward (loss) and backward in one graph; the loss and
     the prefix gradient equal eager."""
     pytest.importorskip("transformers")
-    from prefixattn.hf.testing import tiny_gpt2
+    from prefixattn.testing import tiny_gpt2
 
     pt = prefixattn.PrefixTuning(tiny_gpt2().to(DEVICE), 4, init_std=0.5, backend=backend)
     pt.train()
@@ -368,7 +368,7 @@ def test_gpt2_padded_batch_compiles() -> None:
     """A padded batch compiles too (the mask function of prefixattn.hf.patching may break
     the graph once, in front of the layers); the values equal eager."""
     pytest.importorskip("transformers")
-    from prefixattn.hf.testing import tiny_gpt2
+    from prefixattn.testing import tiny_gpt2
 
     pt = prefixattn.PrefixTuning(tiny_gpt2().to(DEVICE), 3, init_std=0.5, backend="reference")
     ids = torch.randint(2, 128, (2, 7), generator=torch.Generator().manual_seed(1)).to(DEVICE)
@@ -517,7 +517,7 @@ def test_inductor_on_gpu_dropout_and_prefix_tuning() -> None:
     GPT-2 + PrefixTuning training step compiled by Inductor (loss and prefix gradient as
     eager's)."""
     pytest.importorskip("transformers")
-    from prefixattn.hf.testing import tiny_gpt2
+    from prefixattn.testing import tiny_gpt2
 
     case = Case(B=2, H=4, Hkv=2, Nq=64, Nk=64, P=8, D=64, prefix="shared", pad="right")
     kw = make_inputs(case, torch.float16, "cuda")

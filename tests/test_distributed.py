@@ -25,7 +25,7 @@ from prefixattn.artifacts import TRAIN_INFO
 from prefixattn.cli import main
 from prefixattn.distributed import DistributedContext, init_distributed, shard_batch, wrap_ddp
 from prefixattn.hf.prefix_tuning import read_prefix
-from prefixattn.hf.testing import single_thread, tiny_gpt2
+from prefixattn.testing import single_thread, tiny_gpt2
 from prefixattn.tiny import tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,7 +13,7 @@ pytest.importorskip("transformers")
 import prefixattn
 from prefixattn import PrefixTuning
 from prefixattn.hf import patching
-from prefixattn.hf.testing import (
+from prefixattn.testing import (
     concat_prefix_forward,
     greedy_reference,
     left_padded_batch,

@@ -14,13 +14,12 @@ import prefixattn
 from prefixattn.hf import patching
 from prefixattn.hf._compat import cache_kwarg, output_cache
 from prefixattn.hf.patching import StaticPrefix, get_prefix, is_patched, set_prefix
-from prefixattn.hf.testing import (
+from prefixattn.testing import (
     concat_prefix_forward,
     left_padded_batch,
     single_thread,
     tiny_gpt2,
     tiny_llama,
-    tiny_qwen2,
 )
 
 TOL = dict(atol=2e-5, rtol=1e-5)
@@ -298,14 +297,20 @@ def test_unsupported_attention_patterns_raise() -> None:
     with pytest.raises(ValueError, match="aligned"):
         model(input_ids=ids, attention_mask=torch.ones(1, 9, dtype=torch.long), use_cache=False)
     assert isinstance(DynamicCache(config=model.config), DynamicCache)
-    # a sliding window shorter than the sequence
-    qwen = prefixattn.patch(
-        tiny_qwen2(use_sliding_window=True, sliding_window=4, max_window_layers=0)
-    )
-    with torch.no_grad():
-        qwen(input_ids=ids[:, :4])  # within the window: fine
-        with pytest.raises(ValueError, match="sliding"):
-            qwen(input_ids=ids)
+    # a sliding window shorter than the sequence is the kernel's window now (the family
+    # matrix, tests/test_families.py, checks values); a mask whose window is not the one
+    # the kernel would apply (here: mask window 4, announced 3) is refused
+    from transformers.masking_utils import sliding_window_causal_mask_function
+
+    with pytest.raises(ValueError, match="sliding window"):
+        patching.prefixattn_mask(
+            1, q_length=6, kv_length=6, mask_function=sliding_window_causal_mask_function(4),
+            local_size=3,
+        )  # fmt: skip
+    assert patching.prefixattn_mask(
+        1, q_length=6, kv_length=6, mask_function=sliding_window_causal_mask_function(4),
+        local_size=4,
+    ) is None  # fmt: skip
 
 
 def test_patch_non_interface_model_raises_and_leaves_it_alone(

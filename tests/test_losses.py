@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from prefixattn import PrefixTuning, PromptTuning
-from prefixattn.hf.testing import left_padded_batch, single_thread, tiny_gpt2, tiny_llama
 from prefixattn.losses import causal_lm_loss
+from prefixattn.testing import left_padded_batch, single_thread, tiny_gpt2, tiny_llama
 
 
 @pytest.fixture(autouse=True, scope="module")

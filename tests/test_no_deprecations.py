@@ -22,7 +22,7 @@ pytest.importorskip("transformers")
 from prefixattn import PrefixTuning, PromptTuning, TaskBank
 from prefixattn.demo import concat_reference_logits
 from prefixattn.hf._compat import cache_kwarg, output_cache
-from prefixattn.hf.testing import (
+from prefixattn.testing import (
     concat_prefix_forward,
     greedy_reference,
     left_padded_batch,

@@ -17,7 +17,7 @@ pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 from prefixattn import PrefixTuning  # noqa: E402
-from prefixattn.hf.testing import (  # noqa: E402
+from prefixattn.testing import (  # noqa: E402
     greedy_reference,
     left_padded_batch,
     single_thread,

@@ -15,7 +15,7 @@ import prefixattn
 from prefixattn import PrefixTuning, PrefixTuningConfig
 from prefixattn.hf._compat import cache_kwarg, output_cache
 from prefixattn.hf.patching import get_prefix, record_kv, set_prefix
-from prefixattn.hf.testing import (
+from prefixattn.testing import (
     concat_prefix_forward,
     left_padded_batch,
     single_thread,

@@ -16,7 +16,7 @@ import prefixattn.hf.patching
 from prefixattn import PromptTuning, PromptTuningConfig
 from prefixattn.hf._compat import CACHE_NAMES, cache_kwarg, output_cache
 from prefixattn.hf.prompt_tuning import CONFIG_NAME, WEIGHTS_NAME
-from prefixattn.hf.testing import (
+from prefixattn.testing import (
     VOCAB,
     greedy_reference,
     left_padded_batch,

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
-import socket
 import threading
 import time
 
@@ -22,11 +21,19 @@ pytest.importorskip("uvicorn")
 pytest.importorskip("fastapi")
 
 import httpx
-import uvicorn
+from serve_support import Server
 
 from prefixattn import PrefixTuning, PromptTuning, TaskBank
-from prefixattn.hf.testing import single_thread
-from prefixattn.serve import Engine, GenRequest, QueueFullError, create_app, load_base
+from prefixattn.serve import (
+    Engine,
+    GenRequest,
+    QueueFullError,
+    SamplingParams,
+    create_app,
+    load_base,
+)
+from prefixattn.serve.output import RequestOutput, TokenStrings
+from prefixattn.testing import single_thread
 
 TOKEN = "s3cret"
 PROMPTS = [
@@ -35,34 +42,6 @@ PROMPTS = [
     "the minister said",
     "Topic:",
 ]
-
-
-class Server:
-    """uvicorn in a thread, on a socket bound to 127.0.0.1 port 0 (a free port)."""
-
-    def __init__(self, app) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-        self.thread = threading.Thread(
-            target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
-        )
-
-    def __enter__(self) -> Server:
-        self.thread.start()
-        t0 = time.time()
-        while not self.server.started:
-            assert self.thread.is_alive() and time.time() - t0 < 30, "server did not start"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(15)
-        self.sock.close()
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +58,7 @@ def env(tmp_path_factory):
         tasks = {t: str(root / t) for t in ("bbc", "sst2", "soft")}
         app = create_app(
             copy.deepcopy(model), tok, tasks, model_name=name, admin_token=TOKEN,
-            max_batch_size=8, max_wait_ms=40, max_queue=64,
+            max_num_seqs=8, max_queue=64,
         )  # fmt: skip
         ref = TaskBank(copy.deepcopy(model), {**tasks, "extra": str(root / "extra")})
         ref.add_base(name)
@@ -145,7 +124,7 @@ def _concurrent(env, bodies: list[dict], limit: int, timeout: float = 60.0) -> l
 
 
 def test_concurrent_mixed_tasks_share_batches(env) -> None:
-    before = httpx.get(env["url"] + "/metrics", timeout=10).json()
+    before = httpx.get(env["url"] + "/metrics.json", timeout=10).json()
     tasks = ["bbc", "sst2", "soft", "tiny"]
     bodies = [
         {"model": tasks[i % 4], "prompt": PROMPTS[i % 3], "max_tokens": 3 + i % 4,
@@ -156,7 +135,7 @@ def test_concurrent_mixed_tasks_share_batches(env) -> None:
         assert r.status_code == 200, r.text
         got = r.json()["choices"][0]["token_ids"]
         assert got == env["expected"](body["model"], body["prompt"], body["max_tokens"])
-    after = httpx.get(env["url"] + "/metrics", timeout=10).json()
+    after = httpx.get(env["url"] + "/metrics.json", timeout=10).json()
     assert after["mixed_task_batches"] > before["mixed_task_batches"]
     assert after["max_tasks_in_batch"] >= 2
     assert max(int(k) for k in after["batch_sizes"]) > 1
@@ -205,8 +184,8 @@ def test_streaming_and_stop_strings(env) -> None:
         ({"model": "bbc", "prompt": "x", "top_p": 0}, 422, "top_p"),
         ({"model": "bbc", "prompt": 5}, 422, "prompt"),
         ({"model": "bbc", "prompt": "x", "max_tokens": 600}, 400, "context"),
-        ({"model": "bbc", "prompt": "x", "n": 2}, 400, "n must be 1"),
-        ({"model": "bbc", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+        ({"model": "bbc", "prompt": "x", "n": 17}, 422, "n"),
+        ({"model": "bbc", "prompt": "x", "stop": ["a", ""]}, 400, "stop"),
         ({"model": "bbc", "prompt": []}, 400, "prompt"),
         ({"model": "bbc", "prompt": ""}, 400, "empty"),
     ],
@@ -321,10 +300,15 @@ def test_no_token_no_admin_route_and_engine_queue_bound(env) -> None:
 
     assert asyncio.run(call()) in (404, 405)
     engine = Engine(app.state.bank, tok, max_queue=2)  # never started: nothing drains
+    sink = RequestOutput(tok, TokenStrings(tok), lambda ev: None)
+
+    def req() -> GenRequest:
+        return GenRequest(task="tiny", prompt_ids=[5], params=SamplingParams(1), sink=sink)
+
     for _ in range(2):
-        engine.submit(GenRequest(task="tiny", prompt_ids=[5], max_tokens=1))
+        engine.submit(req())
     with pytest.raises(QueueFullError, match="queue is full"):
-        engine.submit(GenRequest(task="tiny", prompt_ids=[5], max_tokens=1))
+        engine.submit(req())
     assert engine.metrics()["requests"]["rejected"] == 1
 
 
@@ -335,7 +319,7 @@ def test_load_200_requests_16_concurrent(env) -> None:
          "temperature": 0}
         for i in range(200)
     ]  # fmt: skip
-    before = httpx.get(env["url"] + "/metrics", timeout=10).json()
+    before = httpx.get(env["url"] + "/metrics.json", timeout=10).json()
     t0 = time.perf_counter()
     responses = _concurrent(env, bodies, limit=16, timeout=120)
     wall = time.perf_counter() - t0
@@ -344,7 +328,7 @@ def test_load_200_requests_16_concurrent(env) -> None:
         assert r.status_code == 200, r.text
         got = r.json()["choices"][0]["token_ids"]
         assert got == env["expected"](body["model"], body["prompt"], body["max_tokens"])
-    after = httpx.get(env["url"] + "/metrics", timeout=10).json()
+    after = httpx.get(env["url"] + "/metrics.json", timeout=10).json()
     done = after["requests"]["completed"] - before["requests"].get("completed", 0)
     assert done == 200 and after["queue_depth"] == 0
     assert after["batches"] - before["batches"] < 100  # batched, not one by one
@@ -403,3 +387,10 @@ def test_seeded_sampling_is_reproducible(env) -> None:
               for s in (1, 2, 3)}  # fmt: skip
     assert a == b and len(a) > 0
     assert others != {tuple(a)}  # sampling really samples
+
+
+def test_chat_without_a_chat_template_is_a_clear_400(env) -> None:
+    body = {"model": "bbc", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    r = httpx.post(env["url"] + "/v1/chat/completions", json=body, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "no_chat_template"
+    assert "chat template" in r.json()["error"]["message"]

@@ -34,6 +34,8 @@ def test_serve_arguments_are_checked(tmp_path, capsys) -> None:
     assert "NAME=PATH" in capsys.readouterr().err
     assert main(["serve", "--model", "tiny", "--task", f"a={tmp_path}"]) == 2
     assert "artifact" in capsys.readouterr().err
+    assert main(["serve", "--model", "tiny", "--task", f"a/b={tmp_path}"]) == 2
+    assert "task name 'a/b'" in capsys.readouterr().err
 
 
 def test_serve_process_answers_on_loopback(tmp_path) -> None:
@@ -45,6 +47,7 @@ def test_serve_process_answers_on_loopback(tmp_path) -> None:
         port = s.getsockname()[1]
     env = {
         **os.environ,
+        "PREFIXATTN_API_KEY": "k",
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
     }
     cmd = [
@@ -64,11 +67,14 @@ def test_serve_process_answers_on_loopback(tmp_path) -> None:
                     break
             except httpx.TransportError:
                 time.sleep(0.2)
-        ids = [m["id"] for m in httpx.get(url + "/v1/models", timeout=5).json()["data"]]
-        assert ids == ["tiny", "topic"]
+        assert httpx.get(url + "/v1/models", timeout=5).status_code == 401  # the API key
+        key = {"authorization": "Bearer k"}
+        models = httpx.get(url + "/v1/models", headers=key, timeout=5).json()["data"]
+        assert [m["id"] for m in models] == ["tiny", "topic"]
         r = httpx.post(
             url + "/v1/completions",
             json={"model": "topic", "prompt": "the market", "max_tokens": 3, "temperature": 0},
+            headers=key,
             timeout=30,
         )
         assert r.status_code == 200 and len(r.json()["choices"][0]["token_ids"]) <= 3
@@ -78,3 +84,4 @@ def test_serve_process_answers_on_loopback(tmp_path) -> None:
         proc.wait(30)
     out = proc.stdout.read().decode()
     assert "tiny, topic on http://127.0.0.1" in out and "no admin routes" in out
+    assert "API key required" in out

@@ -7,7 +7,14 @@ first use, so ``import prefixattn.hf`` stays cheap.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import Any
+
+# one clear message for every module below (they import transformers at the top)
+if importlib.util.find_spec("transformers") is None:  # pragma: no cover - needs the extra
+    raise ImportError(
+        "prefixattn.hf needs transformers>=5.10: install the 'hf' extra (pip install 'prefixattn[hf]')"
+    )
 
 # name -> module that defines it
 _LAZY = {
@@ -21,6 +28,10 @@ _LAZY = {
     "PrefixTuning": "prefixattn.hf.prefix_tuning",
     "PrefixTuningConfig": "prefixattn.hf.prefix_tuning",
     "TaskBank": "prefixattn.hf.bank",
+    "LayerPrefix": "prefixattn.hf.patching",
+    "Tuner": "prefixattn.hf.tuner",
+    "MultiTaskPrefixTuning": "prefixattn.hf.multitask",
+    "MultiTaskPrefixTuningConfig": "prefixattn.hf.multitask",
 }
 
 __all__ = list(_LAZY)

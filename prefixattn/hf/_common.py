@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import torch
 from safetensors.torch import load_file
+from safetensors.torch import save as _safetensors_bytes
 
 __all__ = [
     "INIT_STRATEGIES",
@@ -81,6 +82,29 @@ class TuningConfigBase:
             raise TypeError(
                 f"init_text must be a str or a list of token ids, got {type(init_text).__name__}"
             )
+
+    #: the base model's config, set when a tuner is built on it (not a field: not saved)
+    _model_config: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        """Attributes the tuner config does not have come from the base model's config
+        (``model_type``, ``pad_token_id``, ...), as ``PeftModel.config`` gives them: HF
+        trainers read ``model.config`` of the model they train."""
+        cfg = self.__dict__.get("_model_config") or type(self)._model_config
+        if name.startswith("__") or cfg is None:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return getattr(cfg, name)
+
+    def get_text_config(self, *args: Any, **kwargs: Any) -> Any:
+        """The base model's text config (what ``Trainer`` / TRL read through
+        ``model.config``; a ``PeftModel`` answers the same way).
+
+        Raises:
+            AttributeError: the config is not attached to a tuner yet.
+        """
+        if self._model_config is None:
+            raise AttributeError(f"this {type(self).__name__} is not attached to a model")
+        return self._model_config.get_text_config(*args, **kwargs)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict of the fields."""
@@ -166,3 +190,14 @@ def read_peft_dir(
             f"adapter weights must contain {PEFT_WEIGHTS_KEY!r}, got keys {sorted(tensors)}"
         )
     return pcfg, tensors[PEFT_WEIGHTS_KEY]
+
+
+def save_tensors(
+    tensors: Mapping[str, torch.Tensor], file: Path, metadata: dict[str, str] | None = None
+) -> None:
+    """Write ``tensors`` to the safetensors ``file`` with an ordinary file's permissions.
+
+    ``safetensors.torch.save_file`` leaves its file mode 0600 whatever the umask; written
+    as bytes here, the file gets the same mode as the JSON beside it (0666 minus the umask).
+    """
+    Path(file).write_bytes(_safetensors_bytes(dict(tensors), metadata=metadata))

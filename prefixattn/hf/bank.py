@@ -17,23 +17,12 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 from .patching import StaticPrefix, get_prefix, is_patched, patch, set_prefix
-from .prefix_tuning import (
-    ModelGeometry,
-    PrefixTuning,
-    _device,
-    _generate_with,
-    _offset_positions,
-    check_model_type,
-    read_prefix,
-)
+from .prefix_tuning import ModelGeometry, PrefixTuning, read_prefix
 from .prompt_tuning import PromptTuning
-
-try:
-    from transformers import PreTrainedModel
-except ImportError as err:  # pragma: no cover
-    raise ImportError("prefixattn.hf needs transformers: pip install 'prefixattn[hf]'") from err
+from .tuner import check_model_type, generate_with, model_device, offset_positions
 
 __all__ = ["TaskBank"]
 
@@ -49,48 +38,15 @@ class _BankState(NamedTuple):
     lengths_t: torch.Tensor | None  # int64 [T] on the bank's device; None when all equal P
 
 
-def _default_positions(kwargs: dict[str, Any], input_ids: torch.Tensor | None):
-    """The model's own ``position_ids`` ([B or 1, N]) for a call, or None if unknown."""
-    pos = kwargs.get("position_ids")
-    if pos is not None:
-        return pos
-    ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
-    if ref is None:
-        return None
-    past = kwargs.get("past_key_values")
-    past_len = int(past.get_seq_length()) if hasattr(past, "get_seq_length") else 0
-    return torch.arange(past_len, past_len + ref.shape[1], device=ref.device)[None]  # [1, N]
-
-
-def _offset_rows(
-    kwargs: dict[str, Any], input_ids: torch.Tensor | None, offsets: torch.Tensor
-) -> dict[str, Any]:
-    """``kwargs`` with ``position_ids`` shifted per row by ``offsets`` int64 [B0]; a batch
-    of k * B0 rows (beams / samples, each row repeated consecutively) repeats them."""
-    pos = _default_positions(kwargs, input_ids)
-    if pos is None:
-        return kwargs  # the model raises its own error about missing inputs
-    ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
-    B = ref.shape[0] if ref is not None else pos.shape[0]
-    n = offsets.shape[0]
-    if n != B:
-        if n == 0 or B % n:
-            raise ValueError(f"the batch has {B} rows but the tasks name {n} rows")
-        offsets = offsets.repeat_interleave(B // n)  # [B]
-    return {**kwargs, "position_ids": pos + offsets.to(pos.device)[:, None]}  # [B, N]
-
-
-class _RowOffsetHook:
-    """Forward pre-hook adding per-row position offsets to every model call (generate)."""
-
-    def __init__(self, offsets: torch.Tensor) -> None:
-        self.offsets = offsets
-
-    def __call__(
-        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        input_ids = args[0] if args else kwargs.get("input_ids")
-        return args, _offset_rows(kwargs, input_ids, self.offsets)
+def _check_prefix_window(name: str, prefix_window: str) -> None:
+    """A bank runs every task with ``prefix_window="all"``: refuse another one (it would be
+    silently ignored)."""
+    if prefix_window != "all":
+        raise ValueError(
+            f"task {name!r} was tuned with prefix_window={prefix_window!r}; a TaskBank runs "
+            "every task with prefix_window='all' (the prefix always visible on "
+            "sliding-window layers)"
+        )
 
 
 class TaskBank(nn.Module):
@@ -190,11 +146,25 @@ class TaskBank(nn.Module):
         offs = set(self._state.offsets)
         return 0 if not offs else (offs.pop() if len(offs) == 1 else None)
 
+    def task_prefix(self, name: str) -> tuple[torch.Tensor | None, int] | None:
+        """``(prefix [L, 2, Hkv, P, D] or None when P = 0, position offset)`` of task
+        ``name`` from one snapshot of the bank (a view, not a copy); None when the bank has
+        no such task. Used by the serving engine to write a row's prefix into its KV slot.
+        """
+        st = self._state
+        if name not in st.names:
+            return None
+        t = st.names.index(name)
+        P = st.lengths[t]
+        pre = None if P == 0 else st.bank[:, :, t, :, :P]  # [L, 2, Hkv, P, D]
+        return pre, st.offsets[t]
+
     def _read(self, name: str, prefix: object) -> tuple[torch.Tensor, int]:
         """(prefix [L, 2, Hkv, P, D], position offset) of one task."""
         if isinstance(prefix, PromptTuning):
             prefix = prefix.to_prefix_tuning(backend=self.backend)
         if isinstance(prefix, PrefixTuning):
+            _check_prefix_window(name, prefix.config.prefix_window)
             with torch.no_grad():
                 pre = prefix.prefix_tensor().detach()  # [L, 2, Hkv, P, D]
             return pre, prefix.position_offset
@@ -209,6 +179,7 @@ class TaskBank(nn.Module):
         if method == PREFIX and source == "prefixattn":
             pre, meta = read_prefix(prefix)  # no model work: read the folded K/V
             check_model_type(meta, self.model, f"prefix of task {name!r}")
+            _check_prefix_window(name, meta["config"].get("prefix_window", "all"))
             return pre, int(meta["config"].get("position_offset", 0))
         # a soft prompt (prefixattn or PEFT) or a PEFT prefix: load it on the model
         previous = get_prefix(self.model)
@@ -250,7 +221,7 @@ class TaskBank(nn.Module):
     def _put(self, name: str, pre: torch.Tensor, offset: int) -> None:
         """Insert or replace one task's prefix [L, 2, Hkv, P, D] (under ``self._lock``)."""
         self.geometry.check_prefix(pre, f"prefix of task {name!r}")
-        pre = pre.to(device=_device(self.model), dtype=torch.float32)
+        pre = pre.to(device=model_device(self.model), dtype=torch.float32)
         st = self._state
         entries = {} if st.bank is None else self._entries(st)
         lengths = dict(zip(st.names, st.lengths))
@@ -377,11 +348,7 @@ class TaskBank(nn.Module):
         st = self._state
         index = self._index(st, tasks, self._batch_size(input_ids, kwargs))
         set_prefix(self.model, self._provider(st, index))
-        offsets = self._row_offsets(st, index)
-        if isinstance(offsets, torch.Tensor):
-            kwargs = _offset_rows(kwargs, input_ids, offsets)
-        else:
-            kwargs = _offset_positions(kwargs, input_ids, offsets)
+        kwargs = offset_positions(kwargs, input_ids, self._row_offsets(st, index))
         return self.model(input_ids=input_ids, **kwargs)
 
     @torch.no_grad()
@@ -399,10 +366,4 @@ class TaskBank(nn.Module):
             kwargs["input_ids"] = input_ids
         provider = self._provider(st, index, expand_batch=True)
         offsets = self._row_offsets(st, index)
-        if not isinstance(offsets, torch.Tensor):
-            return _generate_with(self.model, provider, offsets, kwargs, restore=None)
-        handle = self.model.register_forward_pre_hook(_RowOffsetHook(offsets), with_kwargs=True)
-        try:
-            return _generate_with(self.model, provider, 0, kwargs, restore=None)
-        finally:
-            handle.remove()
+        return generate_with(self.model, provider, offsets, kwargs, restore=None)

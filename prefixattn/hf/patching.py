@@ -26,10 +26,17 @@ Llama, Qwen2, Mistral, ... including GQA/MQA). Only public, 5.0-era APIs are use
 ``PreTrainedModel.set_attn_implementation`` and the config's ``_attn_implementation``
 (plus ``sdpa_mask`` to check unusual mask patterns).
 
+Each layer's sliding window, logit soft-capping and attention sinks are taken from the
+attention kwargs the model passes (``sliding_window``, ``softcap``, ``s_aux`` / ``sinks``),
+so hybrid models (Gemma-2/3, gpt-oss, Qwen2 with ``use_sliding_window``) get a window on
+their sliding layers only; a sliding layer's mask is checked against the kernel's window
+(see docs/model-families.md). With a prefix, what a windowed layer's query sees of the
+prefix is the provider's ``prefix_window`` ("all" by default, "sliding" as PEFT).
+
 Not supported (a ``ValueError`` says so, no silent fallback): static / compileable / paged
 caches, custom 4-D attention masks, packed sequences (position-id resets without an
-attention mask), sliding windows shorter than the attended keys, attention soft-capping
-and attention sinks.
+attention mask), chunked attention and other mask overlays that are not causal + padding
++ a sliding window.
 """
 
 from __future__ import annotations
@@ -43,7 +50,7 @@ import torch
 from torch import nn
 
 from ..ops.attention import prefix_attention
-from ..ops.validation import BACKENDS
+from ..ops.validation import BACKENDS, PREFIX_WINDOWS
 
 try:  # transformers is the optional "hf" extra
     from transformers import PreTrainedModel
@@ -62,6 +69,7 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
+    "LayerPrefix",
     "PrefixProvider",
     "StaticPrefix",
     "get_prefix",
@@ -70,6 +78,7 @@ __all__ = [
     "prefixattn_attention_forward",
     "prefixattn_mask",
     "record_kv",
+    "set_kv_pool",
     "set_prefix",
     "unpatch",
 ]
@@ -81,9 +90,6 @@ _STATE_ATTR = "_prefixattn_state"
 
 # Attention-function kwargs whose meaning the kernel cannot reproduce: refuse them when set.
 _UNSUPPORTED_KWARGS = {
-    "softcap": "attention logit soft-capping",
-    "s_aux": "attention sinks",
-    "sinks": "attention sinks",
     "position_bias": "additive position bias",
     "cu_seq_lens_q": "packed (varlen) sequences",
     "cu_seq_lens_k": "packed (varlen) sequences",
@@ -97,6 +103,24 @@ _UNSUPPORTED_KWARGS = {
 # --------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class LayerPrefix:
+    """One layer's prefix as a :class:`PrefixProvider` hands it to the attention function.
+
+    Attributes:
+        key, value: [Hkv, P, D] (shared by all rows), [B, Hkv, P, D] (per row, ``index``
+            None) or [T, Hkv, P, D] (a bank, with ``index``).
+        index: int64 [B], the bank entry of each row (None: not a bank).
+        lengths: int64 [T], a ragged bank: entry t exposes its first ``lengths[t]`` keys
+            (None: every entry has all P; only with ``index``).
+    """
+
+    key: torch.Tensor
+    value: torch.Tensor
+    index: torch.Tensor | None = None
+    lengths: torch.Tensor | None = None
+
+
 class PrefixProvider:
     """Where a patched model gets its per-layer prefix K/V from.
 
@@ -104,19 +128,22 @@ class PrefixProvider:
     forward pass (and again when gradient checkpointing recomputes a layer), so it should be
     cheap and must return tensors that are part of the autograd graph if the prefix is
     trained.
+
+    ``prefix_window`` says what a query of a sliding-window layer sees of the prefix:
+    ``"all"`` (every prefix key, always: a task memory like an attention sink) or
+    ``"sliding"`` (PEFT's behaviour: the prefix keys are the P positions before the
+    first token and leave the window like cache entries). See
+    :func:`prefixattn.prefix_attention`.
     """
 
-    def layer_prefix(
-        self, layer_idx: int, batch_size: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+    prefix_window: str = "all"
+
+    def layer_prefix(self, layer_idx: int, batch_size: int) -> LayerPrefix | None:
         """The prefix of layer ``layer_idx`` for a batch of ``batch_size`` rows.
 
         Returns:
-            ``None`` (no prefix on this layer) or ``(prefix_k, prefix_v, prefix_index)`` with
-            ``prefix_k``/``prefix_v`` of shape [Hkv, P, D] (shared), [B, Hkv, P, D] (per row,
-            ``prefix_index=None``) or [T, Hkv, P, D] with ``prefix_index`` int64 [B] (bank).
-            A ragged bank returns a 4-tuple: ``prefix_lengths`` int64 [T] last (see
-            :func:`prefixattn.prefix_attention`).
+            ``None`` (no prefix on this layer) or a :class:`LayerPrefix` (see
+            :func:`prefixattn.prefix_attention` for the shapes).
         """
         raise NotImplementedError
 
@@ -133,6 +160,7 @@ class StaticPrefix(PrefixProvider):
             index is then repeated with ``repeat_interleave``.
         prefix_lengths: int64 [T], a ragged bank: entry t exposes its first
             ``prefix_lengths[t]`` keys (only with ``prefix_index``).
+        prefix_window: "all" or "sliding" (see :class:`PrefixProvider`).
     """
 
     def __init__(
@@ -143,7 +171,12 @@ class StaticPrefix(PrefixProvider):
         *,
         expand_batch: bool = False,
         prefix_lengths: torch.Tensor | None = None,
+        prefix_window: str = "all",
     ) -> None:
+        if prefix_window not in PREFIX_WINDOWS:
+            raise ValueError(
+                f"prefix_window must be one of {PREFIX_WINDOWS}, got {prefix_window!r}"
+            )
         if prefix_lengths is not None and prefix_index is None:
             raise ValueError("prefix_lengths needs prefix_index (a bank)")
         if not isinstance(keys, Sequence) or not isinstance(values, Sequence):
@@ -182,10 +215,9 @@ class StaticPrefix(PrefixProvider):
         self.prefix_index = prefix_index
         self.expand_batch = expand_batch
         self.prefix_lengths = prefix_lengths
+        self.prefix_window = prefix_window
 
-    def layer_prefix(
-        self, layer_idx: int, batch_size: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+    def layer_prefix(self, layer_idx: int, batch_size: int) -> LayerPrefix | None:
         """See :meth:`PrefixProvider.layer_prefix`."""
         if layer_idx >= len(self.keys):
             raise ValueError(
@@ -200,9 +232,7 @@ class StaticPrefix(PrefixProvider):
             if not (self.expand_batch and n > 0 and batch_size % n == 0):
                 raise ValueError(f"prefix_index has {n} rows but the batch has {batch_size} rows")
             index = index.repeat_interleave(batch_size // n)  # [B]: beams/samples of a row
-        if self.prefix_lengths is not None:
-            return k, v, index, self.prefix_lengths
-        return k, v, index
+        return LayerPrefix(k, v, index, self.prefix_lengths)
 
 
 @dataclass
@@ -214,6 +244,9 @@ class _PatchState:
     provider: PrefixProvider | None = None
     # layer_idx -> (key, value) seen by the attention function, while record_kv is active
     recorder: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+    # (cache_seqlens [B], cache_batch_idx [B]) while the model's cache hands the attention
+    # a KV-cache pool [S, Hkv, Nmax, D] instead of each row's keys (see set_kv_pool)
+    kv_pool: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 # --------------------------------------------------------------------------------------
@@ -377,6 +410,24 @@ def record_kv(model: PreTrainedModel) -> Iterator[dict[int, tuple[torch.Tensor, 
         state.recorder = previous
 
 
+def set_kv_pool(model: PreTrainedModel, view: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+    """Tell a patched ``model``'s attention that its cache returns a KV-cache pool.
+
+    ``view = (cache_seqlens, cache_batch_idx)``, int [B] each: the keys and values the
+    attention receives are a pool [S, Hkv, Nmax, D] of slots, row b reads slot
+    ``cache_batch_idx[b]`` up to key ``cache_seqlens[b]`` (see
+    :func:`prefixattn.prefix_attention`); the kernel reads it in place. ``None``: keys
+    and values are per row again. Used by the serving engine around a decode step.
+
+    Raises:
+        ValueError: ``model`` is not patched.
+    """
+    state = getattr(model, _STATE_ATTR, None)
+    if not isinstance(state, _PatchState):
+        raise ValueError("model must be patched with prefixattn.patch(model) before set_kv_pool")
+    state.kv_pool = view
+
+
 def get_prefix(model: nn.Module) -> PrefixProvider | None:
     """The provider attached to ``model`` (``None`` if none or not patched)."""
     state = getattr(model, _STATE_ATTR, None)
@@ -389,12 +440,21 @@ def get_prefix(model: nn.Module) -> PrefixProvider | None:
 
 
 def _kernel_visible(
-    batch_size: int, q_length: int, kv_length: int, kpm: torch.Tensor | None, device: Any
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    kpm: torch.Tensor | None,
+    device: Any,
+    window: int | None = None,
 ) -> torch.Tensor:
-    """The kernel's causal mask: bool [B, Nq, Nk], query i sees key j iff j <= i + Nk - Nq."""
+    """The kernel's causal mask: bool [B, Nq, Nk], query i sees key j iff j <= i + Nk - Nq
+    (and j > i + Nk - Nq - window with a sliding window)."""
     i = torch.arange(q_length, device=device)[:, None]
     j = torch.arange(kv_length, device=device)[None, :]
-    vis = (j <= i + (kv_length - q_length))[None].expand(batch_size, -1, -1)  # [B, Nq, Nk]
+    vis = j <= i + (kv_length - q_length)  # [Nq, Nk]
+    if window is not None:
+        vis = vis & (j > i + (kv_length - q_length) - window)
+    vis = vis[None].expand(batch_size, -1, -1)  # [B, Nq, Nk]
     if kpm is not None:
         vis = vis & kpm[:, None, :]
     return vis
@@ -418,12 +478,15 @@ def prefixattn_mask(
 
     Returns:
         bool [B, kv_length] (True = real token) when the 2-D ``attention_mask`` has padding,
-        else ``None``. Causality is left to the kernel (bottom-right aligned).
+        else ``None``. Causality is left to the kernel (bottom-right aligned), and so is a
+        sliding layer's window: the attention function gets it from the layer's
+        ``sliding_window`` kwarg; here a sliding mask (``local_size`` = its window) is
+        checked to be exactly causal + padding + that window.
 
     Raises:
         ValueError: the mask the model asks for cannot be expressed as a padding mask plus
-            the kernel's causal mask (static cache, packed sequences, sliding window
-            shorter than the keys, custom mask overlays).
+            the kernel's causal mask and window (static cache, packed sequences, chunked
+            attention, custom mask overlays).
     """
     cache_position = kwargs.pop("cache_position", None)
     position_kw: dict[str, Any]
@@ -476,16 +539,19 @@ def prefixattn_mask(
             use_vmap=kwargs.get("use_vmap", False),
             device=kwargs.get("device", "cpu"),
         )
-        ours = _kernel_visible(batch_size, q_length, kv_length, kpm, dense.device)
+        window = kwargs.get("local_size")  # a sliding layer's window (or a chunk size)
+        ours = _kernel_visible(batch_size, q_length, kv_length, kpm, dense.device, window)
         if not torch.equal(dense[:, 0].expand_as(ours), ours):
             raise ValueError(
-                "the attention pattern the model asks for (sliding window shorter than the "
-                "sequence, packed sequences or a custom mask overlay) is not a causal mask "
-                "plus key padding, which is all the prefixattn kernel computes"
+                "the attention pattern the model asks for (packed sequences, chunked "
+                "attention or a custom mask overlay) is not a causal mask plus key padding "
+                "and a sliding window, which is all the prefixattn kernel computes"
             )
     # An all-real mask is dropped (the kernel's unmasked path is faster); the check is a
-    # host sync, so it is skipped while torch.compile traces (no graph break).
-    if kpm is not None and not torch.compiler.is_compiling() and bool(kpm.all()):
+    # host sync, so it is skipped while torch.compile traces (no graph break) and while a
+    # CUDA graph is captured (the serving engine's decode graphs).
+    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    if kpm is not None and not torch.compiler.is_compiling() and not capturing and bool(kpm.all()):
         kpm = None
     return kpm
 
@@ -519,9 +585,10 @@ def prefixattn_attention_forward(
         scaling: softmax scale (e.g. GPT-2's, which folds ``scale_attn_by_inverse_layer_idx``);
             None means 1/sqrt(D).
         is_causal: overrides ``module.is_causal``.
-        **kwargs: other model kwargs (``position_ids``, ``use_cache``, ...) are not needed;
-            the ones that would change the result (soft-capping, sinks, varlen, a sliding
-            window shorter than the keys) raise ``ValueError``.
+        **kwargs: ``sliding_window`` (this layer's window, or None), ``softcap`` (logit
+            soft-capping) and ``s_aux`` / ``sinks`` (attention sinks [H]) go to the kernel;
+            other model kwargs (``position_ids``, ``use_cache``, ...) are not needed; the
+            ones that would change the result (varlen, position bias) raise ``ValueError``.
 
     Returns:
         ``(out, None)`` with out [B, Nq, H, D] (attention weights are never materialised).
@@ -531,13 +598,11 @@ def prefixattn_attention_forward(
     if cache is not None and type(cache).__name__ == "PagedAttentionCache":
         raise ValueError("prefixattn does not support paged attention caches")
     B = query.shape[0]
-    Nk = key.shape[2]
     window = kwargs.get("sliding_window")
-    if window is not None and Nk > window:
-        raise ValueError(
-            f"prefixattn has no sliding window: this layer attends to {Nk} keys with "
-            f"sliding_window={window}"
-        )
+    softcap = kwargs.get("softcap")
+    sinks = kwargs.get("s_aux")
+    if sinks is None:
+        sinks = kwargs.get("sinks")
     if attention_mask is not None and (
         attention_mask.dim() != 2 or attention_mask.dtype != torch.bool
     ):
@@ -552,6 +617,7 @@ def prefixattn_attention_forward(
     provider = state.provider if state is not None else None
 
     prefix_k = prefix_v = prefix_index = prefix_lengths = None
+    prefix_window = "all"
     is_cross = getattr(module, "is_cross_attention", False)
     layer_idx = getattr(module, "layer_idx", None)
     if state is not None and state.recorder is not None and not is_cross and layer_idx is not None:
@@ -563,15 +629,28 @@ def prefixattn_attention_forward(
             )
         got = provider.layer_prefix(int(layer_idx), B)
         if got is not None:
-            prefix_k, prefix_v, prefix_index, *rest = got
-            if rest:  # a ragged bank
-                prefix_lengths = rest[0].to(query.device)
+            if not isinstance(got, LayerPrefix):
+                raise TypeError(
+                    f"{type(provider).__name__}.layer_prefix must return a LayerPrefix or None, "
+                    f"got {type(got).__name__}"
+                )
             # a prefix trained in fp32 on a half-precision model (or vice versa): cast
-            prefix_k = prefix_k.to(device=query.device, dtype=query.dtype)
-            prefix_v = prefix_v.to(device=query.device, dtype=query.dtype)
-            if prefix_index is not None:
-                prefix_index = prefix_index.to(query.device)
+            prefix_k = got.key.to(device=query.device, dtype=query.dtype)
+            prefix_v = got.value.to(device=query.device, dtype=query.dtype)
+            if got.index is not None:
+                prefix_index = got.index.to(query.device)
+            if got.lengths is not None:  # a ragged bank
+                prefix_lengths = got.lengths.to(query.device)
+            prefix_window = provider.prefix_window
+    if (
+        window is not None
+        and key.shape[2] <= window
+        and (prefix_k is None or prefix_window == "all")
+    ):
+        window = None  # the window holds every key: plain causal (the faster kernel variant)
 
+    pool = state.kv_pool if state is not None and not is_cross else None
+    kw = {} if pool is None else {"cache_seqlens": pool[0], "cache_batch_idx": pool[1]}
     out = prefix_attention(
         query,
         key,
@@ -585,5 +664,10 @@ def prefixattn_attention_forward(
         sm_scale=None if scaling is None else float(scaling),
         dropout_p=float(dropout),
         backend=backend,
+        window=None if window is None else int(window),
+        softcap=None if softcap is None else float(softcap),
+        sinks=sinks,
+        prefix_window=prefix_window,
+        **kw,
     )  # [B, H, Nq, D]
     return out.transpose(1, 2).contiguous(), None  # [B, Nq, H, D]

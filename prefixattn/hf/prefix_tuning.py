@@ -32,7 +32,6 @@ PEFT 0.21).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import warnings
@@ -43,15 +42,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import nn
+from transformers import PreTrainedModel
 
-from ..losses import check_chunked_loss_support, chunked_loss_forward
-from ..ops.validation import BACKENDS, MAX_HEAD_DIM, MIN_HEAD_DIM
+from ..losses import chunked_loss_forward
+from ..ops.validation import BACKENDS, MAX_HEAD_DIM, MIN_HEAD_DIM, PREFIX_WINDOWS
 from ._common import INIT_STRATEGIES as INIT_STRATEGIES  # kept importable from here
-from ._common import PEFT_WEIGHTS_KEY, TuningConfigBase, is_int, read_artifact, read_peft_dir
-from ._compat import cache_arg
+from ._common import PEFT_WEIGHTS_KEY, TuningConfigBase, is_int, read_artifact
 from .patching import (
+    LayerPrefix,
     PrefixProvider,
     StaticPrefix,
     is_patched,
@@ -59,11 +58,14 @@ from .patching import (
     record_kv,
     set_prefix,
 )
-
-try:
-    from transformers import PreTrainedModel
-except ImportError as err:  # pragma: no cover
-    raise ImportError("prefixattn.hf needs transformers: pip install 'prefixattn[hf]'") from err
+from .tuner import (
+    Tuner,
+    generate_with,
+    model_device,
+    offset_positions,
+    prepare_init_text,
+    repeat_to,
+)
 
 __all__ = [
     "CONFIG_NAME",
@@ -72,6 +74,7 @@ __all__ = [
     "PrefixTuning",
     "PrefixTuningConfig",
     "read_prefix",
+    "token_kv",
 ]
 
 CONFIG_NAME = "prefixattn_prefix.json"
@@ -137,6 +140,15 @@ class PrefixTuningConfig(TuningConfigBase):
             "'sdpa' or 'reference'."
         },
     )
+    prefix_window: str = field(
+        default="all",
+        metadata={
+            "help": "On sliding-window layers (Mistral, Gemma-2/3, gpt-oss, ...): 'all' (every "
+            "query sees the whole prefix, a task memory) or 'sliding' (PEFT's behaviour: the "
+            "prefix keys are the P positions before the first token and leave the window). "
+            "The two agree while the prefix plus the tokens fit the window (P + N <= window)."
+        },
+    )
     chunked_loss: bool = field(
         default=False,
         metadata={
@@ -171,6 +183,10 @@ class PrefixTuningConfig(TuningConfigBase):
             raise ValueError(f"position_offset must be an int >= 0, got {self.position_offset!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.prefix_window not in PREFIX_WINDOWS:
+            raise ValueError(
+                f"prefix_window must be one of {PREFIX_WINDOWS}, got {self.prefix_window!r}"
+            )
         self._check_chunked_loss()
 
 
@@ -220,63 +236,48 @@ class ModelGeometry:
             )
 
 
-def _device(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
-def _offset_positions(
-    kwargs: dict[str, Any], input_ids: torch.Tensor | None, offset: int
-) -> dict[str, Any]:
-    """``kwargs`` with ``position_ids`` shifted by ``offset``.
-
-    Without ``position_ids`` the model's default is shifted: arange(N) + cache length.
-    """
-    if offset == 0:
-        return kwargs
-    pos = kwargs.get("position_ids")
-    if pos is None:
-        ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
-        if ref is None:
-            return kwargs  # the model raises its own error about missing inputs
-        _, past = cache_arg(kwargs)  # `cache` or (before transformers 5.2x) `past_key_values`
-        past_len = int(past.get_seq_length()) if hasattr(past, "get_seq_length") else 0
-        n = ref.shape[1]
-        pos = torch.arange(past_len, past_len + n, device=ref.device).unsqueeze(0)  # [1, N]
-    return {**kwargs, "position_ids": pos + offset}
-
-
-class _PositionOffsetHook:
-    """Forward pre-hook adding a position offset to every model call (used by generate)."""
-
-    def __init__(self, offset: int) -> None:
-        self.offset = offset
-
-    def __call__(
-        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        input_ids = args[0] if args else kwargs.get("input_ids")
-        return args, _offset_positions(kwargs, input_ids, self.offset)
-
-
 class _TuningProvider(PrefixProvider):
     """Computes layer ``l``'s prefix from the live parameters (autograd-connected)."""
 
     def __init__(self, owner: PrefixTuning) -> None:
         self.owner = owner
 
-    def layer_prefix(
-        self, layer_idx: int, batch_size: int
-    ) -> tuple[torch.Tensor, torch.Tensor, None]:
+    @property
+    def prefix_window(self) -> str:  # type: ignore[override]
+        """The owner's ``config.prefix_window``."""
+        return self.owner.config.prefix_window
+
+    def layer_prefix(self, layer_idx: int, batch_size: int) -> LayerPrefix:
         k, v = self.owner._layer_kv(layer_idx)
-        return k, v, None
+        return LayerPrefix(k, v)
 
 
-def check_model_type(meta: Mapping[str, Any], model: PreTrainedModel, what: str) -> None:
-    """Saved ``model_type`` must match ``model``'s (when both are known), else ``ValueError``."""
-    saved, have = meta.get("model_type"), getattr(model.config, "model_type", None)
-    if saved and have and saved != have:
-        raise ValueError(f"{what} was trained on a {saved!r} model, model is {have!r}")
+@torch.no_grad()
+def token_kv(
+    model: PreTrainedModel,
+    geometry: ModelGeometry,
+    ids: torch.Tensor,
+    restore: PrefixProvider | None,
+) -> torch.Tensor:
+    """K/V activations of token ids [P] run through the frozen, patched ``model`` without
+    any prefix (the paper's "vocab" / "text" init): [L, 2, Hkv, P, D] float32. ``restore``
+    is attached to the model again afterwards."""
+    was_training = model.training
+    model.eval()
+    set_prefix(model, None)
+    try:
+        with record_kv(model) as rec:
+            model(input_ids=ids[None].to(model_device(model)), use_cache=False)
+    finally:
+        set_prefix(model, restore)
+        model.train(was_training)
+    L = geometry.num_layers
+    if sorted(rec) != list(range(L)):
+        raise ValueError(
+            f"expected K/V from layers 0..{L - 1}, the model produced layers {sorted(rec)}"
+        )
+    out = torch.stack([torch.stack(rec[i]) for i in range(L)])  # [L, 2, 1, Hkv, P, D]
+    return out[:, :, 0].float()  # [L, 2, Hkv, P, D]
 
 
 def read_prefix(path: str | os.PathLike) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -304,7 +305,7 @@ def read_prefix(path: str | os.PathLike) -> tuple[torch.Tensor, dict[str, Any]]:
     return torch.stack(layers), meta  # [L, 2, Hkv, P, D]
 
 
-class PrefixTuning(nn.Module):
+class PrefixTuning(Tuner):
     """Prefix tuning of a frozen transformers decoder (see the module docstring).
 
     ``PrefixTuning(model, num_virtual_tokens=20, ...)`` patches ``model`` (see
@@ -336,6 +337,14 @@ class PrefixTuning(nn.Module):
     inside the attention function.
     """
 
+    CONFIG_NAME = CONFIG_NAME
+    WEIGHTS_NAME = WEIGHTS_NAME
+    FORMAT = FORMAT
+    FORMAT_VERSION = FORMAT_VERSION
+    PEFT_TYPE = "PREFIX_TUNING"
+    config_class = PrefixTuningConfig
+    artifact_noun = "prefix"
+
     def __init__(
         self,
         model: PreTrainedModel,
@@ -350,14 +359,10 @@ class PrefixTuning(nn.Module):
         position_offset: int = 0,
         backend: str = "auto",
         chunked_loss: bool = False,
+        prefix_window: str = "all",
     ) -> None:
         super().__init__()
-        text_ids = None
-        stored_text: str | list[int] | None = None
-        if init_text is not None:
-            text_ids, stored_text = _text_ids(init_text, tokenizer)
-        elif tokenizer is not None:
-            raise ValueError("tokenizer is only used to tokenize a string init_text")
+        ids, stored_text = prepare_init_text(init, init_text, tokenizer)
         config = PrefixTuningConfig(
             num_virtual_tokens=num_virtual_tokens,
             prefix_projection=prefix_projection,
@@ -368,57 +373,28 @@ class PrefixTuning(nn.Module):
             position_offset=position_offset,
             backend=backend,
             chunked_loss=chunked_loss,
+            prefix_window=prefix_window,
         )
-        self._setup(model, config)
-        self._initialize(text_ids)
+        self._attach(model, config)
+        self._initialize(ids)
 
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def from_config(
-        cls, model: PreTrainedModel, config: PrefixTuningConfig, tokenizer: Any = None
-    ) -> PrefixTuning:
-        """Build from a :class:`PrefixTuningConfig` (initialised as it says)."""
-        if not isinstance(config, PrefixTuningConfig):
-            raise TypeError(f"config must be a PrefixTuningConfig, got {type(config).__name__}")
-        c = config
-        return cls(
-            model,
-            c.num_virtual_tokens,
-            prefix_projection=c.prefix_projection,
-            encoder_hidden_size=c.encoder_hidden_size,
-            init=c.init,
-            init_text=c.init_text,
-            tokenizer=tokenizer,
-            init_std=c.init_std,
-            position_offset=c.position_offset,
-            backend=c.backend,
-            chunked_loss=c.chunked_loss,
-        )
+    def check_model(cls, model: object) -> PreTrainedModel:
+        """``model`` if it is a ``PreTrainedModel`` the kernel can serve (head dim), else
+        ``TypeError`` / ``ValueError``."""
+        model = super().check_model(model)
+        ModelGeometry.of(model)
+        return model
 
-    @classmethod
-    def _uninitialized(cls, model: PreTrainedModel, config: PrefixTuningConfig) -> PrefixTuning:
-        self = cls.__new__(cls)
-        nn.Module.__init__(self)
-        self._setup(model, config)
-        return self
-
-    def _setup(self, model: PreTrainedModel, config: PrefixTuningConfig) -> None:
-        if not isinstance(model, PreTrainedModel):
-            raise TypeError(
-                f"model must be a transformers PreTrainedModel, got {type(model).__name__}"
-            )
+    def _setup(self) -> None:
+        model, config = self.model, self.config
         geo = ModelGeometry.of(model)
-        if config.chunked_loss:
-            check_chunked_loss_support(model)
         patch(model, config.backend)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        self.config = config
         self.geometry = geo
-        self.model = model
         P, L, Hkv, D = config.num_virtual_tokens, geo.num_layers, geo.num_kv_heads, geo.head_dim
-        dev = _device(model)
+        dev = model_device(model)
         if config.prefix_projection:
             enc = config.encoder_hidden_size or geo.token_dim
             self.embedding = nn.Embedding(P, geo.token_dim, device=dev, dtype=torch.float32)
@@ -450,8 +426,7 @@ class PrefixTuning(nn.Module):
             vocab = self.model.get_input_embeddings().num_embeddings
             ids = torch.randint(0, vocab, (P,))
         else:  # "text": the config guarantees init_text, __init__ tokenized it
-            reps = -(-P // text_ids.numel())
-            ids = text_ids.repeat(reps)[:P]  # [P]: repeated / cut to P tokens
+            ids = repeat_to(text_ids, P)  # [P]
         target = self._activations(ids)  # [L, 2, Hkv, P, D]
         with torch.no_grad():
             if self.prefix is not None:
@@ -459,26 +434,9 @@ class PrefixTuning(nn.Module):
             else:
                 self._fit_mlp_output(target)
 
-    @torch.no_grad()
     def _activations(self, ids: torch.Tensor) -> torch.Tensor:
         """K/V activations of token ids [P] run through the frozen model: [L, 2, Hkv, P, D]."""
-        model, geo = self.model, self.geometry
-        was_training = model.training
-        model.eval()
-        set_prefix(model, None)
-        try:
-            with record_kv(model) as rec:
-                model(input_ids=ids[None].to(_device(model)), use_cache=False)
-        finally:
-            set_prefix(model, self._provider)
-            model.train(was_training)
-        if sorted(rec) != list(range(geo.num_layers)):
-            raise ValueError(
-                f"expected K/V from layers 0..{geo.num_layers - 1}, the model produced layers "
-                f"{sorted(rec)}"
-            )
-        out = torch.stack([torch.stack(rec[i]) for i in range(geo.num_layers)])  # [L,2,1,Hkv,P,D]
-        return out[:, :, 0].float()  # [L, 2, Hkv, P, D]
+        return token_kv(self.model, self.geometry, ids, restore=self._provider)
 
     def _fit_mlp_output(self, target: torch.Tensor) -> None:
         """Set the last MLP layer so the MLP outputs ``target`` [L, 2, Hkv, P, D] exactly.
@@ -502,11 +460,6 @@ class PrefixTuning(nn.Module):
             )
 
     # ------------------------------------------------------------------ the prefix
-
-    @property
-    def num_virtual_tokens(self) -> int:
-        """P."""
-        return self.config.num_virtual_tokens
 
     @property
     def position_offset(self) -> int:
@@ -539,15 +492,6 @@ class PrefixTuning(nn.Module):
         out = flat.view(P, geo.num_layers, 2, geo.num_kv_heads, geo.head_dim)
         return out.permute(1, 2, 3, 0, 4)  # [L, 2, Hkv, P, D]
 
-    def num_trainable_parameters(self) -> int:
-        """Number of trainable prefix parameters (MLP included when reparameterized)."""
-        return sum(p.numel() for p in self.parameters() if p.requires_grad)
-
-    def trainable_share(self) -> float:
-        """Trainable parameters as a fraction of the base model's parameters."""
-        base = sum(p.numel() for p in self.model.parameters())
-        return self.num_trainable_parameters() / max(base, 1)
-
     def extra_repr(self) -> str:
         g = self.geometry
         return (
@@ -567,24 +511,32 @@ class PrefixTuning(nn.Module):
             )
         set_prefix(self.model, self._provider)
 
-    def forward(self, input_ids: torch.Tensor | None = None, **kwargs: Any) -> Any:
-        """Run the model with the prefix: same arguments and outputs as ``model(...)``.
+    def _forward(self, input_ids: torch.Tensor | None, kwargs: dict[str, Any]) -> Any:
+        """The model call with the prefix attached and positions shifted.
 
         ``input_ids`` [B, N], ``attention_mask`` [B, N] (or [B, cache + N] with a cache),
-        ``labels``, ``past_key_values`` (the cache never holds the prefix), ...
+        ``labels`` [B, N], ``position_ids``, ``inputs_embeds``, ``past_key_values`` (the
+        cache never holds the prefix), ...
         """
         self._activate()
-        kwargs = _offset_positions(kwargs, input_ids, self.position_offset)
+        kwargs = offset_positions(kwargs, input_ids, self.position_offset)
         if self.config.chunked_loss and self.training and kwargs.get("labels") is not None:
             return chunked_loss_forward(self.model, input_ids, kwargs)
         return self.model(input_ids=input_ids, **kwargs)
+
+    def _backbone(self, input_ids: torch.Tensor | None, kwargs: dict[str, Any]) -> Any:
+        self._activate()
+        kwargs = offset_positions(kwargs, input_ids, self.position_offset)
+        return self.model.base_model(input_ids=input_ids, **kwargs)
 
     def folded_prefix(self) -> StaticPrefix:
         """A detached :class:`StaticPrefix` of the current prefix (MLP folded)."""
         with torch.no_grad():
             pre = self.prefix_tensor().detach()  # [L, 2, Hkv, P, D]
         return StaticPrefix(
-            [pre[i, 0] for i in range(len(pre))], [pre[i, 1] for i in range(len(pre))]
+            [pre[i, 0] for i in range(len(pre))],
+            [pre[i, 1] for i in range(len(pre))],
+            prefix_window=self.config.prefix_window,
         )
 
     @torch.no_grad()
@@ -593,39 +545,9 @@ class PrefixTuning(nn.Module):
         self._activate()
         if input_ids is not None:
             kwargs["input_ids"] = input_ids
-        return _generate_with(self.model, self.folded_prefix(), self.position_offset, kwargs,
-                              restore=self._provider)  # fmt: skip
-
-    def gradient_checkpointing_enable(
-        self, gradient_checkpointing_kwargs: dict[str, Any] | None = None
-    ) -> None:
-        """Turn on gradient (activation) checkpointing of the base model; the prefix trains.
-
-        Calls ``model.activation_checkpointing_enable`` (transformers >= 5.23) or
-        ``model.gradient_checkpointing_enable``. The default, non-reentrant checkpointing
-        needs nothing else; with ``{"use_reentrant": True}`` the input embeddings are made to
-        require grad so that the frozen model still backpropagates to the prefix.
-        Checkpointing is active in train mode only (transformers' rule).
-        """
-        model = self.model
-        if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(
-                activation_checkpointing_kwargs=gradient_checkpointing_kwargs
-            )
-        else:
-            model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs=gradient_checkpointing_kwargs
-            )
-        if (gradient_checkpointing_kwargs or {}).get("use_reentrant", False):
-            model.enable_input_require_grads()
-
-    def gradient_checkpointing_disable(self) -> None:
-        """Turn gradient checkpointing of the base model off again."""
-        model = self.model
-        if hasattr(model, "activation_checkpointing_disable"):
-            model.activation_checkpointing_disable()
-        else:
-            model.gradient_checkpointing_disable()
+        return generate_with(
+            self.model, self.folded_prefix(), self.position_offset, kwargs, self._provider
+        )
 
     # ------------------------------------------------------------------ files
 
@@ -639,29 +561,29 @@ class PrefixTuning(nn.Module):
         Returns:
             ``path`` as a ``Path``.
         """
-        if not isinstance(path, (str, os.PathLike)):
-            raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
+        return super().save(path)
+
+    def _artifact_tensors(self) -> dict[str, torch.Tensor]:
         with torch.no_grad():
             pre = self.prefix_tensor().detach().to("cpu", torch.float32)  # [L, 2, Hkv, P, D]
         tensors = {}
         for i in range(pre.shape[0]):
             tensors[f"layers.{i}.key"] = pre[i, 0].contiguous()
             tensors[f"layers.{i}.value"] = pre[i, 1].contiguous()
-        save_file(tensors, str(path / WEIGHTS_NAME), metadata={"format": FORMAT})
+        return tensors
+
+    def _artifact_meta(self) -> dict[str, Any]:
         g = self.geometry
-        meta = {
-            "format": FORMAT,
-            "version": FORMAT_VERSION,
+        return {
             "num_layers": g.num_layers,
             "num_key_value_heads": g.num_kv_heads,
             "head_dim": g.head_dim,
-            "model_type": getattr(self.model.config, "model_type", None),
-            "config": self.config.to_dict(),
         }
-        (path / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
-        return path
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> tuple[torch.Tensor, dict[str, Any]]:
+        """:func:`read_prefix`."""
+        return read_prefix(path)
 
     @classmethod
     def load(
@@ -677,24 +599,25 @@ class PrefixTuning(nn.Module):
                 model type).
             TypeError: ``model`` is not a ``PreTrainedModel``.
         """
-        prefix, meta = read_prefix(path)
-        cfg = dict(meta["config"])
-        cfg.update(prefix_projection=False, encoder_hidden_size=None, init="random", init_text=None)
-        if backend is not None:
-            cfg["backend"] = backend
-        config = PrefixTuningConfig.from_dict(cfg)
-        if not isinstance(model, PreTrainedModel):
-            raise TypeError(
-                f"model must be a transformers PreTrainedModel, got {type(model).__name__}"
-            )
-        check_model_type(meta, model, f"the prefix in {str(path)!r}")
-        ModelGeometry.of(model).check_prefix(prefix, f"the prefix in {str(path)!r}")
-        if prefix.shape[3] != config.num_virtual_tokens:
+        return cls._load(path, model, backend=backend)
+
+    @classmethod
+    def _load_config(cls, meta: Mapping[str, Any], **overrides: Any) -> PrefixTuningConfig:
+        # the saved prefix is the folded K/V: it trains directly, without the MLP
+        folded = dict(prefix_projection=False, encoder_hidden_size=None, init="random")
+        cfg = {**meta["config"], **folded, "init_text": None}
+        return super()._load_config({**meta, "config": cfg}, **overrides)
+
+    @classmethod
+    def _check_loaded_shape(
+        cls, tensor: torch.Tensor, model: PreTrainedModel, config: Any, where: str
+    ) -> None:
+        ModelGeometry.of(model).check_prefix(tensor, where)
+        if tensor.shape[3] != config.num_virtual_tokens:
             raise ValueError("prefix.safetensors and the JSON config disagree on P")
-        self = cls._uninitialized(model, config)
-        with torch.no_grad():
-            self.prefix.copy_(prefix)
-        return self
+
+    def _set_loaded(self, tensor: torch.Tensor) -> None:
+        self.prefix.copy_(tensor)
 
     # ------------------------------------------------------------------ PEFT
 
@@ -705,6 +628,7 @@ class PrefixTuning(nn.Module):
         model: PreTrainedModel | None = None,
         *,
         backend: str = "auto",
+        prefix_window: str = "all",
     ) -> PrefixTuning:
         """Load a PEFT prefix-tuning adapter; reproduces PEFT's logits, generations, gradients.
 
@@ -717,6 +641,13 @@ class PrefixTuning(nn.Module):
                 which is then no longer usable through the ``PeftModel`` (the prefix would be
                 applied twice); pass a separate copy to compare the two.
             backend: kernel backend.
+            prefix_window: what a sliding-window layer's query sees of the prefix. PEFT's
+                prefix sits in the KV cache, so on a sliding-window model (Mistral,
+                Gemma-2/3, gpt-oss, ...) its keys leave the window: ``"sliding"``. The
+                default ``"all"`` (every query sees the whole prefix) gives PEFT's result
+                exactly while the prefix plus the tokens fit the window (P + N <= window),
+                and is tested there; past that, pass ``"sliding"`` to keep PEFT's
+                semantics.
 
         The result uses PEFT's position convention (``position_offset=P``).
 
@@ -724,30 +655,10 @@ class PrefixTuning(nn.Module):
             ValueError: not a causal-LM prefix-tuning adapter, or shapes that do not fit.
             TypeError: wrong argument types.
         """
-        if isinstance(adapter, (str, os.PathLike)):
-            if model is None:
-                raise ValueError("model is required when adapter is a directory")
-            pcfg, weights = read_peft_dir(Path(adapter), _check_peft_config)
-            mlp = None
-        elif isinstance(adapter, nn.Module) and hasattr(adapter, "active_peft_config"):
-            pcfg = adapter.active_peft_config.to_dict()
-            _check_peft_config(pcfg)
-            encoder = adapter.prompt_encoder[adapter.active_adapter]
-            if model is None:
-                model = adapter.get_base_model()
-            if pcfg.get("prefix_projection") and not pcfg.get("inference_mode"):
-                mlp, weights = encoder, None
-            else:
-                mlp, weights = None, encoder.embedding.weight.detach()
-        else:
-            raise TypeError(
-                "adapter must be a PEFT adapter directory or a peft.PeftModel, got "
-                f"{type(adapter).__name__}"
-            )
-        if not isinstance(model, PreTrainedModel):
-            raise TypeError(
-                f"model must be a transformers PreTrainedModel, got {type(model).__name__}"
-            )
+        pcfg, weights, encoder, model = cls._peft_source(adapter, model)
+        mlp = None
+        if encoder is not None and pcfg.get("prefix_projection") and not pcfg.get("inference_mode"):
+            mlp = encoder  # a live, trainable PEFT model: keep its MLP
         geo = ModelGeometry.of(model)
         P = int(pcfg["num_virtual_tokens"])
         expect = {
@@ -766,6 +677,7 @@ class PrefixTuning(nn.Module):
             encoder_hidden_size=int(pcfg["encoder_hidden_size"]) if mlp is not None else None,
             position_offset=P,
             backend=backend,
+            prefix_window=prefix_window,
         )
         self = cls._uninitialized(model, config)
         with torch.no_grad():
@@ -798,8 +710,6 @@ class PrefixTuning(nn.Module):
         Raises:
             ValueError: the position offsets differ and ``allow_position_mismatch`` is False.
         """
-        if not isinstance(path, (str, os.PathLike)):
-            raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
         P = self.num_virtual_tokens
         if self.position_offset != P and not allow_position_mismatch:
             raise ValueError(
@@ -807,85 +717,22 @@ class PrefixTuning(nn.Module):
                 f"position offset num_virtual_tokens={P}: train with position_offset={P} to "
                 "export, or pass allow_position_mismatch=True"
             )
+        return self._write_peft(path)
+
+    def _peft_config(self) -> Any:
         from peft import PrefixTuningConfig as PeftPrefixTuningConfig
 
         g = self.geometry
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        pcfg = PeftPrefixTuningConfig(
-            task_type="CAUSAL_LM",
-            num_virtual_tokens=P,
+        return PeftPrefixTuningConfig(
+            **self._peft_common(),
             token_dim=g.token_dim,
             num_attention_heads=g.num_kv_heads,
             num_layers=g.num_layers,
-            num_transformer_submodules=1,
             encoder_hidden_size=self.config.encoder_hidden_size or g.token_dim,
             prefix_projection=self.config.prefix_projection,
-            inference_mode=True,
-            base_model_name_or_path=getattr(self.model, "name_or_path", None) or None,
         )
-        pcfg.save_pretrained(str(path))
+
+    def _peft_weights(self) -> torch.Tensor:
         with torch.no_grad():
             pre = self.prefix_tensor().detach().to("cpu", torch.float32)  # [L, 2, Hkv, P, D]
-        flat = pre.permute(3, 0, 1, 2, 4).reshape(P, -1).contiguous()  # [P, L*2*Hkv*D]
-        save_file({PEFT_WEIGHTS_KEY: flat}, str(path / "adapter_model.safetensors"))
-        return path
-
-
-def _generate_with(
-    model: PreTrainedModel,
-    provider: PrefixProvider,
-    offset: int,
-    kwargs: dict[str, Any],
-    restore: PrefixProvider | None,
-) -> Any:
-    """``model.generate(**kwargs)`` with ``provider`` attached and positions shifted."""
-    set_prefix(model, provider)
-    handle = None
-    if offset:
-        handle = model.register_forward_pre_hook(_PositionOffsetHook(offset), with_kwargs=True)
-    try:
-        return model.generate(**kwargs)
-    finally:
-        if handle is not None:
-            handle.remove()
-        set_prefix(model, restore)
-
-
-def _text_ids(
-    init_text: str | Sequence[int] | torch.Tensor, tokenizer: Any
-) -> tuple[torch.Tensor, str | list[int]]:
-    """Token ids [n] for ``init_text`` and its JSON-able form."""
-    if isinstance(init_text, str):
-        if tokenizer is None:
-            raise ValueError("init_text given as a string needs tokenizer (or pass token ids)")
-        ids = tokenizer(init_text, add_special_tokens=False)["input_ids"]
-        stored: str | list[int] = init_text
-    elif isinstance(init_text, torch.Tensor):
-        if init_text.dim() != 1 or init_text.dtype not in (torch.int32, torch.int64):
-            raise TypeError("init_text given as a tensor must be 1-D integer token ids")
-        ids = init_text.tolist()
-        stored = ids
-    elif isinstance(init_text, Sequence) and all(is_int(i) for i in init_text):
-        ids = list(init_text)
-        stored = ids
-    else:
-        raise TypeError(
-            f"init_text must be a str, a sequence of token ids or a 1-D tensor, got "
-            f"{type(init_text).__name__}"
-        )
-    if len(ids) == 0:
-        raise ValueError("init_text must contain at least one token")
-    return torch.tensor(ids, dtype=torch.int64), stored
-
-
-def _check_peft_config(pcfg: Mapping[str, Any]) -> None:
-    """A causal-LM prefix-tuning adapter config, else ``ValueError``."""
-    peft_type = str(pcfg.get("peft_type", "")).split(".")[-1]
-    if peft_type != "PREFIX_TUNING":
-        raise ValueError(f"adapter must be a PREFIX_TUNING adapter, got peft_type={peft_type!r}")
-    if pcfg.get("num_transformer_submodules") not in (None, 1):
-        raise ValueError(
-            "adapter must be for a decoder-only model (num_transformer_submodules=1), got "
-            f"{pcfg.get('num_transformer_submodules')}"
-        )
+        return pre.permute(3, 0, 1, 2, 4).reshape(self.num_virtual_tokens, -1)  # [P, L*2*Hkv*D]

@@ -33,7 +33,6 @@ the same tensor under the same name, so logits, generations and gradients match 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -42,20 +41,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
+from transformers import PreTrainedModel
+from transformers.utils import ModelOutput
 
-try:
-    from transformers import PreTrainedModel
-    from transformers.utils import ModelOutput
-except ImportError as err:  # pragma: no cover - exercised only without the extra
-    raise ImportError("prefixattn.hf needs transformers: pip install 'prefixattn[hf]'") from err
-
-from ..losses import check_chunked_loss_support, chunked_loss_forward
+from ..losses import chunked_loss_forward
 from ._common import INIT_STRATEGIES as INIT_STRATEGIES  # kept importable from here
-from ._common import PEFT_WEIGHTS_KEY, TuningConfigBase, is_int, read_artifact, read_peft_dir
+from ._common import PEFT_WEIGHTS_KEY, TuningConfigBase, is_int, read_artifact
 from ._compat import cache_arg
 from .patching import get_prefix, is_patched, set_prefix
+from .tuner import Tuner, prepare_init_text, repeat_to
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "PromptTuning", "PromptTuningConfig"]
 
@@ -108,55 +103,6 @@ class PromptTuningConfig(TuningConfigBase):
             raise TypeError(f"seed must be an int or None, got {self.seed!r}")
 
 
-def _text_ids(
-    init_text: str | Sequence[int] | torch.Tensor, tokenizer: Any
-) -> tuple[torch.Tensor, str | list[int]]:
-    """Token ids [n] for ``init_text`` and its JSON-able form."""
-    if isinstance(init_text, str):
-        if tokenizer is None:
-            raise ValueError(
-                "init_text given as a string needs tokenizer= (or pass init_text as token ids)"
-            )
-        if not callable(tokenizer):
-            raise TypeError(
-                f"tokenizer must be a callable Hugging Face tokenizer, got {type(tokenizer).__name__}"
-            )
-        ids = list(tokenizer(init_text, add_special_tokens=False)["input_ids"])
-        stored: str | list[int] = init_text
-    elif isinstance(init_text, torch.Tensor):
-        if init_text.dim() != 1 or init_text.dtype not in (torch.int32, torch.int64):
-            raise TypeError(
-                f"init_text given as a tensor must be 1-D integer token ids, got "
-                f"{init_text.dim()}-D {init_text.dtype}"
-            )
-        ids = init_text.tolist()
-        stored = ids
-    elif isinstance(init_text, Sequence) and all(is_int(i) for i in init_text):
-        ids = list(init_text)
-        stored = ids
-    else:
-        raise TypeError(
-            "init_text must be a str, a sequence of int token ids or a 1-D int tensor, got "
-            f"{type(init_text).__name__}"
-        )
-    if len(ids) == 0:
-        raise ValueError("init_text must contain at least one token")
-    return torch.tensor(ids, dtype=torch.int64), stored
-
-
-def _check_model(model: object, what: str = "model") -> PreTrainedModel:
-    if not isinstance(model, PreTrainedModel):
-        raise TypeError(
-            f"{what} must be a transformers PreTrainedModel (a causal LM), got "
-            f"{type(model).__name__}"
-        )
-    if getattr(model.config, "is_encoder_decoder", False):
-        raise ValueError(f"{what} must be a decoder-only model, got an encoder-decoder model")
-    if not isinstance(model.get_input_embeddings(), nn.Embedding):
-        raise ValueError(f"{what} must have an nn.Embedding as input embeddings")
-    return model
-
-
 def _check_2d(name: str, x: Any, batch: int, length: int) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor [B, N], got {type(x).__name__}")
@@ -177,7 +123,7 @@ def _check_positions(pos: Any, batch: int, length: int) -> None:
         )
 
 
-class PromptTuning(nn.Module):
+class PromptTuning(Tuner):
     """Prompt tuning of a frozen transformers decoder (see the module docstring).
 
     ``PromptTuning(model, num_virtual_tokens=20, init=..., init_text=...)`` freezes all
@@ -208,6 +154,14 @@ class PromptTuning(nn.Module):
             the vocabulary, an encoder-decoder model.
     """
 
+    CONFIG_NAME = CONFIG_NAME
+    WEIGHTS_NAME = WEIGHTS_NAME
+    FORMAT = FORMAT
+    FORMAT_VERSION = FORMAT_VERSION
+    PEFT_TYPE = "PROMPT_TUNING"
+    config_class = PromptTuningConfig
+    artifact_noun = "soft prompt"
+
     def __init__(
         self,
         model: PreTrainedModel,
@@ -220,17 +174,7 @@ class PromptTuning(nn.Module):
         chunked_loss: bool = False,
     ) -> None:
         super().__init__()
-        if tokenizer is not None and not isinstance(init_text, str):
-            raise ValueError(
-                "tokenizer is only used to tokenize a string init_text (init='text'); "
-                f"got init_text={type(init_text).__name__}"
-            )
-        text_ids = None
-        stored_text: str | list[int] | None = None
-        if init_text is not None:
-            if init != "text":
-                raise ValueError(f"init_text is only used with init='text', got init={init!r}")
-            text_ids, stored_text = _text_ids(init_text, tokenizer)
+        text_ids, stored_text = prepare_init_text(init, init_text, tokenizer)
         config = PromptTuningConfig(
             num_virtual_tokens=num_virtual_tokens,
             init=init,
@@ -238,53 +182,33 @@ class PromptTuning(nn.Module):
             seed=seed,
             chunked_loss=chunked_loss,
         )
-        rows = _check_model(model).get_input_embeddings().num_embeddings
+        rows = self.check_model(model).get_input_embeddings().num_embeddings
         if text_ids is not None:  # checked before the model is touched (frozen)
             bad = text_ids[(text_ids < 0) | (text_ids >= rows)]
             if bad.numel():
                 raise ValueError(f"init_text token ids must be in [0, {rows}), got {bad.tolist()}")
-        self._setup(model, config)
+        self._attach(model, config)
         self._initialize(text_ids)
 
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def from_config(
-        cls, model: PreTrainedModel, config: PromptTuningConfig, tokenizer: Any = None
-    ) -> PromptTuning:
-        """Build from a :class:`PromptTuningConfig` (initialised as it says)."""
-        if not isinstance(config, PromptTuningConfig):
-            raise TypeError(f"config must be a PromptTuningConfig, got {type(config).__name__}")
-        return cls(
-            model,
-            config.num_virtual_tokens,
-            init=config.init,
-            init_text=config.init_text,
-            tokenizer=tokenizer if isinstance(config.init_text, str) else None,
-            seed=config.seed,
-            chunked_loss=config.chunked_loss,
-        )
+    def check_model(cls, model: object) -> PreTrainedModel:
+        """``model`` if it is a decoder-only ``PreTrainedModel`` with ``nn.Embedding`` input
+        embeddings, else ``TypeError`` / ``ValueError``."""
+        model = super().check_model(model)
+        if getattr(model.config, "is_encoder_decoder", False):
+            raise ValueError("model must be a decoder-only model, got an encoder-decoder model")
+        if not isinstance(model.get_input_embeddings(), nn.Embedding):
+            raise ValueError("model must have an nn.Embedding as input embeddings")
+        return model
 
-    @classmethod
-    def _uninitialized(cls, model: PreTrainedModel, config: PromptTuningConfig) -> PromptTuning:
-        self = cls.__new__(cls)
-        nn.Module.__init__(self)
-        self._setup(model, config)
-        return self
-
-    def _setup(self, model: PreTrainedModel, config: PromptTuningConfig) -> None:
-        model = _check_model(model)
-        if config.chunked_loss:
-            check_chunked_loss_support(model)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        self.config = config
-        self.model = model
-        emb = model.get_input_embeddings()
+    def _setup(self) -> None:
+        emb = self.model.get_input_embeddings()
         self.hidden_size = int(emb.embedding_dim)
         # [P, hidden] float32 master copy, on the embeddings' device
         self.prompt = nn.Parameter(
-            torch.zeros(config.num_virtual_tokens, self.hidden_size, device=emb.weight.device)
+            torch.zeros(self.config.num_virtual_tokens, self.hidden_size, device=emb.weight.device)
         )
 
     def _generator(self) -> torch.Generator | None:
@@ -306,17 +230,11 @@ class PromptTuning(nn.Module):
         if c.init == "vocab":
             ids = torch.randint(0, vocab, (P,), generator=self._generator())
         else:
-            assert text_ids is not None
-            reps = -(-P // text_ids.numel())
-            ids = text_ids.repeat(reps)[:P]  # [P]: repeated / cut to P tokens
+            assert text_ids is not None, "init='text' without init_text passed the config check"
+            ids = repeat_to(text_ids, P)  # [P]
         self.prompt.copy_(weight[ids.to(weight.device)].float())
 
     # ------------------------------------------------------------------ properties
-
-    @property
-    def num_virtual_tokens(self) -> int:
-        """P."""
-        return self.config.num_virtual_tokens
 
     @property
     def vocab_size(self) -> int:
@@ -327,15 +245,6 @@ class PromptTuning(nn.Module):
             cfg = cfg.get_text_config()
         v = getattr(cfg, "vocab_size", None)
         return min(int(v), rows) if is_int(v) and v > 0 else rows
-
-    def num_trainable_parameters(self) -> int:
-        """Number of trainable parameters (P * hidden)."""
-        return sum(p.numel() for p in self.parameters() if p.requires_grad)
-
-    def trainable_share(self) -> float:
-        """Trainable parameters as a fraction of the base model's parameters."""
-        base = sum(p.numel() for p in self.model.parameters())
-        return self.num_trainable_parameters() / max(base, 1)
 
     def extra_repr(self) -> str:
         return (
@@ -435,15 +344,15 @@ class PromptTuning(nn.Module):
                 kwargs["position_ids"] = pos + P
         return kwargs, N
 
-    def forward(self, input_ids: torch.Tensor | None = None, **kwargs: Any) -> Any:
-        """Run the model with the soft prompt: same arguments and outputs as ``model(...)``.
+    def _forward(self, input_ids: torch.Tensor | None, kwargs: dict[str, Any]) -> Any:
+        """The model call with the soft prompt (``forward`` takes what the model takes).
 
         Arguments:
             input_ids: [B, N] token ids (or pass ``inputs_embeds`` [B, N, hidden]).
-            **kwargs: anything the model takes: ``attention_mask`` [B, N] (real tokens
-                only; with a non-empty ``past_key_values`` it covers the cached real tokens
-                plus the N new ones), ``labels`` [B, N], ``position_ids`` [B, N],
-                ``past_key_values``, ``use_cache``, ``return_dict``, ...
+            kwargs: ``attention_mask`` [B, N] (real tokens only; with a non-empty
+                ``past_key_values`` it covers the cached real tokens plus the N new ones),
+                ``labels`` [B, N], ``position_ids`` [B, N], ``past_key_values``,
+                ``use_cache``, ``return_dict``, ...
 
         With an empty (or no) cache the soft prompt is prepended; with a cache that already
         holds it (a cache returned by an earlier call), the new tokens are passed as they
@@ -489,18 +398,31 @@ class PromptTuning(nn.Module):
             self._strip_virtual(out, N)
         return out if return_dict else out.to_tuple()
 
+    def _backbone(self, input_ids: torch.Tensor | None, kwargs: dict[str, Any]) -> Any:
+        """The backbone on the soft prompt + inputs; ``last_hidden_state`` is cut back to
+        the N real positions: [B, N, hidden]."""
+        _, past = cache_arg(kwargs)
+        if past is not None and past.get_seq_length() > 0:
+            raise ValueError("PromptTuning.base_model starts from the soft prompt: no cache")
+        self._detach_prefix()
+        model_kwargs, N = self._extend(input_ids, kwargs, prepend=True)
+        out = self.model.base_model(**model_kwargs)
+        self._strip_virtual(out, N, key="last_hidden_state")
+        return out
+
     def _detach_prefix(self) -> None:
         """A ``PrefixTuning`` / ``TaskBank`` sharing this model leaves its prefix attached
         after its calls (they re-attach theirs on every call): run without it."""
         if is_patched(self.model) and get_prefix(self.model) is not None:
             set_prefix(self.model, None)
 
-    def _strip_virtual(self, out: ModelOutput, n: int) -> None:
-        """Cut ``logits`` / ``hidden_states`` of ``out`` to the last ``n`` (real) positions."""
+    def _strip_virtual(self, out: ModelOutput, n: int, key: str = "logits") -> None:
+        """Cut ``out[key]`` (``logits`` or ``last_hidden_state``) and ``hidden_states`` of
+        ``out`` to the last ``n`` (real) positions."""
         total = self.num_virtual_tokens + n
-        logits = out.get("logits") if isinstance(out, Mapping) else None
+        logits = out.get(key) if isinstance(out, Mapping) else None
         if isinstance(logits, torch.Tensor) and logits.dim() == 3 and logits.shape[1] == total:
-            out["logits"] = logits[:, total - n :]  # [B, N, V]
+            out[key] = logits[:, total - n :]  # [B, N, V or hidden]
         hs = out.get("hidden_states") if isinstance(out, Mapping) else None
         if isinstance(hs, tuple):
             out["hidden_states"] = tuple(
@@ -565,24 +487,6 @@ class PromptTuning(nn.Module):
                     model_kwargs[key] = kwargs[key] + P
         return self.model.generate(**model_kwargs)
 
-    def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
-        """``model.gradient_checkpointing_enable(**kwargs)``; the soft prompt still trains
-        (it enters through ``inputs_embeds``, which require grad).
-
-        On transformers >= 5.23 this calls ``model.activation_checkpointing_enable`` (the
-        old name warns), with ``gradient_checkpointing_kwargs`` passed on as
-        ``activation_checkpointing_kwargs``.
-        """
-        model = self.model
-        if hasattr(model, "activation_checkpointing_enable"):
-            if "gradient_checkpointing_kwargs" in kwargs:
-                kwargs["activation_checkpointing_kwargs"] = kwargs.pop(
-                    "gradient_checkpointing_kwargs"
-                )
-            model.activation_checkpointing_enable(**kwargs)
-        else:
-            model.gradient_checkpointing_enable(**kwargs)
-
     # ------------------------------------------------------------------ as a prefix
 
     @torch.no_grad()
@@ -642,23 +546,18 @@ class PromptTuning(nn.Module):
         Returns:
             ``path`` as a ``Path``.
         """
-        if not isinstance(path, (str, os.PathLike)):
-            raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        weight = self.prompt.detach().to("cpu", torch.float32).contiguous()  # [P, hidden]
-        save_file({PEFT_WEIGHTS_KEY: weight}, str(path / WEIGHTS_NAME), metadata={"format": FORMAT})
-        cfg = self.model.config
-        meta = {
-            "format": FORMAT,
-            "version": FORMAT_VERSION,
-            "hidden_size": self.hidden_size,
-            "vocab_size": self.vocab_size,
-            "model_type": getattr(cfg, "model_type", None),
-            "config": self.config.to_dict(),
-        }
-        (path / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
-        return path
+        return super().save(path)
+
+    def _artifact_tensors(self) -> dict[str, torch.Tensor]:
+        return {PEFT_WEIGHTS_KEY: self.prompt.detach().to("cpu", torch.float32).contiguous()}
+
+    def _artifact_meta(self) -> dict[str, Any]:
+        return {"hidden_size": self.hidden_size, "vocab_size": self.vocab_size}
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> tuple[torch.Tensor, dict[str, Any]]:
+        """:func:`read_prompt`."""
+        return read_prompt(path)
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: PreTrainedModel) -> PromptTuning:
@@ -669,27 +568,20 @@ class PromptTuning(nn.Module):
                 (hidden size, model type).
             TypeError: ``model`` is not a ``PreTrainedModel``.
         """
-        weight, meta = read_prompt(path)
-        model = _check_model(model)
-        config = PromptTuningConfig.from_dict(meta["config"])
+        return cls._load(path, model)
+
+    @classmethod
+    def _check_loaded_shape(
+        cls, tensor: torch.Tensor, model: PreTrainedModel, config: Any, where: str
+    ) -> None:
         hidden = model.get_input_embeddings().embedding_dim
-        if weight.shape[1] != hidden:
-            raise ValueError(
-                f"model has hidden size {hidden} but the soft prompt in {str(path)!r} has "
-                f"{weight.shape[1]}"
-            )
-        mt = getattr(model.config, "model_type", None)
-        if meta.get("model_type") not in (None, mt):
-            raise ValueError(
-                f"model is a {mt!r} model but the soft prompt in {str(path)!r} was trained on "
-                f"a {meta['model_type']!r} model"
-            )
-        if weight.shape[0] != config.num_virtual_tokens:
+        if tensor.shape[1] != hidden:
+            raise ValueError(f"model has hidden size {hidden} but {where} has {tensor.shape[1]}")
+        if tensor.shape[0] != config.num_virtual_tokens:
             raise ValueError(f"{WEIGHTS_NAME} and {CONFIG_NAME} disagree on num_virtual_tokens")
-        self = cls._uninitialized(model, config)
-        with torch.no_grad():
-            self.prompt.copy_(weight)
-        return self
+
+    def _set_loaded(self, tensor: torch.Tensor) -> None:
+        self.prompt.copy_(tensor)
 
     # ------------------------------------------------------------------ PEFT
 
@@ -712,31 +604,7 @@ class PromptTuning(nn.Module):
             ValueError: not a decoder-only PROMPT_TUNING adapter, or shapes that do not fit.
             TypeError: wrong argument types.
         """
-        if isinstance(adapter, (str, os.PathLike)):
-            if model is None:
-                raise ValueError("model is required when adapter is a directory")
-            pcfg, weights = read_peft_dir(Path(adapter))
-        elif isinstance(adapter, nn.Module) and hasattr(adapter, "active_peft_config"):
-            pcfg = adapter.active_peft_config.to_dict()
-            if model is None:
-                model = adapter.get_base_model()
-            encoder = adapter.prompt_encoder[adapter.active_adapter]
-            weights = encoder.embedding.weight.detach()
-        else:
-            raise TypeError(
-                "adapter must be a PEFT adapter directory or a peft.PeftModel, got "
-                f"{type(adapter).__name__}"
-            )
-        peft_type = str(pcfg.get("peft_type", "")).split(".")[-1]
-        if peft_type != "PROMPT_TUNING":
-            raise ValueError(
-                f"adapter must be a PROMPT_TUNING adapter, got peft_type={peft_type!r}"
-            )
-        if pcfg.get("num_transformer_submodules", 1) not in (1, None):
-            raise ValueError(
-                "adapter must be for a decoder-only model (num_transformer_submodules=1)"
-            )
-        model = _check_model(model)
+        pcfg, weights, _, model = cls._peft_source(adapter, model)
         P = int(pcfg["num_virtual_tokens"])
         hidden = model.get_input_embeddings().embedding_dim
         if tuple(weights.shape) != (P, hidden):
@@ -755,27 +623,23 @@ class PromptTuning(nn.Module):
         Returns:
             ``path`` as a ``Path``.
         """
+        return self._write_peft(path)
+
+    def _peft_config(self) -> Any:
         from peft import PromptTuningConfig as PeftPromptTuningConfig
 
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
         cfg = self.model.config
         if hasattr(cfg, "get_text_config"):
             cfg = cfg.get_text_config()
-        pcfg = PeftPromptTuningConfig(
-            task_type="CAUSAL_LM",
-            num_virtual_tokens=self.num_virtual_tokens,
+        return PeftPromptTuningConfig(
+            **self._peft_common(),
             token_dim=self.hidden_size,
-            num_transformer_submodules=1,
             num_attention_heads=getattr(cfg, "num_attention_heads", None),
             num_layers=getattr(cfg, "num_hidden_layers", None),
-            inference_mode=True,
-            base_model_name_or_path=getattr(self.model, "name_or_path", None) or None,
         )
-        pcfg.save_pretrained(str(path))
-        weight = self.prompt.detach().to("cpu", torch.float32).contiguous()
-        save_file({PEFT_WEIGHTS_KEY: weight}, str(path / "adapter_model.safetensors"))
-        return path
+
+    def _peft_weights(self) -> torch.Tensor:
+        return self.prompt  # [P, hidden]
 
 
 def read_prompt(path: str | os.PathLike) -> tuple[torch.Tensor, dict[str, Any]]:

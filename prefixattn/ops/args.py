@@ -36,6 +36,7 @@ def pointer_args(call: AttentionCall, mode: int) -> dict[str, torch.Tensor]:
     ``prefix_mode``). Absent optional inputs get ``q`` as a dummy the kernel never reads;
     the key mask goes in as uint8 (a view)."""
     q, pidx, plen, kpm = call.q, call.prefix_index, call.prefix_lengths, call.key_padding_mask
+    sinks = call.sinks
     has_p = mode != PREFIX_NONE
     return {
         "Q": q,
@@ -49,6 +50,10 @@ def pointer_args(call: AttentionCall, mode: int) -> dict[str, torch.Tensor]:
         else q,
         "KPM": kpm.view(torch.uint8) if kpm is not None else q,
         "PLEN": plen if has_p and plen is not None else q,
+        "CSL": call.cache_seqlens if call.cache_seqlens is not None else q,
+        "CBI": call.cache_batch_idx if call.cache_batch_idx is not None else q,
+        # the forward reads sinks[h] at offset h: a strided vector is made dense (H floats)
+        "SINKS": q if sinks is None else sinks if sinks.is_contiguous() else sinks.contiguous(),
     }
 
 
@@ -77,6 +82,8 @@ def input_args(call: AttentionCall, prob: AttnProblem) -> dict:
         "dropout_p": float(call.dropout_p),
         "TUNE_NQ": bucket(prob.Nq),
         "TUNE_NK": bucket(prob.Nk),
+        "window": prob.window,
+        "softcap": prob.softcap or 1.0,  # a placeholder when off (HAS_SOFTCAP False)
     }
 
 
@@ -90,8 +97,15 @@ def input_flags(call: AttentionCall, prob: AttnProblem) -> dict:
         PREFIX_MODE=prob.prefix_mode,
         HAS_PLEN=has_p and call.prefix_lengths is not None,
         HAS_KPM=call.key_padding_mask is not None,
+        HAS_CSL=call.cache_seqlens is not None,
+        HAS_CBI=call.cache_batch_idx is not None,
         HAS_DROPOUT=call.dropout_p > 0.0,
         INPUT_PRECISION=input_precision(call.q),
+        # a window holding every key (W >= Nk) runs the plain causal variant
+        HAS_WINDOW=0 < prob.window < prob.Nk,
+        PREFIX_WINDOWED=prob.prefix_windowed,
+        HAS_SOFTCAP=prob.softcap > 0.0,
+        HAS_SINKS=prob.has_sinks,
     )
 
 

@@ -10,7 +10,7 @@ from .call import AttentionCall, new_call
 from .plan import lookup_plan
 from .sdpa import torch_backend
 from .settings import ACTIVE
-from .validation import resolve_backend
+from .validation import check_no_grad, resolve_backend
 
 _grad_enabled = torch.is_grad_enabled
 _apply = apply_function
@@ -31,6 +31,12 @@ def prefix_attention(
     dropout_p: float = 0.0,
     backend: str = "auto",
     prefix_lengths: torch.Tensor | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
+    prefix_window: str = "all",
+    cache_seqlens: torch.Tensor | None = None,
+    cache_batch_idx: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention over a prefix of P virtual keys plus the sequence keys, fused.
 
@@ -56,6 +62,15 @@ def prefix_attention(
         causal: causal mask on the sequence keys, aligned bottom-right.
         sm_scale: softmax scale, default 1 / sqrt(D).
         dropout_p: attention dropout probability (Philox; backward regenerates the mask).
+        cache_seqlens: int32/int64 [B], attention over a KV-cache pool (as FlashAttention's
+            ``flash_attn_with_kvcache``): row b sees sequence keys [0, cache_seqlens[b])
+            of its slot, causal aligned to that length (query i sees key j iff
+            j <= i + cache_seqlens[b] - Nq); each in [0, Nmax]. k, v are then the pool
+            [S, Hkv, Nmax, D], read in place (no gather, no mask built) by the Triton
+            kernel. Inference only: an error if gradients are asked (or dropout, or
+            under torch.compile).
+        cache_batch_idx: int32/int64 [B], row b reads slot ``cache_batch_idx[b]`` of the
+            pool (in [0, S); repeated and out-of-order slots are fine). None: slot b.
         backend: "auto" (Triton on CUDA, "sdpa" elsewhere), "triton" (CUDA, or CPU under
             TRITON_INTERPRET=1), "sdpa" (PyTorch's fused scaled_dot_product_attention on
             the concatenated prefix + keys: any device and dtype) or "reference" (the
@@ -87,19 +102,30 @@ def prefix_attention(
     Raises:
         TypeError, ValueError: on bad input, naming the argument and what was expected.
     """
+    if _is_compiling():
+        # imported here: registering the ops imports parts of torch._inductor (~1 s), a
+        # cost only compiling callers should pay. The call by keyword: Dynamo traces the
+        # NamedTuple's own constructor.
+        from .custom_op import traced_prefix_attention
+
+        return traced_prefix_attention(AttentionCall(
+            q=q, k=k, v=v, prefix_k=prefix_k, prefix_v=prefix_v, prefix_index=prefix_index,
+            prefix_lengths=prefix_lengths, key_padding_mask=key_padding_mask, sinks=sinks,
+            causal=causal, sm_scale=sm_scale, dropout_p=dropout_p, window=window,
+            softcap=softcap, prefix_window=prefix_window,
+            backend=resolve_backend(backend, q), settings=ACTIVE.settings,
+            cache_seqlens=cache_seqlens, cache_batch_idx=cache_batch_idx,
+        ))  # fmt: skip
     # the call, once: every layer below takes it (call.py); "auto" is resolved here
     call = new_call(
         AttentionCall,
-        (q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, causal,
-         sm_scale, dropout_p, backend if backend != "auto" else resolve_backend(backend, q),
-         ACTIVE.settings),
+        (q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, sinks,
+         causal, sm_scale, dropout_p, window, softcap, prefix_window,
+         backend if backend != "auto" else resolve_backend(backend, q), ACTIVE.settings,
+         cache_seqlens, cache_batch_idx),
     )  # fmt: skip
-    if _is_compiling():
-        # imported here: registering the ops imports parts of torch._inductor (~1 s), a
-        # cost only compiling callers should pay
-        from .custom_op import traced_prefix_attention
-
-        return traced_prefix_attention(call)
+    if (cache_seqlens is not None or cache_batch_idx is not None) and _grad_enabled():
+        check_no_grad(call)
     # the call's plan: validated and set up once per signature (plan.py)
     plan = lookup_plan(call)
     if plan.backend == "triton":
@@ -108,7 +134,12 @@ def prefix_attention(
             or k.requires_grad
             or v.requires_grad
             or (prefix_k is not None and (prefix_k.requires_grad or prefix_v.requires_grad))
+            or (sinks is not None and sinks.requires_grad)
         ):
+            if sinks is not None:  # the sinks' gradient too
+                return _apply(
+                    PrefixAttentionFunction, q, k, v, prefix_k, prefix_v, call, plan, sinks
+                )
             return _apply(PrefixAttentionFunction, q, k, v, prefix_k, prefix_v, call, plan)
         # inference (decoding): no graph to record, so skip autograd.Function's host cost
         return plan.forward(call, new_seed() if plan.dropout else 0)[0]

@@ -16,8 +16,9 @@ class PrefixAttentionFunction(torch.autograd.Function):
     probabilities from lse, and regenerates the dropout mask from the seed. Both run
     through the call's :class:`~prefixattn.ops.plan.CallPlan`.
 
-    ``apply(q, k, v, prefix_k, prefix_v, call, plan)``: the differentiable tensors are
-    passed on their own (autograd tracks arguments), and are the call's."""
+    ``apply(q, k, v, prefix_k, prefix_v, call, plan[, sinks])``: the differentiable
+    tensors are passed on their own (autograd tracks arguments), and are the call's;
+    ``sinks`` only when the call has them (its gradient is :func:`sink_grad`)."""
 
     @staticmethod
     def forward(
@@ -29,6 +30,7 @@ class PrefixAttentionFunction(torch.autograd.Function):
         prefix_v: torch.Tensor | None,
         call: AttentionCall,
         plan: CallPlan,
+        sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:
         seed = new_seed() if plan.dropout else 0
         out, lse, aligned = plan.forward(call, seed)
@@ -53,7 +55,21 @@ class PrefixAttentionFunction(torch.autograd.Function):
             dpv if n[4] else None,
             None,
             None,
+            # (a call without sinks passes 7 inputs: a trailing None is allowed)
+            sink_grad(call.sinks, lse, out, do) if call.sinks is not None and n[7] else None,
         )
+
+
+def sink_grad(
+    sinks: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, do: torch.Tensor
+) -> torch.Tensor:
+    """The gradient of attention sinks [H]: a sink's logit has no value, so its dP is 0 and
+    dsink[h] = -sum_{b, i} p_sink[b, h, i] * Delta[b, h, i], with p_sink = exp(sink[h] -
+    lse) and Delta = rowsum(dO * O) (lse: the forward's log2 log-sum-exp [B, H, Nq], the
+    sink included). A fixed-order reduction in fp32: bitwise reproducible."""
+    delta = (do.float() * out.float()).sum(-1)  # [B, H, Nq]
+    p_sink = torch.exp2(sinks.float()[None, :, None] * 1.4426950408889634 - lse)  # [B, H, Nq]
+    return (-(p_sink * delta).sum((0, 2))).to(sinks.dtype)
 
 
 # torch.autograd.Function.apply (Python) binds default arguments and unwraps dead

@@ -222,7 +222,7 @@ def backward_specs(
         **strides("dk", dk if need_kv else None, "zhnd"), "seed": seed,
     }  # fmt: skip
     flags = input_flags(call, prob)
-    common = pick(flags, "D", "BLOCK_D", "HAS_DROPOUT", "INPUT_PRECISION")
+    common = pick(flags, "D", "BLOCK_D", "HAS_DROPOUT", "INPUT_PRECISION", "HAS_SOFTCAP")
     settings = call.settings
 
     def spec(name: str, attr: str, grid: Callable, n_kp: int, consts: dict) -> LaunchSpec:
@@ -241,6 +241,7 @@ def backward_specs(
         consts = {
             "BLOCK_NP": prefix_block_n(P),
             **pick(flags, "IS_CAUSAL", "PREFIX_MODE", "HAS_PLEN", "HAS_KPM"),
+            **pick(flags, "HAS_WINDOW", "PREFIX_WINDOWED"),
             "HAS_DELTA": lay.has_delta,
             **common,
             "KIND": BWD_KINDS["bwd"],
@@ -257,22 +258,25 @@ def backward_specs(
     # placeholders, and so do the flags a kind does not read (no needless compiles)
     vals.update(NEED_KV=0, NEED_DQ=0, N_PREFIX_PROGS=0, N_SPLIT=1)
     split = {**common, "BLOCK_M2": 0, "BLOCK_N2": 0, "BLOCK_NP": 16, "HAS_DELTA": True}
-    unread = {"IS_CAUSAL": False, "PREFIX_MODE": 0, "HAS_PLEN": False, "HAS_KPM": False}
+    unread = {"IS_CAUSAL": False, "PREFIX_MODE": 0, "HAS_PLEN": False, "HAS_KPM": False,
+              "HAS_WINDOW": False, "PREFIX_WINDOWED": False}  # fmt: skip
 
     def split_consts(name: str, *read: str) -> dict:
         return {**unread, **pick(flags, *read), **split, "KIND": BWD_KINDS[name]}
 
     if need_q:
-        consts = split_consts("dq", "IS_CAUSAL", "PREFIX_MODE", "HAS_PLEN", "HAS_KPM")
+        consts = split_consts(
+            "dq", "IS_CAUSAL", "PREFIX_MODE", "HAS_PLEN", "HAS_KPM", "HAS_WINDOW", "PREFIX_WINDOWED"
+        )
         grid = lambda m: (math.ceil(Nq / m["BLOCK_M"]), B * H)  # noqa: E731
         specs.append(spec("dq", "_attn_bwd_dq", grid, max(Nk, P), consts))
     if need_kv:
-        consts = split_consts("dkdv", "IS_CAUSAL", "HAS_KPM")
+        consts = split_consts("dkdv", "IS_CAUSAL", "HAS_KPM", "HAS_WINDOW")
         grid = lambda m: (math.ceil(Nk / m["BLOCK_N"]), B * Hkv)  # noqa: E731
         specs.append(spec("dkdv", "_attn_bwd_dkdv", grid, Nk, consts))
     if need_p:
         splits = lay.splits
-        consts = split_consts("prefix_dkdv", "PREFIX_MODE", "HAS_PLEN")
+        consts = split_consts("prefix_dkdv", "PREFIX_MODE", "HAS_PLEN", "PREFIX_WINDOWED")
         grid = lambda m: (math.ceil(P / m["BLOCK_N"]), B * Hkv, splits)  # noqa: E731
         specs.append(spec("prefix_dkdv", "_attn_bwd_prefix_dkdv", grid, P, consts))
     return specs

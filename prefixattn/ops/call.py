@@ -44,26 +44,44 @@ class AttentionCall(NamedTuple):
     prefix_index: torch.Tensor | None = None
     prefix_lengths: torch.Tensor | None = None
     key_padding_mask: torch.Tensor | None = None
+    sinks: torch.Tensor | None = None  # [H] attention sinks (one logit per query head)
     causal: bool = True
     sm_scale: float | None = None
     dropout_p: float = 0.0
+    window: int | None = None  # sliding window: sequence keys a query sees
+    softcap: float | None = None  # logit soft-capping C: s -> C * tanh(s / C)
+    prefix_window: str = "all"  # what a windowed query sees of the prefix: "all" | "sliding"
     backend: str = "triton"
     settings: Any = None  # Settings (typed loosely: settings.py sits beside this module)
+    # a KV-cache pool (as flash_attn_with_kvcache): k, v are [S, Hkv, Nmax, D] slots; row b
+    # reads slot cache_batch_idx[b] (None: slot b) up to key cache_seqlens[b] (None: all
+    # Nmax), causal aligned to its own length. Inference only (no autograd, no dropout,
+    # no torch.compile); not among the N_TENSORS an autograd call saves.
+    cache_seqlens: torch.Tensor | None = None
+    cache_batch_idx: torch.Tensor | None = None
+
+    @property
+    def has_cache(self) -> bool:
+        """Whether the call reads a KV-cache pool (cache_seqlens or cache_batch_idx)."""
+        return self.cache_seqlens is not None or self.cache_batch_idx is not None
 
     def rows(self, rows: slice, per_row: bool) -> AttentionCall:
         """Batch rows ``rows`` of the call (views; a shared prefix or a bank stays whole,
         a per-row prefix and its lengths are cut with the rows)."""
         if rows == slice(None):
             return self
+        pool = self.cache_batch_idx is not None  # k, v are the slot pool: kept whole
         return self._replace(
             q=self.q[rows],
-            k=self.k[rows],
-            v=self.v[rows],
+            k=self.k if pool else self.k[rows],
+            v=self.v if pool else self.v[rows],
             prefix_k=take(self.prefix_k, rows) if per_row else self.prefix_k,
             prefix_v=take(self.prefix_v, rows) if per_row else self.prefix_v,
             prefix_index=take(self.prefix_index, rows),
             prefix_lengths=take(self.prefix_lengths, rows) if per_row else self.prefix_lengths,
             key_padding_mask=take(self.key_padding_mask, rows),
+            cache_seqlens=take(self.cache_seqlens, rows),
+            cache_batch_idx=take(self.cache_batch_idx, rows),
         )
 
 

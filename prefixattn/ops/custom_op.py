@@ -310,6 +310,11 @@ def traced_prefix_attention(call: AttentionCall) -> Tensor:
     custom ops above, the reference path as plain tensor ops (Inductor fuses it), the
     sdpa path as SDPA.
     """
+    if call.cache_seqlens is not None or call.cache_batch_idx is not None:
+        raise ValueError(
+            "cache_seqlens / cache_batch_idx (a KV-cache pool) are not supported under "
+            "torch.compile; call prefix_attention eagerly"
+        )
     prob = validate(call, check_values=False)
     q, prefix_index, prefix_lengths = call.q, call.prefix_index, call.prefix_lengths
     if prefix_index is not None and prob.B > 0:
@@ -321,6 +326,11 @@ def traced_prefix_attention(call: AttentionCall) -> Tensor:
         torch._assert_async(in_range, "prefix_lengths values must be in [0, P]")
     if call.backend != "triton":
         return torch_backend(call, prob)
+    if prob.window or prob.softcap or prob.has_sinks:
+        raise NotImplementedError(
+            "window / softcap / sinks under torch.compile run on backend='sdpa' or "
+            "'reference'; the compiled Triton custom ops do not take them yet"
+        )
     if q.device.type == "cuda":
         check_kernel_dtype(q)
     else:  # CPU: only under TRITON_INTERPRET=1, decided once at trace time

@@ -50,10 +50,10 @@ TUNED_KERNELS = {
 BWD_KINDS = {"bwd": 0, "dkdv": 1, "dq": 2, "prefix_dkdv": 3}
 # the constexprs each autotuned kernel's cache key has besides the size buckets
 _TUNE_KEYS = {
-    "fwd": ["IS_CAUSAL", "PREFIX_MODE", "HAS_KPM"],
-    "dkdv": ["IS_CAUSAL", "HAS_KPM"],
-    "dq": ["IS_CAUSAL", "PREFIX_MODE", "HAS_KPM"],
-    "prefix_dkdv": ["PREFIX_MODE"],
+    "fwd": ["IS_CAUSAL", "PREFIX_MODE", "HAS_KPM", "HAS_WINDOW", "HAS_SOFTCAP", "HAS_SINKS"],
+    "dkdv": ["IS_CAUSAL", "HAS_KPM", "HAS_WINDOW", "HAS_SOFTCAP"],
+    "dq": ["IS_CAUSAL", "PREFIX_MODE", "HAS_KPM", "HAS_WINDOW", "HAS_SOFTCAP"],
+    "prefix_dkdv": ["PREFIX_MODE", "PREFIX_WINDOWED", "HAS_SOFTCAP"],
     "bwd": ["IS_CAUSAL", "PREFIX_MODE", "HAS_KPM"],
 }
 
@@ -222,8 +222,8 @@ def kernel_params(attr: str) -> tuple[str, ...]:
 # Parameters whose value changes from call to call with the same signature: the tensors
 # (their storage) and the dropout seed. Every kernel lists its pointers first.
 DYNAMIC_PARAMS = frozenset(
-    ("Q", "K", "V", "PK", "PV", "PIDX", "PLEN", "KPM", "Out", "LSE", "O", "DO", "Delta", "DQ",
-     "DK", "DV", "DPK", "DPV", "GPK", "GPV", "seed")
+    ("Q", "K", "V", "PK", "PV", "PIDX", "PLEN", "KPM", "CSL", "CBI", "Out", "LSE", "O", "DO", "Delta",
+     "DQ", "DK", "DV", "DPK", "DPV", "GPK", "GPV", "SINKS", "seed")
 )  # fmt: skip
 
 

@@ -52,6 +52,7 @@ from .settings import CONFIG_LISTS
 from .validation import (
     PREFIX_NONE,
     AttnProblem,
+    check_cache_values,
     check_index_range,
     check_lengths_range,
     validate,
@@ -76,7 +77,8 @@ def lookup_plan(call: AttentionCall) -> CallPlan:
     ``prefix_index`` and ``prefix_lengths``, once per tensor (and again after an in-place
     change): every layer of a model gets the same index tensor.
     """
-    q, k, v, pk, pv, pidx, plen, kpm, causal, sm_scale, dropout_p, backend, settings = call
+    q, k, v, pk, pv, pidx, plen, kpm, sinks, causal, sm_scale, dropout_p = call[:12]
+    window, softcap, prefix_window, backend, settings, csl, cbi = call[12:]
     try:
         key = (
             q.__class__, q.shape, q.stride(), q.dtype, q.device,
@@ -89,6 +91,10 @@ def lookup_plan(call: AttentionCall) -> CallPlan:
             None if plen is None else (plen.__class__, plen.shape, plen.dtype, plen.device),
             causal, causal.__class__, sm_scale, sm_scale.__class__,
             dropout_p, dropout_p.__class__, backend, settings,
+            None if csl is None else (csl.__class__, csl.shape, csl.dtype, csl.device),
+            None if cbi is None else (cbi.__class__, cbi.shape, cbi.dtype, cbi.device),
+            None if sinks is None else (sinks.__class__, sinks.shape, sinks.dtype, sinks.device),
+            window, window.__class__, softcap, softcap.__class__, prefix_window,
         )  # fmt: skip
         plan = PLANS.get(key)
     except (AttributeError, TypeError):  # not tensors, or unhashable scalars
@@ -104,6 +110,8 @@ def lookup_plan(call: AttentionCall) -> CallPlan:
             if seen is None or seen[0]() is not plen or seen[1] != plen._version:
                 check_lengths_range(plen, plan.prob.P)
                 plan.lengths_seen = (weakref.ref(plen), plen._version)
+        if csl is not None or cbi is not None:  # new values every decoding step
+            check_cache_values(call, plan.prob.Nk, k.shape[0])
         return plan
     prob = validate(call)
     if backend == "triton":
@@ -252,6 +260,12 @@ class CallPlan:
                 a |= call.prefix_lengths.data_ptr()
         if call.key_padding_mask is not None:
             a |= call.key_padding_mask.data_ptr()
+        if call.cache_seqlens is not None:
+            a |= call.cache_seqlens.data_ptr()
+        if call.cache_batch_idx is not None:
+            a |= call.cache_batch_idx.data_ptr()
+        if call.sinks is not None:
+            a |= ptrs["SINKS"].data_ptr()
         aligned = not a & 15
         fl = self.fwd
         if fl is not None:

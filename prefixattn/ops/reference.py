@@ -21,16 +21,32 @@ def visible_mask(
     causal: bool,
     key_padding_mask: torch.Tensor | None,
     device: torch.device,
+    window: int = 0,
+    seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Which sequence keys each query sees: bool [B or 1, Nq, Nk], or None for all.
 
-    Causal is aligned bottom-right: query i sees key j iff j <= i + (Nk - Nq).
+    Causal is aligned bottom-right: query i sees key j iff j <= i + (Nk - Nq); a sliding
+    ``window`` W > 0 also needs j > i + (Nk - Nq) - W. ``seqlens`` int [B] (a KV-cache
+    pool's ``cache_seqlens``): row b sees keys j < seqlens[b], its causal band (and
+    window) aligned to seqlens[b] instead of Nk.
     """
     mask = None
-    if causal:
-        i = torch.arange(Nq, device=device)[:, None]
-        j = torch.arange(Nk, device=device)[None, :]
-        mask = (j <= i + (Nk - Nq))[None]  # [1, Nq, Nk]
+    i = torch.arange(Nq, device=device)[:, None]
+    j = torch.arange(Nk, device=device)[None, :]
+    if seqlens is not None:
+        n = seqlens.to(torch.int64)[:, None, None]  # [B, 1, 1]
+        mask = j[None] < n  # [B, 1, Nk]
+        if causal:
+            last = i[None] + (n - Nq)  # [B, Nq, 1]: the last key each query sees
+            mask = mask & (j[None] <= last)  # [B, Nq, Nk]
+            if window:
+                mask = mask & (j[None] > last - window)
+    elif causal:
+        mask = j <= i + (Nk - Nq)  # [Nq, Nk]
+        if window:
+            mask = mask & (j > i + (Nk - Nq) - window)
+        mask = mask[None]  # [1, Nq, Nk]
     if key_padding_mask is not None:
         kpm = key_padding_mask[:, None, :]  # [B, 1, Nk]
         mask = kpm if mask is None else mask & kpm
@@ -49,14 +65,51 @@ def prefix_visible(
     return torch.arange(P, device=rows.device)[None, :] < rows[:, None]  # [B, P]
 
 
+def pool_rows(call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
+    """(k, v) [B, Hkv, Nk, D] of the call's rows: a KV-cache pool's slots gathered by
+    ``cache_batch_idx`` (these torch backends copy; the Triton kernel reads in place)."""
+    idx = call.cache_batch_idx
+    if idx is None:
+        return call.k, call.v
+    idx = idx.to(torch.int64)
+    return call.k.index_select(0, idx), call.v.index_select(0, idx)  # [B, Hkv, Nk, D]
+
+
+def prefix_window_visible(
+    Nq: int,
+    Nk: int,
+    P: int,
+    window: int,
+    prefix_lengths: torch.Tensor | None,
+    prefix_index: torch.Tensor | None,
+    device: torch.device,
+) -> torch.Tensor:
+    """``prefix_window="sliding"``: which prefix keys are still in each query's window,
+    bool [B|1, Nq, P]. Prefix key c of a row that sees L of them sits at position c - L;
+    query i (position i + Nk - Nq) sees it iff c - L > i + Nk - Nq - window."""
+    pos = torch.arange(Nq, device=device)[None, :, None] + (Nk - Nq)  # [1, Nq, 1]
+    c = torch.arange(P, device=device)[None, None, :]  # [1, 1, P]
+    L = torch.full((1, 1, 1), P, device=device)
+    if prefix_lengths is not None:
+        rows = prefix_lengths if prefix_index is None else prefix_lengths[prefix_index]
+        L = rows.to(device)[:, None, None]  # [B, 1, 1]
+    return c - L > pos - window
+
+
 def reference_prefix_attention(call: AttentionCall, prob: AttnProblem) -> torch.Tensor:
     """Prefix attention in plain PyTorch ops (differentiable). ``call`` already validated
     (``prob``: its sizes and softmax scale).
 
     ``prefix_lengths`` (int64 [T], bank or per-row layouts): row b sees only the first
     ``prefix_lengths[entry(b)]`` prefix keys; the others are masked like padding.
+    ``prob.window`` / ``prob.prefix_windowed`` (sliding window), ``prob.softcap``
+    (logits C * tanh(s / C), before masking) and ``sinks`` [H] (one more logit per head
+    in the denominator, no value) as :func:`prefixattn.prefix_attention` describes.
     """
-    q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask = call[:N_TENSORS]
+    q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, sinks = call[
+        :N_TENSORS
+    ]
+    k, v = pool_rows(call)
     causal, dropout_p = call.causal, float(call.dropout_p)
     B, H, Hkv, Nq, Nk, D = prob.B, prob.H, prob.Hkv, prob.Nq, prob.Nk, prob.D
     G = prob.group
@@ -64,8 +117,12 @@ def reference_prefix_attention(call: AttentionCall, prob: AttnProblem) -> torch.
     qf = q.to(cdt).reshape(B, Hkv, G * Nq, D)  # [B, Hkv, G*Nq, D]: a GQA group shares K/V
     kf, vf = k.to(cdt), v.to(cdt)  # [B, Hkv, Nk, D]
 
-    s_seq = torch.matmul(qf, kf.transpose(-1, -2)).view(B, Hkv, G, Nq, Nk)
-    mask = visible_mask(Nq, Nk, causal, key_padding_mask, q.device)
+    def logits(s: torch.Tensor) -> torch.Tensor:
+        s = s * prob.sm_scale
+        return prob.softcap * torch.tanh(s / prob.softcap) if prob.softcap else s
+
+    s_seq = logits(torch.matmul(qf, kf.transpose(-1, -2)).view(B, Hkv, G, Nq, Nk))
+    mask = visible_mask(Nq, Nk, causal, key_padding_mask, q.device, prob.window, call.cache_seqlens)
     if mask is not None:
         s_seq = s_seq.masked_fill(~mask[:, None, None], float("-inf"))  # [B|1, 1, 1, Nq, Nk]
 
@@ -75,21 +132,31 @@ def reference_prefix_attention(call: AttentionCall, prob: AttnProblem) -> torch.
         if prob.layout == PREFIX_BANK:
             pk, pv = pk[prefix_index], pv[prefix_index]  # [B, Hkv, P, D]
         # shared [Hkv, P, D] broadcasts over the batch; per-row/bank are [B, Hkv, P, D]
-        s_pre = torch.matmul(qf, pk.transpose(-1, -2)).view(B, Hkv, G, Nq, P)
+        s_pre = logits(torch.matmul(qf, pk.transpose(-1, -2)).view(B, Hkv, G, Nq, P))
         if prefix_lengths is not None:
             s_pre = s_pre.masked_fill(
                 ~prefix_visible(prefix_lengths, prefix_index, P)[:, None, None, None, :],
                 float("-inf"),
             )  # [B, 1, 1, 1, P]: the row's invisible prefix keys
-        scores = torch.cat([s_pre, s_seq], dim=-1) * prob.sm_scale  # [B, Hkv, G, Nq, P+Nk]
+        if prob.prefix_windowed:
+            pvis = prefix_window_visible(
+                Nq, Nk, P, prob.window, prefix_lengths, prefix_index, q.device
+            )  # [B|1, Nq, P]
+            s_pre = s_pre.masked_fill(~pvis[:, None, None], float("-inf"))
+        scores = torch.cat([s_pre, s_seq], dim=-1)  # [B, Hkv, G, Nq, P+Nk]
     else:
-        scores = s_seq * prob.sm_scale
+        scores = s_seq
 
     # Softmax that gives an all-zero row (and zero gradients) when nothing is visible.
     row_max = scores.amax(dim=-1, keepdim=True)
+    if sinks is not None:  # the sink's logit [1, Hkv, G, 1, 1] (head h = hk * G + g)
+        sink = sinks.to(cdt).view(1, Hkv, G, 1, 1)
+        row_max = torch.maximum(row_max, sink)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     e = torch.exp(scores - row_max.detach())
     denom = e.sum(dim=-1, keepdim=True)
+    if sinks is not None:
+        denom = denom + torch.exp(sink - row_max.detach())
     probs = e / torch.where(denom > 0, denom, torch.ones_like(denom))
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p, training=True)

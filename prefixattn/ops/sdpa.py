@@ -22,7 +22,12 @@ whatever PyTorch has there. Every other rule of :func:`prefixattn.prefix_attenti
   gradients are exactly zero). This costs nothing when no row can be empty;
 * GQA through ``enable_gqa=True`` (no ``repeat_interleave`` of K/V here: SDPA maps the
   head groups itself);
-* dropout through SDPA's own ``dropout_p`` (``torch.manual_seed`` reproduces it).
+* dropout through SDPA's own ``dropout_p`` (``torch.manual_seed`` reproduces it);
+* a sliding window through the boolean mask (sequence keys left of the window, and with
+  ``prefix_window="sliding"`` the prefix keys out of it, are masked);
+* logit soft-capping and attention sinks, which SDPA cannot express, run through the
+  reference path (:func:`~prefixattn.ops.reference.reference_prefix_attention`: exact,
+  materialising the [B, H, Nq, P + Nk] scores).
 """
 
 from __future__ import annotations
@@ -31,7 +36,13 @@ import torch
 import torch.nn.functional as F
 
 from .call import N_TENSORS, AttentionCall
-from .reference import prefix_visible, reference_prefix_attention, visible_mask
+from .reference import (
+    pool_rows,
+    prefix_visible,
+    prefix_window_visible,
+    reference_prefix_attention,
+    visible_mask,
+)
 from .validation import PREFIX_BANK, PREFIX_NONE, PREFIX_SHARED, AttnProblem
 
 
@@ -43,6 +54,9 @@ def prefix_visibility_mask(
     key_padding_mask: torch.Tensor | None,
     device: torch.device,
     prefix_visible: torch.Tensor | None = None,
+    window: int = 0,
+    prefix_window: torch.Tensor | None = None,
+    seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Which of the P prefix + Nk sequence keys each query sees: bool [B|1, 1, Nq, P + Nk].
 
@@ -54,18 +68,25 @@ def prefix_visibility_mask(
         device: where to build the mask.
         prefix_visible: bool [B, P], which prefix keys each row sees, or None for all of
             them (a per-row prefix length L becomes ``arange(P) < L[:, None]``).
+        window: sliding window on the sequence keys (0 = none).
+        prefix_window: bool [B|1, Nq, P], the prefix keys still in each query's window
+            (``prefix_window="sliding"``), or None.
+        seqlens: int [B], a KV-cache pool's per-row key lengths (see
+            :func:`~prefixattn.ops.reference.visible_mask`), or None.
 
     Returns:
         bool [B, 1, Nq, P + Nk] if anything depends on the row, else [1, 1, Nq, P + Nk]
         (broadcast over batch and heads by SDPA).
     """
-    seq = visible_mask(Nq, Nk, causal, key_padding_mask, device)  # [B|1, Nq, Nk] or None
+    seq = visible_mask(Nq, Nk, causal, key_padding_mask, device, window, seqlens)  # [B|1, Nq, Nk]
     if seq is None:
         seq = torch.ones(1, Nq, Nk, dtype=torch.bool, device=device)
     if prefix_visible is None:
         pre = torch.ones(1, 1, P, dtype=torch.bool, device=device)  # [1, 1, P]
     else:
         pre = prefix_visible[:, None, :]  # [B, 1, P]
+    if prefix_window is not None:
+        pre = pre & prefix_window  # [B|1, Nq, P]
     rows = max(seq.shape[0], pre.shape[0])
     pre = pre.expand(rows, Nq, P)  # [B|1, Nq, P]
     seq = seq.expand(rows, Nq, Nk)  # [B|1, Nq, Nk]
@@ -92,11 +113,19 @@ def sdpa_prefix_attention(call: AttentionCall, prob: AttnProblem) -> torch.Tenso
             sees only the first ``prefix_lengths[entry]`` prefix keys; the rest are
             masked, so a row can then be empty with P > 0 too. Dropout is SDPA's own.
         prob: the sizes and softmax scale from :func:`~prefixattn.ops.validation.validate`.
+        sinks: [H] attention sinks, or None. Sinks and ``prob.softcap`` run through the
+            reference path (SDPA has neither); ``prob.window`` is a mask here.
 
     Returns:
         [B, H, Nq, D] in the dtype of q.
     """
-    q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask = call[:N_TENSORS]
+    if prob.softcap or call.sinks is not None:
+        return reference_prefix_attention(call, prob)
+    q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, _sinks = call[
+        :N_TENSORS
+    ]
+    k, v = pool_rows(call)  # [B, Hkv, Nk, D]
+    seqlens = call.cache_seqlens
     causal, dropout_p = call.causal, float(call.dropout_p)
     B, H, Hkv, Nq, Nk, P = prob.B, prob.H, prob.Hkv, prob.Nq, prob.Nk, prob.P
     if prob.layout != PREFIX_NONE:  # P may be 0: the empty prefix still gets (empty) grads
@@ -111,14 +140,23 @@ def sdpa_prefix_attention(call: AttentionCall, prob: AttnProblem) -> torch.Tenso
     vis = None  # bool [B, P]: which prefix keys each row sees (a ragged bank)
     if prefix_lengths is not None and prob.layout != PREFIX_NONE and P > 0:
         vis = prefix_visible(prefix_lengths, prefix_index, P)
-    if vis is None and key_padding_mask is None and (not causal or Nq == 1):
+    window = prob.window if prob.window and (prob.window < Nk or prob.prefix_windowed) else 0
+    plain = vis is None and key_padding_mask is None and not window and seqlens is None
+    if plain and (not causal or Nq == 1):
         # every query sees every key (Nq == 1 with causal: a decode step sees the cache)
         return F.scaled_dot_product_attention(q, k, v, **kw)
-    if vis is None and key_padding_mask is None and causal and Nq == Nk and P == 0:
+    if plain and causal and Nq == Nk and P == 0:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, **kw)
 
-    mask = prefix_visibility_mask(Nq, Nk, P, causal, key_padding_mask, q.device, vis)
-    if vis is None and (P > 0 or (key_padding_mask is None and Nq <= Nk)):
+    pwin = None  # bool [B|1, Nq, P]: prefix keys still in the window (prefix_window="sliding")
+    if prob.prefix_windowed and P > 0:
+        pwin = prefix_window_visible(Nq, Nk, P, window, prefix_lengths, prefix_index, q.device)
+    mask = prefix_visibility_mask(
+        Nq, Nk, P, causal, key_padding_mask, q.device, vis, window, pwin, seqlens
+    )  # fmt: skip
+    if vis is None and (
+        (P > 0 and pwin is None) or (key_padding_mask is None and seqlens is None and Nq <= Nk)
+    ):
         # every row sees some key
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kw)
     # a row may see nothing (P == 0 or a prefix length of 0, with padding or Nq > Nk).

@@ -17,6 +17,8 @@ import torch
 from .call import N_TENSORS, AttentionCall
 
 BACKENDS = ("auto", "triton", "sdpa", "reference")
+#: What a sliding-window query sees of the prefix (see prefix_attention).
+PREFIX_WINDOWS = ("all", "sliding")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # The reference path also takes float64 (useful for gradcheck); the kernel does not.
 REFERENCE_DTYPES = (*KERNEL_DTYPES, torch.float64)
@@ -47,6 +49,10 @@ class AttnProblem:
     prefix_mode: int  # what the kernel runs: PREFIX_NONE when there is no prefix or P == 0
     layout: int  # the prefix tensors' layout (shared / per-row / bank), even when P == 0
     sm_scale: float
+    window: int = 0  # sliding window (sequence keys a query sees), 0 = none
+    softcap: float = 0.0  # logit soft-capping C (C * tanh(s / C)), 0 = none
+    has_sinks: bool = False  # attention sinks [H] in the softmax denominator
+    prefix_windowed: bool = False  # prefix keys leave the window ("sliding"), with a prefix
 
     @property
     def group(self) -> int:
@@ -152,7 +158,9 @@ def validate(call: AttentionCall, check_values: bool = True) -> AttnProblem:
     ``check_values=False`` skips the range checks of ``prefix_index`` and
     ``prefix_lengths`` (traced calls check them in the graph instead).
     """
-    q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask = call[:N_TENSORS]
+    q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, sinks = call[
+        :N_TENSORS
+    ]
     causal, sm_scale, dropout_p, backend = call.causal, call.sm_scale, call.dropout_p, call.backend
     check_index_values = check_values
     if not isinstance(backend, str) or backend not in BACKENDS:
@@ -168,8 +176,12 @@ def validate(call: AttentionCall, check_values: bool = True) -> AttnProblem:
             raise ValueError(f"{name} must be on the device of q ({q.device}), got {t.device}")
     B, H, Nq, D = q.shape
     Bk, Hkv, Nk, Dk = k.shape
-    if Bk != B:
-        raise ValueError(f"k must have batch size B={B} (from q), got k of shape {_shape(k)}")
+    if Bk != B and call.cache_batch_idx is None:
+        pool = " (a KV-cache pool of other than B slots needs cache_batch_idx)"
+        raise ValueError(
+            f"k must have batch size B={B} (from q), got k of shape {_shape(k)}"
+            + (pool if call.cache_seqlens is not None else "")
+        )
     if Dk != D:
         raise ValueError(f"k must have head dim D={D} (from q), got k of shape {_shape(k)}")
     if tuple(v.shape) != tuple(k.shape):
@@ -274,6 +286,7 @@ def validate(call: AttentionCall, check_values: bool = True) -> AttnProblem:
     if not 0.0 <= float(dropout_p) < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
 
+    window, softcap = check_features(call)
     prob = AttnProblem(
         B=B,
         H=H,
@@ -286,10 +299,125 @@ def validate(call: AttentionCall, check_values: bool = True) -> AttnProblem:
         prefix_mode=mode,
         layout=layout,
         sm_scale=scale,
+        window=window,
+        softcap=softcap,
+        has_sinks=sinks is not None,
+        prefix_windowed=window > 0 and call.prefix_window == "sliding" and mode != PREFIX_NONE,
     )
     if prefix_lengths is not None:
         check_prefix_lengths(prefix_lengths, prob, q.device, check_index_values)
+    if call.has_cache:
+        check_cache(call, prob, check_index_values)
     return prob
+
+
+def _check_range(t: torch.Tensor, lo: int, hi: int, msg: str) -> None:
+    """Check lo <= t <= hi without a host-device sync (see :func:`check_index_range`)."""
+    ok = torch.logical_and(t >= lo, t <= hi).all()
+    try:
+        torch._assert_async(ok, msg)
+    except RuntimeError:  # CPU: the check ran now
+        a, b = torch.aminmax(t)
+        raise ValueError(f"{msg}, got values in [{int(a)}, {int(b)}]") from None
+
+
+def check_cache_values(call: AttentionCall, Nk: int, S: int) -> None:
+    """The ranges of ``cache_seqlens`` ([0, Nk]) and ``cache_batch_idx`` ([0, S)): every
+    call (they change every decoding step), without a host-device sync."""
+    csl, cbi = call.cache_seqlens, call.cache_batch_idx
+    if csl is not None and csl.numel():
+        _check_range(csl, 0, Nk, f"cache_seqlens values must be in [0, Nmax] with Nmax={Nk}")
+    if cbi is not None and cbi.numel():
+        _check_range(cbi, 0, S - 1, f"cache_batch_idx values must be in [0, S) with S={S} slots")
+
+
+def check_no_grad(call: AttentionCall) -> None:
+    """A KV-cache call is inference only: refuse inputs that require grad."""
+    grads = [n for n in ("q", "k", "v", "prefix_k", "prefix_v")
+             if isinstance(getattr(call, n), torch.Tensor) and getattr(call, n).requires_grad]  # fmt: skip
+    if grads:
+        raise ValueError(
+            f"cache_seqlens / cache_batch_idx (a KV-cache pool) are for inference: "
+            f"{', '.join(grads)} require grad; call under torch.no_grad()"
+        )
+
+
+def check_cache(call: AttentionCall, prob: AttnProblem, check_values: bool = True) -> None:
+    """Check ``cache_seqlens`` / ``cache_batch_idx`` of a validated call (see
+    :func:`prefixattn.prefix_attention`)."""
+    B, S = prob.B, call.k.shape[0]
+    for name in ("cache_seqlens", "cache_batch_idx"):
+        t = getattr(call, name)
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(
+                f"{name} must be an int32 or int64 torch.Tensor of shape [B], got "
+                f"{type(t).__name__}"
+            )
+        if t.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{name} must have dtype torch.int32 or torch.int64, got {t.dtype}")
+        if tuple(t.shape) != (B,):
+            raise ValueError(f"{name} must have shape [B]=[{B}], got {_shape(t)}")
+        if t.device != call.q.device:
+            raise ValueError(f"{name} must be on the device of q ({call.q.device}), got {t.device}")
+    if float(call.dropout_p) > 0.0:
+        raise ValueError(
+            "dropout_p must be 0 with cache_seqlens / cache_batch_idx (a KV-cache pool is "
+            f"for inference), got {call.dropout_p!r}"
+        )
+    if prob.prefix_windowed:
+        raise ValueError(
+            "prefix_window='sliding' is not supported with cache_seqlens / cache_batch_idx "
+            "(a KV-cache pool); use prefix_window='all'"
+        )
+    if check_values:
+        check_cache_values(call, prob.Nk, S)
+
+
+def check_features(call: AttentionCall) -> tuple[int, float]:
+    """Check the sliding window, soft-capping, sinks and prefix-window inputs of ``call``;
+    returns (window or 0, softcap or 0.0)."""
+    window, softcap, sinks, prefix_window = (
+        call.window,
+        call.softcap,
+        call.sinks,
+        call.prefix_window,
+    )
+    if prefix_window not in PREFIX_WINDOWS:
+        raise ValueError(f"prefix_window must be one of {PREFIX_WINDOWS}, got {prefix_window!r}")
+    w = 0
+    if window is not None:
+        if isinstance(window, bool) or not isinstance(window, numbers.Integral):
+            raise TypeError(f"window must be an int >= 1 or None, got {type(window).__name__}")
+        if window < 1:
+            raise ValueError(f"window must be an int >= 1 (keys a query sees), got {window!r}")
+        if not call.causal:
+            raise ValueError("window (a causal sliding window) needs causal=True")
+        w = int(window)
+    cap = 0.0
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+            raise TypeError(f"softcap must be a float > 0 or None, got {type(softcap).__name__}")
+        cap = float(softcap)
+        if not math.isfinite(cap) or cap <= 0:
+            raise ValueError(f"softcap must be a finite float > 0, got {softcap!r}")
+    if sinks is not None:
+        q = call.q
+        if not isinstance(sinks, torch.Tensor):
+            raise TypeError(
+                f"sinks must be a float torch.Tensor of shape [H] or None, got "
+                f"{type(sinks).__name__}"
+            )
+        _check_float_dtype("sinks", sinks, REFERENCE_DTYPES)
+        H = q.shape[1]
+        if tuple(sinks.shape) != (H,):
+            raise ValueError(
+                f"sinks must have shape [H]=[{H}] (one per query head), got {_shape(sinks)}"
+            )
+        if sinks.device != q.device:
+            raise ValueError(f"sinks must be on the device of q ({q.device}), got {sinks.device}")
+    return w, cap
 
 
 def check_kernel_dtype(q: torch.Tensor) -> None:

@@ -1,58 +1,50 @@
-"""The FastAPI app: OpenAI-compatible completions over a :class:`TaskBank`.
+"""The FastAPI app: a thin router over the serving classes (vLLM's OpenAI server layout).
 
-Routes: ``POST /v1/completions`` (``model`` = a task, or the base model for no prefix),
-``GET /v1/models``, ``GET /health``, ``GET /metrics``; with an admin token,
-``POST /admin/tasks`` and ``DELETE /admin/tasks/{name}`` (``Authorization: Bearer``).
-Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
+Inference routes (``--api-key``): ``POST /v1/completions``, ``POST /v1/chat/completions``,
+``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /tokenize``, ``POST /detokenize``.
+Open: ``GET /health``, ``GET /metrics`` (Prometheus text), ``GET /metrics.json``. With an
+admin token: ``POST /admin/tasks``, ``DELETE /admin/tasks/{name}``. Every error is in
+OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
 """
 
 from __future__ import annotations
 
-import asyncio
-import hmac
-import json
 import os
-import time
+import re
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Header, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.background import BackgroundTask
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
 
 from ..hf.bank import TaskBank
-from .engine import (
-    CANCELLED,
-    Engine,
-    GenRequest,
-    QueueFullError,
-    context_limit,
-    new_id,
-    threadsafe_events,
-)
-from .schemas import AddTaskRequest, CompletionRequest
+from . import admin
+from .auth import BearerAuth
+from .cuda_graphs import buckets_up_to
+from .engine import Engine, context_limit, eos_token_ids
+from .errors import BodyLimit, install_error_handlers
+from .metrics import CONTENT_TYPE, ServeMetrics
+from .schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from .serving_chat import OpenAIServingChat
+from .serving_completion import OpenAIServingCompletion
+from .serving_engine import ServeContext
+from .serving_models import OpenAIServingModels
 
-MAX_STOP = 4
-MAX_PROMPTS = 64
-
-
-class APIError(Exception):
-    """An error answered with ``status`` and OpenAI's error body."""
-
-    def __init__(
-        self, status: int, message: str, code: str, param: str | None = None, kind: str = ""
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.code, self.param = status, message, code, param
-        self.kind = kind or ("invalid_request_error" if status < 500 else "server_error")
+MAX_BODY_BYTES = 8 * 1024 * 1024
+TASK_NAME = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
-def _error_body(err: APIError) -> dict[str, Any]:
-    return {
-        "error": {"message": err.message, "type": err.kind, "param": err.param, "code": err.code}
-    }
+def check_task_name(name: str) -> str:
+    """``name`` if it can be a task's name (it must fit in one URL path segment).
+
+    Raises:
+        ValueError: a name with other characters than letters, digits, ``._:-``.
+    """
+    if not isinstance(name, str) or not TASK_NAME.match(name):
+        raise ValueError(f"task name {name!r}: use 1 to 128 letters, digits, '.', '_', ':' or '-'")
+    return name
 
 
 def create_app(
@@ -62,27 +54,41 @@ def create_app(
     *,
     model_name: str = "base",
     admin_token: str | None = None,
-    max_batch_size: int = 8,
-    max_wait_ms: float = 10.0,
+    api_key: str | None = None,
+    max_num_seqs: int = 16,
+    max_num_batched_tokens: int = 512,
     max_queue: int = 256,
+    kv_slots: int | None = None,
+    max_model_len: int | None = None,
+    cuda_graphs: bool = False,
+    max_body_bytes: int = MAX_BODY_BYTES,
     backend: str = "auto",
 ) -> FastAPI:
     """The serving app for one base model and a set of tasks.
 
     Arguments:
         model: a transformers decoder (patched here; it stays frozen).
-        tokenizer: its tokenizer.
+        tokenizer: its tokenizer (its chat template, if any, serves the chat route).
         tasks: ``{name: PrefixTuning | PromptTuning | saved tuner directory}``.
         model_name: the ``model`` value that means the base model without prefix.
         admin_token: enables the admin routes, which need ``Authorization: Bearer <token>``;
             None: no admin routes at all.
-        max_batch_size, max_wait_ms, max_queue: see :class:`~prefixattn.serve.Engine`.
+        api_key: the inference routes need ``Authorization: Bearer <api_key>``; None: open.
+        max_num_seqs, max_num_batched_tokens, max_queue, kv_slots, max_model_len: see
+            :class:`~prefixattn.serve.Engine`.
+        cuda_graphs: decode steps padded to buckets up to ``max_num_seqs`` and replayed
+            as CUDA graphs (on a CUDA model; see :mod:`prefixattn.serve.cuda_graphs`).
+        max_body_bytes: larger request bodies get 413.
         backend: kernel backend of the bank.
 
     Returns:
         a FastAPI app; its lifespan starts and stops the batching worker. ``app.state``
-        holds ``engine`` and ``bank``.
+        holds ``engine``, ``bank``, ``model_name`` and ``metrics``.
     """
+    if max_body_bytes < 1:
+        raise ValueError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
+    for name in tasks or {}:
+        check_task_name(name)
     bank = TaskBank(model, backend=backend)
     bank.add_base(model_name)
     for name, tuner in (tasks or {}).items():
@@ -90,11 +96,19 @@ def create_app(
             raise ValueError(f"tasks: the name {name!r} is the base model's model_name")
         bank.add(name, tuner)
     engine = Engine(
-        bank, tokenizer, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
-        max_queue=max_queue,
+        bank, tokenizer, max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_num_batched_tokens, max_queue=max_queue,
+        kv_slots=kv_slots, max_model_len=max_model_len,
+        decode_buckets=buckets_up_to(max_num_seqs) if cuda_graphs else None,
     )  # fmt: skip
-    limit = context_limit(model)
-    created = int(time.time())
+    ctx = ServeContext(
+        engine=engine, bank=bank, tokenizer=tokenizer, model_name=model_name,
+        metrics=ServeMetrics(engine), limit=context_limit(model),
+        vocab_size=model.get_input_embeddings().num_embeddings,
+        eos_ids=eos_token_ids(model, tokenizer),
+    )  # fmt: skip
+    completion, chat = OpenAIServingCompletion(ctx), OpenAIServingChat(ctx)
+    models = OpenAIServingModels(ctx)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -102,247 +116,62 @@ def create_app(
         try:
             yield
         finally:
-            engine.stop()
+            engine.drain(timeout=10.0)  # SIGTERM: finish the rows taken, refuse new ones
+            ctx.pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="prefixattn serve", lifespan=lifespan)
     app.state.engine, app.state.bank, app.state.model_name = engine, bank, model_name
-
-    @app.exception_handler(APIError)
-    async def _api_error(request: Request, err: APIError) -> JSONResponse:
-        return JSONResponse(_error_body(err), status_code=err.status)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
-        errors = err.errors()
-        if any(e.get("type") == "json_invalid" for e in errors):
-            body = APIError(400, f"malformed JSON body: {errors[0].get('msg')}", "invalid_json")
-            return JSONResponse(_error_body(body), status_code=400)
-        parts = []
-        for e in errors:
-            loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
-            parts.append(f"{loc or 'body'}: {e.get('msg')}")
-        first = errors[0].get("loc", ()) if errors else ()
-        param = ".".join(str(x) for x in first if x != "body") or None
-        body = APIError(422, "; ".join(parts), "invalid_value", param)
-        return JSONResponse(_error_body(body), status_code=422)
+    app.state.metrics = ctx.metrics
+    install_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app.add_middleware(BearerAuth, api_key=api_key, admin_token=admin_token)  # runs first
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "tasks": len(bank) - 1, "queue_depth": engine.queue_depth}
 
     @app.get("/metrics")
-    async def metrics() -> dict[str, Any]:
+    async def metrics() -> Response:
+        return Response(ctx.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/metrics.json")
+    async def metrics_json() -> dict[str, Any]:
         return engine.metrics()
 
     @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        lengths, offsets = bank.lengths, bank.offsets
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": name,
-                    "object": "model",
-                    "created": created,
-                    "owned_by": "prefixattn",
-                    "base": name == model_name,
-                    "prefix_length": lengths[name],
-                    "position_offset": offsets[name],
-                }
-                for name in bank.tasks
-            ],
-        }
+    async def list_models() -> dict[str, Any]:
+        return models.list()
 
-    def _encode(body: CompletionRequest) -> list[GenRequest]:
-        if body.model not in bank:
-            raise APIError(
-                404, f"model {body.model!r} is not served; served: {bank.tasks}",
-                "model_not_found", "model",
-            )  # fmt: skip
-        n = getattr(body, "n", None)
-        if n not in (None, 1):
-            raise APIError(400, f"n must be 1 (got {n!r}); send a list of prompts", "n", "n")
-        prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
-        if not prompts or len(prompts) > MAX_PROMPTS:
-            raise APIError(
-                400, f"prompt must hold 1 to {MAX_PROMPTS} prompts", "invalid_prompt", "prompt"
-            )
-        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        if len(stop) > MAX_STOP or any(not s for s in stop):
-            raise APIError(
-                400, f"stop must be up to {MAX_STOP} non-empty strings", "invalid_stop", "stop"
-            )
-        offset = bank.offsets.get(body.model, 0)
-        reqs = []
-        for i, text in enumerate(prompts):
-            ids = list(tokenizer(text)["input_ids"])
-            if not ids:
-                raise APIError(400, f"prompt {i} is empty after tokenization", "empty_prompt")
-            if limit is not None and offset + len(ids) + body.max_tokens > limit:
-                raise APIError(
-                    400,
-                    f"prompt {i} has {len(ids)} tokens; with max_tokens={body.max_tokens} "
-                    f"(and the task's position offset {offset}) that exceeds the model's "
-                    f"context of {limit} tokens",
-                    "context_length_exceeded", "max_tokens",
-                )  # fmt: skip
-            reqs.append(
-                GenRequest(
-                    task=body.model,
-                    prompt_ids=ids,
-                    max_tokens=body.max_tokens,
-                    temperature=body.temperature,
-                    top_p=body.top_p,
-                    stop=tuple(stop),
-                    seed=body.seed,
-                )
-            )
-        return reqs
-
-    def _submit(reqs: list[GenRequest], q: asyncio.Queue) -> None:
-        loop = asyncio.get_running_loop()
-        for i, r in enumerate(reqs):
-            forward = threadsafe_events(loop, q)
-            r.on_event = lambda kind, text, i=i, forward=forward: forward(kind, (i, text))
-        submitted = []
-        try:
-            for r in reqs:
-                engine.submit(r)
-                submitted.append(r)
-        except QueueFullError as err:
-            for r in submitted:
-                engine.cancel(r)
-            raise APIError(429, str(err), "queue_full", kind="rate_limit_error") from None
-
-    def _usage(reqs: list[GenRequest]) -> dict[str, int]:
-        p = sum(len(r.prompt_ids) for r in reqs)
-        c = sum(len(r.out_ids) for r in reqs)
-        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
-
-    def _check_failed(reqs: list[GenRequest]) -> None:
-        for r in reqs:
-            if r.finish_reason == "error":
-                raise APIError(500, r.text, "generation_failed")
+    @app.get("/v1/models/{model_id:path}")
+    async def retrieve_model(model_id: str) -> dict[str, Any]:
+        return models.retrieve(model_id)
 
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> Any:
-        reqs = _encode(body)
-        q: asyncio.Queue = asyncio.Queue()
-        _submit(reqs, q)
-        rid, now = new_id(), int(time.time())
+        return await completion.create(body, request)
 
-        def chunk(i: int, text: str, reason: str | None) -> str:
-            data = {
-                "id": rid, "object": "text_completion", "created": now, "model": body.model,
-                "choices": [
-                    {"text": text, "index": i, "logprobs": None, "finish_reason": reason}
-                ],
-            }  # fmt: skip
-            return f"data: {json.dumps(data)}\n\n"
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+        return await chat.create(body, request)
 
-        if body.stream:
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+        return await models.tokenize(body)
 
-            async def events() -> AsyncIterator[str]:
-                left = len(reqs)
-                try:
-                    while left:
-                        try:
-                            kind, (i, text) = await asyncio.wait_for(q.get(), timeout=0.25)
-                        except asyncio.TimeoutError:
-                            # noticed even while nothing is sent (the row still queued)
-                            if await request.is_disconnected():
-                                return
-                            continue
-                        if kind == "delta":
-                            yield chunk(i, text, None)
-                        else:
-                            left -= 1
-                            r = reqs[i]
-                            if r.finish_reason == "error":
-                                err = {"error": {"message": r.text, "type": "server_error"}}
-                                yield f"data: {json.dumps(err)}\n\n"
-                            else:
-                                yield chunk(i, "", r.finish_reason)
-                    yield "data: [DONE]\n\n"
-                finally:  # the client went away (or we are done): free the rows
-                    for r in reqs:
-                        if not r.done:
-                            engine.cancel(r)
-
-            def cancel_rest() -> None:  # also when the client left before the first event
-                for r in reqs:
-                    if not r.done:
-                        engine.cancel(r)
-
-            return StreamingResponse(
-                events(), media_type="text/event-stream", background=BackgroundTask(cancel_rest)
-            )
-
-        left = len(reqs)
-        while left:
-            try:
-                kind, _ = await asyncio.wait_for(q.get(), timeout=0.25)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    for r in reqs:
-                        engine.cancel(r)
-                    return Response(status_code=499)
-                continue
-            left -= kind == "done"
-        _check_failed(reqs)
-        return {
-            "id": rid,
-            "object": "text_completion",
-            "created": now,
-            "model": body.model,
-            "choices": [
-                {
-                    "text": r.text,
-                    "index": i,
-                    "logprobs": None,
-                    "finish_reason": r.finish_reason if r.finish_reason != CANCELLED else None,
-                    "token_ids": r.out_ids,
-                }
-                for i, r in enumerate(reqs)
-            ],
-            "usage": _usage(reqs),
-        }
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
+        return await models.detokenize(body)
 
     if admin_token:
 
-        def _authorize(authorization: str | None) -> None:
-            want = f"Bearer {admin_token}"
-            if authorization is None or not hmac.compare_digest(authorization, want):
-                raise APIError(401, "admin routes need 'Authorization: Bearer <token>'",
-                               "unauthorized", kind="authentication_error")  # fmt: skip
-
         @app.post("/admin/tasks", status_code=201)
-        def add_task(
-            body: AddTaskRequest, authorization: str | None = Header(None)
-        ) -> dict[str, Any]:
-            _authorize(authorization)
-            if body.name == model_name:
-                raise APIError(400, f"{model_name!r} is the base model", "reserved_name", "name")
-            if not os.path.isdir(body.path):
-                raise APIError(400, f"path {body.path!r} is not a directory", "bad_path", "path")
-            try:
-                with engine.model_lock:  # loading may run the model (soft prompts)
-                    bank.add(body.name, body.path)
-            except (ValueError, TypeError, OSError) as err:
-                raise APIError(400, f"cannot load task {body.name!r}: {err}", "bad_artifact",
-                               "path") from None  # fmt: skip
-            return {"name": body.name, "prefix_length": bank.lengths[body.name],
-                    "tasks": bank.tasks}  # fmt: skip
+        async def add_task(request: Request) -> dict[str, Any]:
+            body = admin.parse_add(await request.body())  # after BearerAuth's token check
+            return await run_in_threadpool(admin.add_task, ctx, body)
 
-        @app.delete("/admin/tasks/{name}")
-        def remove_task(name: str, authorization: str | None = Header(None)) -> dict[str, Any]:
-            _authorize(authorization)
-            if name == model_name:
-                raise APIError(400, f"{model_name!r} is the base model", "reserved_name", "name")
-            if name not in bank:
-                raise APIError(404, f"no task {name!r}; tasks: {bank.tasks}", "task_not_found")
-            bank.remove(name)  # queued requests for it fail in their batch, not the server
-            return {"removed": name, "tasks": bank.tasks}
+        @app.delete("/admin/tasks/{name:path}")
+        async def remove_task(name: str) -> dict[str, Any]:
+            return admin.remove_task(ctx, name)
 
     return app
 

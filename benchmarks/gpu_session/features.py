@@ -1,0 +1,110 @@
+"""The per-feature value table of the correctness core: one line per backend feature.
+
+Each :class:`Feature` is one awkward shape (``case``: fields of ``tests/helpers.Case``,
+over :data:`BASE` / :data:`DRY_BASE`) plus extra ``prefix_attention`` keywords
+(``call``). The core step runs it through ``backend="triton"`` (bf16 on the GPU, fp32
+under the interpreter in the dry run), forward and all five gradients, once with the
+fused and once with the split backward (lines marked ``both_layouts``; ``auto`` for the
+rest), and compares with the independent float64
+reference ``tests/reference64.attention64`` called with the same keywords.
+
+**To add a feature, add one line.** ``call`` values may be a callable ``(case, device) ->
+value`` for tensors that depend on the shape. The float64 reference must accept the same
+keyword (extend ``tests/reference64.py`` with the feature, as its tests need anyway),
+e.g. for the window / softcap / sinks family::
+
+    Feature("sliding window 32", {}, {"window": 32}),
+    Feature("logit softcap 30", {}, {"softcap": 30.0}),
+
+A keyword the installed ``prefix_attention`` does not take is recorded as a ``skip`` (so
+this table may list features before their branch is merged).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+# one awkward shape (P, Nq, Nk, D from the tests' list; Nq != Nk; GQA); the dry run's is
+# tiny because Triton's interpreter is slow
+BASE: dict[str, Any] = dict(B=2, H=4, Hkv=2, Nq=77, Nk=113, P=33, D=64, prefix="shared")
+DRY_BASE: dict[str, Any] = dict(B=2, H=2, Hkv=1, Nq=7, Nk=9, P=3, D=16, prefix="shared")
+
+
+def _ragged_lengths(case: Any, device: Any) -> Any:
+    import torch
+
+    T = case.T if case.prefix == "bank" else case.B
+    return torch.tensor([(3 * t + 1) % (case.P + 1) for t in range(T)], device=device)
+
+
+def _window(case: Any, device: Any) -> int:
+    return max(2, case.Nk // 3)  # shorter than the sequence: the window's blocks are skipped
+
+
+def _sinks(case: Any, device: Any) -> Any:
+    import torch
+
+    return torch.linspace(-1.0, 1.0, case.H, device=device)  # [H] float32 sink logits
+
+
+@dataclass(frozen=True)
+class Feature:
+    """One line of the table: ``case`` overrides the base shape, ``call`` adds keywords;
+    ``dry_case`` overrides the dry run's base instead (default: ``case``);
+    ``noncontiguous`` makes strided inputs; ``grads`` False checks the forward only;
+    ``both_layouts`` checks the fused and the split backward (else ``auto``, which is the
+    fused one at these sizes: each layout compiles its own kernels on a fresh machine)."""
+
+    name: str
+    case: dict[str, Any] = field(default_factory=dict)
+    call: dict[str, Any | Callable[[Any, Any], Any]] = field(default_factory=dict)
+    dry_case: dict[str, Any] | None = None
+    noncontiguous: bool = False
+    grads: bool = True
+    both_layouts: bool = False
+
+
+FEATURES: tuple[Feature, ...] = (
+    Feature("shared prefix", {}, both_layouts=True),
+    Feature("per-row prefix", {"prefix": "row"}),
+    Feature("bank prefix + prefix_index", {"prefix": "bank", "T": 3}, both_layouts=True),
+    Feature(
+        "ragged bank (prefix_lengths)",
+        {"prefix": "bank", "T": 3},
+        {"prefix_lengths": _ragged_lengths},
+    ),
+    Feature("no prefix (P = 0)", {"prefix": "none", "P": 0}),
+    Feature("P = 1", {"P": 1}),
+    Feature("GQA 8:2", {"H": 8, "Hkv": 2}, dry_case={"H": 4, "Hkv": 2}, both_layouts=True),
+    Feature("MQA 4:1", {"H": 4, "Hkv": 1}, dry_case={"H": 2, "Hkv": 1}),
+    Feature("key padding, left", {"pad": "left"}),
+    Feature("key padding, random", {"pad": "random", "prefix": "bank"}, both_layouts=True),
+    Feature("not causal", {"causal": False}),
+    Feature("decode Nq = 1", {"Nq": 1, "prefix": "bank"}, dry_case={"Nq": 1, "prefix": "bank"}),
+    Feature("Nq = Nk = 17", {"Nq": 17, "Nk": 17}),
+    Feature("head dim 80", {"D": 80}, dry_case={"D": 40}),
+    Feature("head dim 96", {"D": 96}, dry_case={"D": 24}),
+    Feature("head dim 128", {"D": 128}, dry_case={"D": 32}),
+    Feature("sm_scale 0.3", {}, {"sm_scale": 0.3}),
+    Feature("non-contiguous inputs", {"prefix": "row"}, noncontiguous=True),
+    # model families (issue 20): window / softcap / sinks, alone and together
+    Feature("sliding window Nk/3", {}, {"window": _window}),
+    Feature(
+        "sliding window, prefix sliding",
+        {"prefix": "bank", "T": 3},
+        {"window": _window, "prefix_window": "sliding"},
+    ),
+    Feature("logit softcap 30", {}, {"softcap": 30.0}),
+    Feature("attention sinks", {}, {"sinks": _sinks}),
+    Feature(
+        "window + softcap + sinks, ragged bank",
+        {"prefix": "bank", "T": 3},
+        {"window": _window, "softcap": 20.0, "sinks": _sinks, "prefix_lengths": _ragged_lengths},
+        both_layouts=True,
+    ),
+)
+
+DTYPE_GPU = "bfloat16"
+DTYPE_DRY = "float32"  # the interpreter's bf16 tl.dot is broken

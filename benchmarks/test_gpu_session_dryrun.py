@@ -1,0 +1,196 @@
+"""The GPU session's one command, ``benchmarks/run_gpu.sh``: its ``--dry-run`` (every
+step's plumbing on the CPU, tiny shapes, Triton's interpreter) writes the layout the
+device tool brings back, records of the documented schema, one status per step; and the
+report computes each target of issue 23 from the numbers.
+
+The dry run is started once per module (~50 s of CPU time). Its numbers are plumbing,
+never a measurement.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from benchmarks.gpu_session import report
+from benchmarks.gpu_session.common import RECORD_KINDS, SCHEMA
+from benchmarks.gpu_session.kernel import crossover_work
+from benchmarks.gpu_session.run import STAGES, STEPS
+
+ROOT = Path(__file__).resolve().parents[1]
+LAYOUT = {"0-env.jsonl", "1-core.jsonl", "2-headline.jsonl", "3-serve.jsonl", "run.log",
+          "report.md", "report.json"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def session(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
+    out = tmp_path_factory.mktemp("session")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        ["bash", "benchmarks/run_gpu.sh", "--dry-run", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    return out, proc
+
+
+def _records(out: Path) -> list[tuple[str, dict]]:
+    recs = []
+    for name, _, _ in STAGES.values():
+        for line in (out / name).read_text().splitlines():
+            recs.append((name, json.loads(line)))
+    return recs
+
+
+def test_dry_run_writes_the_files_the_device_tool_brings_back(session) -> None:
+    out, proc = session
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    names = {p.name for p in out.iterdir()}
+    assert names == LAYOUT, names
+    assert len(names) <= 8 and all((out / n).is_file() for n in names)  # no sub-folders
+    assert "DRY RUN" in (out / "report.md").read_text()
+    assert "## Targets" in proc.stdout  # the table is printed last (the reply's tail)
+
+
+def test_every_record_has_the_documented_schema(session) -> None:
+    out, _ = session
+    stage_of = {s.name: STAGES[s.stage][0] for s in STEPS}
+    for fname, rec in _records(out):
+        assert rec["schema"] == SCHEMA
+        assert rec["kind"] in RECORD_KINDS, rec
+        missing = [f for f in RECORD_KINDS[rec["kind"]] if f not in rec]
+        assert not missing, (missing, rec)
+        assert stage_of[rec["step"]] == fname, rec  # each step writes to its stage's file
+        assert isinstance(rec["t_s"], (int, float))
+
+
+def test_every_step_ran_once_without_an_error(session) -> None:
+    out, _ = session
+    recs = [r for _, r in _records(out)]
+    status = {}
+    for r in recs:
+        if r["kind"] == "step":
+            assert r["step"] not in status, f"two step records for {r['step']}"
+            status[r["step"]] = r["status"]
+    assert status == {s.name: "ok" for s in STEPS}, status
+    errors = [r for r in recs if r["kind"] == "error"]
+    assert not errors, errors
+    failed = [r for r in recs if r["kind"] == "check" and not r["ok"]]
+    assert not failed, failed
+
+
+def test_each_kind_of_result_is_produced(session) -> None:
+    """The plumbing of every kind of measurement ran: values vs float64 for each feature
+    line, the pytest graph tests (skipped on the CPU, with the reason), rows and
+    comparisons, the crossover, host, train step, serving; CUDA-only parts skipped."""
+    out, _ = session
+    recs = [r for _, r in _records(out)]
+    kinds = {r["kind"] for r in recs}
+    assert {"env", "check", "test", "gemm", "row", "compare", "crossover", "host", "e2e",
+            "serve", "skip"} <= kinds, kinds  # fmt: skip
+    from benchmarks.gpu_session.features import FEATURES
+
+    checked = {r["name"] for r in recs if r["kind"] == "check"}
+    assert {f"feature: {f.name}" for f in FEATURES} <= checked
+    tests = [r for r in recs if r["kind"] == "test"]
+    assert tests and all(t["outcome"] == "skipped" and "CUDA" in t["reason"] for t in tests)
+    skips = " ".join(r["reason"] for r in recs if r["kind"] == "skip")
+    assert "CUDA-graph capture needs CUDA" in skips
+    env = next(r for r in recs if r["kind"] == "env")
+    assert env["dry_run"] is True and env["versions"]["torch"]
+
+
+def test_report_of_the_dry_run_lists_every_target(session) -> None:
+    out, _ = session
+    data = json.loads((out / "report.json").read_text())
+    assert data["summary"]["dry_run"] is True
+    ids = {t["id"] for t in data["targets"]}
+    assert {"fwdbwd_vs_sdpa", "fwdbwd_vs_eager", "host_below_gpu", "n4096_fwd_gemm",
+            "n4096_bwd_gemm", "e2e_speed", "e2e_memory", "decode_P512_fwd",
+            "decode_P512_graph", "decode_P64_fwd", "decode_P64_graph", "serve_graph"} == ids  # fmt: skip
+    measured = [t for t in data["targets"] if t["value"] is not None]
+    assert measured and all(t["met"] in (True, False) for t in measured)
+
+
+def test_a_step_past_its_limit_is_killed_and_recorded(tmp_path: Path) -> None:
+    """The hard limit: core.features (~25 s of CPU) gets ~6.5 s of an 11.5 s total (5 s
+    are kept for the report); its process group is killed, the run goes on to record
+    ``timeout`` for it, and whatever it wrote before stays valid JSON lines."""
+    from benchmarks.gpu_session import run
+
+    rc = run.main(["--out", str(tmp_path), "--dry-run", "--only", "core.features",
+                   "--total-s", "11.5", "--no-report"])  # fmt: skip
+    assert rc == 1
+    recs = [json.loads(line) for line in (tmp_path / "1-core.jsonl").read_text().splitlines()]
+    steps = [r for r in recs if r["kind"] == "step"]
+    assert [(r["step"], r["status"]) for r in steps] == [("core.features", "timeout")]
+    assert steps[0]["wall_s"] < 20
+
+
+# --------------------------------------------------------------------------------------
+# the report's arithmetic on synthetic records (no session needed)
+# --------------------------------------------------------------------------------------
+
+
+def _rec(kind: str, **f: object) -> dict:
+    return {"schema": SCHEMA, "step": "x", "kind": kind, "t_s": 0.0, **f}
+
+
+def test_targets_are_computed_from_the_numbers() -> None:
+    recs = [
+        _rec("gemm", tflops=800.0, ms=1.0, n=8192),
+        _rec(
+            "compare",
+            tag="n1024",
+            mode="fwd_bwd",
+            baseline_kind="sdpa",
+            ratio=1.5,
+            case="c",
+            b="sdpa[flash]",
+            name="n",
+            a="prefixattn",
+        ),
+        _rec(
+            "compare",
+            tag="n1024",
+            mode="fwd_bwd",
+            baseline_kind="concat_eager",
+            ratio=3.0,
+            case="c",
+            b="concat_eager",
+            name="n",
+            a="prefixattn",
+        ),
+        _rec("row", tag="n1024", mode="fwd_bwd", impl="prefixattn", time_ms=2.0, host_ms=0.5),
+        _rec("row", tag="n4096", mode="fwd", impl="prefixattn", tflops=400.0, time_ms=1.0),
+        _rec("row", tag="n4096", mode="bwd", impl="prefixattn", tflops=200.0, time_ms=1.0),
+        _rec("e2e", impl="prefixattn", variant="eager", tokens_per_s=100.0, peak_mem_bytes=80),
+        _rec("e2e", impl="prefixattn", variant="compiled", tokens_per_s=140.0, peak_mem_bytes=90),
+        _rec("e2e", impl="peft_sdpa", variant="eager", tokens_per_s=100.0, peak_mem_bytes=100),
+        _rec("serve", variant="eager", tokens_per_s=100.0),
+        _rec("step", step="serve", status="ok"),
+        _rec("skip", name="serve cuda_graph", reason="no graph option"),
+    ]
+    t = {x["id"]: x for x in report.targets(recs)}
+    assert t["fwdbwd_vs_sdpa"]["met"] is True and t["fwdbwd_vs_sdpa"]["value"] == 1.5
+    assert t["fwdbwd_vs_eager"]["met"] is False and "1.33x short" in t["fwdbwd_vs_eager"]["verdict"]
+    assert t["host_below_gpu"]["met"] is True and t["host_below_gpu"]["value"] == 0.25
+    assert t["n4096_fwd_gemm"]["met"] is True and t["n4096_fwd_gemm"]["value"] == 0.5
+    assert t["n4096_bwd_gemm"]["met"] is False and t["n4096_bwd_gemm"]["value"] == 0.25
+    # each stack at its fastest: prefixattn compiled (140) vs PEFT eager (100), memory 90/100
+    assert t["e2e_speed"]["value"] == pytest.approx(1.4) and t["e2e_speed"]["met"] is True
+    assert t["e2e_memory"]["value"] == pytest.approx(0.9) and t["e2e_memory"]["met"] is False
+    assert t["serve_graph"]["met"] is None and "no graph option" in t["serve_graph"]["verdict"]
+    assert t["decode_P512_fwd"]["met"] is None and "did not run" in t["decode_P512_fwd"]["verdict"]
+
+
+def test_crossover_is_between_the_last_fused_win_and_the_first_split_win() -> None:
+    pts = [{"work": w, "fused_ms": f, "split_ms": s}
+           for w, f, s in ((100, 1.0, 2.0), (400, 2.0, 2.5), (1600, 5.0, 4.0))]  # fmt: skip
+    assert crossover_work(pts) == 800  # sqrt(400 * 1600)
+    assert crossover_work(pts[:2]) is None  # split never wins: no crossover measured
+    noisy = [*pts, {"work": 200, "fused_ms": 3.0, "split_ms": 1.0}]
+    assert crossover_work(noisy) is None  # not ordered: the points say more than one number

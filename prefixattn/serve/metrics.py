@@ -1,0 +1,77 @@
+"""``/metrics`` in the Prometheus text format (``prometheus_client``), one registry per app.
+
+vLLM's metric names where one exists (``vllm:num_requests_running``,
+``vllm:time_to_first_token_seconds``, ...: dashboards made for vLLM read them), with the
+task as ``model_name``; ``prefixattn:requests_total`` counts every request by task and
+outcome (``stop``, ``length``, ``cancelled``, ``error``, ``rejected``: 429, ``invalid``:
+another 4xx).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+__all__ = ["CONTENT_TYPE", "ServeMetrics"]
+
+_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
+                 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)  # fmt: skip
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0,
+                    15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0)  # fmt: skip
+
+
+class ServeMetrics:
+    """The server's Prometheus metrics; ``engine`` gives queue depth and running rows."""
+
+    def __init__(self, engine: Any) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        running = Gauge("vllm:num_requests_running", "Rows in the batch in flight.", registry=r)
+        running.set_function(lambda: float(getattr(engine, "running", 0)))
+        waiting = Gauge("vllm:num_requests_waiting", "Requests waiting in the queue.", registry=r)
+        waiting.set_function(lambda: float(engine.queue_depth))
+        labels = ["model_name"]
+        self.prompt_tokens = Counter(
+            "vllm:prompt_tokens", "Prompt tokens processed.", labels, registry=r
+        )
+        self.generation_tokens = Counter(
+            "vllm:generation_tokens", "Tokens generated.", labels, registry=r
+        )
+        self.ttft = Histogram(
+            "vllm:time_to_first_token_seconds", "Time to the first generated token.", labels,
+            buckets=_TTFT_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.latency = Histogram(
+            "vllm:e2e_request_latency_seconds", "Request latency, arrival to last token.",
+            labels, buckets=_LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.success = Counter(
+            "vllm:request_success", "Finished requests by finish reason.",
+            ["model_name", "finished_reason"], registry=r,
+        )  # fmt: skip
+        self.requests = Counter(
+            "prefixattn:requests", "Requests by task and outcome.", ["task", "outcome"],
+            registry=r,
+        )  # fmt: skip
+
+    def row_done(
+        self, task: str, reason: str, prompt_tokens: int, tokens: int,
+        ttft: float | None, latency: float,
+    ) -> None:  # fmt: skip
+        """One row (choice) finished with ``reason``."""
+        self.prompt_tokens.labels(task).inc(prompt_tokens)
+        self.generation_tokens.labels(task).inc(tokens)
+        if ttft is not None:
+            self.ttft.labels(task).observe(ttft)
+        if reason in ("stop", "length"):
+            self.latency.labels(task).observe(latency)
+            self.success.labels(task, reason).inc()
+
+    def request(self, task: str, outcome: str) -> None:
+        """One HTTP request ended with ``outcome``."""
+        self.requests.labels(task, outcome).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,304 @@
+"""What every generating endpoint shares (vLLM's ``OpenAIServing``): model and field
+checks, tokenization off the event loop, sampling parameters, submitting rows to the
+engine and reading their events back (cancelling them when the client goes away).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import itertools
+import json
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+
+from ..hf.bank import TaskBank
+from .errors import APIError
+from .metrics import ServeMetrics
+from .output import Event, LogprobEntry, RequestOutput, TokenStrings
+from .request import CANCELLED, ERROR, GenRequest, QueueFullError, SamplingParams
+from .schemas import MAX_SEED, refused_fields
+
+MAX_PROMPTS = 64  # prompts per request
+GREEDY_BELOW = 1e-5  # temperatures below this are greedy (as vLLM: no inf/nan sampling)
+RETRY_AFTER_S = 1  # what a 429 tells the client to wait
+
+_ids = itertools.count()
+
+
+def new_id(prefix: str = "cmpl") -> str:
+    """A process-unique response id."""
+    return f"{prefix}-{int(time.time() * 1000):x}{next(_ids):06x}"
+
+
+def sse(data: dict[str, Any]) -> str:
+    """One server-sent event."""
+    return f"data: {json.dumps(data)}\n\n"
+
+
+@dataclass
+class ServeContext:
+    """The pieces every endpoint uses (built once by :func:`~prefixattn.serve.create_app`)."""
+
+    engine: Any  # submit / cancel / queue_depth / running / model_lock
+    bank: TaskBank
+    tokenizer: Any
+    model_name: str
+    metrics: ServeMetrics
+    limit: int | None  # the model's context (positions), None: unknown
+    vocab_size: int
+    eos_ids: frozenset[int] = frozenset()
+    created: int = field(default_factory=lambda: int(time.time()))
+    # one worker: the tokenizer is not guaranteed thread-safe; never the event loop
+    pool: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="prefixattn-tok")
+    )
+
+    def __post_init__(self) -> None:
+        self.token_strings = TokenStrings(self.tokenizer)
+
+    def max_len(self, task: str) -> int | None:
+        """Prompt + generated tokens a row of ``task`` may hold: the model's context less
+        the task's position offset, and the engine's KV positions per row less the task's
+        prefix (None: no limit known)."""
+        caps = []
+        if self.limit is not None:
+            caps.append(self.limit - self.bank.offsets.get(task, 0))
+        kv_len = getattr(getattr(self.engine, "pool", None), "max_len", None)
+        if isinstance(kv_len, int):
+            caps.append(kv_len - self.bank.lengths.get(task, 0))
+        return min(caps) if caps else None
+
+
+@dataclass(eq=False)
+class Row:
+    """One choice: the engine's request and what came back of it."""
+
+    index: int
+    req: GenRequest
+    prompt_index: int = 0
+    first: bool = True  # the first choice of its prompt
+    text: str = ""
+    logprobs: list[LogprobEntry | None] = field(default_factory=list)
+    prompt_logprobs: list[LogprobEntry | None] | None = None
+    reason: str | None = None
+    error: str | None = None
+
+
+class OpenAIServing:
+    """Base of the endpoint classes (completions, chat)."""
+
+    def __init__(self, ctx: ServeContext) -> None:
+        self.ctx = ctx
+
+    async def create(self, body: Any, request: Request) -> Any:
+        """Answer one request of this endpoint (a JSON body, or an SSE stream)."""
+        task = self.check_model(body.model)
+        try:
+            return await self._create(body, request, task)
+        except APIError as err:
+            self.ctx.metrics.request(task, "rejected" if err.status == 429 else "invalid")
+            raise
+
+    async def _create(self, body: Any, request: Request, task: str) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} does not generate")
+
+    def stream_end(self, rows: list[Row], head: dict[str, Any], usage: bool) -> list[str]:
+        """The last SSE events: the usage chunk (``include_usage``) and ``[DONE]``; none
+        when the client went away."""
+        if any(r.reason is None for r in rows):
+            return []
+        out = [sse({**head, "choices": [], "usage": self.usage(rows)})] if usage else []
+        return [*out, "data: [DONE]\n\n"]
+
+    # ------------------------------------------------------------------ checks
+
+    def check_model(self, name: str) -> str:
+        """``name`` if it is a served task or the base model, else 404."""
+        if name not in self.ctx.bank:
+            raise APIError(
+                404, f"model {name!r} is not served; served: {self.ctx.bank.tasks}",
+                "model_not_found", "model",
+            )  # fmt: skip
+        return name
+
+    def check_fields(self, body: Any) -> None:
+        """400 naming the first field that would change the output but is not implemented."""
+        bad = refused_fields(body)
+        if bad is not None:
+            raise APIError(400, bad[1], "unsupported_field", bad[0])
+        if any(not s for s in body.stop_list()):
+            raise APIError(400, "stop strings must be non-empty", "invalid_stop", "stop")
+        for t in body.stop_token_ids or ():
+            self.check_token_id(t, "stop_token_ids")
+
+    def check_token_id(self, t: int, param: str) -> None:
+        if not 0 <= t < self.ctx.vocab_size:
+            raise APIError(
+                400, f"{param}: token id {t} is outside the vocabulary [0, {self.ctx.vocab_size})",
+                "invalid_token_id", param,
+            )  # fmt: skip
+
+    def check_context(self, task: str, n_prompt: int, max_tokens: int, i: int = 0) -> None:
+        if n_prompt == 0:
+            raise APIError(400, f"prompt {i} is empty after tokenization", "empty_prompt",
+                           "prompt")  # fmt: skip
+        cap = self.ctx.max_len(task)
+        if cap is not None and n_prompt + max_tokens > cap:
+            raise APIError(
+                400,
+                f"prompt {i} has {n_prompt} tokens; with max_tokens={max_tokens} that exceeds "
+                f"the {cap} tokens a row of {task!r} may hold (the model's context of "
+                f"{self.ctx.limit} tokens less the task's position offset, and the server's KV "
+                f"cache per row less the task's prefix: --max-model-len)",
+                "context_length_exceeded", "max_tokens",
+            )  # fmt: skip
+
+    async def off_loop(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn(*args)`` in the tokenizer's thread (never on the event loop)."""
+        return await asyncio.get_running_loop().run_in_executor(self.ctx.pool, fn, *args)
+
+    # ------------------------------------------------------------------ rows
+
+    def sampling(
+        self, body: Any, max_tokens: int, choice: int, logprobs: int | None,
+        prompt_logprobs: int | None = None,
+    ) -> SamplingParams:  # fmt: skip
+        """The engine's parameters for choice ``choice`` of ``body`` (choice j > 0 of a
+        seeded request uses seed + j, so the n choices differ and are reproducible)."""
+        temperature = 0.0 if body.temperature < GREEDY_BELOW else body.temperature
+        seed = None if body.seed is None else (body.seed + choice) % (MAX_SEED + 1)
+        return SamplingParams(
+            max_tokens=max_tokens, temperature=temperature, top_p=body.top_p, seed=seed,
+            stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos,
+            logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+        )  # fmt: skip
+
+    def make_rows(
+        self, task: str, prompts: Sequence[list[int]], body: Any, max_tokens: Sequence[int],
+        logprobs: int | None, prompt_logprobs: int | None = None,
+    ) -> tuple[list[Row], asyncio.Queue]:  # fmt: skip
+        """``body.n`` rows per prompt, their sinks feeding one queue of (row, Event)."""
+        loop, q = asyncio.get_running_loop(), asyncio.Queue()
+        rows: list[Row] = []
+        for p, ids in enumerate(prompts):
+            for j in range(body.n):
+                index = len(rows)
+
+                def emit(ev: Event, index: int = index) -> None:
+                    # a closed loop (the server stopped): nobody is listening
+                    with contextlib.suppress(RuntimeError):
+                        loop.call_soon_threadsafe(q.put_nowait, (index, ev))
+
+                # with logprobs the sink ends the row on EOS, so that EOS is reported
+                eos = self.ctx.eos_ids if logprobs is not None and not body.ignore_eos else None
+                sink = RequestOutput(
+                    self.ctx.tokenizer, self.ctx.token_strings, emit, stop=body.stop_list(),
+                    include_stop=body.include_stop_str_in_output,
+                    logprobs=logprobs is not None,
+                    skip_special_tokens=body.skip_special_tokens, eos_ids=eos or frozenset(),
+                )  # fmt: skip
+                params = self.sampling(body, max_tokens[p], j, logprobs, prompt_logprobs)
+                if eos:
+                    params = dataclasses.replace(params, ignore_eos=True)
+                req = GenRequest(task=task, prompt_ids=list(ids), params=params, sink=sink)
+                rows.append(Row(index, req, prompt_index=p, first=j == 0))
+        return rows, q
+
+    def submit(self, rows: list[Row]) -> None:
+        """Queue every row, or none (429 with ``Retry-After`` when the queue is full)."""
+        done: list[Row] = []
+        try:
+            for row in rows:
+                self.ctx.engine.submit(row.req)
+                done.append(row)
+        except QueueFullError as err:
+            for row in done:
+                self.ctx.engine.cancel(row.req)
+            raise APIError(
+                429, str(err), "queue_full", kind="rate_limit_error",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            ) from None  # fmt: skip
+
+    async def events(
+        self, rows: list[Row], q: asyncio.Queue, request: Request
+    ) -> AsyncIterator[tuple[Row, Event]]:
+        """Each row's events in arrival order until every row finished; stops early (and
+        cancels the rows left) when the client goes away."""
+        left = len(rows)
+        try:
+            while left:
+                try:
+                    index, ev = await asyncio.wait_for(q.get(), timeout=0.25)
+                except TimeoutError:
+                    # noticed even while nothing is sent (the row still queued)
+                    if await request.is_disconnected():
+                        return
+                    continue
+                row = rows[index]
+                self._update(row, ev)
+                if ev.kind == "finish":
+                    left -= 1
+                yield row, ev
+        finally:  # the client went away (or we are done): free the rows
+            for row in rows:
+                if not row.req.done:
+                    self.ctx.engine.cancel(row.req)
+
+    def _update(self, row: Row, ev: Event) -> None:
+        if ev.kind == "prompt":
+            row.prompt_logprobs = ev.logprobs
+            return
+        row.text += ev.text
+        if ev.logprobs:
+            row.logprobs.extend(ev.logprobs)
+        if ev.kind == "finish":
+            row.reason, row.error = ev.reason, ev.error
+            req = row.req
+            sink = req.sink
+            ttft = None if sink.t_first_token is None else sink.t_first_token - req.t_submit
+            prompt_tokens = len(req.prompt_ids) if row.first else 0  # once per prompt
+            latency = time.perf_counter() - req.t_submit
+            self.ctx.metrics.row_done(
+                req.task, ev.reason or ERROR, prompt_tokens, sink.num_tokens, ttft, latency
+            )
+            self.ctx.metrics.request(req.task, ev.reason or ERROR)
+
+    async def collect(self, rows: list[Row], q: asyncio.Queue, request: Request) -> bool:
+        """Wait for every row (non-streamed); False if the client went away first."""
+        async for _ in self.events(rows, q, request):
+            pass
+        if any(r.reason is None for r in rows):
+            return False
+        failed = next((r for r in rows if r.reason == ERROR), None)
+        if failed is not None:
+            raise self.row_error(failed)
+        return True
+
+    def row_error(self, row: Row) -> APIError:
+        """The answer for a row the engine could not run: 404 when its task was removed
+        while it waited (retrying cannot help), else 500."""
+        if row.req.task not in self.ctx.bank:
+            return APIError(404, row.error or f"task {row.req.task!r} was removed",
+                            "model_not_found", "model")  # fmt: skip
+        return APIError(500, row.error or "generation failed", "generation_failed")
+
+    @staticmethod
+    def finish_reason(row: Row) -> str | None:
+        return None if row.reason in (CANCELLED, None) else row.reason
+
+    @staticmethod
+    def usage(rows: list[Row]) -> dict[str, int]:
+        """Prompt tokens once per prompt (not per choice), completion tokens per choice."""
+        seen: dict[int, int] = {}
+        for r in rows:
+            seen[r.prompt_index] = len(r.req.prompt_ids)
+        p = sum(seen.values())
+        c = sum(len(r.req.out_ids) for r in rows)
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}

@@ -1,0 +1,69 @@
+"""``GET /v1/models``, ``GET /v1/models/{id}`` (with the context length), and vLLM's
+``POST /tokenize`` / ``POST /detokenize``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import APIError
+from .schemas import DetokenizeRequest, TokenizeRequest
+from .serving_chat import chat_prompt_ids
+from .serving_engine import OpenAIServing
+
+
+class OpenAIServingModels(OpenAIServing):
+    """The model cards and the tokenizer routes."""
+
+    def card(self, name: str) -> dict[str, Any]:
+        """One model card; ``max_model_len`` (vLLM's name) is the context a request of
+        this task may fill (prompt + generated), its position offset deducted."""
+        bank = self.ctx.bank
+        return {
+            "id": name,
+            "object": "model",
+            "created": self.ctx.created,
+            "owned_by": "prefixattn",
+            "root": self.ctx.model_name,
+            "parent": None if name == self.ctx.model_name else self.ctx.model_name,
+            "base": name == self.ctx.model_name,
+            "max_model_len": self.ctx.max_len(name),
+            "prefix_length": bank.lengths[name],
+            "position_offset": bank.offsets[name],
+        }
+
+    def list(self) -> dict[str, Any]:
+        return {"object": "list", "data": [self.card(n) for n in self.ctx.bank.tasks]}
+
+    def retrieve(self, model_id: str) -> dict[str, Any]:
+        return self.card(self.check_model(model_id))
+
+    def _model(self, name: str | None) -> str:
+        return self.ctx.model_name if name is None else self.check_model(name)
+
+    async def tokenize(self, body: TokenizeRequest) -> dict[str, Any]:
+        task, tok = self._model(body.model), self.ctx.tokenizer
+        if body.messages is not None:
+            ids = await self.off_loop(
+                chat_prompt_ids, self.ctx, body.messages, body.add_generation_prompt
+            )
+        else:
+            encode = lambda: list(  # noqa: E731
+                tok(body.prompt, add_special_tokens=body.add_special_tokens)["input_ids"]
+            )
+            ids = await self.off_loop(encode)
+        strs = tok.convert_ids_to_tokens(ids) if body.return_token_strs else None
+        return {
+            "count": len(ids), "max_model_len": self.ctx.max_len(task), "tokens": ids,
+            "token_strs": strs,
+        }  # fmt: skip
+
+    async def detokenize(self, body: DetokenizeRequest) -> dict[str, Any]:
+        self._model(body.model)
+        for t in body.tokens:
+            self.check_token_id(t, "tokens")
+        try:
+            text = await self.off_loop(self.ctx.tokenizer.decode, body.tokens)
+        except Exception as err:  # e.g. an id the tokenizer's vocabulary lacks
+            raise APIError(400, f"cannot decode tokens: {err}", "invalid_token_id",
+                           "tokens") from None  # fmt: skip
+        return {"prompt": text}
