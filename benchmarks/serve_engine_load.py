@@ -99,7 +99,7 @@ class _Sink:
 def run_engine(bank: Any, tok: Any, work: list, args: argparse.Namespace, prefix: bool) -> dict:
     """Our engine under the closed loop; every row on its task (``prefix``) or the base."""
     from prefixattn.serve.engine import Engine
-    from prefixattn.serve.request import GenRequest, SamplingParams
+    from prefixattn.serve.engine.request import GenRequest, SamplingParams
 
     eng = Engine(
         bank, tok, max_num_seqs=args.max_num_seqs,
@@ -190,7 +190,7 @@ def decode_step_ratio(bank: Any, tok: Any, args: argparse.Namespace, tasks: list
     """Decode-only steps of ``--step-rows`` rows with ~``--step-context`` keys: prefixes on
     every row vs none, alternating; the engine's own step timer."""
     from prefixattn.serve.engine import Engine
-    from prefixattn.serve.request import GenRequest, SamplingParams
+    from prefixattn.serve.engine.request import GenRequest, SamplingParams
 
     work = workload(args.step_rows, len(tok), 7, tasks, args.step_context, args.step_context, 4)
 
@@ -237,7 +237,7 @@ def rss_over_requests(bank: Any, tok: Any, args: argparse.Namespace, tasks: list
     """RSS (MB) every ``n / 10`` of ``--rss-requests`` short requests through one engine
     (``--concurrency`` at a time): flat if nothing grows per request."""
     from prefixattn.serve.engine import Engine
-    from prefixattn.serve.request import GenRequest, SamplingParams
+    from prefixattn.serve.engine.request import GenRequest, SamplingParams
 
     n = args.rss_requests
     work = workload(n, len(tok), 11, tasks, 4, 24, 8)

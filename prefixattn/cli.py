@@ -669,7 +669,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         import uvicorn
 
         from .serve import create_app, load_base
-        from .serve.app import check_task_name
+        from .serve.openai.api_server import check_task_name
     except ImportError as err:
         raise CLIError(
             f"serve needs the serve extra: pip install 'prefixattn[serve]' ({err})"

@@ -66,25 +66,29 @@ LAYERS: list[list[str]] = [
     ["prefixattn.demo"],
     ["prefixattn.demo_multitask", "prefixattn.train_tasks"],
     ["prefixattn.serve.*"],
-    # serving: the engine's interface and the protocol models at the bottom
-    [
-        "prefixattn.serve.request",
-        "prefixattn.serve.schemas",
-        "prefixattn.serve.errors",
-        "prefixattn.serve.metrics",
-    ],
-    ["prefixattn.serve.logprobs", "prefixattn.serve.output", "prefixattn.serve.auth"],
-    ["prefixattn.serve.kv_cache", "prefixattn.serve.sampling"],
-    ["prefixattn.serve.scheduler"],
-    ["prefixattn.serve.runner"],
-    ["prefixattn.serve.cuda_graphs"],
+    # serving, the engine (prefixattn.serve.engine): its interface at the bottom, then the
+    # data path of one step, the step loop on top
+    ["prefixattn.serve.engine.request"],
+    ["prefixattn.serve.engine.kv_cache", "prefixattn.serve.engine.sampling"],
+    ["prefixattn.serve.engine.scheduler"],
+    ["prefixattn.serve.engine.runner"],
+    ["prefixattn.serve.engine.cuda_graphs"],
+    ["prefixattn.serve.engine.core"],
     ["prefixattn.serve.engine"],
-    # the OpenAI front end: shared serving code, one class per endpoint, the router
-    ["prefixattn.serve.serving_engine"],
-    ["prefixattn.serve.serving_chat", "prefixattn.serve.serving_completion"],
-    ["prefixattn.serve.serving_models"],
-    ["prefixattn.serve.admin"],
-    ["prefixattn.serve.app"],
+    # the OpenAI front end (prefixattn.serve.openai): protocol models at the bottom, the
+    # shared serving code, one class per endpoint, the router on top
+    [
+        "prefixattn.serve.openai.protocol",
+        "prefixattn.serve.openai.errors",
+        "prefixattn.serve.openai.metrics",
+    ],
+    ["prefixattn.serve.openai.output", "prefixattn.serve.openai.auth"],
+    ["prefixattn.serve.openai.serving"],
+    ["prefixattn.serve.openai.serving_chat", "prefixattn.serve.openai.serving_completion"],
+    ["prefixattn.serve.openai.serving_models"],
+    ["prefixattn.serve.openai.admin"],
+    ["prefixattn.serve.openai.api_server"],
+    ["prefixattn.serve.openai"],
     ["prefixattn.serve"],
     ["prefixattn.cli"],
     ["prefixattn.__main__"],

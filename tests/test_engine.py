@@ -20,7 +20,7 @@ pytest.importorskip("transformers")
 from prefixattn import PrefixTuning, PromptTuning, TaskBank
 from prefixattn.hf.testing import single_thread
 from prefixattn.serve.engine import Engine
-from prefixattn.serve.request import (
+from prefixattn.serve.engine.request import (
     CANCELLED,
     ERROR,
     LENGTH,
@@ -418,7 +418,7 @@ def test_static_decode_buckets_equal_taskbank_alone(setup) -> None:
 
 
 def test_pick_bucket_and_bad_buckets(setup) -> None:
-    from prefixattn.serve.cuda_graphs import DecodeGraphs, pick_bucket
+    from prefixattn.serve.engine.cuda_graphs import DecodeGraphs, pick_bucket
 
     assert [pick_bucket(n, (1, 2, 4, 8)) for n in (1, 2, 3, 5, 8, 9)] == [1, 2, 4, 8, 8, None]
     eng = engine_for(setup)
@@ -434,7 +434,7 @@ def test_pick_bucket_and_bad_buckets(setup) -> None:
 def test_slot_cache_writes_and_reads_the_rows_slots(slots) -> None:
     """SlotCache.update against plain indexing: consecutive slots (a view), out of order
     (a gather), one row (its slot in place); new keys land at each row's start."""
-    from prefixattn.serve.kv_cache import KVPool, SlotCache, StepLayout
+    from prefixattn.serve.engine.kv_cache import KVPool, SlotCache, StepLayout
 
     torch.manual_seed(0)
     pool = KVPool(2, 2, 5, slots=4, max_len=9, dtype=torch.float64, device="cpu")

@@ -32,7 +32,7 @@ from prefixattn.serve import (
     create_app,
     load_base,
 )
-from prefixattn.serve.output import RequestOutput, TokenStrings
+from prefixattn.serve.openai.output import RequestOutput, TokenStrings
 from prefixattn.testing import single_thread
 
 TOKEN = "s3cret"

@@ -3,12 +3,15 @@
 Needs the ``serve`` extra (``pip install 'prefixattn[serve]'``: FastAPI, uvicorn, httpx,
 prometheus-client). :func:`create_app` builds the app for a base model and a set of tasks;
 :class:`Engine` batches requests of any mix of tasks through one
-:class:`~prefixattn.TaskBank`. The engine/front-end interface is :mod:`.request`.
+:class:`~prefixattn.TaskBank`. The engine/front-end interface is :mod:`.engine.request`.
+
+    prefixattn/serve/
+      engine/   scheduler, KV cache, runner, sampling, CUDA graphs: the step loop
+      openai/   protocol models, one serving class per endpoint, the thin router
 """
 
-from .app import create_app, load_base
-from .engine import Engine
-from .request import GenRequest, OutputSink, QueueFullError, SamplingParams, TokenOut
+from .engine import Engine, GenRequest, OutputSink, QueueFullError, SamplingParams, TokenOut
+from .openai import create_app, load_base
 
 __all__ = [
     "Engine",

@@ -11,8 +11,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from .errors import APIError, validation_message
-from .schemas import AddTaskRequest
-from .serving_engine import ServeContext
+from .protocol import AddTaskRequest
+from .serving import ServeContext
 
 
 def parse_add(raw: bytes) -> AddTaskRequest:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..hf.patching import set_kv_pool, set_prefix
+from ...hf.patching import set_kv_pool, set_prefix
 from .kv_cache import KVPool, SlotCache, StepLayout
 from .scheduler import Row
 

@@ -10,11 +10,11 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
+from ..engine.request import ERROR
 from .errors import APIError
 from .output import completion_logprobs
-from .request import ERROR
-from .schemas import CompletionRequest
-from .serving_engine import MAX_PROMPTS, OpenAIServing, Row, new_id, sse
+from .protocol import CompletionRequest
+from .serving import MAX_PROMPTS, Choice, OpenAIServing, new_id, sse
 
 
 def _is_ids(prompt: Any) -> bool:
@@ -84,14 +84,14 @@ class OpenAIServingCompletion(OpenAIServing):
         }  # fmt: skip
 
     async def _stream(
-        self, body: CompletionRequest, request: Request, rows: list[Row], q: Any,
+        self, body: CompletionRequest, request: Request, rows: list[Choice], q: Any,
         rid: str, now: int, echo: list[str],
     ) -> AsyncIterator[str]:  # fmt: skip
         usage_chunks = bool(body.stream_options and body.stream_options.include_usage)
         k = body.logprobs
         offsets = [0] * len(rows)  # text_offset of the next token, per row
 
-        def chunk(row: Row, text: str, entries: list | None, reason: str | None) -> str:
+        def chunk(row: Choice, text: str, entries: list | None, reason: str | None) -> str:
             lp = None
             if k is not None and entries is not None:
                 lp = completion_logprobs(entries, offsets[row.index])

@@ -6,9 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 from .errors import APIError
-from .schemas import DetokenizeRequest, TokenizeRequest
+from .protocol import DetokenizeRequest, TokenizeRequest
+from .serving import OpenAIServing
 from .serving_chat import chat_prompt_ids
-from .serving_engine import OpenAIServing
 
 
 class OpenAIServingModels(OpenAIServing):

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .request import ERROR, STOP, TokenOut
+from ..engine.request import ERROR, STOP, TokenOut
 
 # what JSON carries for a log-probability of -inf (or NaN): vLLM's convention
 LOGPROB_FLOOR = -9999.0

@@ -19,17 +19,17 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
-from ..hf.bank import TaskBank
+from ...hf.bank import TaskBank
+from ..engine.core import Engine, context_limit, eos_token_ids
+from ..engine.cuda_graphs import buckets_up_to
 from . import admin
 from .auth import BearerAuth
-from .cuda_graphs import buckets_up_to
-from .engine import Engine, context_limit, eos_token_ids
 from .errors import BodyLimit, install_error_handlers
 from .metrics import CONTENT_TYPE, ServeMetrics
-from .schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from .protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from .serving import ServeContext
 from .serving_chat import OpenAIServingChat
 from .serving_completion import OpenAIServingCompletion
-from .serving_engine import ServeContext
 from .serving_models import OpenAIServingModels
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
@@ -185,14 +185,14 @@ def load_base(spec: str, *, device: str = "cpu", dtype: Any = None) -> tuple[Any
     local model folder (see :func:`prefixattn.data.load_model`).
     """
     if spec == "tiny":
-        from ..tiny import tiny_model, tiny_tokenizer
+        from ...tiny import tiny_model, tiny_tokenizer
 
         tok = tiny_tokenizer()
         model = tiny_model(len(tok), arch="gpt2")
         if dtype is not None:
             model = model.to(dtype)
         return model.to(device), tok, "tiny"
-    from ..data import load_model
+    from ...data import load_model
 
     model, tok = load_model(spec, device=device, dtype=dtype)
     name = "smollm2" if spec == "smollm2" else os.path.basename(os.path.normpath(spec))

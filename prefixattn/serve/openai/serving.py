@@ -18,12 +18,12 @@ from typing import Any
 
 from fastapi import Request
 
-from ..hf.bank import TaskBank
+from ...hf.bank import TaskBank
+from ..engine.request import CANCELLED, ERROR, GenRequest, QueueFullError, SamplingParams
 from .errors import APIError
 from .metrics import ServeMetrics
 from .output import Event, LogprobEntry, RequestOutput, TokenStrings
-from .request import CANCELLED, ERROR, GenRequest, QueueFullError, SamplingParams
-from .schemas import MAX_SEED, refused_fields
+from .protocol import MAX_SEED, refused_fields
 
 MAX_PROMPTS = 64  # prompts per request
 GREEDY_BELOW = 1e-5  # temperatures below this are greedy (as vLLM: no inf/nan sampling)
@@ -77,7 +77,7 @@ class ServeContext:
 
 
 @dataclass(eq=False)
-class Row:
+class Choice:
     """One choice: the engine's request and what came back of it."""
 
     index: int
@@ -109,7 +109,7 @@ class OpenAIServing:
     async def _create(self, body: Any, request: Request, task: str) -> Any:
         raise NotImplementedError(f"{type(self).__name__} does not generate")
 
-    def stream_end(self, rows: list[Row], head: dict[str, Any], usage: bool) -> list[str]:
+    def stream_end(self, rows: list[Choice], head: dict[str, Any], usage: bool) -> list[str]:
         """The last SSE events: the usage chunk (``include_usage``) and ``[DONE]``; none
         when the client went away."""
         if any(r.reason is None for r in rows):
@@ -183,10 +183,10 @@ class OpenAIServing:
     def make_rows(
         self, task: str, prompts: Sequence[list[int]], body: Any, max_tokens: Sequence[int],
         logprobs: int | None, prompt_logprobs: int | None = None,
-    ) -> tuple[list[Row], asyncio.Queue]:  # fmt: skip
+    ) -> tuple[list[Choice], asyncio.Queue]:  # fmt: skip
         """``body.n`` rows per prompt, their sinks feeding one queue of (row, Event)."""
         loop, q = asyncio.get_running_loop(), asyncio.Queue()
-        rows: list[Row] = []
+        rows: list[Choice] = []
         for p, ids in enumerate(prompts):
             for j in range(body.n):
                 index = len(rows)
@@ -208,12 +208,12 @@ class OpenAIServing:
                 if eos:
                     params = dataclasses.replace(params, ignore_eos=True)
                 req = GenRequest(task=task, prompt_ids=list(ids), params=params, sink=sink)
-                rows.append(Row(index, req, prompt_index=p, first=j == 0))
+                rows.append(Choice(index, req, prompt_index=p, first=j == 0))
         return rows, q
 
-    def submit(self, rows: list[Row]) -> None:
+    def submit(self, rows: list[Choice]) -> None:
         """Queue every row, or none (429 with ``Retry-After`` when the queue is full)."""
-        done: list[Row] = []
+        done: list[Choice] = []
         try:
             for row in rows:
                 self.ctx.engine.submit(row.req)
@@ -227,8 +227,8 @@ class OpenAIServing:
             ) from None  # fmt: skip
 
     async def events(
-        self, rows: list[Row], q: asyncio.Queue, request: Request
-    ) -> AsyncIterator[tuple[Row, Event]]:
+        self, rows: list[Choice], q: asyncio.Queue, request: Request
+    ) -> AsyncIterator[tuple[Choice, Event]]:
         """Each row's events in arrival order until every row finished; stops early (and
         cancels the rows left) when the client goes away."""
         left = len(rows)
@@ -251,7 +251,7 @@ class OpenAIServing:
                 if not row.req.done:
                     self.ctx.engine.cancel(row.req)
 
-    def _update(self, row: Row, ev: Event) -> None:
+    def _update(self, row: Choice, ev: Event) -> None:
         if ev.kind == "prompt":
             row.prompt_logprobs = ev.logprobs
             return
@@ -270,7 +270,7 @@ class OpenAIServing:
             )
             self.ctx.metrics.request(req.task, ev.reason or ERROR)
 
-    async def collect(self, rows: list[Row], q: asyncio.Queue, request: Request) -> bool:
+    async def collect(self, rows: list[Choice], q: asyncio.Queue, request: Request) -> bool:
         """Wait for every row (non-streamed); False if the client went away first."""
         async for _ in self.events(rows, q, request):
             pass
@@ -281,7 +281,7 @@ class OpenAIServing:
             raise self.row_error(failed)
         return True
 
-    def row_error(self, row: Row) -> APIError:
+    def row_error(self, row: Choice) -> APIError:
         """The answer for a row the engine could not run: 404 when its task was removed
         while it waited (retrying cannot help), else 500."""
         if row.req.task not in self.ctx.bank:
@@ -290,11 +290,11 @@ class OpenAIServing:
         return APIError(500, row.error or "generation failed", "generation_failed")
 
     @staticmethod
-    def finish_reason(row: Row) -> str | None:
+    def finish_reason(row: Choice) -> str | None:
         return None if row.reason in (CANCELLED, None) else row.reason
 
     @staticmethod
-    def usage(rows: list[Row]) -> dict[str, int]:
+    def usage(rows: list[Choice]) -> dict[str, int]:
         """Prompt tokens once per prompt (not per choice), completion tokens per choice."""
         seen: dict[int, int] = {}
         for r in rows:

@@ -28,8 +28,8 @@ from typing import Any
 
 import torch
 
-from ..hf.bank import TaskBank
-from ..ops.attention import resolve_backend
+from ...hf.bank import TaskBank
+from ...ops.attention import resolve_backend
 from .cuda_graphs import DecodeGraphs
 from .kv_cache import KVPool
 from .request import (

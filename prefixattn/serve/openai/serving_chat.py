@@ -10,11 +10,11 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
+from ..engine.request import ERROR
 from .errors import APIError
 from .output import chat_logprobs
-from .request import ERROR
-from .schemas import ChatCompletionRequest, ChatMessage
-from .serving_engine import OpenAIServing, Row, ServeContext, new_id, sse
+from .protocol import ChatCompletionRequest, ChatMessage
+from .serving import Choice, OpenAIServing, ServeContext, new_id, sse
 
 
 def chat_prompt_ids(
@@ -83,13 +83,13 @@ class OpenAIServingChat(OpenAIServing):
         }  # fmt: skip
 
     async def _stream(
-        self, body: ChatCompletionRequest, request: Request, rows: list[Row], q: Any,
+        self, body: ChatCompletionRequest, request: Request, rows: list[Choice], q: Any,
         rid: str, now: int,
     ) -> AsyncIterator[str]:  # fmt: skip
         usage_chunks = bool(body.stream_options and body.stream_options.include_usage)
         want_lp = body.logprobs
 
-        def chunk(row: Row, delta: dict, entries: list | None, reason: str | None) -> str:
+        def chunk(row: Choice, delta: dict, entries: list | None, reason: str | None) -> str:
             lp = chat_logprobs(entries) if want_lp and entries else None
             data: dict[str, Any] = {
                 "id": rid, "object": "chat.completion.chunk", "created": now,
