@@ -403,3 +403,29 @@ def test_llama_prefix_tuning_under_cuda_autocast(low: str) -> None:
     with torch.no_grad():
         loss32 = pt(input_ids=ids, attention_mask=mask, labels=labels).loss.item()
     assert abs(out.loss.item() - loss32) <= MATRIX_TOL[low][2] * loss32
+
+
+@gpu_only
+@pytest.mark.parametrize("low", ["bf16", "fp16"])
+def test_inductor_under_cuda_autocast_matches_eager(low: str) -> None:
+    """Inductor compiles the kernels (the triton_ops, autocast rule included) under CUDA
+    autocast with a RoPE layer's mixed inputs: eager's values within the dtype's tolerance,
+    and the float64 reference on the cast inputs."""
+    dtype = LOW[low]
+    case = Case(B=3, H=8, Hkv=2, Nq=100, Nk=100, P=20, D=64, prefix="bank", T=2, pad="left")
+    kw = rope_like_inputs(case, dtype)
+
+    def f(**kw):
+        with torch.autocast("cuda", dtype=dtype):
+            return prefixattn.prefix_attention(**kw, backend="triton")
+
+    out_e, g, grads_e = run_with_grads(f, kw)
+    out_c, _, grads_c = run_with_grads(torch.compile(f, fullgraph=True), kw, grad_out=g)
+    assert out_c.dtype == dtype
+    tol_o, tol_g = TOL[dtype]
+    assert rel_err(out_c, out_e) < tol_o
+    for name, ge in grads_e.items():
+        assert grads_c[name].dtype == kw[name].dtype, name
+        assert rel_err(grads_c[name], ge) < tol_g, name
+    ref_kw = {n: (t.detach().to(dtype).double() if n in grads_e else t) for n, t in kw.items()}
+    assert rel_err(out_c, attention64(**ref_kw)) < tol_o
