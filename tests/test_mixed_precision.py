@@ -130,18 +130,24 @@ def test_autocast_leaves_float64_alone() -> None:
     assert rel_err(out, attention64(**kw)) < 1e-12
 
 
-def test_autocast_keeps_the_sinks_dtype() -> None:
-    """Sinks ([H] logits, read in float32) are not cast; q, k, v and the prefix are."""
-    kw = rope_like_inputs(KCASES[0], torch.bfloat16)
-    sinks = torch.randn(4, requires_grad=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = prefixattn.prefix_attention(**kw, sinks=sinks, backend="sdpa")
+@pytest.mark.parametrize(("backend", "low"), BACKEND_DTYPES)
+def test_autocast_with_window_softcap_and_sinks(backend: str, low: str) -> None:
+    """The family features under autocast: sinks ([H] logits, read in float32) keep their
+    dtype and get a float32 gradient; q, k, v and the prefix are cast."""
+    dtype = LOW[low]
+    case = Case(B=2, H=4, Hkv=2, Nq=9, Nk=13, P=3, D=16, prefix="shared", pad="left")
+    kw = rope_like_inputs(case, dtype)
+    sinks = torch.randn(4, device=DEV, requires_grad=True)
+    feats = dict(window=4, softcap=5.0)
+    with torch.autocast(DEV, dtype=dtype):
+        out = prefixattn.prefix_attention(**kw, **feats, sinks=sinks, backend=backend)
     out.float().sum().backward()
-    assert out.dtype == torch.bfloat16 and sinks.grad.dtype == torch.float32
+    assert out.dtype == dtype and sinks.grad.dtype == torch.float32
+    assert kw["prefix_k"].grad.dtype == torch.float32 and torch.isfinite(sinks.grad).all()
     names = ("q", "k", "v", "prefix_k", "prefix_v")
-    ref_kw = {n: (t.detach().bfloat16().double() if n in names else t) for n, t in kw.items()}
-    ref = attention64(**ref_kw, sinks=sinks.detach().double())
-    assert rel_err(out, ref) < TOL[torch.bfloat16][0]
+    ref_kw = {n: (t.detach().to(dtype).double() if n in names else t) for n, t in kw.items()}
+    ref = attention64(**ref_kw, **feats, sinks=sinks.detach().double())
+    assert rel_err(out, ref) < TOL[dtype][0]
 
 
 # --------------------------------------------------------------------------------------
