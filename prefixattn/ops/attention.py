@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .amp import any_autocast, autocast_cast, autocast_dtype
+from .amp import any_autocast, autocast_cast, autocast_dtype, autocast_off
 from .args import new_seed
 from .autograd import PrefixAttentionFunction, apply_function
 from .call import AttentionCall, new_call
@@ -116,7 +116,7 @@ def prefix_attention(
         q, k, v, prefix_k, prefix_v = (
             autocast_cast(t, dev, cast_to) for t in (q, k, v, prefix_k, prefix_v)
         )
-        with torch.autocast(dev, enabled=False):
+        with autocast_off(dev):
             return prefix_attention(
                 q, k, v, prefix_k, prefix_v, prefix_index=prefix_index,
                 key_padding_mask=key_padding_mask, causal=causal, sm_scale=sm_scale,
