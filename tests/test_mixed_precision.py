@@ -31,13 +31,13 @@ from helpers import TOL, Case, make_inputs, run_with_grads
 from reference64 import attention64, rel_err
 
 import prefixattn
-from prefixattn.testing import single_thread
 
 transformers = pytest.importorskip("transformers")
 
 from test_families import FAMILIES, SPECIAL  # noqa: E402 - one list of the families
 
 from prefixattn import MultiTaskPrefixTuning, PrefixTuning, PromptTuning  # noqa: E402
+from prefixattn.testing import single_thread  # noqa: E402
 
 T = transformers
 LOW = {"bf16": torch.bfloat16, "fp16": torch.float16}
