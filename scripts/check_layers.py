@@ -28,6 +28,7 @@ LAYERS: list[list[str]] = [
     # the kernel path (prefixattn.ops): settings and the call object at the bottom
     ["prefixattn.ops.settings"],
     ["prefixattn.ops.call"],
+    ["prefixattn.ops.amp"],
     ["prefixattn.ops.validation"],
     ["prefixattn.ops.reference"],
     ["prefixattn.ops.sdpa"],

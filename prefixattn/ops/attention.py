@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .amp import any_autocast, autocast_cast, autocast_dtype, autocast_off
 from .args import new_seed
 from .autograd import PrefixAttentionFunction, apply_function
 from .call import AttentionCall, new_call
@@ -77,7 +78,13 @@ def prefix_attention(
             exact, materialising pure-PyTorch path the tests compare against).
 
     Returns:
-        [B, H, Nq, D] in the dtype of q.
+        [B, H, Nq, D] in the dtype of q (under ``torch.autocast``: the autocast dtype).
+
+    Mixed precision: under ``torch.autocast`` (enabled for q's device type) the call
+    follows SDPA's autocast policy: q, k, v, prefix_k and prefix_v are cast to the
+    autocast dtype (float64 excepted), and the attention runs on them with autocast off
+    (see :mod:`prefixattn.ops.amp`). Float32 prefix parameters get float32 gradients
+    through the cast. Outside autocast, q, k, v and the prefix must share one dtype.
 
     The mask, for P = 3, Nq = 4, Nk = 6 (e.g. 2 cached + 4 new tokens): every query sees
     every prefix key; query i sees sequence key j iff j <= i + (Nk - Nq)::
@@ -102,6 +109,21 @@ def prefix_attention(
     Raises:
         TypeError, ValueError: on bad input, naming the argument and what was expected.
     """
+    # SDPA's autocast policy: cast, then run with autocast off (one C check when off)
+    cast_to = autocast_dtype(q) if any_autocast() else None
+    if cast_to is not None:
+        dev = q.device.type
+        q, k, v, prefix_k, prefix_v = (
+            autocast_cast(t, dev, cast_to) for t in (q, k, v, prefix_k, prefix_v)
+        )
+        with autocast_off(dev):
+            return prefix_attention(
+                q, k, v, prefix_k, prefix_v, prefix_index=prefix_index,
+                key_padding_mask=key_padding_mask, causal=causal, sm_scale=sm_scale,
+                dropout_p=dropout_p, backend=backend, prefix_lengths=prefix_lengths,
+                window=window, softcap=softcap, sinks=sinks, prefix_window=prefix_window,
+                cache_seqlens=cache_seqlens, cache_batch_idx=cache_batch_idx,
+            )  # fmt: skip
     if _is_compiling():
         # imported here: registering the ops imports parts of torch._inductor (~1 s), a
         # cost only compiling callers should pay. The call by keyword: Dynamo traces the

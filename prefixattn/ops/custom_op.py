@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 from torch.library import custom_op, triton_op, wrap_triton
 
+from .amp import register_lower_precision_autocast
 from .backward import attention_backward
 from .call import N_TENSORS, TENSOR_FIELDS, AttentionCall
 from .forward import attention_forward
@@ -280,6 +281,13 @@ def _backward(ctx: Any, do: Tensor, dlse: Tensor | None) -> tuple[Tensor | None,
 
 fwd.register_autograd(_backward, setup_context=_setup_context)
 fwd_seeded.register_autograd(_backward, setup_context=_setup_context)
+
+# autocast: SDPA's policy (cast q, k, v, prefix_k, prefix_v to the region's dtype, run with
+# autocast off; see .amp), so a graph traced under autocast has the casts eager mode makes.
+# The backward ops need no rule: their inputs are the forward's (already cast) tensors.
+_AUTOCAST_LIB = torch.library.Library("prefixattn", "FRAGMENT")
+for _name in ("fwd", "fwd_seeded"):
+    register_lower_precision_autocast(_AUTOCAST_LIB, _name, TENSOR_FIELDS.index("prefix_v") + 1)
 
 
 # --------------------------------------------------------------------------------------
