@@ -39,6 +39,7 @@ LAYERS: list[list[str]] = [
     ["prefixattn.ops.plan"],
     ["prefixattn.ops.autograd"],
     ["prefixattn.ops.custom_op"],
+    ["prefixattn.ops.varlen"],
     ["prefixattn.ops.attention"],
     ["prefixattn.ops"],
     # tools on the kernel path

@@ -12,6 +12,7 @@ from .plan import lookup_plan
 from .sdpa import torch_backend
 from .settings import ACTIVE
 from .validation import check_no_grad, resolve_backend
+from .varlen import check_packed, log_path, packed_layout, repack, unpack
 
 _grad_enabled = torch.is_grad_enabled
 _apply = apply_function
@@ -38,6 +39,8 @@ def prefix_attention(
     prefix_window: str = "all",
     cache_seqlens: torch.Tensor | None = None,
     cache_batch_idx: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
 ) -> torch.Tensor:
     """Attention over a prefix of P virtual keys plus the sequence keys, fused.
 
@@ -72,6 +75,29 @@ def prefix_attention(
             under torch.compile).
         cache_batch_idx: int32/int64 [B], row b reads slot ``cache_batch_idx[b]`` of the
             pool (in [0, S); repeated and out-of-order slots are fine). None: slot b.
+        cu_seqlens: int32/int64 [S + 1], packed training sequences (padding-free, as
+            ``flash_attn_varlen_func``'s ``cu_seqlens_q`` = ``cu_seqlens_k``): q is
+            [1, H, total, D] and k, v [1, Hkv, total, D], sequence s holds tokens
+            ``cu_seqlens[s]:cu_seqlens[s + 1]`` of q AND of k/v (cu_seqlens[0] = 0,
+            non-decreasing, cu_seqlens[S] = total). Each sequence attends (causally,
+            window and all) to its own tokens only, plus its prefix: a shared prefix for
+            every sequence, a bank with ``prefix_index`` [S] (one entry per SEQUENCE), a
+            per-sequence prefix [S, Hkv, P, D]; ``prefix_lengths`` as for rows. Returns
+            [1, H, total, D]. With gradients, on every backend (the "varlen-unpack"
+            path: q, k, v are scattered into a padded [S, H, L, D] batch, never the
+            prefix; see :mod:`prefixattn.ops.varlen`). Not with ``key_padding_mask`` or
+            the cache fields (``cu_seqlens_q``, inference over a cache, is a different
+            input)::
+
+                cu_seqlens = [0, 3, 5], P = 2
+                          prefix | keys 0 1 2 3 4
+                query 0    x x   |      x . . | . .
+                query 1    x x   |      x x . | . .
+                query 2    x x   |      x x x | . .
+                query 3    x x   |      . . . | x .
+                query 4    x x   |      . . . | x x
+
+        max_seqlen: the longest sequence of ``cu_seqlens`` (None: computed, one host sync).
         backend: "auto" (Triton on CUDA, "sdpa" elsewhere), "triton" (CUDA, or CPU under
             TRITON_INTERPRET=1), "sdpa" (PyTorch's fused scaled_dot_product_attention on
             the concatenated prefix + keys: any device and dtype) or "reference" (the
@@ -109,6 +135,25 @@ def prefix_attention(
     Raises:
         TypeError, ValueError: on bad input, naming the argument and what was expected.
     """
+    if cu_seqlens is not None:  # packed sequences: the padded call, see ops/varlen.py
+        check_packed(q, k, v, cu_seqlens, max_seqlen, prefix_index, key_padding_mask,
+                     cache_seqlens is not None or cache_batch_idx is not None)  # fmt: skip
+        total = q.shape[2]
+        dest, S, L = packed_layout(cu_seqlens, total, max_seqlen)
+        log_path(S, L, total)
+        kpm = None
+        if not causal:  # causal rows never see their padding keys (Nq == Nk, left-aligned)
+            kpm = (
+                torch.arange(L, device=q.device)[None] < (cu_seqlens[1:] - cu_seqlens[:-1])[:, None]
+            )
+        out = prefix_attention(
+            unpack(q, dest, S, L), unpack(k, dest, S, L), unpack(v, dest, S, L), prefix_k,
+            prefix_v, prefix_index=prefix_index, key_padding_mask=kpm, causal=causal,
+            sm_scale=sm_scale, dropout_p=dropout_p, backend=backend,
+            prefix_lengths=prefix_lengths, window=window, softcap=softcap, sinks=sinks,
+            prefix_window=prefix_window,
+        )  # fmt: skip  # [S, H, L, D]
+        return repack(out, dest)  # [1, H, total, D]
     # SDPA's autocast policy: cast, then run with autocast off (one C check when off)
     cast_to = autocast_dtype(q) if any_autocast() else None
     if cast_to is not None:
