@@ -33,10 +33,17 @@ their sliding layers only; a sliding layer's mask is checked against the kernel'
 (see docs/model-families.md). With a prefix, what a windowed layer's query sees of the
 prefix is the provider's ``prefix_window`` ("all" by default, "sliding" as PEFT).
 
+Packed (padding-free) batches train: several sequences in one row with ``position_ids``
+restarting per sequence and no attention mask (``DataCollatorWithFlattening``, TRL's
+``padding_free=True``), optionally with the ``cu_seq_lens_q/k`` / ``max_length_q/k``
+kwargs. The mask function recognises the block-diagonal causal mask and hands the
+attention function the sequence boundaries (int32 [S + 1]) instead of a padding mask;
+the attention function calls the kernel with ``cu_seqlens``, and the provider is asked
+for S "rows", one per packed sequence (a bank: one entry per sequence).
+
 Not supported (a ``ValueError`` says so, no silent fallback): static / compileable / paged
-caches, custom 4-D attention masks, packed sequences (position-id resets without an
-attention mask), chunked attention and other mask overlays that are not causal + padding
-+ a sliding window.
+caches, custom 4-D attention masks, chunked attention and other mask overlays that are
+not causal + padding + a sliding window (or packed sequences).
 """
 
 from __future__ import annotations
@@ -91,11 +98,13 @@ _STATE_ATTR = "_prefixattn_state"
 # Attention-function kwargs whose meaning the kernel cannot reproduce: refuse them when set.
 _UNSUPPORTED_KWARGS = {
     "position_bias": "additive position bias",
-    "cu_seq_lens_q": "packed (varlen) sequences",
-    "cu_seq_lens_k": "packed (varlen) sequences",
-    "cu_seqlens_q": "packed (varlen) sequences",
-    "cu_seqlens_k": "packed (varlen) sequences",
 }
+# Packed (padding-free) batches: the sequence boundaries come as these attention kwargs
+# (transformers' FlashAttention kwargs, from DataCollatorWithFlattening(
+# return_flash_attn_kwargs=True)) or from the mask function (position_ids restarting per
+# sequence without an attention mask): see _packed_call
+_PACKED_KWARGS = (("cu_seq_lens_q", "cu_seq_lens_k"), ("cu_seqlens_q", "cu_seqlens_k"))
+_PACKED_MAX_ATTR = "_prefixattn_max_seqlen"  # the longest sequence, on the mask function's cu
 
 
 # --------------------------------------------------------------------------------------
@@ -478,7 +487,9 @@ def prefixattn_mask(
 
     Returns:
         bool [B, kv_length] (True = real token) when the 2-D ``attention_mask`` has padding,
-        else ``None``. Causality is left to the kernel (bottom-right aligned), and so is a
+        else ``None``; for a packed batch (block-diagonal causal mask, no padding) the
+        sequence boundaries, int32 [S + 1] over the B * N flattened tokens. Causality is
+        left to the kernel (bottom-right aligned), and so is a
         sliding layer's window: the attention function gets it from the layer's
         ``sliding_window`` kwarg; here a sliding mask (``local_size`` = its window) is
         checked to be exactly causal + padding + that window.
@@ -541,6 +552,11 @@ def prefixattn_mask(
         )
         window = kwargs.get("local_size")  # a sliding layer's window (or a chunk size)
         ours = _kernel_visible(batch_size, q_length, kv_length, kpm, dense.device, window)
+        packed = None
+        if not torch.equal(dense[:, 0].expand_as(ours), ours) and kpm is None:
+            packed = _packed_cu_seqlens(dense, q_offset, kv_offset, window)  # a packed batch?
+            if packed is not None:
+                return packed
         if not torch.equal(dense[:, 0].expand_as(ours), ours):
             raise ValueError(
                 "the attention pattern the model asks for (packed sequences, chunked "
@@ -554,6 +570,75 @@ def prefixattn_mask(
     if kpm is not None and not torch.compiler.is_compiling() and not capturing and bool(kpm.all()):
         kpm = None
     return kpm
+
+
+def _packed_cu_seqlens(
+    dense: torch.Tensor, q_offset: Any, kv_offset: Any, window: int | None
+) -> torch.Tensor | None:
+    """The packed sequences of a mask, if it is one: int32 [S + 1] over the B * N flattened
+    tokens (sequence s = tokens cu[s]:cu[s + 1] of the row-major [B, N] batch), else None.
+
+    ``dense`` bool [B, 1, N, N]: a packed batch's mask is block-diagonal causal (and
+    windowed): token i starts a sequence iff it does not see token i - 1, and then it must
+    see exactly the keys of its own sequence that the kernel's causal mask (and window)
+    lets it see. The longest sequence rides on the tensor (``_PACKED_MAX_ATTR``): one host
+    sync per forward, not one per layer.
+    """
+    if q_offset != 0 or kv_offset != 0 or dense.shape[-1] != dense.shape[-2]:
+        return None
+    d = dense[:, 0]  # [B, N, N]
+    B, N, _ = d.shape
+    if N < 2:
+        return None
+    i = torch.arange(1, N, device=d.device)
+    starts = torch.ones(B, N, dtype=torch.bool, device=d.device)
+    starts[:, 1:] = ~d[:, i, i - 1]  # [B, N]: token i does not see token i - 1
+    seq = starts.cumsum(-1)  # [B, N] sequence id within the row
+    same = seq[:, :, None] == seq[:, None, :]  # [B, N, N]
+    if not torch.equal(d, _kernel_visible(B, N, N, None, d.device, window) & same):
+        return None
+    first = starts.reshape(-1).nonzero().flatten()  # [S] first token of each sequence
+    cu = torch.cat([first, first.new_tensor([B * N])]).to(torch.int32)  # [S + 1]
+    setattr(cu, _PACKED_MAX_ATTR, int((cu[1:] - cu[:-1]).max()))
+    return cu
+
+
+def _packed_call(
+    query: torch.Tensor, key: torch.Tensor, attention_mask: Any, kwargs: dict[str, Any]
+) -> tuple[torch.Tensor, int | None] | None:
+    """``(cu_seqlens [S + 1] over the B * N flattened tokens, max_seqlen or None)`` of a
+    packed batch, or None for an ordinary one: from the ``cu_seq_lens_q/k`` kwargs (the
+    same for q and k) or from the mask function's packed mask (an int32 [S + 1])."""
+    cu = max_len = None
+    for qname, kname in _PACKED_KWARGS:
+        cq, ck = kwargs.get(qname), kwargs.get(kname)
+        if cq is None and ck is None:
+            continue
+        if cq is None or ck is None or (cq is not ck and not torch.equal(cq, ck)):
+            raise ValueError(
+                f"prefixattn trains packed sequences with the same boundaries for queries and "
+                f"keys: {qname!r} and {kname!r} must both be given and equal"
+            )
+        cu, max_len = cq, kwargs.get("max_length_q", kwargs.get("max_seqlen_q"))
+        break
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 1:
+        if cu is None:  # the mask function's packed mask
+            cu, max_len = attention_mask, getattr(attention_mask, _PACKED_MAX_ATTR, None)
+    elif cu is not None and attention_mask is not None:
+        raise ValueError(
+            "prefixattn got packed-sequence kwargs (cu_seq_lens_q/k) and a padding mask: "
+            "a packed batch has no padding"
+        )
+    if cu is None:
+        return None
+    if key.shape[2] != query.shape[2]:
+        raise ValueError(
+            f"prefixattn trains packed sequences without a KV cache: the queries ({query.shape[2]}"
+            f") and keys ({key.shape[2]}) must be the same packed tokens"
+        )
+    if isinstance(max_len, torch.Tensor):
+        max_len = int(max_len)
+    return cu.to(query.device), max_len
 
 
 def _packed_hint(kwargs: dict[str, Any]) -> None:
@@ -598,6 +683,10 @@ def prefixattn_attention_forward(
     if cache is not None and type(cache).__name__ == "PagedAttentionCache":
         raise ValueError("prefixattn does not support paged attention caches")
     B = query.shape[0]
+    packed = _packed_call(query, key, attention_mask, kwargs)
+    if packed is not None:  # a packed batch: one prefix per sequence (S of them)
+        attention_mask = None
+        B = packed[0].shape[0] - 1
     window = kwargs.get("sliding_window")
     softcap = kwargs.get("softcap")
     sinks = kwargs.get("s_aux")
@@ -651,6 +740,14 @@ def prefixattn_attention_forward(
 
     pool = state.kv_pool if state is not None and not is_cross else None
     kw = {} if pool is None else {"cache_seqlens": pool[0], "cache_batch_idx": pool[1]}
+    Bq, H, Nq, D = query.shape
+    if packed is not None:  # [Bq, H(kv), N, D] -> [1, H(kv), Bq * N, D], rows one after another
+        if pool is not None:
+            raise ValueError("prefixattn: a packed batch cannot read a KV-cache pool")
+        kw = {"cu_seqlens": packed[0], "max_seqlen": packed[1]}
+        query, key, value = (
+            t.transpose(0, 1).reshape(1, t.shape[1], Bq * Nq, D) for t in (query, key, value)
+        )
     out = prefix_attention(
         query,
         key,
@@ -670,4 +767,6 @@ def prefixattn_attention_forward(
         prefix_window=prefix_window,
         **kw,
     )  # [B, H, Nq, D]
+    if packed is not None:  # [1, H, Bq * Nq, D] -> [Bq, Nq, H, D]
+        return out.view(H, Bq, Nq, D).permute(1, 2, 0, 3).contiguous(), None
     return out.transpose(1, 2).contiguous(), None  # [B, Nq, H, D]
