@@ -47,6 +47,7 @@ from .tuner import (
     model_device,
     model_inputs,
     offset_positions,
+    packed_inputs,
     prepare_init_text,
     repeat_to,
 )
@@ -328,11 +329,18 @@ class MultiTaskPrefixTuning(Tuner):
     ) -> Any:
         """Run the model on a mixed batch: row b uses task ``tasks[b]`` (or ``task_ids[b]``).
 
+        A packed (padding-free) batch (``position_ids`` restarting per sequence with no
+        ``attention_mask``, or ``cu_seq_lens_q/k``) names one task per packed SEQUENCE, in
+        order (row-major), e.g. ``input_ids`` [1, 3 + 5 + 2] holding three sequences with
+        ``tasks=["a", "b", "a"]``; one task per row is also taken (every sequence of a
+        row gets it). Each sequence attends to its own prefix and tokens only.
+
         Takes and returns what the model does (``attention_mask``, ``labels``, a cache...).
         """
         kwargs = model_inputs(kwargs, attention_mask=attention_mask, labels=labels,
                               position_ids=position_ids, inputs_embeds=inputs_embeds)  # fmt: skip
-        self._activate(input_ids, kwargs, tasks, task_ids)
+        kwargs, counts = packed_inputs(kwargs, input_ids)
+        self._activate(input_ids, kwargs, tasks, task_ids, counts)
         kwargs = offset_positions(kwargs, input_ids, self.position_offset)
         if self.config.chunked_loss and self.training and kwargs.get("labels") is not None:
             return chunked_loss_forward(self.model, input_ids, kwargs)
@@ -344,7 +352,11 @@ class MultiTaskPrefixTuning(Tuner):
         kwargs: dict[str, Any],
         tasks: str | Sequence[str] | None,
         task_ids: torch.Tensor | None,
+        counts: torch.Tensor | None = None,
     ) -> None:
+        """Attach the rows' tasks; ``counts`` int64 [B]: the sequences per row of a packed
+        batch (see :func:`~prefixattn.hf.tuner.packed_inputs`), whose tasks are named
+        per packed sequence (or per row: every sequence of a row gets the row's task)."""
         if not is_patched(self.model):
             raise ValueError(
                 "the model was unpatched (prefixattn.unpatch); MultiTaskPrefixTuning needs it "
@@ -352,12 +364,25 @@ class MultiTaskPrefixTuning(Tuner):
             )
         ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
         B = None if ref is None else int(ref.shape[0])
+        if counts is not None:  # packed: one task per sequence (S of them)
+            S = int(counts.sum())
+            index = self.row_index(tasks, task_ids, None)
+            if index.shape[0] == B and B != S:  # per row: each sequence its row's task
+                index = index.repeat_interleave(counts.to(index.device))
+            elif index.shape[0] != S:
+                raise ValueError(
+                    f"tasks must name one task per packed sequence ({S} in this packed batch, "
+                    f"in order) or one per row ({B}), got {index.shape[0]}"
+                )
+            set_prefix(self.model, _RowsProvider(self, index))
+            return
         set_prefix(self.model, _RowsProvider(self, self.row_index(tasks, task_ids, B)))
 
     def _backbone(self, input_ids: torch.Tensor | None, kwargs: dict[str, Any]) -> Any:
         kwargs = dict(kwargs)
         tasks, task_ids = kwargs.pop("tasks", None), kwargs.pop("task_ids", None)
-        self._activate(input_ids, kwargs, tasks, task_ids)
+        kwargs, counts = packed_inputs(kwargs, input_ids)
+        self._activate(input_ids, kwargs, tasks, task_ids, counts)
         kwargs = offset_positions(kwargs, input_ids, self.position_offset)
         return self.model.base_model(input_ids=input_ids, **kwargs)
 

@@ -63,6 +63,7 @@ from .tuner import (
     generate_with,
     model_device,
     offset_positions,
+    packed_inputs,
     prepare_init_text,
     repeat_to,
 )
@@ -519,6 +520,7 @@ class PrefixTuning(Tuner):
         cache never holds the prefix), ...
         """
         self._activate()
+        kwargs, _ = packed_inputs(kwargs, input_ids)  # packed: the same prefix per sequence
         kwargs = offset_positions(kwargs, input_ids, self.position_offset)
         if self.config.chunked_loss and self.training and kwargs.get("labels") is not None:
             return chunked_loss_forward(self.model, input_ids, kwargs)
@@ -526,6 +528,7 @@ class PrefixTuning(Tuner):
 
     def _backbone(self, input_ids: torch.Tensor | None, kwargs: dict[str, Any]) -> Any:
         self._activate()
+        kwargs, _ = packed_inputs(kwargs, input_ids)
         kwargs = offset_positions(kwargs, input_ids, self.position_offset)
         return self.model.base_model(input_ids=input_ids, **kwargs)
 

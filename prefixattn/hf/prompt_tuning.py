@@ -50,7 +50,7 @@ from ._common import INIT_STRATEGIES as INIT_STRATEGIES  # kept importable from 
 from ._common import PEFT_WEIGHTS_KEY, TuningConfigBase, is_int, read_artifact
 from ._compat import cache_arg
 from .patching import get_prefix, is_patched, set_prefix
-from .tuner import Tuner, prepare_init_text, repeat_to
+from .tuner import Tuner, packed_inputs, prepare_init_text, repeat_to
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "PromptTuning", "PromptTuningConfig"]
 
@@ -111,6 +111,19 @@ def _check_2d(name: str, x: Any, batch: int, length: int) -> torch.Tensor:
             f"{name} must have shape [B, N] = [{batch}, {length}], got {tuple(x.shape)}"
         )
     return x
+
+
+def check_not_packed(kwargs: dict[str, Any], input_ids: torch.Tensor | None) -> None:
+    """Refuse a packed (padding-free) batch: a soft prompt is P input tokens before each
+    sequence, so a packed row would need the prompt inserted before every packed sequence
+    (new ids, positions and boundaries); not done."""
+    if packed_inputs(kwargs, input_ids)[1] is not None:
+        raise ValueError(
+            "PromptTuning does not train packed (padding-free) batches: its soft prompt is P "
+            "input tokens before each sequence, which a packed row (position_ids restarting, "
+            "cu_seq_lens_q) has no room for. Use padded batches (padding_free=False), or "
+            "PrefixTuning / MultiTaskPrefixTuning, which train packed batches"
+        )
 
 
 def _check_positions(pos: Any, batch: int, length: int) -> None:
@@ -363,8 +376,10 @@ class PromptTuning(Tuner):
             positions (see the module docstring). A tuple when ``return_dict=False``.
 
         Raises:
-            ValueError, TypeError: missing or malformed inputs (the message names them).
+            ValueError, TypeError: missing or malformed inputs (the message names them),
+                a packed (padding-free) batch.
         """
+        check_not_packed(kwargs, input_ids)
         cache_name, past = cache_arg(kwargs)  # `cache` or `past_key_values`
         cache_len = 0
         if past is not None:
@@ -401,6 +416,7 @@ class PromptTuning(Tuner):
     def _backbone(self, input_ids: torch.Tensor | None, kwargs: dict[str, Any]) -> Any:
         """The backbone on the soft prompt + inputs; ``last_hidden_state`` is cut back to
         the N real positions: [B, N, hidden]."""
+        check_not_packed(kwargs, input_ids)
         _, past = cache_arg(kwargs)
         if past is not None and past.get_seq_length() > 0:
             raise ValueError("PromptTuning.base_model starts from the soft prompt: no cache")
