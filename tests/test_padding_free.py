@@ -8,6 +8,7 @@ independent float64 reference (tests/reference64.py), one sequence at a time.
 from __future__ import annotations
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -72,17 +73,22 @@ def padded_call(q, k, v, pk, pv, kw, backend):
     return torch.cat([out[s, :, : LENGTHS[s]] for s in range(S)], 1)[None]  # [1, H, total, D]
 
 
+SLOW = pytest.mark.slow  # long interpreter runs: the rest of the Triton matrix
+
+# (backend, dtype, D, prefix): every backend and layout; under the Triton interpreter one
+# fp32 and one fp16 case by default, the others marked slow
 CASES = [
-    ("reference", torch.float64, 40),
-    ("reference", torch.float32, 40),
-    ("sdpa", torch.float32, 40),
-    ("triton", torch.float32, 16),
-    ("triton", torch.float16, 16),
-]
+    *[(b, dt, 40, p) for b, dt in [("reference", torch.float64), ("reference", torch.float32),
+                                   ("sdpa", torch.float32)] for p in ("shared", "bank", "none")],
+    ("triton", torch.float32, 16, "bank"),
+    ("triton", torch.float16, 16, "shared"),
+    pytest.param("triton", torch.float32, 16, "shared", marks=SLOW),
+    pytest.param("triton", torch.float16, 16, "bank", marks=SLOW),
+    pytest.param("triton", torch.float32, 16, "none", marks=SLOW),
+]  # fmt: skip
 
 
-@pytest.mark.parametrize("prefix", ["shared", "bank", "none"])
-@pytest.mark.parametrize("backend,dtype,D", CASES)
+@pytest.mark.parametrize("backend,dtype,D,prefix", CASES)
 def test_packed_equals_padded_and_float64(backend, dtype, D, prefix) -> None:
     q, k, v, pk, pv, kw = packed_inputs(dtype, D, prefix)
     leaves = [t for t in (q, k, v, pk, pv) if t is not None]
@@ -100,7 +106,7 @@ def test_packed_equals_padded_and_float64(backend, dtype, D, prefix) -> None:
     tol = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-2}[dtype]
     torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
     torch.testing.assert_close(out, pad, atol=tol, rtol=tol)
-    for name, g, r, p in zip("q k v pk pv".split(), grads, ref_grads, pad_grads):
+    for name, g, r, p in zip(["q", "k", "v", "pk", "pv"], grads, ref_grads, pad_grads):
         torch.testing.assert_close(
             g.double(), r.double(), atol=tol * 4, rtol=tol, msg=lambda m, n=name: f"{n}: {m}"
         )
@@ -194,8 +200,11 @@ def unpad(x: torch.Tensor, lengths=SEQS) -> torch.Tensor:
     return torch.cat([x[i, :n] for i, n in enumerate(lengths)])[None]
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
-@pytest.mark.parametrize("backend", ["reference", "sdpa", "triton"])
+@pytest.mark.parametrize(
+    "family,backend",
+    [(f, b) for f in MODELS for b in ("reference", "sdpa")]
+    + [("llama", "triton"), pytest.param("gpt2", "triton", marks=SLOW)],
+)
 def test_patched_padding_matches_padding_free(family, backend) -> None:
     """transformers' test_sdpa_padding_matches_padding_free_with_position_ids, on the
     patched model (it raised "not a causal mask plus key padding" before): padded logits
@@ -244,8 +253,10 @@ def padded_loss(logits: torch.Tensor, ids: torch.Tensor, lengths=SEQS) -> torch.
     return seq_loss(unpad(logits, lengths), unpad(ids, lengths), lengths)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
-@pytest.mark.parametrize("backend", ["sdpa", "triton"])
+@pytest.mark.parametrize(
+    "family,backend",
+    [(f, "sdpa") for f in MODELS] + [pytest.param(f, "triton", marks=SLOW) for f in MODELS],
+)
 def test_prefix_tuning_packed_gradients(family, backend) -> None:
     """PrefixTuning: the packed batch's prefix gradient == the padded batch's; float64
     padded batch (reference backend) as the independent check."""
@@ -268,8 +279,11 @@ def test_prefix_tuning_packed_gradients(family, backend) -> None:
     torch.testing.assert_close(g_free.double(), t64.prefix.grad, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
-@pytest.mark.parametrize("backend", ["reference", "sdpa", "triton"])
+@pytest.mark.parametrize(
+    "family,backend",
+    [(f, b) for f in MODELS for b in ("reference", "sdpa")]
+    + [pytest.param(f, "triton", marks=SLOW) for f in MODELS],
+)
 def test_multitask_packed_tasks_per_sequence(family, backend) -> None:
     """MultiTaskPrefixTuning: a task per packed sequence (ragged P) == the padded mixed
     batch; one task per row expands to the row's sequences."""
@@ -333,12 +347,12 @@ def test_sft_trainer_padding_free_trains_prefix_tuning(tmp_path) -> None:
     assert len(cu) == 5  # four sequences in the packed row
     # the packed loss == the same sequences padded (each its own row)
     loss = trainer.compute_loss(tuner, dict(batch))
-    lens = [b - a for a, b in zip(cu, cu[1:])]
+    lens = [b - a for a, b in itertools.pairwise(cu)]
     L = max(lens)
     ids = torch.zeros(4, L, dtype=torch.long)
     labels = torch.full((4, L), -100)
     mask = torch.zeros(4, L, dtype=torch.long)
-    for s, (a, b) in enumerate(zip(cu, cu[1:])):
+    for s, (a, b) in enumerate(itertools.pairwise(cu)):
         ids[s, : b - a], labels[s, : b - a] = batch["input_ids"][0, a:b], batch["labels"][0, a:b]
         mask[s, : b - a] = 1
     ref = tuner(input_ids=ids, attention_mask=mask, labels=labels).loss
