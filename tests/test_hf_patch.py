@@ -283,9 +283,13 @@ def test_unsupported_attention_patterns_raise() -> None:
 
     model = prefixattn.patch(tiny_gpt2())
     ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
-    # packed sequences: position ids restart without an attention mask
-    with pytest.raises(ValueError, match="packed"):
-        model(input_ids=ids, position_ids=torch.tensor([[0, 1, 2, 0, 1, 2]]), use_cache=False)
+    # packed sequences (position ids restart without an attention mask) are supported
+    # now: each sequence as if alone (more in tests/test_padding_free.py)
+    with torch.no_grad():
+        packed = model(input_ids=ids, position_ids=torch.tensor([[0, 1, 2, 0, 1, 2]]),
+                       use_cache=False).logits  # fmt: skip
+        alone = model(input_ids=ids.view(2, 3), use_cache=False).logits
+    torch.testing.assert_close(packed.view(2, 3, -1), alone, atol=2e-5, rtol=1e-5)
     # a custom 4-D mask
     with pytest.raises(ValueError, match="4-D"):
         model(input_ids=ids, attention_mask=torch.ones(1, 1, 6, 6, dtype=torch.bool))
