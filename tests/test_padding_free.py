@@ -225,6 +225,23 @@ def test_patched_padding_matches_padding_free(family, backend) -> None:
     torch.testing.assert_close(free, unpad(plain), atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("fa_kwargs", [False, True])
+def test_bf16_padding_matches_padding_free(family, fa_kwargs) -> None:
+    """Upstream's test as written (transformers' test_modeling_common.py,
+    attention_mask_padding_matches_padding_free_with_position_ids): a bf16 model, padded
+    vs padding-free logits within bf16's eps, with or without the FA kwargs."""
+    model = MODELS[family]().to(torch.bfloat16)
+    prefixattn.patch(model, backend="sdpa")
+    ids, mask, packed, pos, fa = hf_batches()
+    with torch.no_grad():
+        padded = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        free = model(input_ids=packed, position_ids=pos, use_cache=False,
+                     **(fa if fa_kwargs else {})).logits  # fmt: skip
+    tol = torch.finfo(torch.bfloat16).eps
+    torch.testing.assert_close(free, unpad(padded), rtol=tol, atol=tol)
+
+
 def test_two_packed_rows_and_packed_detection() -> None:
     """B = 2 packed rows (the mask function's cu covers both rows)."""
     model = tiny_llama()
