@@ -32,7 +32,7 @@ import torch
 
 from .data import BBC_LABELS, Example, load_model, locate_bbc_news
 from .demo import TEMPLATE, DemoConfig, TopicTask, describe_backend, kernel_backend, resolve_device
-from .training import Batch, train
+from .training import Batch, pack_batch, train
 
 HEADLINE_TEMPLATE = "Headline: {text}\nSection:"
 #: the headline task's label word for each BBC topic
@@ -89,8 +89,15 @@ def _setup(cfg: DemoConfig, log: Callable[[str], None]) -> tuple[Any, Any, list]
     return model, tok, _bbc_articles()
 
 
-def run_multitask_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> MultiTaskDemoResult:
-    """Run the demo described in the module docstring; ``log`` gets each report line."""
+def run_multitask_demo(
+    cfg: DemoConfig, log: Callable[[str], None] = print, *, packed: bool = True
+) -> MultiTaskDemoResult:
+    """Run the demo described in the module docstring; ``log`` gets each report line.
+
+    ``packed``: the mixed run trains padding-free (each step's rows of both tasks packed in
+    one row, :func:`~prefixattn.training.pack_batch`, a task per packed sequence), so the
+    short headline rows are not padded to the articles' length; ``False``: padded mixed
+    batches (as before)."""
     from .hf.multitask import MultiTaskPrefixTuning
     from .hf.prefix_tuning import PrefixTuning
 
@@ -162,12 +169,14 @@ def run_multitask_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> M
         out = {k: torch.cat([torch.nn.functional.pad(p[k], (0, width - p[k].shape[1]), value=v)
                              for p in parts]) for k, v in fill.items()}  # fmt: skip
         out["task_ids"] = torch.arange(len(names), device=device).repeat_interleave(cfg.batch_size)
-        return out
+        return pack_batch(out) if packed else out
 
     res = train(mt, mixed_batch, steps=cfg.steps, lr=cfg.lr, progress=cfg.progress,
                 desc="mixed")  # fmt: skip
     mixed = {n: acc(n, functools.partial(mt, tasks=n)) for n in names}
-    log(f"mixed: {cfg.steps} steps x {len(names)}x{cfg.batch_size} rows in {res.seconds:.1f} s")
+    how = "packed, padding-free" if packed else "padded"
+    log(f"mixed ({how}): {cfg.steps} steps x {len(names)}x{cfg.batch_size} rows in "
+        f"{res.seconds:.1f} s")  # fmt: skip
     log(f"{'task':<10} {'zero-shot':>10} {'alone':>8} {'mixed':>8} {'mixed - alone':>14}")
     for n in names:
         log(f"{n:<10} {zero[n]:>10.1%} {separate[n]:>8.1%} {mixed[n]:>8.1%} "

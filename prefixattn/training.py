@@ -194,6 +194,40 @@ def pad_batch(
     return batch
 
 
+def pack_batch(batch: Batch) -> Batch:
+    """A right-padded batch (``input_ids``, ``attention_mask``, ``labels``, [B, N]) as one
+    packed row (padding-free training): the B sequences' real tokens one after another.
+
+    Returns ``input_ids`` and ``labels`` [1, total] (-100 on each sequence's first
+    token, as TRL's padding-free collator: the padded batch never scores it either),
+    ``position_ids`` [1, total]
+    (restarting at 0 per sequence) and the sequence boundaries ``cu_seq_lens_q`` /
+    ``cu_seq_lens_k`` (int32 [B + 1]) with ``max_length_q`` / ``max_length_k`` (ints), as
+    ``DataCollatorWithFlattening(return_flash_attn_kwargs=True)`` builds them; no
+    ``attention_mask``. Other [B]-shaped entries (``task_ids``) are kept: one per packed
+    sequence. A patched model attends within each sequence only (prefix per sequence).
+    """
+    mask = batch["attention_mask"].bool()  # [B, N], real tokens first (right padding)
+    lens = mask.sum(1)  # [B]
+    if not bool((mask.cumsum(1) == torch.arange(1, mask.shape[1] + 1, device=mask.device)
+                 .clamp(max=lens[:, None])).all()):  # fmt: skip
+        raise ValueError("pack_batch: expected a right-padded batch (real tokens first per row)")
+    cu = torch.cat([lens.new_zeros(1), lens.cumsum(0)]).to(torch.int32)  # [B + 1]
+    L = int(lens.max())
+    out: Batch = {
+        "input_ids": batch["input_ids"][mask][None],  # [1, total]
+        "position_ids": torch.cat([torch.arange(int(n), device=mask.device) for n in lens])[None],
+        "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": L, "max_length_k": L,
+    }  # fmt: skip
+    if "labels" in batch:  # a sequence's first token has no predecessor in the sequence:
+        # no loss on it (the shifted loss would pair it with the previous sequence's end)
+        out["labels"] = batch["labels"][mask][None].masked_fill(out["position_ids"] == 0, -100)
+    for k, v in batch.items():  # per-row entries (task_ids): per sequence now
+        if k not in ("input_ids", "attention_mask", "labels", "position_ids") and v.dim() == 1:
+            out[k] = v
+    return out
+
+
 def encode_records(
     records: Sequence[Any], tokenizer: Any, seq_len: int
 ) -> tuple[list[list[int]], list[int]]:

@@ -379,3 +379,26 @@ def test_sft_trainer_padding_free_trains_prefix_tuning(tmp_path) -> None:
     assert not torch.equal(tuner.prefix.detach(), before)
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in trainer.state.log_history
                if "loss" in h)  # fmt: skip
+
+
+def test_pack_batch_trains_like_the_padded_batch() -> None:
+    """training.pack_batch (the multi-task demo's mixed run): the packed batch's loss and
+    bank gradient == the right-padded batch's."""
+    from prefixattn.training import pack_batch, pad_batch
+
+    g = torch.Generator().manual_seed(4)
+    seqs = [torch.randint(2, 128, (n,), generator=g).tolist() for n in SEQS]
+    padded = pad_batch(seqs, [max(n - 2, 0) for n in SEQS], pad_id=1)
+    padded["task_ids"] = torch.tensor([0, 2, 1, 0, 2])
+    packed = pack_batch(padded)
+    assert packed["input_ids"].shape == (1, sum(SEQS)) and "attention_mask" not in packed
+    assert packed["cu_seq_lens_q"].tolist() == cu_of(SEQS).tolist()
+    torch.manual_seed(0)
+    mt = MultiTaskPrefixTuning(tiny_llama(), {"a": 2, "b": 4, "c": 1}, backend="sdpa")
+    mt(**padded).loss.backward()
+    g_pad = mt.bank.grad.clone()
+    mt.zero_grad()
+    mt(**packed).loss.backward()
+    torch.testing.assert_close(mt.bank.grad, g_pad, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="right-padded"):
+        pack_batch({**padded, "attention_mask": padded["attention_mask"].flip(1)})
