@@ -189,20 +189,22 @@ def packed_inputs(
     A batch is packed when it carries ``cu_seq_lens_q`` (transformers' FlashAttention
     kwargs, as ``DataCollatorWithFlattening(return_flash_attn_kwargs=True)`` and TRL's
     ``padding_free=True`` give them; over the B * N flattened tokens) or when its
-    ``position_ids`` restart inside a row with no ``attention_mask`` and no cache. In the
-    second case ``use_cache=False`` is added (unless set): transformers recognises packed
-    sequences only without a cache (with one, the rows would attend across sequences).
+    ``position_ids`` restart inside a row with no ``attention_mask`` and no cache. Without
+    a cache in ``kwargs``, ``use_cache=False`` is added (unless set): a packed batch is
+    never continued, and transformers recognises packed sequences from ``position_ids``
+    only without a cache (with one, the rows would attend across sequences).
     """
     ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
     if ref is None:
         return kwargs, None
     B, N = int(ref.shape[0]), int(ref.shape[1])
     cu = kwargs.get("cu_seq_lens_q", kwargs.get("cu_seqlens_q"))
+    _, past = cache_arg(kwargs)
     if cu is not None:  # sequence s starts at flattened token cu[s]: row cu[s] // N
         rows = cu[:-1].to(torch.int64) // max(N, 1)  # [S]
-        return kwargs, torch.bincount(rows.cpu(), minlength=B)[:B]
+        counts = torch.bincount(rows.cpu(), minlength=B)[:B]
+        return (kwargs if past is not None else {"use_cache": False, **kwargs}), counts
     pos = kwargs.get("position_ids")
-    _, past = cache_arg(kwargs)
     if pos is None or kwargs.get("attention_mask") is not None or past is not None or N < 2:
         return kwargs, None
     counts = (pos.expand(B, -1).diff(dim=-1) != 1).sum(-1).cpu() + 1  # [B]
