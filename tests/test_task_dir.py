@@ -218,11 +218,19 @@ def test_a_task_with_a_running_row_is_never_evicted(env) -> None:
         assert reg.loaded == ["a", "c"]
         load("d")  # c goes
         assert reg.loaded == ["a", "d"]
-        sink.go.set()
+        assert reg.acquire("d") is None  # d leased (a request between resolve and submit)
+        waiting = threading.Thread(target=load, args=("b",))
+        waiting.start()  # both loaded tasks in use: b's load waits for one to be free
+        while reg.stats()["room_waits"] == 0:
+            assert waiting.is_alive()
+            waiting.join(0.01)
+        assert reg.loaded == ["a", "d"] and "b" not in app.state.bank
+        sink.go.set()  # a's row finishes: a is free, d is still leased
         assert sink.done.wait(60) and sink.reason == "length"
-        assert engine.tasks_in_use() == set()
-        load("b")  # now a can go
+        waiting.join(60)
         assert reg.loaded == ["d", "b"]
+        reg.release("d")
+        assert engine.tasks_in_use() == set()
 
 
 def test_loading_runs_off_the_step_loop(env, monkeypatch) -> None:

@@ -10,7 +10,8 @@ The life of a task from the folder::
                         loader thread, never the engine's step loop nor the event loop:
                           read DIR/NAME (task store: files only, no lock)
                           make room: evict the least recently used task that no
-                            request uses (engine.tasks_in_use() and leases); none: 429
+                            request uses (engine.tasks_in_use() and leases); none:
+                            wait for one (busy_timeout, then 429)
                           bank.add under engine.model_lock (one bank rebuild; a soft
                             prompt also one forward of its P virtual tokens)
     request done (rows submitted / finished) ──> release(NAME)
@@ -79,9 +80,19 @@ class TaskRegistry:
         task_dir: the folder; each task is a sub-directory in any format the task store
             reads (prefixattn or PEFT, prefix or soft prompt).
         max_loaded: tasks from the folder kept in the bank at once (>= 1).
+        busy_timeout: how long a load waits for a loaded task to be free (every loaded
+            task has requests in flight) before its requests get 429.
     """
 
-    def __init__(self, bank: TaskBank, engine: Any, task_dir: str | Path, max_loaded: int = 64):
+    def __init__(
+        self,
+        bank: TaskBank,
+        engine: Any,
+        task_dir: str | Path,
+        max_loaded: int = 64,
+        *,
+        busy_timeout: float = 30.0,
+    ) -> None:
         if not isinstance(max_loaded, int) or isinstance(max_loaded, bool) or max_loaded < 1:
             raise ValueError(f"max_loaded_tasks must be an int >= 1, got {max_loaded!r}")
         root = Path(task_dir)
@@ -96,7 +107,9 @@ class TaskRegistry:
         self._leases: Counter[str] = Counter()
         # one loader: bank changes are serialised, loads never run on the step loop
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="prefixattn-taskload")
-        self.loads = self.evictions = self.load_failures = 0
+        self.busy_timeout = float(busy_timeout)
+        self._freed = threading.Event()  # a lease ended: a task may be evictable now
+        self.loads = self.evictions = self.load_failures = self.room_waits = 0
         self.load_s: deque[float] = deque(maxlen=4096)  # read + make room + insert
         self.insert_s: deque[float] = deque(maxlen=4096)  # held model_lock: bank.add
         self.evict_s: deque[float] = deque(maxlen=4096)  # held model_lock: bank.remove
@@ -189,6 +202,7 @@ class TaskRegistry:
             self._leases[name] -= 1
             if self._leases[name] <= 0:
                 del self._leases[name]
+                self._freed.set()
 
     # ------------------------------------------------------------------ the loader thread
 
@@ -207,15 +221,15 @@ class TaskRegistry:
                     f"model {name!r}: cannot read the task: {type(err).__name__}: {err}"
                 ) from None
             self._make_room()
-            t1 = time.perf_counter()
             try:
                 with self.engine.model_lock:
+                    t1 = time.perf_counter()
                     self.bank.add(name, art)
+                    self.insert_s.append(time.perf_counter() - t1)
             except Exception as err:  # it does not fit the model
                 raise TaskNotFoundError(
                     f"model {name!r}: cannot load the task: {type(err).__name__}: {err}"
                 ) from None
-            self.insert_s.append(time.perf_counter() - t1)
             ok = True
         finally:
             with self._lock:
@@ -228,7 +242,10 @@ class TaskRegistry:
                 self._loading.pop(name, None)
 
     def _make_room(self) -> None:
-        """Evict least recently used tasks until one more fits (loader thread only)."""
+        """Evict least recently used tasks until one more fits (loader thread only); while
+        every loaded task is in use, wait (up to ``busy_timeout`` seconds, then 429) for
+        one to be free."""
+        waited_since = None
         while True:
             with self._lock:
                 if len(self._lru) < self.max_loaded:
@@ -236,27 +253,38 @@ class TaskRegistry:
                 busy = self.engine.tasks_in_use() | set(self._leases)
                 victim = next((n for n in self._lru if n not in busy), None)
                 if victim is None:
-                    raise TasksBusyError(
-                        f"all {len(self._lru)} loaded tasks (--max-loaded-tasks "
-                        f"{self.max_loaded}) have requests in flight; retry later"
-                    )
+                    if waited_since is None:
+                        waited_since = time.monotonic()
+                        self.room_waits += 1
+                    elif time.monotonic() - waited_since > self.busy_timeout:
+                        raise TasksBusyError(
+                            f"all {len(self._lru)} loaded tasks (--max-loaded-tasks "
+                            f"{self.max_loaded}) have had requests in flight for "
+                            f"{self.busy_timeout:g} s; retry later"
+                        )
+                    self._freed.clear()
+            if victim is None:  # wait for a request to end (or poll the engine's rows)
+                self._freed.wait(0.02)
+                continue
+            with self._lock:
                 del self._lru[victim]
                 self._evicting.add(victim)
-            t0 = time.perf_counter()
             try:
                 with self.engine.model_lock:
+                    t0 = time.perf_counter()
                     if victim in self.bank:  # the admin route may have removed it
                         self.bank.remove(victim)
+                    self.evict_s.append(time.perf_counter() - t0)
             finally:
                 with self._lock:
                     self._evicting.discard(victim)
                     self.evictions += 1
-                self.evict_s.append(time.perf_counter() - t0)
 
     # ------------------------------------------------------------------ metrics
 
     def stats(self) -> dict[str, Any]:
-        """Loaded count, loads, evictions, load failures, and the seconds a load took
+        """Loaded count, loads, evictions, load failures, loads that waited for a loaded
+        task to be free (``room_waits``), and the seconds a load took
         (``load_s``) and held the engine's model lock (``insert_s``, ``evict_s``)."""
         with self._lock:
             return {
@@ -267,6 +295,7 @@ class TaskRegistry:
                 "loads": self.loads,
                 "evictions": self.evictions,
                 "load_failures": self.load_failures,
+                "room_waits": self.room_waits,
                 "load_s": _percentiles(self.load_s),
                 "insert_s": _percentiles(self.insert_s),
                 "evict_s": _percentiles(self.evict_s),
