@@ -99,13 +99,15 @@ def expected_outputs(model: Any, tok: Any, tuners: dict[str, Any], chunk: int = 
     return out
 
 
-def schedule(names: list[str], seed: int = 0) -> list[tuple[str, str]]:
-    """(task, "cold" | "hot"): each task's first request, then a recent task's."""
+def schedule(names: list[str], passes: int, seed: int = 0) -> list[tuple[str, str]]:
+    """(task, "cold" | "hot"): each task's request in turn (not loaded: its last use was
+    len(names) tasks ago), then a recent task's (loaded); ``passes`` times over all."""
     rng, out = random.Random(seed), []
-    for i, n in enumerate(names):
-        out.append((n, "cold"))
-        if i:
-            out.append((names[rng.randrange(max(0, i - HOT_WINDOW), i)], "hot"))
+    for _ in range(passes):
+        for i, n in enumerate(names):
+            out.append((n, "cold"))
+            if i:
+                out.append((names[rng.randrange(max(0, i - HOT_WINDOW), i)], "hot"))
     return out
 
 
@@ -145,6 +147,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", type=int, default=1000)
     ap.add_argument("--max-loaded-tasks", type=int, default=64)
+    ap.add_argument("--passes", type=int, default=2, help="cycles over all tasks")
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--max-num-seqs", type=int, default=16)
     ap.add_argument("--time-limit", type=float, default=600.0, help="seconds of load")
@@ -177,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             max_queue=4 * args.concurrency,
         )  # fmt: skip
         names = sorted(expected)
-        plan = schedule(names)
+        plan = schedule(names, args.passes)
         samples: list = []
         stop = threading.Event()
 
@@ -207,10 +210,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     lat = {k: [r["latency"] for r in ok if r["kind"] == k] for k in ("cold", "hot")}
     rss_values = [v for _, v in timeline] or [rss_start]
     half = [v for n, v in samples if n > len(results) // 2]
+    per_pass = len(plan) // args.passes
+    pass_end = [v for n, v in samples if n % per_pass < 100 and n >= per_pass]
     out = {
         "environment": env,
         "config": {
             "tasks": args.tasks,
+            "passes": args.passes,
             "max_loaded_tasks": args.max_loaded_tasks,
             "concurrency": args.concurrency,
             "max_num_seqs": args.max_num_seqs,
@@ -247,6 +253,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "end": rss_values[-1],
             "second_half_min": min(half) if half else None,
             "second_half_max": max(half) if half else None,
+            "at_each_pass_end": pass_end,
             "per_100_requests": samples,
             "timeline_s": timeline[:: max(1, len(timeline) // 60)],
         },
@@ -269,7 +276,7 @@ def report(r: dict[str, Any]) -> str:
         f"{e['date']}; torch {e['torch']}, transformers {e['transformers']}. Model: "
         f"{c['model']}; task folder {c['task_folder_kib']} KiB. CPU timings.",
         "",
-        f"- requests: {r['answered']} of {r['requests']} sent, {r['ok']} answered 200 "
+        f"- requests: {r['answered']} of {r['requests']} sent ({c['passes']} passes), {r['ok']} answered 200 "
         f"({r['statuses']}); every 200 checked against TaskBank.generate of its task's "
         f"tuner object: {r['wrong']} wrong; {r['distinct_tasks_served']} distinct tasks",
         f"- loads {s['loads']}, evictions {s['evictions']}, load failures "
@@ -301,7 +308,9 @@ def report(r: dict[str, Any]) -> str:
         "",
         f"RSS (MiB, this process = server + client): before the model {rss['before_model']}, "
         f"server start {rss['server_start']}, max {rss['max']}, end {rss['end']}; second "
-        f"half of the run {rss['second_half_min']} .. {rss['second_half_max']}.",
+        f"half of the run {rss['second_half_min']} .. {rss['second_half_max']}; at the "
+        f"end of each pass over all {c['tasks']} tasks (after the first): "
+        f"{rss['at_each_pass_end']}.",
         "",
         "RSS per 100 requests: " + ", ".join(f"{n}: {v}" for n, v in rss["per_100_requests"]),
     ]

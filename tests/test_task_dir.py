@@ -275,3 +275,15 @@ def test_registry_arguments(env, tmp_path) -> None:
     assert reg.path_of("a") == env["root"].resolve() / "a"
     assert set(reg.available()) == set(SPECS) | {"broken"}  # escape leads outside
     assert json.loads((env["root"] / "broken" / "prefixattn_prefix.json").read_text()) == []
+
+
+def test_cli_options(tmp_path, capsys) -> None:
+    from prefixattn.cli import build_parser, main
+
+    args = build_parser().parse_args(["serve", "--task-dir", "d", "--max-loaded-tasks", "3"])
+    assert (args.task_dir, args.max_loaded_tasks) == ("d", 3)
+    assert build_parser().parse_args(["serve"]).max_loaded_tasks == 64
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--max-loaded-tasks", "0"])
+    assert main(["serve", "--model", "tiny", "--task-dir", str(tmp_path / "missing")]) == 2
+    assert "--task-dir" in capsys.readouterr().err
