@@ -3,12 +3,13 @@ serving ``--tasks`` (1,000) task folders.
 
 Makes ``--tasks`` tiny artifacts in a temporary folder (random prefixes, P cycling 1..8;
 every 20th a PEFT prefix and every 20th a soft prompt, so every reader runs), starts the
-server in this process (uvicorn on 127.0.0.1, a free port) and sends greedy completions
+server as its own process (``prefixattn serve --model tiny --task-dir DIR
+--max-loaded-tasks N`` on 127.0.0.1, a free port) and sends greedy completions
 with httpx, ``--concurrency`` at a time, cycling over all tasks: each task's first request
 (``cold``: not loaded yet, it costs one load) followed by a request for a task used a few
 requests before (``hot``: still loaded). Every answer is checked against the greedy output
 of a TaskBank built from the tuner objects in memory (not from the files) for that task:
-all tasks. Reports process RSS over the run (the server is this process), loads,
+all tasks. Reports the server process's RSS over the run, loads,
 evictions, the seconds a load held the engine's model lock, and per-request latency
 for cold and hot requests. Bounded: ``--tasks`` x 2 requests, ``--time-limit`` seconds.
 
@@ -22,7 +23,10 @@ import argparse
 import asyncio
 import copy
 import json
+import os
 import random
+import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -39,11 +43,29 @@ MAX_TOKENS = 8
 HOT_WINDOW = 16  # a hot request picks one of the last HOT_WINDOW tasks (< max loaded)
 
 
-def rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
+def rss_mib(pid: int | str = "self") -> float:
+    """VmRSS of process ``pid`` in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
+            return round(int(line.split()[1]) / 1024, 1)
     return float("nan")
+
+
+def wait_up(url: str, proc: Any, timeout: float = 300.0) -> None:
+    """Until the server answers /health (or its process ended)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with status {proc.returncode}")
+        try:
+            if httpx.get(url + "/health", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError("the server did not come up")
 
 
 def make_folder(model: Any, n: int, folder: Path) -> dict[str, Any]:
@@ -112,7 +134,7 @@ def schedule(names: list[str], passes: int, seed: int = 0) -> list[tuple[str, st
 
 
 async def drive(url: str, plan: list[tuple[str, str]], concurrency: int, deadline: float,
-                samples: list) -> list[dict]:  # fmt: skip
+                samples: list, pid: int) -> list[dict]:  # fmt: skip
     import httpx
 
     results: list[dict] = []
@@ -132,7 +154,7 @@ async def drive(url: str, plan: list[tuple[str, str]], concurrency: int, deadlin
                 results.append(dict(i=i, task=task, kind=kind, status=r.status_code,
                                     latency=dt, tokens=got))  # fmt: skip
                 if len(results) % 100 == 0:
-                    samples.append((len(results), round(rss_mib(), 1)))
+                    samples.append((len(results), rss_mib(pid)))
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     return results
@@ -156,15 +178,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     import torch
 
-    from benchmarks.serve_load import _Server, environment
-    from prefixattn.serve import create_app, load_base
+    from benchmarks.serve_load import environment
+    from prefixattn.serve import load_base
     from prefixattn.testing import single_thread
 
     env = environment(sys.argv[1:] if argv is None else argv)
     env["command"] = env["command"].replace("serve_load.py", "task_dir_load.py")
     torch.manual_seed(0)
-    model, tok, name = load_base("tiny")
-    rss0 = rss_mib()
+    model, tok, _ = load_base("tiny")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         t0 = time.perf_counter()
@@ -174,37 +195,52 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         prep_s = time.perf_counter() - t0
         del tuners
         kib = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 1024
-        app = create_app(
-            copy.deepcopy(model), tok, model_name=name, task_dir=folder,
-            max_loaded_tasks=args.max_loaded_tasks, max_num_seqs=args.max_num_seqs,
-            max_queue=4 * args.concurrency,
-        )  # fmt: skip
         names = sorted(expected)
         plan = schedule(names, args.passes)
         samples: list = []
-        stop = threading.Event()
-
-        def sampler() -> None:  # RSS over time, every 0.5 s
-            t = time.perf_counter()
-            while not stop.wait(0.5):
-                timeline.append((round(time.perf_counter() - t, 1), round(rss_mib(), 1)))
-
         timeline: list = []
-        with _Server(app) as srv:
-            rss_start = rss_mib()
+        stop = threading.Event()
+        with socket.socket() as sock:  # a free port for the server
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        cmd = [
+            sys.executable, "-m", "prefixattn", "serve", "--model", "tiny",
+            "--task-dir", str(folder), "--max-loaded-tasks", str(args.max_loaded_tasks),
+            "--max-num-seqs", str(args.max_num_seqs), "--max-queue", str(4 * args.concurrency),
+            "--port", str(port), "--log-level", "warning",
+        ]  # fmt: skip
+        shown = ["DIR" if c == str(folder) else c for c in cmd[3:]]
+        env["server_command"] = " ".join(["prefixattn", *shown]).replace(str(port), "PORT")
+        pypath = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+        proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": pypath})
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_up(url, proc)
+            pid = proc.pid
+
+            def sampler() -> None:  # the server's RSS over time, every 0.5 s
+                t = time.perf_counter()
+                while not stop.wait(0.5):
+                    timeline.append((round(time.perf_counter() - t, 1), rss_mib(pid)))
+
+            rss_start = rss_mib(pid)
             th = threading.Thread(target=sampler, daemon=True)
             th.start()
             t1 = time.perf_counter()
             results = asyncio.run(
-                drive(srv.url, plan, args.concurrency, time.monotonic() + args.time_limit,
-                      samples)
+                drive(url, plan, args.concurrency, time.monotonic() + args.time_limit,
+                      samples, pid)
             )  # fmt: skip
             wall = time.perf_counter() - t1
             stop.set()
             th.join()
-            stats = app.state.tasks.stats()
-            engine = app.state.engine.metrics()
-            bank_tasks = len(app.state.bank)
+            import httpx
+
+            m = httpx.get(url + "/metrics.json", timeout=30).json()
+            stats, engine_steps, bank_tasks = m["task_store"], m["steps"]["time_s"], len(m["tasks"])
+        finally:
+            proc.terminate()
+            proc.wait(30)
     ok = [r for r in results if r["status"] == 200]
     wrong = [r["task"] for r in ok if r["tokens"] != expected[r["task"]]]
     lat = {k: [r["latency"] for r in ok if r["kind"] == k] for k in ("cold", "hot")}
@@ -245,9 +281,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         },
         "task_store": stats,
         "tasks_in_bank_at_end": bank_tasks,
-        "engine_step_s": engine["steps"]["time_s"],
+        "engine_step_s": engine_steps,
         "rss_mib": {
-            "before_model": round(rss0, 1),
             "server_start": round(rss_start, 1),
             "max": max(rss_values),
             "end": rss_values[-1],
@@ -306,8 +341,7 @@ def report(r: dict[str, Any]) -> str:
     lines += [
         f"| (an engine step, for scale) | {st['count']} | {ms(st['p50'])} | {ms(st['p99'])} | |",
         "",
-        f"RSS (MiB, this process = server + client): before the model {rss['before_model']}, "
-        f"server start {rss['server_start']}, max {rss['max']}, end {rss['end']}; second "
+        f"Server process RSS (MiB; `{e['server_command']}`): at start {rss['server_start']}, max {rss['max']}, end {rss['end']}; second "
         f"half of the run {rss['second_half_min']} .. {rss['second_half_max']}; at the "
         f"end of each pass over all {c['tasks']} tasks (after the first): "
         f"{rss['at_each_pass_end']}.",
