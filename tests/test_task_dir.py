@@ -75,7 +75,7 @@ def env(tmp_path_factory):
         for task in SPECS:
             out = ref.generate([task], input_ids=ids, max_new_tokens=N, do_sample=False)
             expected[task] = out[0, ids.shape[1] :].tolist()
-        yield dict(model=model, tok=tok, name=name, root=root, expected=expected)
+        yield dict(model=model, tok=tok, name=name, root=root, expected=expected, tuners=tuners)
 
 
 def make_app(env, max_loaded: int = 8, **kw):
@@ -287,3 +287,29 @@ def test_cli_options(tmp_path, capsys) -> None:
         build_parser().parse_args(["serve", "--max-loaded-tasks", "0"])
     assert main(["serve", "--model", "tiny", "--task-dir", str(tmp_path / "missing")]) == 2
     assert "--task-dir" in capsys.readouterr().err
+
+
+def test_task_store_reads_every_format(env) -> None:
+    from prefixattn.hf.prefix_tuning import ModelGeometry
+
+    g = ModelGeometry.of(env["model"])
+    for task, (kind, P) in SPECS.items():
+        art = read_task(env["root"] / task)
+        assert art.num_virtual_tokens == P, task
+        assert (art.method, art.source) == {
+            "prefix": ("prefix", "prefixattn"), "prompt": ("prompt", "prefixattn"),
+            "peft_prefix": ("prefix", "peft"), "peft_prompt": ("prompt", "peft"),
+        }[kind]  # fmt: skip
+        t = env["tuners"][task]
+        if art.method == "prefix":
+            kv = art.prefix_kv(g.num_layers, g.num_kv_heads, g.head_dim)
+            torch.testing.assert_close(kv, t.prefix_tensor().detach().float(), rtol=0, atol=0)
+            assert art.position_offset == (P if kind == "peft_prefix" else 0)
+        else:
+            torch.testing.assert_close(art.tensor, t.prompt.detach().float(), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="does not fit"):
+        read_task(env["root"] / "peft_pre").prefix_kv(g.num_layers + 1, g.num_kv_heads, g.head_dim)
+    with pytest.raises(ValueError, match="soft prompt"):
+        read_task(env["root"] / "soft").prefix_kv(g.num_layers, g.num_kv_heads, g.head_dim)
+    with pytest.raises(ValueError):
+        read_task(env["root"] / "broken")
