@@ -677,6 +677,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .artifacts import artifact_kind
     from .demo import resolve_device
 
+    if args.task_dir is not None and not os.path.isdir(args.task_dir):
+        raise CLIError(f"--task-dir: {args.task_dir!r} is not a directory")
     tasks = dict(args.task or [])
     if len(tasks) != len(args.task or []):
         raise CLIError("--task: each NAME may appear once")
@@ -694,9 +696,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         api_key=api_key, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_queue=args.max_queue,
         kv_slots=args.kv_slots, max_model_len=args.max_model_len, cuda_graphs=args.cuda_graphs,
-        max_body_bytes=args.max_body_bytes, backend=args.backend,
+        max_body_bytes=args.max_body_bytes, backend=args.backend, task_dir=args.task_dir,
+        max_loaded_tasks=args.max_loaded_tasks,
     )  # fmt: skip
     served = ", ".join(app.state.bank.tasks)
+    if app.state.tasks is not None:
+        reg = app.state.tasks
+        served += (
+            f" + {len(reg.available())} tasks of {args.task_dir} on first use "
+            f"(at most {reg.max_loaded} loaded)"
+        )
     admin = "admin routes on" if token else "no admin routes (no --admin-token)"
     key = "API key required" if api_key else "no API key"
     print(f"prefixattn serve: {served} on http://{args.host}:{args.port} ({admin}; {key})")
@@ -716,6 +725,20 @@ def _add_serve(sub: Any) -> None:
         type=_task_spec,
         metavar="NAME=PATH",
         help="a task: a saved prefix / soft prompt (prefixattn or PEFT); repeatable",
+    )
+    p.add_argument(
+        "--task-dir",
+        default=None,
+        metavar="DIR",
+        help="a folder of tasks (one saved prefix / soft prompt per sub-directory): a "
+        "request's model NAME loads DIR/NAME on first use; --task tasks stay pinned",
+    )
+    p.add_argument(
+        "--max-loaded-tasks",
+        type=_positive_int,
+        default=64,
+        help="tasks from --task-dir kept in memory (least recently used evicted, never one "
+        "with requests in flight; default 64)",
     )
     p.add_argument("--model-name", default=None, help="the base model's name in requests")
     p.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine)")

@@ -20,6 +20,7 @@ from fastapi import Request
 
 from ...hf.bank import TaskBank
 from ..engine.request import CANCELLED, ERROR, GenRequest, QueueFullError, SamplingParams
+from ..task_registry import TaskNameError, TaskNotFoundError, TasksBusyError
 from .errors import APIError
 from .metrics import ServeMetrics
 from .output import Event, LogprobEntry, RequestOutput, TokenStrings
@@ -54,6 +55,7 @@ class ServeContext:
     limit: int | None  # the model's context (positions), None: unknown
     vocab_size: int
     eos_ids: frozenset[int] = frozenset()
+    tasks: Any = None  # a TaskRegistry (--task-dir): tasks loaded on first use; None: off
     created: int = field(default_factory=lambda: int(time.time()))
     # one worker: the tokenizer is not guaranteed thread-safe; never the event loop
     pool: ThreadPoolExecutor = field(
@@ -99,12 +101,14 @@ class OpenAIServing:
 
     async def create(self, body: Any, request: Request) -> Any:
         """Answer one request of this endpoint (a JSON body, or an SSE stream)."""
-        task = self.check_model(body.model)
+        task = await self.acquire_model(body.model)
         try:
             return await self._create(body, request, task)
         except APIError as err:
             self.ctx.metrics.request(task, "rejected" if err.status == 429 else "invalid")
             raise
+        finally:  # the rows are submitted (the engine keeps the task) or done
+            self.release_model(task)
 
     async def _create(self, body: Any, request: Request, task: str) -> Any:
         raise NotImplementedError(f"{type(self).__name__} does not generate")
@@ -127,6 +131,37 @@ class OpenAIServing:
                 "model_not_found", "model",
             )  # fmt: skip
         return name
+
+    async def acquire_model(self, name: str) -> str:
+        """``name`` once it is served: with a task folder (``--task-dir``) a task not yet
+        loaded is loaded (off the event loop and the step loop) and leased until
+        :meth:`release_model`; else :meth:`check_model`. 400 for a bad name, 404 for an
+        unknown task, 429 when every loaded task is busy."""
+        reg = self.ctx.tasks
+        if reg is None:
+            return self.check_model(name)
+        try:
+            fut = reg.acquire(name)
+        except TaskNameError as err:
+            raise APIError(400, str(err), "invalid_model_name", "model") from None
+        if fut is None:
+            return name
+        try:  # shielded: a client that goes away does not cancel the others' shared load
+            await asyncio.shield(asyncio.wrap_future(fut))
+        except BaseException as err:
+            reg.release(name)
+            if isinstance(err, TaskNotFoundError):
+                raise APIError(404, str(err), "model_not_found", "model") from None
+            if isinstance(err, TasksBusyError):
+                raise APIError(429, str(err), "too_many_tasks", kind="rate_limit_error",
+                               headers={"Retry-After": str(RETRY_AFTER_S)}) from None  # fmt: skip
+            raise
+        return name
+
+    def release_model(self, name: str) -> None:
+        """End the lease :meth:`acquire_model` took (no-op without a task folder)."""
+        if self.ctx.tasks is not None:
+            self.ctx.tasks.release(name)
 
     def check_fields(self, body: Any) -> None:
         """400 naming the first field that would change the output but is not implemented."""
