@@ -24,7 +24,7 @@ from reference64 import attention64
 import prefixattn
 from prefixattn.ops.settings import KernelConfig, use_settings
 
-BACKENDS = ["reference", "sdpa"]  # triton: the next commit
+BACKENDS = ["reference", "sdpa", "triton"]
 D = 16
 NUM_BLOCKS = 10
 GARBAGE = 10**6  # a table entry past a row's last block: never read
@@ -156,7 +156,6 @@ def test_half_precision_bank_and_not_causal(backend: str) -> None:
     torch.testing.assert_close(got.double(), _expected(kw), atol=3e-3, rtol=3e-3)
 
 
-@pytest.mark.skip(reason="the Triton kernel reads pages from the next commit on")
 @pytest.mark.parametrize(
     ("bs", "tiles"),
     [(16, (16, 16)), (16, (16, 64)), (32, (16, 64)), (32, (32, 16))],

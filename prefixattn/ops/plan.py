@@ -117,11 +117,6 @@ def lookup_plan(call: AttentionCall) -> CallPlan:
     prob = validate(call)
     if backend == "triton":
         source(settings).check_device(q, settings)
-        if bt is not None:
-            raise NotImplementedError(
-                "block_table (a paged KV cache) is not in the Triton kernel yet; "
-                "use backend='sdpa' or 'reference'"
-            )
     plan = CallPlan(call, prob)
     if plan.check_index:  # validate() checked these tensors' values
         plan.index_seen = (weakref.ref(pidx), pidx._version)
