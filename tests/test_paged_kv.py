@@ -236,3 +236,26 @@ def test_refused_under_torch_compile_by_name() -> None:
     )
     with pytest.raises(ValueError, match="block_table"):
         traced_prefix_attention(call)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decode_steps_reuse_the_plan_and_check_each_table(backend: str) -> None:
+    """Decode steps with one signature (one cached plan): lengths grow across a block
+    boundary while the table gains blocks; each step matches the reference, and a table
+    that points a needed key out of the pool is refused on a plan hit too."""
+    kw = _case(16, "shared", 1, seed=6)
+    for step in range(3):
+        kw["cache_seqlens"] = kw["cache_seqlens"] + 1  # 15 -> 16 -> 17 crosses a block
+        kw["q"] = torch.randn_like(kw["q"])
+        bt = kw["block_table"].clone()
+        for b, n in enumerate(kw["cache_seqlens"].tolist()):
+            used = -(-n // 16)
+            if used and not 0 <= bt[b, used - 1] < NUM_BLOCKS:
+                bt[b, used - 1] = (b + step) % NUM_BLOCKS  # a new block for the new key
+        kw["block_table"] = bt
+        got = prefixattn.prefix_attention(**kw, backend=backend)
+        torch.testing.assert_close(got.double(), _expected(kw), atol=_tol(backend), rtol=2e-3)
+    bad = kw["block_table"].clone()
+    bad[5, 0] = -3
+    with pytest.raises(ValueError, match="block_table"):
+        prefixattn.prefix_attention(**{**kw, "block_table": bad}, backend=backend)
