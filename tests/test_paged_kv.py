@@ -69,6 +69,9 @@ def _case(
     }
     if prefix == "shared":
         kw["prefix_k"], kw["prefix_v"] = rnd(Hkv, 5, D), rnd(Hkv, 5, D)
+    elif prefix == "per_row":  # one prefix per row, rows seeing 0 to 4 of its 4 keys
+        kw["prefix_k"], kw["prefix_v"] = rnd(B, Hkv, 4, D), rnd(B, Hkv, 4, D)
+        kw["prefix_lengths"] = torch.tensor([4, 0, 1, 4, 3, 2], device=DEVICE)
     elif prefix == "bank":  # a ragged bank: entry lengths 7, 0, 3
         kw["prefix_k"], kw["prefix_v"] = rnd(3, Hkv, 7, D), rnd(3, Hkv, 7, D)
         kw["prefix_index"] = torch.tensor([0, 1, 2, 0, 2, 1], device=DEVICE)
@@ -103,6 +106,9 @@ def _expected(kw: dict, **features) -> torch.Tensor:
                 e = int(kw["prefix_index"][b])
                 n_p = int(kw["prefix_lengths"][e])
                 pk, pv = pk[e : e + 1, :, :n_p], pv[e : e + 1, :, :n_p]
+            elif pk.dim() == 4:  # per row
+                n_p = int(kw["prefix_lengths"][b])
+                pk, pv = pk[b : b + 1, :, :n_p], pv[b : b + 1, :, :n_p]
             row["prefix_k"], row["prefix_v"] = pk, pv
         if "key_padding_mask" in kw:
             row["key_padding_mask"] = kw["key_padding_mask"][b : b + 1, :n]
@@ -118,7 +124,7 @@ def _tol(backend: str, dtype: torch.dtype = torch.float32) -> float:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("bs", [16, 32])
-@pytest.mark.parametrize("prefix", ["none", "shared", "bank"])
+@pytest.mark.parametrize("prefix", ["none", "shared", "per_row", "bank"])
 @pytest.mark.parametrize("Nq", [1, 3])
 def test_matches_float64_row_by_row(backend: str, bs: int, prefix: str, Nq: int) -> None:
     kw = _case(bs, prefix, Nq)
@@ -259,3 +265,13 @@ def test_decode_steps_reuse_the_plan_and_check_each_table(backend: str) -> None:
     bad[5, 0] = -3
     with pytest.raises(ValueError, match="block_table"):
         prefixattn.prefix_attention(**{**kw, "block_table": bad}, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["triton"])
+def test_batch_past_the_grid_limit_is_cut_with_its_table(backend: str) -> None:
+    """B * H past the grid limit: the launch is cut into row chunks; each chunk takes its
+    rows of the table (and of a per-row prefix) and the whole block pool."""
+    kw = _case(16, "per_row", 3, seed=7)
+    with use_settings(max_grid_y=8):  # 6 rows x 4 heads: chunks of 2 rows
+        got = prefixattn.prefix_attention(**kw, backend=backend)
+    torch.testing.assert_close(got.double(), _expected(kw), atol=2e-3, rtol=2e-3)
