@@ -53,6 +53,7 @@ def pointer_args(call: AttentionCall, mode: int) -> dict[str, torch.Tensor]:
         "CSL": call.cache_seqlens if call.cache_seqlens is not None else q,
         "CBI": call.cache_batch_idx if call.cache_batch_idx is not None else q,
         "BT": call.block_table if call.block_table is not None else q,
+        "CUQ": call.cu_seqlens_q if call.cu_seqlens_q is not None else q,
         # the forward reads sinks[h] at offset h: a strided vector is made dense (H floats)
         "SINKS": q if sinks is None else sinks if sinks.is_contiguous() else sinks.contiguous(),
     }
@@ -112,6 +113,7 @@ def input_flags(call: AttentionCall, prob: AttnProblem) -> dict:
         HAS_SINKS=prob.has_sinks,
         # a paged KV cache: the block size (k is the block pool), 0 = not paged
         PAGE_SIZE=call.k.shape[2] if call.block_table is not None else 0,
+        IS_VARLEN=call.cu_seqlens_q is not None,  # packed rows (cu_seqlens_q)
     )
 
 
@@ -136,6 +138,11 @@ def batch_chunks(
     limit = settings.max_grid_y
     if hint(prob.B) * hint(prob.H) <= limit:
         return [(slice(None), prob)]
+    if prob.varlen:
+        raise ValueError(
+            f"B * H = {hint(prob.B)} * {hint(prob.H)} query (row, head) pairs exceed {limit} "
+            "with cu_seqlens_q (packed rows); call with fewer rows"
+        )
     if wrap is not None:
         raise ValueError(
             f"B * H = {hint(prob.B)} * {hint(prob.H)} query (row, head) pairs exceed "

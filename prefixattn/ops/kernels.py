@@ -58,6 +58,7 @@ _TUNE_KEYS = {
         "HAS_SOFTCAP",
         "HAS_SINKS",
         "PAGE_SIZE",
+        "IS_VARLEN",
     ],
     "dkdv": ["IS_CAUSAL", "HAS_KPM", "HAS_WINDOW", "HAS_SOFTCAP"],
     "dq": ["IS_CAUSAL", "PREFIX_MODE", "HAS_KPM", "HAS_WINDOW", "HAS_SOFTCAP"],
@@ -231,7 +232,7 @@ def kernel_params(attr: str) -> tuple[str, ...]:
 # (their storage) and the dropout seed. Every kernel lists its pointers first.
 DYNAMIC_PARAMS = frozenset(
     ("Q", "K", "V", "PK", "PV", "PIDX", "PLEN", "KPM", "CSL", "CBI", "Out", "LSE", "O", "DO", "Delta",
-     "BT", "DQ", "DK", "DV", "DPK", "DPV", "GPK", "GPV", "SINKS", "seed")
+     "BT", "CUQ", "DQ", "DK", "DV", "DPK", "DPV", "GPK", "GPV", "SINKS", "seed")
 )  # fmt: skip
 
 

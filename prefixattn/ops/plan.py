@@ -78,7 +78,7 @@ def lookup_plan(call: AttentionCall) -> CallPlan:
     change): every layer of a model gets the same index tensor.
     """
     q, k, v, pk, pv, pidx, plen, kpm, sinks, causal, sm_scale, dropout_p = call[:12]
-    window, softcap, prefix_window, backend, settings, csl, cbi, bt = call[12:]
+    window, softcap, prefix_window, backend, settings, csl, cbi, bt, cuq = call[12:]
     try:
         key = (
             q.__class__, q.shape, q.stride(), q.dtype, q.device,
@@ -96,6 +96,7 @@ def lookup_plan(call: AttentionCall) -> CallPlan:
             None if sinks is None else (sinks.__class__, sinks.shape, sinks.dtype, sinks.device),
             window, window.__class__, softcap, softcap.__class__, prefix_window,
             None if bt is None else (bt.__class__, bt.shape, bt.stride(), bt.dtype, bt.device),
+            None if cuq is None else (cuq.__class__, cuq.shape, cuq.dtype, cuq.device),
         )  # fmt: skip
         plan = PLANS.get(key)
     except (AttributeError, TypeError):  # not tensors, or unhashable scalars
@@ -111,12 +112,17 @@ def lookup_plan(call: AttentionCall) -> CallPlan:
             if seen is None or seen[0]() is not plen or seen[1] != plen._version:
                 check_lengths_range(plen, plan.prob.P)
                 plan.lengths_seen = (weakref.ref(plen), plen._version)
-        if csl is not None or cbi is not None or bt is not None:  # new every decoding step
+        if csl is not None or cbi is not None or bt is not None or cuq is not None:
             check_cache_values(call, plan.prob.Nk, k.shape[0])
         return plan
     prob = validate(call)
     if backend == "triton":
         source(settings).check_device(q, settings)
+        if cuq is not None:
+            raise NotImplementedError(
+                "cu_seqlens_q (packed rows) is not in the Triton kernel yet; "
+                "use backend='sdpa' or 'reference'"
+            )
     plan = CallPlan(call, prob)
     if plan.check_index:  # validate() checked these tensors' values
         plan.index_seen = (weakref.ref(pidx), pidx._version)
@@ -232,8 +238,9 @@ class CallPlan:
         self.chunked = len(batch_chunks(prob, call.settings, None)) > 1
         self.has_p = prob.prefix_mode != PREFIX_NONE
         self.dropout = call.dropout_p > 0.0
-        self.out_shape = (prob.B, prob.H, prob.Nq, prob.D)
-        self.lse_shape = (prob.B, prob.H, prob.Nq)
+        rows = 1 if prob.varlen else prob.B  # packed rows: [1, H, total_q, D]
+        self.out_shape = (rows, prob.H, prob.Nq, prob.D)
+        self.lse_shape = (rows, prob.H, prob.Nq)
         self.fwd: KernelLaunch | None = None
         self.bwd: dict[tuple, _BackwardPlan] = {}
 
@@ -267,6 +274,8 @@ class CallPlan:
             a |= call.cache_batch_idx.data_ptr()
         if call.block_table is not None:
             a |= call.block_table.data_ptr()
+        if call.cu_seqlens_q is not None:
+            a |= call.cu_seqlens_q.data_ptr()
         if call.sinks is not None:
             a |= ptrs["SINKS"].data_ptr()
         aligned = not a & 15
