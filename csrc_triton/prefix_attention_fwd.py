@@ -20,6 +20,10 @@ Notation (shapes as the launcher passes them; any strides):
         tile inside one page (PAGE_SIZE >= BLOCK_N, both powers of two, tiles start at
         multiples of BLOCK_N) loads one page id; a tile spanning pages (PAGE_SIZE <
         BLOCK_N) loads one per key. Only the entries of keys < CSL[b] are read.
+    Packed rows (as flash_attn_varlen_func's cu_seqlens_q; IS_VARLEN): Q, Out [1, H, Nq =
+        total_q, D], LSE [1, H, total_q]; CUQ [B + 1]: row b's queries are tokens [CUQ[b],
+        CUQ[b + 1]), its causal band aligned to CSL[b] as above (with Nq = its own count).
+        The grid covers total_q queries per row; programs past a row's count return.
     Out [B, H, Nq, D]; LSE [B, H, Nq] fp32, log2-domain logsumexp (+inf for an empty row)
 
 Query i of a row sees every prefix key, and sequence key j iff j <= i + (Nk - Nq) when
@@ -300,6 +304,7 @@ def _attn_fwd(
     CSL,
     CBI,
     BT,
+    CUQ,
     SINKS,
     Out,
     LSE,
@@ -360,6 +365,7 @@ def _attn_fwd(
     HAS_SOFTCAP: tl.constexpr = False,
     HAS_SINKS: tl.constexpr = False,
     PAGE_SIZE: tl.constexpr = 0,
+    IS_VARLEN: tl.constexpr = False,
 ):
     """Prefix-aware attention forward.
 
@@ -385,14 +391,29 @@ def _attn_fwd(
     off_hk = off_h // GROUP
     b64 = off_b.to(tl.int64)
 
+    if IS_VARLEN:
+        # packed rows: row b's queries are tokens [CUQ[b], CUQ[b + 1]) of batch entry 0
+        q_start = tl.load(CUQ + off_b).to(tl.int64)
+        n_q = (tl.load(CUQ + off_b + 1).to(tl.int64) - q_start).to(tl.int32)
+        if start_m >= n_q:  # the grid covers total_q queries per row: past this row's
+            return
+        qb = b64 * 0
+        lse_base = off_h.to(tl.int64) * N_Q + q_start
+    else:
+        q_start = b64 * 0
+        n_q = N_Q
+        qb = b64
+        lse_base = off_bh.to(tl.int64) * N_Q
+
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    m_ok = offs_m < N_Q
+    m_ok = offs_m < n_q
     d_ok = offs_d < D
+    tok = q_start + offs_m.to(tl.int64)  # the queries' places along q's query axis
 
     q_ptrs = (
-        Q + b64 * stride_qz + off_h.to(tl.int64) * stride_qh
-        + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd
+        Q + qb * stride_qz + off_h.to(tl.int64) * stride_qh
+        + tok[:, None] * stride_qm + offs_d[None, :] * stride_qd
     )  # fmt: skip
     q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
 
@@ -423,7 +444,7 @@ def _attn_fwd(
     else:
         kv_b = b64
     bt_row = BT + b64 * stride_btz
-    causal_off = n_k - N_Q
+    causal_off = n_k - n_q
 
     # -- stage 1: prefix keys, read from their own buffer -------------------------------
     if PREFIX_MODE != PREFIX_NONE:
@@ -481,7 +502,7 @@ def _attn_fwd(
     if HAS_DROPOUT:
         out = out * (1.0 / (1.0 - dropout_p))
     lse = tl.where(empty, float("inf"), m_i + tl.log2(l_safe))
-    tl.store(LSE + off_bh.to(tl.int64) * N_Q + offs_m, lse, mask=m_ok)
-    o_base = Out + b64 * stride_oz + off_h.to(tl.int64) * stride_oh
-    o_ptrs = o_base + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :] * stride_od
+    tl.store(LSE + lse_base + offs_m, lse, mask=m_ok)
+    o_base = Out + qb * stride_oz + off_h.to(tl.int64) * stride_oh
+    o_ptrs = o_base + tok[:, None] * stride_om + offs_d[None, :] * stride_od
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])

@@ -19,7 +19,8 @@ of 16.
 ``--variants`` (the forward only): ``plain`` (the default), ``cache`` (a KV-cache pool:
 ``cache_seqlens`` and ``cache_batch_idx`` read in place), ``paged<N>`` (a paged cache,
 ``block_table`` with block size N: below the tile's BLOCK_N a key tile looks up one block
-per key, from BLOCK_N up one per tile).
+per key, from BLOCK_N up one per tile), ``varlen_paged16`` (packed rows, ``cu_seqlens_q``,
+over pages of 16).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ _PTR_TYPES = {
     "CSL": "*i32",
     "CBI": "*i32",
     "BT": "*i32",
+    "CUQ": "*i32",
 }
 _FLOAT_ARGS = ("sm_scale", "dropout_p", "softcap")
 # non-pointer upper-case arguments (sizes, flags)
@@ -62,6 +64,8 @@ VARIANTS = {
     "plain": {},
     "cache": {"HAS_CSL": True, "HAS_CBI": True},
     **{f"paged{n}": {"HAS_CSL": True, "PAGE_SIZE": n} for n in (16, 32, 64, 128)},
+    # packed rows (cu_seqlens_q) over pages of 16
+    "varlen_paged16": {"HAS_CSL": True, "PAGE_SIZE": 16, "IS_VARLEN": True},
 }
 
 

@@ -19,7 +19,7 @@ from reference64 import attention64
 
 import prefixattn
 
-BACKENDS = ["reference", "sdpa"]  # triton: the next commit
+BACKENDS = ["reference", "sdpa", "triton"]
 D, NK, BS = 16, 24, 16
 Q_LENS = [1, 3, 0, 5, 2]
 K_LENS = [9, 3, 17, 24, 1]  # row 4: 2 queries over 1 key (query 0 sees no key)
@@ -147,3 +147,21 @@ def test_bad_input_names_the_argument(backend: str) -> None:
             attn(**{**kw, **change})
     with pytest.raises(ValueError, match="cu_seqlens_q"):
         attn(**{**kw, "q": kw["q"].clone().requires_grad_(True)})
+
+
+def test_triton_rows_longer_than_a_query_tile() -> None:
+    """Query tiles of 16: a row of 20 queries takes two programs, the rows of 1 and 3
+    queries one (their second program returns at once), over a slot-per-row cache."""
+    from prefixattn.ops.settings import KernelConfig, use_settings
+
+    g = torch.Generator().manual_seed(4)
+    kw = {
+        "q": torch.randn(1, 2, 24, D, generator=g).to(DEVICE),
+        "k": torch.randn(3, 1, 40, D, generator=g).to(DEVICE),
+        "v": torch.randn(3, 1, 40, D, generator=g).to(DEVICE),
+        "cu_seqlens_q": torch.tensor([0, 1, 21, 24], dtype=torch.int32, device=DEVICE),
+        "cache_seqlens": torch.tensor([7, 33, 3], dtype=torch.int32, device=DEVICE),
+    }
+    with use_settings(fwd=KernelConfig(16, 16, 1, 1)):
+        got = prefixattn.prefix_attention(**kw, backend="triton")
+    torch.testing.assert_close(got.double(), _expected(kw), atol=2e-3, rtol=2e-3)

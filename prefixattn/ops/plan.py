@@ -118,11 +118,6 @@ def lookup_plan(call: AttentionCall) -> CallPlan:
     prob = validate(call)
     if backend == "triton":
         source(settings).check_device(q, settings)
-        if cuq is not None:
-            raise NotImplementedError(
-                "cu_seqlens_q (packed rows) is not in the Triton kernel yet; "
-                "use backend='sdpa' or 'reference'"
-            )
     plan = CallPlan(call, prob)
     if plan.check_index:  # validate() checked these tensors' values
         plan.index_seen = (weakref.ref(pidx), pidx._version)
