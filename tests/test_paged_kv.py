@@ -275,3 +275,20 @@ def test_batch_past_the_grid_limit_is_cut_with_its_table(backend: str) -> None:
     with use_settings(max_grid_y=8):  # 6 rows x 4 heads: chunks of 2 rows
         got = prefixattn.prefix_attention(**kw, backend=backend)
     torch.testing.assert_close(got.double(), _expected(kw), atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "triton"])
+def test_table_checked_once_per_version(backend: str) -> None:
+    """The layers of a step share one table: checked once, and again after any in-place
+    change (a block id written out of the pool is refused on the next call)."""
+    kw = _case(16, "none", 1, seed=8)
+    first = prefixattn.prefix_attention(**kw, backend=backend)
+    again = prefixattn.prefix_attention(**kw, backend=backend)  # same tensors: a plan hit
+    torch.testing.assert_close(first, again, atol=0, rtol=0)
+    kw["block_table"][5, 2] = NUM_BLOCKS + 3  # in place: a new version
+    with pytest.raises(ValueError, match="block_table"):
+        prefixattn.prefix_attention(**kw, backend=backend)
+    kw["block_table"][5, 2] = 1
+    kw["cache_seqlens"][2] = 10**4  # in place, another tensor
+    with pytest.raises(ValueError, match="cache_seqlens"):
+        prefixattn.prefix_attention(**kw, backend=backend)

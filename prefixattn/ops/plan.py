@@ -74,8 +74,11 @@ def lookup_plan(call: AttentionCall) -> CallPlan:
     scalars with their types (so ``causal=1`` never hits a plan made for ``True``), the
     backend and the settings. Inputs that are not tensors fail to make a key and go to
     validation, which names them. On a hit the value checks left are the ranges of
-    ``prefix_index`` and ``prefix_lengths``, once per tensor (and again after an in-place
-    change): every layer of a model gets the same index tensor.
+    ``prefix_index`` and ``prefix_lengths``, and of the KV-cache tensors
+    (``cache_seqlens``, ``cache_batch_idx``, ``block_table``, ``cu_seqlens_q``), once per
+    tensor (and again after an in-place change, which bumps the tensor's version): every
+    layer of a model gets the same index tensors. A tensor written behind autograd's back
+    (a raw kernel, no version bump) is not checked again.
     """
     q, k, v, pk, pv, pidx, plen, kpm, sinks, causal, sm_scale, dropout_p = call[:12]
     window, softcap, prefix_window, backend, settings, csl, cbi, bt, cuq = call[12:]
@@ -113,7 +116,12 @@ def lookup_plan(call: AttentionCall) -> CallPlan:
                 check_lengths_range(plen, plan.prob.P)
                 plan.lengths_seen = (weakref.ref(plen), plen._version)
         if csl is not None or cbi is not None or bt is not None or cuq is not None:
-            check_cache_values(call, plan.prob.Nk, k.shape[0])
+            # new values every decoding step, the same tensors in every layer of a step:
+            # checked once per (tensors, versions)
+            seen = plan.cache_seen
+            if seen is None or not _same_tensors(seen, (csl, cbi, bt, cuq)):
+                check_cache_values(call, plan.prob.Nk, k.shape[0])
+                plan.cache_seen = _tensor_marks((csl, cbi, bt, cuq))
         return plan
     prob = validate(call)
     if backend == "triton":
@@ -123,11 +131,29 @@ def lookup_plan(call: AttentionCall) -> CallPlan:
         plan.index_seen = (weakref.ref(pidx), pidx._version)
     if plan.check_lengths:
         plan.lengths_seen = (weakref.ref(plen), plen._version)
+    if call.has_cache:  # validate() checked these values
+        plan.cache_seen = _tensor_marks((csl, cbi, bt, cuq))
     if key is not None:
         if len(PLANS) >= MAX_PLANS:
             PLANS.clear()
         PLANS[key] = plan
     return plan
+
+
+def _tensor_marks(ts: tuple) -> tuple:
+    """(weakref, version) of each tensor (None stays None): which values were checked."""
+    return tuple(None if t is None else (weakref.ref(t), t._version) for t in ts)
+
+
+def _same_tensors(marks: tuple, ts: tuple) -> bool:
+    """Whether ``ts`` are the tensors of ``marks``, unchanged since (same version)."""
+    for m, t in zip(marks, ts):
+        if t is None:
+            if m is not None:
+                return False
+        elif m is None or m[0]() is not t or m[1] != t._version:
+            return False
+    return True
 
 
 class KernelLaunch:
@@ -229,6 +255,9 @@ class CallPlan:
         # (weakref, version) of the last prefix_index / prefix_lengths tensor checked
         self.index_seen: tuple | None = None
         self.lengths_seen: tuple | None = None
+        # (weakref, version) of the cache tensors (cache_seqlens, cache_batch_idx,
+        # block_table, cu_seqlens_q) whose values were last checked
+        self.cache_seen: tuple | None = None
         self.empty = prob.B * prob.H * prob.Nq == 0
         self.chunked = len(batch_chunks(prob, call.settings, None)) > 1
         self.has_p = prob.prefix_mode != PREFIX_NONE
