@@ -1,0 +1,210 @@
+"""Static KV caches and custom 4-D attention masks on patched models (issue 26, item 5).
+
+A ``StaticCache`` hands attention all its preallocated keys with transformers' 4-D mask
+over the written ones; a user's 4-D mask (a shared-prefix tree, a block diagonal) reaches
+attention as it is. Both run patched on every family of tests/test_families.py: without a
+prefix = the stock model, with one = the independent float64 reference attention of
+tests/test_families.py (greedy decoding over its full forward, no cache), eagerly and
+with the decode step under ``torch.compile(fullgraph=True)``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from test_families import (  # noqa: E402
+    FAMILIES,
+    _batch,
+    _prefix_case,
+    build,
+    reference_model,
+)
+from transformers import GenerationConfig  # noqa: E402
+from transformers.generation import CompileConfig  # noqa: E402
+
+import prefixattn  # noqa: E402
+from prefixattn.testing import greedy_reference, single_thread  # noqa: E402
+
+W = 8
+N_NEW = W + 3  # past the window: sliding caches fill and roll
+LOGGER = "prefixattn.hf.patching"
+MASKED = "exact masked path"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with single_thread():
+        yield
+
+
+def _generate(model, ids, mask, **kw):
+    """Greedy generate with its per-step logits."""
+    out = model.generate(
+        ids, attention_mask=mask, max_new_tokens=N_NEW, do_sample=False, output_logits=True,
+        return_dict_in_generate=True, **kw,
+    )  # fmt: skip
+    return out.sequences, torch.stack(out.logits, 1)  # [B, N + n], [B, n, V]
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_static_cache_generate_equals_stock(family: str, caplog) -> None:
+    """generate(cache_implementation="static") patched = stock: the same tokens and
+    logits, on a left-padded batch past the window; the fused kernel path throughout."""
+    stock = build(family)
+    patched = prefixattn.patch(copy.deepcopy(stock), backend="sdpa")
+    ids, mask = _batch([W + 1, 5])
+    want, want_logits = _generate(stock, ids, mask, cache_implementation="static")
+    with caplog.at_level(logging.DEBUG, logger=LOGGER):
+        got, got_logits = _generate(patched, ids, mask, cache_implementation="static")
+    assert torch.equal(got, want)
+    torch.testing.assert_close(got_logits, want_logits, atol=1e-5, rtol=1e-5)
+    assert MASKED not in caplog.text  # the static cache's mask is causal + padding
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_static_cache_generate_with_prefix_equals_reference(family: str) -> None:
+    """With a prefix, static-cache greedy decoding = greedy decoding over the float64
+    reference's full forward (each row alone, no cache)."""
+    stock, pt = _prefix_case(family, "sdpa", "all")
+    ids, mask = _batch([W + 2, 4])
+    got = pt.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=N_NEW, do_sample=False,
+        cache_implementation="static",
+    )  # fmt: skip
+    ref = reference_model(stock, pt.prefix.detach(), "all")
+    assert torch.equal(got, greedy_reference(ref, ids, mask, max_new_tokens=N_NEW))
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral", "gemma2", "gpt_oss"])
+def test_static_cache_sliding_prefix_window_equals_reference(family: str) -> None:
+    """prefix_window="sliding" through a static cache: the prefix leaves each query's window
+    by its true position (the written slots), as the reference computes it."""
+    stock, pt = _prefix_case(family, "sdpa", "sliding")
+    ids, mask = _batch([W + 1, W + 1])
+    got = pt.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=N_NEW, do_sample=False,
+        cache_implementation="static",
+    )  # fmt: skip
+    ref = reference_model(stock, pt.prefix.detach(), "sliding")
+    assert torch.equal(got, greedy_reference(ref, ids, mask, max_new_tokens=N_NEW))
+
+
+@pytest.mark.parametrize(("family", "with_prefix"), [("llama", False), ("gpt2", True)])
+def test_static_cache_compiled_forward_fullgraph(family: str, with_prefix: bool) -> None:
+    """generate with the forward under torch.compile(fullgraph=True) (Dynamo's graph run
+    eagerly: the trace is what is tested) = eager static-cache generate, patched and
+    stock; with a prefix = the float64 reference."""
+    torch._dynamo.reset()
+    stock, pt = _prefix_case(family, "sdpa", "all")
+    ids, mask = _batch([W + 1, 5])
+    cfg = CompileConfig(fullgraph=True, backend="eager", dynamic=False)
+    cfg._compile_all_devices = True  # compile on the CPU too
+    gen = GenerationConfig(
+        max_new_tokens=N_NEW, do_sample=False, cache_implementation="static",
+        compile_config=cfg, pad_token_id=1, eos_token_id=None,
+    )  # fmt: skip
+    if with_prefix:
+        got = pt.generate(input_ids=ids, attention_mask=mask, generation_config=gen)
+        ref = reference_model(stock, pt.prefix.detach(), "all")
+        want = greedy_reference(ref, ids, mask, max_new_tokens=N_NEW)
+    else:
+        patched = prefixattn.patch(copy.deepcopy(stock), backend="sdpa")
+        got = patched.generate(ids, attention_mask=mask, generation_config=gen)
+        want = stock.generate(ids, attention_mask=mask, generation_config=gen)
+    assert torch.equal(got, want)
+    torch._dynamo.reset()
+
+
+# --------------------------------------------------------------------------------------
+# custom 4-D masks
+# --------------------------------------------------------------------------------------
+
+
+def _tree_batch(dtype: torch.dtype):
+    """transformers' shared-prefix test data: three continuations of one 4-token prefix,
+    as 3 rows (positions 0..3) and as one packed row under a tree mask [1, 1, 7, 7]."""
+    g = torch.Generator().manual_seed(5)
+    prefix = torch.randint(2, 128, (3,), generator=g)
+    tails = torch.randint(2, 128, (3,), generator=g)
+    rows = torch.stack([torch.cat([prefix, t[None]]) for t in tails])  # [3, 4]
+    packed = torch.cat([prefix, tails])[None]  # [1, 6]
+    vis = torch.zeros(6, 6, dtype=torch.bool)
+    vis[:3, :3] = torch.tril(torch.ones(3, 3, dtype=torch.bool))
+    vis[3:, :3] = True
+    vis[3:, 3:] = torch.eye(3, dtype=torch.bool)  # each tail sees the prefix and itself
+    position_ids = torch.tensor([[0, 1, 2, 3, 3, 3]])
+    m = vis[None, None]
+    if dtype != torch.bool:
+        m = torch.zeros(1, 1, 6, 6, dtype=dtype).masked_fill(~m, torch.finfo(dtype).min)
+    return rows, packed, m, position_ids
+
+
+def _tree_logits(model, dtype):
+    rows, packed, m, pos = _tree_batch(dtype)
+    with torch.no_grad():
+        plain = model(input_ids=rows).logits[:, -1]  # [3, V]
+        tree = model(input_ids=packed, attention_mask=m, position_ids=pos).logits[0, 3:]
+    return plain, tree
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bool], ids=["additive", "bool"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_custom_4d_mask_equals_stock(family: str, dtype: torch.dtype, caplog) -> None:
+    """A shared-prefix tree mask: patched = stock logits, and the tree's continuations =
+    the three separate rows (the masked path, which says so in the debug log). Stock runs
+    eager attention, which adds the mask: it gets the additive form of the bool mask."""
+    stock = build(family)
+    patched = prefixattn.patch(copy.deepcopy(stock), backend="sdpa")
+    _, want = _tree_logits(stock, torch.float32)
+    with caplog.at_level(logging.DEBUG, logger=LOGGER):
+        plain, got = _tree_logits(patched, dtype)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, plain, atol=1e-4, rtol=1e-4)
+    assert MASKED in caplog.text
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt_oss", "mistral"])
+def test_custom_4d_mask_with_prefix_equals_reference(family: str) -> None:
+    """With a prefix (every prefix key visible), the tree mask's logits = the float64
+    reference attention under the same mask."""
+    stock, pt = _prefix_case(family, "sdpa", "all")
+    rows, packed, m, pos = _tree_batch(torch.float32)
+    ref = reference_model(stock, pt.prefix.detach(), "all")
+    with torch.no_grad():
+        got = pt(input_ids=packed, attention_mask=m, position_ids=pos).logits
+        want = ref(input_ids=packed, attention_mask=m, position_ids=pos).logits
+        plain = pt(input_ids=rows).logits[:, -1]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[0, 3:], plain, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "reference"])
+def test_causal_padding_4d_mask_takes_the_kernel(backend: str, caplog) -> None:
+    """A 4-D mask that is causal + left padding (what transformers' sdpa mask builds) runs
+    the fused path, not the masked one, with the values of the 2-D padding mask."""
+    stock = build("llama")
+    pt = _prefix_case("llama", backend, "all")[1]
+    ids, mask = _batch([9, 5])
+    pad = mask.bool()
+    vis = torch.tril(torch.ones(9, 9, dtype=torch.bool))[None, None] & pad[:, None, None, :]
+    with torch.no_grad(), caplog.at_level(logging.DEBUG, logger=LOGGER):
+        got = pt(input_ids=ids, attention_mask=vis).logits
+        want = pt(input_ids=ids, attention_mask=mask).logits
+    assert MASKED not in caplog.text
+    torch.testing.assert_close(got[pad], want[pad], atol=1e-6, rtol=1e-6)
+    assert stock is not None
+
+
+def test_bad_4d_masks_name_the_mask() -> None:
+    model = prefixattn.patch(build("llama"), backend="sdpa")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with pytest.raises(ValueError, match="4-D attention_mask must have shape"):
+        model(input_ids=ids, attention_mask=torch.ones(1, 1, 3, 4, dtype=torch.bool))
+    with pytest.raises(TypeError, match=r"bool .* or float"):
+        model(input_ids=ids, attention_mask=torch.ones(1, 1, 4, 4, dtype=torch.int64))
