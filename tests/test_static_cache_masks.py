@@ -15,6 +15,7 @@ import logging
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 transformers = pytest.importorskip("transformers")
 
@@ -101,6 +102,7 @@ def test_static_cache_compiled_forward_fullgraph(family: str, with_prefix: bool)
     eagerly: the trace is what is tested) = eager static-cache generate, patched and
     stock; with a prefix = the float64 reference."""
     torch._dynamo.reset()
+    counters.clear()
     stock, pt = _prefix_case(family, "sdpa", "all")
     ids, mask = _batch([W + 1, 5])
     cfg = CompileConfig(fullgraph=True, backend="eager", dynamic=False)
@@ -118,6 +120,8 @@ def test_static_cache_compiled_forward_fullgraph(family: str, with_prefix: bool)
         got = patched.generate(ids, attention_mask=mask, generation_config=gen)
         want = stock.generate(ids, attention_mask=mask, generation_config=gen)
     assert torch.equal(got, want)
+    # the decode steps really ran a Dynamo graph (fullgraph: one per compiled step shape)
+    assert counters["stats"]["unique_graphs"] >= 1
     torch._dynamo.reset()
 
 
@@ -208,3 +212,18 @@ def test_bad_4d_masks_name_the_mask() -> None:
         model(input_ids=ids, attention_mask=torch.ones(1, 1, 3, 4, dtype=torch.bool))
     with pytest.raises(TypeError, match=r"bool .* or float"):
         model(input_ids=ids, attention_mask=torch.ones(1, 1, 4, 4, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_static_cache_on_the_triton_kernel(family: str) -> None:
+    """The Triton kernel (the interpreter on CPU, fp32) reads a static cache's written
+    slots in place (a strided view of the preallocated keys): with a prefix, greedy
+    static-cache decoding = the float64 reference's."""
+    stock, pt = _prefix_case(family, "triton", "all", P=3)
+    ids, mask = _batch([W + 1, 4])
+    got = pt.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False,
+        cache_implementation="static",
+    )  # fmt: skip
+    ref = reference_model(stock, pt.prefix.detach(), "all")
+    assert torch.equal(got, greedy_reference(ref, ids, mask, max_new_tokens=3))

@@ -6,9 +6,10 @@ switches the model to it with ``model.set_attn_implementation("prefixattn")``;
 :func:`unpatch` restores the previous implementation of every config exactly.
 
 The mask function hands the kernel what it can use: a 2-D bool key padding mask
-``[B, Nk]`` (True = real token) or ``None``, never a dense 4-D mask. Causality comes from
-the kernel's own bottom-right aligned causal mask, which is exactly right for a growing
-KV cache (``Nq = 1`` sees the whole cache).
+``[B, N]`` (True = real token; its last Nk columns are a layer's keys) or ``None``.
+Causality comes from the kernel's own bottom-right aligned causal mask, which is exactly
+right for a growing KV cache (``Nq = 1`` sees the whole cache). Only a static cache, whose
+keys are all its preallocated slots, gets transformers' 4-D mask (see below).
 
 The prefix comes from a :class:`PrefixProvider` attached to *one* model (see
 :func:`set_prefix`): the attention function finds it through the attention module it is
@@ -33,10 +34,16 @@ their sliding layers only; a sliding layer's mask is checked against the kernel'
 (see docs/model-families.md). With a prefix, what a windowed layer's query sees of the
 prefix is the provider's ``prefix_window`` ("all" by default, "sliding" as PEFT).
 
-Not supported (a ``ValueError`` says so, no silent fallback): static / compileable / paged
-caches, custom 4-D attention masks, packed sequences (position-id resets without an
-attention mask), chunked attention and other mask overlays that are not causal + padding
-+ a sliding window.
+Static caches (``StaticCache``, ``generate(cache_implementation="static")``, eager and
+with the forward under ``torch.compile(fullgraph=True)``) run the fused kernel over the
+written slots (see :func:`prefixattn_mask`). Custom 4-D masks run the kernel when they are
+causal + padding, else the exact masked path of :mod:`prefixattn.hf.masked` (logged at
+DEBUG on the ``prefixattn.hf.patching`` logger); the prefix keys stay visible.
+
+Not supported (a ``ValueError`` says so, no silent fallback): paged caches, packed
+sequences (position-id resets without an attention mask), chunked attention and other
+mask-function overlays that are not causal + padding + a sliding window (pass the
+overlay as a 4-D mask instead).
 """
 
 from __future__ import annotations
