@@ -125,6 +125,42 @@ def test_static_cache_compiled_forward_fullgraph(family: str, with_prefix: bool)
     torch._dynamo.reset()
 
 
+def _compiled_generation(max_new_tokens: int) -> GenerationConfig:
+    cfg = CompileConfig(fullgraph=True, backend="eager", dynamic=False)
+    cfg._compile_all_devices = True  # compile on the CPU too
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
+        cache_implementation="static", compile_config=cfg, pad_token_id=1, eos_token_id=None,
+    )  # fmt: skip
+
+
+def test_static_cache_no_recompile_with_a_shorter_prompt() -> None:
+    """After one compiled generation, a shorter prompt (same cache length) reuses the
+    compiled decode step: nothing patched specialises on the number of written slots."""
+    torch._dynamo.reset()
+    _, pt = _prefix_case("llama", "sdpa", "all")
+    ids, mask = _batch([7, 7])
+    gen = _compiled_generation(4)
+    pt.generate(input_ids=ids, attention_mask=mask, generation_config=gen)
+    with torch.compiler.set_stance("fail_on_recompile"):
+        pt.generate(input_ids=ids[:, 1:], attention_mask=mask[:, 1:], generation_config=gen)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "mistral", "qwen2", "gemma2"])
+def test_static_cache_generate_from_inputs_embeds(family: str) -> None:
+    """generate(inputs_embeds=..., cache_implementation="static") patched = stock."""
+    stock = build(family)
+    patched = prefixattn.patch(copy.deepcopy(stock), backend="sdpa")
+    ids, mask = _batch([6, 4])
+    kw = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, cache_implementation="static")
+    with torch.no_grad():
+        embeds = stock.get_input_embeddings()(ids)
+        want = stock.generate(inputs_embeds=embeds, **kw)
+        got = patched.generate(inputs_embeds=embeds, **kw)
+    assert torch.equal(got, want)
+
+
 # --------------------------------------------------------------------------------------
 # custom 4-D masks
 # --------------------------------------------------------------------------------------
