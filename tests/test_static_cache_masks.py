@@ -19,6 +19,7 @@ from torch._dynamo.utils import counters
 
 transformers = pytest.importorskip("transformers")
 
+from reference64 import attention64  # noqa: E402
 from test_families import (  # noqa: E402
     FAMILIES,
     _batch,
@@ -263,3 +264,77 @@ def test_static_cache_on_the_triton_kernel(family: str) -> None:
     )  # fmt: skip
     ref = reference_model(stock, pt.prefix.detach(), "all")
     assert torch.equal(got, greedy_reference(ref, ids, mask, max_new_tokens=3))
+
+
+# --------------------------------------------------------------------------------------
+# the masked path itself
+# --------------------------------------------------------------------------------------
+
+
+def _per_query_reference(q, k, v, pk, pv, index, lengths, vis, **kw):
+    """float64: each (row, mask head, query) alone through tests/reference64.py, its
+    visible keys as the key padding mask of a one-query (decode-like) call."""
+    B, H, Nq, D = q.shape
+    out = torch.zeros(B, H, Nq, D, dtype=torch.float64)
+    for b in range(B):
+        for hm in range(vis.shape[1]):
+            heads = slice(None) if vis.shape[1] == 1 else slice(hm, hm + 1)
+            for i in range(Nq):
+                row = attention64(
+                    q[b : b + 1, :, i : i + 1], k[b : b + 1], v[b : b + 1],
+                    None if pk is None else (pk if pk.dim() == 3 or index is not None else pk[b : b + 1]),
+                    None if pv is None else (pv if pv.dim() == 3 or index is not None else pv[b : b + 1]),
+                    prefix_index=None if index is None else index[b : b + 1],
+                    prefix_lengths=lengths, key_padding_mask=vis[min(b, vis.shape[0] - 1), hm, i][None],
+                    **kw,
+                )  # fmt: skip
+                out[b, heads, i] = row[0, heads, 0]
+    return out
+
+
+@pytest.mark.parametrize(
+    ("P", "layout"), [(0, "shared"), (1, "per_row"), (7, "bank"), (7, "shared")]
+)
+@pytest.mark.parametrize(("H", "Hkv", "mask_heads"), [(4, 2, 1), (2, 2, 2)])
+@pytest.mark.parametrize("extra", ["none", "softcap", "sinks"])
+def test_masked_path_matches_reference64(layout, P, H, Hkv, mask_heads, extra) -> None:
+    """masked_prefix_attention on a random mask (rows that see nothing included), bool and
+    additive float, = float64 attention query by query; the gradients of q and the prefix
+    too."""
+    from prefixattn.hf.masked import masked_prefix_attention
+
+    g = torch.Generator().manual_seed(P * 31 + H + mask_heads)
+    B, Nq, Nk, D = 2, 5, 9, 16
+    q = torch.randn(B, H, Nq, D, generator=g, requires_grad=True)
+    k = torch.randn(B, Hkv, Nk, D, generator=g)
+    v = torch.randn(B, Hkv, Nk, D, generator=g)
+    rows = {"shared": (Hkv, P, D), "per_row": (B, Hkv, P, D), "bank": (3, Hkv, P, D)}[layout]
+    pk = torch.randn(*rows, generator=g, requires_grad=True)
+    pv = torch.randn(*rows, generator=g)
+    index = torch.tensor([2, 0]) if layout == "bank" else None
+    lengths = torch.tensor([P, max(P - 1, 0), P]) if layout == "bank" else None
+    vis = torch.rand(B, mask_heads, Nq, Nk, generator=g) < 0.5
+    vis[0, :, 1] = False  # a query that sees no sequence key
+    kw = {"softcap": 3.0} if extra == "softcap" else {}
+    sinks = torch.randn(H, generator=g) if extra == "sinks" else None
+    want = _per_query_reference(q, k, v, pk, pv, index, lengths, vis, sinks=sinks, **kw)
+    dout = torch.randn(B, H, Nq, D, generator=g)
+    wq, wpk = torch.autograd.grad((want * dout.double()).sum(), (q, pk), allow_unused=True)
+    additive = torch.zeros(vis.shape).masked_fill(~vis, torch.finfo(torch.float32).min)
+    for m in (vis, additive):
+        got = masked_prefix_attention(
+            q, k, v, m, pk, pv, prefix_index=index, prefix_lengths=lengths, sinks=sinks, **kw
+        )
+        if m.dtype == torch.bool or P > 0 or sinks is not None:
+            torch.testing.assert_close(got.double(), want, atol=2e-6, rtol=2e-6)
+        else:  # additive, no prefix: a row that sees nothing averages (as SDPA / eager)
+            seen = vis.any(-1, keepdim=True).expand(B, H, Nq, 1)
+            torch.testing.assert_close(
+                got.double().masked_fill(~seen, 0), want, atol=2e-6, rtol=2e-6
+            )
+            continue
+        gq, gpk = torch.autograd.grad((got * dout).sum(), (q, pk), allow_unused=True)
+        torch.testing.assert_close(gq.double(), wq.double(), atol=2e-5, rtol=2e-5)
+        if P:  # (P = 0: neither touches the empty prefix)
+            assert gpk.abs().sum() > 0
+            torch.testing.assert_close(gpk.double(), wpk.double(), atol=2e-5, rtol=2e-5)
