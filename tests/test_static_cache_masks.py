@@ -135,6 +135,36 @@ def _compiled_generation(max_new_tokens: int) -> GenerationConfig:
     )  # fmt: skip
 
 
+@pytest.mark.parametrize("family", ["gemma2"])
+def test_compiled_static_prefill_and_decode_with_prefix(family: str) -> None:
+    """The whole forward under torch.compile(fullgraph=True) on a StaticCache, prefill
+    (Nq > 1: transformers' 4-D mask through the masked path; the sliding layers aligned,
+    their window checked in the graph) and a decode step (Nq = 1: the kernel's padding
+    mask): logits = the float64 reference's full forward, prefix included."""
+    from transformers import StaticCache
+
+    torch._dynamo.reset()
+    stock, pt = _prefix_case(family, "sdpa", "all")
+    ids, mask = _batch([W + 1, 5])
+    nxt = torch.tensor([[7], [9]])
+    cache = StaticCache(config=pt.model.config, max_cache_len=16)
+
+    def step(ids, mask):
+        return pt(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True).logits
+
+    f = torch.compile(step, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        pre = f(ids, mask)
+        mask2 = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+        dec = f(nxt, mask2)
+        ref = reference_model(stock, pt.prefix.detach(), "all")
+        want = ref(input_ids=torch.cat([ids, nxt], 1), attention_mask=mask2).logits
+    real = mask.bool()
+    torch.testing.assert_close(pre[real], want[:, :-1][real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dec[:, -1], want[:, -1], atol=1e-5, rtol=1e-5)
+    torch._dynamo.reset()
+
+
 def test_static_cache_no_recompile_with_a_shorter_prompt() -> None:
     """After one compiled generation, a shorter prompt (same cache length) reuses the
     compiled decode step: nothing patched specialises on the number of written slots."""
