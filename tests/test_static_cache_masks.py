@@ -368,3 +368,24 @@ def test_masked_path_matches_reference64(layout, P, H, Hkv, mask_heads, extra) -
         if P:  # (P = 0: neither touches the empty prefix)
             assert gpk.abs().sum() > 0
             torch.testing.assert_close(gpk.double(), wpk.double(), atol=2e-5, rtol=2e-5)
+
+
+def test_4d_masks_under_inference_mode_and_edited_in_place() -> None:
+    """A mask made under torch.inference_mode (no version counter) works, and a mask
+    edited in place between two forwards is classified again (causal -> tree)."""
+    stock = build("llama")
+    patched = prefixattn.patch(copy.deepcopy(stock), backend="sdpa")
+    _, packed, tree, pos = _tree_batch(torch.bool)
+    with torch.inference_mode():
+        m = torch.tril(torch.ones(1, 1, 6, 6, dtype=torch.bool))
+        a = patched(input_ids=packed, attention_mask=m, position_ids=pos).logits
+        b = patched(input_ids=packed, position_ids=pos).logits
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    m = torch.tril(torch.ones(1, 1, 6, 6, dtype=torch.bool))
+    with torch.no_grad():
+        patched(input_ids=packed, attention_mask=m, position_ids=pos)
+        m.copy_(tree)  # the same tensor, now the tree
+        got = patched(input_ids=packed, attention_mask=m, position_ids=pos).logits
+        want = stock(input_ids=packed, attention_mask=_tree_batch(torch.float32)[2],
+                     position_ids=pos).logits  # fmt: skip
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

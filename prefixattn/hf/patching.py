@@ -694,15 +694,18 @@ def _four_d_mask(
         )
     vis = mask if mask.dtype == torch.bool else None
     if not _tracing():
-        key_ = (mask._version, B, Nq, Nk, window, prefix_sliding, causal)
-        # the layers of one forward share their mask: classify it once
+        # the layers of one forward share their mask: classify it once (an inference
+        # tensor has no version counter to key on: classified every time)
+        version = None if mask.is_inference() else mask._version
+        key_ = (version, B, Nq, Nk, window, prefix_sliding, causal)
         hits = [got for ref, k, got in _CLASSIFIED if ref() is mask and k == key_]
-        if hits:
+        if hits and version is not None:
             found = hits[0]
         else:
             found = _classify(mask, B, Nq, Nk, window, prefix_sliding, causal)
-            _CLASSIFIED.insert(0, (weakref.ref(mask), key_, found))
-            del _CLASSIFIED[4:]
+            if version is not None:
+                _CLASSIFIED.insert(0, (weakref.ref(mask), key_, found))
+                del _CLASSIFIED[4:]
         if found is not None:
             return found[0], None, found[1], found[2]
     elif vis is not None and vis.shape[1] == 1 and Nq == 1 and not prefix_sliding:
