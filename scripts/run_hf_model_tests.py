@@ -27,12 +27,12 @@ import sys
 import tempfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import Any
 
 FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "gemma2")
 # the tests issue 26 names: static-cache generation, the compiled forward, custom 4-D masks
 SELECTION = (
-    "static_cache or compile_model_forward or custom_4d_attention_mask "
-    "or cache_implementation"
+    "static_cache or compile_model_forward or custom_4d_attention_mask or cache_implementation"
 )
 ENV = "PREFIXATTN_PATCH_BACKEND"
 _skipped: list[str] = []
@@ -43,7 +43,7 @@ _skipped: list[str] = []
 # --------------------------------------------------------------------------------------
 
 
-def pytest_configure(config) -> None:  # noqa: ANN001 - pytest's Config
+def pytest_configure(config: Any) -> None:
     """Patch every model transformers builds, at the end of its ``post_init``."""
     backend = os.environ.get(ENV)
     if not backend:
@@ -54,7 +54,7 @@ def pytest_configure(config) -> None:  # noqa: ANN001 - pytest's Config
 
     original = PreTrainedModel.post_init
 
-    def post_init(self) -> None:  # noqa: ANN001 - a PreTrainedModel
+    def post_init(self: Any) -> None:
         original(self)
         try:
             prefixattn.patch(self, backend=backend)
@@ -64,7 +64,7 @@ def pytest_configure(config) -> None:  # noqa: ANN001 - pytest's Config
     PreTrainedModel.post_init = post_init
 
 
-def pytest_terminal_summary(terminalreporter) -> None:  # noqa: ANN001
+def pytest_terminal_summary(terminalreporter: Any) -> None:
     if os.environ.get(ENV) and _skipped:
         names = sorted(set(_skipped))
         terminalreporter.write_line(f"prefixattn: {len(_skipped)} models left stock: {names}")

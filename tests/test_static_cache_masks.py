@@ -135,7 +135,8 @@ def _compiled_generation(max_new_tokens: int) -> GenerationConfig:
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("family", ["gemma2"])
+# hybrid windows with soft-capping / with sinks (mistral and qwen2 pass too: ~5 s each)
+@pytest.mark.parametrize("family", ["gemma2", "gpt_oss"])
 def test_compiled_static_prefill_and_decode_with_prefix(family: str) -> None:
     """The whole forward under torch.compile(fullgraph=True) on a StaticCache, prefill
     (Nq > 1: transformers' 4-D mask through the masked path; the sliding layers aligned,
