@@ -1,10 +1,10 @@
 """The FastAPI app: a thin router over the serving classes (vLLM's OpenAI server layout).
 
 Inference routes (``--api-key``): ``POST /v1/completions``, ``POST /v1/chat/completions``,
-``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /tokenize``, ``POST /detokenize``.
-Open: ``GET /health``, ``GET /metrics`` (Prometheus text), ``GET /metrics.json``. With an
-admin token: ``POST /admin/tasks``, ``DELETE /admin/tasks/{name}``. Every error is in
-OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
+``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /tokenize``, ``POST /detokenize``,
+``GET /metrics.json`` (it names every task). Open: ``GET /health``, ``GET /metrics``
+(Prometheus text, as vLLM's). With an admin token: ``POST /admin/tasks``,
+``DELETE /admin/tasks/{name}``. Every error is in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from .auth import BearerAuth
 from .errors import BodyLimit, install_error_handlers
 from .metrics import CONTENT_TYPE, ServeMetrics
 from .protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
-from .serving import ServeContext
+from .serving import RequestLimits, ServeContext
 from .serving_chat import OpenAIServingChat
 from .serving_completion import OpenAIServingCompletion
 from .serving_models import OpenAIServingModels
@@ -63,6 +63,7 @@ def create_app(
     cuda_graphs: bool = False,
     max_body_bytes: int = MAX_BODY_BYTES,
     backend: str = "auto",
+    limits: RequestLimits | None = None,
 ) -> FastAPI:
     """The serving app for one base model and a set of tasks.
 
@@ -80,6 +81,8 @@ def create_app(
             as CUDA graphs (on a CUDA model; see :mod:`prefixattn.serve.cuda_graphs`).
         max_body_bytes: larger request bodies get 413.
         backend: kernel backend of the bank.
+        limits: what one request may ask for (stop strings, prompts, ``n``; see
+            :class:`~prefixattn.serve.openai.serving.RequestLimits`); None: the defaults.
 
     Returns:
         a FastAPI app; its lifespan starts and stops the batching worker. ``app.state``
@@ -105,7 +108,7 @@ def create_app(
         engine=engine, bank=bank, tokenizer=tokenizer, model_name=model_name,
         metrics=ServeMetrics(engine), limit=context_limit(model),
         vocab_size=model.get_input_embeddings().num_embeddings,
-        eos_ids=eos_token_ids(model, tokenizer),
+        eos_ids=eos_token_ids(model, tokenizer), limits=limits or RequestLimits(),
     )  # fmt: skip
     completion, chat = OpenAIServingCompletion(ctx), OpenAIServingChat(ctx)
     models = OpenAIServingModels(ctx)
