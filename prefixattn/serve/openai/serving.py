@@ -59,7 +59,7 @@ def sse(data: dict[str, Any]) -> str:
 class RequestLimits:
     """What one request may ask for (each over-limit request gets a 400 naming the field
     and the limit). They bound what a request costs before it reaches the queue: every
-    row holds its own copy of the stop strings' state, and every generated token is
+    row matches every stop string against its text, and every generated token is
     checked against the stop strings (the tokenizer's thread) and the stop token ids
     (the engine's thread). A request also never has more rows (prompts x ``n``) than the
     engine's queue holds (``--max-queue``): it could never be queued.
