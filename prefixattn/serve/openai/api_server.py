@@ -1,10 +1,10 @@
 """The FastAPI app: a thin router over the serving classes (vLLM's OpenAI server layout).
 
 Inference routes (``--api-key``): ``POST /v1/completions``, ``POST /v1/chat/completions``,
-``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /tokenize``, ``POST /detokenize``.
-Open: ``GET /health``, ``GET /metrics`` (Prometheus text), ``GET /metrics.json``. With an
-admin token: ``POST /admin/tasks``, ``DELETE /admin/tasks/{name}``. Every error is in
-OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
+``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /tokenize``, ``POST /detokenize``,
+``GET /metrics.json`` (it names every task). Open: ``GET /health``, ``GET /metrics``
+(Prometheus text, as vLLM's). With an admin token: ``POST /admin/tasks``,
+``DELETE /admin/tasks/{name}``. Every error is in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from .auth import BearerAuth
 from .errors import BodyLimit, install_error_handlers
 from .metrics import CONTENT_TYPE, ServeMetrics
 from .protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
-from .serving import ServeContext
+from .serving import RequestLimits, ServeContext
 from .serving_chat import OpenAIServingChat
 from .serving_completion import OpenAIServingCompletion
 from .serving_models import OpenAIServingModels
@@ -66,6 +66,7 @@ def create_app(
     backend: str = "auto",
     task_dir: str | os.PathLike | None = None,
     max_loaded_tasks: int = 64,
+    limits: RequestLimits | None = None,
 ) -> FastAPI:
     """The serving app for one base model and a set of tasks.
 
@@ -88,6 +89,8 @@ def create_app(
             (see :mod:`prefixattn.serve.task_registry`); ``tasks`` stay pinned.
         max_loaded_tasks: tasks from ``task_dir`` kept loaded at once (least recently
             used evicted; a task with requests in flight never is).
+        limits: what one request may ask for (stop strings, prompts, ``n``; see
+            :class:`~prefixattn.serve.openai.serving.RequestLimits`); None: the defaults.
 
     Returns:
         a FastAPI app; its lifespan starts and stops the batching worker. ``app.state``
@@ -118,6 +121,7 @@ def create_app(
         metrics=ServeMetrics(engine), limit=context_limit(model),
         vocab_size=model.get_input_embeddings().num_embeddings,
         eos_ids=eos_token_ids(model, tokenizer), tasks=registry,
+        limits=limits or RequestLimits(),
     )  # fmt: skip
     if registry is not None:
         ctx.metrics.watch_tasks(registry.stats)

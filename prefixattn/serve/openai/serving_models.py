@@ -81,7 +81,9 @@ class OpenAIServingModels(OpenAIServing):
                 tok(body.prompt, add_special_tokens=body.add_special_tokens)["input_ids"]
             )
             ids = await self.off_loop(encode)
-        strs = tok.convert_ids_to_tokens(ids) if body.return_token_strs else None
+        strs = None
+        if body.return_token_strs:  # the tokenizer's thread, as every tokenizer call
+            strs = await self.off_loop(tok.convert_ids_to_tokens, ids)
         return {
             "count": len(ids), "max_model_len": self.ctx.max_len(task), "tokens": ids,
             "token_strs": strs,
@@ -89,8 +91,7 @@ class OpenAIServingModels(OpenAIServing):
 
     async def detokenize(self, body: DetokenizeRequest) -> dict[str, Any]:
         await self._model(body.model)
-        for t in body.tokens:
-            self.check_token_id(t, "tokens")
+        self.check_token_ids(body.tokens, "tokens")
         try:
             text = await self.off_loop(self.ctx.tokenizer.decode, body.tokens)
         except Exception as err:  # e.g. an id the tokenizer's vocabulary lacks
