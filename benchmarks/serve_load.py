@@ -11,6 +11,10 @@ Writes a JSON with the device, versions and the command beside the numbers.
         --out benchmarks/results/serve-cpu.json --compare-unbatched
     python benchmarks/serve_load.py --model tiny --requests 8   # smoke (CI runs this)
 
+``--burst``: the clients start together (the engine is held until the first
+``--concurrency`` requests are all in, then the load goes on closed-loop), so the first
+steps batch that many rows whatever the machine's speed.
+
 Without ``--task NAME=PATH`` it makes ``--tasks`` random prefixes (P cycling through
 ``--prefix-lengths``) in a temporary folder: their values do not change the cost.
 """
@@ -135,6 +139,33 @@ async def _load(url: str, bodies: list[dict], concurrency: int, timeout: float) 
         return await asyncio.gather(*(one(b) for b in bodies))
 
 
+def _burst(engine: Any, url: str, bodies: list[dict], args: argparse.Namespace) -> list:
+    """The load, with the engine held until the first ``concurrency`` requests are in (in
+    its held first step or queued): the clients start together."""
+    out: dict[str, Any] = {}
+    wave = min(args.concurrency, len(bodies))
+    engine.model_lock.acquire()  # the engine's first step waits
+    try:
+        th = threading.Thread(
+            target=lambda: out.setdefault(
+                "r", asyncio.run(_load(url, bodies, args.concurrency, args.timeout))
+            ),
+            daemon=True,
+        )
+        th.start()
+        deadline = time.monotonic() + args.timeout
+        while engine.running + engine.queue_depth < wave:
+            if time.monotonic() > deadline or not th.is_alive():
+                raise RuntimeError(f"the first {wave} requests did not arrive")
+            time.sleep(0.005)
+    finally:
+        engine.model_lock.release()
+    th.join()
+    if "r" not in out:
+        raise RuntimeError("the load failed (see above)")
+    return out["r"]
+
+
 def run_config(
     model: Any, tok: Any, tasks: dict[str, str], args: argparse.Namespace, batch: int
 ) -> dict[str, Any]:
@@ -158,7 +189,10 @@ def run_config(
         asyncio.run(_load(srv.url, warm, len(warm), args.timeout))  # first-call costs
         before = httpx.get(srv.url + "/metrics.json", timeout=10).json()
         t0 = time.perf_counter()
-        results = asyncio.run(_load(srv.url, bodies, args.concurrency, args.timeout))
+        if args.burst:
+            results = _burst(app.state.engine, srv.url, bodies, args)
+        else:
+            results = asyncio.run(_load(srv.url, bodies, args.concurrency, args.timeout))
         wall = time.perf_counter() - t0
         after = httpx.get(srv.url + "/metrics.json", timeout=10).json()
     bad = [r for r in results if r[0] != 200]
@@ -195,6 +229,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--max-batch-size", type=int, default=16, help="the engine's max_num_seqs")
     p.add_argument("--compare-unbatched", action="store_true", help="also max_num_seqs 1")
+    p.add_argument(
+        "--burst", action="store_true", help="the first --concurrency requests start together"
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--backend", default="auto")
     p.add_argument(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -116,18 +117,40 @@ def test_report_of_the_dry_run_lists_every_target(session) -> None:
 
 
 def test_a_step_past_its_limit_is_killed_and_recorded(tmp_path: Path) -> None:
-    """The hard limit: core.features (~25 s of CPU) gets ~6.5 s of an 11.5 s total (5 s
-    are kept for the report); its process group is killed, the run goes on to record
-    ``timeout`` for it, and whatever it wrote before stays valid JSON lines."""
+    """The hard limit: core.features gets ~6.5 s of an 11.5 s total (5 s are kept for the
+    report). The step's process group is stopped (SIGSTOP) as soon as it starts, so it
+    outlasts its limit on any machine, however fast; the runner must kill it (SIGTERM,
+    then SIGKILL, which ends a stopped process too), go on, record ``timeout`` for it, and
+    leave valid JSON lines."""
+    import signal
+    import threading
+
     from benchmarks.gpu_session import run
 
+    stopped = threading.Event()
+
+    def stop_the_step() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not stopped.is_set():
+            procs = list(run._RUNNING)
+            if procs:
+                os.killpg(procs[0].pid, signal.SIGSTOP)
+                stopped.set()
+                return
+            time.sleep(0.001)
+
+    watcher = threading.Thread(target=stop_the_step, daemon=True)
+    watcher.start()
     rc = run.main(["--out", str(tmp_path), "--dry-run", "--only", "core.features",
                    "--total-s", "11.5", "--no-report"])  # fmt: skip
+    watcher.join(5)
+    assert stopped.is_set(), "the step process was never seen running"
     assert rc == 1
     recs = [json.loads(line) for line in (tmp_path / "1-core.jsonl").read_text().splitlines()]
     steps = [r for r in recs if r["kind"] == "step"]
     assert [(r["step"], r["status"]) for r in steps] == [("core.features", "timeout")]
-    assert steps[0]["wall_s"] < 20
+    # the limit was enforced: killed at its ~6.5 s limit plus the 3 s SIGTERM grace
+    assert steps[0]["wall_s"] < 20, steps[0]
 
 
 # --------------------------------------------------------------------------------------

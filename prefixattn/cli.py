@@ -677,6 +677,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .artifacts import artifact_kind
     from .demo import resolve_device
 
+    if args.task_dir is not None and not os.path.isdir(args.task_dir):
+        raise CLIError(f"--task-dir: {args.task_dir!r} is not a directory")
     tasks = dict(args.task or [])
     if len(tasks) != len(args.task or []):
         raise CLIError("--task: each NAME may appear once")
@@ -694,14 +696,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
         api_key=api_key, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_queue=args.max_queue,
         kv_slots=args.kv_slots, max_model_len=args.max_model_len, cuda_graphs=args.cuda_graphs,
-        max_body_bytes=args.max_body_bytes, backend=args.backend,
+        max_body_bytes=args.max_body_bytes, backend=args.backend, task_dir=args.task_dir,
+        max_loaded_tasks=args.max_loaded_tasks, limits=_request_limits(args),
     )  # fmt: skip
     served = ", ".join(app.state.bank.tasks)
+    if app.state.tasks is not None:
+        reg = app.state.tasks
+        served += (
+            f" + {len(reg.available())} tasks of {args.task_dir} on first use "
+            f"(at most {reg.max_loaded} loaded)"
+        )
     admin = "admin routes on" if token else "no admin routes (no --admin-token)"
     key = "API key required" if api_key else "no API key"
     print(f"prefixattn serve: {served} on http://{args.host}:{args.port} ({admin}; {key})")
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
+
+
+def _request_limits(args: argparse.Namespace) -> Any:
+    """``--max-prompts`` ... ``--max-stop-token-ids``: what one request may ask for."""
+    from .serve.openai.serving import RequestLimits
+
+    return RequestLimits(
+        max_prompts=args.max_prompts, max_n=args.max_n, max_stop=args.max_stop,
+        max_stop_chars=args.max_stop_chars, max_stop_token_ids=args.max_stop_token_ids,
+    )  # fmt: skip
 
 
 def _add_serve(sub: Any) -> None:
@@ -716,6 +735,20 @@ def _add_serve(sub: Any) -> None:
         type=_task_spec,
         metavar="NAME=PATH",
         help="a task: a saved prefix / soft prompt (prefixattn or PEFT); repeatable",
+    )
+    p.add_argument(
+        "--task-dir",
+        default=None,
+        metavar="DIR",
+        help="a folder of tasks (one saved prefix / soft prompt per sub-directory): a "
+        "request's model NAME loads DIR/NAME on first use; --task tasks stay pinned",
+    )
+    p.add_argument(
+        "--max-loaded-tasks",
+        type=_positive_int,
+        default=64,
+        help="tasks from --task-dir kept in memory (least recently used evicted, never one "
+        "with requests in flight; default 64)",
     )
     p.add_argument("--model-name", default=None, help="the base model's name in requests")
     p.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine)")
@@ -754,6 +787,16 @@ def _add_serve(sub: Any) -> None:
         "--max-num-seqs (CUDA only; elsewhere the same static-shape step runs eagerly)",
     )
     p.add_argument("--max-queue", type=_positive_int, default=256, help="then 429")
+    # what one request may ask for (over a limit: 400 naming the field and the limit)
+    p.add_argument("--max-prompts", type=_positive_int, default=64, help="prompts per request")
+    p.add_argument("--max-n", type=_positive_int, default=16, help="choices per prompt (n)")
+    p.add_argument("--max-stop", type=_positive_int, default=32, help="stop strings per request")
+    p.add_argument(
+        "--max-stop-chars", type=_positive_int, default=256, help="characters per stop string"
+    )
+    p.add_argument(
+        "--max-stop-token-ids", type=_positive_int, default=64, help="stop_token_ids per request"
+    )
     p.add_argument(
         "--admin-token",
         default=None,
@@ -764,7 +807,7 @@ def _add_serve(sub: Any) -> None:
         "--api-key",
         default=None,
         help="the inference routes (/v1/*, /tokenize, /detokenize) need "
-        "'Authorization: Bearer KEY' (or PREFIXATTN_API_KEY); /health and /metrics stay open",
+        "'Authorization: Bearer KEY' (or PREFIXATTN_API_KEY); /metrics.json too; /health and /metrics stay open",
     )
     p.add_argument(
         "--max-body-bytes",

@@ -77,6 +77,8 @@ LAYERS: list[list[str]] = [
     ["prefixattn.serve.engine.cuda_graphs"],
     ["prefixattn.serve.engine.core"],
     ["prefixattn.serve.engine"],
+    # tasks loaded on demand from a folder (over the bank and the engine)
+    ["prefixattn.serve.task_registry"],
     # the OpenAI front end (prefixattn.serve.openai): protocol models at the bottom, the
     # shared serving code, one class per endpoint, the router on top
     [

@@ -73,3 +73,46 @@ class Server:
         self.server.should_exit = True
         self.thread.join(15)
         self.sock.close()
+
+
+class WatchedTokenizer:
+    """A tokenizer wrapper for tests: records the thread of every method call and, for a
+    prompt that contains ``gate_marker``, blocks the encode until ``release`` is set
+    (``entered`` tells the test that the encode is under way).
+
+    Attribute reads (``eos_token_id``, ``chat_template``, ...) pass through unrecorded;
+    every callable attribute is wrapped.
+    """
+
+    def __init__(self, tokenizer, gate_marker: str | None = None) -> None:
+        self._tok = tokenizer
+        self.gate_marker = gate_marker
+        self.threads: list[tuple[str, str]] = []  # (method, thread name)
+        self.entered, self.release = threading.Event(), threading.Event()
+        self._lock = threading.Lock()
+
+    def _record(self, name: str, args) -> None:
+        with self._lock:
+            self.threads.append((name, threading.current_thread().name))
+        text = args[0] if args else None
+        if self.gate_marker and isinstance(text, str) and self.gate_marker in text:
+            self.entered.set()
+            assert self.release.wait(60), "the test never released the gated encode"
+
+    def __call__(self, *args, **kwargs):
+        self._record("__call__", args)
+        return self._tok(*args, **kwargs)
+
+    def __len__(self) -> int:
+        return len(self._tok)
+
+    def __getattr__(self, name: str):
+        value = getattr(self._tok, name)
+        if not callable(value):
+            return value
+
+        def call(*args, **kwargs):
+            self._record(name, args)
+            return value(*args, **kwargs)
+
+        return call

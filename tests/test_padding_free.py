@@ -159,6 +159,8 @@ def test_packed_bad_input() -> None:
         prefix_attention(q.expand(2, -1, -1, -1), k, v, cu_seqlens=cu)
     with pytest.raises(ValueError, match="cache_seqlens"):
         prefix_attention(q, k, v, cu_seqlens=cu, cache_seqlens=torch.tensor([3]))
+    with pytest.raises(ValueError, match="cannot be combined with the cache fields"):
+        prefix_attention(q, k, v, cu_seqlens=cu, cu_seqlens_q=cu)  # inference's packed queries
 
 
 # ------------------------------------------------------------------ Hugging Face

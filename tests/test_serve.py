@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import socket
 import threading
 import time
 
@@ -123,23 +124,53 @@ def _concurrent(env, bodies: list[dict], limit: int, timeout: float = 60.0) -> l
     return asyncio.run(run())
 
 
-def test_concurrent_mixed_tasks_share_batches(env) -> None:
+def _gated(env, bodies: list[dict], limit: int, timeout: float = 120.0) -> tuple[list, dict]:
+    """Send ``bodies`` (``limit`` at a time) while the engine is held on its first step
+    until the rest of the first ``limit`` requests wait in its queue: the queue fills
+    before any step runs, whatever the machine's speed. Returns the responses and
+    /metrics.json from before."""
+    engine = env["app"].state.engine
     before = httpx.get(env["url"] + "/metrics.json", timeout=10).json()
+    out: dict = {}
+    engine.model_lock.acquire()  # the worker blocks in its next step
+    try:
+        batches = engine.batches
+        th = threading.Thread(
+            target=lambda: out.setdefault("r", _concurrent(env, bodies, limit, timeout))
+        )
+        th.start()
+        _wait(lambda: engine.batches > batches)  # the first step is held
+        # every request of the first wave is in the engine: in the held step, or queued
+        _wait(lambda: engine.running + engine.queue_depth == min(limit, len(bodies)))
+    finally:
+        engine.model_lock.release()
+    th.join(timeout)
+    assert "r" in out, "the requests did not finish"
+    return out["r"], before
+
+
+def _grew(before: dict, after: dict, rows: int) -> int:
+    """Steps of ``rows`` rows run between two /metrics.json snapshots."""
+    return after["batch_sizes"].get(str(rows), 0) - before["batch_sizes"].get(str(rows), 0)
+
+
+def test_concurrent_mixed_tasks_share_batches(env) -> None:
     tasks = ["bbc", "sst2", "soft", "tiny"]
     bodies = [
         {"model": tasks[i % 4], "prompt": PROMPTS[i % 3], "max_tokens": 3 + i % 4,
          "temperature": 0}
         for i in range(12)
     ]  # fmt: skip
-    for body, r in zip(bodies, _concurrent(env, bodies, limit=12)):
+    responses, before = _gated(env, bodies, limit=12)
+    for body, r in zip(bodies, responses):
         assert r.status_code == 200, r.text
         got = r.json()["choices"][0]["token_ids"]
         assert got == env["expected"](body["model"], body["prompt"], body["max_tokens"])
     after = httpx.get(env["url"] + "/metrics.json", timeout=10).json()
     assert after["mixed_task_batches"] > before["mixed_task_batches"]
     assert after["max_tasks_in_batch"] >= 2
-    assert max(int(k) for k in after["batch_sizes"]) > 1
-    assert after["batches"] - before["batches"] < 12  # fewer batches than requests
+    # with all 12 requests in, a step after the held one runs max_num_seqs = 8 rows
+    assert _grew(before, after, 8) >= 1, after["batch_sizes"]
     assert after["latency_s"]["p50"] is not None and after["queue_depth"] == 0
 
 
@@ -319,10 +350,7 @@ def test_load_200_requests_16_concurrent(env) -> None:
          "temperature": 0}
         for i in range(200)
     ]  # fmt: skip
-    before = httpx.get(env["url"] + "/metrics.json", timeout=10).json()
-    t0 = time.perf_counter()
-    responses = _concurrent(env, bodies, limit=16, timeout=120)
-    wall = time.perf_counter() - t0
+    responses, before = _gated(env, bodies, limit=16, timeout=300)
     assert len(responses) == 200
     for body, r in zip(bodies, responses):
         assert r.status_code == 200, r.text
@@ -331,8 +359,8 @@ def test_load_200_requests_16_concurrent(env) -> None:
     after = httpx.get(env["url"] + "/metrics.json", timeout=10).json()
     done = after["requests"]["completed"] - before["requests"].get("completed", 0)
     assert done == 200 and after["queue_depth"] == 0
-    assert after["batches"] - before["batches"] < 100  # batched, not one by one
-    assert wall < 120
+    # batched, not one by one: the 16 requests in at the release ran 8 at once
+    assert _grew(before, after, 8) >= 1, after["batch_sizes"]
 
 
 def test_openai_client(env) -> None:
@@ -376,6 +404,66 @@ def test_stream_client_gone_stops_its_row(env) -> None:
     _wait(lambda: engine.requests["cancelled"] > cancelled)
     _wait(lambda: engine.queue_depth == 0)
     assert engine.tokens_generated - tokens <= 1
+
+
+def _raw_post(env, body: dict) -> socket.socket:
+    """POST ``body`` on a raw socket (closing it is a real disconnect) and return it."""
+    data = json.dumps(body).encode()
+    sock = socket.create_connection(("127.0.0.1", int(env["url"].rsplit(":", 1)[1])))
+    sock.sendall(
+        b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Content-Type: application/json\r\nContent-Length: "
+        + str(len(data)).encode() + b"\r\n\r\n" + data
+    )  # fmt: skip
+    return sock
+
+
+def test_non_streamed_client_gone_stops_within_one_step(env) -> None:
+    """A non-streamed client that leaves while its tokens flow: the server notices the
+    disconnect at once (not after a pause in the tokens) and the engine drops the row
+    at its next step. Each forward of the engine waits for a permit from this test, so
+    the tokens are counted step by step whatever the machine's speed."""
+    engine, model = env["app"].state.engine, env["app"].state.bank.model
+    body = {"model": "sst2", "prompt": PROMPTS[0], "max_tokens": 200, "temperature": 0,
+            "ignore_eos": True}  # fmt: skip
+    permits = threading.Semaphore(0)
+
+    def gate(*_) -> None:  # a forward pre-hook: returns None (the inputs unchanged)
+        permits.acquire()
+
+    handle = model.register_forward_pre_hook(gate)
+    req = dict(engine.requests)
+    tokens0, gone0 = engine.tokens_generated, req.get("client_gone", 0)
+    cancelled0, completed0 = req.get("cancelled", 0), req.get("completed", 0)
+
+    def step() -> None:  # one forward; it yields a token (or the row was dropped)
+        n = engine.tokens_generated
+        permits.release()
+        _wait(lambda: engine.tokens_generated > n
+              or engine.requests["cancelled"] > cancelled0)  # fmt: skip
+
+    try:
+        sock = _raw_post(env, body)
+        for _ in range(4):  # prefill + 3 decode steps: the row is generating
+            step()
+        assert engine.tokens_generated - tokens0 == 4
+        sock.close()  # the client leaves
+        for _ in range(150):  # tokens keep flowing until the server notices
+            if engine.requests["client_gone"] > gone0:
+                break
+            step()
+            time.sleep(0.01)
+        else:
+            pytest.fail("the server did not notice the client leaving while tokens flowed")
+        at_notice = engine.tokens_generated
+    finally:
+        handle.remove()
+        permits.release(1000)
+    _wait(lambda: engine.requests["cancelled"] > cancelled0)
+    assert engine.tokens_generated - at_notice <= 1  # at most the step in flight
+    assert engine.tokens_generated - tokens0 < 150
+    assert engine.requests["completed"] == completed0  # cancelled, not run to max_tokens
+    _wait(lambda: engine.running == 0 and engine.queue_depth == 0)
 
 
 def test_seeded_sampling_is_reproducible(env) -> None:

@@ -29,7 +29,7 @@ import openai
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
-from serve_support import Server, byte_tokenizer
+from serve_support import Server, WatchedTokenizer, byte_tokenizer
 
 from prefixattn import PrefixTuning
 from prefixattn.hf.testing import single_thread
@@ -61,7 +61,20 @@ def env(tmp_path_factory):
         )  # fmt: skip
         with Server(app) as srv:
             client = openai.OpenAI(base_url=srv.url + "/v1", api_key=KEY, max_retries=0)
-            yield dict(url=srv.url, app=app, tok=tok, ref=ref, root=root, client=client)
+            yield dict(url=srv.url, app=app, tok=tok, ref=ref, root=root, client=client,
+                       model=model)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def watched(env):
+    """A second server whose tokenizer records the thread of every call and blocks an
+    encode of a prompt holding "GATE-" until the test releases it."""
+    tok = WatchedTokenizer(env["tok"], gate_marker="GATE-")
+    with single_thread():
+        app = create_app(copy.deepcopy(env["model"]), tok, {"t1": str(env["root"] / "t1")},
+                         model_name="byte", max_num_seqs=4, max_queue=16)  # fmt: skip
+    with Server(app) as srv:
+        yield dict(url=srv.url, app=app, tok=tok, server=srv)
 
 
 def post(env, path: str, body, headers=AUTH, timeout: float = 60.0) -> httpx.Response:
@@ -277,8 +290,17 @@ def test_any_number_of_stop_strings_and_stop_token_ids(env) -> None:
     assert stop and stop in text
     decoys = [f"never-{i}" for i in range(9)]
     want = text[: text.find(stop)]
-    got = ok(post(env, "/v1/completions", {**body, "stop": [*decoys, stop]}))["choices"][0]
+    res = ok(post(env, "/v1/completions", {**body, "stop": [*decoys, stop]}))
+    got = res["choices"][0]
     assert got["text"] == want and got["finish_reason"] == "stop"
+    # the tokens reported end with the one that completed the stop string (the engine may
+    # have run a step further: those tokens are not reported, nor counted)
+    tok = env["tok"]
+    k = next(i for i in range(1, len(ids) + 1) if stop in tok.decode(ids[:i]))
+    if not tok.decode(ids[:k]).endswith("\ufffd"):  # else the match waits for a character
+        assert got["token_ids"] == ids[:k]
+    assert got["token_ids"] == ids[: len(got["token_ids"])]
+    assert res["usage"]["completion_tokens"] == len(got["token_ids"])
     streamed = sse(env, "/v1/completions", {**body, "stop": [*decoys, stop], "stream": True})
     assert "".join(c["choices"][0]["text"] for c in streamed) == want
     kept = ok(post(env, "/v1/completions", {**body, "stop": stop,
@@ -391,27 +413,30 @@ def test_property_stream_equals_unstreamed(env, prompt, seed, chat) -> None:
 # ---------------------------------------------------------------------- bugs 2-5
 
 
-def test_bug2_body_limit_and_tokenization_off_the_event_loop(env) -> None:
+def test_bug2_body_limit_and_tokenization_off_the_event_loop(env, watched) -> None:
     big = "x" * (10 * 1024 * 1024)
     err = error_of(post(env, "/v1/completions", {"model": "byte", "prompt": big}), 413)
     assert err["code"] == "request_too_large"
-    # a large prompt under the limit is tokenized in a thread: /health answers meanwhile
-    prompt = ("the market 市场 😀 " * 40000)[:500_000]
-    done: dict = {}
-
-    def send() -> None:
-        r = post(env, "/v1/completions", {"model": "byte", "prompt": prompt}, timeout=120)
-        done["t"], done["r"] = time.perf_counter(), r
-
-    th = threading.Thread(target=send)
+    # a prompt's encode is held (the tokenizer blocks until released): /health answers
+    # meanwhile, so the tokenization does not run on the event loop
+    tok, done = watched["tok"], {}
+    tok.entered.clear()
+    tok.release.clear()
+    body = {"model": "byte", "prompt": "GATE- the market", "max_tokens": 2, "temperature": 0}
+    th = threading.Thread(
+        target=lambda: done.setdefault(
+            "r", httpx.post(watched["url"] + "/v1/completions", json=body, timeout=120)
+        )
+    )
     th.start()
-    time.sleep(0.3)
-    assert httpx.get(env["url"] + "/health", timeout=60).status_code == 200
-    t_health = time.perf_counter()
+    try:
+        assert tok.entered.wait(60), "the encode never started"
+        r = httpx.get(watched["url"] + "/health", timeout=30)
+        assert r.status_code == 200 and "r" not in done  # answered while the encode waits
+    finally:
+        tok.release.set()
     th.join(120)
-    assert done["r"].status_code == 400  # far beyond the context
-    assert done["r"].json()["error"]["code"] == "context_length_exceeded"
-    assert t_health + 0.5 < done["t"], "health waited for the tokenization"
+    assert done["r"].status_code == 200, done["r"].text
 
 
 @pytest.mark.parametrize(
@@ -548,8 +573,12 @@ def test_every_layer_answers_in_openai_error_shape(env) -> None:
     assert error_of(post(env, "/v1/completions", {"model": "byte"}), 422)["param"] == "prompt"
     assert error_of(post(env, "/v1/completions", {"model": "no", "prompt": "x"}), 404)[
         "code"] == "model_not_found"  # fmt: skip
-    # the API key: required on inference routes, not on health and metrics
+    # the API key: required on inference routes and /metrics.json (it names every task);
+    # not on /health nor Prometheus' /metrics
     assert error_of(post(env, "/v1/completions", {}, headers={}), 401)
+    assert error_of(httpx.get(url + "/metrics.json", timeout=10), 401)
+    assert "tasks" in ok(httpx.get(url + "/metrics.json", headers=AUTH, timeout=10))
+    assert httpx.get(url + "/metrics", timeout=10).status_code == 200
     assert error_of(post(env, "/v1/completions", {}, headers={"authorization": "Bearer x"}), 401)
     assert error_of(httpx.get(url + "/v1/models", timeout=10), 401)
     assert error_of(post(env, "/tokenize", {"prompt": "x"}, headers={}), 401)
@@ -617,5 +646,121 @@ def test_prometheus_metrics(env) -> None:
     assert delta("prefixattn:requests_total", task="t1", outcome="length") == 1
     assert delta("prefixattn:requests_total", task="t1", outcome="invalid") == 1
     assert after[("vllm:num_requests_waiting", ())] == 0
-    assert ("vllm:num_requests_running", ()) in after
-    assert "batches" in httpx.get(env["url"] + "/metrics.json", timeout=10).json()
+    assert after[("vllm:num_requests_running", ())] == 0
+    # the gauges while the engine is held: one row in the held step, two waiting
+    engine, results = env["app"].state.engine, {}
+    engine.model_lock.acquire()
+    try:
+        batches = engine.batches
+        first = threading.Thread(
+            target=lambda: results.setdefault("a", post(env, "/v1/completions", body))
+        )
+        first.start()
+        _wait(lambda: engine.batches > batches)
+        rest = threading.Thread(
+            target=lambda: results.setdefault(
+                "b", post(env, "/v1/completions", {**body, "prompt": ["x", "the"]})
+            )
+        )
+        rest.start()
+        _wait(lambda: engine.queue_depth == 2)
+        held = _samples(env)
+        assert held[("vllm:num_requests_running", ())] == 1
+        assert held[("vllm:num_requests_waiting", ())] == 2
+    finally:
+        engine.model_lock.release()
+    first.join(60)
+    rest.join(60)
+    assert results["a"].status_code == 200 and results["b"].status_code == 200
+    final = _samples(env)
+    assert final[("vllm:num_requests_running", ())] == 0
+    key = ("prefixattn:requests_total", (("outcome", "length"), ("task", "t1")))
+    assert final[key] - after[key] == 2  # two requests (one of two rows)
+    gen = ("vllm:generation_tokens_total", (("model_name", "t1"),))
+    assert final[gen] - after[gen] == 15  # three rows of 5 tokens
+
+
+# ---------------------------------------------------------------------- limits (issue 26)
+
+
+def test_tokenizer_used_from_one_thread_never_the_loop_nor_the_engine(watched) -> None:
+    """Every tokenizer call (encode, decode in the output sinks, chat template, token
+    strings, echo) runs on one thread: not the event loop's, not the engine's."""
+    url, tok = watched["url"], watched["tok"]
+    tok.threads.clear()
+    base = {"model": "t1", "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    ids = watched["tok"]._tok("the market")["input_ids"]
+    for body in (
+        {**base, "prompt": ["the market", EMOJI], "stop": ["zz", "q"], "n": 2},
+        {**base, "prompt": ids, "echo": True, "logprobs": 2},
+        {**base, "prompt": EMOJI, "stream": True},
+    ):
+        r = httpx.post(url + "/v1/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+    chat = {"model": "byte", "messages": [{"role": "user", "content": EMOJI}],
+            "max_tokens": 4, "logprobs": True, "top_logprobs": 2}  # fmt: skip
+    assert httpx.post(url + "/v1/chat/completions", json=chat, timeout=60).status_code == 200
+    r = httpx.post(url + "/tokenize", json={"prompt": EMOJI, "return_token_strs": True},
+                   timeout=60)  # fmt: skip
+    assert r.status_code == 200
+    r = httpx.post(url + "/detokenize", json={"tokens": r.json()["tokens"]}, timeout=60)
+    assert r.status_code == 200
+    methods = {m for m, _ in tok.threads}
+    assert {"__call__", "decode", "apply_chat_template", "convert_ids_to_tokens"} <= methods
+    threads = {t for _, t in tok.threads}
+    engine_thread = watched["app"].state.engine._thread.name
+    loop_thread = watched["server"].thread.name
+    assert engine_thread not in threads and loop_thread not in threads, threads
+    assert len(threads) == 1, threads
+
+
+LONG = "x" * 300
+
+
+@pytest.mark.parametrize(
+    "change,param,limit",
+    [
+        ({"stop": [f"s{i}" for i in range(33)]}, "stop", "32"),
+        ({"stop": ["ok", LONG]}, "stop", "256"),
+        ({"stop_token_ids": list(range(65))}, "stop_token_ids", "64"),
+        ({"prompt": ["x"] * 65}, "prompt", "64"),
+    ],
+)  # fmt: skip
+def test_what_one_request_may_cost_is_bounded(env, change, param, limit) -> None:
+    """Each over-limit request: a 400 naming the field and the limit (no queue)."""
+    body = {"model": "byte", "prompt": "x", "max_tokens": 1, **change}
+    for path, b in (("/v1/completions", body),
+                    ("/v1/chat/completions", {**{k: v for k, v in body.items() if k != "prompt"},
+                                              "messages": [{"role": "user", "content": "x"}]})):  # fmt: skip
+        if param == "prompt" and path != "/v1/completions":
+            continue
+        err = error_of(post(env, path, b), 400)
+        assert err["param"] == param and limit in err["message"], err
+    ok(post(env, "/v1/completions", {**body, **{k: v[:1] for k, v in change.items()}}))
+
+
+def test_a_request_that_can_never_fit_the_queue_gets_400(env) -> None:
+    """More rows (prompts x n) than the queue holds (--max-queue 64 here): 400, not a 429
+    that the client would retry forever; a request that fits may get 429 while full."""
+    body = {"model": "byte", "prompt": ["x"] * 5, "max_tokens": 1, "n": 13}  # 65 rows
+    err = error_of(post(env, "/v1/completions", body), 400)
+    assert err["code"] == "too_many_rows" and "64" in err["message"] and "--max-queue" in (
+        err["message"])  # fmt: skip
+    chat = {"model": "byte", "messages": [{"role": "user", "content": "x"}], "n": 3}
+    engine = env["app"].state.engine
+    old, engine.max_queue = engine.max_queue, 2
+    try:
+        assert error_of(post(env, "/v1/chat/completions", chat), 400)["code"] == "too_many_rows"
+    finally:
+        engine.max_queue = old
+    ok(post(env, "/v1/completions", {**body, "n": 12}))  # 60 rows fit
+
+
+def test_token_id_prompt_length_is_checked_as_a_whole_first(env) -> None:
+    """A token-id prompt longer than the context is refused for its length before any
+    id is looked at (the ids' range is then checked in one pass)."""
+    long = [5] * 600 + [10**6]
+    err = error_of(post(env, "/v1/completions", {"model": "byte", "prompt": long}), 400)
+    assert err["code"] == "context_length_exceeded"
+    err = error_of(post(env, "/v1/completions", {"model": "byte", "prompt": [5, 10**6]}), 400)
+    assert err["code"] == "invalid_token_id" and str(10**6) in err["message"]

@@ -53,7 +53,7 @@ def test_serve_process_answers_on_loopback(tmp_path) -> None:
     cmd = [
         sys.executable, "-m", "prefixattn.cli", "serve", "--model", "tiny",
         "--task", f"topic={tmp_path / 'topic'}", "--port", str(port), "--device", "cpu",
-        "--log-level", "warning",
+        "--log-level", "warning", "--max-stop", "1",
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
@@ -78,6 +78,15 @@ def test_serve_process_answers_on_loopback(tmp_path) -> None:
             timeout=30,
         )
         assert r.status_code == 200 and len(r.json()["choices"][0]["token_ids"]) <= 3
+        # --max-stop 1: a request with two stop strings is refused by name, with the limit
+        r = httpx.post(
+            url + "/v1/completions",
+            json={"model": "topic", "prompt": "x", "max_tokens": 1, "stop": ["a", "b"]},
+            headers=key,
+            timeout=30,
+        )
+        err = r.json()["error"]
+        assert r.status_code == 400 and err["param"] == "stop" and "1" in err["message"], err
         assert httpx.post(url + "/admin/tasks", json={}, timeout=5).status_code == 404
     finally:
         proc.send_signal(signal.SIGTERM)

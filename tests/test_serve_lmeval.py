@@ -2,7 +2,9 @@
 offline, on two tiny local JSONL tasks: one ``generate_until`` (whose ``until`` list plus
 the EOS lm-eval appends makes 5 stop strings) and one ``multiple_choice`` (loglikelihood:
 token-id prompts, ``echo``, ``logprobs``). The loglikelihoods lm-eval computes from the
-server's answers are checked against an independent float64 forward of the model.
+server's answers are checked, choice by choice, against an independent float64 forward:
+the plain model for the base, the task's saved prefix as cached keys/values of the
+unpatched float64 model (``prefixattn.testing.concat_prefix_forward``) for the prefix task.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from serve_support import Server, byte_tokenizer
 from prefixattn import PrefixTuning
 from prefixattn.hf.testing import single_thread
 from prefixattn.serve import create_app
+from prefixattn.testing import concat_prefix_forward
 from prefixattn.tiny import tiny_model
 
 GEN = [
@@ -97,8 +100,9 @@ def test_eos_that_ends_a_choice_is_reported_with_logprobs(env) -> None:
     assert plain["token_ids"] == [] and plain["finish_reason"] == "stop"
 
 
-def _ref_loglikelihood(env, context: str, continuation: str) -> float:
-    """lm-eval's split of (context, continuation) into tokens; float64 reference."""
+def _ref_loglikelihood(env, model: str, context: str, continuation: str) -> float:
+    """lm-eval's split of (context, continuation) into tokens; float64 reference of the
+    base model, or of task ``t1`` (its saved prefix as cached keys/values, in float64)."""
     tok = env["tok"]
     n_space = len(context) - len(context.rstrip())
     if n_space:
@@ -106,7 +110,12 @@ def _ref_loglikelihood(env, context: str, continuation: str) -> float:
     whole = tok(context + continuation, add_special_tokens=False)["input_ids"]
     ctx = tok(context, add_special_tokens=False)["input_ids"]
     with torch.no_grad():
-        lp = torch.log_softmax(env["ref"](torch.tensor([whole])).logits[0].double(), -1)
+        if model == "byte":
+            logits = env["ref"](torch.tensor([whole])).logits[0]  # [N, V]
+        else:
+            prefix = PrefixTuning.read(env["root"] / model)[0].double()  # [L, 2, Hkv, P, D]
+            logits = concat_prefix_forward(env["ref"], prefix, torch.tensor([whole])).logits[0]
+        lp = torch.log_softmax(logits.double(), -1)  # [N, V]
     return sum(lp[i - 1, whole[i]].item() for i in range(len(ctx), len(whole)))
 
 
@@ -130,17 +139,20 @@ def test_lm_eval_local_completions_end_to_end(env, model, monkeypatch) -> None:
         bootstrap_iters=0,
     )  # fmt: skip
     assert set(out["results"]) == {"tiny_gen", "tiny_mc"}
-    assert 0.0 <= out["results"]["tiny_mc"]["acc,none"] <= 1.0
     gens = out["samples"]["tiny_gen"]
     assert len(gens) == len(GEN) and all(isinstance(s["resps"][0][0], str) for s in gens)
     samples = out["samples"]["tiny_mc"]
     assert len(samples) == len(MC)
-    if model != "byte":
-        return  # the reference is the plain model (no prefix)
+    correct = []
     for s in samples:
-        for (context, continuation), resp in zip(
-            [a for a in s["arguments"]], [r[0] for r in s["resps"]]
-        ):
+        lls = []
+        for (context, continuation), resp in zip(s["arguments"], [r[0] for r in s["resps"]]):
             ll, _greedy = resp
-            assert ll == pytest.approx(_ref_loglikelihood(env, context, continuation), abs=1e-3)
+            # the server runs float32: its sum over a few tokens is within 1e-4 of float64
+            want = _ref_loglikelihood(env, model, context, continuation)
+            assert ll == pytest.approx(want, abs=1e-4, rel=1e-5), (model, context, continuation)
+            lls.append(want)
+        correct.append(max(range(len(lls)), key=lls.__getitem__) == s["target"])
+    # the accuracy is what the reference's log-likelihoods give
+    assert out["results"]["tiny_mc"]["acc,none"] == pytest.approx(sum(correct) / len(correct))
     assert os.environ.get("HF_HUB_OFFLINE") == "1"

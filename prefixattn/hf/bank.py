@@ -20,8 +20,9 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .patching import StaticPrefix, get_prefix, is_patched, patch, set_prefix
-from .prefix_tuning import ModelGeometry, PrefixTuning, read_prefix
-from .prompt_tuning import PromptTuning
+from .prefix_tuning import ModelGeometry, PrefixTuning
+from .prompt_tuning import PromptTuning, PromptTuningConfig
+from .task_store import PREFIX, TaskArtifact, read_task
 from .tuner import check_model_type, generate_with, model_device, offset_positions
 
 __all__ = ["TaskBank"]
@@ -64,9 +65,10 @@ class TaskBank(nn.Module):
 
     Arguments:
         model: the transformers decoder the prefixes were trained on (patched here).
-        prefixes: optional ``{name: PrefixTuning | PromptTuning | directory}``; a directory
-            is anything :func:`prefixattn.artifacts.load_artifact` reads (a prefixattn
-            prefix or soft prompt, a PEFT prefix- or prompt-tuning adapter). Soft prompts
+        prefixes: optional ``{name: PrefixTuning | PromptTuning | TaskArtifact |
+            directory}``; a directory is anything :func:`prefixattn.hf.task_store.read_task`
+            reads (a prefixattn prefix or soft prompt, a PEFT prefix- or prompt-tuning
+            adapter); a :class:`~prefixattn.hf.task_store.TaskArtifact` is one already read. Soft prompts
             are turned into prefixes (:meth:`PromptTuning.to_prefix_tuning`).
         backend: kernel backend ("auto", "triton", "sdpa", "reference").
 
@@ -82,7 +84,8 @@ class TaskBank(nn.Module):
     def __init__(
         self,
         model: PreTrainedModel,
-        prefixes: Mapping[str, PrefixTuning | PromptTuning | str | os.PathLike] | None = None,
+        prefixes: Mapping[str, PrefixTuning | PromptTuning | TaskArtifact | str | os.PathLike]
+        | None = None,
         *,
         backend: str = "auto",
     ) -> None:
@@ -168,29 +171,42 @@ class TaskBank(nn.Module):
             with torch.no_grad():
                 pre = prefix.prefix_tensor().detach()  # [L, 2, Hkv, P, D]
             return pre, prefix.position_offset
-        if not isinstance(prefix, (str, os.PathLike)):
+        if isinstance(prefix, (str, os.PathLike)):
+            prefix = read_task(prefix)  # the task store reads the files
+        if not isinstance(prefix, TaskArtifact):
             raise TypeError(
-                f"prefix for task {name!r} must be a PrefixTuning, a PromptTuning or a saved "
-                f"tuner directory, got {type(prefix).__name__}"
+                f"prefix for task {name!r} must be a PrefixTuning, a PromptTuning, a "
+                f"TaskArtifact or a saved tuner directory, got {type(prefix).__name__}"
             )
-        from ..artifacts import PREFIX, artifact_kind, load_artifact
-
-        method, source = artifact_kind(prefix)
-        if method == PREFIX and source == "prefixattn":
-            pre, meta = read_prefix(prefix)  # no model work: read the folded K/V
-            check_model_type(meta, self.model, f"prefix of task {name!r}")
-            _check_prefix_window(name, meta["config"].get("prefix_window", "all"))
-            return pre, int(meta["config"].get("position_offset", 0))
-        # a soft prompt (prefixattn or PEFT) or a PEFT prefix: load it on the model
+        art, where = prefix, f"the task {name!r} in {str(prefix.path)!r}"
+        if art.source == "prefixattn":
+            check_model_type(art.meta, self.model, where)
+        if art.method == PREFIX:  # no model work: the K/V are on disk
+            _check_prefix_window(name, art.prefix_window)
+            g = self.geometry
+            return art.prefix_kv(g.num_layers, g.num_kv_heads, g.head_dim), art.position_offset
+        # a soft prompt (prefixattn or PEFT): onto the model, then run once into a prefix
+        if art.source == "prefixattn":
+            config = PromptTuning._load_config(art.meta)
+        else:
+            config = PromptTuningConfig(num_virtual_tokens=art.num_virtual_tokens)
+        PromptTuning._check_loaded_shape(art.tensor, self.model, config, where)
         previous = get_prefix(self.model)
         try:
-            tuner = load_artifact(prefix, self.model, backend=self.backend)
+            tuner = PromptTuning._uninitialized(self.model, config)
+            with torch.no_grad():
+                tuner._set_loaded(art.tensor)
             return self._read(name, tuner)
         finally:
             set_prefix(self.model, previous)
 
-    def add(self, name: str, prefix: PrefixTuning | PromptTuning | str | os.PathLike) -> None:
-        """Add (or replace) task ``name``: a tuner object or a saved tuner directory.
+    def add(
+        self, name: str, prefix: PrefixTuning | PromptTuning | TaskArtifact | str | os.PathLike
+    ) -> None:
+        """Add (or replace) task ``name``: a tuner object, a saved tuner directory or a
+        :class:`~prefixattn.hf.task_store.TaskArtifact` read from one (a server reads it
+        off its step loop, then adds it here: a prefix costs one rebuild of the stacked
+        bank, a soft prompt also one forward of its P virtual tokens).
 
         Any prefix length and position offset is accepted. Safe while the bank serves
         calls (they keep the snapshot they started with).

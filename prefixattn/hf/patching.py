@@ -6,9 +6,10 @@ switches the model to it with ``model.set_attn_implementation("prefixattn")``;
 :func:`unpatch` restores the previous implementation of every config exactly.
 
 The mask function hands the kernel what it can use: a 2-D bool key padding mask
-``[B, Nk]`` (True = real token) or ``None``, never a dense 4-D mask. Causality comes from
-the kernel's own bottom-right aligned causal mask, which is exactly right for a growing
-KV cache (``Nq = 1`` sees the whole cache).
+``[B, N]`` (True = real token; its last Nk columns are a layer's keys) or ``None``.
+Causality comes from the kernel's own bottom-right aligned causal mask, which is exactly
+right for a growing KV cache (``Nq = 1`` sees the whole cache). Only a static cache, whose
+keys are all its preallocated slots, gets transformers' 4-D mask (see below).
 
 The prefix comes from a :class:`PrefixProvider` attached to *one* model (see
 :func:`set_prefix`): the attention function finds it through the attention module it is
@@ -33,6 +34,12 @@ their sliding layers only; a sliding layer's mask is checked against the kernel'
 (see docs/model-families.md). With a prefix, what a windowed layer's query sees of the
 prefix is the provider's ``prefix_window`` ("all" by default, "sliding" as PEFT).
 
+Static caches (``StaticCache``, ``generate(cache_implementation="static")``, eager and
+with the forward under ``torch.compile(fullgraph=True)``) run the fused kernel over the
+written slots (see :func:`prefixattn_mask`). Custom 4-D masks run the kernel when they are
+causal + padding, else the exact masked path of :mod:`prefixattn.hf.masked` (logged at
+DEBUG on the ``prefixattn.hf.patching`` logger); the prefix keys stay visible.
+
 Packed (padding-free) batches train: several sequences in one row with ``position_ids``
 restarting per sequence and no attention mask (``DataCollatorWithFlattening``, TRL's
 ``padding_free=True``), optionally with the ``cu_seq_lens_q/k`` / ``max_length_q/k``
@@ -41,23 +48,27 @@ attention function the sequence boundaries (int32 [S + 1]) instead of a padding 
 the attention function calls the kernel with ``cu_seqlens``, and the provider is asked
 for S "rows", one per packed sequence (a bank: one entry per sequence).
 
-Not supported (a ``ValueError`` says so, no silent fallback): static / compileable / paged
-caches, custom 4-D attention masks, chunked attention and other mask overlays that are
-not causal + padding + a sliding window (or packed sequences).
+Not supported (a ``ValueError`` says so, no silent fallback): paged caches, chunked
+attention and other mask-function overlays that are not causal + padding + a sliding
+window or packed sequences (pass the overlay as a 4-D mask instead).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..ops.attention import prefix_attention
 from ..ops.validation import BACKENDS, PREFIX_WINDOWS
+from .masked import masked_prefix_attention
 
 try:  # transformers is the optional "hf" extra
     from transformers import PreTrainedModel
@@ -94,6 +105,8 @@ __all__ = [
 ATTN_IMPLEMENTATION = "prefixattn"
 
 _STATE_ATTR = "_prefixattn_state"
+
+logger = logging.getLogger(__name__)
 
 # Attention-function kwargs whose meaning the kernel cannot reproduce: refuse them when set.
 _UNSUPPORTED_KWARGS = {
@@ -469,6 +482,26 @@ def _kernel_visible(
     return vis
 
 
+def _padding(attention_mask: torch.Tensor, batch_size: int, start: int, stop: int) -> torch.Tensor:
+    """bool [B, stop - start]: the 2-D ``attention_mask``'s keys [start, stop); slots past
+    its end are not real (a static cache's unwritten slots), as transformers pads it."""
+    if attention_mask.shape[-1] < stop:
+        attention_mask = F.pad(attention_mask, (0, stop - attention_mask.shape[-1]))
+    kpm = attention_mask[:, start:stop].to(torch.bool)
+    if kpm.shape[0] != batch_size:
+        raise ValueError(
+            f"attention_mask of shape {tuple(attention_mask.shape)} does not have the batch's "
+            f"{batch_size} rows"
+        )
+    return kpm
+
+
+def _tracing() -> bool:
+    """Under torch.compile, or while a CUDA graph is captured: no host syncs allowed."""
+    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    return torch.compiler.is_compiling() or capturing
+
+
 def prefixattn_mask(
     batch_size: int,
     q_length: int | None = None,
@@ -479,25 +512,35 @@ def prefixattn_mask(
     attention_mask: torch.Tensor | None = None,
     **kwargs: Any,
 ) -> torch.Tensor | None:
-    """Mask function for ``AttentionMaskInterface``: a 2-D key padding mask or ``None``.
+    """Mask function for ``AttentionMaskInterface``: what the attention function can use.
 
     Called by transformers' ``create_causal_mask`` & co. with the same arguments as
     ``flash_attention_mask`` (``q_length``/``q_offset`` in recent 5.x; earlier 5.x versions
     pass ``cache_position`` [Nq] instead, which is accepted too).
 
     Returns:
-        bool [B, kv_length] (True = real token) when the 2-D ``attention_mask`` has padding,
-        else ``None``; for a packed batch (block-diagonal causal mask, no padding) the
-        sequence boundaries, int32 [S + 1] over the B * N flattened tokens. Causality is
-        left to the kernel (bottom-right aligned), and so is a
-        sliding layer's window: the attention function gets it from the layer's
-        ``sliding_window`` kwarg; here a sliding mask (``local_size`` = its window) is
-        checked to be exactly causal + padding + that window.
+        - ``None`` or bool [B, kv_length] (True = real token) when the last query is
+          aligned with the last key (no cache, a ``DynamicCache``): a key padding mask,
+          ``None`` when nothing is padded. Causality is left to the kernel (bottom-right
+          aligned), and so is a sliding layer's window: the attention function gets it
+          from the layer's ``sliding_window`` kwarg; here a sliding mask (``local_size`` =
+          its window) is checked to be exactly causal + padding + that window.
+        - a static cache (``StaticCache``: keys ``[B, Hkv, max_cache_len, D]`` of which the
+          queries' positions fill the first ``q_offset + q_length``): eagerly, bool
+          [B, L] over the L written keys (an expanded, stride-0 all-True tensor when nothing
+          is padded); the attention function reads only those L keys, so the kernel's
+          bottom-right causal mask is exact again. Under ``torch.compile`` (where L is a
+          tensor: reading it would break the graph) transformers' own 4-D bool mask
+          ``[B, 1, Nq, kv_length]``, which the attention function applies exactly (a decode
+          step, ``Nq = 1``, as the kernel's key padding mask).
+        - a packed batch (a block-diagonal causal mask, no padding, no cache): the
+          sequence boundaries, int32 [S + 1] over the B * N flattened tokens (the
+          attention function runs each sequence on its own, see :func:`_packed_call`).
 
     Raises:
         ValueError: the mask the model asks for cannot be expressed as a padding mask plus
-            the kernel's causal mask and window (static cache, packed sequences, chunked
-            attention, custom mask overlays).
+            the kernel's causal mask and window (packed sequences, chunked attention,
+            custom mask overlays), or the 2-D mask is longer than the keys without a cache.
     """
     cache_position = kwargs.pop("cache_position", None)
     position_kw: dict[str, Any]
@@ -508,37 +551,39 @@ def prefixattn_mask(
         q_offset = int(cache_position[0]) if q_length > 0 else 0
         position_kw = {"cache_position": cache_position}
     else:
-        if isinstance(q_offset, torch.Tensor) or isinstance(kv_offset, torch.Tensor):
-            raise ValueError(
-                "prefixattn does not support static / compileable KV caches (use the default "
-                "DynamicCache)"
-            )
         position_kw = {"q_length": q_length, "q_offset": q_offset}
-    kpm = None
-    if attention_mask is not None:
-        if attention_mask.dim() != 2:
+    if isinstance(kv_offset, torch.Tensor) or kv_length is None:
+        raise ValueError("prefixattn_mask needs int kv_length and kv_offset")
+    tracing = _tracing()
+    kv_end = kv_offset + kv_length
+    causal = mask_function is not bidirectional_mask_function
+    # a static cache: its keys are every preallocated slot, the queries' positions end
+    # before the last one (transformers 5.24 passes a tensor q_offset, 5.25 an int)
+    static = isinstance(q_offset, torch.Tensor)
+    if not static:
+        if causal and q_offset + q_length > kv_end:
             raise ValueError(
-                f"attention_mask must be a 2-D padding mask [B, N] for prefixattn, got "
-                f"{attention_mask.dim()}-D"
+                f"prefixattn needs the last query aligned with the last key (queries "
+                f"[{q_offset}, {q_offset + q_length}), keys [{kv_offset}, {kv_end}))"
             )
-        kpm = attention_mask[:, kv_offset : kv_offset + kv_length].to(torch.bool)
-        if kpm.shape != (batch_size, kv_length):
+        static = q_offset + q_length < kv_end
+        no_cache = q_offset == 0 and attention_mask is not None and attention_mask.dim() == 2
+        if static and no_cache and attention_mask.shape[-1] == kv_end:
             raise ValueError(
-                f"attention_mask of shape {tuple(attention_mask.shape)} does not cover the "
-                f"{kv_length} keys (offset {kv_offset}) the model attends to"
+                f"attention_mask covers {kv_end} keys but the model attends to "
+                f"{q_length} (no cache): prefixattn needs the last query aligned with "
+                "the last key, a 2-D mask longer than the keys is not supported"
             )
-    plain = mask_function is causal_mask_function or mask_function is bidirectional_mask_function
-    if mask_function is causal_mask_function and q_offset + q_length != kv_offset + kv_length:
+    if attention_mask is not None and attention_mask.dim() != 2:
         raise ValueError(
-            f"prefixattn needs the last query aligned with the last key (queries "
-            f"[{q_offset}, {q_offset + q_length}), keys [{kv_offset}, {kv_offset + kv_length})): "
-            "attention_mask longer than the keys without a cache, or a static cache (use the "
-            "default DynamicCache)"
+            f"attention_mask must be a 2-D padding mask [B, N] for prefixattn, got "
+            f"{attention_mask.dim()}-D"
         )
-    if not plain:
-        # sliding window, packed sequences, overlays: accept only if the dense mask the model
-        # asks for equals what the kernel computes (causal + padding)
-        dense = sdpa_mask(
+    plain = mask_function is causal_mask_function or mask_function is bidirectional_mask_function
+    window = kwargs.get("local_size")  # a sliding layer's window (or a chunk size)
+
+    def dense() -> torch.Tensor:  # transformers' own mask, bool [B, 1, Nq, kv_length]
+        return sdpa_mask(
             batch_size=batch_size,
             kv_length=kv_length,
             kv_offset=kv_offset,
@@ -550,26 +595,145 @@ def prefixattn_mask(
             use_vmap=kwargs.get("use_vmap", False),
             device=kwargs.get("device", "cpu"),
         )
-        window = kwargs.get("local_size")  # a sliding layer's window (or a chunk size)
-        ours = _kernel_visible(batch_size, q_length, kv_length, kpm, dense.device, window)
-        packed = None
-        if not torch.equal(dense[:, 0].expand_as(ours), ours) and kpm is None:
-            packed = _packed_cu_seqlens(dense, q_offset, kv_offset, window)  # a packed batch?
-            if packed is not None:
-                return packed
-        if not torch.equal(dense[:, 0].expand_as(ours), ours):
-            raise ValueError(
-                "the attention pattern the model asks for (packed sequences, chunked "
-                "attention or a custom mask overlay) is not a causal mask plus key padding "
-                "and a sliding window, which is all the prefixattn kernel computes"
+
+    if static:
+        # transformers' own mask: the attention function finds the written keys in it
+        # (eagerly) or applies it as it is (traced: the number of written keys is a tensor
+        # there, and reading it would break the graph). Being 4-D, it also passes
+        # unchanged through a second create_causal_mask (generate precomputes the mask
+        # of a compileable cache and hands it to the model as its attention_mask).
+        return dense()
+    full = None  # bool [B, kv_end]: the padding of every position up to the last key
+    kpm = None  # bool [B, kv_length]: the padding of the keys the layer attends to
+    if attention_mask is not None:
+        full = _padding(attention_mask, batch_size, 0, kv_end)
+        kpm = full[:, kv_offset:]
+    if not plain:
+        # sliding window, packed sequences, overlays: accept only if the dense mask the model
+        # asks for equals what the kernel computes (causal + padding + window)
+        want = dense()
+        ours = _kernel_visible(batch_size, q_length, kv_length, kpm, want.device, window)
+        same = torch.eq(want[:, 0].expand_as(ours), ours).all()
+        msg = (
+            "the attention pattern the model asks for (packed sequences, chunked "
+            "attention or a custom mask overlay) is not a causal mask plus key padding "
+            "and a sliding window, which is all the prefixattn kernel computes"
+        )
+        if tracing:
+            torch._assert_async(same, msg)  # no host sync in a graph
+        elif not bool(same):
+            packed = (
+                None if kpm is not None else _packed_cu_seqlens(want, q_offset, kv_offset, window)
             )
+            if packed is not None:  # a packed batch: its sequence boundaries
+                return packed
+            raise ValueError(msg)
     # An all-real mask is dropped (the kernel's unmasked path is faster); the check is a
     # host sync, so it is skipped while torch.compile traces (no graph break) and while a
     # CUDA graph is captured (the serving engine's decode graphs).
-    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-    if kpm is not None and not torch.compiler.is_compiling() and not capturing and bool(kpm.all()):
-        kpm = None
-    return kpm
+    if kpm is not None and not tracing and bool(kpm.all()):
+        return None
+    # the whole [B, kv_end] mask, not only the keys' part: the attention function takes
+    # its last Nk columns, and the result means the same when it is fed back as a 2-D
+    # attention_mask (generate precomputes the mask of a compileable cache)
+    return full
+
+
+# (weak reference to a 4-D mask, its version and the call's sizes, what _classify found)
+_CLASSIFIED: list[tuple[Any, tuple, tuple | None]] = []
+
+
+def _classify(
+    mask: torch.Tensor, B: int, Nq: int, Nk: int, window: int | None, prefix_sliding: bool,
+    causal: bool,
+) -> tuple[torch.Tensor | None, int | None, int] | None:  # fmt: skip
+    """Eagerly: ``(key_padding_mask, window, n)`` if the 4-D mask is the kernel's causal
+    mask (+ window) over its first n keys plus padding, else None (host syncs)."""
+    vis = mask if mask.dtype == torch.bool else None
+    if vis is None:  # a float mask of 0 / very negative entries is a visibility mask
+        low = mask <= torch.finfo(mask.dtype).min / 2
+        if bool(((mask == 0) | low).all()):
+            vis = ~low
+    if vis is None or vis.shape[1] != 1 or not causal or Nq == 0 or Nk == 0:
+        return None
+    seq = vis[:, 0].expand(B, Nq, Nk)
+    seen = seq.any(dim=1).any(dim=0)  # [Nk]: keys some query sees
+    n = int(torch.arange(1, Nk + 1, device=mask.device)[seen].max()) if seen.any() else Nk
+    if n < Nq:
+        return None
+    kpm = seq[:, -1, :n]  # [B, n]: the last query sees every real key
+    for w in [window] if window is None or prefix_sliding else [window, None]:
+        if torch.equal(seq[:, :, :n], _kernel_visible(B, Nq, n, kpm, mask.device, w)):
+            return (None if bool(kpm.all()) else kpm.contiguous()), w, n
+    return None
+
+
+def _four_d_mask(
+    mask: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    window: int | None,
+    prefix_sliding: bool,
+    causal: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, int | None, int]:
+    """Classify a 4-D mask [B|1, 1|H, Nq, >= Nk] (bool: True = visible; float: additive).
+
+    Returns ``(key_padding_mask, None, window, n)`` when the kernel computes the mask
+    exactly over the first n keys, else ``(None, mask, window, Nk)`` for
+    :func:`~prefixattn.hf.masked.masked_prefix_attention` (the mask alone decides the
+    sequence keys, as in transformers' SDPA and eager paths; ``window`` still places the
+    prefix for ``prefix_window="sliding"``). The kernel takes it
+
+    - eagerly, when the mask is the kernel's bottom-right causal mask (with or without the
+      layer's window) over its first n keys plus the padding of its last query row, and
+      hides keys n.. from every query: n = Nk for a dynamic cache, n = the written slots
+      of a static cache (whose unwritten slots no query sees). One host sync per layer;
+    - traced (torch.compile, CUDA-graph capture), for a bool decode-step mask (Nq = 1):
+      the query sees every key the kernel's causal mask allows, so the mask is a key
+      padding mask. No host sync.
+
+    Raises:
+        ValueError, TypeError: a mask that does not fit the query and keys, or an integer mask.
+    """
+    B, H, Nq = query.shape[:3]
+    Nk = key.shape[2]
+    if mask.shape[-1] > Nk:  # transformers' attention functions cut it to the keys too
+        mask = mask[..., :Nk]
+    if mask.shape[0] not in (1, B) or mask.shape[1] not in (1, H) or mask.shape[2:] != (Nq, Nk):
+        raise ValueError(
+            f"a 4-D attention_mask must have shape [B|1, 1|H, Nq, Nk] = [{B}|1, 1|{H}, {Nq}, "
+            f"{Nk}], got {tuple(mask.shape)}"
+        )
+    if mask.dtype != torch.bool and not mask.is_floating_point():
+        raise TypeError(
+            "a 4-D attention_mask must be bool (True = visible) or float (added to the "
+            f"scores), got {mask.dtype}"
+        )
+    vis = mask if mask.dtype == torch.bool else None
+    if not _tracing():
+        # the layers of one forward share their mask: classify it once (an inference
+        # tensor has no version counter to key on: classified every time)
+        version = None if mask.is_inference() else mask._version
+        key_ = (version, B, Nq, Nk, window, prefix_sliding, causal)
+        hits = [got for ref, k, got in _CLASSIFIED if ref() is mask and k == key_]
+        if hits and version is not None:
+            found = hits[0]
+        else:
+            found = _classify(mask, B, Nq, Nk, window, prefix_sliding, causal)
+            if version is not None:
+                _CLASSIFIED.insert(0, (weakref.ref(mask), key_, found))
+                del _CLASSIFIED[4:]
+        if found is not None:
+            return found[0], None, found[1], found[2]
+    elif vis is not None and vis.shape[1] == 1 and Nq == 1 and not prefix_sliding:
+        # a decode step sees every key the kernel's causal mask allows: padding alone
+        return vis[:, 0, 0, :].expand(B, Nk), None, None, Nk
+    if not _tracing() and logger.isEnabledFor(logging.DEBUG):
+        logger.debug(
+            "prefixattn: a 4-D attention mask %s (%s) that is not causal + key padding runs "
+            "the exact masked path (materialises the scores)", tuple(mask.shape), mask.dtype,
+        )  # fmt: skip
+    return None, mask, window, Nk
 
 
 def _packed_cu_seqlens(
@@ -692,14 +856,25 @@ def prefixattn_attention_forward(
     sinks = kwargs.get("s_aux")
     if sinks is None:
         sinks = kwargs.get("sinks")
-    if attention_mask is not None and (
-        attention_mask.dim() != 2 or attention_mask.dtype != torch.bool
-    ):
-        raise ValueError(
-            "prefixattn expects a 2-D bool key padding mask [B, Nk] (built by its mask "
-            f"function), got a {attention_mask.dim()}-D {attention_mask.dtype} mask; custom 4-D "
-            "masks are not supported"
-        )
+    explicit = None  # a 4-D mask the kernel cannot express: the exact masked path
+    if attention_mask is not None:
+        if attention_mask.dim() == 2 and attention_mask.dtype == torch.bool:
+            n = attention_mask.shape[1]
+            if n < key.shape[2]:
+                raise ValueError(
+                    f"the key padding mask covers {n} positions but the layer has "
+                    f"{key.shape[2]} keys"
+                )
+            # the mask covers every position up to the last key: the keys are its last Nk
+            attention_mask = attention_mask[:, n - key.shape[2] :]  # [B, Nk]
+        elif attention_mask.dim() == 4:
+            explicit, attention_mask = attention_mask, None  # classified below
+        else:
+            raise ValueError(
+                "prefixattn expects a 2-D bool key padding mask [B, Nk] (built by its mask "
+                f"function) or a 4-D mask [B, 1|H, Nq, Nk], got a {attention_mask.dim()}-D "
+                f"{attention_mask.dtype} mask"
+            )
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     state = module.__dict__.get(_STATE_ATTR)
     backend = state.backend if state is not None else "auto"
@@ -738,6 +913,22 @@ def prefixattn_attention_forward(
     ):
         window = None  # the window holds every key: plain causal (the faster kernel variant)
 
+    sm_scale = None if scaling is None else float(scaling)
+    if explicit is not None:
+        prefix_sliding = window is not None and prefix_k is not None and prefix_window == "sliding"
+        attention_mask, explicit, window, n = _four_d_mask(
+            explicit, query, key, window, prefix_sliding, bool(causal)
+        )
+        if n < key.shape[2]:  # a static cache: its first n slots are written
+            key, value = key[:, :, :n], value[:, :, :n]  # [B, Hkv, n, D] (views)
+    if explicit is not None:  # the exact path under the given mask
+        out = masked_prefix_attention(
+            query, key, value, explicit, prefix_k, prefix_v, prefix_index=prefix_index,
+            prefix_lengths=prefix_lengths, sm_scale=sm_scale, dropout_p=float(dropout),
+            softcap=None if softcap is None else float(softcap), sinks=sinks,
+            window=None if window is None else int(window), prefix_window=prefix_window,
+        )  # fmt: skip
+        return out.transpose(1, 2).contiguous(), None  # [B, Nq, H, D]
     pool = state.kv_pool if state is not None and not is_cross else None
     kw = {} if pool is None else {"cache_seqlens": pool[0], "cache_batch_idx": pool[1]}
     Bq, H, Nq, D = query.shape
@@ -758,7 +949,7 @@ def prefixattn_attention_forward(
         prefix_lengths=prefix_lengths,
         key_padding_mask=attention_mask,
         causal=bool(causal),
-        sm_scale=None if scaling is None else float(scaling),
+        sm_scale=sm_scale,
         dropout_p=float(dropout),
         backend=backend,
         window=None if window is None else int(window),

@@ -48,7 +48,7 @@ from transformers import PreTrainedModel
 from ..losses import chunked_loss_forward
 from ..ops.validation import BACKENDS, MAX_HEAD_DIM, MIN_HEAD_DIM, PREFIX_WINDOWS
 from ._common import INIT_STRATEGIES as INIT_STRATEGIES  # kept importable from here
-from ._common import PEFT_WEIGHTS_KEY, TuningConfigBase, is_int, read_artifact
+from ._common import PEFT_WEIGHTS_KEY, TuningConfigBase, is_int
 from .patching import (
     LayerPrefix,
     PrefixProvider,
@@ -57,6 +57,13 @@ from .patching import (
     patch,
     record_kv,
     set_prefix,
+)
+from .task_store import (
+    PREFIX_CONFIG_NAME,
+    PREFIX_FORMAT,
+    PREFIX_FORMAT_VERSION,
+    PREFIX_WEIGHTS_NAME,
+    read_prefix,
 )
 from .tuner import (
     Tuner,
@@ -78,10 +85,10 @@ __all__ = [
     "token_kv",
 ]
 
-CONFIG_NAME = "prefixattn_prefix.json"
-WEIGHTS_NAME = "prefix.safetensors"
-FORMAT = "prefixattn.prefix_tuning"
-FORMAT_VERSION = 1
+CONFIG_NAME = PREFIX_CONFIG_NAME  # the formats live in the task store (read there)
+WEIGHTS_NAME = PREFIX_WEIGHTS_NAME
+FORMAT = PREFIX_FORMAT
+FORMAT_VERSION = PREFIX_FORMAT_VERSION
 
 
 @dataclass
@@ -279,31 +286,6 @@ def token_kv(
         )
     out = torch.stack([torch.stack(rec[i]) for i in range(L)])  # [L, 2, 1, Hkv, P, D]
     return out[:, :, 0].float()  # [L, 2, Hkv, P, D]
-
-
-def read_prefix(path: str | os.PathLike) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Read a prefix written by :meth:`PrefixTuning.save`.
-
-    Returns:
-        ``(prefix, meta)``: prefix [L, 2, Hkv, P, D] and the JSON metadata.
-
-    Raises:
-        ValueError: ``path`` is not a saved prefix.
-    """
-    meta, tensors = read_artifact(
-        Path(path), CONFIG_NAME, WEIGHTS_NAME, FORMAT, FORMAT_VERSION, writer="PrefixTuning"
-    )
-    L = int(meta["num_layers"])
-    try:
-        layers = [
-            torch.stack(
-                [tensors[f"layers.{i}.key"], tensors[f"layers.{i}.value"]]
-            )  # [2, Hkv, P, D]
-            for i in range(L)
-        ]
-    except KeyError as err:
-        raise ValueError(f"{WEIGHTS_NAME} in path misses tensor {err}") from None
-    return torch.stack(layers), meta  # [L, 2, Hkv, P, D]
 
 
 class PrefixTuning(Tuner):

@@ -33,7 +33,6 @@ the same tensor under the same name, so logits, generations and gradients match 
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -47,17 +46,24 @@ from transformers.utils import ModelOutput
 
 from ..losses import chunked_loss_forward
 from ._common import INIT_STRATEGIES as INIT_STRATEGIES  # kept importable from here
-from ._common import PEFT_WEIGHTS_KEY, TuningConfigBase, is_int, read_artifact
+from ._common import PEFT_WEIGHTS_KEY, TuningConfigBase, is_int
 from ._compat import cache_arg
 from .patching import get_prefix, is_patched, set_prefix
+from .task_store import (
+    PROMPT_CONFIG_NAME,
+    PROMPT_FORMAT,
+    PROMPT_FORMAT_VERSION,
+    PROMPT_WEIGHTS_NAME,
+    read_prompt,
+)
 from .tuner import Tuner, packed_inputs, prepare_init_text, repeat_to
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "PromptTuning", "PromptTuningConfig"]
 
-CONFIG_NAME = "prefixattn_prompt.json"
-WEIGHTS_NAME = "prompt.safetensors"
-FORMAT = "prefixattn.prompt_tuning"
-FORMAT_VERSION = 1
+CONFIG_NAME = PROMPT_CONFIG_NAME  # the formats live in the task store (read there)
+WEIGHTS_NAME = PROMPT_WEIGHTS_NAME
+FORMAT = PROMPT_FORMAT
+FORMAT_VERSION = PROMPT_FORMAT_VERSION
 
 
 @dataclass
@@ -656,27 +662,3 @@ class PromptTuning(Tuner):
 
     def _peft_weights(self) -> torch.Tensor:
         return self.prompt  # [P, hidden]
-
-
-def read_prompt(path: str | os.PathLike) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Read a soft prompt written by :meth:`PromptTuning.save`.
-
-    Returns:
-        ``(prompt, meta)``: prompt [P, hidden] float32 and the JSON metadata.
-
-    Raises:
-        ValueError: ``path`` is not a saved soft prompt.
-    """
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
-    meta, tensors = read_artifact(
-        Path(path), CONFIG_NAME, WEIGHTS_NAME, FORMAT, FORMAT_VERSION, writer="PromptTuning"
-    )
-    if PEFT_WEIGHTS_KEY not in tensors:
-        raise ValueError(f"{WEIGHTS_NAME} in path misses tensor {PEFT_WEIGHTS_KEY!r}")
-    weight = tensors[PEFT_WEIGHTS_KEY]
-    if weight.dim() != 2 or not math.prod(weight.shape):
-        raise ValueError(
-            f"{WEIGHTS_NAME}: expected a [P, hidden] tensor, got {tuple(weight.shape)}"
-        )
-    return weight.float(), meta

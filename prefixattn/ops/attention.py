@@ -39,6 +39,8 @@ def prefix_attention(
     prefix_window: str = "all",
     cache_seqlens: torch.Tensor | None = None,
     cache_batch_idx: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
+    cu_seqlens_q: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
     max_seqlen: int | None = None,
 ) -> torch.Tensor:
@@ -75,6 +77,39 @@ def prefix_attention(
             under torch.compile).
         cache_batch_idx: int32/int64 [B], row b reads slot ``cache_batch_idx[b]`` of the
             pool (in [0, S); repeated and out-of-order slots are fine). None: slot b.
+        block_table: int32 [B, max_blocks], a paged KV cache (as ``flash_attn_with_kvcache``'s
+            ``block_table``, vLLM's paged attention): k, v are then the block pool
+            [num_blocks, Hkv, block_size, D] (block_size a power of two >= 16), and row b's
+            sequence key j lives in block ``block_table[b, j // block_size]`` at offset
+            ``j % block_size``. ``cache_seqlens`` is required (in [0, max_blocks *
+            block_size]; the mask is the one above, over the row's logical keys [0,
+            cache_seqlens[b])); entries past a row's last needed block are never read
+            (any value, e.g. -1). Blocks may be shared between rows (prefix caching) and
+            in any order; a ``key_padding_mask`` is [B, max_blocks * block_size] over the
+            logical keys. Not with ``cache_batch_idx``. The Triton kernel reads the pages
+            in place (the torch backends gather them). Inference only, as ``cache_seqlens``::
+
+                block_size = 4, block_table[b] = [5, 2, 7, -1], cache_seqlens[b] = 10
+                logical keys  0 1 2 3 | 4 5 6 7 | 8 9 . .  | (ignored)
+                block pool    block 5 | block 2 | block 7  | -1: never read
+                k[5, :, 0:4]  = keys 0..3, k[2, :, 0:4] = keys 4..7, k[7, :, 0:2] = keys 8, 9
+
+        cu_seqlens_q: int32/int64 [B + 1], packed rows (as ``flash_attn_varlen_func``'s
+            ``cu_seqlens_q``; continuous batching of prefill chunks and decode steps in one
+            call): q is [1, H, total_q, D] and row b's q_len_b = cu_seqlens_q[b + 1] -
+            cu_seqlens_q[b] queries are ``q[:, :, cu_seqlens_q[b]:cu_seqlens_q[b + 1]]``
+            (cu_seqlens_q[0] = 0, non-decreasing, cu_seqlens_q[B] = total_q; a row may have
+            none). Needs ``cache_seqlens``: query i of row b sits at position
+            cache_seqlens[b] - q_len_b + i of its keys (its own last q_len_b keys, the
+            mask above per row). Works with each kind of keys: [B, Hkv, Nk, D], a slot
+            pool (``cache_batch_idx``) or pages (``block_table``). Returns [1, H, total_q,
+            D]. Inference only, as ``cache_seqlens``. The torch backends unpack the rows
+            (one host sync for the longest row); the Triton kernel reads them in place::
+
+                cu_seqlens_q = [0, 1, 4, 6], cache_seqlens = [9, 3, 20]
+                q tokens   0 | 1 2 3 | 4 5
+                row        0 | 1     | 2
+                position   8 | 0 1 2 | 18 19    (queries see keys <= their position)
         cu_seqlens: int32/int64 [S + 1], packed training sequences (padding-free, as
             ``flash_attn_varlen_func``'s ``cu_seqlens_q`` = ``cu_seqlens_k``): q is
             [1, H, total, D] and k, v [1, Hkv, total, D], sequence s holds tokens
@@ -136,8 +171,9 @@ def prefix_attention(
         TypeError, ValueError: on bad input, naming the argument and what was expected.
     """
     if cu_seqlens is not None:  # packed sequences: the padded call, see ops/varlen.py
-        check_packed(q, k, v, cu_seqlens, max_seqlen, prefix_index, key_padding_mask,
-                     cache_seqlens is not None or cache_batch_idx is not None)  # fmt: skip
+        has_cache = any(t is not None for t in (cache_seqlens, cache_batch_idx, block_table,
+                                                cu_seqlens_q))  # fmt: skip
+        check_packed(q, k, v, cu_seqlens, max_seqlen, prefix_index, key_padding_mask, has_cache)
         total = q.shape[2]
         dest, S, L = packed_layout(cu_seqlens, total, max_seqlen)
         log_path(S, L, total)
@@ -168,6 +204,7 @@ def prefix_attention(
                 dropout_p=dropout_p, backend=backend, prefix_lengths=prefix_lengths,
                 window=window, softcap=softcap, sinks=sinks, prefix_window=prefix_window,
                 cache_seqlens=cache_seqlens, cache_batch_idx=cache_batch_idx,
+                block_table=block_table, cu_seqlens_q=cu_seqlens_q,
             )  # fmt: skip
     if _is_compiling():
         # imported here: registering the ops imports parts of torch._inductor (~1 s), a
@@ -182,6 +219,7 @@ def prefix_attention(
             softcap=softcap, prefix_window=prefix_window,
             backend=resolve_backend(backend, q), settings=ACTIVE.settings,
             cache_seqlens=cache_seqlens, cache_batch_idx=cache_batch_idx,
+            block_table=block_table, cu_seqlens_q=cu_seqlens_q,
         ))  # fmt: skip
     # the call, once: every layer below takes it (call.py); "auto" is resolved here
     call = new_call(
@@ -189,9 +227,14 @@ def prefix_attention(
         (q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, sinks,
          causal, sm_scale, dropout_p, window, softcap, prefix_window,
          backend if backend != "auto" else resolve_backend(backend, q), ACTIVE.settings,
-         cache_seqlens, cache_batch_idx),
+         cache_seqlens, cache_batch_idx, block_table, cu_seqlens_q),
     )  # fmt: skip
-    if (cache_seqlens is not None or cache_batch_idx is not None) and _grad_enabled():
+    if (
+        cache_seqlens is not None
+        or cache_batch_idx is not None
+        or block_table is not None
+        or cu_seqlens_q is not None
+    ) and _grad_enabled():
         check_no_grad(call)
     # the call's plan: validated and set up once per signature (plan.py)
     plan = lookup_plan(call)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .call import N_TENSORS, AttentionCall
-from .validation import PREFIX_BANK, PREFIX_NONE, AttnProblem
+from .validation import PREFIX_BANK, PREFIX_NONE, AttnProblem, needed_blocks
 
 
 def visible_mask(
@@ -65,14 +65,60 @@ def prefix_visible(
     return torch.arange(P, device=rows.device)[None, :] < rows[:, None]  # [B, P]
 
 
+def gather_pages(
+    pool: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor
+) -> torch.Tensor:
+    """A paged cache's rows made contiguous: pool [num_blocks, Hkv, block_size, D] ->
+    [B, Hkv, max_blocks * block_size, D], row b's key j from block ``block_table[b, j //
+    block_size]``. Entries past a row's last needed block read block 0 (masked anyway by
+    ``cache_seqlens``), whatever they hold."""
+    NB, Hkv, bs, D = pool.shape
+    B, M = block_table.shape
+    need = needed_blocks(block_table, cache_seqlens, bs)  # [B, M]
+    ids = torch.where(need, block_table.to(torch.int64), 0)  # [B, M]
+    if NB == 0:  # no blocks at all (every row is empty): zeros of the row shape
+        return pool.new_zeros(B, Hkv, M * bs, D)
+    pages = pool.index_select(0, ids.reshape(-1)).view(B, M, Hkv, bs, D)  # [B, M, Hkv, bs, D]
+    return pages.transpose(1, 2).reshape(B, Hkv, M * bs, D)  # [B, Hkv, M * bs, D]
+
+
 def pool_rows(call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
     """(k, v) [B, Hkv, Nk, D] of the call's rows: a KV-cache pool's slots gathered by
-    ``cache_batch_idx`` (these torch backends copy; the Triton kernel reads in place)."""
+    ``cache_batch_idx``, or a paged cache's blocks by ``block_table`` (Nk = max_blocks *
+    block_size; these torch backends copy; the Triton kernel reads in place)."""
+    bt = call.block_table
+    if bt is not None:
+        csl = call.cache_seqlens
+        return gather_pages(call.k, bt, csl), gather_pages(call.v, bt, csl)
     idx = call.cache_batch_idx
     if idx is None:
         return call.k, call.v
     idx = idx.to(torch.int64)
     return call.k.index_select(0, idx), call.v.index_select(0, idx)  # [B, Hkv, Nk, D]
+
+
+def varlen_padded(call: AttentionCall) -> tuple[AttentionCall, torch.Tensor, torch.Tensor]:
+    """Packed rows (``cu_seqlens_q``) as a padded call the other paths take: (the call with
+    q [B, H, max_q, D] and no ``cu_seqlens_q``, row [total_q], col [total_q]). Row b's
+    queries go to the *last* q_len_b places of its padded row, so the cache mode's
+    alignment (query i at cache_seqlens[b] - max_q + i) puts them at their positions; the
+    padding queries before them are computed and dropped. Query token t is at
+    (row[t], col[t]). One host sync (the longest row): these are the CPU/reference paths."""
+    q, cu = call.q, call.cu_seqlens_q.to(torch.int64)
+    H, total, D = q.shape[1], q.shape[2], q.shape[3]
+    lens = cu[1:] - cu[:-1]  # [B]
+    B = lens.shape[0]
+    max_q = int(lens.max()) if B else 0
+    row = torch.repeat_interleave(torch.arange(B, device=q.device), lens, output_size=total)
+    col = (max_q - lens)[row] + torch.arange(total, device=q.device) - cu[row]  # [total_q]
+    qp = q.new_zeros(B, H, max_q, D)
+    qp[row, :, col] = q[0].transpose(0, 1)  # [total_q, H, D] into [B, H, max_q, D]
+    return call._replace(q=qp, cu_seqlens_q=None), row, col
+
+
+def varlen_unpad(out: torch.Tensor, row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+    """The padded output [B, H, max_q, D] back to the packed [1, H, total_q, D]."""
+    return out[row, :, col].transpose(0, 1)[None]  # [total_q, H, D] -> [1, H, total_q, D]
 
 
 def prefix_window_visible(

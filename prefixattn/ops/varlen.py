@@ -58,8 +58,8 @@ def check_packed(
         )
     if has_cache:
         raise ValueError(
-            "cu_seqlens (packed training sequences) cannot be combined with cache_seqlens / "
-            "cache_batch_idx (a KV cache)"
+            "cu_seqlens (packed training sequences) cannot be combined with the cache fields "
+            "(cache_seqlens, cache_batch_idx, block_table, cu_seqlens_q: inference over a KV cache)"
         )
     if key_padding_mask is not None:
         raise ValueError(

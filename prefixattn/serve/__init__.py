@@ -7,11 +7,13 @@ prometheus-client). :func:`create_app` builds the app for a base model and a set
 
     prefixattn/serve/
       engine/   scheduler, KV cache, runner, sampling, CUDA graphs: the step loop
+      task_registry.py   tasks loaded by name from a folder on first use (--task-dir), LRU
       openai/   protocol models, one serving class per endpoint, the thin router
 """
 
 from .engine import Engine, GenRequest, OutputSink, QueueFullError, SamplingParams, TokenOut
 from .openai import create_app, load_base
+from .task_registry import TaskRegistry
 
 __all__ = [
     "Engine",
@@ -19,6 +21,7 @@ __all__ = [
     "OutputSink",
     "QueueFullError",
     "SamplingParams",
+    "TaskRegistry",
     "TokenOut",
     "create_app",
     "load_base",

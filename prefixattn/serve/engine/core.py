@@ -156,6 +156,7 @@ class Engine:
         self._stop = threading.Event()
         self._draining = False
         self._unfinished = 0  # submitted and not finished (waiting or running)
+        self._task_rows: Counter[str] = Counter()  # task -> its unfinished requests
         self.eos_ids = set(eos_token_ids(model, tokenizer))
         # metrics
         # submitted, completed, cancelled, rejected, failed, client_gone (cancel asked)
@@ -246,8 +247,15 @@ class Engine:
                 raise QueueFullError(f"{why}; retry later")
             self.requests["submitted"] += 1
             self._unfinished += 1
+            self._task_rows[req.task] += 1
             self._inbox.append(req)
         self._wake.set()
+
+    def tasks_in_use(self) -> set[str]:
+        """Tasks of the requests submitted and not finished (queued, waiting or running):
+        a task store must not evict them."""
+        with self._lock:
+            return set(self._task_rows)
 
     def cancel(self, req: GenRequest) -> None:
         """The client went away: the row leaves before the next step (its slot freed),
@@ -431,6 +439,9 @@ class Engine:
         req.t_done = time.perf_counter()
         with self._lock:
             self._unfinished -= 1
+            self._task_rows[req.task] -= 1
+            if not self._task_rows[req.task]:
+                del self._task_rows[req.task]
         if reason == CANCELLED:
             self.requests["cancelled"] += 1
         elif reason != ERROR:

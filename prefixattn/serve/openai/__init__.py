@@ -13,5 +13,6 @@ api_server.py          create_app: the thin FastAPI router over the classes abov
 """
 
 from .api_server import create_app, load_base
+from .serving import RequestLimits
 
-__all__ = ["create_app", "load_base"]
+__all__ = ["RequestLimits", "create_app", "load_base"]

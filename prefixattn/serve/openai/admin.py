@@ -10,6 +10,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from ...hf.task_store import read_task
 from .errors import APIError, validation_message
 from .protocol import AddTaskRequest
 from .serving import ServeContext
@@ -35,8 +36,9 @@ def add_task(ctx: ServeContext, body: AddTaskRequest) -> dict[str, Any]:
     if not os.path.isdir(body.path):
         raise APIError(400, f"path {body.path!r} is not a directory", "bad_path", "path")
     try:
-        with ctx.engine.model_lock:  # loading may run the model (soft prompts)
-            ctx.bank.add(body.name, body.path)
+        art = read_task(body.path)  # the files, read with no lock held
+        with ctx.engine.model_lock:  # adding may run the model (soft prompts)
+            ctx.bank.add(body.name, art)
     except Exception as err:  # a corrupt artifact may fail in any library underneath
         raise APIError(
             400, f"cannot load task {body.name!r}: {type(err).__name__}: {err}",

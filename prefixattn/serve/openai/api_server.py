@@ -1,10 +1,10 @@
 """The FastAPI app: a thin router over the serving classes (vLLM's OpenAI server layout).
 
 Inference routes (``--api-key``): ``POST /v1/completions``, ``POST /v1/chat/completions``,
-``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /tokenize``, ``POST /detokenize``.
-Open: ``GET /health``, ``GET /metrics`` (Prometheus text), ``GET /metrics.json``. With an
-admin token: ``POST /admin/tasks``, ``DELETE /admin/tasks/{name}``. Every error is in
-OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
+``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /tokenize``, ``POST /detokenize``,
+``GET /metrics.json`` (it names every task). Open: ``GET /health``, ``GET /metrics``
+(Prometheus text, as vLLM's). With an admin token: ``POST /admin/tasks``,
+``DELETE /admin/tasks/{name}``. Every error is in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
 """
 
 from __future__ import annotations
@@ -22,12 +22,13 @@ from starlette.concurrency import run_in_threadpool
 from ...hf.bank import TaskBank
 from ..engine.core import Engine, context_limit, eos_token_ids
 from ..engine.cuda_graphs import buckets_up_to
+from ..task_registry import TaskRegistry
 from . import admin
 from .auth import BearerAuth
 from .errors import BodyLimit, install_error_handlers
 from .metrics import CONTENT_TYPE, ServeMetrics
 from .protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
-from .serving import ServeContext
+from .serving import RequestLimits, ServeContext
 from .serving_chat import OpenAIServingChat
 from .serving_completion import OpenAIServingCompletion
 from .serving_models import OpenAIServingModels
@@ -63,6 +64,9 @@ def create_app(
     cuda_graphs: bool = False,
     max_body_bytes: int = MAX_BODY_BYTES,
     backend: str = "auto",
+    task_dir: str | os.PathLike | None = None,
+    max_loaded_tasks: int = 64,
+    limits: RequestLimits | None = None,
 ) -> FastAPI:
     """The serving app for one base model and a set of tasks.
 
@@ -80,10 +84,18 @@ def create_app(
             as CUDA graphs (on a CUDA model; see :mod:`prefixattn.serve.cuda_graphs`).
         max_body_bytes: larger request bodies get 413.
         backend: kernel backend of the bank.
+        task_dir: a folder of tasks (one sub-directory each, any saved-tuner format): a
+            request's ``model`` NAME not in ``tasks`` loads ``task_dir/NAME`` on first use
+            (see :mod:`prefixattn.serve.task_registry`); ``tasks`` stay pinned.
+        max_loaded_tasks: tasks from ``task_dir`` kept loaded at once (least recently
+            used evicted; a task with requests in flight never is).
+        limits: what one request may ask for (stop strings, prompts, ``n``; see
+            :class:`~prefixattn.serve.openai.serving.RequestLimits`); None: the defaults.
 
     Returns:
         a FastAPI app; its lifespan starts and stops the batching worker. ``app.state``
-        holds ``engine``, ``bank``, ``model_name`` and ``metrics``.
+        holds ``engine``, ``bank``, ``model_name``, ``metrics`` and ``tasks`` (the
+        :class:`~prefixattn.serve.task_registry.TaskRegistry`, None without ``task_dir``).
     """
     if max_body_bytes < 1:
         raise ValueError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
@@ -101,12 +113,18 @@ def create_app(
         kv_slots=kv_slots, max_model_len=max_model_len,
         decode_buckets=buckets_up_to(max_num_seqs) if cuda_graphs else None,
     )  # fmt: skip
+    registry = None
+    if task_dir is not None:
+        registry = TaskRegistry(bank, engine, task_dir, max_loaded=max_loaded_tasks)
     ctx = ServeContext(
         engine=engine, bank=bank, tokenizer=tokenizer, model_name=model_name,
         metrics=ServeMetrics(engine), limit=context_limit(model),
         vocab_size=model.get_input_embeddings().num_embeddings,
-        eos_ids=eos_token_ids(model, tokenizer),
+        eos_ids=eos_token_ids(model, tokenizer), tasks=registry,
+        limits=limits or RequestLimits(),
     )  # fmt: skip
+    if registry is not None:
+        ctx.metrics.watch_tasks(registry.stats)
     completion, chat = OpenAIServingCompletion(ctx), OpenAIServingChat(ctx)
     models = OpenAIServingModels(ctx)
 
@@ -118,10 +136,12 @@ def create_app(
         finally:
             engine.drain(timeout=10.0)  # SIGTERM: finish the rows taken, refuse new ones
             ctx.pool.shutdown(wait=False, cancel_futures=True)
+            if registry is not None:
+                registry.close()
 
     app = FastAPI(title="prefixattn serve", lifespan=lifespan)
     app.state.engine, app.state.bank, app.state.model_name = engine, bank, model_name
-    app.state.metrics = ctx.metrics
+    app.state.metrics, app.state.tasks = ctx.metrics, registry
     install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     app.add_middleware(BearerAuth, api_key=api_key, admin_token=admin_token)  # runs first
@@ -136,7 +156,10 @@ def create_app(
 
     @app.get("/metrics.json")
     async def metrics_json() -> dict[str, Any]:
-        return engine.metrics()
+        out = engine.metrics()
+        if registry is not None:  # tasks loaded on demand (--task-dir)
+            out["task_store"] = registry.stats()
+        return out
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:

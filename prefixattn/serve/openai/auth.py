@@ -13,8 +13,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .errors import APIError
 
-# the inference routes (vLLM's: everything under /v1, and tokenize / detokenize)
-INFERENCE_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
+# the inference routes (vLLM's: everything under /v1, and tokenize / detokenize), and
+# /metrics.json, which names every task as /v1/models does. /health stays open, and so
+# does Prometheus' /metrics (as vLLM's; its labels name the tasks that served requests)
+INFERENCE_PREFIXES = ("/v1/", "/tokenize", "/detokenize", "/metrics.json")
 
 
 def token_matches(header: bytes | None, token: str) -> bool:

@@ -13,6 +13,7 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 __all__ = ["CONTENT_TYPE", "ServeMetrics"]
 
@@ -56,6 +57,12 @@ class ServeMetrics:
             registry=r,
         )  # fmt: skip
 
+    def watch_tasks(self, stats: Any) -> None:
+        """Export the task folder's counters (``stats()``: a TaskRegistry's):
+        ``prefixattn:tasks_loaded``, ``prefixattn:task_loads_total``,
+        ``prefixattn:task_evictions_total``, ``prefixattn:task_load_failures_total``."""
+        self.registry.register(_TaskCollector(stats))
+
     def row_done(
         self, task: str, reason: str, prompt_tokens: int, tokens: int,
         ttft: float | None, latency: float,
@@ -75,3 +82,22 @@ class ServeMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _TaskCollector:
+    """The task registry's numbers, read at each scrape."""
+
+    def __init__(self, stats: Any) -> None:
+        self.stats = stats
+
+    def collect(self) -> Any:
+        s = self.stats()
+        yield GaugeMetricFamily(
+            "prefixattn:tasks_loaded", "Tasks from the task folder in memory.", value=s["loaded"]
+        )
+        for key, what in (
+            ("loads", "Tasks loaded from the task folder."),
+            ("evictions", "Tasks evicted (least recently used)."),
+            ("load_failures", "Task loads that failed (unknown or bad artifact, all busy)."),
+        ):
+            yield CounterMetricFamily(f"prefixattn:task_{key}", what, value=s[key])

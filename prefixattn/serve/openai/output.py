@@ -1,7 +1,8 @@
 """From the engine's tokens to what a client reads: text, stop strings and logprobs.
 
-:class:`RequestOutput` implements :class:`~prefixattn.serve.request.OutputSink` for one
-row. Its text is built incrementally and only ever appended to: a piece is released once
+:class:`RequestOutput` implements :class:`~prefixattn.serve.engine.request.OutputSink` for
+one row; its work runs on the tokenizer's thread (never the engine's, never the event
+loop). Its text is built incrementally and only ever appended to: a piece is released once
 it can no longer change (:class:`IncrementalDetokenizer` holds back a decode that ends
 inside a character; :class:`StopStrings` holds back what a stop string could still
 swallow), so the concatenated stream is the unstreamed text, byte for byte. The
@@ -13,6 +14,7 @@ completions shape (:func:`completion_logprobs`) or chat shape (:func:`chat_logpr
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -155,8 +157,18 @@ class TokenStrings:
 class RequestOutput:
     """The :class:`OutputSink` of one row: detokenizes, applies stop strings, reports.
 
-    Every call (from the engine's worker thread) becomes one :class:`Event` handed to
-    ``emit`` (which must be thread-safe: the app forwards it to the event loop).
+    The engine calls :meth:`prompt_logprobs`, :meth:`token` and :meth:`finish` from its
+    worker thread; they never touch the tokenizer: each hands its work to ``run`` (the
+    tokenizer's thread, which runs jobs one at a time and in order), where the text is
+    decoded, the stop strings are matched and each result becomes one :class:`Event`
+    handed to ``emit`` (which must be thread-safe: the app forwards it to the event loop).
+
+    A stop string is therefore found a step or two after its token (as vLLM's
+    detokenizer, which runs apart from the engine core): :meth:`token` ends the row at
+    the engine's next token once the tokenizer's thread saw the match, and the tokens in
+    between are dropped here, so the text is still cut exactly at the stop string and
+    the reported tokens end with the one that completed it. EOS ids (``eos_ids``) need no
+    tokenizer and end the row at once.
 
     Arguments:
         tokenizer: decodes the row's tokens.
@@ -169,6 +181,8 @@ class RequestOutput:
             runs with ``ignore_eos``), so that the EOS token is reported with its logprob
             as vLLM does (lm-eval's loglikelihood reads the entry after the prompt); it
             adds no text.
+        run: queues a job on the tokenizer's thread; None: run it at once, in the
+            caller's thread (a sink used without a server).
     """
 
     def __init__(
@@ -182,40 +196,81 @@ class RequestOutput:
         logprobs: bool = False,
         skip_special_tokens: bool = True,
         eos_ids: frozenset[int] = frozenset(),
+        run: Callable[[Callable[[], None]], None] | None = None,
     ) -> None:
         self.detok = IncrementalDetokenizer(tokenizer, skip_special_tokens)
         self.stops = StopStrings(stop, include_stop)
         self.strings, self.emit, self.logprobs = token_strings, emit, logprobs
         self.eos_ids = eos_ids
-        self.num_tokens = 0
+        self.run = run
+        # written by the tokenizer's thread, read by the engine's (a bool or str swap)
+        self.num_tokens = 0  # tokens reported
+        self.stop_seen = False  # a stop string matched
+        self.failed: str | None = None  # the output failed (the row ends with ERROR)
+        # the engine's thread
         self.t_first_token: float | None = None
         self.finished = False
 
+    # ------------------------------------------------------------ engine's thread
+
     def prompt_logprobs(self, outs: list[TokenOut | None]) -> None:
         """The prompt's tokens with their logprobs (the first None)."""
-        entries = [None if o is None else self.strings.entry(o) for o in outs]
-        self.emit(Event("prompt", logprobs=entries))
+        self._submit(self._prompt, list(outs))
 
     def token(self, out: TokenOut) -> bool:
-        """One generated token; True when a stop string matched (the row ends)."""
+        """One generated token; True ends the row now (an EOS of ``eos_ids``, or a stop
+        string the tokenizer's thread matched in an earlier token)."""
         if self.t_first_token is None:
             self.t_first_token = time.perf_counter()
-        self.num_tokens += 1
-        if out.token_id in self.eos_ids:
-            text, stopped = "", True
-        else:
-            text, stopped = self.stops.add(self.detok.step(out.token_id))
-        entries = [self.strings.entry(out)] if self.logprobs else None
-        self.emit(Event("delta", text=text, logprobs=entries, token_ids=[out.token_id]))
-        return stopped
+        eos = out.token_id in self.eos_ids
+        self._submit(self._token, out, eos)
+        return eos or self.stop_seen or self.failed is not None
 
     def finish(self, reason: str, error: str | None = None) -> None:
-        """The row ended: release the held-back text, then the finish event (once)."""
+        """The row ended: the held-back text, then the finish event (once)."""
         if self.finished:
             return
         self.finished = True
+        self._submit(self._finish, reason, error)
+
+    def _submit(self, fn: Callable[..., None], *args: Any) -> None:
+        def job() -> None:
+            try:
+                fn(*args)
+            except Exception as err:  # a tokenizer failure ends the row, not the server
+                if self.failed is None:
+                    self.failed = f"output failed: {type(err).__name__}: {err}"
+                if fn == self._finish:  # the finish event must still reach the client
+                    self.emit(Event("finish", reason=ERROR, error=self.failed))
+
+        if self.run is None:
+            job()
+            return
+        with contextlib.suppress(RuntimeError):  # the tokenizer's thread is shut down
+            self.run(job)
+
+    # ------------------------------------------------------------ tokenizer's thread
+
+    def _prompt(self, outs: list[TokenOut | None]) -> None:
+        entries = [None if o is None else self.strings.entry(o) for o in outs]
+        self.emit(Event("prompt", logprobs=entries))
+
+    def _token(self, out: TokenOut, eos: bool) -> None:
+        if self.stops.stopped or self.failed is not None:
+            return  # generated after the stop string matched: not part of the output
+        self.num_tokens += 1
+        if eos:
+            text = ""
+        else:
+            text, self.stop_seen = self.stops.add(self.detok.step(out.token_id))
+        entries = [self.strings.entry(out)] if self.logprobs else None
+        self.emit(Event("delta", text=text, logprobs=entries, token_ids=[out.token_id]))
+
+    def _finish(self, reason: str, error: str | None) -> None:
         text = ""
-        if reason != ERROR and not self.stops.stopped:
+        if self.failed is not None:
+            reason, error = ERROR, self.failed
+        elif reason != ERROR and not self.stops.stopped:
             # a stop string may still match in the held-back tail (flush() is then "")
             text = self.stops.add(self.detok.flush())[0] + self.stops.flush()
         if self.stops.stopped and reason != ERROR:

@@ -48,11 +48,11 @@ class OpenAIServingChat(OpenAIServing):
 
     async def _create(self, body: ChatCompletionRequest, request: Request, task: str) -> Any:
         self.check_fields(body)
+        self.check_rows(1, body.n)
         ids = await self.off_loop(
             chat_prompt_ids, self.ctx, body.messages, body.add_generation_prompt
         )
-        for t in ids:
-            self.check_token_id(t, "messages")
+        self.check_token_ids(ids, "messages")
         max_tokens = body.max_completion_tokens or body.max_tokens
         if max_tokens is None:  # the rest of the context
             cap = self.ctx.max_len(task)

@@ -11,10 +11,9 @@ from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
 from ..engine.request import ERROR
-from .errors import APIError
 from .output import completion_logprobs
 from .protocol import CompletionRequest
-from .serving import MAX_PROMPTS, Choice, OpenAIServing, new_id, sse
+from .serving import Choice, OpenAIServing, new_id, sse
 
 
 def _is_ids(prompt: Any) -> bool:
@@ -24,15 +23,23 @@ def _is_ids(prompt: Any) -> bool:
 class OpenAIServingCompletion(OpenAIServing):
     """The completions endpoint."""
 
-    async def prompts(self, body: CompletionRequest) -> tuple[list[list[int]], list[str | None]]:
-        """(token ids, text or None) of each prompt; text is tokenized off the event loop."""
+    async def prompts(
+        self, body: CompletionRequest, task: str
+    ) -> tuple[list[list[int]], list[str | None]]:
+        """(token ids, text or None) of each prompt, every limit checked: the rows
+        (prompts x ``n``) first, then each token-id prompt as a whole (its length, then
+        its ids' range in one pass), then the text prompts, tokenized off the event loop
+        in one job."""
         p = body.prompt
         items: list[Any] = [p] if isinstance(p, str) or _is_ids(p) else list(p)
-        if not items or len(items) > MAX_PROMPTS:
-            raise APIError(
-                400, f"prompt must hold 1 to {MAX_PROMPTS} prompts", "invalid_prompt", "prompt"
-            )
+        self.check_rows(len(items), body.n)
         texts = [x if isinstance(x, str) else None for x in items]
+        for i, (t, x) in enumerate(zip(texts, items)):
+            if t is None:
+                self.check_context(task, len(x), body.max_tokens, i)
+        for t, x in zip(texts, items):
+            if t is None:
+                self.check_token_ids(x, "prompt")
         to_encode = [t for t in texts if t is not None]
         tok = self.ctx.tokenizer
         encoded = iter(
@@ -41,25 +48,25 @@ class OpenAIServingCompletion(OpenAIServing):
             else []
         )
         ids = [next(encoded) if t is not None else list(x) for t, x in zip(texts, items)]
-        for row in ids:
-            for t in row:
-                self.check_token_id(t, "prompt")
+        for i, (t, row) in enumerate(zip(texts, ids)):
+            if t is not None:
+                self.check_context(task, len(row), body.max_tokens, i)
         return ids, texts
 
     async def _create(self, body: CompletionRequest, request: Request, task: str) -> Any:
         self.check_fields(body)
-        ids, texts = await self.prompts(body)
-        for i, row in enumerate(ids):
-            self.check_context(task, len(row), body.max_tokens, i)
+        ids, texts = await self.prompts(body, task)
         k = body.logprobs
         rows, q = self.make_rows(
             task, ids, body, [body.max_tokens] * len(ids), logprobs=k,
             prompt_logprobs=k if body.echo else None,
         )  # fmt: skip
-        echo = [
-            (t if t is not None else self.ctx.tokenizer.decode(i)) if body.echo else ""
-            for t, i in zip(texts, ids)
-        ]
+        echo = [""] * len(ids)
+        if body.echo:  # token-id prompts are decoded on the tokenizer's thread
+            tok = self.ctx.tokenizer
+            echo = await self.off_loop(
+                lambda: [t if t is not None else tok.decode(i) for t, i in zip(texts, ids)]
+            )
         self.submit(rows)
         rid, now = new_id(), int(time.time())
         if body.stream:
@@ -76,7 +83,7 @@ class OpenAIServingCompletion(OpenAIServing):
                 lp = completion_logprobs((r.prompt_logprobs or []) + r.logprobs)
             choices.append({
                 "index": r.index, "text": text, "logprobs": lp,
-                "finish_reason": self.finish_reason(r), "token_ids": r.req.out_ids,
+                "finish_reason": self.finish_reason(r), "token_ids": r.token_ids,
             })  # fmt: skip
         return {
             "id": rid, "object": "text_completion", "created": now, "model": body.model,
