@@ -435,3 +435,30 @@ def test_inductor_under_cuda_autocast_matches_eager(low: str) -> None:
         assert rel_err(grads_c[name], ge) < tol_g, name
     ref_kw = {n: (t.detach().to(dtype).double() if n in grads_e else t) for n, t in kw.items()}
     assert rel_err(out_c, attention64(**ref_kw)) < tol_o
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "reference"])
+def test_autocast_keeps_every_cache_input(backend: str) -> None:
+    """Under autocast the call is re-made on cast inputs: the KV-cache inputs (a paged pool
+    read through ``block_table``, packed query rows ``cu_seqlens_q``) must reach it. The
+    autocast call equals the same call on inputs cast by hand, outside autocast."""
+    g = torch.Generator().manual_seed(0)
+    B, H, Hkv, D, bs = 2, 4, 2, 16, 16
+    kpool = torch.randn(6, Hkv, bs, D, generator=g).bfloat16()
+    vpool = torch.randn(6, Hkv, bs, D, generator=g).bfloat16()
+    table = torch.tensor([[3, 0], [1, 4]], dtype=torch.int32)
+    lens = torch.tensor([5, 20], dtype=torch.int32)
+    pk, pv = (torch.randn(Hkv, 3, D, generator=g) for _ in range(2))  # float32 prefix
+    q = torch.randn(B, H, 1, D, generator=g)  # float32, as out of a rotary embedding
+    packed_q = torch.randn(1, H, 3, D, generator=g)  # row 0: 1 query, row 1: 2 queries
+    cu = torch.tensor([0, 1, 3], dtype=torch.int32)
+    for query, extra in ((q, {}), (packed_q, {"cu_seqlens_q": cu})):
+        kw = dict(cache_seqlens=lens, block_table=table, backend=backend, **extra)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            got = prefixattn.prefix_attention(query, kpool, vpool, pk, pv, **kw)
+        with torch.no_grad():
+            want = prefixattn.prefix_attention(
+                query.bfloat16(), kpool, vpool, pk.bfloat16(), pv.bfloat16(), **kw
+            )
+        assert got.dtype == torch.bfloat16 and got.shape == query.shape
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
