@@ -30,6 +30,7 @@ LAYERS: list[list[str]] = [
     ["prefixattn.ops.call"],
     ["prefixattn.ops.validation"],
     ["prefixattn.ops.reference"],
+    ["prefixattn.ops.sdpa_features"],
     ["prefixattn.ops.sdpa"],
     ["prefixattn.ops.kernels"],
     ["prefixattn.ops.args"],

@@ -32,6 +32,9 @@ whatever PyTorch has there. Every other rule of :func:`prefixattn.prefix_attenti
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -43,6 +46,7 @@ from .reference import (
     reference_prefix_attention,
     visible_mask,
 )
+from .sdpa_features import PATH_FUSED, PATH_REFERENCE, feature_attention, feature_path, note_path
 from .validation import PREFIX_BANK, PREFIX_NONE, PREFIX_SHARED, AttnProblem
 
 
@@ -105,6 +109,24 @@ def _row_prefix(
     return prefix  # per row: already [B, Hkv, P, D]
 
 
+def _attention_path(call: AttentionCall, prob: AttnProblem) -> Callable[..., torch.Tensor] | None:
+    """The SDPA-shaped function this call runs (:func:`~.sdpa_features.feature_path`,
+    logged once per path): ``F.scaled_dot_product_attention``, a sink/soft-capping path
+    that needs no score matrix, or None for the reference path (dropout with soft-capping
+    or sinks: warned once)."""
+    sinks, softcap = call.sinks, prob.softcap
+    if not softcap and sinks is None:
+        note_path(PATH_FUSED)
+        return F.scaled_dot_product_attention
+    path = feature_path(bool(softcap), sinks is not None, float(call.dropout_p) > 0, call.q.device.type)
+    note_path(path)
+    if path.startswith(PATH_REFERENCE):
+        return None
+    return functools.partial(
+        feature_attention, path, sinks=sinks, softcap=softcap, causal=call.causal
+    )
+
+
 def sdpa_prefix_attention(call: AttentionCall, prob: AttnProblem) -> torch.Tensor:
     """Prefix attention through ``F.scaled_dot_product_attention`` (differentiable).
 
@@ -119,7 +141,8 @@ def sdpa_prefix_attention(call: AttentionCall, prob: AttnProblem) -> torch.Tenso
     Returns:
         [B, H, Nq, D] in the dtype of q.
     """
-    if prob.softcap or call.sinks is not None:
+    attend = _attention_path(call, prob)
+    if attend is None:
         return reference_prefix_attention(call, prob)
     q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, _sinks = call[
         :N_TENSORS
@@ -144,9 +167,9 @@ def sdpa_prefix_attention(call: AttentionCall, prob: AttnProblem) -> torch.Tenso
     plain = vis is None and key_padding_mask is None and not window and seqlens is None
     if plain and (not causal or Nq == 1):
         # every query sees every key (Nq == 1 with causal: a decode step sees the cache)
-        return F.scaled_dot_product_attention(q, k, v, **kw)
+        return attend(q, k, v, **kw)
     if plain and causal and Nq == Nk and P == 0:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, **kw)
+        return attend(q, k, v, is_causal=True, **kw)
 
     pwin = None  # bool [B|1, Nq, P]: prefix keys still in the window (prefix_window="sliding")
     if prob.prefix_windowed and P > 0:
@@ -158,12 +181,12 @@ def sdpa_prefix_attention(call: AttentionCall, prob: AttnProblem) -> torch.Tenso
         (P > 0 and pwin is None) or (key_padding_mask is None and seqlens is None and Nq <= Nk)
     ):
         # every row sees some key
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kw)
+        return attend(q, k, v, attn_mask=mask, **kw)
     # a row may see nothing (P == 0 or a prefix length of 0, with padding or Nq > Nk).
     # Give it every key (a finite softmax in any kernel), then zero its output (its
     # gradients are then exactly zero).
     seen = mask.any(dim=-1, keepdim=True)  # [B|1, 1, Nq, 1]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask | ~seen, **kw)
+    out = attend(q, k, v, attn_mask=mask | ~seen, **kw)
     return out.masked_fill(~seen, 0.0)
 
 
