@@ -70,6 +70,17 @@ def feature_path(softcap: bool, sinks: bool, dropout: bool, device_type: str) ->
     return PATH_CHUNKED
 
 
+def describe_paths(device_type: str) -> list[tuple[str, str]]:
+    """(features, path) for every combination of soft-capping, sinks and dropout of an
+    ``sdpa``-backend call on ``device_type``: what ``prefixattn info`` prints."""
+    rows = []
+    for softcap, sinks in ((False, False), (False, True), (True, False), (True, True)):
+        name = "+".join(n for n, on in (("softcap", softcap), ("sinks", sinks)) if on)
+        rows.append((name or "plain", feature_path(softcap, sinks, False, device_type)))
+    rows.append(("softcap|sinks with dropout", feature_path(True, True, True, device_type)))
+    return rows
+
+
 def note_path(path: str) -> None:
     """Log ``"sdpa path: <path>"`` at DEBUG once per distinct path (a set lookup per call);
     a materialising path also warns once."""
@@ -293,6 +304,7 @@ __all__ = [
     "PATH_SINK",
     "ChunkedAttention",
     "FlashSinkAttention",
+    "describe_paths",
     "feature_attention",
     "feature_path",
     "flash_lse_available",
