@@ -156,8 +156,15 @@ def main() -> None:
         "cpu": platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
         "python": platform.python_version(),
-        "shape": {"B": 1, "H": args.heads, "Hkv": args.kv_heads, "D": args.head_dim,
-                  "N": args.n, "window": args.window, "softcap": 50.0},  # fmt: skip
+        "shape": dict(
+            B=1,
+            H=args.heads,
+            Hkv=args.kv_heads,
+            D=args.head_dim,
+            N=args.n,
+            window=args.window,
+            softcap=50.0,
+        ),
     }
     data = {"meta": meta, "rows": rows}
     if args.out:
@@ -175,7 +182,7 @@ def render(data: dict[str, Any]) -> str:
         key = (r["impl"], r["feature"], r["dtype"], r["mode"])
         best[key] = min(best.get(key, float("inf")), min(r["times_s"]))
         peak[key] = max(peak.get(key, 0.0), r["peak_extra_mib"])
-        per_round[key + (r["round"],)] = min(r["times_s"])
+        per_round[(*key, r["round"])] = min(r["times_s"])
     torch_v = rows[0]["torch"] if rows else "?"
     threads = rows[0]["threads"] if rows else "?"
     loads = [r["load_before"] for r in data["rows"]] + [r["load_after"] for r in data["rows"]]
@@ -204,9 +211,9 @@ def render(data: dict[str, Any]) -> str:
     for key in sorted(best, key=lambda k: (k[2], k[3], list(FEATURES).index(k[1]), k[0])):
         impl, feature, dtype, mode = key
         ratios = sorted(
-            per_round[key + (rnd,)] / per_round[("after", "none", dtype, mode, rnd)]
+            per_round[(*key, rnd)] / per_round[("after", "none", dtype, mode, rnd)]
             for rnd in {r["round"] for r in rows}
-            if key + (rnd,) in per_round and ("after", "none", dtype, mode, rnd) in per_round
+            if (*key, rnd) in per_round and ("after", "none", dtype, mode, rnd) in per_round
         )
         ratio = f"{ratios[len(ratios) // 2]:.2f}" if ratios else "-"
         lines.append(

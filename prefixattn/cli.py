@@ -345,7 +345,9 @@ def _print_sdpa_paths(cfg: Any, dev: Any) -> None:
     print(f"sdpa backend paths on {kind}: {rows}")
     cap = getattr(cfg, "attn_logit_softcapping", None)
     if cap:
-        print(f"this model: attention soft-capping {cap} -> {feature_path(True, False, False, kind)}")
+        print(
+            f"this model: attention soft-capping {cap} -> {feature_path(True, False, False, kind)}"
+        )
 
 
 def cmd_info(args: argparse.Namespace) -> int:

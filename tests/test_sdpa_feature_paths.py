@@ -115,7 +115,7 @@ def test_rows_that_see_nothing_are_zero() -> None:
         assert (out[-1] == 0).all() and (dq[-1] == 0).all(), feat
 
 
-def _max_alloc(fn) -> int:  # noqa: ANN001
+def _max_alloc(fn) -> int:
     """The largest CPU allocation (bytes) any op made while ``fn()`` ran (the profiler)."""
     from torch.profiler import ProfilerActivity, profile
 

@@ -25,9 +25,13 @@ whatever PyTorch has there. Every other rule of :func:`prefixattn.prefix_attenti
 * dropout through SDPA's own ``dropout_p`` (``torch.manual_seed`` reproduces it);
 * a sliding window through the boolean mask (sequence keys left of the window, and with
   ``prefix_window="sliding"`` the prefix keys out of it, are masked);
-* logit soft-capping and attention sinks, which SDPA cannot express, run through the
-  reference path (:func:`~prefixattn.ops.reference.reference_prefix_attention`: exact,
-  materialising the [B, H, Nq, P + Nk] scores).
+* logit soft-capping and attention sinks, which SDPA cannot express, take the same K/V
+  and mask to :mod:`~prefixattn.ops.sdpa_features` (no score matrix): sinks on the CPU
+  are an exact rescaling of the flash kernel's output by its log-sum-exp; soft-capping
+  (and sinks elsewhere) an exact chunked path over query blocks. Only dropout with
+  either still runs the materialising reference path, with a one-time warning. The path
+  a call takes is logged once per path (``logging.getLogger("prefixattn")``, DEBUG) and
+  listed by ``prefixattn info``.
 """
 
 from __future__ import annotations
@@ -118,7 +122,9 @@ def _attention_path(call: AttentionCall, prob: AttnProblem) -> Callable[..., tor
     if not softcap and sinks is None:
         note_path(PATH_FUSED)
         return F.scaled_dot_product_attention
-    path = feature_path(bool(softcap), sinks is not None, float(call.dropout_p) > 0, call.q.device.type)
+    path = feature_path(
+        bool(softcap), sinks is not None, float(call.dropout_p) > 0, call.q.device.type
+    )
     note_path(path)
     if path.startswith(PATH_REFERENCE):
         return None
@@ -135,8 +141,9 @@ def sdpa_prefix_attention(call: AttentionCall, prob: AttnProblem) -> torch.Tenso
             sees only the first ``prefix_lengths[entry]`` prefix keys; the rest are
             masked, so a row can then be empty with P > 0 too. Dropout is SDPA's own.
         prob: the sizes and softmax scale from :func:`~prefixattn.ops.validation.validate`.
-        sinks: [H] attention sinks, or None. Sinks and ``prob.softcap`` run through the
-            reference path (SDPA has neither); ``prob.window`` is a mask here.
+        sinks: [H] attention sinks, or None. Sinks and ``prob.softcap`` run the paths
+            of :mod:`~prefixattn.ops.sdpa_features` (the reference path with dropout);
+            ``prob.window`` is a mask here.
 
     Returns:
         [B, H, Nq, D] in the dtype of q.

@@ -153,7 +153,7 @@ def _block_logits(qb: torch.Tensor, k: torch.Tensor, hi: int, a: float, softcap:
     return x.tanh_() if softcap else x
 
 
-def _mask_block(x, mask, is_causal, i0, i1, hi, Nq, Nk):  # noqa: ANN001, ANN202
+def _mask_block(x, mask, is_causal, i0, i1, hi, Nq, Nk):
     """Set the invisible logits of a block to -inf, in place: ``mask`` bool [B|1, 1, Nq, Nk]
     sliced, or (no mask, ``is_causal``) the block's diagonal band only."""
     if mask is not None:
