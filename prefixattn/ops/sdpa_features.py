@@ -17,17 +17,15 @@ and the backward is the flash backward fed the sink's output ``out'`` and log-su
 are then the sinked ones), plus ``dt = -sum_{b,i} sigmoid(t - lse) * Delta``.
 
 Soft-capping (``s -> C * tanh(s / C)``; with or without sinks), and sinks off the CPU:
-an exact chunked path (:class:`ChunkedAttention`): query blocks of ``block`` rows, each
-block's [B, H, block, Nk'] scores in float32, a causal block reading only the keys its
-last row sees. Peak memory is one block's scores (a few times ``B * H * block * Nk'``
-floats), not [B, H, Nq, Nk']; the backward recomputes each block from the saved
-log-sum-exp, as flash attention does::
+an exact chunked path (:class:`ChunkedAttention`): query blocks of ``bq`` rows
+(:data:`BLOCK_ELEMS` scores a block), each block's [B, H, bq, hi] scores in float32 and
+its softmax over the whole key row at once; a causal block reads only keys [0, hi), the
+ones its last row sees (hi = i1 + Nk' - Nq, bottom-right). Peak memory is a few buffers
+of one block's scores, not [B, H, Nq, Nk']; the backward recomputes each block from the
+saved log-sum-exp, as flash attention does::
 
-    query block i0:i1      keys 0 .. hi (causal: hi = P + i1 - 1 + Nk - Nq)
-    +-------------------+---------+
-    | ##########        |         |   block 0: scores [B, H, 128, hi]
-    | ############      | skipped |
-    +-------------------+---------+
+                 keys 0 ........ hi       Nk'
+    rows i0:i1  [ ######## visible ### | skipped ]   scores [B, H, bq, hi]
 
 Dropout with soft-capping or sinks still runs the reference path (the materialising
 one); :func:`feature_path` says so and a one-time warning names the reason.
@@ -284,7 +282,8 @@ def feature_attention(
     with ``sinks`` [H] and/or soft-capping ``softcap`` on ``path`` (:func:`feature_path`;
     not the reference one). q [B, H, Nq, D], k, v [B, Hkv, Nk, D]; ``attn_mask`` bool
     [B|1, 1, Nq, Nk] (True = visible) or None; ``is_causal`` top-left (square calls only,
-    as SDPA). Dropout and ``enable_gqa`` are the caller's SDPA keywords: dropout never
+    as SDPA); ``causal``: the call is causal (bottom-right), so a block of the chunked
+    path skips the keys right of its last row even under a mask. Dropout and ``enable_gqa`` are the caller's SDPA keywords: dropout never
     reaches here, GQA is native to both paths. Returns [B, H, Nq, D] in q's dtype."""
     if scale is None:
         scale = q.shape[-1] ** -0.5
