@@ -200,8 +200,8 @@ def render(data: dict[str, Any]) -> str:
         f"{min(loads)} .. {max(loads)}",
         "",
         "`x none`: this configuration's time / the same dtype and mode without soft-capping "
-        "or sinks (`after`, fused SDPA), median over rounds of the per-round ratio of the "
-        "best repetitions. `peak extra MiB`: `ru_maxrss` of the process - its RSS once the "
+        "or sinks (`after`, fused SDPA), upper median over rounds of the per-round ratio "
+        "of the best repetitions (the two processes run one after the other). `peak extra MiB`: `ru_maxrss` of the process - its RSS once the "
         "inputs exist (the call's high-water mark, warm-up included).",
         "",
         "| dtype | mode | feature | impl | path | best s | x none | peak extra MiB |",
