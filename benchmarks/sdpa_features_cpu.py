@@ -20,6 +20,7 @@ CPU timings of PyTorch's CPU kernels: never Triton kernel speed.
 from __future__ import annotations
 
 import argparse
+import ast
 import datetime
 import json
 import os
@@ -185,7 +186,11 @@ def render(data: dict[str, Any]) -> str:
         per_round[(*key, r["round"])] = min(r["times_s"])
     torch_v = rows[0]["torch"] if rows else "?"
     threads = rows[0]["threads"] if rows else "?"
-    loads = [r["load_before"] for r in data["rows"]] + [r["load_after"] for r in data["rows"]]
+    loads = [
+        float(ast.literal_eval(r[w])[0])
+        for r in data["rows"]
+        for w in ("load_before", "load_after")
+    ]
     lines = [
         "# Soft-capping and sinks on the CPU `sdpa` backend: before / after",
         "",
@@ -197,28 +202,30 @@ def render(data: dict[str, Any]) -> str:
         f"Python {meta['python']}",
         f"- shape: {meta['shape']}",
         f"- 1-min load average (`/proc/loadavg`) before/after the processes: "
-        f"{min(loads)} .. {max(loads)}",
+        f"{min(loads):.2f} .. {max(loads):.2f}",
         "",
-        "`x none`: this configuration's time / the same dtype and mode without soft-capping "
-        "or sinks (`after`, fused SDPA), upper median over rounds of the per-round ratio "
-        "of the best repetitions (the two processes run one after the other). `peak extra MiB`: `ru_maxrss` of the process - its RSS once the "
+        "`x none`: this configuration's best time / the best time of the same dtype and "
+        "mode without soft-capping or sinks (`after`, fused SDPA); `per round`: the same "
+        "ratio within each round (the processes of a round run one after the other). `peak extra MiB`: `ru_maxrss` of the process - its RSS once the "
         "inputs exist (the call's high-water mark, warm-up included).",
         "",
-        "| dtype | mode | feature | impl | path | best s | x none | peak extra MiB |",
-        "|---|---|---|---|---|---:|---:|---:|",
+        "| dtype | mode | feature | impl | path | best s | x none | per round | peak extra MiB |",
+        "|---|---|---|---|---|---:|---:|---|---:|",
     ]
     paths = {(r["impl"], r["feature"]): r["path"] for r in rows}
     for key in sorted(best, key=lambda k: (k[2], k[3], list(FEATURES).index(k[1]), k[0])):
         impl, feature, dtype, mode = key
-        ratios = sorted(
+        ratios = [
             per_round[(*key, rnd)] / per_round[("after", "none", dtype, mode, rnd)]
-            for rnd in {r["round"] for r in rows}
+            for rnd in sorted({r["round"] for r in rows})
             if (*key, rnd) in per_round and ("after", "none", dtype, mode, rnd) in per_round
-        )
-        ratio = f"{ratios[len(ratios) // 2]:.2f}" if ratios else "-"
+        ]
+        none = best.get(("after", "none", dtype, mode))
+        ratio = f"{best[key] / none:.2f}" if none else "-"
         lines.append(
             f"| {dtype} | {mode} | {feature} | {impl} | {paths[(impl, feature)]} | "
-            f"{best[key]:.3f} | {ratio} | {peak[key]:.0f} |"
+            f"{best[key]:.3f} | {ratio} | {' '.join(f'{x:.2f}' for x in ratios)} | "
+            f"{peak[key]:.0f} |"
         )
     lines += ["", "Every process:", "", "| round | impl | feature | dtype | mode | times s | "
               "peak extra MiB | load before | load after |", "|---|---|---|---|---|---|---:|---|---|"]  # fmt: skip
