@@ -31,6 +31,7 @@ LAYERS: list[list[str]] = [
     ["prefixattn.ops.amp"],
     ["prefixattn.ops.validation"],
     ["prefixattn.ops.reference"],
+    ["prefixattn.ops.sdpa_features"],
     ["prefixattn.ops.sdpa"],
     ["prefixattn.ops.kernels"],
     ["prefixattn.ops.args"],

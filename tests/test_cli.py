@@ -184,6 +184,8 @@ def test_info_counts(capsys, model_dir) -> None:
     rc, out, err = run(capsys, "info", "--model", model_dir, "-P", 5, "--device", "cpu")
     assert rc == 0, err
     assert "kernel backend: sdpa" in out
+    assert "sdpa backend paths on cpu: plain -> fused SDPA; sinks -> flash+lse sink rescale" in out
+    assert "softcap -> chunked exact" in out and "with dropout -> reference (materializes" in out
     # tiny llama: 2 layers, 2 KV heads, head dim 16, hidden 64
     assert f"prefix tuning, P=5: {2 * 2 * 2 * 5 * 16:,} trainable" in out
     assert f"prompt tuning, P=5: {5 * 64:,} trainable" in out

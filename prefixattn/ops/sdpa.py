@@ -25,12 +25,19 @@ whatever PyTorch has there. Every other rule of :func:`prefixattn.prefix_attenti
 * dropout through SDPA's own ``dropout_p`` (``torch.manual_seed`` reproduces it);
 * a sliding window through the boolean mask (sequence keys left of the window, and with
   ``prefix_window="sliding"`` the prefix keys out of it, are masked);
-* logit soft-capping and attention sinks, which SDPA cannot express, run through the
-  reference path (:func:`~prefixattn.ops.reference.reference_prefix_attention`: exact,
-  materialising the [B, H, Nq, P + Nk] scores).
+* logit soft-capping and attention sinks, which SDPA cannot express, take the same K/V
+  and mask to :mod:`~prefixattn.ops.sdpa_features` (no score matrix): sinks on the CPU
+  are an exact rescaling of the flash kernel's output by its log-sum-exp; soft-capping
+  (and sinks elsewhere) an exact chunked path over query blocks. Only dropout with
+  either still runs the materialising reference path, with a one-time warning. The path
+  a call takes is logged once per path (``logging.getLogger("prefixattn")``, DEBUG) and
+  listed by ``prefixattn info``.
 """
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +52,7 @@ from .reference import (
     varlen_unpad,
     visible_mask,
 )
+from .sdpa_features import PATH_FUSED, PATH_REFERENCE, feature_attention, feature_path, note_path
 from .validation import PREFIX_BANK, PREFIX_NONE, PREFIX_SHARED, AttnProblem, validate
 
 
@@ -107,6 +115,26 @@ def _row_prefix(
     return prefix  # per row: already [B, Hkv, P, D]
 
 
+def _attention_path(call: AttentionCall, prob: AttnProblem) -> Callable[..., torch.Tensor] | None:
+    """The SDPA-shaped function this call runs (:func:`~.sdpa_features.feature_path`,
+    logged once per path): ``F.scaled_dot_product_attention``, a sink/soft-capping path
+    that needs no score matrix, or None for the reference path (dropout with soft-capping
+    or sinks: warned once)."""
+    sinks, softcap = call.sinks, prob.softcap
+    if not softcap and sinks is None:
+        note_path(PATH_FUSED)
+        return F.scaled_dot_product_attention
+    path = feature_path(
+        bool(softcap), sinks is not None, float(call.dropout_p) > 0, call.q.device.type
+    )
+    note_path(path)
+    if path.startswith(PATH_REFERENCE):
+        return None
+    return functools.partial(
+        feature_attention, path, sinks=sinks, softcap=softcap, causal=call.causal
+    )
+
+
 def sdpa_prefix_attention(call: AttentionCall, prob: AttnProblem) -> torch.Tensor:
     """Prefix attention through ``F.scaled_dot_product_attention`` (differentiable).
 
@@ -115,13 +143,15 @@ def sdpa_prefix_attention(call: AttentionCall, prob: AttnProblem) -> torch.Tenso
             sees only the first ``prefix_lengths[entry]`` prefix keys; the rest are
             masked, so a row can then be empty with P > 0 too. Dropout is SDPA's own.
         prob: the sizes and softmax scale from :func:`~prefixattn.ops.validation.validate`.
-        sinks: [H] attention sinks, or None. Sinks and ``prob.softcap`` run through the
-            reference path (SDPA has neither); ``prob.window`` is a mask here.
+        sinks: [H] attention sinks, or None. Sinks and ``prob.softcap`` run the paths
+            of :mod:`~prefixattn.ops.sdpa_features` (the reference path with dropout);
+            ``prob.window`` is a mask here.
 
     Returns:
         [B, H, Nq, D] in the dtype of q.
     """
-    if prob.softcap or call.sinks is not None:
+    attend = _attention_path(call, prob)
+    if attend is None:
         return reference_prefix_attention(call, prob)
     q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, _sinks = call[
         :N_TENSORS
@@ -146,9 +176,9 @@ def sdpa_prefix_attention(call: AttentionCall, prob: AttnProblem) -> torch.Tenso
     plain = vis is None and key_padding_mask is None and not window and seqlens is None
     if plain and (not causal or Nq == 1):
         # every query sees every key (Nq == 1 with causal: a decode step sees the cache)
-        return F.scaled_dot_product_attention(q, k, v, **kw)
+        return attend(q, k, v, **kw)
     if plain and causal and Nq == Nk and P == 0:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, **kw)
+        return attend(q, k, v, is_causal=True, **kw)
 
     pwin = None  # bool [B|1, Nq, P]: prefix keys still in the window (prefix_window="sliding")
     if prob.prefix_windowed and P > 0:
@@ -160,12 +190,12 @@ def sdpa_prefix_attention(call: AttentionCall, prob: AttnProblem) -> torch.Tenso
         (P > 0 and pwin is None) or (key_padding_mask is None and seqlens is None and Nq <= Nk)
     ):
         # every row sees some key
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kw)
+        return attend(q, k, v, attn_mask=mask, **kw)
     # a row may see nothing (P == 0 or a prefix length of 0, with padding or Nq > Nk).
     # Give it every key (a finite softmax in any kernel), then zero its output (its
     # gradients are then exactly zero).
     seen = mask.any(dim=-1, keepdim=True)  # [B|1, 1, Nq, 1]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask | ~seen, **kw)
+    out = attend(q, k, v, attn_mask=mask | ~seen, **kw)
     return out.masked_fill(~seen, 0.0)
 
 

@@ -1,0 +1,185 @@
+"""The ``sdpa`` backend's paths for soft-capping and attention sinks (ops/sdpa_features.py):
+values and every gradient (the sinks' too) against the float64 reference on awkward
+shapes, fp32 and bf16, over several query blocks; no [B, H, Nq, Nk] score matrix is ever
+allocated (measured with the profiler, and the reference path shown to allocate it);
+the path each call takes is logged once, the materialising one warns."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import pytest
+import torch
+from helpers import TOL, Case, make_inputs
+from reference64 import attention64, rel_err
+
+import prefixattn
+from prefixattn.ops import sdpa_features
+
+
+@dataclasses.dataclass
+class F:
+    softcap: float | None = None
+    sinks: bool = False
+    window: int | None = None
+    prefix_window: str = "all"
+    lengths: bool = False
+
+    def id(self) -> str:
+        return (
+            f"c{self.softcap}-s{int(self.sinks)}-w{self.window}-{self.prefix_window}"
+            f"{'-len' if self.lengths else ''}"
+        )
+
+
+# sinks alone (flash + lse), soft-capping alone and both (chunked); GQA, P in {0, 7, 33},
+# shared / row / bank prefixes with ragged lengths, padding (the last row of "left" and
+# "right" fully padded: with P = 0 it sees nothing), Nq != Nk, Nq > Nk, decode, non-causal
+GRID = [
+    (Case(B=2, H=4, Hkv=2, Nq=17, Nk=17, P=0, D=40, prefix="none", pad="left"), F(sinks=True)),
+    (Case(B=2, H=2, Hkv=2, Nq=5, Nk=23, P=7, D=16, prefix="shared"), F(sinks=True, window=6)),
+    (Case(B=3, H=2, Hkv=1, Nq=17, Nk=17, P=33, D=32, prefix="bank", pad="right", T=2),
+     F(sinks=True, lengths=True)),
+    (Case(B=2, H=4, Hkv=4, Nq=1, Nk=40, P=7, D=80, prefix="row"), F(sinks=True)),
+    (Case(B=2, H=4, Hkv=2, Nq=33, Nk=40, P=7, D=96, prefix="row", pad="random"),
+     F(softcap=2.0, window=9)),
+    (Case(B=1, H=4, Hkv=1, Nq=113, Nk=113, P=0, D=16, prefix="none"), F(softcap=1.5)),
+    (Case(B=2, H=2, Hkv=1, Nq=17, Nk=29, P=33, D=32, prefix="bank", pad="left", T=3),
+     F(softcap=3.0, sinks=True, window=5, prefix_window="sliding", lengths=True)),
+    (Case(B=2, H=2, Hkv=2, Nq=20, Nk=13, P=7, D=40, prefix="shared", causal=False),
+     F(softcap=5.0, sinks=True)),
+    (Case(B=2, H=2, Hkv=2, Nq=23, Nk=9, P=0, D=16, prefix="none", pad="left"),
+     F(softcap=2.0, sinks=True)),
+]  # fmt: skip
+IDS = [f"{c.id()}-{f.id()}" for c, f in GRID]
+NAMES = ("q", "k", "v", "prefix_k", "prefix_v", "sinks")
+DEFAULT_BLOCK_ELEMS = sdpa_features.BLOCK_ELEMS
+
+
+@pytest.fixture(autouse=True)
+def _small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blocks of 16 query rows: the tiny shapes run several blocks (and a partial one)."""
+    monkeypatch.setattr(sdpa_features, "BLOCK_ELEMS", 1)
+
+
+def _inputs(case: Case, feat: F, dtype: torch.dtype) -> dict:
+    kw = make_inputs(case, dtype, "cpu")
+    if feat.window is not None:
+        kw["window"], kw["prefix_window"] = feat.window, feat.prefix_window
+    if feat.softcap is not None:
+        kw["softcap"] = feat.softcap
+    if feat.sinks:
+        g = torch.Generator().manual_seed(7)
+        kw["sinks"] = (torch.randn(case.H, generator=g) * 2).requires_grad_(True)
+    if feat.lengths:
+        n = case.B if case.prefix == "row" else case.T
+        kw["prefix_lengths"] = torch.tensor([(case.P * (i + 1)) // n - i % 2 for i in range(n)])
+    return kw
+
+
+def _grads(out: torch.Tensor, kw: dict, do: torch.Tensor) -> dict:
+    names = [n for n in NAMES if n in kw]
+    gs = torch.autograd.grad(out, [kw[n] for n in names], do, allow_unused=True)
+    return {n: torch.zeros_like(kw[n]) if g is None else g for n, g in zip(names, gs)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(("case", "feat"), GRID, ids=IDS)
+def test_feature_paths_match_float64(case: Case, feat: F, dtype: torch.dtype) -> None:
+    kw = _inputs(case, feat, dtype)
+    out = prefixattn.prefix_attention(**kw, backend="sdpa")
+    do = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    grads = _grads(out, kw, do)
+    ref_kw = {n: (t.detach().double().requires_grad_(True) if n in NAMES else t)
+              for n, t in kw.items()}  # fmt: skip
+    ref = attention64(**ref_kw)
+    ref_grads = _grads(ref, ref_kw, do.double())
+    tol_o, tol_g = TOL[dtype]
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert rel_err(out, ref) < tol_o
+    for n, g in grads.items():
+        assert g.shape == kw[n].shape and g.dtype == kw[n].dtype and torch.isfinite(g).all(), n
+        if ref_grads[n].abs().max() == 0:
+            assert g.abs().max() <= tol_g, f"d{n} should be 0"
+            continue
+        assert rel_err(g, ref_grads[n]) < tol_g, f"d{n}: {rel_err(g, ref_grads[n]):.2e}"
+
+
+def test_rows_that_see_nothing_are_zero() -> None:
+    """P = 0, the last row fully padded: output and gradients of that row exactly 0."""
+    c = Case(B=2, H=2, Hkv=1, Nq=9, Nk=9, P=0, D=16, prefix="none", pad="left")
+    for feat in (F(sinks=True), F(softcap=2.0), F(softcap=2.0, sinks=True)):
+        kw = _inputs(c, feat, torch.float32)
+        out = prefixattn.prefix_attention(**kw, backend="sdpa")
+        (dq,) = torch.autograd.grad(out, kw["q"], torch.ones_like(out))
+        assert (out[-1] == 0).all() and (dq[-1] == 0).all(), feat
+
+
+def _max_alloc(fn) -> int:
+    """The largest CPU allocation (bytes) any op made while ``fn()`` ran (the profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return max(e.cpu_memory_usage for e in prof.events())
+
+
+# N = 2048, H = 4: one [B, H, Nq, Nk] float32 score matrix is 64 MiB
+BIG = Case(B=1, H=4, Hkv=2, Nq=2048, Nk=2048, P=0, D=16, prefix="none")
+FULL = BIG.B * BIG.H * BIG.Nq * BIG.Nk * 4
+
+
+def test_reference_allocates_the_score_matrix() -> None:
+    """What soft-capping / sinks ran on ``sdpa`` before: the measure below can fail."""
+    kw = _inputs(BIG, F(softcap=30.0, sinks=True), torch.float32)
+    with torch.no_grad():
+        assert _max_alloc(lambda: prefixattn.prefix_attention(**kw, backend="reference")) >= FULL
+
+
+@pytest.mark.parametrize("feat", [F(softcap=30.0), F(sinks=True), F(softcap=30.0, sinks=True)],
+                         ids=lambda f: f.id())  # fmt: skip
+def test_no_score_matrix(monkeypatch: pytest.MonkeyPatch, feat: F) -> None:
+    """The sdpa paths, forward and backward, at the default block size, never allocate
+    half of the [B, H, Nq, Nk] scores (the reference allocates all of it, above)."""
+    monkeypatch.setattr(sdpa_features, "BLOCK_ELEMS", DEFAULT_BLOCK_ELEMS)
+    kw = _inputs(BIG, feat, torch.float32)
+
+    def run() -> None:
+        prefixattn.prefix_attention(**kw, backend="sdpa").sum().backward()
+
+    assert _max_alloc(run) < FULL // 2
+
+
+def test_path_logged_once_and_reference_warns(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(sdpa_features, "_seen", set())
+    c = Case(B=1, H=2, Hkv=2, Nq=8, Nk=8, P=3, D=16, prefix="shared")
+    caplog.set_level(logging.DEBUG, logger="prefixattn")
+    for _ in range(2):
+        for feat in (F(), F(sinks=True), F(softcap=2.0), F(softcap=2.0, sinks=True)):
+            prefixattn.prefix_attention(**_inputs(c, feat, torch.float32), backend="sdpa")
+    msgs = [r.getMessage() for r in caplog.records if r.getMessage().startswith("sdpa path:")]
+    assert msgs == [
+        "sdpa path: fused SDPA",
+        "sdpa path: flash+lse sink rescale",
+        "sdpa path: chunked exact (query blocks)",
+    ]
+    kw = _inputs(c, F(softcap=2.0), torch.float32)
+    with pytest.warns(RuntimeWarning, match="materializes .* dropout with soft-capping"):
+        prefixattn.prefix_attention(**kw, backend="sdpa", dropout_p=0.1)
+    # once: the second call is silent (and on the same path)
+    caplog.clear()
+    prefixattn.prefix_attention(**kw, backend="sdpa", dropout_p=0.1)
+    assert not [r for r in caplog.records if r.getMessage().startswith("sdpa path:")]
+
+
+def test_describe_paths_is_what_calls_take() -> None:
+    rows = dict(sdpa_features.describe_paths("cpu"))
+    assert rows["plain"] == sdpa_features.PATH_FUSED
+    assert rows["sinks"] == sdpa_features.PATH_SINK
+    assert rows["softcap"] == rows["softcap+sinks"] == sdpa_features.PATH_CHUNKED
+    assert rows["softcap|sinks with dropout"].startswith(sdpa_features.PATH_REFERENCE)
+    # off the CPU (no flash kernel that returns the log-sum-exp) sinks go the chunked way
+    assert dict(sdpa_features.describe_paths("cuda"))["sinks"] == sdpa_features.PATH_CHUNKED
