@@ -63,6 +63,10 @@ def create_app(
     cuda_graphs: bool = False,
     max_body_bytes: int = MAX_BODY_BYTES,
     backend: str = "auto",
+    block_size: int = 16,
+    num_blocks: int | None = None,
+    kv_cache_memory: int | None = None,
+    enable_prefix_caching: bool = True,
 ) -> FastAPI:
     """The serving app for one base model and a set of tasks.
 
@@ -80,6 +84,8 @@ def create_app(
             as CUDA graphs (on a CUDA model; see :mod:`prefixattn.serve.cuda_graphs`).
         max_body_bytes: larger request bodies get 413.
         backend: kernel backend of the bank.
+        block_size, num_blocks, kv_cache_memory, enable_prefix_caching: the paged KV
+            cache and its prefix caching (see :class:`~prefixattn.serve.Engine`).
 
     Returns:
         a FastAPI app; its lifespan starts and stops the batching worker. ``app.state``
@@ -100,6 +106,8 @@ def create_app(
         max_num_batched_tokens=max_num_batched_tokens, max_queue=max_queue,
         kv_slots=kv_slots, max_model_len=max_model_len,
         decode_buckets=buckets_up_to(max_num_seqs) if cuda_graphs else None,
+        block_size=block_size, num_blocks=num_blocks, kv_cache_memory=kv_cache_memory,
+        enable_prefix_caching=enable_prefix_caching,
     )  # fmt: skip
     ctx = ServeContext(
         engine=engine, bank=bank, tokenizer=tokenizer, model_name=model_name,
