@@ -79,7 +79,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             cmd = [sys.executable, str(HERE), "--trees", args.trees, "--child", trees[i],
                    "--model", args.model, "--requests", str(args.requests),
                    "--concurrency", str(args.concurrency), "--seed", str(args.seed)]  # fmt: skip
-            env = {**os.environ, "PYTHONPATH": str(Path(trees[i]).resolve())}
+            path = os.pathsep.join(
+                [str(Path(trees[i]).resolve()), os.environ.get("PYTHONPATH", "")]
+            )
+            env = {**os.environ, "PYTHONPATH": path}  # that checkout first
             res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
             line = [x for x in res.stdout.splitlines() if x.startswith("RESULT ")]
             if not line:

@@ -226,3 +226,59 @@ def test_block_pool_ref_counts_and_lru_eviction() -> None:
         pool.free([a[0]])
     with pytest.raises(RuntimeError, match="asked for"):
         pool.allocate(2)
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma2", "gpt_oss"])  # window everywhere;
+# hybrid + soft-capping; hybrid + sinks (every family runs in-process above)
+def test_http_greedy_mixed_tasks_past_the_window_equal_prefix_tuning_alone(family) -> None:
+    """Through the real server (uvicorn on 127.0.0.1, the openai client): concurrent
+    greedy completions of tasks with P = 3 and 12 and the base model, prompt + output past
+    the window; each text = the tokenizer's decoding of ``PrefixTuning.generate`` alone."""
+    import concurrent.futures
+
+    import transformers
+    from serve_support import Server
+
+    openai = pytest.importorskip("openai")
+    from prefixattn.serve import create_app
+
+    with single_thread():
+        tok = tiny_tokenizer()
+        model_name, config_name, kw, _ = FAMILIES[family]
+        torch.manual_seed(0)
+        cfg = getattr(transformers, config_name)(**{
+            **kw, "vocab_size": len(tok), "eos_token_id": tok.eos_token_id,
+            "bos_token_id": tok.bos_token_id, "pad_token_id": tok.pad_token_id,
+        })  # fmt: skip
+        model = getattr(transformers, model_name)._from_config(cfg).eval()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith(".sinks"):
+                    p.copy_(torch.randn(p.shape) * 0.5)
+        tuners = {}
+        for i, P in enumerate((3, 12)):
+            torch.manual_seed(40 + i)
+            tuners[f"t{P}"] = PrefixTuning(copy.deepcopy(model), P, init="random", backend="sdpa")
+        app = create_app(copy.deepcopy(model), tok, tuners, model_name="base", max_num_seqs=4,
+                         max_num_batched_tokens=16, backend="sdpa")  # fmt: skip
+        ps = prompts(len(tok), [6, 19, 11, 25, 9, 14], seed=12)
+        tasks = ["t3", "t12", "base", "t12", "t3", "base"]
+        with Server(app) as srv:
+            client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
+
+            def one(i: int) -> str:
+                r = client.completions.create(model=tasks[i], prompt=ps[i], max_tokens=14,
+                                              temperature=0)  # fmt: skip
+                return r.choices[0].text
+
+            with concurrent.futures.ThreadPoolExecutor(6) as pool:
+                texts = list(pool.map(one, range(len(ps))))
+        eos = tok.eos_token_id
+        for task, p, text in zip(tasks, ps, texts):
+            x = torch.tensor([p])
+            gen = (model if task == "base" else tuners[task]).generate
+            out = gen(input_ids=x, max_new_tokens=14, do_sample=False, eos_token_id=eos,
+                      pad_token_id=eos)[0, x.shape[1]:].tolist()  # fmt: skip
+            out = out[: out.index(eos)] if eos in out else out
+            assert text == tok.decode(out, skip_special_tokens=True), (family, task, len(p))
+        assert len(set(texts)) > 3  # the tasks really differ
