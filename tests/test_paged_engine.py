@@ -282,3 +282,36 @@ def test_http_greedy_mixed_tasks_past_the_window_equal_prefix_tuning_alone(famil
             out = out[: out.index(eos)] if eos in out else out
             assert text == tok.decode(out, skip_special_tokens=True), (family, task, len(p))
         assert len(set(texts)) > 3  # the tasks really differ
+
+
+def test_a_task_removed_while_its_row_runs_ends_that_row_only() -> None:
+    """Rows hold task names, resolved in every step: removing a task (the bank rebuilt,
+    indices shifted) ends its running row with an error and misroutes no other row."""
+    import time
+
+    with single_thread():
+        bank, tok = _tiny_bank()
+        p = prompts(len(tok), [7], seed=13)[0]
+        eng = Engine(bank, tok, max_num_seqs=4, max_model_len=128, seed=0)
+        doomed = request("t4", p, eng, max_tokens=100, ignore_eos=True)
+        keep = request("t9", p, eng, max_tokens=60, ignore_eos=True)
+        eng.submit(doomed)
+        eng.submit(keep)
+        eng.start()
+        try:
+            deadline = time.monotonic() + 60
+            while len(doomed.sink.tokens) < 2:
+                assert time.monotonic() < deadline
+                time.sleep(0.002)
+            with eng.model_lock:  # between steps
+                bank.remove("t4")  # "t9" moves up in the bank's order
+            assert doomed.sink.done.wait(60) and keep.sink.done.wait(60)
+        finally:
+            eng.stop()
+        assert bank.tasks == ["base", "t9"]
+        (reason, error), = doomed.sink.finished  # fmt: skip
+        assert reason == "error" and "removed or replaced" in error
+        x = torch.tensor([p])
+        want = bank.generate(["t9"], input_ids=x, max_new_tokens=60, do_sample=False,
+                             eos_token_id=None)[0, 7:].tolist()  # fmt: skip
+        assert keep.sink.ids == want and eng.kv.num_free_blocks == eng.pool.num_blocks
