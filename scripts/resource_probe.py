@@ -14,6 +14,13 @@ of 16.
 
     python scripts/resource_probe.py                  # every kernel and config, D=64,128
     python scripts/resource_probe.py --kernels bwd --d 64 --json out.json
+    python scripts/resource_probe.py --kernels fwd --variants cache paged16 paged128
+
+``--variants`` (the forward only): ``plain`` (the default), ``cache`` (a KV-cache pool:
+``cache_seqlens`` and ``cache_batch_idx`` read in place), ``paged<N>`` (a paged cache,
+``block_table`` with block size N: below the tile's BLOCK_N a key tile looks up one block
+per key, from BLOCK_N up one per tile), ``varlen_paged16`` (packed rows, ``cu_seqlens_q``,
+over pages of 16).
 """
 
 from __future__ import annotations
@@ -43,11 +50,23 @@ _PTR_TYPES = {
     "PLEN": "*i64",
     "KPM": "*u8",
     "SINKS": "*fp32",
+    "CSL": "*i32",
+    "CBI": "*i32",
+    "BT": "*i32",
+    "CUQ": "*i32",
 }
 _FLOAT_ARGS = ("sm_scale", "dropout_p", "softcap")
 # non-pointer upper-case arguments (sizes, flags)
 _INT_PREFIXES = ("H", "HKV", "GROUP", "N_", "TUNE_", "NEED_")
 KERNEL_NAMES = ("fwd", "dkdv", "dq", "prefix_dkdv", "bwd")
+# the forward's inference variants (constexprs on top of kernel_flags; see the docstring)
+VARIANTS = {
+    "plain": {},
+    "cache": {"HAS_CSL": True, "HAS_CBI": True},
+    **{f"paged{n}": {"HAS_CSL": True, "PAGE_SIZE": n} for n in (16, 32, 64, 128)},
+    # packed rows (cu_seqlens_q) over pages of 16
+    "varlen_paged16": {"HAS_CSL": True, "PAGE_SIZE": 16, "IS_VARLEN": True},
+}
 
 
 @dataclass
@@ -60,6 +79,7 @@ class Resources:
     stack: int  # bytes of per-thread stack: > 0 means spilled registers
     shared: int  # bytes of shared memory per program
     compile_s: float
+    variant: str = "plain"  # the forward's inference variant (VARIANTS)
 
 
 def _use_target(arch: int) -> None:
@@ -84,9 +104,11 @@ def _signature(fn, dtype: str, constexprs: dict) -> tuple[dict, dict, dict]:
         elif name in _FLOAT_ARGS:
             sig[name] = "fp32"
         elif name.startswith("stride_"):
-            if name.endswith("d") or name == "stride_kpmn":
+            if name.endswith("d") or name in ("stride_kpmn", "stride_btn"):
                 sig[name] = "constexpr"  # an int equal to 1 is specialized as a constant
                 consts[name] = 1
+            elif name == "stride_btz":  # max_blocks: any int
+                sig[name] = "i32"
             else:
                 sig[name] = "i32"
                 attrs[(i,)] = [["tt.divisibility", 16]]
@@ -118,8 +140,11 @@ def kernel_flags(name: str, D: int) -> dict:
     return {**common, **per_kernel[name]}
 
 
-def probe(name: str, cfg, D: int, dtype: str = "bf16", arch: int = 90) -> Resources:
-    """Compile kernel ``name`` with KernelConfig ``cfg`` for sm_<arch>; read its resources."""
+def probe(
+    name: str, cfg, D: int, dtype: str = "bf16", arch: int = 90, variant: str = "plain"
+) -> Resources:
+    """Compile kernel ``name`` with KernelConfig ``cfg`` for sm_<arch>; read its resources.
+    ``variant``: the forward's inference variant (:data:`VARIANTS`)."""
     import triton
     from triton.compiler import ASTSource
 
@@ -127,7 +152,8 @@ def probe(name: str, cfg, D: int, dtype: str = "bf16", arch: int = 90) -> Resour
 
     _use_target(arch)
     fn = getattr(kernels.DEFAULT_SOURCE.module(), kernels.TUNED_KERNELS[name][0])
-    sig, attrs, consts = _signature(fn, dtype, {**kernel_flags(name, D), **cfg.tiles()})
+    flags = {**kernel_flags(name, D), **(VARIANTS[variant] if name == "fwd" else {})}
+    sig, attrs, consts = _signature(fn, dtype, {**flags, **cfg.tiles()})
     t0 = time.perf_counter()
     compiled = triton.compile(
         ASTSource(fn, sig, consts, attrs),
@@ -156,12 +182,13 @@ def probe(name: str, cfg, D: int, dtype: str = "bf16", arch: int = 90) -> Resour
         stack=int(m[2]),
         shared=int(compiled.metadata.shared),
         compile_s=round(secs, 2),
+        variant=variant if name == "fwd" else "plain",
     )
 
 
 def _probe_job(job: tuple) -> Resources:
-    name, cfg, D, dtype, arch = job
-    return probe(name, cfg, D, dtype, arch)
+    name, cfg, D, dtype, arch, *variant = job
+    return probe(name, cfg, D, dtype, arch, *variant)
 
 
 def to_markdown(rows: list[Resources], arch: int, argv: list[str]) -> str:
@@ -184,13 +211,15 @@ def to_markdown(rows: list[Resources], arch: int, argv: list[str]) -> str:
         "autotuner on the GPU still decides.",
         "- limits on sm_90: 255 registers per thread, 227 KiB shared memory per program.",
         "",
-        "| kernel | config (tiles, warps, stages) | D | registers | stack B | shared KiB |",
-        "|---|---|---|---|---|---|",
+        "| kernel | variant | config (tiles, warps, stages) | D | registers | stack B | "
+        "shared KiB |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         spill = f"**{r.stack}**" if r.stack else "0"
         lines.append(
-            f"| {r.kernel} | {r.config} | {r.D} | {r.regs} | {spill} | {r.shared / 1024:.1f} |"
+            f"| {r.kernel} | {r.variant} | {r.config} | {r.D} | {r.regs} | {spill} | "
+            f"{r.shared / 1024:.1f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -201,6 +230,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kernels", nargs="+", default=list(KERNEL_NAMES), choices=KERNEL_NAMES)
     ap.add_argument("--d", nargs="+", type=int, default=[64, 128], help="head dims")
     ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
+    ap.add_argument(
+        "--variants", nargs="+", default=["plain"], choices=list(VARIANTS),
+        help="the forward's inference variants (other kernels: plain only)",
+    )  # fmt: skip
     ap.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
     ap.add_argument("--json", help="also write the rows as JSON to this file")
@@ -213,19 +246,22 @@ def main(argv: list[str] | None = None) -> int:
     from prefixattn.ops import settings
 
     jobs = [
-        (name, cfg, D, args.dtype, args.arch)
+        (name, cfg, D, args.dtype, args.arch, variant)
         for name in args.kernels
+        for variant in (args.variants if name == "fwd" else ["plain"])
         for cfg in settings.CONFIG_LISTS[name]
         for D in args.d
     ]
-    print(f"{'kernel':12} {'config':22} {'D':>4} {'regs':>5} {'stack':>6} {'shared':>7}")
+    print(
+        f"{'kernel':12} {'variant':9} {'config':22} {'D':>4} {'regs':>5} {'stack':>6} {'shared':>7}"
+    )
     rows = []
     with ProcessPoolExecutor(max(1, args.jobs)) as pool:
         for r in pool.map(_probe_job, jobs):
             rows.append(r)
             flag = "  SPILLS" if r.stack else ""
             print(
-                f"{r.kernel:12} {r.config:22} {r.D:>4} {r.regs:>5} {r.stack:>6} "
+                f"{r.kernel:12} {r.variant:9} {r.config:22} {r.D:>4} {r.regs:>5} {r.stack:>6} "
                 f"{r.shared:>7}{flag}",
                 flush=True,
             )

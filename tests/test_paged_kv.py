@@ -18,13 +18,13 @@ import functools
 
 import pytest
 import torch
-from conftest import DEVICE
+from conftest import DEVICE, HAS_CUDA
 from reference64 import attention64
 
 import prefixattn
 from prefixattn.ops.settings import KernelConfig, use_settings
 
-BACKENDS = ["reference", "sdpa"]  # triton: the next commit
+BACKENDS = ["reference", "sdpa", "triton"]
 D = 16
 NUM_BLOCKS = 10
 GARBAGE = 10**6  # a table entry past a row's last block: never read
@@ -69,6 +69,9 @@ def _case(
     }
     if prefix == "shared":
         kw["prefix_k"], kw["prefix_v"] = rnd(Hkv, 5, D), rnd(Hkv, 5, D)
+    elif prefix == "per_row":  # one prefix per row, rows seeing 0 to 4 of its 4 keys
+        kw["prefix_k"], kw["prefix_v"] = rnd(B, Hkv, 4, D), rnd(B, Hkv, 4, D)
+        kw["prefix_lengths"] = torch.tensor([4, 0, 1, 4, 3, 2], device=DEVICE)
     elif prefix == "bank":  # a ragged bank: entry lengths 7, 0, 3
         kw["prefix_k"], kw["prefix_v"] = rnd(3, Hkv, 7, D), rnd(3, Hkv, 7, D)
         kw["prefix_index"] = torch.tensor([0, 1, 2, 0, 2, 1], device=DEVICE)
@@ -103,6 +106,9 @@ def _expected(kw: dict, **features) -> torch.Tensor:
                 e = int(kw["prefix_index"][b])
                 n_p = int(kw["prefix_lengths"][e])
                 pk, pv = pk[e : e + 1, :, :n_p], pv[e : e + 1, :, :n_p]
+            elif pk.dim() == 4:  # per row
+                n_p = int(kw["prefix_lengths"][b])
+                pk, pv = pk[b : b + 1, :, :n_p], pv[b : b + 1, :, :n_p]
             row["prefix_k"], row["prefix_v"] = pk, pv
         if "key_padding_mask" in kw:
             row["key_padding_mask"] = kw["key_padding_mask"][b : b + 1, :n]
@@ -118,7 +124,7 @@ def _tol(backend: str, dtype: torch.dtype = torch.float32) -> float:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("bs", [16, 32])
-@pytest.mark.parametrize("prefix", ["none", "shared", "bank"])
+@pytest.mark.parametrize("prefix", ["none", "shared", "per_row", "bank"])
 @pytest.mark.parametrize("Nq", [1, 3])
 def test_matches_float64_row_by_row(backend: str, bs: int, prefix: str, Nq: int) -> None:
     kw = _case(bs, prefix, Nq)
@@ -156,7 +162,6 @@ def test_half_precision_bank_and_not_causal(backend: str) -> None:
     torch.testing.assert_close(got.double(), _expected(kw), atol=3e-3, rtol=3e-3)
 
 
-@pytest.mark.skip(reason="the Triton kernel reads pages from the next commit on")
 @pytest.mark.parametrize(
     ("bs", "tiles"),
     [(16, (16, 16)), (16, (16, 64)), (32, (16, 64)), (32, (32, 16))],
@@ -206,16 +211,19 @@ def test_bad_input_names_the_argument(backend: str) -> None:
         ({"block_table": bt.tolist()}, TypeError, "block_table"),
         ({"block_table": bt[:3]}, ValueError, "block_table"),
         ({"block_table": bt[:, None]}, ValueError, "block_table"),
-        ({"block_table": out_of_range}, ValueError, "block_table"),
-        ({"block_table": negative}, ValueError, "block_table"),
         ({"cache_seqlens": None}, ValueError, "cache_seqlens"),
-        ({"cache_seqlens": csl.clone().fill_(M * 16 + 1)}, ValueError, "cache_seqlens"),
         ({"cache_batch_idx": torch.zeros_like(csl)}, ValueError, "cache_batch_idx"),
         ({"k": kw["k"][:, :, :12], "v": kw["v"][:, :, :12]}, ValueError, "block_size"),
         ({"k": kw["k"][:, :, :8], "v": kw["v"][:, :, :8]}, ValueError, "block_size"),
         ({"dropout_p": 0.1}, ValueError, "dropout_p"),
         ({"key_padding_mask": torch.ones(6, 16, dtype=torch.bool)}, ValueError, "key_padding"),
     ]
+    if not HAS_CUDA:  # on CUDA a bad value is a device-side assert (it ends the context)
+        bad += [
+            ({"block_table": out_of_range}, ValueError, "block_table"),
+            ({"block_table": negative}, ValueError, "block_table"),
+            ({"cache_seqlens": csl.clone().fill_(M * 16 + 1)}, ValueError, "cache_seqlens"),
+        ]
     for change, err, name in bad:
         with pytest.raises(err, match=name):
             attn(**{**kw, **change})
@@ -237,3 +245,56 @@ def test_refused_under_torch_compile_by_name() -> None:
     )
     with pytest.raises(ValueError, match="block_table"):
         traced_prefix_attention(call)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decode_steps_reuse_the_plan_and_check_each_table(backend: str) -> None:
+    """Decode steps with one signature (one cached plan): lengths grow across a block
+    boundary while the table gains blocks; each step matches the reference, and a table
+    that points a needed key out of the pool is refused on a plan hit too."""
+    kw = _case(16, "shared", 1, seed=6)
+    for step in range(3):
+        kw["cache_seqlens"] = kw["cache_seqlens"] + 1  # 15 -> 16 -> 17 crosses a block
+        kw["q"] = torch.randn_like(kw["q"])
+        bt = kw["block_table"].clone()
+        for b, n in enumerate(kw["cache_seqlens"].tolist()):
+            used = -(-n // 16)
+            if used and not 0 <= bt[b, used - 1] < NUM_BLOCKS:
+                bt[b, used - 1] = (b + step) % NUM_BLOCKS  # a new block for the new key
+        kw["block_table"] = bt
+        got = prefixattn.prefix_attention(**kw, backend=backend)
+        torch.testing.assert_close(got.double(), _expected(kw), atol=_tol(backend), rtol=2e-3)
+    if HAS_CUDA:  # a bad value is a device-side assert there (it ends the context)
+        return
+    bad = kw["block_table"].clone()
+    bad[5, 0] = -3
+    with pytest.raises(ValueError, match="block_table"):
+        prefixattn.prefix_attention(**{**kw, "block_table": bad}, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["triton"])
+def test_batch_past_the_grid_limit_is_cut_with_its_table(backend: str) -> None:
+    """B * H past the grid limit: the launch is cut into row chunks; each chunk takes its
+    rows of the table (and of a per-row prefix) and the whole block pool."""
+    kw = _case(16, "per_row", 3, seed=7)
+    with use_settings(max_grid_y=8):  # 6 rows x 4 heads: chunks of 2 rows
+        got = prefixattn.prefix_attention(**kw, backend=backend)
+    torch.testing.assert_close(got.double(), _expected(kw), atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="on CUDA a bad value is a device-side assert")
+@pytest.mark.parametrize("backend", ["sdpa", "triton"])
+def test_table_checked_once_per_version(backend: str) -> None:
+    """The layers of a step share one table: checked once, and again after any in-place
+    change (a block id written out of the pool is refused on the next call)."""
+    kw = _case(16, "none", 1, seed=8)
+    first = prefixattn.prefix_attention(**kw, backend=backend)
+    again = prefixattn.prefix_attention(**kw, backend=backend)  # same tensors: a plan hit
+    torch.testing.assert_close(first, again, atol=0, rtol=0)
+    kw["block_table"][5, 2] = NUM_BLOCKS + 3  # in place: a new version
+    with pytest.raises(ValueError, match="block_table"):
+        prefixattn.prefix_attention(**kw, backend=backend)
+    kw["block_table"][5, 2] = 1
+    kw["cache_seqlens"][2] = 10**4  # in place, another tensor
+    with pytest.raises(ValueError, match="cache_seqlens"):
+        prefixattn.prefix_attention(**kw, backend=backend)

@@ -38,6 +38,7 @@ def prefix_attention(
     cache_seqlens: torch.Tensor | None = None,
     cache_batch_idx: torch.Tensor | None = None,
     block_table: torch.Tensor | None = None,
+    cu_seqlens_q: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention over a prefix of P virtual keys plus the sequence keys, fused.
 
@@ -88,6 +89,23 @@ def prefix_attention(
                 logical keys  0 1 2 3 | 4 5 6 7 | 8 9 . .  | (ignored)
                 block pool    block 5 | block 2 | block 7  | -1: never read
                 k[5, :, 0:4]  = keys 0..3, k[2, :, 0:4] = keys 4..7, k[7, :, 0:2] = keys 8, 9
+
+        cu_seqlens_q: int32/int64 [B + 1], packed rows (as ``flash_attn_varlen_func``'s
+            ``cu_seqlens_q``; continuous batching of prefill chunks and decode steps in one
+            call): q is [1, H, total_q, D] and row b's q_len_b = cu_seqlens_q[b + 1] -
+            cu_seqlens_q[b] queries are ``q[:, :, cu_seqlens_q[b]:cu_seqlens_q[b + 1]]``
+            (cu_seqlens_q[0] = 0, non-decreasing, cu_seqlens_q[B] = total_q; a row may have
+            none). Needs ``cache_seqlens``: query i of row b sits at position
+            cache_seqlens[b] - q_len_b + i of its keys (its own last q_len_b keys, the
+            mask above per row). Works with each kind of keys: [B, Hkv, Nk, D], a slot
+            pool (``cache_batch_idx``) or pages (``block_table``). Returns [1, H, total_q,
+            D]. Inference only, as ``cache_seqlens``. The torch backends unpack the rows
+            (one host sync for the longest row); the Triton kernel reads them in place::
+
+                cu_seqlens_q = [0, 1, 4, 6], cache_seqlens = [9, 3, 20]
+                q tokens   0 | 1 2 3 | 4 5
+                row        0 | 1     | 2
+                position   8 | 0 1 2 | 18 19    (queries see keys <= their position)
         backend: "auto" (Triton on CUDA, "sdpa" elsewhere), "triton" (CUDA, or CPU under
             TRITON_INTERPRET=1), "sdpa" (PyTorch's fused scaled_dot_product_attention on
             the concatenated prefix + keys: any device and dtype) or "reference" (the
@@ -132,7 +150,7 @@ def prefix_attention(
             softcap=softcap, prefix_window=prefix_window,
             backend=resolve_backend(backend, q), settings=ACTIVE.settings,
             cache_seqlens=cache_seqlens, cache_batch_idx=cache_batch_idx,
-            block_table=block_table,
+            block_table=block_table, cu_seqlens_q=cu_seqlens_q,
         ))  # fmt: skip
     # the call, once: every layer below takes it (call.py); "auto" is resolved here
     call = new_call(
@@ -140,10 +158,13 @@ def prefix_attention(
         (q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, sinks,
          causal, sm_scale, dropout_p, window, softcap, prefix_window,
          backend if backend != "auto" else resolve_backend(backend, q), ACTIVE.settings,
-         cache_seqlens, cache_batch_idx, block_table),
+         cache_seqlens, cache_batch_idx, block_table, cu_seqlens_q),
     )  # fmt: skip
     if (
-        cache_seqlens is not None or cache_batch_idx is not None or block_table is not None
+        cache_seqlens is not None
+        or cache_batch_idx is not None
+        or block_table is not None
+        or cu_seqlens_q is not None
     ) and _grad_enabled():
         check_no_grad(call)
     # the call's plan: validated and set up once per signature (plan.py)

@@ -63,15 +63,20 @@ class AttentionCall(NamedTuple):
     # [num_blocks, Hkv, block_size, D]; row b's key j lives in block block_table[b, j //
     # block_size] at offset j % block_size. int32 [B, max_blocks]; needs cache_seqlens.
     block_table: torch.Tensor | None = None
+    # packed rows (as flash_attn_varlen_func's cu_seqlens_q): q is [1, H, total_q, D] and
+    # row b's queries are q[:, :, cu_seqlens_q[b]:cu_seqlens_q[b + 1]], the last ones of
+    # its cache_seqlens[b] keys. int32/int64 [B + 1]; needs cache_seqlens.
+    cu_seqlens_q: torch.Tensor | None = None
 
     @property
     def has_cache(self) -> bool:
-        """Whether the call reads a KV-cache pool (cache_seqlens, cache_batch_idx or
-        block_table)."""
+        """Whether the call reads a KV-cache pool (cache_seqlens, cache_batch_idx,
+        block_table or cu_seqlens_q)."""
         return (
             self.cache_seqlens is not None
             or self.cache_batch_idx is not None
             or self.block_table is not None
+            or self.cu_seqlens_q is not None
         )
 
     def rows(self, rows: slice, per_row: bool) -> AttentionCall:

@@ -312,7 +312,8 @@ def traced_prefix_attention(call: AttentionCall) -> Tensor:
     """
     if call.has_cache:
         raise ValueError(
-            "cache_seqlens / cache_batch_idx / block_table (a KV-cache pool) are not supported under "
+            "cache_seqlens / cache_batch_idx / block_table / cu_seqlens_q (a KV-cache pool) "
+            "are not supported under "
             "torch.compile; call prefix_attention eagerly"
         )
     prob = validate(call, check_values=False)

@@ -31,6 +31,8 @@ def forward_spec(
 def forward_outputs(q: torch.Tensor, prob: AttnProblem) -> tuple[torch.Tensor, torch.Tensor]:
     """Fresh (out [B, H, Nq, D] in q's dtype, lse [B, H, Nq] fp32)."""
     B, H, Nq, D = prob.B, prob.H, prob.Nq, prob.D
+    if prob.varlen:  # packed rows: [1, H, total_q, D]
+        B = 1
     out = torch.empty((B, H, Nq, D), device=q.device, dtype=q.dtype)
     lse = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
     return out, lse

@@ -74,11 +74,14 @@ def lookup_plan(call: AttentionCall) -> CallPlan:
     scalars with their types (so ``causal=1`` never hits a plan made for ``True``), the
     backend and the settings. Inputs that are not tensors fail to make a key and go to
     validation, which names them. On a hit the value checks left are the ranges of
-    ``prefix_index`` and ``prefix_lengths``, once per tensor (and again after an in-place
-    change): every layer of a model gets the same index tensor.
+    ``prefix_index`` and ``prefix_lengths``, and of the KV-cache tensors
+    (``cache_seqlens``, ``cache_batch_idx``, ``block_table``, ``cu_seqlens_q``), once per
+    tensor (and again after an in-place change, which bumps the tensor's version): every
+    layer of a model gets the same index tensors. A tensor written behind autograd's back
+    (a raw kernel, no version bump) is not checked again.
     """
     q, k, v, pk, pv, pidx, plen, kpm, sinks, causal, sm_scale, dropout_p = call[:12]
-    window, softcap, prefix_window, backend, settings, csl, cbi, bt = call[12:]
+    window, softcap, prefix_window, backend, settings, csl, cbi, bt, cuq = call[12:]
     try:
         key = (
             q.__class__, q.shape, q.stride(), q.dtype, q.device,
@@ -96,6 +99,7 @@ def lookup_plan(call: AttentionCall) -> CallPlan:
             None if sinks is None else (sinks.__class__, sinks.shape, sinks.dtype, sinks.device),
             window, window.__class__, softcap, softcap.__class__, prefix_window,
             None if bt is None else (bt.__class__, bt.shape, bt.stride(), bt.dtype, bt.device),
+            None if cuq is None else (cuq.__class__, cuq.shape, cuq.dtype, cuq.device),
         )  # fmt: skip
         plan = PLANS.get(key)
     except (AttributeError, TypeError):  # not tensors, or unhashable scalars
@@ -111,27 +115,45 @@ def lookup_plan(call: AttentionCall) -> CallPlan:
             if seen is None or seen[0]() is not plen or seen[1] != plen._version:
                 check_lengths_range(plen, plan.prob.P)
                 plan.lengths_seen = (weakref.ref(plen), plen._version)
-        if csl is not None or cbi is not None or bt is not None:  # new every decoding step
-            check_cache_values(call, plan.prob.Nk, k.shape[0])
+        if csl is not None or cbi is not None or bt is not None or cuq is not None:
+            # new values every decoding step, the same tensors in every layer of a step:
+            # checked once per (tensors, versions)
+            seen = plan.cache_seen
+            if seen is None or not _same_tensors(seen, (csl, cbi, bt, cuq)):
+                check_cache_values(call, plan.prob.Nk, k.shape[0])
+                plan.cache_seen = _tensor_marks((csl, cbi, bt, cuq))
         return plan
     prob = validate(call)
     if backend == "triton":
         source(settings).check_device(q, settings)
-        if bt is not None:
-            raise NotImplementedError(
-                "block_table (a paged KV cache) is not in the Triton kernel yet; "
-                "use backend='sdpa' or 'reference'"
-            )
     plan = CallPlan(call, prob)
     if plan.check_index:  # validate() checked these tensors' values
         plan.index_seen = (weakref.ref(pidx), pidx._version)
     if plan.check_lengths:
         plan.lengths_seen = (weakref.ref(plen), plen._version)
+    if call.has_cache:  # validate() checked these values
+        plan.cache_seen = _tensor_marks((csl, cbi, bt, cuq))
     if key is not None:
         if len(PLANS) >= MAX_PLANS:
             PLANS.clear()
         PLANS[key] = plan
     return plan
+
+
+def _tensor_marks(ts: tuple) -> tuple:
+    """(weakref, version) of each tensor (None stays None): which values were checked."""
+    return tuple(None if t is None else (weakref.ref(t), t._version) for t in ts)
+
+
+def _same_tensors(marks: tuple, ts: tuple) -> bool:
+    """Whether ``ts`` are the tensors of ``marks``, unchanged since (same version)."""
+    for m, t in zip(marks, ts):
+        if t is None:
+            if m is not None:
+                return False
+        elif m is None or m[0]() is not t or m[1] != t._version:
+            return False
+    return True
 
 
 class KernelLaunch:
@@ -233,12 +255,16 @@ class CallPlan:
         # (weakref, version) of the last prefix_index / prefix_lengths tensor checked
         self.index_seen: tuple | None = None
         self.lengths_seen: tuple | None = None
+        # (weakref, version) of the cache tensors (cache_seqlens, cache_batch_idx,
+        # block_table, cu_seqlens_q) whose values were last checked
+        self.cache_seen: tuple | None = None
         self.empty = prob.B * prob.H * prob.Nq == 0
         self.chunked = len(batch_chunks(prob, call.settings, None)) > 1
         self.has_p = prob.prefix_mode != PREFIX_NONE
         self.dropout = call.dropout_p > 0.0
-        self.out_shape = (prob.B, prob.H, prob.Nq, prob.D)
-        self.lse_shape = (prob.B, prob.H, prob.Nq)
+        rows = 1 if prob.varlen else prob.B  # packed rows: [1, H, total_q, D]
+        self.out_shape = (rows, prob.H, prob.Nq, prob.D)
+        self.lse_shape = (rows, prob.H, prob.Nq)
         self.fwd: KernelLaunch | None = None
         self.bwd: dict[tuple, _BackwardPlan] = {}
 
@@ -272,6 +298,8 @@ class CallPlan:
             a |= call.cache_batch_idx.data_ptr()
         if call.block_table is not None:
             a |= call.block_table.data_ptr()
+        if call.cu_seqlens_q is not None:
+            a |= call.cu_seqlens_q.data_ptr()
         if call.sinks is not None:
             a |= ptrs["SINKS"].data_ptr()
         aligned = not a & 15

@@ -97,6 +97,30 @@ def pool_rows(call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
     return call.k.index_select(0, idx), call.v.index_select(0, idx)  # [B, Hkv, Nk, D]
 
 
+def varlen_padded(call: AttentionCall) -> tuple[AttentionCall, torch.Tensor, torch.Tensor]:
+    """Packed rows (``cu_seqlens_q``) as a padded call the other paths take: (the call with
+    q [B, H, max_q, D] and no ``cu_seqlens_q``, row [total_q], col [total_q]). Row b's
+    queries go to the *last* q_len_b places of its padded row, so the cache mode's
+    alignment (query i at cache_seqlens[b] - max_q + i) puts them at their positions; the
+    padding queries before them are computed and dropped. Query token t is at
+    (row[t], col[t]). One host sync (the longest row): these are the CPU/reference paths."""
+    q, cu = call.q, call.cu_seqlens_q.to(torch.int64)
+    H, total, D = q.shape[1], q.shape[2], q.shape[3]
+    lens = cu[1:] - cu[:-1]  # [B]
+    B = lens.shape[0]
+    max_q = int(lens.max()) if B else 0
+    row = torch.repeat_interleave(torch.arange(B, device=q.device), lens, output_size=total)
+    col = (max_q - lens)[row] + torch.arange(total, device=q.device) - cu[row]  # [total_q]
+    qp = q.new_zeros(B, H, max_q, D)
+    qp[row, :, col] = q[0].transpose(0, 1)  # [total_q, H, D] into [B, H, max_q, D]
+    return call._replace(q=qp, cu_seqlens_q=None), row, col
+
+
+def varlen_unpad(out: torch.Tensor, row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+    """The padded output [B, H, max_q, D] back to the packed [1, H, total_q, D]."""
+    return out[row, :, col].transpose(0, 1)[None]  # [total_q, H, D] -> [1, H, total_q, D]
+
+
 def prefix_window_visible(
     Nq: int,
     Nk: int,

@@ -41,9 +41,11 @@ from .reference import (
     prefix_visible,
     prefix_window_visible,
     reference_prefix_attention,
+    varlen_padded,
+    varlen_unpad,
     visible_mask,
 )
-from .validation import PREFIX_BANK, PREFIX_NONE, PREFIX_SHARED, AttnProblem
+from .validation import PREFIX_BANK, PREFIX_NONE, PREFIX_SHARED, AttnProblem, validate
 
 
 def prefix_visibility_mask(
@@ -170,6 +172,10 @@ def sdpa_prefix_attention(call: AttentionCall, prob: AttnProblem) -> torch.Tenso
 def torch_backend(call: AttentionCall, prob: AttnProblem) -> torch.Tensor:
     """The ``"sdpa"`` or ``"reference"`` backend (``call.backend``) on a validated call:
     the one route to either, eager or traced."""
+    if call.cu_seqlens_q is not None:  # packed rows: padded, run, packed again
+        padded, row, col = varlen_padded(call)
+        out = torch_backend(padded, validate(padded, check_values=False))
+        return varlen_unpad(out, row, col)
     if call.backend == "sdpa":
         return sdpa_prefix_attention(call, prob)
     return reference_prefix_attention(call, prob)

@@ -53,6 +53,7 @@ class AttnProblem:
     softcap: float = 0.0  # logit soft-capping C (C * tanh(s / C)), 0 = none
     has_sinks: bool = False  # attention sinks [H] in the softmax denominator
     prefix_windowed: bool = False  # prefix keys leave the window ("sliding"), with a prefix
+    varlen: bool = False  # packed rows (cu_seqlens_q): q is [1, H, Nq = total_q, D]
 
     @property
     def group(self) -> int:
@@ -175,13 +176,16 @@ def validate(call: AttentionCall, check_values: bool = True) -> AttnProblem:
         if t.device != q.device:
             raise ValueError(f"{name} must be on the device of q ({q.device}), got {t.device}")
     B, H, Nq, D = q.shape
+    if call.cu_seqlens_q is not None:  # packed rows: B rows over Nq = total_q queries
+        B = check_cu_seqlens_q(call)
     Bk, Hkv, Nk, Dk = k.shape
     if call.block_table is not None:  # a paged cache: Nk counts each row's logical keys
         Nk = check_block_table(call, B)
     elif Bk != B and call.cache_batch_idx is None:
         pool = " (a KV-cache pool of other than B slots needs cache_batch_idx)"
         raise ValueError(
-            f"k must have batch size B={B} (from q), got k of shape {_shape(k)}"
+            f"k must have batch size B={B} (from "
+            f"{'q' if call.cu_seqlens_q is None else 'cu_seqlens_q'}), got k of shape {_shape(k)}"
             + (pool if call.cache_seqlens is not None else "")
         )
     if Dk != D:
@@ -305,6 +309,7 @@ def validate(call: AttentionCall, check_values: bool = True) -> AttnProblem:
         softcap=softcap,
         has_sinks=sinks is not None,
         prefix_windowed=window > 0 and call.prefix_window == "sliding" and mode != PREFIX_NONE,
+        varlen=call.cu_seqlens_q is not None,
     )
     if prefix_lengths is not None:
         check_prefix_lengths(prefix_lengths, prob, q.device, check_index_values)
@@ -335,6 +340,52 @@ def check_cache_values(call: AttentionCall, Nk: int, S: int) -> None:
     bt = call.block_table
     if bt is not None and csl is not None and bt.numel():
         check_block_table_values(bt, csl, call.k.shape[2], S)
+    cu = call.cu_seqlens_q
+    if cu is not None:
+        check_cu_seqlens_q_values(cu, call.q.shape[2])
+
+
+def check_cu_seqlens_q(call: AttentionCall) -> int:
+    """Check ``cu_seqlens_q`` (packed rows: q [1, H, total_q, D], ``cache_seqlens``
+    required); returns the number of rows B = len(cu_seqlens_q) - 1."""
+    cu, q = call.cu_seqlens_q, call.q
+    if not isinstance(cu, torch.Tensor):
+        raise TypeError(
+            f"cu_seqlens_q must be an int32 torch.Tensor of shape [B + 1], got {type(cu).__name__}"
+        )
+    if cu.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"cu_seqlens_q must have dtype torch.int32 (or int64), got {cu.dtype}")
+    if cu.dim() != 1 or cu.shape[0] < 1:
+        raise ValueError(f"cu_seqlens_q must have shape [B + 1] with B >= 0, got {_shape(cu)}")
+    if cu.device != q.device:
+        raise ValueError(f"cu_seqlens_q must be on the device of q ({q.device}), got {cu.device}")
+    if q.shape[0] != 1:
+        raise ValueError(
+            f"q with cu_seqlens_q (packed rows) must have shape [1, H, total_q, D], got q of "
+            f"shape {_shape(q)}"
+        )
+    if call.cache_seqlens is None:
+        raise ValueError(
+            "cu_seqlens_q (packed rows) needs cache_seqlens: row b's queries are the last "
+            "of its cache_seqlens[b] keys"
+        )
+    return cu.shape[0] - 1
+
+
+def check_cu_seqlens_q_values(cu: torch.Tensor, total_q: int) -> None:
+    """cu_seqlens_q[0] == 0, non-decreasing, cu_seqlens_q[B] == total_q (without a
+    host-device sync on a GPU; see :func:`_assert_values`)."""
+    ok = torch.logical_and(cu[0] == 0, cu[-1] == total_q)
+    if cu.shape[0] > 1:
+        ok = torch.logical_and(ok, (cu[1:] >= cu[:-1]).all())
+    msg = (
+        f"cu_seqlens_q must start at 0, never decrease and end at total_q={total_q} "
+        "(the queries of q [1, H, total_q, D])"
+    )
+    try:
+        torch._assert_async(ok, msg)
+    except RuntimeError:  # CPU: the check ran now
+        raise ValueError(f"{msg}, got {cu.tolist()[:8]}{'...' if cu.numel() > 8 else ''}") from None
 
 
 def needed_blocks(block_table: torch.Tensor, cache_seqlens: torch.Tensor, block_size: int):
@@ -409,7 +460,8 @@ def check_no_grad(call: AttentionCall) -> None:
              if isinstance(getattr(call, n), torch.Tensor) and getattr(call, n).requires_grad]  # fmt: skip
     if grads:
         raise ValueError(
-            f"cache_seqlens / cache_batch_idx / block_table (a KV-cache pool) are for inference: "
+            f"cache_seqlens / cache_batch_idx / block_table / cu_seqlens_q (a KV-cache pool) "
+            f"are for inference: "
             f"{', '.join(grads)} require grad; call under torch.no_grad()"
         )
 
