@@ -294,7 +294,7 @@ def test_a_task_removed_while_its_row_runs_ends_that_row_only() -> None:
         p = prompts(len(tok), [7], seed=13)[0]
         eng = Engine(bank, tok, max_num_seqs=4, max_model_len=128, seed=0)
         doomed = request("t4", p, eng, max_tokens=100, ignore_eos=True)
-        keep = request("t9", p, eng, max_tokens=60, ignore_eos=True)
+        keep = request("t9", p, eng, max_tokens=24, ignore_eos=True)
         eng.submit(doomed)
         eng.submit(keep)
         eng.start()
@@ -312,6 +312,6 @@ def test_a_task_removed_while_its_row_runs_ends_that_row_only() -> None:
         (reason, error), = doomed.sink.finished  # fmt: skip
         assert reason == "error" and "removed or replaced" in error
         x = torch.tensor([p])
-        want = bank.generate(["t9"], input_ids=x, max_new_tokens=60, do_sample=False,
+        want = bank.generate(["t9"], input_ids=x, max_new_tokens=24, do_sample=False,
                              eos_token_id=None)[0, 7:].tolist()  # fmt: skip
         assert keep.sink.ids == want and eng.kv.num_free_blocks == eng.pool.num_blocks
