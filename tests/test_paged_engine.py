@@ -315,3 +315,32 @@ def test_a_task_removed_while_its_row_runs_ends_that_row_only() -> None:
         want = bank.generate(["t9"], input_ids=x, max_new_tokens=24, do_sample=False,
                              eos_token_id=None)[0, 7:].tolist()  # fmt: skip
         assert keep.sink.ids == want and eng.kv.num_free_blocks == eng.pool.num_blocks
+
+
+@pytest.mark.parametrize("buckets", [None, (1, 2, 4)], ids=["dynamic", "static"])
+def test_paged_steps_through_the_triton_kernel(buckets) -> None:
+    """The Triton kernel (the interpreter on the CPU) reads the pages in place and the
+    bank prefixes through prefix_index: decode batches (dynamic and the static CUDA-graph
+    buffers) and prefill chunks over cached pages (a prefix-cache hit); the same greedy
+    tokens as TaskBank.generate of each row alone (sdpa)."""
+    from prefixattn.hf.patching import patch
+
+    with single_thread():
+        bank, tok = _tiny_bank()
+        shared = prompts(len(tok), [17], seed=14)[0]
+        ps = [[*shared, 5], prompts(len(tok), [6], seed=15)[0], [*shared, 9, 4]]
+        tasks = ["t9", "base", "t9"]
+        want = [alone(bank, t, p, 4, tok.eos_token_id) for t, p in zip(tasks, ps)]
+        patch(bank.model, "triton")
+        try:
+            eng = Engine(bank, tok, max_num_seqs=2, max_num_batched_tokens=8, max_model_len=48,
+                         seed=0, decode_buckets=buckets)  # fmt: skip
+            reqs = [request(t, p, max_tokens=4) for t, p in zip(tasks, ps)]
+            run(eng, reqs[:2])
+            run(eng, reqs[2:])
+        finally:
+            patch(bank.model, "auto")
+        for r, w in zip(reqs, want):
+            assert r.sink.ids == w, r.task
+        m = eng.metrics()
+        assert m["prefix_cache"]["hits"] == 1 and m["steps"]["decode_tokens"] > 0
