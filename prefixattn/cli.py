@@ -717,6 +717,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         kv_slots=args.kv_slots, max_model_len=args.max_model_len, cuda_graphs=args.cuda_graphs,
         max_body_bytes=args.max_body_bytes, backend=args.backend, task_dir=args.task_dir,
         max_loaded_tasks=args.max_loaded_tasks, limits=_request_limits(args),
+        block_size=args.block_size, num_blocks=args.num_blocks,
+        kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=not args.no_prefix_caching,
     )  # fmt: skip
     served = ", ".join(app.state.bank.tasks)
     if app.state.tasks is not None:
@@ -790,14 +792,34 @@ def _add_serve(sub: Any) -> None:
         "--kv-slots",
         type=_positive_int,
         default=None,
-        help="KV cache slots preallocated at start-up (default --max-num-seqs)",
+        help="size the paged KV cache for this many rows of --max-model-len tokens "
+        "(default --max-num-seqs; --num-blocks or --kv-cache-memory override it)",
     )
     p.add_argument(
         "--max-model-len",
         type=_positive_int,
         default=None,
-        help="KV positions per slot: task prefix + prompt + max_tokens of one request "
-        "(default the model's context, at most 1024)",
+        help="prompt + max_tokens of one request (the task prefix is not counted: it is "
+        "read from the bank; default the model's context, at most 1024)",
+    )
+    p.add_argument(
+        "--block-size",
+        type=_positive_int,
+        default=16,
+        help="tokens per KV block (a power of two >= 16; default 16)",
+    )
+    p.add_argument("--num-blocks", type=_positive_int, default=None, help="KV blocks preallocated")
+    p.add_argument(
+        "--kv-cache-memory",
+        type=_positive_int,
+        default=None,
+        help="bytes of KV blocks preallocated (instead of --num-blocks)",
+    )
+    p.add_argument(
+        "--no-prefix-caching",
+        action="store_true",
+        help="do not reuse the KV blocks of earlier prompts (automatic prefix caching is "
+        "on by default: same task, same leading tokens)",
     )
     p.add_argument(
         "--cuda-graphs",

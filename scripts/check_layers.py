@@ -72,7 +72,12 @@ LAYERS: list[list[str]] = [
     # serving, the engine (prefixattn.serve.engine): its interface at the bottom, then the
     # data path of one step, the step loop on top
     ["prefixattn.serve.engine.request"],
-    ["prefixattn.serve.engine.kv_cache", "prefixattn.serve.engine.sampling"],
+    [
+        "prefixattn.serve.engine.kv_cache",
+        "prefixattn.serve.engine.sampling",
+        "prefixattn.serve.engine.block_pool",
+    ],
+    ["prefixattn.serve.engine.kv_cache_manager"],
     ["prefixattn.serve.engine.scheduler"],
     ["prefixattn.serve.engine.runner"],
     ["prefixattn.serve.engine.cuda_graphs"],

@@ -141,8 +141,8 @@ def test_openai_chat_plain_stream_usage_and_models(env) -> None:
         )["input_ids"]
         assert tk["tokens"] == want
     card = c.models.retrieve("t1")
-    # the model's 512 positions, less the task's 3 prefix keys in each row's KV slot
-    assert card.id == "t1" and card.model_extra["max_model_len"] == 512 - 3
+    # the model's 512 positions (the task's 3 prefix keys are the bank's, not the row's)
+    assert card.id == "t1" and card.model_extra["max_model_len"] == 512
     assert {m.id for m in c.models.list()} == {"byte", "t1"}
     with pytest.raises(openai.NotFoundError):
         c.models.retrieve("nope")

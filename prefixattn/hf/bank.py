@@ -162,6 +162,22 @@ class TaskBank(nn.Module):
         pre = None if P == 0 else st.bank[:, :, t, :, :P]  # [L, 2, Hkv, P, D]
         return pre, st.offsets[t]
 
+    def snapshot(self) -> _BankState:
+        """The bank as it is now: ``names``, ``bank`` [L, 2, T, Hkv, P, D], ``lengths``,
+        ``offsets``, ``lengths_t`` (a NamedTuple, replaced whole and never changed by
+        :meth:`add` / :meth:`remove`: a caller that holds it keeps consistent tensors).
+        Used by the serving engine, which resolves its rows' task names every step."""
+        return self._state
+
+    @staticmethod
+    def snapshot_provider(st: _BankState, index: torch.Tensor) -> StaticPrefix | None:
+        """The prefix provider of rows ``index`` (int64 [B], bank entries of ``st``): the
+        kernel's bank path (``prefix_index`` / ``prefix_lengths``), no copy of any prefix.
+        None when ``st`` has no prefix keys at all (every task P = 0)."""
+        if st.bank is None or st.bank.shape[4] == 0:
+            return None
+        return TaskBank._provider(st, index)
+
     def _read(self, name: str, prefix: object) -> tuple[torch.Tensor, int]:
         """(prefix [L, 2, Hkv, P, D], position offset) of one task."""
         if isinstance(prefix, PromptTuning):

@@ -268,7 +268,9 @@ class _PatchState:
     recorder: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
     # (cache_seqlens [B], cache_batch_idx [B]) while the model's cache hands the attention
     # a KV-cache pool [S, Hkv, Nmax, D] instead of each row's keys (see set_kv_pool)
-    kv_pool: tuple[torch.Tensor, torch.Tensor] | None = None
+    kv_pool: tuple[torch.Tensor, torch.Tensor | None] | None = None
+    # int32 [B, max_blocks] while that pool is a paged block pool (see set_kv_pool)
+    kv_block_table: torch.Tensor | None = None
 
 
 # --------------------------------------------------------------------------------------
@@ -432,7 +434,12 @@ def record_kv(model: PreTrainedModel) -> Iterator[dict[int, tuple[torch.Tensor, 
         state.recorder = previous
 
 
-def set_kv_pool(model: PreTrainedModel, view: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+def set_kv_pool(
+    model: PreTrainedModel,
+    view: tuple[torch.Tensor, torch.Tensor | None] | None,
+    *,
+    block_table: torch.Tensor | None = None,
+) -> None:
     """Tell a patched ``model``'s attention that its cache returns a KV-cache pool.
 
     ``view = (cache_seqlens, cache_batch_idx)``, int [B] each: the keys and values the
@@ -441,13 +448,19 @@ def set_kv_pool(model: PreTrainedModel, view: tuple[torch.Tensor, torch.Tensor] 
     :func:`prefixattn.prefix_attention`); the kernel reads it in place. ``None``: keys
     and values are per row again. Used by the serving engine around a decode step.
 
+    ``block_table`` int32 [B, max_blocks] (with ``cache_batch_idx`` None): the pool is a
+    paged block pool [num_blocks, Hkv, block_size, D] (the kernel's paged mode).
+
     Raises:
         ValueError: ``model`` is not patched.
     """
     state = getattr(model, _STATE_ATTR, None)
     if not isinstance(state, _PatchState):
         raise ValueError("model must be patched with prefixattn.patch(model) before set_kv_pool")
+    if block_table is not None and (view is None or view[1] is not None):
+        raise ValueError("set_kv_pool: block_table needs view=(cache_seqlens, None)")
     state.kv_pool = view
+    state.kv_block_table = None if view is None else block_table
 
 
 def get_prefix(model: nn.Module) -> PrefixProvider | None:
@@ -906,11 +919,15 @@ def prefixattn_attention_forward(
             if got.lengths is not None:  # a ragged bank
                 prefix_lengths = got.lengths.to(query.device)
             prefix_window = provider.prefix_window
-    if (
-        window is not None
-        and key.shape[2] <= window
-        and (prefix_k is None or prefix_window == "all")
-    ):
+    pool = state.kv_pool if state is not None and not is_cross else None
+    kw: dict[str, Any] = {}
+    n_keys = key.shape[2]
+    if pool is not None:
+        kw = {"cache_seqlens": pool[0], "cache_batch_idx": pool[1]}
+        if state.kv_block_table is not None:  # a paged pool: the rows' logical keys
+            kw["block_table"] = state.kv_block_table
+            n_keys = state.kv_block_table.shape[1] * key.shape[2]
+    if window is not None and n_keys <= window and (prefix_k is None or prefix_window == "all"):
         window = None  # the window holds every key: plain causal (the faster kernel variant)
 
     sm_scale = None if scaling is None else float(scaling)
@@ -929,8 +946,6 @@ def prefixattn_attention_forward(
             window=None if window is None else int(window), prefix_window=prefix_window,
         )  # fmt: skip
         return out.transpose(1, 2).contiguous(), None  # [B, Nq, H, D]
-    pool = state.kv_pool if state is not None and not is_cross else None
-    kw = {} if pool is None else {"cache_seqlens": pool[0], "cache_batch_idx": pool[1]}
     Bq, H, Nq, D = query.shape
     if packed is not None:  # [Bq, H(kv), N, D] -> [1, H(kv), Bq * N, D], rows one after another
         if pool is not None:

@@ -78,8 +78,9 @@ def gather_pages(
     ids = torch.where(need, block_table.to(torch.int64), 0)  # [B, M]
     if NB == 0:  # no blocks at all (every row is empty): zeros of the row shape
         return pool.new_zeros(B, Hkv, M * bs, D)
-    pages = pool.index_select(0, ids.reshape(-1)).view(B, M, Hkv, bs, D)  # [B, M, Hkv, bs, D]
-    return pages.transpose(1, 2).reshape(B, Hkv, M * bs, D)  # [B, Hkv, M * bs, D]
+    # one copy: gathered head-major, [Hkv, B * M, bs, D], then a view [B, Hkv, M * bs, D]
+    pages = pool.transpose(0, 1).index_select(1, ids.reshape(-1))  # [Hkv, B * M, bs, D]
+    return pages.view(Hkv, B, M * bs, D).transpose(0, 1)  # [B, Hkv, M * bs, D] (a view)
 
 
 def pool_rows(call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:

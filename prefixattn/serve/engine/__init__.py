@@ -3,9 +3,12 @@
 The data path, lowest first (each module imports only those above it in this list)::
 
     request.py      GenRequest / SamplingParams / TokenOut / OutputSink: the interface
-    kv_cache.py     the KV memory the model reads and writes (a transformers Cache)
+    kv_cache.py     the paged KV memory the model reads and writes (a transformers Cache)
+    block_pool.py   block ids: free queue, ref counts, prefix-cache hashes
     sampling.py     per-row token choice and logprobs
-    scheduler.py    which rows run this step (admission, prefill chunks, decode)
+    kv_cache_manager.py  which blocks each row holds (allocation, prefix-cache hits)
+    scheduler.py    which rows run this step (admission by free blocks, prefill chunks,
+                    decode, preemption)
     runner.py       the model forwards of one step
     cuda_graphs.py  decode steps captured and replayed (CUDA)
     core.py         Engine: the step loop on its worker thread

@@ -1,20 +1,26 @@
-"""The serving engine: continuous batching over a slot KV cache, every row its own task.
+"""The serving engine: continuous batching over a paged KV cache, every row its own task.
 
 One worker thread runs the step loop (iteration-level scheduling, as vLLM and
 transformers' continuous batching)::
 
     while running:
-        take new requests; drop cancelled rows (their slots are free at once)
+        take new requests; drop cancelled rows (their blocks are free at once)
         plan = scheduler.plan()     # decode rows + prefill chunks within the token budget,
-                                    # new rows admitted while a slot is free
+                                    # new rows admitted while KV blocks are free (prefix-
+                                    # cache hits skip their cached blocks), the newest row
+                                    # preempted when a running row finds no free block
         logits = runner(plan)       # one decode forward + one forward per prefill chunk
         tokens = sample(logits)     # per row: greedy, or its own temperature/top-p/generator
         emit each token to its sink; finished rows leave before the next step
 
 The engine is token-level (see :mod:`.request`): the front end turns tokens into text
 and decides stop strings through the request's :class:`~.request.OutputSink`.
-Modules: :mod:`.scheduler` (what runs), :mod:`.runner` (the forwards), :mod:`.kv_cache`
-(the slot pool as a transformers ``Cache``), :mod:`.sampling` (per-row choice, logprobs).
+Modules: :mod:`.scheduler` (what runs), :mod:`.kv_cache_manager` / :mod:`.block_pool`
+(which blocks each row holds, the prefix cache), :mod:`.runner` (the forwards),
+:mod:`.kv_cache` (the block pool as a transformers ``Cache``), :mod:`.sampling` (per-row
+choice, logprobs). A row's KV memory holds only its own tokens: its task's prefix is read
+from the bank (one copy per task) in every step, by task name (a bank rebuilt while
+serving never misroutes a running row).
 """
 
 from __future__ import annotations
@@ -29,9 +35,9 @@ from typing import Any
 import torch
 
 from ...hf.bank import TaskBank
-from ...ops.attention import resolve_backend
 from .cuda_graphs import DecodeGraphs
-from .kv_cache import KVPool
+from .kv_cache import PagedKVPool
+from .kv_cache_manager import KVCacheManager, TaskKeys, cdiv
 from .request import (
     CANCELLED,
     ERROR,
@@ -60,6 +66,7 @@ __all__ = [
 ]
 
 DEFAULT_MAX_MODEL_LEN = 1024
+DEFAULT_BLOCK_SIZE = 16
 
 
 def _percentiles(values: Any) -> dict[str, Any]:
@@ -78,22 +85,29 @@ class Engine:
         bank: the bank (its model patched); tasks may be added / removed while serving.
         tokenizer: the model's tokenizer (only its EOS id is used; None: the model's
             generation config's).
-        max_num_seqs: rows running at once (each holds one KV slot).
+        max_num_seqs: rows running at once.
         max_num_batched_tokens: tokens per step (decode tokens + prefill chunks).
         max_queue: waiting requests beyond which :meth:`submit` raises QueueFullError.
-        kv_slots: KV slots preallocated (default ``max_num_seqs``).
-        max_model_len: keys per slot: task prefix + prompt + ``max_tokens`` of one row
-            (default: the model's context, at most 1024). A request that needs more
-            finishes with ERROR (the front end answers 400).
+        kv_slots: size the KV pool for this many rows of ``max_model_len`` tokens
+            (default ``max_num_seqs``), when neither ``num_blocks`` nor
+            ``kv_cache_memory`` is given.
+        max_model_len: prompt + ``max_tokens`` of one row (the task prefix is not in the
+            row's KV memory and does not count; default: the model's context, at most
+            1024). A request that needs more finishes with ERROR (the front end answers 400).
+        block_size: tokens per KV block (a power of two >= 16).
+        num_blocks: KV blocks preallocated (overrides ``kv_slots``).
+        kv_cache_memory: bytes of KV blocks preallocated (overrides ``kv_slots``).
+        enable_prefix_caching: reuse the KV blocks of earlier requests' prompts (same
+            task, same leading tokens; vLLM's automatic prefix caching).
         max_batch_size: the former name of ``max_num_seqs`` (used when that is not given).
         seed: seeds the generators of sampled requests without a seed.
         decode_buckets: run decode steps padded to these batch sizes over static buffers,
             captured as CUDA graphs at :meth:`start` on a CUDA model (eager elsewhere);
             None: dynamic shapes (see :mod:`.cuda_graphs`).
-        kv_in_place: decode attention reads the KV pool in place (the kernel's per-row
-            ``cache_seqlens`` / ``cache_batch_idx``: no gather, no mask); None: where the
-            bank's backend runs the Triton kernel (CUDA). Else the rows' slots are
-            gathered up to the longest row (PyTorch's SDPA on the CPU).
+
+    Every attention call reads the paged pool through ``cache_seqlens`` + ``block_table``
+    (the Triton kernel in place; the torch backends gather the pages) and the rows' task
+    prefixes from the bank (``prefix_index`` / ``prefix_lengths``).
     """
 
     def __init__(
@@ -109,7 +123,10 @@ class Engine:
         max_batch_size: int = 16,
         seed: int | None = None,
         decode_buckets: tuple[int, ...] | None = None,
-        kv_in_place: bool | None = None,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        num_blocks: int | None = None,
+        kv_cache_memory: int | None = None,
+        enable_prefix_caching: bool = True,
     ) -> None:
         max_num_seqs = max_batch_size if max_num_seqs is None else max_num_seqs
         for name, value in (
@@ -128,24 +145,46 @@ class Engine:
         kv_slots = max_num_seqs if kv_slots is None else kv_slots
         if not isinstance(kv_slots, int) or kv_slots < 1:
             raise ValueError(f"kv_slots must be an int >= 1, got {kv_slots!r}")
+        if not isinstance(block_size, int) or block_size < 16 or block_size & (block_size - 1):
+            raise ValueError(f"block_size must be a power of two >= 16, got {block_size!r}")
         self.bank, self.tokenizer = bank, tokenizer
         self.max_queue = max_queue
         self.context_limit = limit
+        self.max_model_len = max_model_len
         g = bank.geometry
         param = next(model.parameters())
-        self.pool = KVPool(
-            g.num_layers, g.num_kv_heads, g.head_dim, slots=kv_slots, max_len=max_model_len,
-            dtype=param.dtype, device=param.device, scratch=decode_buckets is not None,
+        self.max_blocks_per_row = cdiv(max_model_len, block_size)
+        if kv_cache_memory is not None:
+            if num_blocks is not None:
+                raise ValueError("give num_blocks or kv_cache_memory, not both")
+            if not isinstance(kv_cache_memory, int) or kv_cache_memory < 1:
+                raise ValueError(f"kv_cache_memory must be an int >= 1, got {kv_cache_memory!r}")
+            per = PagedKVPool.block_bytes(
+                g.num_layers, g.num_kv_heads, g.head_dim, block_size, param.dtype
+            )
+            num_blocks = kv_cache_memory // per
+            if num_blocks < 1:
+                raise ValueError(
+                    f"kv_cache_memory={kv_cache_memory} bytes holds no KV block ({per} bytes)"
+                )
+        if num_blocks is None:
+            num_blocks = kv_slots * self.max_blocks_per_row
+        if not isinstance(num_blocks, int) or num_blocks < 1:
+            raise ValueError(f"num_blocks must be an int >= 1, got {num_blocks!r}")
+        self.pool = PagedKVPool(
+            g.num_layers, g.num_kv_heads, g.head_dim, num_blocks=num_blocks,
+            block_size=block_size, dtype=param.dtype, device=param.device,
+            scratch=decode_buckets is not None,
         )  # fmt: skip
+        self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(
-            self.pool, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens
+            self.kv, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens
         )
-        if kv_in_place is None:
-            probe = torch.empty(0, dtype=param.dtype, device=param.device)
-            kv_in_place = resolve_backend(bank.backend, probe) == "triton"
-        self.runner = ModelRunner(model, self.pool, in_place=bool(kv_in_place))
-        self.graphs = None if decode_buckets is None else DecodeGraphs(self.runner, decode_buckets)
-        self._captured = False
+        self.runner = ModelRunner(model, self.pool)
+        self.graphs = None
+        if decode_buckets is not None:
+            self.graphs = DecodeGraphs(self.runner, decode_buckets, self.max_blocks_per_row)
+        self._task_keys = TaskKeys()
         self._rng = random.Random(seed)
         self._inbox: deque[GenRequest] = deque()
         self._lock = threading.Lock()  # guards _inbox and the counters submit touches
@@ -169,6 +208,7 @@ class Engine:
         self.batch_sizes: Counter[int] = Counter()  # rows per step
         self.prefill_tokens = 0
         self.decode_tokens = 0
+        self.cached_prompt_tokens = 0  # prompt tokens whose keys came from the prefix cache
         self.latencies: deque[float] = deque(maxlen=4096)
         self.ttfts: deque[float] = deque(maxlen=4096)
         self.step_times: deque[float] = deque(maxlen=4096)
@@ -185,16 +225,20 @@ class Engine:
 
     def start(self) -> None:
         """Start the worker thread (idempotent)."""
-        if self.graphs is not None and not self._captured:
-            with self.model_lock:
-                self.graphs.capture()  # CUDA graphs per bucket (a no-op off CUDA)
-            self._captured = True
+        self._maybe_capture()
         if self._thread is None or not self._thread.is_alive():
             self._stop.clear()
             self._draining = False
             self._thread = threading.Thread(target=self._run, name="prefixattn-engine")
             self._thread.daemon = True
             self._thread.start()
+
+    def _maybe_capture(self) -> None:
+        """(Re)capture the decode graphs for the bank as it is (CUDA only)."""
+        snap = self.bank.snapshot()
+        if self.graphs is not None and self.graphs.stale(snap):
+            with self.model_lock:
+                self.graphs.capture(snap)  # CUDA graphs per bucket (a no-op off CUDA)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the worker after the step in flight; requests not finished by then finish
@@ -221,7 +265,7 @@ class Engine:
 
     @property
     def running(self) -> int:
-        """Rows running (each holding a KV slot)."""
+        """Rows running (each holding KV blocks)."""
         return len(self.scheduler.running)
 
     @property
@@ -258,7 +302,7 @@ class Engine:
             return set(self._task_rows)
 
     def cancel(self, req: GenRequest) -> None:
-        """The client went away: the row leaves before the next step (its slot freed),
+        """The client went away: the row leaves before the next step (its blocks freed),
         or never runs; its sink gets ``finish(CANCELLED)``."""
         if not req.done and not req.cancelled:
             self.requests["client_gone"] += 1
@@ -270,6 +314,8 @@ class Engine:
     def _run(self) -> None:
         while not self._stop.is_set():
             self._intake()
+            if self.graphs is not None and not self.scheduler.running:
+                self._maybe_capture()  # idle and the bank changed: capture again
             plan = self.scheduler.plan(self._admit)
             if not plan:
                 self._wake.wait(0.05)
@@ -287,32 +333,32 @@ class Engine:
         for row in list(self.scheduler.running):
             self._finish(row.req, ERROR, "the engine stopped", row)
         while self.scheduler.waiting:
-            self._finish(self.scheduler.waiting.popleft(), ERROR, "the engine stopped")
+            item = self.scheduler.waiting.popleft()
+            self._finish(_req(item), ERROR, "the engine stopped")
 
     def _intake(self) -> None:
         """New requests join the waiting queue; cancelled ones (waiting or running) leave."""
         with self._lock:
             while self._inbox:
                 self.scheduler.waiting.append(self._inbox.popleft())
-        for req in [r for r in self.scheduler.waiting if r.cancelled]:
-            self.scheduler.waiting.remove(req)
-            self._finish(req, CANCELLED)
+        for item in [r for r in self.scheduler.waiting if _req(r).cancelled]:
+            self.scheduler.waiting.remove(item)
+            self._finish(_req(item), CANCELLED)
         for row in [r for r in self.scheduler.running if r.req.cancelled]:
             self._finish(row.req, CANCELLED, None, row)
 
     def _admit(self, req: GenRequest) -> Row | None:
-        """A waiting request becomes a row: a slot, its task's prefix written into it."""
+        """A waiting request becomes a row (validated; the scheduler gives it blocks)."""
         if req.cancelled:
             self._finish(req, CANCELLED)
             return None
-        got = self.bank.task_prefix(req.task)
-        if got is None:
+        key = self._task_keys.key(self.bank.snapshot(), req.task)
+        if key is None:
             self.requests["failed"] += 1
             self._finish(req, ERROR, f"task {req.task!r} was removed while the request waited")
             return None
-        prefix, offset = got
-        P = 0 if prefix is None else int(prefix.shape[3])
-        need = P + len(req.prompt_ids) + req.params.max_tokens
+        _, offset, P, _ = key
+        need = len(req.prompt_ids) + req.params.max_tokens
         problem = None
         if not req.prompt_ids:
             problem = "prompt_ids is empty"
@@ -320,39 +366,58 @@ class Engine:
             problem = f"max_tokens must be >= 0, got {req.params.max_tokens}"
         elif req.params.max_tokens == 0 and req.params.prompt_logprobs is None:
             problem = "max_tokens 0 is only for scoring a prompt (prompt_logprobs)"
-        elif need > self.pool.max_len:
+        elif need > self.max_model_len:
             problem = (
-                f"the request needs {need} KV positions (task prefix {P} + prompt "
-                f"{len(req.prompt_ids)} + max_tokens {req.params.max_tokens}); the engine's KV "
-                f"cache holds {self.pool.max_len} per row (--max-model-len)"
+                f"the request needs {need} KV positions (prompt {len(req.prompt_ids)} + "
+                f"max_tokens {req.params.max_tokens}); the engine holds {self.max_model_len} "
+                "per row (--max-model-len)"
+            )
+        elif cdiv(need, self.kv.block_size) > self.kv.block_pool.num_blocks:
+            problem = (
+                f"the request needs {cdiv(need, self.kv.block_size)} KV blocks; the engine's "
+                f"pool has {self.kv.block_pool.num_blocks} (--num-blocks / --kv-cache-memory)"
             )
         if problem is not None:
             self.requests["failed"] += 1
             self._finish(req, ERROR, problem)
             return None
-        slot = self.pool.allocate()
-        if slot is None:  # plan() checked can_admit; a slot is free
-            raise RuntimeError("no free KV slot although the scheduler admitted a row")
-        self.pool.write_prefix(slot, prefix)
-        sampler = RowSampler(req.params, self._rng.getrandbits(63), self.pool.keys[0].device)
+        sampler = RowSampler(req.params, self._rng.getrandbits(63), self.runner.device)
         self.prompt_tokens += len(req.prompt_ids)
-        return Row(req, slot, P, offset, sampler, kv_len=P)
+        return Row(req, key, P, offset, sampler)
+
+    def _check_tasks(self, plan: StepPlan, snap: Any) -> None:
+        """Rows whose task left the bank (or was replaced by another prefix) since they
+        were admitted end with ERROR before the step: their keys belong to that prefix."""
+        for row in plan.decode + [r for r, _ in plan.prefill]:
+            if self._task_keys.key(snap, row.task) != row.task_key:
+                self.requests["failed"] += 1
+                self._finish(
+                    row.req, ERROR,
+                    f"task {row.task!r} was removed or replaced while the request ran", row,
+                )  # fmt: skip
+        plan.decode = [r for r in plan.decode if not r.req.done]
+        plan.prefill = [(r, n) for r, n in plan.prefill if not r.req.done]
 
     def _step(self, plan: StepPlan) -> None:
         """Run one step: the forwards, then each row's token."""
+        snap = self.bank.snapshot()  # one bank for the whole step
+        self._check_tasks(plan, snap)
         rows = plan.decode + [r for r, _ in plan.prefill]
+        if not rows:
+            return
         tasks = {r.req.task for r in rows}
         self.batch_sizes[len(rows)] += 1
         self.max_tasks_in_batch = max(self.max_tasks_in_batch, len(tasks))
         self.mixed_task_batches += len(tasks) > 1
+        self.cached_prompt_tokens += sum(r.num_hit_tokens for r in plan.admitted)
         t0 = time.perf_counter()
         ready: list[tuple[Row, torch.Tensor]] = []  # rows that get a token: (row, logits [V])
         scored: list[Row] = []  # max_tokens 0: the prompt scored, nothing to generate
         with self.model_lock, torch.no_grad():
             for row, n in plan.prefill:
-                want = row.req.params.prompt_logprobs is not None
-                start = row.prefilled
-                logits = self.runner.prefill(row, n, want)  # [n or 1, V]
+                want = row.req.params.prompt_logprobs is not None and not row.prompt_sent
+                start = row.num_computed
+                logits = self.runner.prefill(row, n, want, snap)  # [n or 1, V]
                 if want:
                     self._gather_prompt_logprobs(row, logits, start)
                 if row.decoding and row.req.params.max_tokens == 0:
@@ -361,13 +426,13 @@ class Engine:
                     ready.append((row, logits[-1]))
             self.prefill_tokens += sum(n for _, n in plan.prefill)
             if plan.decode:
-                # in slot order: consecutive slots are read in place (kv_cache.SlotCache)
-                plan.decode.sort(key=lambda r: r.slot)
-                logits = None if self.graphs is None else self.graphs.decode(plan.decode)
+                logits = None if self.graphs is None else self.graphs.decode(plan.decode, snap)
                 if logits is None:  # dynamic shapes, or more rows than the largest bucket
-                    logits = self.runner.decode(plan.decode)  # [B, V]
+                    logits = self.runner.decode(plan.decode, snap)  # [B, V]
                 ready.extend(zip(plan.decode, logits))
                 self.decode_tokens += len(plan.decode)
+            for row in rows:  # full blocks join the prefix cache
+                self.kv.cache_full_blocks(row)
             if ready:
                 stacked = torch.stack([lg for _, lg in ready])  # [R, V]
                 tokens = choose_tokens(stacked, [r.sampler for r, _ in ready])
@@ -392,6 +457,7 @@ class Engine:
             if t < len(ids):
                 row.prompt_outs.append(token_out(lp[i], ids[t], k))
         if row.decoding:
+            row.prompt_sent = True
             self._call(row, lambda: row.req.sink.prompt_logprobs(row.prompt_outs))
 
     def _call(self, row: Row | None, fn: Callable[[], Any]) -> Any:
@@ -430,7 +496,7 @@ class Engine:
     def _finish(
         self, req: GenRequest, reason: str, error: str | None = None, row: Row | None = None
     ) -> None:
-        """End ``req`` once: counters, the sink's ``finish``, its slot back to the pool."""
+        """End ``req`` once: counters, the sink's ``finish``, its blocks back to the pool."""
         if row is not None and row in self.scheduler.running:
             self.scheduler.remove(row)
         if req.done:
@@ -459,6 +525,10 @@ class Engine:
         rows = list(self.scheduler.running)
         used = sum(r.kv_len for r in rows)
         steps = list(self.step_times)
+        bp, per_block = self.kv.block_pool, self.pool.bytes_per_block
+        row_blocks = sum(len(r.blocks) for r in rows)
+        snap = self.bank.snapshot()
+        prefix_bytes = 0 if snap.bank is None else snap.bank.numel() * snap.bank.element_size()
         return {
             "requests": dict(self.requests),
             "tokens_generated": self.tokens_generated,
@@ -468,13 +538,22 @@ class Engine:
             "max_num_seqs": self.max_num_seqs,
             "max_num_batched_tokens": self.max_num_batched_tokens,
             "kv_cache": {
-                "slots": self.pool.slots,
-                "slots_used": self.pool.slots - self.pool.free_slots,
-                "max_model_len": self.pool.max_len,
+                "num_blocks": bp.num_blocks,
+                "block_size": self.kv.block_size,
+                "blocks_used": bp.num_blocks - bp.num_free,
+                "blocks_free": bp.num_free,
+                "max_model_len": self.max_model_len,
                 "positions_used": used,
-                "usage": used / (self.pool.slots * self.pool.max_len),
+                "usage": bp.usage(),
                 "bytes": self.pool.bytes,
+                "bytes_per_block": per_block,
+                # a row's KV memory: its own tokens' blocks (its task's prefix is not there)
+                "bytes_per_running_row": row_blocks * per_block / len(rows) if rows else 0.0,
+                "preemptions": self.scheduler.num_preemptions,
             },
+            # the task prefixes: one copy per task in the bank, shared by all its rows
+            "prefix": {"bytes": prefix_bytes, "copies_per_task": 1, "tasks": len(snap.names)},
+            "prefix_cache": {**self.kv.stats(), "cached_prompt_tokens": self.cached_prompt_tokens},
             "steps": {
                 "count": self.batches,
                 "prefill_tokens": self.prefill_tokens,
@@ -483,6 +562,7 @@ class Engine:
                 "mean_time_s": sum(steps) / len(steps) if steps else None,
                 "static_decode": 0 if self.graphs is None else self.graphs.steps,
                 "graph_replays": 0 if self.graphs is None else self.graphs.replays,
+                "graph_eager_steps": 0 if self.graphs is None else self.graphs.eager_steps,
             },
             "batches": self.batches,
             "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
@@ -506,6 +586,11 @@ def eos_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:
         elif eos:
             ids.update(int(e) for e in eos)
     return frozenset(ids)
+
+
+def _req(item: GenRequest | Row) -> GenRequest:
+    """The request of a waiting item (a new request or a preempted row)."""
+    return item.req if isinstance(item, Row) else item
 
 
 def context_limit(model: Any) -> int | None:

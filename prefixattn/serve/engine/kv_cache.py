@@ -1,21 +1,25 @@
-"""The engine's KV cache: a slot pool preallocated at start-up, seen by the model as a
-transformers :class:`~transformers.Cache`.
+"""The engine's KV cache: a paged block pool preallocated at start-up, seen by the model
+as a transformers :class:`~transformers.Cache`.
 
-Every layer owns two tensors ``[slots, Hkv, max_len, D]`` (keys, values). A running row
-holds one slot for its whole life; its slot stores, in order, its task's prefix (written
-once at admission: ``P`` keys that every later query sees) and then its tokens' keys::
+Every layer owns two tensors ``[num_blocks (+1 scratch), Hkv, block_size, D]``. A row's
+tokens live in fixed-size blocks listed in its block table (vLLM's paged attention);
+row b's token j is in block ``block_table[b, j // block_size]`` at offset
+``j % block_size``. Only the row's own tokens are here: its task's prefix is read from
+the bank (one shared copy per task) by the kernel's bank path in every step::
 
-    slot s:  | prefix (P_t keys) | prompt + generated tokens ...... | free ... |
-             0                   P_t                               length     max_len
+    block table of row b:  [ 7, 2, 9 ]          block pool (one layer)
+    tokens 0..15 -> block 7                     ┌─────────┬─────────┬─────┐
+    tokens 16..31 -> block 2                    │ block 0 │ block 1 │ ... │
+    tokens 32..  -> block 9 (partly filled)     └─────────┴─────────┴─────┘
 
-so every step is plain causal attention over ``length`` keys per row: no prefix provider,
-no concatenation of prefix and cache, no dense mask for a ragged bank. A finished row's
-slot goes back to the free list and the next row overwrites it (nothing is zeroed).
+Blocks may be shared by several rows (prefix caching: the same prompt blocks under the
+same task). Which block holds what is :mod:`.block_pool`'s business; this module holds
+the memory and writes / hands it to the attention.
 
-The model sees a :class:`SlotCache` whose :meth:`SlotCache.update` writes the step's new
-keys into the slots and returns the keys the attention reads: for a prefill chunk of one
-row a view of its slot (no copy); for a decode batch ``[B, Hkv, Kmax, D]`` gathered from
-the rows' slots with a key padding mask for rows shorter than ``Kmax``.
+The model sees a :class:`PagedCache` whose :meth:`PagedCache.update` writes the step's
+new keys into their blocks and returns the whole pool; the attention function reads it
+through ``cache_seqlens`` + ``block_table`` (:func:`prefixattn.hf.patching.set_kv_pool`):
+the Triton kernel in place, the torch backends gather the pages.
 """
 
 from __future__ import annotations
@@ -30,19 +34,19 @@ try:
 except ImportError as err:  # pragma: no cover
     raise ImportError("prefixattn.serve needs transformers: pip install 'prefixattn[hf]'") from err
 
-__all__ = ["KVPool", "SlotCache", "StepLayout"]
+__all__ = ["PagedCache", "PagedKVPool", "StepLayout"]
 
 
-class KVPool:
-    """Per-layer key/value slot pools and the free-slot list.
+class PagedKVPool:
+    """Per-layer key/value block pools.
 
     Arguments:
         num_layers, num_kv_heads, head_dim: the model's geometry.
-        slots: rows the pool holds at once.
-        max_len: keys per slot (prefix + prompt + generated tokens).
+        num_blocks: blocks the rows share.
+        block_size: positions per block (a power of two >= 16, the kernel's paged mode).
         dtype, device: of the pool (the model's).
-        scratch: add one slot no row ever holds (:attr:`scratch_slot`): the padding rows of
-            a static-shape decode step (:mod:`.cuda_graphs`) write there.
+        scratch: add one block no row ever holds (:attr:`scratch_block`): the padding rows
+            of a static-shape decode step (:mod:`.cuda_graphs`) write there.
     """
 
     def __init__(
@@ -51,97 +55,90 @@ class KVPool:
         num_kv_heads: int,
         head_dim: int,
         *,
-        slots: int,
-        max_len: int,
+        num_blocks: int,
+        block_size: int,
         dtype: torch.dtype,
         device: torch.device | str,
         scratch: bool = False,
     ) -> None:
-        if slots < 1 or max_len < 2:
-            raise ValueError(f"slots must be >= 1 and max_len >= 2, got {slots} and {max_len}")
-        self.slots, self.max_len = slots, max_len
-        self.scratch_slot = slots if scratch else None
-        shape = (slots + int(scratch), num_kv_heads, max_len, head_dim)
+        if not isinstance(num_blocks, int) or num_blocks < 1:
+            raise ValueError(f"num_blocks must be an int >= 1, got {num_blocks!r}")
+        if not isinstance(block_size, int) or block_size < 16 or block_size & (block_size - 1):
+            raise ValueError(f"block_size must be a power of two >= 16, got {block_size!r}")
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.scratch_block = num_blocks if scratch else None
+        shape = (num_blocks + int(scratch), num_kv_heads, block_size, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self._free = list(range(slots - 1, -1, -1))  # pop() gives the lowest slot first
-
-    @property
-    def free_slots(self) -> int:
-        return len(self._free)
 
     @property
     def bytes(self) -> int:
         """Memory held by the pool (fixed at start-up)."""
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
-    def allocate(self) -> int | None:
-        """A free slot, or None when every slot is taken."""
-        return self._free.pop() if self._free else None
+    @property
+    def bytes_per_block(self) -> int:
+        """KV bytes of one block over all layers (keys and values)."""
+        t = self.keys[0]
+        return 2 * len(self.keys) * t[0].numel() * t.element_size()
 
-    def release(self, slot: int) -> None:
-        """Give ``slot`` back (its contents are overwritten by the next row)."""
-        if slot in self._free or not 0 <= slot < self.slots:
-            raise ValueError(f"slot must be a taken slot in [0, {self.slots}), got {slot}")
-        self._free.append(slot)
-        self._free.sort(reverse=True)
-
-    def write_prefix(self, slot: int, prefix: torch.Tensor | None) -> None:
-        """Copy a task's prefix [L, 2, Hkv, P, D] into the first P positions of ``slot``."""
-        if prefix is None or prefix.shape[3] == 0:
-            return
-        P = prefix.shape[3]
-        for layer, (k, v) in enumerate(zip(self.keys, self.values)):
-            k[slot, :, :P].copy_(prefix[layer, 0])  # [Hkv, P, D]
-            v[slot, :, :P].copy_(prefix[layer, 1])
+    @staticmethod
+    def block_bytes(
+        num_layers: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype
+    ) -> int:
+        """Bytes of one block of a pool of that geometry (to size a pool from a budget)."""
+        item = torch.empty(0, dtype=dtype).element_size()
+        return 2 * num_layers * num_kv_heads * block_size * head_dim * item
 
 
 @dataclass
 class StepLayout:
     """Where one forward's new keys go and which keys its queries read.
 
-    ``slots`` int64 [B]: each row's slot; ``starts`` int64 [B]: the slot position of each
-    row's first new token; ``n_new``: new tokens per row (the same for every row: a decode
-    batch has 1, a prefill chunk is one row). ``kv_len``: keys the attention reads
-    (``max(starts) + n_new``). ``slot_list``: the slots on the host (views instead of a
-    gather where they allow); None for a static-shape step (no host values: always the
-    gather, so a captured graph is right for any slots). ``in_place``: the attention reads
-    the pool itself (the kernel's ``cache_seqlens`` / ``cache_batch_idx``, see
-    :func:`prefixattn.hf.patching.set_kv_pool`): :meth:`SlotCache.update` returns the
-    whole pool, and ``kv_len`` is the pool's ``max_len``.
+    ``block_table`` int32 [B, M]: each row's blocks (entries past a row's last block are
+    never read); ``starts`` int64 [B]: the logical position of each row's first new token
+    (its keys so far); ``n_new``: new tokens per row (the same for every row: a decode
+    batch has 1, a prefill chunk is one row). ``kv_len``: the keys the mask functions are
+    told about (``max(starts) + n_new``, or ``M * block_size`` for a static step).
     """
 
-    slots: torch.Tensor
+    block_table: torch.Tensor
     starts: torch.Tensor
     n_new: int
     kv_len: int
-    slot_list: list[int] | None
-    in_place: bool = False
+
+    @property
+    def cache_seqlens(self) -> torch.Tensor:
+        """int32 [B]: each row's keys after this step's tokens."""
+        return (self.starts + self.n_new).to(torch.int32)
 
 
-class SlotCache(Cache):
-    """The engine's :class:`KVPool` behind transformers' ``Cache`` interface, for one step.
+class PagedCache(Cache):
+    """The engine's :class:`PagedKVPool` behind transformers' ``Cache`` interface, for one
+    step.
 
     The model calls :meth:`update` once per attention layer; the mask functions call
-    :meth:`get_mask_sizes` / :meth:`get_query_offset` / :meth:`get_seq_length`. The engine
+    :meth:`get_mask_sizes` / :meth:`get_query_offset` / :meth:`get_seq_length`. The runner
     points it at the step's rows with :meth:`set_step` before each forward.
     """
 
     is_compileable = False
 
-    def __init__(self, pool: KVPool) -> None:
+    def __init__(self, pool: PagedKVPool) -> None:
         super().__init__(layers=[])
         self.pool = pool
         self.step: StepLayout | None = None
-        self._pos: torch.Tensor | None = None  # [B, n_new] slot positions written
+        self._where: tuple[torch.Tensor, torch.Tensor] | None = None  # (block, offset) [B, n]
 
     def set_step(self, step: StepLayout) -> None:
-        """Aim the next forward at ``step``'s rows."""
-        if step.kv_len > self.pool.max_len:
-            raise ValueError(f"a row needs {step.kv_len} keys; slots hold {self.pool.max_len}")
-        self.step = step
+        """Aim the next forward at ``step``'s rows (where each new token's key goes is
+        computed here once, by tensor ops: no host value is read, a graph may capture it)."""
+        bs = self.pool.block_size
         ar = torch.arange(step.n_new, device=step.starts.device)
-        self._pos = step.starts[:, None] + ar[None, :]  # [B, n_new]
+        pos = step.starts[:, None] + ar[None, :]  # [B, n_new] logical positions
+        blk = step.block_table.to(torch.int64).gather(1, pos // bs)  # [B, n_new]
+        self.step = step
+        self._where = (blk, pos % bs)
 
     # ------------------------------------------------------------------ Cache API
 
@@ -152,33 +149,20 @@ class SlotCache(Cache):
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-        """Write the step's keys/values [B, Hkv, n_new, D] into the slots; return the keys and
-        values the attention reads, [B, Hkv, kv_len, D]."""
-        st = self.step
-        if st is None:
-            raise ValueError("SlotCache.update before set_step: the engine sets the step first")
+        """Write the step's keys/values [B, Hkv, n_new, D] into their blocks; return the
+        whole pool [num_blocks, Hkv, block_size, D] (the attention reads it through the
+        step's block table)."""
+        if self._where is None:
+            raise ValueError("PagedCache.update before set_step: the runner sets the step first")
+        blk, off = self._where
         pk, pv = self.pool.keys[layer_idx], self.pool.values[layer_idx]
-        B = key_states.shape[0]
-        if (
-            B == 1 and st.slot_list is not None
-        ):  # one row (a prefill chunk, or a lone decode row): views, no gather
-            s, a = st.slot_list[0], int(st.starts[0])
-            pk[s, :, a : a + st.n_new] = key_states[0]
-            pv[s, :, a : a + st.n_new] = value_states[0]
-            return pk[s : s + 1, :, : st.kv_len], pv[s : s + 1, :, : st.kv_len]
-        rows = st.slots[:, None].expand(-1, st.n_new)  # [B, n_new]
-        pk.permute(0, 2, 1, 3).index_put_((rows, self._pos), key_states.transpose(1, 2))
-        pv.permute(0, 2, 1, 3).index_put_((rows, self._pos), value_states.transpose(1, 2))
-        if st.in_place:  # the kernel reads each row's slot up to its length, in place
-            return pk, pv  # [S, Hkv, max_len, D]
-        n = st.kv_len
-        if st.slot_list is not None and st.slot_list == list(
-            range(st.slot_list[0], st.slot_list[0] + B)
-        ):  # consecutive slots: a view, no copy
-            s0 = st.slot_list[0]
-            return pk[s0 : s0 + B, :, :n], pv[s0 : s0 + B, :, :n]
-        # [B, Hkv, kv_len, D]: the rows' slots, read up to the longest row (padding masked)
-        return pk.index_select(0, st.slots)[:, :, :n], pv.index_select(0, st.slots)[:, :, :n]
+        # [NB, bs, Hkv, D] views: index (block, offset) of each new token
+        pk.permute(0, 2, 1, 3).index_put_((blk, off), key_states.transpose(1, 2))
+        pv.permute(0, 2, 1, 3).index_put_((blk, off), value_states.transpose(1, 2))
+        return pk, pv
+
+    def clear_step(self) -> None:
+        self.step, self._where = None, None
 
     def get_seq_length(self, layer_idx: int = 0, *args: Any, **kwargs: Any) -> int:
         st = self.step
@@ -192,7 +176,8 @@ class SlotCache(Cache):
         return (0, 0) if st is None else (st.kv_len, 0)
 
     def get_max_cache_shape(self, *args: Any, **kwargs: Any) -> int:
-        return self.pool.max_len
+        st = self.step
+        return 0 if st is None else st.kv_len
 
     @property
     def is_sliding(self) -> list[bool]:

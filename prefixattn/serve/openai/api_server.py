@@ -67,6 +67,10 @@ def create_app(
     task_dir: str | os.PathLike | None = None,
     max_loaded_tasks: int = 64,
     limits: RequestLimits | None = None,
+    block_size: int = 16,
+    num_blocks: int | None = None,
+    kv_cache_memory: int | None = None,
+    enable_prefix_caching: bool = True,
 ) -> FastAPI:
     """The serving app for one base model and a set of tasks.
 
@@ -91,6 +95,8 @@ def create_app(
             used evicted; a task with requests in flight never is).
         limits: what one request may ask for (stop strings, prompts, ``n``; see
             :class:`~prefixattn.serve.openai.serving.RequestLimits`); None: the defaults.
+        block_size, num_blocks, kv_cache_memory, enable_prefix_caching: the paged KV
+            cache and its prefix caching (see :class:`~prefixattn.serve.Engine`).
 
     Returns:
         a FastAPI app; its lifespan starts and stops the batching worker. ``app.state``
@@ -112,6 +118,8 @@ def create_app(
         max_num_batched_tokens=max_num_batched_tokens, max_queue=max_queue,
         kv_slots=kv_slots, max_model_len=max_model_len,
         decode_buckets=buckets_up_to(max_num_seqs) if cuda_graphs else None,
+        block_size=block_size, num_blocks=num_blocks, kv_cache_memory=kv_cache_memory,
+        enable_prefix_caching=enable_prefix_caching,
     )  # fmt: skip
     registry = None
     if task_dir is not None:

@@ -110,14 +110,14 @@ class ServeContext:
 
     def max_len(self, task: str) -> int | None:
         """Prompt + generated tokens a row of ``task`` may hold: the model's context less
-        the task's position offset, and the engine's KV positions per row less the task's
-        prefix (None: no limit known)."""
+        the task's position offset, and the engine's ``max_model_len`` (the task's prefix
+        is read from the bank, not held in the row's KV memory; None: no limit known)."""
         caps = []
         if self.limit is not None:
             caps.append(self.limit - self.bank.offsets.get(task, 0))
-        kv_len = getattr(getattr(self.engine, "pool", None), "max_len", None)
+        kv_len = getattr(self.engine, "max_model_len", None)
         if isinstance(kv_len, int):
-            caps.append(kv_len - self.bank.lengths.get(task, 0))
+            caps.append(kv_len)
         return min(caps) if caps else None
 
 
@@ -275,8 +275,8 @@ class OpenAIServing:
                 400,
                 f"prompt {i} has {n_prompt} tokens; with max_tokens={max_tokens} that exceeds "
                 f"the {cap} tokens a row of {task!r} may hold (the model's context of "
-                f"{self.ctx.limit} tokens less the task's position offset, and the server's KV "
-                f"cache per row less the task's prefix: --max-model-len)",
+                f"{self.ctx.limit} tokens less the task's position offset, and the server's "
+                f"--max-model-len)",
                 "context_length_exceeded", "max_tokens",
             )  # fmt: skip
 
