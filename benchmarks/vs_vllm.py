@@ -136,7 +136,10 @@ def export_model(spec: str, folder: Path) -> dict[str, Any]:
             return info | {"reused": True}
     src, tok = load_model(spec)
     # a model loaded from GGUF refuses to serialize: copy its weights into a plain model
-    plain = AutoModelForCausalLM.from_config(src.config, dtype=torch.float32)
+    config = copy.deepcopy(src.config)
+    if hasattr(config, "quantization_config"):  # "gguf": vLLM would look for a GGUF file
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = plain.load_state_dict(src.state_dict(), strict=False)
     if unexpected or [k for k in missing if "lm_head" not in k]:
         raise RuntimeError(f"export: weights do not match (missing {missing}, extra {unexpected})")
@@ -152,6 +155,8 @@ def export_model(spec: str, folder: Path) -> dict[str, Any]:
         a, b = src(ids).logits, back(ids).logits
     if not torch.equal(a, b):
         raise RuntimeError(f"export: reloaded logits differ (max |d| {(a - b).abs().max()})")
+    if "quantization_config" in json.loads((folder / "config.json").read_text()):
+        raise RuntimeError("export: config.json still names a quantization method")
     info = {
         "spec": spec,
         "logits_identical": True,
