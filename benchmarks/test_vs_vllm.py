@@ -87,3 +87,11 @@ def test_client_against_tiny_server(tmp_path) -> None:
     md = vs_vllm.markdown(report)
     assert "u1" in md and "u2" in md and "| prefixattn/vllm | 0.5 |" in md
     json.dumps(report)
+
+
+def test_public_argv_hides_paths() -> None:
+    argv = ["--vllm-python", "/a/b/python", "--model-dir=/x/m", "--requests", "4", "--tiny"]
+    out = vs_vllm.public_argv(argv)
+    assert out == ["--vllm-python VENV/bin/python", "--model-dir=MODEL_DIR", "--requests", "4",
+                   "--tiny"]  # fmt: skip
+    assert "/a/b" not in " ".join(out)

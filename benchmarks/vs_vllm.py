@@ -557,7 +557,10 @@ def markdown(report: dict[str, Any]) -> str:
         f"Workload: {w['requests']} streamed greedy `/v1/completions` requests, "
         f"{w['concurrency']} concurrent clients, max_tokens {w['max_tokens']}, "
         f"ignore_eos {w['ignore_eos']}, {w['prompts']} fixed prompts cycled; the same client "
-        f"(httpx) for every server. vLLM serves the base model (it has no prefix tuning); "
+        "(httpx) for every server. Tokens are each server's own count "
+        "(`usage.completion_tokens`): vLLM and transformers count a final EOS token, "
+        "`prefixattn serve` does not, so with identical texts ours reports up to one token "
+        "per request fewer. vLLM serves the base model (it has no prefix tuning); "
         f"`prefixattn_task` puts every request on a task prefix of {w['prefix_length']} rows "
         f"({w['prefix']}). `hf_cb` is transformers' continuous batching in-process (no HTTP, "
         "no RSS of its own).",
@@ -596,6 +599,25 @@ def markdown(report: dict[str, Any]) -> str:
     lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()), "",
               f"Command: `{env['command']}`", ""]  # fmt: skip
     return "\n".join(lines)
+
+
+PATH_ARGS = {"--vllm-python": "VENV/bin/python", "--model-dir": "MODEL_DIR",
+             "--out-dir": "OUT_DIR", "--prefix": "PREFIX_DIR"}  # fmt: skip
+
+
+def public_argv(argv: list[str]) -> list[str]:
+    """``argv`` with this machine's paths replaced by placeholders (the command goes into
+    committed result files)."""
+    out, it = [], iter(argv)
+    for a in it:
+        key = a.split("=", 1)[0]
+        if key in PATH_ARGS:
+            out.append(f"{key} {PATH_ARGS[key]}" if "=" not in a else f"{key}={PATH_ARGS[key]}")
+            if "=" not in a:
+                next(it, None)
+        else:
+            out.append(a)
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -645,7 +667,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "device": _cpu_name(), "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "uptime_before": _uptime(),
             "versions": _versions(args.vllm_python if "vllm" in only else None),
-            "command": " ".join(["python benchmarks/vs_vllm.py", *argv]),
+            "command": " ".join(["python benchmarks/vs_vllm.py", *public_argv(argv)]),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         },
     }  # fmt: skip
