@@ -174,3 +174,33 @@ def run_compiled_triton_script(script: str, **env_vars: str) -> object:
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def pool_attention64(**kw) -> torch.Tensor:
+    """float64 attention over a KV-cache pool (``cache_seqlens`` / ``cache_batch_idx``, the
+    pool ``k``, ``v`` [S, Hkv, Nmax, D]): the independent reference run row by row on each
+    row's own keys ``k[slot, :, :length]``, its own prefix entry cut to its length, and its
+    key padding mask's first ``length`` columns. Every other keyword (window, softcap,
+    sinks, sm_scale, causal) is passed through."""
+    kw = dict(kw)
+    csl, cbi = kw.pop("cache_seqlens", None), kw.pop("cache_batch_idx", None)
+    q, k, v = kw.pop("q"), kw.pop("k"), kw.pop("v")
+    pk, pv = kw.pop("prefix_k", None), kw.pop("prefix_v", None)
+    pidx, plen = kw.pop("prefix_index", None), kw.pop("prefix_lengths", None)
+    kpm = kw.pop("key_padding_mask", None)
+    outs = []
+    for b in range(q.shape[0]):
+        s = b if cbi is None else int(cbi[b])
+        n = k.shape[2] if csl is None else int(csl[b])
+        row = dict(kw, q=q[b : b + 1], k=k[s : s + 1, :, :n], v=v[s : s + 1, :, :n])
+        if pk is not None and pk.dim() == 3:  # shared [Hkv, P, D]
+            row.update(prefix_k=pk, prefix_v=pv)
+        elif pk is not None:  # a bank entry, or row b's own prefix: [1, Hkv, P, D]
+            e = int(pidx[b]) if pidx is not None else b
+            row.update(prefix_k=pk[e : e + 1], prefix_v=pv[e : e + 1])
+            if plen is not None:
+                row["prefix_lengths"] = plen[e : e + 1]
+        if kpm is not None:
+            row["key_padding_mask"] = kpm[b : b + 1, :n]
+        outs.append(attention64(**row))
+    return torch.cat(outs)

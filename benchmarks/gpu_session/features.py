@@ -18,6 +18,12 @@ e.g. for the window / softcap / sinks family::
 
 A keyword the installed ``prefix_attention`` does not take is recorded as a ``skip`` (so
 this table may list features before their branch is merged).
+
+**The serving path** (``cache_seqlens`` / ``cache_batch_idx``: the kernel reads a KV-cache
+pool in place, inference only): lines with ``grads=False``, checked against
+``tests/helpers.pool_attention64`` (the float64 reference row by row on each row's own
+keys). The pool is the case's ``k`` / ``v`` (S = B slots of Nmax = Nk keys); lengths 0, 1,
+Nmax and in between, slots out of order with one repeated.
 """
 
 from __future__ import annotations
@@ -47,6 +53,30 @@ def _sinks(case: Any, device: Any) -> Any:
     import torch
 
     return torch.linspace(-1.0, 1.0, case.H, device=device)  # [H] float32 sink logits
+
+
+def _cache_seqlens(case: Any, device: Any) -> Any:
+    """int32 [B]: Nmax, 0, 1, 2/3 Nmax, 2, ... (a row with no key, one, all of its slot)."""
+    import torch
+
+    n = case.Nk
+    pick = (n, 0, 1, (2 * n) // 3, min(2, n))
+    return torch.tensor([pick[b % len(pick)] for b in range(case.B)], dtype=torch.int32,
+                        device=device)  # fmt: skip
+
+
+def _cache_batch_idx(case: Any, device: Any) -> Any:
+    """int32 [B]: slots out of order, the last row reading the first row's slot."""
+    import torch
+
+    idx = [(2 * b + 1) % case.B for b in range(case.B)]
+    if case.B > 2:
+        idx[-1] = idx[0]
+    return torch.tensor(idx, dtype=torch.int32, device=device)
+
+
+POOL = {"cache_seqlens": _cache_seqlens, "cache_batch_idx": _cache_batch_idx}
+POOL_CASE = {"B": 5, "Nq": 1, "prefix": "none", "P": 0}  # decode rows over the pool
 
 
 @dataclass(frozen=True)
@@ -104,6 +134,50 @@ FEATURES: tuple[Feature, ...] = (
         {"window": _window, "softcap": 20.0, "sinks": _sinks, "prefix_lengths": _ragged_lengths},
         both_layouts=True,
     ),
+    # the serving path (issue 29): the KV-cache pool read in place, forward only, alone
+    # and with the bank, window, softcap and sinks
+    Feature(
+        "KV pool: cache_seqlens alone", POOL_CASE, {"cache_seqlens": _cache_seqlens}, grads=False
+    ),
+    Feature("KV pool: cache_seqlens + cache_batch_idx", POOL_CASE, POOL, grads=False),
+    Feature(
+        "KV pool: chunk Nq=3, GQA 4:1, shared prefix",
+        {**POOL_CASE, "Nq": 3, "H": 4, "Hkv": 1, "prefix": "shared", "P": 33},
+        POOL,
+        dry_case={**POOL_CASE, "Nq": 3, "prefix": "shared", "P": 3},
+        grads=False,
+    ),
+    Feature(
+        "KV pool + ragged bank",
+        {**POOL_CASE, "prefix": "bank", "T": 3, "P": 33},
+        {**POOL, "prefix_lengths": _ragged_lengths},
+        dry_case={**POOL_CASE, "prefix": "bank", "T": 3, "P": 3},
+        grads=False,
+    ),
+    Feature(
+        "KV pool + sliding window", {**POOL_CASE, "Nq": 3}, {**POOL, "window": _window}, grads=False
+    ),
+    Feature("KV pool + softcap 30", POOL_CASE, {**POOL, "softcap": 30.0}, grads=False),
+    Feature("KV pool + sinks", POOL_CASE, {**POOL, "sinks": _sinks}, grads=False),
+    Feature(
+        "KV pool + window + softcap + sinks, ragged bank, key padding",
+        {**POOL_CASE, "Nq": 3, "prefix": "bank", "T": 3, "P": 33, "pad": "left"},
+        {
+            **POOL,
+            "window": _window,
+            "softcap": 20.0,
+            "sinks": _sinks,
+            "prefix_lengths": _ragged_lengths,
+        },
+        dry_case={**POOL_CASE, "Nq": 3, "prefix": "bank", "T": 3, "P": 3, "pad": "left"},
+        grads=False,
+    ),
+    # ---- BLOCK_TABLE (paged KV, branch i27-paged-kernel): add the paged rows here once
+    # prefix_attention takes ``block_table`` -- the same lines as the KV pool's above with
+    # the pool cut into blocks (block_table [B, max_blocks] int32, blocks shuffled and one
+    # shared), alone and with the bank, window, softcap and sinks; the reference is
+    # pool_attention64 on the rows' blocks gathered back into slots. Until then a line
+    # naming ``block_table`` is recorded as a skip ("prefix_attention takes no ...").
 )
 
 DTYPE_GPU = "bfloat16"

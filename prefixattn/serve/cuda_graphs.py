@@ -9,12 +9,28 @@ captured CUDA graph (CUDA) or runs the same forward eagerly (CPU, or a bucket no
 captured). Inside the step nothing leaves the device: the key mask and the slot positions
 are computed from the buffers by tensor ops, so the step can be captured.
 
-    rows ──copy──> ids/pos/slots/starts [Bmax]  ──replay graph[B]──> logits [B, V] ──> rows
+    rows ──copy──> ids/pos/slots/starts [Bmax]  ──replay graph[key]──> logits [B, V] ──> rows
+
+**The graph key.** A graph bakes in every shape and buffer address of the step it
+captured; replaying it for another shape reads or writes the wrong memory with no error
+(transformers once replayed a decode graph captured for another key length: wrong tokens,
+no crash). So a graph is looked up by a :class:`GraphKey` of everything that could differ
+between capture and replay: the bucket, the keys each row reads (the pool's ``max_len``),
+the pool's dtype and storage, and the attention path (pool read in place, or gathered
+and masked). The task bank does not enter the step (a row's prefix is in its slot). A
+step whose key has no graph runs the same static forward eagerly and is counted.
+
+**Counters** (:meth:`DecodeGraphs.stats`, in the engine's metrics: ``/metrics.json``
+``cuda_graphs``, Prometheus ``prefixattn:cuda_graph_*`` / ``prefixattn:decode_steps``):
+captures per key, replays per bucket, eager static steps (no graph: CPU, or a key
+missed), key misses (eager steps although graphs were captured), overflow steps (more
+rows than the largest bucket: the engine's dynamic path).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections import Counter
+from typing import Any, NamedTuple
 
 import torch
 
@@ -22,7 +38,7 @@ from .kv_cache import StepLayout
 from .runner import ModelRunner
 from .scheduler import Row
 
-__all__ = ["DEFAULT_BUCKETS", "DecodeGraphs", "buckets_up_to", "pick_bucket"]
+__all__ = ["DEFAULT_BUCKETS", "DecodeGraphs", "GraphKey", "buckets_up_to", "pick_bucket"]
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16)
 
@@ -36,6 +52,22 @@ def buckets_up_to(n: int) -> tuple[int, ...]:
 def pick_bucket(n: int, buckets: tuple[int, ...]) -> int | None:
     """The smallest bucket that holds ``n`` rows (None when ``n`` exceeds them all)."""
     return next((b for b in buckets if b >= n), None)
+
+
+class GraphKey(NamedTuple):
+    """Everything a captured decode graph baked in that could change between capture and
+    replay: a graph is replayed only for its own key."""
+
+    batch: int  # rows: the bucket
+    kv_len: int  # keys each row's attention reads: the pool's max_len
+    dtype: str  # of the KV pool (and the model)
+    in_place: bool  # the kernel reads the pool in place (else: gathered, masked)
+    pool: int  # the pool's storage (layer 0's keys' data_ptr): a new pool, new graphs
+
+    def label(self) -> str:
+        """``B4/L1024/bfloat16/in_place``: the key without the storage address."""
+        path = "in_place" if self.in_place else "gather"
+        return f"B{self.batch}/L{self.kv_len}/{self.dtype.replace('torch.', '')}/{path}"
 
 
 class DecodeGraphs:
@@ -58,9 +90,36 @@ class DecodeGraphs:
         self.positions = torch.zeros(n, 1, dtype=torch.long, device=dev)  # [Bmax, 1]
         self.slots = torch.full((n,), runner.pool.scratch_slot, dtype=torch.long, device=dev)
         self.starts = torch.zeros(n, dtype=torch.long, device=dev)  # [Bmax]
-        self.graphs: dict[int, tuple[Any, torch.Tensor]] = {}  # bucket -> (graph, logits)
+        self.graphs: dict[GraphKey, tuple[Any, torch.Tensor]] = {}  # key -> (graph, logits)
+        # counters (stats()); every key is present from the start: a reader in another
+        # thread never sees a dict change size
         self.steps = 0  # decode steps run on the static buffers
         self.replays = 0  # of them, replayed graphs
+        self.replays_by_bucket: Counter[int] = Counter({b: 0 for b in self.buckets})
+        self.eager_steps = 0  # of them, run eagerly (no graph for their key)
+        self.key_misses = 0  # of those, with graphs captured (a key changed since)
+        self.overflow_steps = 0  # steps with more rows than the largest bucket
+        self.captures: Counter[str] = Counter()  # GraphKey.label() -> graphs captured
+
+    def key(self, B: int) -> GraphKey:
+        """The graph key of a step of bucket ``B`` now."""
+        pool = self.runner.pool
+        return GraphKey(B, pool.max_len, str(pool.keys[0].dtype), bool(self.runner.in_place),
+                        pool.keys[0].data_ptr())  # fmt: skip
+
+    def stats(self) -> dict[str, Any]:
+        """The counters, for the engine's metrics."""
+        return {
+            "buckets": list(self.buckets),
+            "captured_graphs": len(self.graphs),
+            "captures": dict(self.captures),
+            "static_steps": self.steps,
+            "replays": self.replays,
+            "replays_by_bucket": {str(b): n for b, n in sorted(self.replays_by_bucket.items())},
+            "eager_steps": self.eager_steps,
+            "key_misses": self.key_misses,
+            "overflow_steps": self.overflow_steps,
+        }
 
     def _fill(self, rows: list[Row], B: int) -> None:
         """Copy the rows' inputs into the buffers (one host-to-device copy each); rows
@@ -115,22 +174,29 @@ class DecodeGraphs:
             with torch.cuda.graph(graph, pool=pool), torch.no_grad():
                 out = self._forward(B)
             pool = graph.pool()
-            self.graphs[B] = (graph, out)
+            key = self.key(B)
+            self.graphs[key] = (graph, out)
+            self.captures[key.label()] += 1
 
     def decode(self, rows: list[Row]) -> torch.Tensor | None:
         """Logits float32 [len(rows), V] of one decode step, or None when the rows exceed
         the largest bucket (the caller runs the eager path)."""
         B = pick_bucket(len(rows), self.buckets)
         if B is None:
+            self.overflow_steps += 1
             return None
         self._fill(rows, B)
         self.steps += 1
-        if B in self.graphs:
-            graph, out = self.graphs[B]
+        hit = self.graphs.get(self.key(B))
+        if hit is not None:
+            graph, out = hit
             graph.replay()
             self.replays += 1
+            self.replays_by_bucket[B] += 1
         else:
             out = self._forward(B)
+            self.eager_steps += 1
+            self.key_misses += bool(self.graphs)
         for r in rows:
             r.kv_len += 1
         return out[: len(rows)]

@@ -168,6 +168,7 @@ class Engine:
         self.batch_sizes: Counter[int] = Counter()  # rows per step
         self.prefill_tokens = 0
         self.decode_tokens = 0
+        self.decode_steps = 0  # decode forwards (graph replays among them: graph_stats)
         self.latencies: deque[float] = deque(maxlen=4096)
         self.ttfts: deque[float] = deque(maxlen=4096)
         self.step_times: deque[float] = deque(maxlen=4096)
@@ -360,6 +361,7 @@ class Engine:
                     logits = self.runner.decode(plan.decode)  # [B, V]
                 ready.extend(zip(plan.decode, logits))
                 self.decode_tokens += len(plan.decode)
+                self.decode_steps += 1
             if ready:
                 stacked = torch.stack([lg for _, lg in ready])  # [R, V]
                 tokens = choose_tokens(stacked, [r.sampler for r, _ in ready])
@@ -443,6 +445,19 @@ class Engine:
 
     # ------------------------------------------------------------------ metrics
 
+    def graph_stats(self) -> dict[str, Any]:
+        """CUDA-graph decode: whether it is on, graphs captured per key, replays, and the
+        decode steps that ran eagerly (see :meth:`.cuda_graphs.DecodeGraphs.stats`)."""
+        replays = 0 if self.graphs is None else self.graphs.replays
+        out: dict[str, Any] = {
+            "enabled": self.graphs is not None,
+            "decode_steps": self.decode_steps,
+            "eager_decode_steps": self.decode_steps - replays,
+        }
+        if self.graphs is not None:
+            out.update(self.graphs.stats())
+        return out
+
     def metrics(self) -> dict[str, Any]:
         """Counters, running rows, KV usage, step statistics, latency and TTFT (seconds)."""
         rows = list(self.scheduler.running)
@@ -470,9 +485,11 @@ class Engine:
                 "decode_tokens": self.decode_tokens,
                 "time_s": _percentiles(steps),
                 "mean_time_s": sum(steps) / len(steps) if steps else None,
+                "decode_steps": self.decode_steps,
                 "static_decode": 0 if self.graphs is None else self.graphs.steps,
                 "graph_replays": 0 if self.graphs is None else self.graphs.replays,
             },
+            "cuda_graphs": self.graph_stats(),
             "batches": self.batches,
             "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
             "mixed_task_batches": self.mixed_task_batches,
