@@ -13,6 +13,13 @@ Notation (shapes as the launcher passes them; any strides):
         (only with HAS_CBI): row b reads slot CBI[b] (else slot b); CSL [B] (only with
         HAS_CSL): row b sees keys [0, CSL[b]) of its slot, its causal band aligned to
         CSL[b] (else to Nk). Read in place: no gather, no mask.
+    A paged KV cache (as flash_attn_with_kvcache's block_table; PAGE_SIZE > 0): K, V are
+        the block pool [num_blocks, Hkv, PAGE_SIZE, D]; BT [B, max_blocks] int32/int64:
+        row b's key j is in block BT[b, j // PAGE_SIZE] at offset j % PAGE_SIZE; Nk =
+        max_blocks * PAGE_SIZE logical keys, CSL[b] of them real. Read in place: a key
+        tile inside one page (PAGE_SIZE >= BLOCK_N, both powers of two, tiles start at
+        multiples of BLOCK_N) loads one page id; a tile spanning pages (PAGE_SIZE <
+        BLOCK_N) loads one per key. Only the entries of keys < CSL[b] are read.
     Out [B, H, Nq, D]; LSE [B, H, Nq] fp32, log2-domain logsumexp (+inf for an empty row)
 
 Query i of a row sees every prefix key, and sequence key j iff j <= i + (Nk - Nq) when
@@ -104,6 +111,38 @@ def _dropout_keep(seed, drop_rows, cols, dropout_p):
 
 
 @triton.jit
+def _page_rows(
+    BT,
+    stride_btn,
+    start_n,
+    cols,
+    n_valid,
+    stride_kz,
+    stride_kn,
+    stride_vz,
+    stride_vn,
+    BLOCK_N: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+):
+    """Offsets int64 [BLOCK_N, 1] of keys ``cols`` in a block pool K and V: key j is at
+    block BT[j // PAGE_SIZE], offset j % PAGE_SIZE. A tile within one page (PAGE_SIZE >=
+    BLOCK_N: ``start_n`` is a multiple of BLOCK_N) loads one id; otherwise one per key,
+    only for keys < n_valid (a row's table past its last needed block is never read)."""
+    if PAGE_SIZE >= BLOCK_N:
+        page = tl.load(BT + (start_n // PAGE_SIZE) * stride_btn).to(tl.int64)
+        off = (cols % PAGE_SIZE).to(tl.int64)[:, None]
+        k_rows = page * stride_kz + off * stride_kn
+        v_rows = page * stride_vz + off * stride_vn
+    else:
+        page = tl.load(BT + (cols // PAGE_SIZE) * stride_btn, mask=cols < n_valid, other=0)
+        page = page.to(tl.int64)[:, None]
+        off = (cols % PAGE_SIZE).to(tl.int64)[:, None]
+        k_rows = page * stride_kz + off * stride_kn
+        v_rows = page * stride_vz + off * stride_vn
+    return k_rows, v_rows
+
+
+@triton.jit
 def _attn_fwd_inner(
     acc,
     l_i,
@@ -117,6 +156,10 @@ def _attn_fwd_inner(
     stride_vd,
     KPM,
     stride_kpmn,
+    BT,
+    stride_btn,
+    stride_kz,
+    stride_vz,
     lo,
     hi,
     n_valid,
@@ -139,10 +182,12 @@ def _attn_fwd_inner(
     INPUT_PRECISION: tl.constexpr,
     MASK_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
+    PAGE_SIZE: tl.constexpr = 0,
 ):
     """One stage of the key loop: key blocks [lo, hi) of one source (prefix or sequence).
 
-    K, V point at key 0 of this (row, kv head). Scores are in the log2 domain
+    K, V point at key 0 of this (row, kv head); with PAGE_SIZE > 0 (a paged cache) at
+    block 0 of this kv head, and BT at the row's block table (:func:`_page_rows`). Scores are in the log2 domain
     (:func:`_logits`). A fully masked row keeps m_i = -inf and l_i = 0; ``m_safe`` keeps
     exp2 away from (-inf) - (-inf). MASK_WINDOW drops keys with
     col <= row + causal_off - window (left of the sliding window).
@@ -155,9 +200,17 @@ def _attn_fwd_inner(
         kv_ok = d_ok[None, :]
         if MASK_BOUNDS:
             kv_ok = kv_ok & (cols[:, None] < n_valid)
-        rows = cols[:, None].to(tl.int64)
+        if PAGE_SIZE > 0:
+            k_rows, v_rows = _page_rows(
+                BT, stride_btn, start_n, cols, n_valid, stride_kz, stride_kn, stride_vz,
+                stride_vn, BLOCK_N, PAGE_SIZE,
+            )  # fmt: skip
+        else:
+            rows = cols[:, None].to(tl.int64)
+            k_rows = rows * stride_kn
+            v_rows = rows * stride_vn
         k = tl.load(
-            K + rows * stride_kn + offs_d[None, :] * stride_kd,
+            K + k_rows + offs_d[None, :] * stride_kd,
             mask=kv_ok,
             other=0.0,
         )
@@ -184,7 +237,7 @@ def _attn_fwd_inner(
             keep = _dropout_keep(seed, drop_rows, col_base + cols, dropout_p)
             p = tl.where(keep, p, 0.0)
         v = tl.load(
-            V + rows * stride_vn + offs_d[None, :] * stride_vd,
+            V + v_rows + offs_d[None, :] * stride_vd,
             mask=kv_ok,
             other=0.0,
         )
@@ -246,6 +299,7 @@ def _attn_fwd(
     KPM,
     CSL,
     CBI,
+    BT,
     SINKS,
     Out,
     LSE,
@@ -271,6 +325,8 @@ def _attn_fwd(
     stride_pvd,
     stride_kpmz,
     stride_kpmn,
+    stride_btz,
+    stride_btn,
     stride_oz,
     stride_oh,
     stride_om,
@@ -303,6 +359,7 @@ def _attn_fwd(
     PREFIX_WINDOWED: tl.constexpr = False,
     HAS_SOFTCAP: tl.constexpr = False,
     HAS_SINKS: tl.constexpr = False,
+    PAGE_SIZE: tl.constexpr = 0,
 ):
     """Prefix-aware attention forward.
 
@@ -359,10 +416,13 @@ def _attn_fwd(
         n_k = tl.load(CSL + off_b).to(tl.int32)
     else:
         n_k = N_K
-    if HAS_CBI:  # noqa: SIM108
+    if HAS_CBI:
         kv_b = tl.load(CBI + off_b).to(tl.int64)
+    elif PAGE_SIZE > 0:  # a paged cache: the block is per key tile (_page_rows)
+        kv_b = b64 * 0
     else:
         kv_b = b64
+    bt_row = BT + b64 * stride_btz
     causal_off = n_k - N_Q
 
     # -- stage 1: prefix keys, read from their own buffer -------------------------------
@@ -377,7 +437,7 @@ def _attn_fwd(
             p_lo = (tl.maximum(start_m + causal_off + P_row - window + 1, 0) // BLOCK_N) * BLOCK_N
         acc, l_i, m_i = _attn_fwd_inner(
             acc, l_i, m_i, q, pk, pv, stride_pkn, stride_pkd, stride_pvn, stride_pvd,
-            KPM, stride_kpmn, p_lo, P_row, P_row, causal_off + P_row, offs_m, qk_scale,
+            KPM, stride_kpmn, BT, 0, 0, 0, p_lo, P_row, P_row, causal_off + P_row, offs_m, qk_scale,
             seed, drop_rows, 0, dropout_p, window, softcap,
             D, BLOCK_D, BLOCK_N, True, False, False, HAS_DROPOUT, INPUT_PRECISION,
             PREFIX_WINDOWED, HAS_SOFTCAP,
@@ -392,24 +452,26 @@ def _attn_fwd(
     if HAS_WINDOW:  # the window's left edge: some rows of the block no longer see these
         acc, l_i, m_i = _attn_fwd_inner(
             acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-            kpm_base, stride_kpmn, lo, full_lo, n_k, causal_off, offs_m, qk_scale,
+            kpm_base, stride_kpmn, bt_row, stride_btn, stride_kz, stride_vz, lo, full_lo, n_k,
+            causal_off, offs_m, qk_scale,
             seed, drop_rows, N_P, dropout_p, window, softcap,
             D, BLOCK_D, BLOCK_N, False, False, HAS_KPM, HAS_DROPOUT, INPUT_PRECISION,
-            True, HAS_SOFTCAP,
+            True, HAS_SOFTCAP, PAGE_SIZE,
         )  # fmt: skip
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-        kpm_base, stride_kpmn, full_lo, full_hi, n_k, causal_off, offs_m, qk_scale,
+        kpm_base, stride_kpmn, bt_row, stride_btn, stride_kz, stride_vz, full_lo, full_hi, n_k,
+        causal_off, offs_m, qk_scale,
         seed, drop_rows, N_P, dropout_p, window, softcap,
         D, BLOCK_D, BLOCK_N, False, False, HAS_KPM, HAS_DROPOUT, INPUT_PRECISION,
-        False, HAS_SOFTCAP,
+        False, HAS_SOFTCAP, PAGE_SIZE,
     )  # fmt: skip
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-        kpm_base, stride_kpmn, tl.maximum(full_hi, full_lo), hi, n_k, causal_off, offs_m,
-        qk_scale, seed, drop_rows, N_P, dropout_p, window, softcap,
+        kpm_base, stride_kpmn, bt_row, stride_btn, stride_kz, stride_vz,
+        tl.maximum(full_hi, full_lo), hi, n_k, causal_off, offs_m, qk_scale, seed, drop_rows, N_P, dropout_p, window, softcap,
         D, BLOCK_D, BLOCK_N, True, IS_CAUSAL, HAS_KPM, HAS_DROPOUT, INPUT_PRECISION,
-        HAS_WINDOW, HAS_SOFTCAP,
+        HAS_WINDOW, HAS_SOFTCAP, PAGE_SIZE,
     )  # fmt: skip
 
     # -- epilogue: normalise; a row that saw nothing writes zeros and lse = +inf ---------

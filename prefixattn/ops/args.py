@@ -52,6 +52,7 @@ def pointer_args(call: AttentionCall, mode: int) -> dict[str, torch.Tensor]:
         "PLEN": plen if has_p and plen is not None else q,
         "CSL": call.cache_seqlens if call.cache_seqlens is not None else q,
         "CBI": call.cache_batch_idx if call.cache_batch_idx is not None else q,
+        "BT": call.block_table if call.block_table is not None else q,
         # the forward reads sinks[h] at offset h: a strided vector is made dense (H floats)
         "SINKS": q if sinks is None else sinks if sinks.is_contiguous() else sinks.contiguous(),
     }
@@ -63,6 +64,7 @@ def input_args(call: AttentionCall, prob: AttnProblem) -> dict:
     has_p = prob.prefix_mode != PREFIX_NONE
     kpm = call.key_padding_mask
     ks = kpm.stride() if kpm is not None else (0, 0)
+    bts = call.block_table.stride() if call.block_table is not None else (0, 0)
     return {
         **pointer_args(call, prob.prefix_mode),
         **strides("q", call.q, "zhmd"),
@@ -72,6 +74,8 @@ def input_args(call: AttentionCall, prob: AttnProblem) -> dict:
         **strides("pv", call.prefix_v if has_p else None, "zhnd"),
         "stride_kpmz": ks[0],
         "stride_kpmn": ks[1],
+        "stride_btz": bts[0],
+        "stride_btn": bts[1],
         "H": prob.H,
         "HKV": prob.Hkv,
         "GROUP": prob.group,
@@ -106,6 +110,8 @@ def input_flags(call: AttentionCall, prob: AttnProblem) -> dict:
         PREFIX_WINDOWED=prob.prefix_windowed,
         HAS_SOFTCAP=prob.softcap > 0.0,
         HAS_SINKS=prob.has_sinks,
+        # a paged KV cache: the block size (k is the block pool), 0 = not paged
+        PAGE_SIZE=call.k.shape[2] if call.block_table is not None else 0,
     )
 
 

@@ -37,6 +37,7 @@ def prefix_attention(
     prefix_window: str = "all",
     cache_seqlens: torch.Tensor | None = None,
     cache_batch_idx: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention over a prefix of P virtual keys plus the sequence keys, fused.
 
@@ -71,6 +72,22 @@ def prefix_attention(
             under torch.compile).
         cache_batch_idx: int32/int64 [B], row b reads slot ``cache_batch_idx[b]`` of the
             pool (in [0, S); repeated and out-of-order slots are fine). None: slot b.
+        block_table: int32 [B, max_blocks], a paged KV cache (as ``flash_attn_with_kvcache``'s
+            ``block_table``, vLLM's paged attention): k, v are then the block pool
+            [num_blocks, Hkv, block_size, D] (block_size a power of two >= 16), and row b's
+            sequence key j lives in block ``block_table[b, j // block_size]`` at offset
+            ``j % block_size``. ``cache_seqlens`` is required (in [0, max_blocks *
+            block_size]; the mask is the one above, over the row's logical keys [0,
+            cache_seqlens[b])); entries past a row's last needed block are never read
+            (any value, e.g. -1). Blocks may be shared between rows (prefix caching) and
+            in any order; a ``key_padding_mask`` is [B, max_blocks * block_size] over the
+            logical keys. Not with ``cache_batch_idx``. The Triton kernel reads the pages
+            in place (the torch backends gather them). Inference only, as ``cache_seqlens``::
+
+                block_size = 4, block_table[b] = [5, 2, 7, -1], cache_seqlens[b] = 10
+                logical keys  0 1 2 3 | 4 5 6 7 | 8 9 . .  | (ignored)
+                block pool    block 5 | block 2 | block 7  | -1: never read
+                k[5, :, 0:4]  = keys 0..3, k[2, :, 0:4] = keys 4..7, k[7, :, 0:2] = keys 8, 9
         backend: "auto" (Triton on CUDA, "sdpa" elsewhere), "triton" (CUDA, or CPU under
             TRITON_INTERPRET=1), "sdpa" (PyTorch's fused scaled_dot_product_attention on
             the concatenated prefix + keys: any device and dtype) or "reference" (the
@@ -115,6 +132,7 @@ def prefix_attention(
             softcap=softcap, prefix_window=prefix_window,
             backend=resolve_backend(backend, q), settings=ACTIVE.settings,
             cache_seqlens=cache_seqlens, cache_batch_idx=cache_batch_idx,
+            block_table=block_table,
         ))  # fmt: skip
     # the call, once: every layer below takes it (call.py); "auto" is resolved here
     call = new_call(
@@ -122,9 +140,11 @@ def prefix_attention(
         (q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, sinks,
          causal, sm_scale, dropout_p, window, softcap, prefix_window,
          backend if backend != "auto" else resolve_backend(backend, q), ACTIVE.settings,
-         cache_seqlens, cache_batch_idx),
+         cache_seqlens, cache_batch_idx, block_table),
     )  # fmt: skip
-    if (cache_seqlens is not None or cache_batch_idx is not None) and _grad_enabled():
+    if (
+        cache_seqlens is not None or cache_batch_idx is not None or block_table is not None
+    ) and _grad_enabled():
         check_no_grad(call)
     # the call's plan: validated and set up once per signature (plan.py)
     plan = lookup_plan(call)

@@ -59,18 +59,28 @@ class AttentionCall(NamedTuple):
     # no torch.compile); not among the N_TENSORS an autograd call saves.
     cache_seqlens: torch.Tensor | None = None
     cache_batch_idx: torch.Tensor | None = None
+    # a paged KV cache (as flash_attn_with_kvcache's block_table): k, v are the block pool
+    # [num_blocks, Hkv, block_size, D]; row b's key j lives in block block_table[b, j //
+    # block_size] at offset j % block_size. int32 [B, max_blocks]; needs cache_seqlens.
+    block_table: torch.Tensor | None = None
 
     @property
     def has_cache(self) -> bool:
-        """Whether the call reads a KV-cache pool (cache_seqlens or cache_batch_idx)."""
-        return self.cache_seqlens is not None or self.cache_batch_idx is not None
+        """Whether the call reads a KV-cache pool (cache_seqlens, cache_batch_idx or
+        block_table)."""
+        return (
+            self.cache_seqlens is not None
+            or self.cache_batch_idx is not None
+            or self.block_table is not None
+        )
 
     def rows(self, rows: slice, per_row: bool) -> AttentionCall:
         """Batch rows ``rows`` of the call (views; a shared prefix or a bank stays whole,
         a per-row prefix and its lengths are cut with the rows)."""
         if rows == slice(None):
             return self
-        pool = self.cache_batch_idx is not None  # k, v are the slot pool: kept whole
+        # k, v are the slot pool or the block pool: kept whole
+        pool = self.cache_batch_idx is not None or self.block_table is not None
         return self._replace(
             q=self.q[rows],
             k=self.k if pool else self.k[rows],
@@ -82,6 +92,7 @@ class AttentionCall(NamedTuple):
             key_padding_mask=take(self.key_padding_mask, rows),
             cache_seqlens=take(self.cache_seqlens, rows),
             cache_batch_idx=take(self.cache_batch_idx, rows),
+            block_table=take(self.block_table, rows),
         )
 
 

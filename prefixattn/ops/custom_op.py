@@ -310,9 +310,9 @@ def traced_prefix_attention(call: AttentionCall) -> Tensor:
     custom ops above, the reference path as plain tensor ops (Inductor fuses it), the
     sdpa path as SDPA.
     """
-    if call.cache_seqlens is not None or call.cache_batch_idx is not None:
+    if call.has_cache:
         raise ValueError(
-            "cache_seqlens / cache_batch_idx (a KV-cache pool) are not supported under "
+            "cache_seqlens / cache_batch_idx / block_table (a KV-cache pool) are not supported under "
             "torch.compile; call prefix_attention eagerly"
         )
     prob = validate(call, check_values=False)

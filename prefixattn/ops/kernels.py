@@ -50,7 +50,15 @@ TUNED_KERNELS = {
 BWD_KINDS = {"bwd": 0, "dkdv": 1, "dq": 2, "prefix_dkdv": 3}
 # the constexprs each autotuned kernel's cache key has besides the size buckets
 _TUNE_KEYS = {
-    "fwd": ["IS_CAUSAL", "PREFIX_MODE", "HAS_KPM", "HAS_WINDOW", "HAS_SOFTCAP", "HAS_SINKS"],
+    "fwd": [
+        "IS_CAUSAL",
+        "PREFIX_MODE",
+        "HAS_KPM",
+        "HAS_WINDOW",
+        "HAS_SOFTCAP",
+        "HAS_SINKS",
+        "PAGE_SIZE",
+    ],
     "dkdv": ["IS_CAUSAL", "HAS_KPM", "HAS_WINDOW", "HAS_SOFTCAP"],
     "dq": ["IS_CAUSAL", "PREFIX_MODE", "HAS_KPM", "HAS_WINDOW", "HAS_SOFTCAP"],
     "prefix_dkdv": ["PREFIX_MODE", "PREFIX_WINDOWED", "HAS_SOFTCAP"],
@@ -223,7 +231,7 @@ def kernel_params(attr: str) -> tuple[str, ...]:
 # (their storage) and the dropout seed. Every kernel lists its pointers first.
 DYNAMIC_PARAMS = frozenset(
     ("Q", "K", "V", "PK", "PV", "PIDX", "PLEN", "KPM", "CSL", "CBI", "Out", "LSE", "O", "DO", "Delta",
-     "DQ", "DK", "DV", "DPK", "DPV", "GPK", "GPV", "SINKS", "seed")
+     "BT", "DQ", "DK", "DV", "DPK", "DPV", "GPK", "GPV", "SINKS", "seed")
 )  # fmt: skip
 
 

@@ -78,7 +78,7 @@ def lookup_plan(call: AttentionCall) -> CallPlan:
     change): every layer of a model gets the same index tensor.
     """
     q, k, v, pk, pv, pidx, plen, kpm, sinks, causal, sm_scale, dropout_p = call[:12]
-    window, softcap, prefix_window, backend, settings, csl, cbi = call[12:]
+    window, softcap, prefix_window, backend, settings, csl, cbi, bt = call[12:]
     try:
         key = (
             q.__class__, q.shape, q.stride(), q.dtype, q.device,
@@ -95,6 +95,7 @@ def lookup_plan(call: AttentionCall) -> CallPlan:
             None if cbi is None else (cbi.__class__, cbi.shape, cbi.dtype, cbi.device),
             None if sinks is None else (sinks.__class__, sinks.shape, sinks.dtype, sinks.device),
             window, window.__class__, softcap, softcap.__class__, prefix_window,
+            None if bt is None else (bt.__class__, bt.shape, bt.stride(), bt.dtype, bt.device),
         )  # fmt: skip
         plan = PLANS.get(key)
     except (AttributeError, TypeError):  # not tensors, or unhashable scalars
@@ -110,7 +111,7 @@ def lookup_plan(call: AttentionCall) -> CallPlan:
             if seen is None or seen[0]() is not plen or seen[1] != plen._version:
                 check_lengths_range(plen, plan.prob.P)
                 plan.lengths_seen = (weakref.ref(plen), plen._version)
-        if csl is not None or cbi is not None:  # new values every decoding step
+        if csl is not None or cbi is not None or bt is not None:  # new every decoding step
             check_cache_values(call, plan.prob.Nk, k.shape[0])
         return plan
     prob = validate(call)
@@ -264,6 +265,8 @@ class CallPlan:
             a |= call.cache_seqlens.data_ptr()
         if call.cache_batch_idx is not None:
             a |= call.cache_batch_idx.data_ptr()
+        if call.block_table is not None:
+            a |= call.block_table.data_ptr()
         if call.sinks is not None:
             a |= ptrs["SINKS"].data_ptr()
         aligned = not a & 15

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .call import N_TENSORS, AttentionCall
-from .validation import PREFIX_BANK, PREFIX_NONE, AttnProblem
+from .validation import PREFIX_BANK, PREFIX_NONE, AttnProblem, needed_blocks
 
 
 def visible_mask(
@@ -65,9 +65,31 @@ def prefix_visible(
     return torch.arange(P, device=rows.device)[None, :] < rows[:, None]  # [B, P]
 
 
+def gather_pages(
+    pool: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor
+) -> torch.Tensor:
+    """A paged cache's rows made contiguous: pool [num_blocks, Hkv, block_size, D] ->
+    [B, Hkv, max_blocks * block_size, D], row b's key j from block ``block_table[b, j //
+    block_size]``. Entries past a row's last needed block read block 0 (masked anyway by
+    ``cache_seqlens``), whatever they hold."""
+    NB, Hkv, bs, D = pool.shape
+    B, M = block_table.shape
+    need = needed_blocks(block_table, cache_seqlens, bs)  # [B, M]
+    ids = torch.where(need, block_table.to(torch.int64), 0)  # [B, M]
+    if NB == 0:  # no blocks at all (every row is empty): zeros of the row shape
+        return pool.new_zeros(B, Hkv, M * bs, D)
+    pages = pool.index_select(0, ids.reshape(-1)).view(B, M, Hkv, bs, D)  # [B, M, Hkv, bs, D]
+    return pages.transpose(1, 2).reshape(B, Hkv, M * bs, D)  # [B, Hkv, M * bs, D]
+
+
 def pool_rows(call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
     """(k, v) [B, Hkv, Nk, D] of the call's rows: a KV-cache pool's slots gathered by
-    ``cache_batch_idx`` (these torch backends copy; the Triton kernel reads in place)."""
+    ``cache_batch_idx``, or a paged cache's blocks by ``block_table`` (Nk = max_blocks *
+    block_size; these torch backends copy; the Triton kernel reads in place)."""
+    bt = call.block_table
+    if bt is not None:
+        csl = call.cache_seqlens
+        return gather_pages(call.k, bt, csl), gather_pages(call.v, bt, csl)
     idx = call.cache_batch_idx
     if idx is None:
         return call.k, call.v

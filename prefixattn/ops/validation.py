@@ -176,7 +176,9 @@ def validate(call: AttentionCall, check_values: bool = True) -> AttnProblem:
             raise ValueError(f"{name} must be on the device of q ({q.device}), got {t.device}")
     B, H, Nq, D = q.shape
     Bk, Hkv, Nk, Dk = k.shape
-    if Bk != B and call.cache_batch_idx is None:
+    if call.block_table is not None:  # a paged cache: Nk counts each row's logical keys
+        Nk = check_block_table(call, B)
+    elif Bk != B and call.cache_batch_idx is None:
         pool = " (a KV-cache pool of other than B slots needs cache_batch_idx)"
         raise ValueError(
             f"k must have batch size B={B} (from q), got k of shape {_shape(k)}"
@@ -322,13 +324,83 @@ def _check_range(t: torch.Tensor, lo: int, hi: int, msg: str) -> None:
 
 
 def check_cache_values(call: AttentionCall, Nk: int, S: int) -> None:
-    """The ranges of ``cache_seqlens`` ([0, Nk]) and ``cache_batch_idx`` ([0, S)): every
-    call (they change every decoding step), without a host-device sync."""
+    """The ranges of ``cache_seqlens`` ([0, Nk]), ``cache_batch_idx`` ([0, S)) and of the
+    ``block_table`` entries a row reads ([0, num_blocks), S = num_blocks): every call (they
+    change every decoding step), without a host-device sync."""
     csl, cbi = call.cache_seqlens, call.cache_batch_idx
     if csl is not None and csl.numel():
         _check_range(csl, 0, Nk, f"cache_seqlens values must be in [0, Nmax] with Nmax={Nk}")
     if cbi is not None and cbi.numel():
         _check_range(cbi, 0, S - 1, f"cache_batch_idx values must be in [0, S) with S={S} slots")
+    bt = call.block_table
+    if bt is not None and csl is not None and bt.numel():
+        check_block_table_values(bt, csl, call.k.shape[2], S)
+
+
+def needed_blocks(block_table: torch.Tensor, cache_seqlens: torch.Tensor, block_size: int):
+    """bool [B, max_blocks]: the entries of ``block_table`` row b reads (its first
+    cdiv(cache_seqlens[b], block_size) blocks); the others may hold anything."""
+    n = (cache_seqlens.to(torch.int64) + block_size - 1) // block_size  # [B]
+    return torch.arange(block_table.shape[1], device=block_table.device)[None, :] < n[:, None]
+
+
+def check_block_table_values(
+    block_table: torch.Tensor, cache_seqlens: torch.Tensor, block_size: int, num_blocks: int
+) -> None:
+    """Check that every block a row reads is in [0, num_blocks) (see :func:`_assert_values`:
+    no host-device sync on a GPU)."""
+    need = needed_blocks(block_table, cache_seqlens, block_size)
+    ok = torch.logical_or(
+        torch.logical_and(block_table >= 0, block_table < num_blocks), ~need
+    ).all()
+    msg = (
+        f"block_table values of the blocks a row reads (j < cdiv(cache_seqlens[b], "
+        f"block_size={block_size})) must be in [0, num_blocks) with num_blocks={num_blocks}"
+    )
+    try:
+        torch._assert_async(ok, msg)
+    except RuntimeError:  # CPU: the check ran now
+        used = block_table[need]
+        raise ValueError(f"{msg}, got values in [{int(used.min())}, {int(used.max())}]") from None
+
+
+def check_block_table(call: AttentionCall, B: int) -> int:
+    """Check ``block_table`` (and what it needs: ``cache_seqlens``, no ``cache_batch_idx``,
+    a block pool [num_blocks, Hkv, block_size, D] with block_size a power of two >= 16);
+    returns the logical keys per row, max_blocks * block_size."""
+    bt, k = call.block_table, call.k
+    if not isinstance(bt, torch.Tensor):
+        raise TypeError(
+            f"block_table must be an int32 torch.Tensor of shape [B, max_blocks], got "
+            f"{type(bt).__name__}"
+        )
+    if bt.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"block_table must have dtype torch.int32 (or int64), got {bt.dtype}")
+    if bt.dim() != 2 or bt.shape[0] != B:
+        raise ValueError(
+            f"block_table must have shape [B, max_blocks] with B={B}, got {_shape(bt)}"
+        )
+    if bt.device != call.q.device:
+        raise ValueError(
+            f"block_table must be on the device of q ({call.q.device}), got {bt.device}"
+        )
+    if call.cache_seqlens is None:
+        raise ValueError(
+            "block_table (a paged KV cache) needs cache_seqlens: the keys row b sees, [0, "
+            "cache_seqlens[b])"
+        )
+    if call.cache_batch_idx is not None:
+        raise ValueError(
+            "cache_batch_idx cannot be combined with block_table: the block table already "
+            "says where each row's keys are"
+        )
+    block_size = k.shape[2]
+    if block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(
+            f"k, v with block_table are the block pool [num_blocks, Hkv, block_size, D] with "
+            f"block_size a power of two >= 16, got k of shape {_shape(k)}"
+        )
+    return bt.shape[1] * block_size
 
 
 def check_no_grad(call: AttentionCall) -> None:
@@ -337,7 +409,7 @@ def check_no_grad(call: AttentionCall) -> None:
              if isinstance(getattr(call, n), torch.Tensor) and getattr(call, n).requires_grad]  # fmt: skip
     if grads:
         raise ValueError(
-            f"cache_seqlens / cache_batch_idx (a KV-cache pool) are for inference: "
+            f"cache_seqlens / cache_batch_idx / block_table (a KV-cache pool) are for inference: "
             f"{', '.join(grads)} require grad; call under torch.no_grad()"
         )
 
@@ -363,13 +435,13 @@ def check_cache(call: AttentionCall, prob: AttnProblem, check_values: bool = Tru
             raise ValueError(f"{name} must be on the device of q ({call.q.device}), got {t.device}")
     if float(call.dropout_p) > 0.0:
         raise ValueError(
-            "dropout_p must be 0 with cache_seqlens / cache_batch_idx (a KV-cache pool is "
-            f"for inference), got {call.dropout_p!r}"
+            "dropout_p must be 0 with cache_seqlens / cache_batch_idx / block_table (a "
+            f"KV-cache pool is for inference), got {call.dropout_p!r}"
         )
     if prob.prefix_windowed:
         raise ValueError(
-            "prefix_window='sliding' is not supported with cache_seqlens / cache_batch_idx "
-            "(a KV-cache pool); use prefix_window='all'"
+            "prefix_window='sliding' is not supported with cache_seqlens / cache_batch_idx / "
+            "block_table (a KV-cache pool); use prefix_window='all'"
         )
     if check_values:
         check_cache_values(call, prob.Nk, S)

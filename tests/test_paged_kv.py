@@ -1,0 +1,238 @@
+"""``prefix_attention`` over a paged KV cache (``block_table``), as FlashAttention's
+``flash_attn_with_kvcache(..., block_table=...)`` and vLLM's paged attention.
+
+k, v are a block pool [num_blocks, Hkv, block_size, D]; row b's key j lives in block
+``block_table[b, j // block_size]`` at offset ``j % block_size``. Every backend against
+the independent float64 reference (tests/reference64.py) run row by row on the row's own
+keys, gathered here block by block with a Python loop (not with the library's gather):
+block sizes 16 and 32, blocks shuffled and shared between rows, lengths 0 / 1 / bs - 1 /
+bs / bs + 1 / 2 bs + 3, table entries past a row's last block holding -1, 0 or garbage,
+Nq = 1 (decode) and Nq = 3 (a chunk over cached pages), GQA, no prefix / shared / ragged
+bank, window / softcap / sinks, a key padding mask, fp16, Triton tiles that span pages.
+Bad input: a clear error naming the argument.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from conftest import DEVICE
+from reference64 import attention64
+
+import prefixattn
+from prefixattn.ops.settings import KernelConfig, use_settings
+
+BACKENDS = ["reference", "sdpa", "triton"]
+D = 16
+NUM_BLOCKS = 10
+GARBAGE = 10**6  # a table entry past a row's last block: never read
+
+
+def _lengths(bs: int) -> list[int]:
+    return [0, 1, bs - 1, bs, bs + 1, 2 * bs + 3]
+
+
+def _case(
+    bs: int,
+    prefix: str,
+    Nq: int,
+    H: int = 4,
+    Hkv: int = 2,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> dict:
+    """A paged call: 6 rows of lengths :func:`_lengths`, blocks in shuffled order, row 5's
+    first block shared with row 4 (prefix caching), one unused table entry per row at
+    least (holding -1, 0 or a garbage id)."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = _lengths(bs)
+    B, M = len(lengths), -(-max(lengths) // bs) + 1  # max_blocks: one entry to spare
+
+    def rnd(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g).to(DEVICE, dtype)
+
+    free = iter(torch.randperm(NUM_BLOCKS, generator=g).tolist())
+    table: list[list[int]] = []
+    for b, n in enumerate(lengths):
+        row = [next(free) for _ in range(-(-n // bs))]
+        if b == 5:
+            row[0] = table[4][0]  # shared with row 4
+        table.append(row + [(-1, 0, GARBAGE)[b % 3]] * (M - len(row)))
+    kw: dict = {
+        "q": rnd(B, H, Nq, D),
+        "k": rnd(NUM_BLOCKS, Hkv, bs, D),
+        "v": rnd(NUM_BLOCKS, Hkv, bs, D),
+        "cache_seqlens": torch.tensor(lengths, dtype=torch.int32, device=DEVICE),
+        "block_table": torch.tensor(table, dtype=torch.int32, device=DEVICE),
+    }
+    if prefix == "shared":
+        kw["prefix_k"], kw["prefix_v"] = rnd(Hkv, 5, D), rnd(Hkv, 5, D)
+    elif prefix == "bank":  # a ragged bank: entry lengths 7, 0, 3
+        kw["prefix_k"], kw["prefix_v"] = rnd(3, Hkv, 7, D), rnd(3, Hkv, 7, D)
+        kw["prefix_index"] = torch.tensor([0, 1, 2, 0, 2, 1], device=DEVICE)
+        kw["prefix_lengths"] = torch.tensor([7, 0, 3], device=DEVICE)
+    return kw
+
+
+def _row_keys(pool: torch.Tensor, blocks: list[int], n: int) -> torch.Tensor:
+    """[1, Hkv, n, D]: a row's first n keys, block after block."""
+    if n == 0:
+        return pool[:1, :, :0]
+    return torch.cat([pool[i] for i in blocks], dim=1)[None, :, :n]
+
+
+def _expected(kw: dict, **features) -> torch.Tensor:
+    """float64, row by row, on the row's own keys gathered block by block."""
+    outs = []
+    bs = kw["k"].shape[2]
+    for b in range(kw["q"].shape[0]):
+        n = int(kw["cache_seqlens"][b])
+        blocks = kw["block_table"][b].tolist()[: -(-n // bs)]
+        row = {
+            "q": kw["q"][b : b + 1],
+            "k": _row_keys(kw["k"], blocks, n),
+            "v": _row_keys(kw["v"], blocks, n),
+            "causal": kw.get("causal", True),
+            **features,
+        }
+        if "prefix_k" in kw:
+            pk, pv = kw["prefix_k"], kw["prefix_v"]
+            if "prefix_index" in kw:
+                e = int(kw["prefix_index"][b])
+                n_p = int(kw["prefix_lengths"][e])
+                pk, pv = pk[e : e + 1, :, :n_p], pv[e : e + 1, :, :n_p]
+            row["prefix_k"], row["prefix_v"] = pk, pv
+        if "key_padding_mask" in kw:
+            row["key_padding_mask"] = kw["key_padding_mask"][b : b + 1, :n]
+        outs.append(attention64(**row))
+    return torch.cat(outs)
+
+
+def _tol(backend: str, dtype: torch.dtype = torch.float32) -> float:
+    if dtype == torch.float16:
+        return 3e-3
+    return 2e-5 if backend != "triton" else 2e-3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bs", [16, 32])
+@pytest.mark.parametrize("prefix", ["none", "shared", "bank"])
+@pytest.mark.parametrize("Nq", [1, 3])
+def test_matches_float64_row_by_row(backend: str, bs: int, prefix: str, Nq: int) -> None:
+    kw = _case(bs, prefix, Nq)
+    got = prefixattn.prefix_attention(**kw, backend=backend)
+    tol = _tol(backend)
+    torch.testing.assert_close(got.double(), _expected(kw), atol=tol, rtol=tol)
+    if prefix == "none":  # a row of length 0 sees nothing: exact zeros
+        assert torch.count_nonzero(got[0]) == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bs", [16, 32])
+def test_window_softcap_sinks_and_padding(backend: str, bs: int) -> None:
+    kw = _case(bs, "shared", 3, H=4, Hkv=1, seed=1)
+    g = torch.Generator().manual_seed(5)
+    sinks = torch.randn(4, generator=g).to(DEVICE)
+    for features in ({"window": 5}, {"softcap": 2.5, "sinks": sinks}, {"window": bs + 2}):
+        got = prefixattn.prefix_attention(**kw, **features, backend=backend)
+        tol = _tol(backend)
+        torch.testing.assert_close(got.double(), _expected(kw, **features), atol=tol, rtol=tol)
+    # a key padding mask over the logical keys [B, max_blocks * block_size]
+    M = kw["block_table"].shape[1]
+    kw["key_padding_mask"] = (torch.rand(6, M * bs, generator=g) > 0.3).to(DEVICE)
+    got = prefixattn.prefix_attention(**kw, backend=backend)
+    torch.testing.assert_close(got.double(), _expected(kw), atol=_tol(backend), rtol=_tol(backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_half_precision_bank_and_not_causal(backend: str) -> None:
+    kw = _case(16, "bank", 3, dtype=torch.float16, seed=2)
+    got = prefixattn.prefix_attention(**kw, backend=backend)
+    torch.testing.assert_close(got.double(), _expected(kw), atol=3e-3, rtol=3e-3)
+    kw["causal"] = False
+    got = prefixattn.prefix_attention(**kw, backend=backend)
+    torch.testing.assert_close(got.double(), _expected(kw), atol=3e-3, rtol=3e-3)
+
+
+@pytest.mark.parametrize(
+    ("bs", "tiles"),
+    [(16, (16, 16)), (16, (16, 64)), (32, (16, 64)), (32, (32, 16))],
+    ids=["bs16-n16", "bs16-n64", "bs32-n64", "bs32-n16"],
+)
+def test_triton_key_tiles_smaller_and_larger_than_a_block(bs: int, tiles: tuple) -> None:
+    """A key tile of BLOCK_N keys may span several pages (BLOCK_N > block_size) or a part
+    of one: every key finds its own page."""
+    kw = _case(bs, "shared", 3, seed=3)
+    with use_settings(fwd=KernelConfig(*tiles, 1, 1)):
+        got = prefixattn.prefix_attention(**kw, backend="triton", window=bs + 5)
+    want = _expected(kw, window=bs + 5)
+    torch.testing.assert_close(got.double(), want, atol=2e-3, rtol=2e-3)
+
+
+def test_paged_equals_the_contiguous_cache() -> None:
+    """The same keys as a slot pool (cache_seqlens only) and as pages: the same output."""
+    kw = _case(16, "bank", 1, seed=4)
+    bs, M = 16, kw["block_table"].shape[1]
+    slots = {}
+    for name in ("k", "v"):
+        rows = []
+        for b, n in enumerate(_lengths(bs)):
+            blocks = kw["block_table"][b].tolist()[: -(-n // bs)]
+            row = torch.zeros(1, 2, M * bs, D, device=DEVICE)
+            row[:, :, :n] = _row_keys(kw[name], blocks, n)
+            rows.append(row)
+        slots[name] = torch.cat(rows)  # [B, Hkv, M * bs, D]
+    for backend in BACKENDS:
+        paged = prefixattn.prefix_attention(**kw, backend=backend)
+        flat = prefixattn.prefix_attention(**{**kw, "block_table": None, **slots}, backend=backend)
+        torch.testing.assert_close(paged, flat, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_input_names_the_argument(backend: str) -> None:
+    attn = functools.partial(prefixattn.prefix_attention, backend=backend)
+    kw = _case(16, "none", 1)
+    bt, csl = kw["block_table"], kw["cache_seqlens"]
+    M = bt.shape[1]
+    out_of_range = bt.clone()
+    out_of_range[5, 2] = NUM_BLOCKS  # a block row 5 reads
+    negative = bt.clone()
+    negative[1, 0] = -1
+    bad = [
+        ({"block_table": bt.float()}, TypeError, "block_table"),
+        ({"block_table": bt.tolist()}, TypeError, "block_table"),
+        ({"block_table": bt[:3]}, ValueError, "block_table"),
+        ({"block_table": bt[:, None]}, ValueError, "block_table"),
+        ({"block_table": out_of_range}, ValueError, "block_table"),
+        ({"block_table": negative}, ValueError, "block_table"),
+        ({"cache_seqlens": None}, ValueError, "cache_seqlens"),
+        ({"cache_seqlens": csl.clone().fill_(M * 16 + 1)}, ValueError, "cache_seqlens"),
+        ({"cache_batch_idx": torch.zeros_like(csl)}, ValueError, "cache_batch_idx"),
+        ({"k": kw["k"][:, :, :12], "v": kw["v"][:, :, :12]}, ValueError, "block_size"),
+        ({"k": kw["k"][:, :, :8], "v": kw["v"][:, :, :8]}, ValueError, "block_size"),
+        ({"dropout_p": 0.1}, ValueError, "dropout_p"),
+        ({"key_padding_mask": torch.ones(6, 16, dtype=torch.bool)}, ValueError, "key_padding"),
+    ]
+    for change, err, name in bad:
+        with pytest.raises(err, match=name):
+            attn(**{**kw, **change})
+    q = kw["q"].clone().requires_grad_(True)
+    with pytest.raises(ValueError, match="block_table"):
+        attn(**{**kw, "q": q})
+    with torch.no_grad():
+        attn(**{**kw, "q": q})  # inference with a leaf that requires grad: fine
+
+
+def test_refused_under_torch_compile_by_name() -> None:
+    """The traced path (torch.compile) refuses a paged call, naming block_table."""
+    from prefixattn.ops.call import AttentionCall
+    from prefixattn.ops.custom_op import traced_prefix_attention
+
+    kw = _case(16, "none", 1)
+    call = AttentionCall(
+        kw["q"], kw["k"], kw["v"], cache_seqlens=kw["cache_seqlens"], block_table=kw["block_table"]
+    )
+    with pytest.raises(ValueError, match="block_table"):
+        traced_prefix_attention(call)
