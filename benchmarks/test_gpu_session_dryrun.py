@@ -117,8 +117,9 @@ def test_each_kind_of_result_is_produced(session) -> None:
     serve = [r for r in recs if r["kind"] == "check" and r["step"] == "serve"]
     assert [r["name"] for r in serve] == ["serve cuda_graph: decode-path counters"]
     # the serving path's value rows (the KV-cache pool), forward only
-    pool = [r for r in recs if r["kind"] == "check" and r["name"].startswith("feature: KV pool")]
-    assert len(pool) == sum(f.name.startswith("KV pool") for f in FEATURES) >= 8
+    pool = [r for r in recs if r["kind"] == "check" and "KV" in r["name"]]
+    assert len(pool) == sum(f.name.startswith(("KV pool", "paged KV")) for f in FEATURES) >= 12
+    assert sum(r["name"].startswith("feature: paged KV") for r in pool) >= 4
     assert all(r["layout"] == "fwd" and set(r["errors"]) == {"out"} for r in pool)
     env = next(r for r in recs if r["kind"] == "env")
     assert env["dry_run"] is True and env["versions"]["torch"]

@@ -1,6 +1,7 @@
 """GPU-only checks: every autotune candidate, long sequences, 64-bit offsets, memory; the
 model-family features (sliding window, soft-capping, sinks) and the KV-cache pool
-(``cache_seqlens`` / ``cache_batch_idx``) at GPU tile sizes in bf16 / fp16.
+(``cache_seqlens`` / ``cache_batch_idx``, paged: ``block_table``) at GPU tile sizes in
+bf16 / fp16.
 
 The rest of the suite also runs on GPU (compiled kernels, bf16 added to the dtypes).
 The GPU session (benchmarks/run_gpu.sh) runs a subset in its correctness core:
@@ -15,7 +16,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import gpu_only
-from helpers import DIFF_NAMES, TOL, Case, check_against_float64, make_inputs, pool_attention64
+from helpers import (
+    DIFF_NAMES,
+    TOL,
+    Case,
+    check_against_float64,
+    make_inputs,
+    page_pool,
+    pool_attention64,
+)
 from reference64 import attention64, rel_err
 
 import prefixattn
@@ -392,16 +401,38 @@ def test_kv_pool_matches_float64(feature: str, dtype: torch.dtype, Nq: int) -> N
     check_pool(pool_kwargs(feature, Nq, dtype, "cuda"), dtype)
 
 
+@pytest.mark.parametrize("block_size", [16, 64])
+@pytest.mark.parametrize("Nq", [1, 4])
+@pytest.mark.parametrize(
+    "feature,dtype",
+    [(f, torch.bfloat16) for f in POOL_FEATURES] + [("all", torch.float16)],
+    ids=[f"{f}-bfloat16" for f in POOL_FEATURES] + ["all-float16"],
+)  # fmt: skip
+def test_paged_kv_matches_float64(
+    feature: str, dtype: torch.dtype, Nq: int, block_size: int
+) -> None:
+    """The same pool cut into shuffled blocks (``block_table``; rows reading one slot share
+    its blocks, -1 past a row's last block): pages smaller and larger than a key tile."""
+    kw = page_pool(pool_kwargs(feature, Nq, dtype, "cuda"), block_size, seed=Nq)
+    assert kw["block_table"].shape == (7, -(-300 // block_size))
+    check_pool(kw, dtype)
+
+
+@pytest.mark.parametrize("paged", [0, 16], ids=["slots", "paged16"])
 @pytest.mark.parametrize(
     "cfg", [*ops_settings.FWD_CONFIGS, ops_settings.SAFE_CONFIG],
     ids=[_cfg_id("fwd", c) for c in [*ops_settings.FWD_CONFIGS, ops_settings.SAFE_CONFIG]],
 )  # fmt: skip
-def test_kv_pool_every_fwd_config(cfg: ops_settings.KernelConfig) -> None:
-    """Decode autotuning may pick any forward config: each reads the pool right."""
+def test_kv_pool_every_fwd_config(cfg: ops_settings.KernelConfig, paged: int) -> None:
+    """Decode autotuning may pick any forward config: each reads the pool (and the pages)
+    right."""
     from triton.runtime.errors import OutOfResources
 
+    kw = pool_kwargs("all", 4, torch.bfloat16, "cuda")
+    if paged:
+        kw = page_pool(kw, paged, seed=1)
     with ops_settings.use_settings(fwd=cfg):
         try:
-            check_pool(pool_kwargs("all", 4, torch.bfloat16, "cuda"), torch.bfloat16)
+            check_pool(kw, torch.bfloat16)
         except OutOfResources as e:
             pytest.skip(f"config does not fit this GPU: {e}")

@@ -64,17 +64,17 @@ def compare64(
     """``backend="triton"`` on ``kw`` vs the float64 reference (``ref_extra``: keywords
     for the reference only): relative-norm errors of the output and each gradient, the
     tolerances, and whether all are inside them. A KV-cache pool call (``cache_seqlens`` /
-    ``cache_batch_idx``: inference only, ``grads`` False) is compared with the reference
-    row by row on each row's own keys (``helpers.pool_attention64``)."""
+    ``cache_batch_idx`` / ``block_table``: inference only, ``grads`` False) is compared
+    with the reference row by row on each row's own keys (``helpers.pool_attention64``)."""
     import torch
 
     _tests_on_path()
     from helpers import DIFF_NAMES, TOL, pool_attention64, run_with_grads
     from reference64 import attention64, rel_err
 
-    pool = kw.get("cache_seqlens") is not None or kw.get("cache_batch_idx") is not None
+    pool = any(kw.get(n) is not None for n in ("cache_seqlens", "cache_batch_idx", "block_table"))
     if pool and grads:
-        raise ValueError("a KV-cache pool call (cache_seqlens / cache_batch_idx) has no backward")
+        raise ValueError("a KV-cache pool call (cache_seqlens / block_table) has no backward")
     reference = pool_attention64 if pool else attention64
 
     import prefixattn
@@ -171,12 +171,13 @@ def direct_launches(ctx: StepContext) -> None:
 
 # the CUDA-graph capture tests, the autotuned path, the memory test; and (issue 29) the
 # family features over many key blocks (window + softcap + sinks, ragged bank, NaN-poisoned
-# blocks left of the window, dsinks; bf16, fused and split backward) and the KV-cache
-# pool with every feature (bf16 and fp16, Nq 1 and 4). The rest of the family / pool tests
-# (each feature alone, every forward config on the pool) run with the whole file.
+# blocks left of the window, dsinks; bf16, fused and split backward), the KV-cache pool
+# with every feature (bf16 and fp16, Nq 1 and 4) and the same paged (bf16, blocks of 16
+# and 64 keys). The rest (each feature alone, paged fp16, every forward config on the
+# pool) runs with the whole file.
 GRAPH_TESTS = (
     "cuda_graph or autotuned_path or never_expanded or (family_long_sequence and all and "
-    "bfloat16) or (kv_pool_matches and all)"
+    "bfloat16) or (kv_pool_matches and all) or (paged_kv_matches and all and bfloat16)"
 )
 
 
@@ -240,7 +241,7 @@ def features(ctx: StepContext) -> None:
         # dry run: both for the first line, "auto" after (plumbing)
         both = feat.both_layouts if not ctx.dry else i == 0
         layouts = ("fused", "split") if both else ("auto",)
-        unknown = sorted(set(feat.call) - accepted)
+        unknown = sorted((set(feat.call) | ({"block_table"} if feat.paged else set())) - accepted)
         if unknown:
             ctx.write("skip", name=f"feature {feat.name}",
                       reason=f"prefix_attention takes no {unknown} here")  # fmt: skip
@@ -255,6 +256,10 @@ def features(ctx: StepContext) -> None:
                 kw = make_inputs(case, dtype, device, seed=3, noncontiguous=feat.noncontiguous)
                 for k, v in feat.call.items():
                     kw[k] = v(case, device) if callable(v) else v
+                if feat.paged:
+                    from helpers import page_pool
+
+                    kw = page_pool(kw, feat.paged, seed=3)
                 r = compare64(kw, dtype, feat.grads)
                 ctx.write("check", name=f"feature: {feat.name}", layout=layout,
                           dtype=str(dtype).replace("torch.", ""), case=case.id(), **r)  # fmt: skip

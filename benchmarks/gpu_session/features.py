@@ -23,13 +23,14 @@ this table may list features before their branch is merged).
 pool in place, inference only): lines with ``grads=False``, checked against
 ``tests/helpers.pool_attention64`` (the float64 reference row by row on each row's own
 keys). The pool is the case's ``k`` / ``v`` (S = B slots of Nmax = Nk keys); lengths 0, 1,
-Nmax and in between, slots out of order with one repeated.
+Nmax and in between, slots out of order with one repeated. Each has a paged twin
+(``block_table``: the same pool cut into shuffled blocks of 16 keys, ``Feature.paged``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 # one awkward shape (P, Nq, Nk, D from the tests' list; Nq != Nk; GQA); the dry run's is
@@ -85,7 +86,10 @@ class Feature:
     ``dry_case`` overrides the dry run's base instead (default: ``case``);
     ``noncontiguous`` makes strided inputs; ``grads`` False checks the forward only;
     ``both_layouts`` checks the fused and the split backward (else ``auto``, which is the
-    fused one at these sizes: each layout compiles its own kernels on a fresh machine)."""
+    fused one at these sizes: each layout compiles its own kernels on a fresh machine);
+    ``paged`` > 0 turns the KV-pool line into the same call over a paged cache of that
+    block size (``tests/helpers.page_pool``: ``block_table``, blocks shuffled, shared by
+    rows that read one slot)."""
 
     name: str
     case: dict[str, Any] = field(default_factory=dict)
@@ -94,6 +98,7 @@ class Feature:
     noncontiguous: bool = False
     grads: bool = True
     both_layouts: bool = False
+    paged: int = 0  # block size: the KV pool cut into shuffled blocks (block_table)
 
 
 FEATURES: tuple[Feature, ...] = (
@@ -172,13 +177,28 @@ FEATURES: tuple[Feature, ...] = (
         dry_case={**POOL_CASE, "Nq": 3, "prefix": "bank", "T": 3, "P": 3, "pad": "left"},
         grads=False,
     ),
-    # ---- BLOCK_TABLE (paged KV, branch i27-paged-kernel): add the paged rows here once
-    # prefix_attention takes ``block_table`` -- the same lines as the KV pool's above with
-    # the pool cut into blocks (block_table [B, max_blocks] int32, blocks shuffled and one
-    # shared), alone and with the bank, window, softcap and sinks; the reference is
-    # pool_attention64 on the rows' blocks gathered back into slots. Until then a line
-    # naming ``block_table`` is recorded as a skip ("prefix_attention takes no ...").
 )
+
+
+def _paged(f: Feature, block_size: int = 16) -> Feature:
+    """The paged twin of a KV-pool line (the dry run's pool: 40 keys, 3 blocks a slot)."""
+    dry = {**(f.dry_case if f.dry_case is not None else f.case), "Nk": 40}
+    name = f"paged KV (block {block_size}){f.name.removeprefix('KV pool')}"
+    return replace(f, name=name, dry_case=dry, paged=block_size)
+
+
+# the paged KV cache (block_table, issue 27's kernel; issue 29's rows): the KV-pool lines
+# with slots read by two rows (shared blocks), a chunk over a shared prefix, the ragged
+# bank, and everything together, again over a block pool (window / softcap / sinks alone
+# over pages: tests/test_gpu.py). A checkout whose prefix_attention has no block_table
+# records them as skips
+PAGED_LINES = (
+    "KV pool: cache_seqlens + cache_batch_idx",
+    "KV pool: chunk Nq=3, GQA 4:1, shared prefix",
+    "KV pool + ragged bank",
+    "KV pool + window + softcap + sinks, ragged bank, key padding",
+)
+FEATURES = FEATURES + tuple(_paged(f) for f in FEATURES if f.name in PAGED_LINES)
 
 DTYPE_GPU = "bfloat16"
 DTYPE_DRY = "float32"  # the interpreter's bf16 tl.dot is broken
