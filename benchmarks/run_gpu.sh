@@ -12,7 +12,7 @@
 # run.py, STEPS and STAGES: ~3.5 min correctness core incl. the engine's CUDA-graph
 # decode check, ~2.7 min headline rows plus what the core left, ~1.5 min serving); the
 # whole command is bounded by SESSION_TOTAL_S (default 480 s, the dry run 460 s: a hang
-# guard; it needs ~60 s of CPU time) plus a 20 s margin. A killed step keeps every
+# guard; it needs ~50 s of CPU time) plus a 20 s margin. A killed step keeps every
 # record it had written.
 #
 # Wheels: if .whl/ holds wheels (python -m benchmarks.gpu_session.prepare writes it;

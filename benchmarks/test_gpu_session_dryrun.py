@@ -224,9 +224,11 @@ def test_graph_decode_verdict_is_computed_from_the_checks() -> None:
              ok=True, errors={}, **tokens),
         _rec("check", step="core.engine_graph", name="engine graphs: one capture per bucket, "
              "replayed, no re-capture (x)", ok=True, errors={"key_misses": 0}, replays=12,
-             replays_by_bucket={"1": 4, "2": 8}),
+             replays_by_bucket={"1": 4, "2": 8}, counters={"after": {
+                 "replays": 12, "eager_steps": 0, "key_misses": 0, "captures": {"B1": 1}}}),
     ]  # fmt: skip
     assert report.graph_decode(ok)["verdict"].startswith("verified")
+    assert "replays 12 by bucket" in report.graph_decode(ok)["checks"][1]["detail"]
     no_replay = [ok[0], {**ok[1], "replays": 0}]
     assert report.graph_decode(no_replay)["verdict"].startswith("not verified on a GPU")
     bad = [{**ok[0], "ok": False, "mismatches": [{"row": 1, "at": 3, "gap": 2.0}]}, ok[1]]

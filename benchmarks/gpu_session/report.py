@@ -197,11 +197,14 @@ def graph_decode(recs: list[dict]) -> dict[str, Any]:
                       f"(gap <= {c['tie_tol']:g}), {len(c['mismatches'])} mismatched")  # fmt: skip
             if c["mismatches"]:
                 detail += f": {json.dumps(c['mismatches'][:2])}"
-        elif "replays" in c or "delta" in c:
+        elif "counters" in c or "delta" in c:
             bad = [k for k, v in c["errors"].items() if v]
-            detail = (f"replays {c.get('replays', (c.get('delta') or {}).get('replays'))}, "
-                      f"by bucket {c.get('replays_by_bucket')}"
-                      + (f"; failed: {', '.join(bad)}" if bad else ""))  # fmt: skip
+            n = c["delta"] if "delta" in c else c["counters"]["after"]
+            caps = c.get("captures") or (c.get("counters") or {}).get("after", {}).get("captures")
+            detail = (f"captures {caps or 0}, replays {n['replays']} by bucket "
+                      f"{c.get('replays_by_bucket')}, eager static steps {n['eager_steps']}, "
+                      f"key misses {n['key_misses']}" + ("" if "delta" not in c else
+                      " (during the timed load)") + (f"; failed: {', '.join(bad)}" if bad else ""))  # fmt: skip
         else:
             detail = json.dumps(c["errors"])
         rows.append({"step": c["step"], "name": c["name"], "ok": c["ok"], "detail": detail})
