@@ -16,12 +16,11 @@ import torch
 
 pytest.importorskip("transformers")
 pytest.importorskip("prometheus_client")
+pytest.importorskip("fastapi")
 
 from prefixattn import PrefixTuning, TaskBank
 from prefixattn.hf.testing import single_thread
-from prefixattn.serve.engine import Engine
-from prefixattn.serve.metrics import ServeMetrics
-from prefixattn.serve.request import GenRequest, SamplingParams
+from prefixattn.serve import Engine, GenRequest, SamplingParams, create_app
 from prefixattn.tiny import tiny_model, tiny_tokenizer
 
 
@@ -56,11 +55,12 @@ def bank() -> TaskBank:
         return b
 
 
-def _serve(eng: Engine, max_tokens: list[int]) -> list[list[int]]:
-    """Rows of both tasks, ``max_tokens[i]`` tokens each (rows leave at different steps)."""
+def _serve(eng: Engine, max_tokens: list[int], tasks=("base", "p5")) -> list[list[int]]:
+    """Rows of the tasks in turn, ``max_tokens[i]`` tokens each (rows leave at different
+    steps)."""
     g = torch.Generator().manual_seed(1)
     reqs = [
-        GenRequest(("base", "p5")[i % 2], torch.randint(4, 100, (3 + 2 * i,), generator=g).tolist(),
+        GenRequest(tasks[i % len(tasks)], torch.randint(4, 100, (3 + 2 * i,), generator=g).tolist(),
                    SamplingParams(max_tokens=n, ignore_eos=True), _Sink())
         for i, n in enumerate(max_tokens)
     ]  # fmt: skip
@@ -92,11 +92,6 @@ def test_cpu_static_decode_counts_eager_steps_and_no_captures(bank: TaskBank) ->
     assert eng.metrics()["cuda_graphs"] == g
     assert eng.metrics()["steps"]["decode_steps"] == g["decode_steps"]
 
-    text = ServeMetrics(eng).render().decode()
-    assert f'prefixattn:decode_steps_total{{path="eager"}} {float(g["decode_steps"])}' in text
-    assert 'prefixattn:decode_steps_total{path="graph"} 0.0' in text
-    assert "prefixattn:cuda_graph_key_misses_total 0.0" in text
-
 
 def test_without_buckets_every_decode_step_is_eager(bank: TaskBank) -> None:
     with single_thread():
@@ -106,7 +101,24 @@ def test_without_buckets_every_decode_step_is_eager(bank: TaskBank) -> None:
     assert g == {"enabled": False, "decode_steps": g["decode_steps"],
                  "eager_decode_steps": g["decode_steps"]}  # fmt: skip
     assert g["decode_steps"] > 0
-    assert 'prefixattn:decode_steps_total{path="eager"}' in ServeMetrics(eng).render().decode()
+
+
+@pytest.mark.parametrize("cuda_graphs", [True, False])
+def test_prometheus_and_metrics_json_show_the_decode_path(cuda_graphs: bool) -> None:
+    """The server's /metrics (Prometheus) and /metrics.json carry the engine's counters."""
+    with single_thread():
+        tok = tiny_tokenizer()
+        app = create_app(tiny_model(len(tok), arch="gpt2"), tok, max_num_seqs=3,
+                         max_model_len=64, cuda_graphs=cuda_graphs)  # fmt: skip
+        eng = app.state.engine
+        _serve(eng, [3, 5, 2], tasks=("base",))
+    g = eng.metrics()["cuda_graphs"]
+    assert g["enabled"] is cuda_graphs and g["decode_steps"] == g["eager_decode_steps"] > 0
+    text = app.state.metrics.render().decode()
+    assert f'prefixattn:decode_steps_total{{path="eager"}} {float(g["decode_steps"])}' in text
+    assert 'prefixattn:decode_steps_total{path="graph"} 0.0' in text
+    assert "prefixattn:cuda_graph_key_misses_total 0.0" in text
+    assert "prefixattn:cuda_graph_captures_total{" not in text  # none captured on the CPU
 
 
 class _StandInGraph:
@@ -125,9 +137,10 @@ def test_a_graph_is_replayed_for_its_own_key_only(bank: TaskBank) -> None:
     is returned, nothing runs eagerly). After the attention path or the KV pool changed,
     the same step misses (runs eagerly, counted as a key miss) instead of replaying a graph
     captured for other shapes or memory."""
-    from prefixattn.serve.scheduler import Row
+    import importlib
 
     eng = Engine(bank, bank.tok, max_num_seqs=4, max_model_len=32, decode_buckets=(1, 2, 4))
+    Row = importlib.import_module(type(eng.scheduler).__module__).Row  # the scheduler's rows
     dg = eng.graphs
     key = dg.key(2)
     assert key.batch == 2 and key.kv_len == 32 and key.dtype == "torch.float32"

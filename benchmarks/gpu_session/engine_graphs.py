@@ -103,7 +103,7 @@ def _prompts(rows: list[tuple[str, int, int]], vocab: int, seed: int) -> list[li
 
 def _serve(engine: Any, rows: list[tuple[str, int, int]], prompts: list[list[int]]) -> list[_Sink]:
     """Submit the rows (greedy, logprobs 2), start the engine, wait for every row."""
-    from prefixattn.serve.request import GenRequest, SamplingParams
+    from prefixattn.serve import GenRequest, SamplingParams
 
     sinks = [_Sink() for _ in rows]
     for (task, _, n), ids, sink in zip(rows, prompts, sinks):
@@ -172,7 +172,7 @@ def compare_tokens(
 
 
 def _engine(setup: dict, buckets: tuple[int, ...] | None, n_seqs: int) -> Any:
-    from prefixattn.serve.engine import Engine
+    from prefixattn.serve import Engine
 
     return Engine(setup["bank"], setup["tok"], max_num_seqs=n_seqs, max_num_batched_tokens=256,
                   max_model_len=MAX_MODEL_LEN, decode_buckets=buckets)  # fmt: skip
@@ -199,13 +199,12 @@ def check_dtype(ctx: StepContext, device: str, dtype: Any) -> None:
     then the graph engine on the same requests."""
     import torch
 
-    from prefixattn.serve.cuda_graphs import buckets_up_to
-
     name = str(dtype).replace("torch.", "")
     setup = _build(device, dtype)
     r1, r2 = (DRY_ROUND1, DRY_ROUND2) if ctx.dry else (ROUND1, ROUND2)
     n_seqs = len(r1)
-    buckets = buckets_up_to(n_seqs)
+    # as `prefixattn serve --cuda-graphs` (buckets_up_to): powers of two, then max_num_seqs
+    buckets = (*(b for b in (1, 2, 4) if b < n_seqs), n_seqs)
     vocab = len(setup["tok"])
     p1, p2 = _prompts(r1, vocab, 1), _prompts(r2, vocab, 2)
     rounds = [(r1, p1), (r2, p2)]
@@ -274,7 +273,7 @@ def run(ctx: StepContext) -> None:
     from .common import Skip
 
     try:  # the package imports the HTTP app (fastapi: carried as .whl on the GPU)
-        import prefixattn.serve.engine  # noqa: F401
+        import prefixattn.serve  # noqa: F401
     except ImportError as e:
         raise Skip(f"prefixattn.serve not importable ({e}): carry the serve wheels (.whl, "
                    "python -m benchmarks.gpu_session.prepare)") from e  # fmt: skip
