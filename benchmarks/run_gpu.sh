@@ -9,9 +9,11 @@
 #             (CI runs it: benchmarks/test_gpu_session_dryrun.py); not a measurement
 #
 # Budgets: each step runs in its own process under a hard limit (benchmarks/gpu_session/
-# run.py, STEPS and STAGES: ~2 min correctness core, ~4 min headline rows, ~1.5 min
-# serving); the whole command is bounded by SESSION_TOTAL_S (default 480 s, the dry run
-# 460 s: a hang guard; it needs ~50 s of CPU time) plus a 20 s margin. A killed step keeps every record it had written.
+# run.py, STEPS and STAGES: ~3.5 min correctness core incl. the engine's CUDA-graph
+# decode check, ~2.7 min headline rows plus what the core left, ~1.5 min serving); the
+# whole command is bounded by SESSION_TOTAL_S (default 480 s, the dry run 460 s: a hang
+# guard; it needs ~50 s of CPU time) plus a 20 s margin. A killed step keeps every
+# record it had written.
 #
 # Wheels: if .whl/ holds wheels (python -m benchmarks.gpu_session.prepare writes it;
 # the GPU machine has no registry), they are installed into /tmp/site first and put on
@@ -51,6 +53,9 @@ timeout -k 10 "$(( TOTAL + 20 ))" "$PY" -m benchmarks.gpu_session.run --out "$OU
 rc=$?
 [ "$rc" = 124 ] && echo "run_gpu.sh: the whole session hit its ${TOTAL} s limit" >&2
 echo
-[ -s "$OUT_DIR/report.md" ] && sed -n '/^## Targets/,/^## Correctness/p' "$OUT_DIR/report.md"
+if [ -s "$OUT_DIR/report.md" ]; then
+  sed -n '/^## Targets/,/^## Correctness/p' "$OUT_DIR/report.md"
+  sed -n '/^## CUDA-graph decode/,/^## Kernel rows/p' "$OUT_DIR/report.md"
+fi
 echo "run_gpu.sh: exit $rc; files in $OUT_DIR: $(ls "$OUT_DIR" | tr '\n' ' ')"
 exit "$rc"

@@ -215,6 +215,10 @@ def run_config(
         "batches": n_batches,
         "mean_batch_size": round(rows / max(n_batches, 1), 2),
         "mixed_task_batches": after["mixed_task_batches"] - before["mixed_task_batches"],
+        # the decode path's counters (CUDA-graph captures, replays, eager steps) before and
+        # after the timed load (engine metrics: /metrics.json "cuda_graphs")
+        "cuda_graphs_before": before.get("cuda_graphs"),
+        "cuda_graphs": after.get("cuda_graphs"),
     }
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -30,7 +31,9 @@ LAYOUT = {"0-env.jsonl", "1-core.jsonl", "2-headline.jsonl", "3-serve.jsonl", "r
 @pytest.fixture(scope="module")
 def session(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
     out = tmp_path_factory.mktemp("session")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # the python running this suite (a venv's need not be first on PATH): run_gpu.sh
+    # takes $PYTHON, and run.py starts every step with its own sys.executable
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHON=sys.executable)
     proc = subprocess.run(
         ["bash", "benchmarks/run_gpu.sh", "--dry-run", str(out)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
@@ -100,6 +103,25 @@ def test_each_kind_of_result_is_produced(session) -> None:
     assert tests and all(t["outcome"] == "skipped" and "CUDA" in t["reason"] for t in tests)
     skips = " ".join(r["reason"] for r in recs if r["kind"] == "skip")
     assert "CUDA-graph capture needs CUDA" in skips
+    # the engine's graph decode check ran its CPU path: tokens compared, eager fallback
+    engine = {
+        r["name"]: r for r in recs if r["kind"] == "check" and r["step"] == "core.engine_graph"
+    }
+    assert set(engine) == {"engine eager decode == PrefixTuning.generate alone (float32)",
+                           "engine graph decode == eager decode (float32)",
+                           "engine graph decode == PrefixTuning.generate alone (float32)",
+                           "engine graph counters, eager fallback (float32)"}, engine  # fmt: skip
+    tokens = engine["engine graph decode == eager decode (float32)"]
+    assert tokens["tokens_compared"] == tokens["tokens_total"] > 0 and not tokens["mismatches"]
+    counters = engine["engine graph counters, eager fallback (float32)"]["counters"]["after"]
+    assert counters["replays"] == 0 and counters["eager_steps"] == counters["static_steps"] > 0
+    serve = [r for r in recs if r["kind"] == "check" and r["step"] == "serve"]
+    assert [r["name"] for r in serve] == ["serve cuda_graph: decode-path counters"]
+    # the serving path's value rows (the KV-cache pool), forward only
+    pool = [r for r in recs if r["kind"] == "check" and "KV" in r["name"]]
+    assert len(pool) == sum(f.name.startswith(("KV pool", "paged KV")) for f in FEATURES) >= 12
+    assert sum(r["name"].startswith("feature: paged KV") for r in pool) >= 4
+    assert all(r["layout"] == "fwd" and set(r["errors"]) == {"out"} for r in pool)
     env = next(r for r in recs if r["kind"] == "env")
     assert env["dry_run"] is True and env["versions"]["torch"]
 
@@ -114,6 +136,11 @@ def test_report_of_the_dry_run_lists_every_target(session) -> None:
             "decode_P512_graph", "decode_P64_fwd", "decode_P64_graph", "serve_graph"} == ids  # fmt: skip
     measured = [t for t in data["targets"] if t["value"] is not None]
     assert measured and all(t["met"] in (True, False) for t in measured)
+    gd = data["summary"]["graph_decode"]
+    assert gd["verdict"].startswith("not verified on a GPU"), gd
+    assert len(gd["checks"]) == 5 and all(c["ok"] for c in gd["checks"])
+    md = (out / "report.md").read_text()
+    assert "## CUDA-graph decode" in md and gd["verdict"] in md
 
 
 def test_a_step_past_its_limit_is_killed_and_recorded(tmp_path: Path) -> None:
@@ -210,6 +237,33 @@ def test_targets_are_computed_from_the_numbers() -> None:
     assert t["decode_P512_fwd"]["met"] is None and "did not run" in t["decode_P512_fwd"]["verdict"]
 
 
+def test_graph_decode_verdict_is_computed_from_the_checks() -> None:
+    """Verified only with every check passed and a replay counted; a failed check names
+    itself; no check at all says why (the step's status)."""
+    tokens = {"tokens_compared": 40, "tokens_total": 40, "near_tie_stops": [], "mismatches": [],
+              "tie_tol": 1e-3}  # fmt: skip
+    ok = [
+        _rec("check", step="core.engine_graph", name="engine graph decode == eager decode (x)",
+             ok=True, errors={}, **tokens),
+        _rec("check", step="core.engine_graph", name="engine graphs: one capture per bucket, "
+             "replayed, one re-capture per bucket after a task was added (x)", ok=True,
+             errors={"key_misses": 0}, replays=12, recaptures=1,
+             replays_by_bucket={"1": 4, "2": 8}, counters={"after": {
+                 "replays": 12, "eager_steps": 0, "key_misses": 0, "captures": {"B1": 2}}}),
+    ]  # fmt: skip
+    assert report.graph_decode(ok)["verdict"].startswith("verified")
+    detail = report.graph_decode(ok)["checks"][1]["detail"]
+    assert "replays 12 by bucket" in detail and "re-captures 1" in detail
+    no_replay = [ok[0], {**ok[1], "replays": 0}]
+    assert report.graph_decode(no_replay)["verdict"].startswith("not verified on a GPU")
+    bad = [{**ok[0], "ok": False, "mismatches": [{"row": 1, "at": 3, "gap": 2.0}]}, ok[1]]
+    g = report.graph_decode(bad)
+    assert g["verdict"] == "FAILED: engine graph decode == eager decode (x)"
+    assert "1 mismatched" in g["checks"][0]["detail"]
+    none = report.graph_decode([_rec("step", step="core.engine_graph", status="timeout")])
+    assert none["verdict"] == "not checked: step core.engine_graph timeout"
+
+
 def test_crossover_is_between_the_last_fused_win_and_the_first_split_win() -> None:
     pts = [{"work": w, "fused_ms": f, "split_ms": s}
            for w, f, s in ((100, 1.0, 2.0), (400, 2.0, 2.5), (1600, 5.0, 4.0))]  # fmt: skip
@@ -217,3 +271,24 @@ def test_crossover_is_between_the_last_fused_win_and_the_first_split_win() -> No
     assert crossover_work(pts[:2]) is None  # split never wins: no crossover measured
     noisy = [*pts, {"work": 200, "fused_ms": 3.0, "split_ms": 1.0}]
     assert crossover_work(noisy) is None  # not ordered: the points say more than one number
+
+
+def test_token_comparison_forgives_only_near_ties() -> None:
+    """Rows equal; a row that differs where both runs' top-2 gap is within the tolerance
+    stops there (a near tie, counted); a difference with a clear winner, or one run
+    stopping (EOS) where the other chose a token clearly, is a mismatch."""
+    from benchmarks.gpu_session.engine_graphs import compare_tokens
+
+    same = ([5, 6, 7], [1.0, 2.0, 3.0])
+    tie = (([5, 9, 7], [1.0, 1e-4, 3.0]), ([5, 6, 7], [1.0, 5e-4, 3.0]))
+    clear = (([5, 9, 7], [1.0, 0.5, 3.0]), ([5, 6, 7], [1.0, 1e-4, 3.0]))
+    eos = (([5], [1.0]), ([5, 6], [1.0, 0.7]))
+    r = compare_tokens([same, tie[0]], [same, tie[1]], 1e-3)
+    assert r["ok"] and r["tokens_compared"] == 4 and r["tokens_total"] == 6
+    assert r["near_tie_stops"] == [{"row": 1, "at": 1, "gap": 5e-4}]
+    r = compare_tokens([same, clear[0]], [same, clear[1]], 1e-3)
+    assert not r["ok"] and r["mismatches"][0]["at"] == 1 and r["mismatches"][0]["gap"] == 0.5
+    r = compare_tokens([eos[0]], [eos[1]], 1e-3)
+    assert not r["ok"] and r["mismatches"][0] == {"row": 0, "at": 1, "got": [], "want": [6],
+                                                   "gap": 0.7}  # fmt: skip
+    assert not compare_tokens([same], [same, same], 1e-3)["ok"]  # a row missing

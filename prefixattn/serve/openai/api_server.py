@@ -85,7 +85,7 @@ def create_app(
         max_num_seqs, max_num_batched_tokens, max_queue, kv_slots, max_model_len: see
             :class:`~prefixattn.serve.Engine`.
         cuda_graphs: decode steps padded to buckets up to ``max_num_seqs`` and replayed
-            as CUDA graphs (on a CUDA model; see :mod:`prefixattn.serve.cuda_graphs`).
+            as CUDA graphs (on a CUDA model; see :mod:`prefixattn.serve.engine.cuda_graphs`).
         max_body_bytes: larger request bodies get 413.
         backend: kernel backend of the bank.
         task_dir: a folder of tasks (one sub-directory each, any saved-tuner format): a

@@ -4,16 +4,20 @@ vLLM's metric names where one exists (``vllm:num_requests_running``,
 ``vllm:time_to_first_token_seconds``, ...: dashboards made for vLLM read them), with the
 task as ``model_name``; ``prefixattn:requests_total`` counts every request by task and
 outcome (``stop``, ``length``, ``cancelled``, ``error``, ``rejected``: 429, ``invalid``:
-another 4xx).
+another 4xx). The decode path, read from the engine at each scrape:
+``prefixattn:decode_steps_total{path}`` (``graph``: a CUDA graph replayed, ``eager``),
+``prefixattn:cuda_graph_captures_total{bucket}``, ``prefixattn:cuda_graph_key_misses_total``,
+``prefixattn:cuda_graph_recaptures_total``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 __all__ = ["CONTENT_TYPE", "ServeMetrics"]
 
@@ -56,6 +60,8 @@ class ServeMetrics:
             "prefixattn:requests", "Requests by task and outcome.", ["task", "outcome"],
             registry=r,
         )  # fmt: skip
+        if hasattr(engine, "graph_stats"):
+            r.register(_DecodePathCollector(engine))
 
     def watch_tasks(self, stats: Any) -> None:
         """Export the task folder's counters (``stats()``: a TaskRegistry's):
@@ -101,3 +107,41 @@ class _TaskCollector:
             ("load_failures", "Task loads that failed (unknown or bad artifact, all busy)."),
         ):
             yield CounterMetricFamily(f"prefixattn:task_{key}", what, value=s[key])
+
+
+class _DecodePathCollector:
+    """The engine's decode-path counters (``Engine.graph_stats``), read at each scrape."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+
+    def collect(self) -> Iterator[Metric]:
+        g = self.engine.graph_stats()
+        steps = CounterMetricFamily(
+            "prefixattn:decode_steps", "Decode forwards by path: a replayed CUDA graph, or "
+            "eager (no graphs, no graph for the step's key, or more rows than the largest "
+            "bucket).", labels=["path"],
+        )  # fmt: skip
+        steps.add_metric(["graph"], g["decode_steps"] - g["eager_decode_steps"])
+        steps.add_metric(["eager"], g["eager_decode_steps"])
+        yield steps
+        captures = CounterMetricFamily(
+            "prefixattn:cuda_graph_captures", "Decode graphs captured, by bucket (rows).",
+            labels=["bucket"],
+        )  # fmt: skip
+        per_bucket: dict[str, int] = {}
+        for key, n in g.get("captures", {}).items():  # "B4/L1024/bfloat16/in_place"
+            b = key.split("/", 1)[0].lstrip("B")
+            per_bucket[b] = per_bucket.get(b, 0) + n
+        for b, n in per_bucket.items():
+            captures.add_metric([b], n)
+        yield captures
+        yield CounterMetricFamily(
+            "prefixattn:cuda_graph_key_misses", "Decode steps run eagerly although graphs "
+            "were captured: the step's graph key (shapes, dtype, backend, KV pool, task "
+            "bank) changed since.", value=g.get("key_misses", 0),
+        )  # fmt: skip
+        yield CounterMetricFamily(
+            "prefixattn:cuda_graph_recaptures", "Decode graph captures after the first "
+            "(the task bank changed: tasks added or removed).", value=g.get("recaptures", 0),
+        )  # fmt: skip
