@@ -183,3 +183,28 @@ def test_describe_paths_is_what_calls_take() -> None:
     assert rows["softcap|sinks with dropout"].startswith(sdpa_features.PATH_REFERENCE)
     # off the CPU (no flash kernel that returns the log-sum-exp) sinks go the chunked way
     assert dict(sdpa_features.describe_paths("cuda"))["sinks"] == sdpa_features.PATH_CHUNKED
+
+
+@pytest.mark.parametrize("feat", [F(softcap=2.0), F(softcap=2.0, sinks=True), F(sinks=True)])
+def test_strided_inputs_as_a_model_passes_them(feat: F) -> None:
+    """q, k, v as transformers' attention hands them over: [B, N, H, D] projections
+    transposed to [B, H, N, D] (not contiguous), GQA, several query blocks; a bank prefix.
+    The feature paths take any strides (a Gemma-2 forward once failed on a view)."""
+    g = torch.Generator().manual_seed(3)
+    B, H, Hkv, N, D, P = 2, 4, 2, 37, 16, 5
+    base = [torch.randn(B, N, h, D, generator=g).requires_grad_(True) for h in (H, Hkv, Hkv)]
+    q, k, v = (t.transpose(1, 2) for t in base)  # [B, H(kv), N, D], strided
+    pk, pv = (torch.randn(3, Hkv, P, D, generator=g) for _ in range(2))
+    idx = torch.tensor([2, 0])
+    kw = {"prefix_index": idx, "softcap": feat.softcap}
+    if feat.sinks:
+        kw["sinks"] = torch.randn(H, generator=g)
+    assert not q.is_contiguous()
+    got = prefixattn.prefix_attention(q, k, v, pk, pv, backend="sdpa", **kw)
+    (dq,) = torch.autograd.grad(got.square().sum(), base[0])
+    q64 = base[0].detach().double().requires_grad_(True)
+    want = attention64(q64.transpose(1, 2), k.double(), v.double(), pk.double(), pv.double(), **kw)
+    (dq64,) = torch.autograd.grad(want.square().sum(), q64)
+    tol_o, tol_g = TOL[torch.float32]
+    assert rel_err(got, want) < tol_o, rel_err(got, want)
+    assert rel_err(dq, dq64) < tol_g, rel_err(dq, dq64)

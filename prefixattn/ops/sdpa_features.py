@@ -109,7 +109,7 @@ class FlashSinkAttention(torch.autograd.Function):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, is_causal, attn_mask=fmask, scale=scale
         )  # out [B, H, Nq, D], lse float32 [B, H, Nq]
-        t = sinks.to(torch.float32).view(1, -1, 1)  # [1, H, 1]
+        t = sinks.to(torch.float32).reshape(1, -1, 1)  # [1, H, 1]
         out_s = (out.float() * torch.sigmoid(lse - t)[..., None]).to(q.dtype)
         lse_s = torch.logaddexp(lse, t)  # [B, H, Nq]: the sinked softmax's denominator
         ctx.save_for_backward(q, k, v, out_s, lse_s, t, fmask)
@@ -146,8 +146,8 @@ def _block_logits(qb: torch.Tensor, k: torch.Tensor, hi: int, a: float, softcap:
     [B, Hkv, G, bq, hi] = tanh(a * q k^T) (a = scale / C) or ``a * q k^T`` (a = scale).
     ``qb`` float32 [B, Hkv, G, bq, D], ``k`` float32 [B, Hkv, Nk, D]."""
     B, Hkv, G, bq, D = qb.shape
-    qs = (qb * a).view(B, Hkv, G * bq, D)  # the scale on bq * D values, not bq * hi
-    x = torch.matmul(qs, k[:, :, :hi].transpose(-1, -2)).view(B, Hkv, G, bq, hi)
+    qs = (qb * a).reshape(B, Hkv, G * bq, D)  # the scale on bq * D values, not bq * hi
+    x = torch.matmul(qs, k[:, :, :hi].transpose(-1, -2)).reshape(B, Hkv, G, bq, hi)
     return x.tanh_() if softcap else x
 
 
@@ -183,7 +183,7 @@ class ChunkedAttention(torch.autograd.Function):
         kf, vf = k.float(), v.float()
         mult = softcap or 1.0  # logit = mult * x
         a = scale / mult
-        t = None if sinks is None else sinks.float().view(1, Hkv, G, 1, 1)
+        t = None if sinks is None else sinks.float().reshape(1, Hkv, G, 1, 1)
         out = torch.empty(B, Hkv, G, Nq, Dv, dtype=q.dtype, device=q.device)
         lse = torch.empty(B, Hkv, G, Nq, dtype=torch.float32, device=q.device)
         step = _block_rows(B, H, Nk, Nq)
@@ -191,7 +191,7 @@ class ChunkedAttention(torch.autograd.Function):
             i1 = min(Nq, i0 + step)
             bq = i1 - i0
             hi = _block_keys(i1, Nq, Nk, causal or is_causal)
-            qb = q[:, :, i0:i1].float().view(B, Hkv, G, bq, D)
+            qb = q[:, :, i0:i1].float().reshape(B, Hkv, G, bq, D)
             x = _block_logits(qb, kf, hi, a, softcap)
             x = _mask_block(x, mask, is_causal, i0, i1, hi, Nq, Nk)
             m = x.amax(dim=-1, keepdim=True) * mult  # [B, Hkv, G, bq, 1]
@@ -202,12 +202,14 @@ class ChunkedAttention(torch.autograd.Function):
             den = e.sum(dim=-1, keepdim=True)
             if t is not None:
                 den = den + torch.exp(t - m)
-            o = torch.matmul(e.view(B, Hkv, G * bq, hi), vf[:, :, :hi]).view(B, Hkv, G, bq, Dv)
+            o = torch.matmul(e.reshape(B, Hkv, G * bq, hi), vf[:, :, :hi]).reshape(
+                B, Hkv, G, bq, Dv
+            )
             out[:, :, :, i0:i1] = o.div_(torch.where(den > 0, den, torch.ones_like(den)))
             lse[:, :, :, i0:i1] = (m + torch.log(den)).squeeze(-1)  # -inf: a row sees nothing
         ctx.save_for_backward(q, k, v, sinks, mask, out, lse)
         ctx.flags = (is_causal, causal, scale, softcap)
-        return out.view(B, H, Nq, Dv)
+        return out.reshape(B, H, Nq, Dv)
 
     @staticmethod
     def backward(ctx, dout):  # type: ignore[override]
@@ -219,7 +221,7 @@ class ChunkedAttention(torch.autograd.Function):
         mult = softcap or 1.0
         a = scale / mult
         kf, vf = k.float(), v.float()
-        do = dout.float().view(B, Hkv, G, Nq, Dv)
+        do = dout.float().reshape(B, Hkv, G, Nq, Dv)
         delta = (do * out.float()).sum(-1)  # [B, Hkv, G, Nq]: rowsum(dO * O)
         # a row that sees nothing: lse = -inf; +inf makes its probabilities exp(-inf) = 0
         lse = torch.where(torch.isfinite(lse), lse, torch.full_like(lse, float("inf")))
@@ -232,28 +234,28 @@ class ChunkedAttention(torch.autograd.Function):
             i1 = min(Nq, i0 + step)
             bq = i1 - i0
             hi = _block_keys(i1, Nq, Nk, causal or is_causal)
-            qb = q[:, :, i0:i1].float().view(B, Hkv, G, bq, D)
+            qb = q[:, :, i0:i1].float().reshape(B, Hkv, G, bq, D)
             x = _block_logits(qb, kf, hi, a, softcap)
             # d(C tanh(a s)) / ds = scale * (1 - tanh^2), from the unmasked (finite) tanh
             g = torch.addcmul(one, x, x, value=-1.0) if softcap else None
             x = _mask_block(x, mask, is_causal, i0, i1, hi, Nq, Nk)
             p = torch.add(-lse[:, :, :, i0:i1, None], x, alpha=mult, out=x).exp_()
-            p2 = p.view(B, Hkv, G * bq, hi)  # the probabilities [B, Hkv, G*bq, hi]
+            p2 = p.reshape(B, Hkv, G * bq, hi)  # the probabilities [B, Hkv, G*bq, hi]
             dob = do[:, :, :, i0:i1].reshape(B, Hkv, G * bq, Dv)
             dv[:, :, :hi] += torch.matmul(p2.transpose(-1, -2), dob)
-            dp = torch.matmul(dob, vf[:, :, :hi].transpose(-1, -2)).view(B, Hkv, G, bq, hi)
+            dp = torch.matmul(dob, vf[:, :, :hi].transpose(-1, -2)).reshape(B, Hkv, G, bq, hi)
             ds = p.mul_(dp.sub_(delta[:, :, :, i0:i1, None]))  # dL / d logit
             if g is not None:
                 ds = ds.mul_(g)
-            ds2 = ds.view(B, Hkv, G * bq, hi)
-            dq[:, :, :, i0:i1] = torch.matmul(ds2, kf[:, :, :hi]).view(B, Hkv, G, bq, D)
+            ds2 = ds.reshape(B, Hkv, G * bq, hi)
+            dq[:, :, :, i0:i1] = torch.matmul(ds2, kf[:, :, :hi]).reshape(B, Hkv, G, bq, D)
             dk[:, :, :hi] += torch.matmul(ds2.transpose(-1, -2), qb.reshape(B, Hkv, G * bq, D))
         dsink = None
         if sinks is not None and ctx.needs_input_grad[3]:
-            t = sinks.float().view(1, Hkv, G, 1)
+            t = sinks.float().reshape(1, Hkv, G, 1)
             dsink = -(torch.exp(t - lse) * delta).sum(dim=(0, 3)).reshape(H).to(sinks.dtype)
         return (
-            dq.mul_(scale).view(B, H, Nq, D).to(q.dtype),
+            dq.mul_(scale).reshape(B, H, Nq, D).to(q.dtype),
             dk.mul_(scale).to(k.dtype),
             dv.to(v.dtype),
             dsink,
