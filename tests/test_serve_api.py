@@ -680,6 +680,30 @@ def test_prometheus_metrics(env) -> None:
     assert final[gen] - after[gen] == 15  # three rows of 5 tokens
 
 
+def test_prometheus_kv_and_prefix_cache(env) -> None:
+    """The paged cache's metrics read the engine's own numbers: a prompt sent twice under
+    one task hits the prefix cache the second time (every full block of it)."""
+    engine = env["app"].state.engine
+    body = {"model": "t1", "prompt": "the market rallied as the bank held its rates " * 2,
+            "max_tokens": 1, "temperature": 0}  # fmt: skip
+    before = _samples(env)
+    ok(post(env, "/v1/completions", body))
+    mid = _samples(env)
+    ok(post(env, "/v1/completions", body))
+    after = _samples(env)
+    n = (("vllm:prefix_cache_queries_total", ()), ("vllm:prefix_cache_hits_total", ()))
+    q1, h1 = (mid[k] - before[k] for k in n)
+    q2, h2 = (after[k] - mid[k] for k in n)
+    prompt_tokens = len(env["tok"](body["prompt"])["input_ids"])
+    full = prompt_tokens // engine.kv.block_size
+    assert full >= 2 and q1 == q2 >= 1 and h2 == q2 and h1 < q1, (q1, h1, q2, h2, full)
+    stats = engine.kv.stats()
+    assert after[("vllm:prefix_cache_hits_total", ())] == stats["hits"]
+    assert after[("vllm:prefix_cache_queries_total", ())] == stats["queries"]
+    assert after[("vllm:kv_cache_usage_perc", ())] == 0.0  # idle: no row holds a block
+    assert after[("vllm:num_preemptions_total", ())] == engine.scheduler.num_preemptions
+
+
 # ---------------------------------------------------------------------- limits (issue 26)
 
 

@@ -62,6 +62,8 @@ class ServeMetrics:
         )  # fmt: skip
         if hasattr(engine, "graph_stats"):
             r.register(_DecodePathCollector(engine))
+        if hasattr(engine, "kv"):
+            r.register(_KVCacheCollector(engine))
 
     def watch_tasks(self, stats: Any) -> None:
         """Export the task folder's counters (``stats()``: a TaskRegistry's):
@@ -107,6 +109,39 @@ class _TaskCollector:
             ("load_failures", "Task loads that failed (unknown or bad artifact, all busy)."),
         ):
             yield CounterMetricFamily(f"prefixattn:task_{key}", what, value=s[key])
+
+
+class _KVCacheCollector:
+    """The paged KV cache and its prefix cache, read at each scrape (vLLM's names, counted
+    in blocks of prompt tokens): ``vllm:kv_cache_usage_perc``, ``vllm:num_preemptions``,
+    ``vllm:prefix_cache_queries``, ``vllm:prefix_cache_hits`` (the hit rate is their
+    ratio), ``prefixattn:prefix_cache_evictions``."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+
+    def collect(self) -> Iterator[Metric]:
+        e = self.engine
+        pool, s = e.kv.block_pool, e.kv.stats()
+        yield GaugeMetricFamily(
+            "vllm:kv_cache_usage_perc", "Fraction of KV blocks held by rows (1 = full).",
+            value=pool.usage(),
+        )  # fmt: skip
+        yield CounterMetricFamily(
+            "vllm:num_preemptions", "Rows preempted (recomputed later) when blocks ran out.",
+            value=e.scheduler.num_preemptions,
+        )  # fmt: skip
+        yield CounterMetricFamily(
+            "vllm:prefix_cache_queries", "Full prompt blocks looked up in the prefix cache.",
+            value=s["queries"],
+        )  # fmt: skip
+        yield CounterMetricFamily(
+            "vllm:prefix_cache_hits", "Prompt blocks found in the prefix cache.", value=s["hits"]
+        )
+        yield CounterMetricFamily(
+            "prefixattn:prefix_cache_evictions", "Cached blocks evicted (least recently freed).",
+            value=s["evictions"],
+        )  # fmt: skip
 
 
 class _DecodePathCollector:
