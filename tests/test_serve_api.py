@@ -788,3 +788,22 @@ def test_token_id_prompt_length_is_checked_as_a_whole_first(env) -> None:
     assert err["code"] == "context_length_exceeded"
     err = error_of(post(env, "/v1/completions", {"model": "byte", "prompt": [5, 10**6]}), 400)
     assert err["code"] == "invalid_token_id" and str(10**6) in err["message"]
+
+
+def test_per_task_series_are_bounded() -> None:
+    """A task folder may serve thousands of tasks: per-task series carry the first
+    ``max_task_labels`` names, later tasks are counted under "other" (nothing is lost)."""
+    from types import SimpleNamespace
+
+    from prefixattn.serve.openai.metrics import ServeMetrics
+
+    m = ServeMetrics(SimpleNamespace(running=0, queue_depth=0), max_task_labels=2)
+    for task in ("base", "a", "b", "c", "a"):
+        m.row_done(task, "length", 3, 2, 0.01, 0.1)
+        m.request(task, "length")
+    got = {}
+    for fam in text_string_to_metric_families(m.render().decode()):
+        for s in fam.samples:
+            if s.name == "vllm:generation_tokens_total":
+                got[s.labels["model_name"]] = s.value
+    assert got == {"base": 2.0, "a": 4.0, "other": 4.0}, got

@@ -27,10 +27,24 @@ _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5
                     15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0)  # fmt: skip
 
 
-class ServeMetrics:
-    """The server's Prometheus metrics; ``engine`` gives queue depth and running rows."""
+#: Distinct task names the per-task series carry; later tasks are counted under "other"
+#: (a task folder may serve thousands of tasks: every labelled series costs memory in
+#: the server and in every scraper, for as long as the process runs).
+MAX_TASK_LABELS = 256
+OTHER_TASKS = "other"
 
-    def __init__(self, engine: Any) -> None:
+
+class ServeMetrics:
+    """The server's Prometheus metrics; ``engine`` gives queue depth and running rows.
+
+    Per-task series are labelled with the task's name for the first ``max_task_labels``
+    distinct tasks seen (the base model and start-up tasks first, as they are served
+    first in practice), then under ``"other"``: the label set stays bounded however many
+    tasks a ``--task-dir`` serves."""
+
+    def __init__(self, engine: Any, max_task_labels: int = MAX_TASK_LABELS) -> None:
+        self.max_task_labels = max_task_labels
+        self._labels: set[str] = set()
         self.registry = CollectorRegistry()
         r = self.registry
         running = Gauge("vllm:num_requests_running", "Rows in the batch in flight.", registry=r)
@@ -76,6 +90,7 @@ class ServeMetrics:
         ttft: float | None, latency: float,
     ) -> None:  # fmt: skip
         """One row (choice) finished with ``reason``."""
+        task = self.label(task)
         self.prompt_tokens.labels(task).inc(prompt_tokens)
         self.generation_tokens.labels(task).inc(tokens)
         if ttft is not None:
@@ -86,7 +101,17 @@ class ServeMetrics:
 
     def request(self, task: str, outcome: str) -> None:
         """One HTTP request ended with ``outcome``."""
-        self.requests.labels(task, outcome).inc()
+        self.requests.labels(self.label(task), outcome).inc()
+
+    def label(self, task: str) -> str:
+        """The label value of ``task``: its name, or ``"other"`` once ``max_task_labels``
+        distinct names are in use."""
+        if task in self._labels:
+            return task
+        if len(self._labels) < self.max_task_labels:
+            self._labels.add(task)
+            return task
+        return OTHER_TASKS
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
