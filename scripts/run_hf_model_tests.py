@@ -36,6 +36,7 @@ SELECTION = (
 )
 ENV = "PREFIXATTN_PATCH_BACKEND"
 _skipped: list[str] = []
+_patched: list[str] = []
 
 
 # --------------------------------------------------------------------------------------
@@ -58,6 +59,7 @@ def pytest_configure(config: Any) -> None:
         original(self)
         try:
             prefixattn.patch(self, backend=backend)
+            _patched.append(type(self).__name__)
         except ValueError:  # no attention interface: stays stock
             _skipped.append(type(self).__name__)
 
@@ -65,6 +67,8 @@ def pytest_configure(config: Any) -> None:
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if os.environ.get(ENV):
+        terminalreporter.write_line(f"prefixattn: {len(_patched)} models patched")
     if os.environ.get(ENV) and _skipped:
         names = sorted(set(_skipped))
         terminalreporter.write_line(f"prefixattn: {len(_skipped)} models left stock: {names}")
@@ -119,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-k", dest="select", default=None, help="a pytest -k expression")
     ap.add_argument("--backend", default="auto", help="prefixattn backend (default auto)")
     ap.add_argument("--families", default=",".join(FAMILIES))
+    ap.add_argument("--save", type=Path, default=None, help="keep the junit xml reports here")
     ap.add_argument("pytest_args", nargs="*", help="more pytest arguments (after --)")
     args = ap.parse_args(argv)
     checkout = args.checkout.resolve()
@@ -128,10 +133,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"not in the checkout: {', '.join(missing)}")
     select = None if args.all else (args.select or SELECTION)
     with tempfile.TemporaryDirectory() as tmp:
-        stock = _run(checkout, files, select, None, args.pytest_args, Path(tmp) / "stock.xml")
-        patched = _run(
-            checkout, files, select, args.backend, args.pytest_args, Path(tmp) / "patched.xml"
-        )
+        out = Path(tmp) if args.save is None else args.save.resolve()
+        out.mkdir(parents=True, exist_ok=True)
+        stock = _run(checkout, files, select, None, args.pytest_args, out / "stock.xml")
+        patched = _run(checkout, files, select, args.backend, args.pytest_args, out / "patched.xml")
     print(f"stock:   {_count(stock)}")
     print(f"patched: {_count(patched)} (backend={args.backend})")
     broken = sorted(t for t, r in patched.items() if r == "failed" and stock.get(t) == "passed")
