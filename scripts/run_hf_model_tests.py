@@ -12,6 +12,13 @@ fail patched::
     python scripts/run_hf_model_tests.py PATH/TO/transformers --all           # whole files
     python scripts/run_hf_model_tests.py PATH/TO/transformers -k custom_4d    # own selection
     python scripts/run_hf_model_tests.py PATH/TO/transformers --backend reference
+    python scripts/run_hf_model_tests.py PATH/TO/transformers --save DIR      # keep the xml
+
+Failures with a known cause (``KNOWN``: padding-free batches, the config check for
+"sdpa") are marked as such; the exit status is 1 only for the others. Where no tagged
+checkout can be had, a tree with the model / generation test files of a nearby
+transformers commit and the ``tests/*.py`` of the installed version's sdist works (see
+benchmarks/results/hf-model-tests-patched-20261206.md for how it was assembled).
 
 Nothing of the checkout is copied here. This file is also the pytest plugin the patched
 run loads (``-p run_hf_model_tests``, with this directory on ``PYTHONPATH``): its
@@ -34,6 +41,13 @@ FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "gemma2")
 SELECTION = (
     "static_cache or compile_model_forward or custom_4d_attention_mask or cache_implementation"
 )
+# tests that pass stock and fail patched for a known reason (substring of the test name)
+KNOWN = {
+    "padding_free": "packed (padding-free) batches: a clear ValueError until varlen lands (issue 28)",
+    "test_sdpa_can_dispatch_non_composite_models": (
+        'asserts config._attn_implementation == "sdpa"; a patched model says "prefixattn" (by design)'
+    ),
+}
 ENV = "PREFIXATTN_PATCH_BACKEND"
 _skipped: list[str] = []
 _patched: list[str] = []
@@ -140,9 +154,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"stock:   {_count(stock)}")
     print(f"patched: {_count(patched)} (backend={args.backend})")
     broken = sorted(t for t, r in patched.items() if r == "failed" and stock.get(t) == "passed")
+    unexplained = []
     for t in broken:
-        print(f"  passes stock, fails patched: {t}")
-    return 1 if broken else 0
+        why = next((r for k, r in KNOWN.items() if k in t), None)
+        print(f"  passes stock, fails patched: {t}" + (f"  [known: {why}]" if why else ""))
+        if why is None:
+            unexplained.append(t)
+    print(f"{len(broken)} pass stock and fail patched, {len(unexplained)} of them not known")
+    return 1 if unexplained else 0
 
 
 if __name__ == "__main__":
