@@ -51,6 +51,7 @@ KNOWN = {
     # patched run patches every model over that; prefixattn, like stock sdpa, returns none
     "test_attention_outputs": "forces eager for attention weights; patched gives none, as sdpa",
     "test_assisted_decoding_sample": "forces eager for attention weights; patched gives none, as sdpa",
+    "test_retain_grad_hidden_states_attentions": "forces eager for attention weights, as above",
     "test_can_set_attention_dynamically": 'asserts config says "eager" after patching (by design)',
 }
 ENV = "PREFIXATTN_PATCH_BACKEND"
