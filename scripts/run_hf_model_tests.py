@@ -12,6 +12,13 @@ fail patched::
     python scripts/run_hf_model_tests.py PATH/TO/transformers --all           # whole files
     python scripts/run_hf_model_tests.py PATH/TO/transformers -k custom_4d    # own selection
     python scripts/run_hf_model_tests.py PATH/TO/transformers --backend reference
+    python scripts/run_hf_model_tests.py PATH/TO/transformers --save DIR      # keep the xml
+
+Failures with a known cause (``KNOWN``: padding-free batches, the config check for
+"sdpa") are marked as such; the exit status is 1 only for the others. Where no tagged
+checkout can be had, a tree with the model / generation test files of a nearby
+transformers commit and the ``tests/*.py`` of the installed version's sdist works (see
+benchmarks/results/hf-model-tests-patched-20261206.md for how it was assembled).
 
 Nothing of the checkout is copied here. This file is also the pytest plugin the patched
 run loads (``-p run_hf_model_tests``, with this directory on ``PYTHONPATH``): its
@@ -34,8 +41,22 @@ FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "gemma2")
 SELECTION = (
     "static_cache or compile_model_forward or custom_4d_attention_mask or cache_implementation"
 )
+# tests that pass stock and fail patched for a known reason (substring of the test name)
+KNOWN = {
+    "padding_free": "packed (padding-free) batches: a clear ValueError until varlen lands (issue 28)",
+    "test_sdpa_can_dispatch_non_composite_models": (
+        'asserts config._attn_implementation == "sdpa"; a patched model says "prefixattn" (by design)'
+    ),
+    # these build the model with attn_implementation="eager" (for attention weights) and the
+    # patched run patches every model over that; prefixattn, like stock sdpa, returns none
+    "test_attention_outputs": "forces eager for attention weights; patched gives none, as sdpa",
+    "test_assisted_decoding_sample": "forces eager for attention weights; patched gives none, as sdpa",
+    "test_retain_grad_hidden_states_attentions": "forces eager for attention weights, as above",
+    "test_can_set_attention_dynamically": 'asserts config says "eager" after patching (by design)',
+}
 ENV = "PREFIXATTN_PATCH_BACKEND"
 _skipped: list[str] = []
+_patched: list[str] = []
 
 
 # --------------------------------------------------------------------------------------
@@ -58,6 +79,7 @@ def pytest_configure(config: Any) -> None:
         original(self)
         try:
             prefixattn.patch(self, backend=backend)
+            _patched.append(type(self).__name__)
         except ValueError:  # no attention interface: stays stock
             _skipped.append(type(self).__name__)
 
@@ -65,6 +87,8 @@ def pytest_configure(config: Any) -> None:
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if os.environ.get(ENV):
+        terminalreporter.write_line(f"prefixattn: {len(_patched)} models patched")
     if os.environ.get(ENV) and _skipped:
         names = sorted(set(_skipped))
         terminalreporter.write_line(f"prefixattn: {len(_skipped)} models left stock: {names}")
@@ -96,6 +120,7 @@ def _run(checkout: Path, files: list[str], select: str | None, backend: str | No
     here = str(Path(__file__).resolve().parent)
     env["PYTHONPATH"] = os.pathsep.join([here, str(checkout), env.get("PYTHONPATH", "")])
     env.pop(ENV, None)
+    env.setdefault("HF_HUB_OFFLINE", "1")  # the pipeline tests' hub downloads skip at once
     if backend:
         env[ENV] = backend
     cmd = [sys.executable, "-m", "pytest", "-p", "run_hf_model_tests", "-p", "no:cacheprovider",
@@ -119,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-k", dest="select", default=None, help="a pytest -k expression")
     ap.add_argument("--backend", default="auto", help="prefixattn backend (default auto)")
     ap.add_argument("--families", default=",".join(FAMILIES))
+    ap.add_argument("--save", type=Path, default=None, help="keep the junit xml reports here")
     ap.add_argument("pytest_args", nargs="*", help="more pytest arguments (after --)")
     args = ap.parse_args(argv)
     checkout = args.checkout.resolve()
@@ -128,16 +154,21 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"not in the checkout: {', '.join(missing)}")
     select = None if args.all else (args.select or SELECTION)
     with tempfile.TemporaryDirectory() as tmp:
-        stock = _run(checkout, files, select, None, args.pytest_args, Path(tmp) / "stock.xml")
-        patched = _run(
-            checkout, files, select, args.backend, args.pytest_args, Path(tmp) / "patched.xml"
-        )
+        out = Path(tmp) if args.save is None else args.save.resolve()
+        out.mkdir(parents=True, exist_ok=True)
+        stock = _run(checkout, files, select, None, args.pytest_args, out / "stock.xml")
+        patched = _run(checkout, files, select, args.backend, args.pytest_args, out / "patched.xml")
     print(f"stock:   {_count(stock)}")
     print(f"patched: {_count(patched)} (backend={args.backend})")
     broken = sorted(t for t, r in patched.items() if r == "failed" and stock.get(t) == "passed")
+    unexplained = []
     for t in broken:
-        print(f"  passes stock, fails patched: {t}")
-    return 1 if broken else 0
+        why = next((r for k, r in KNOWN.items() if k in t), None)
+        print(f"  passes stock, fails patched: {t}" + (f"  [known: {why}]" if why else ""))
+        if why is None:
+            unexplained.append(t)
+    print(f"{len(broken)} pass stock and fail patched, {len(unexplained)} of them not known")
+    return 1 if unexplained else 0
 
 
 if __name__ == "__main__":
