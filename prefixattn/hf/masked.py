@@ -22,7 +22,8 @@ fast one (``patching`` logs when it is taken).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from ..ops.reference import safe_softmax
 
 
 def _row_prefix(prefix: torch.Tensor, index: torch.Tensor | None, B: int) -> torch.Tensor:
@@ -113,19 +114,8 @@ def masked_prefix_attention(
     else:
         scores = s_seq
     # softmax with an all-zero row (and zero gradients) where nothing is visible
-    row_max = scores.amax(dim=-1, keepdim=True)
-    sink = None
-    if sinks is not None:
-        sink = sinks.to(cdt).view(1, Hkv, G, 1, 1)
-        row_max = torch.maximum(row_max, sink)
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    e = torch.exp(scores - row_max.detach())
-    denom = e.sum(dim=-1, keepdim=True)
-    if sink is not None:
-        denom = denom + torch.exp(sink - row_max.detach())
-    probs = e / torch.where(denom > 0, denom, torch.ones_like(denom))
-    if dropout_p > 0.0:
-        probs = F.dropout(probs, p=dropout_p, training=True)
+    sink = None if sinks is None else sinks.to(cdt).view(1, Hkv, G, 1, 1)
+    probs = safe_softmax(scores, sink, dropout_p)
     out = torch.matmul(probs[..., P:], vf)  # [B, Hkv, G, Nq, D]
     if P:
         out = out + torch.matmul(probs[..., :P], pv)

@@ -143,6 +143,27 @@ def prefix_window_visible(
     return c - L > pos - window
 
 
+def safe_softmax(
+    scores: torch.Tensor, sink: torch.Tensor | None = None, dropout_p: float = 0.0
+) -> torch.Tensor:
+    """Softmax over the last dim that gives an all-zero row (and zero gradients) where
+    every score is -inf; ``sink``: one more logit per row (broadcast against
+    ``scores[..., :1]``, e.g. [1, Hkv, G, 1, 1] for head h = hk * G + g) that takes
+    probability and outputs nothing; ``dropout_p``: attention dropout on the result."""
+    row_max = scores.amax(dim=-1, keepdim=True)
+    if sink is not None:
+        row_max = torch.maximum(row_max, sink)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    e = torch.exp(scores - row_max.detach())
+    denom = e.sum(dim=-1, keepdim=True)
+    if sink is not None:
+        denom = denom + torch.exp(sink - row_max.detach())
+    probs = e / torch.where(denom > 0, denom, torch.ones_like(denom))
+    if dropout_p > 0.0:
+        probs = F.dropout(probs, p=dropout_p, training=True)
+    return probs
+
+
 def reference_prefix_attention(call: AttentionCall, prob: AttnProblem) -> torch.Tensor:
     """Prefix attention in plain PyTorch ops (differentiable). ``call`` already validated
     (``prob``: its sizes and softmax scale).
@@ -194,19 +215,8 @@ def reference_prefix_attention(call: AttentionCall, prob: AttnProblem) -> torch.
     else:
         scores = s_seq
 
-    # Softmax that gives an all-zero row (and zero gradients) when nothing is visible.
-    row_max = scores.amax(dim=-1, keepdim=True)
-    if sinks is not None:  # the sink's logit [1, Hkv, G, 1, 1] (head h = hk * G + g)
-        sink = sinks.to(cdt).view(1, Hkv, G, 1, 1)
-        row_max = torch.maximum(row_max, sink)
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    e = torch.exp(scores - row_max.detach())
-    denom = e.sum(dim=-1, keepdim=True)
-    if sinks is not None:
-        denom = denom + torch.exp(sink - row_max.detach())
-    probs = e / torch.where(denom > 0, denom, torch.ones_like(denom))
-    if dropout_p > 0.0:
-        probs = F.dropout(probs, p=dropout_p, training=True)
+    sink = None if sinks is None else sinks.to(cdt).view(1, Hkv, G, 1, 1)
+    probs = safe_softmax(scores, sink, dropout_p)
 
     p_seq = probs[..., P:].reshape(B, Hkv, G * Nq, Nk)
     out = torch.matmul(p_seq, vf)  # [B, Hkv, G*Nq, D]
