@@ -228,8 +228,7 @@ def test_block_pool_ref_counts_and_lru_eviction() -> None:
         pool.allocate(2)
 
 
-@pytest.mark.parametrize("family", ["mistral", "gemma2", "gpt_oss"])  # window everywhere;
-# hybrid + soft-capping; hybrid + sinks (every family runs in-process above)
+@pytest.mark.parametrize("family", sorted(FAMILIES))  # every family of docs/model-families.md
 def test_http_greedy_mixed_tasks_past_the_window_equal_prefix_tuning_alone(family) -> None:
     """Through the real server (uvicorn on 127.0.0.1, the openai client): concurrent
     greedy completions of tasks with P = 3 and 12 and the base model, prompt + output past
