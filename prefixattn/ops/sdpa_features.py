@@ -250,7 +250,11 @@ class ChunkedAttention(torch.autograd.Function):
         B, Hkv, G, Nq, Dv = pl.B, pl.Hkv, pl.G, pl.Nq, v.shape[-1]
         kf, vf = k.float(), v.float()
         out = torch.zeros(B, Hkv, G, Nq, Dv, dtype=q.dtype, device=q.device)
+        # a skipped block's rows see no key: lse = the sink's logit (its softmax is the sink
+        # alone), or -inf without sinks
         lse = torch.full((B, Hkv, G, Nq), float("-inf"), dtype=torch.float32, device=q.device)
+        if sinks is not None:
+            lse.copy_(sinks.float().view(1, Hkv, G, 1).expand_as(lse))
         m2 = None  # fixed shift (log2 domain): 0, or the sink's logit where it is larger
         if pl.fixed:
             m2 = torch.zeros((), device=q.device) if pl.t2 is None else pl.t2.clamp(min=0.0)
