@@ -22,10 +22,18 @@ an exact chunked path (:class:`ChunkedAttention`): query blocks of ``bq`` rows
 its softmax over the whole key row at once; a causal block reads only keys [0, hi), the
 ones its last row sees (hi = i1 + Nk' - Nq, bottom-right). Peak memory is a few buffers
 of one block's scores, not [B, H, Nq, Nk']; the backward recomputes each block from the
-saved log-sum-exp, as flash attention does::
+saved log-sum-exp, as flash attention does. Under a mask a block reads only the keys
+[lo, hi) some of its rows see (a sliding window's block skips the keys left of the band;
+a block whose rows see nothing is skipped), and only a block that crosses the causal
+diagonal (or a partly visible mask) is filled::
 
-                 keys 0 ........ hi       Nk'
-    rows i0:i1  [ ######## visible ### | skipped ]   scores [B, H, bq, hi]
+                 keys 0 .. lo ........ hi       Nk'
+    rows i0:i1  [ skipped | ### visible ## | skipped ]   scores [B, H, bq, hi - lo]
+
+Per element the block costs one sigmoid and one exp2 (soft-capping as ``2 C sigmoid(2 s /
+C) - C`` in base 2: PyTorch's CPU ``tanh`` and ``exp`` are several times slower than
+``sigmoid`` and ``exp2``) and, the capped logits being bounded by C, no row max; the
+backward reuses the sigmoid for ``tanh' = 4 sig (1 - sig)`` (see :class:`_Plan`).
 
 Dropout with soft-capping or sinks still runs the reference path (the materialising
 one); :func:`feature_path` says so and a one-time warning names the reason.
