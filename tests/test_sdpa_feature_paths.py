@@ -208,3 +208,89 @@ def test_strided_inputs_as_a_model_passes_them(feat: F) -> None:
     tol_o, tol_g = TOL[torch.float32]
     assert rel_err(got, want) < tol_o, rel_err(got, want)
     assert rel_err(dq, dq64) < tol_g, rel_err(dq, dq64)
+
+
+def _chunked64(q, k, v, sinks, mask, softcap, scale):
+    """Float64 attention with soft-capping, sinks and a bool mask, materialised (the test's
+    own reference for direct :class:`ChunkedAttention` calls); a row that sees nothing is 0."""
+    G = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)  # [B, H, Nk, D]
+    s = q @ k.transpose(-1, -2) * scale  # [B, H, Nq, Nk]
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    s = s.masked_fill(~mask, float("-inf"))
+    cols = [s]
+    if sinks is not None:
+        cols.append(sinks.view(1, -1, 1, 1).expand(*s.shape[:-1], 1))
+    p = torch.softmax(torch.cat(cols, -1), -1)[..., : s.shape[-1]].nan_to_num(0.0)
+    return p @ v
+
+
+# a bottom-right causal band (window), rows of a tall Nq > Nk call that see no key at all
+# (whole blocks of 16 rows skipped), the causal diagonal fill (no mask), key padding, a
+# mask with every key visible (no fill)
+MASKS = ["window", "empty_blocks", "is_causal", "padding", "all_visible"]
+
+
+def _mask(kind: str, B: int, Nq: int, Nk: int) -> torch.Tensor:
+    i, j = torch.arange(Nq)[:, None], torch.arange(Nk)[None, :]
+    off = Nk - Nq
+    if kind == "window":
+        m = (j <= i + off) & (j > i + off - 5)
+    elif kind in ("empty_blocks", "is_causal"):
+        m = j <= i + off
+    elif kind == "padding":
+        m = torch.ones(B, 1, Nq, Nk, dtype=torch.bool)
+        m[1, :, :, Nk - 10 :] = False
+        return m
+    else:
+        m = torch.ones(Nq, Nk, dtype=torch.bool)
+    return m.expand(B, 1, Nq, Nk)
+
+
+@pytest.mark.parametrize("softcap", [0.0, 3.0, 100.0], ids=lambda c: f"c{c}")
+@pytest.mark.parametrize("kind", MASKS)
+def test_chunked_skips_keys_and_blocks(kind: str, softcap: float) -> None:
+    """The chunked path computes only each block's key span (a window's block skips the
+    keys left of it, a block whose rows see nothing is skipped) and stays exact: values and
+    every gradient against a float64 reference. Soft-capping 3 takes the fixed shift (no row
+    max; one sink logit of 60 > C shifts that head), 100 the row-max fallback, 0 plain."""
+    B, H, Hkv, D = 2, 4, 2, 16
+    Nq, Nk = (70, 20) if kind == "empty_blocks" else (70, 70)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(B, h, n, D, generator=g) for h, n in ((H, Nq), (Hkv, Nk), (Hkv, Nk)))
+    sinks = torch.tensor([-1.0, 2.0, 60.0, 0.5]) if softcap != 100.0 else None
+    ins = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    sk = None if sinks is None else sinks.clone().requires_grad_(True)
+    mask = _mask(kind, B, Nq, Nk)
+    is_causal, causal = kind == "is_causal", kind in ("window", "empty_blocks")
+    scale = D**-0.5
+    out = sdpa_features.feature_attention(
+        sdpa_features.PATH_CHUNKED, *ins, sk, softcap, attn_mask=None if is_causal else mask,
+        is_causal=is_causal, scale=scale, causal=causal,
+    )  # fmt: skip
+    ref_ins = [t.double().requires_grad_(True) for t in (q, k, v)]
+    ref_sk = None if sinks is None else sinks.double().requires_grad_(True)
+    ref = _chunked64(*ref_ins, ref_sk, mask, softcap, scale)
+    do = torch.randn(out.shape, generator=g)
+    got = torch.autograd.grad(out, [*ins, *([sk] if sk is not None else [])], do)
+    want = torch.autograd.grad(
+        ref, [*ref_ins, *([ref_sk] if ref_sk is not None else [])], do.double()
+    )
+    tol_o, tol_g = TOL[torch.float32]
+    assert rel_err(out, ref) < tol_o, f"out: {rel_err(out, ref):.2e}"
+    for name, a, b in zip(["q", "k", "v", "sinks"], got, want):
+        assert torch.isfinite(a).all() and rel_err(a, b) < tol_g, f"d{name}: {rel_err(a, b):.2e}"
+
+    # the spans: derived from the mask's shape here, not from the mask's values
+    pl = sdpa_features._Plan(q, k, sinks, scale, softcap)
+    assert pl.step == 16 and pl.fixed == (softcap == 3.0)
+    spans = [b[:4] for b in pl.blocks(None if is_causal else mask, is_causal, causal)]
+    blocks = [(i0, min(Nq, i0 + 16)) for i0 in range(0, Nq, 16)]
+    if kind == "window":  # rows [i0, i1) see keys (i0 - 5, i1 - 1]
+        assert spans == [(i0, i1, max(0, i0 - 4), i1) for i0, i1 in blocks]
+    elif kind == "empty_blocks":  # row i sees keys j <= i - 50: rows < 50 see nothing
+        assert spans == [(i0, i1, 0, i1 - 50) for i0, i1 in blocks if i1 > 50]
+        assert len(spans) == 2
+    else:
+        assert spans == [(i0, i1, 0, i1 if is_causal else Nk) for i0, i1 in blocks]

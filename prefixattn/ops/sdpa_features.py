@@ -22,10 +22,18 @@ an exact chunked path (:class:`ChunkedAttention`): query blocks of ``bq`` rows
 its softmax over the whole key row at once; a causal block reads only keys [0, hi), the
 ones its last row sees (hi = i1 + Nk' - Nq, bottom-right). Peak memory is a few buffers
 of one block's scores, not [B, H, Nq, Nk']; the backward recomputes each block from the
-saved log-sum-exp, as flash attention does::
+saved log-sum-exp, as flash attention does. Under a mask a block reads only the keys
+[lo, hi) some of its rows see (a sliding window's block skips the keys left of the band;
+a block whose rows see nothing is skipped), and only a block that crosses the causal
+diagonal (or a partly visible mask) is filled::
 
-                 keys 0 ........ hi       Nk'
-    rows i0:i1  [ ######## visible ### | skipped ]   scores [B, H, bq, hi]
+                 keys 0 .. lo ........ hi       Nk'
+    rows i0:i1  [ skipped | ### visible ## | skipped ]   scores [B, H, bq, hi - lo]
+
+Per element the block costs one sigmoid and one exp2 (soft-capping as ``2 C sigmoid(2 s /
+C) - C`` in base 2: PyTorch's CPU ``tanh`` and ``exp`` are several times slower than
+``sigmoid`` and ``exp2``) and, the capped logits being bounded by C, no row max; the
+backward reuses the sigmoid for ``tanh' = 4 sig (1 - sig)`` (see :class:`_Plan`).
 
 Dropout with soft-capping or sinks still runs the reference path (the materialising
 one); :func:`feature_path` says so and a one-time warning names the reason.
@@ -34,6 +42,7 @@ one); :func:`feature_path` says so and a one-time warning names the reason.
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 
 import torch
@@ -109,8 +118,8 @@ class FlashSinkAttention(torch.autograd.Function):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, is_causal, attn_mask=fmask, scale=scale
         )  # out [B, H, Nq, D], lse float32 [B, H, Nq]
-        t = sinks.to(torch.float32).reshape(1, -1, 1)  # [1, H, 1]
-        out_s = (out.float() * torch.sigmoid(lse - t)[..., None]).to(q.dtype)
+        t = sinks.to(lse.dtype).reshape(1, -1, 1)  # [1, H, 1]
+        out_s = (out.to(lse.dtype) * torch.sigmoid(lse - t)[..., None]).to(q.dtype)
         lse_s = torch.logaddexp(lse, t)  # [B, H, Nq]: the sinked softmax's denominator
         ctx.save_for_backward(q, k, v, out_s, lse_s, t, fmask)
         ctx.is_causal, ctx.scale, ctx.sink_dtype = is_causal, scale, sinks.dtype
@@ -125,7 +134,7 @@ class FlashSinkAttention(torch.autograd.Function):
         )
         dsink = None
         if ctx.needs_input_grad[3]:
-            delta = (dout.float() * out_s.float()).sum(-1)  # [B, H, Nq]
+            delta = (dout.to(lse_s.dtype) * out_s.to(lse_s.dtype)).sum(-1)  # [B, H, Nq]
             dsink = -(torch.exp(t - lse_s) * delta).sum(dim=(0, 2)).to(ctx.sink_dtype)
         return dq, dk, dv, dsink, None, None, None
 
@@ -141,30 +150,102 @@ def _block_keys(i1: int, Nq: int, Nk: int, causal: bool) -> int:
     return min(Nk, max(1, i1 + Nk - Nq)) if causal else Nk
 
 
-def _block_logits(qb: torch.Tensor, k: torch.Tensor, hi: int, a: float, softcap: float):
-    """One block's logits divided by ``softcap`` (or by 1), unmasked: float32
-    [B, Hkv, G, bq, hi] = tanh(a * q k^T) (a = scale / C) or ``a * q k^T`` (a = scale).
-    ``qb`` float32 [B, Hkv, G, bq, D], ``k`` float32 [B, Hkv, Nk, D]."""
-    B, Hkv, G, bq, D = qb.shape
-    qs = (qb * a).reshape(B, Hkv, G * bq, D)  # the scale on bq * D values, not bq * hi
-    x = torch.matmul(qs, k[:, :, :hi].transpose(-1, -2)).reshape(B, Hkv, G, bq, hi)
-    return x.tanh_() if softcap else x
+def _key_span(mask, i0, i1, hi):
+    """The keys [lo, hi') some row of block [i0, i1) sees under ``mask`` (bool
+    [B|1, 1, Nq, Nk]), within [0, hi): a sliding window's block skips the keys left of
+    it; ``None`` when the block sees no key at all (every row masked: the block is skipped).
+    Also whether every key of the span is visible to every row (then no fill is needed)."""
+    mb = mask[:, :, i0:i1, :hi]  # [B|1, 1, bq, hi]
+    cols = mb.any(dim=2).any(dim=0).view(-1)  # [hi]
+    nz = cols.nonzero()
+    if nz.numel() == 0:
+        return None
+    lo, hi = int(nz[0]), int(nz[-1]) + 1
+    return lo, hi, bool(mb[..., lo:hi].all())
 
 
-def _mask_block(x, mask, is_causal, i0, i1, hi, Nq, Nk):
-    """Set the invisible logits of a block to -inf, in place: ``mask`` bool [B|1, 1, Nq, Nk]
-    sliced, or (no mask, ``is_causal``) the block's diagonal band only."""
+def _mask_block(x, mask, is_causal, i0, i1, lo, hi, Nq, Nk, fill):
+    """Set the invisible entries of block rows [i0, i1) x keys [lo, hi) to ``fill``, in
+    place: ``mask`` bool [B|1, 1, Nq, Nk] sliced, or (no mask, ``is_causal``) the block's
+    diagonal band only (the keys past the block's first row's last key)::
+
+        keys lo ..... c0 ...... hi        c0 = i0 + Nk - Nq + 1
+        row i0  [ ###### | . . . . ]       only [c0, hi) is filled, from a bq x (hi - c0)
+        row i1-1[ ###### | # # # # ]       band (# visible)
+    """
     if mask is not None:
-        x.masked_fill_(~mask[:, :, i0:i1, :hi][:, :, None], float("-inf"))  # [B|1, 1, 1, bq, hi]
+        x.masked_fill_(~mask[:, :, i0:i1, lo:hi][:, :, None], fill)  # [B|1, 1, 1, bq, w]
     elif is_causal:
-        lo = max(0, i0 + Nk - Nq + 1)  # the first key some row of the block does not see
-        if lo < hi:
+        c0 = max(lo, i0 + Nk - Nq + 1)  # the first key some row of the block does not see
+        if c0 < hi:
             i = torch.arange(i0, i1, device=x.device)[:, None]
-            j = torch.arange(lo, hi, device=x.device)[None, :]
-            bias = torch.zeros(j.shape[-1], dtype=x.dtype, device=x.device).expand(i1 - i0, -1)
-            bias = bias.masked_fill(j > i + (Nk - Nq), float("-inf"))  # [bq, hi - lo]
-            x[..., lo:hi] += bias
+            j = torch.arange(c0, hi, device=x.device)[None, :]
+            x[..., c0 - lo :].masked_fill_(j > i + (Nk - Nq), fill)  # band [bq, hi - c0]
     return x
+
+
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+# soft-capped logits lie in [-C, C]: exp(logit) needs no row max while C + ln(Nk) stays
+# well inside float32's exponent range (exp(88) overflows, exp(-87) is still normal)
+_FIXED_SHIFT_MAX = 80.0
+
+
+class _Plan:
+    """The per-call constants of the chunked path, in the base-2 domain (``z = log2(e) *
+    logit``; ``exp2`` is several times cheaper than ``exp`` on the CPU, ``sigmoid`` than
+    ``tanh``). Soft-capping: ``C tanh(scale s / C) = 2 C sigmoid(2 scale s / C) - C``, so
+    the block holds ``sig = sigmoid(qs k^T)`` with q scaled by ``2 scale / C`` and
+    ``z = k1 * sig - C log2(e)``, ``k1 = 2 C log2(e)``; ``d logit / ds = 4 scale
+    sig (1 - sig)``. Without it the block holds ``z`` itself (q scaled by ``scale log2(e)``)."""
+
+    def __init__(self, q, k, sinks, scale: float, softcap: float):
+        B, H, Nq, D = q.shape
+        self.B, self.H, self.Nq, self.D = B, H, Nq, D
+        self.Hkv, self.Nk = k.shape[1], k.shape[2]
+        self.G = H // self.Hkv
+        self.softcap = softcap
+        # scores and accumulators: float32 (float64 for float64 inputs)
+        self.cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+        self.qscale = 2.0 * scale / softcap if softcap else scale * _LOG2E
+        self.gscale = 4.0 * scale if softcap else scale  # d logit / ds = gscale * g
+        self.k1 = 2.0 * softcap * _LOG2E
+        self.t2 = (
+            None
+            if sinks is None
+            else sinks.to(self.cdt).reshape(1, self.Hkv, self.G, 1, 1) * _LOG2E
+        )
+        self.fixed = bool(softcap) and softcap + math.log(self.Nk + 1) <= _FIXED_SHIFT_MAX
+        self.step = _block_rows(B, H, self.Nk, Nq)
+        n = B * H * self.step
+        self.qbuf = torch.empty(n * D, dtype=self.cdt, device=q.device)
+        self.sbuf = torch.empty(n * self.Nk, dtype=self.cdt, device=q.device)
+
+    def blocks(self, mask, is_causal: bool, causal: bool):
+        """(i0, i1, lo, hi, full): each query block's rows and its key span [lo, hi)
+        (causal: keys past the last row's skipped; a mask: keys no row sees skipped, a
+        block that sees nothing skipped), ``full``: no entry of the span needs masking."""
+        for i0 in range(0, self.Nq, self.step):
+            i1 = min(self.Nq, i0 + self.step)
+            hi = _block_keys(i1, self.Nq, self.Nk, causal or is_causal)
+            lo, full = 0, mask is None and not (is_causal and i0 + self.Nk - self.Nq + 1 < hi)
+            if mask is not None:
+                span = _key_span(mask, i0, i1, hi)
+                if span is None:
+                    continue
+                lo, hi, full = span
+            yield i0, i1, lo, hi, full
+
+    def scores(self, q, kf, i0, i1, lo, hi):
+        """The block's [B, Hkv, G * bq, hi - lo] float32 ``sig`` (or ``z``) in ``sbuf`` and
+        its scaled query rows [B, Hkv, G * bq, D] in ``qbuf``."""
+        B, Hkv, G, D, bq = self.B, self.Hkv, self.G, self.D, i1 - i0
+        qs = self.qbuf[: B * self.H * bq * D].view(B, self.H, bq, D)
+        qs.copy_(q[:, :, i0:i1]).mul_(self.qscale)
+        qs = qs.view(B, Hkv, G * bq, D)  # heads h = kv * G + g, contiguous
+        x = self.sbuf[: B * self.H * bq * (hi - lo)].view(B, Hkv, G * bq, hi - lo)
+        torch.matmul(qs, kf[:, :, lo:hi].transpose(-1, -2), out=x)
+        return (x.sigmoid_() if self.softcap else x), qs
 
 
 class ChunkedAttention(torch.autograd.Function):
@@ -173,90 +254,106 @@ class ChunkedAttention(torch.autograd.Function):
     Inputs: q [B, H, Nq, D], k, v [B, Hkv, Nk, D], sinks [H] or None, mask bool
     [B|1, 1, Nq, Nk] or None, is_causal (bottom-right; only with mask None), causal (the
     call is causal: a block reads keys up to its last row's, whatever the mask), scale,
-    softcap (0 = none). Scores in float32. Saves q, k, v, out and lse [B, H, Nq]."""
+    softcap (0 = none). Scores in float32 (float64 for float64 inputs), in the base-2 domain (:class:`_Plan`); per block
+    the forward runs one matmul, sigmoid, one scaled add, exp2, a row sum and one matmul
+    (soft-capped logits are bounded, so no row max). Saves q, k, v, out and lse [B, H, Nq]."""
 
     @staticmethod
     def forward(ctx, q, k, v, sinks, mask, is_causal, causal, scale, softcap):  # type: ignore[override]
-        B, H, Nq, D = q.shape
-        Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
-        G = H // Hkv
-        kf, vf = k.float(), v.float()
-        mult = softcap or 1.0  # logit = mult * x
-        a = scale / mult
-        t = None if sinks is None else sinks.float().reshape(1, Hkv, G, 1, 1)
-        out = torch.empty(B, Hkv, G, Nq, Dv, dtype=q.dtype, device=q.device)
-        lse = torch.empty(B, Hkv, G, Nq, dtype=torch.float32, device=q.device)
-        step = _block_rows(B, H, Nk, Nq)
-        for i0 in range(0, Nq, step):
-            i1 = min(Nq, i0 + step)
-            bq = i1 - i0
-            hi = _block_keys(i1, Nq, Nk, causal or is_causal)
-            qb = q[:, :, i0:i1].float().reshape(B, Hkv, G, bq, D)
-            x = _block_logits(qb, kf, hi, a, softcap)
-            x = _mask_block(x, mask, is_causal, i0, i1, hi, Nq, Nk)
-            m = x.amax(dim=-1, keepdim=True) * mult  # [B, Hkv, G, bq, 1]
-            if t is not None:
-                m = torch.maximum(m, t)
-            m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-            e = torch.add(-m, x, alpha=mult, out=x).exp_()  # exp(logit - m), in place
-            den = e.sum(dim=-1, keepdim=True)
-            if t is not None:
-                den = den + torch.exp(t - m)
-            o = torch.matmul(e.reshape(B, Hkv, G * bq, hi), vf[:, :, :hi]).reshape(
-                B, Hkv, G, bq, Dv
+        pl = _Plan(q, k, sinks, scale, softcap)
+        B, Hkv, G, Nq, Dv = pl.B, pl.Hkv, pl.G, pl.Nq, v.shape[-1]
+        kf, vf = k.to(pl.cdt), v.to(pl.cdt)
+        out = torch.zeros(B, Hkv, G, Nq, Dv, dtype=q.dtype, device=q.device)
+        # a skipped block's rows see no key: lse = the sink's logit (its softmax is the sink
+        # alone), or -inf without sinks
+        lse = torch.full((B, Hkv, G, Nq), float("-inf"), dtype=pl.cdt, device=q.device)
+        if sinks is not None:
+            lse.copy_(sinks.to(pl.cdt).reshape(1, Hkv, G, 1).expand_as(lse))
+        m2 = None  # fixed shift (log2 domain): 0, or the sink's logit where it is larger
+        if pl.fixed:
+            m2 = (
+                torch.zeros((), dtype=pl.cdt, device=q.device)
+                if pl.t2 is None
+                else pl.t2.clamp(min=0.0)
             )
+        for i0, i1, lo, hi, full in pl.blocks(mask, is_causal, causal):
+            bq, w = i1 - i0, hi - lo
+            x, _ = pl.scores(q, kf, i0, i1, lo, hi)
+            x5 = x.view(B, Hkv, G, bq, w)
+            if not full:
+                _mask_block(x5, mask, is_causal, i0, i1, lo, hi, Nq, pl.Nk, float("-inf"))
+            if pl.fixed:
+                m = m2
+                e = torch.add(-(softcap * _LOG2E) - m2, x5, alpha=pl.k1, out=x5)
+            else:
+                if softcap:  # z = k1 * sig - C log2(e), then the row max
+                    x5.mul_(pl.k1).sub_(softcap * _LOG2E)
+                m = x5.amax(dim=-1, keepdim=True)  # [B, Hkv, G, bq, 1]
+                if pl.t2 is not None:
+                    m = torch.maximum(m, pl.t2)
+                m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+                e = x5.sub_(m)
+            e = e.exp2_()
+            den = e.sum(dim=-1, keepdim=True)  # [B, Hkv, G, bq, 1]
+            if pl.t2 is not None:
+                den = den + torch.exp2(pl.t2 - m)
+            o = torch.matmul(x, vf[:, :, lo:hi]).view(B, Hkv, G, bq, Dv)
             out[:, :, :, i0:i1] = o.div_(torch.where(den > 0, den, torch.ones_like(den)))
-            lse[:, :, :, i0:i1] = (m + torch.log(den)).squeeze(-1)  # -inf: a row sees nothing
+            lse[:, :, :, i0:i1] = ((m + torch.log2(den)) * _LN2).squeeze(-1)  # -inf: sees nothing
         ctx.save_for_backward(q, k, v, sinks, mask, out, lse)
         ctx.flags = (is_causal, causal, scale, softcap)
-        return out.reshape(B, H, Nq, Dv)
+        return out.view(B, pl.H, Nq, Dv)
 
     @staticmethod
     def backward(ctx, dout):  # type: ignore[override]
         q, k, v, sinks, mask, out, lse = ctx.saved_tensors
         is_causal, causal, scale, softcap = ctx.flags
-        B, H, Nq, D = q.shape
-        Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
-        G = H // Hkv
-        mult = softcap or 1.0
-        a = scale / mult
-        kf, vf = k.float(), v.float()
-        do = dout.float().reshape(B, Hkv, G, Nq, Dv)
-        delta = (do * out.float()).sum(-1)  # [B, Hkv, G, Nq]: rowsum(dO * O)
+        pl = _Plan(q, k, sinks, scale, softcap)
+        B, Hkv, G, Nq, Nk, D, Dv = pl.B, pl.Hkv, pl.G, pl.Nq, pl.Nk, pl.D, v.shape[-1]
+        kf, vf = k.to(pl.cdt), v.to(pl.cdt)
+        do = dout.to(pl.cdt).reshape(B, Hkv, G, Nq, Dv)
+        delta = (do * out.to(pl.cdt)).sum(-1)  # [B, Hkv, G, Nq]: rowsum(dO * O)
         # a row that sees nothing: lse = -inf; +inf makes its probabilities exp(-inf) = 0
-        lse = torch.where(torch.isfinite(lse), lse, torch.full_like(lse, float("inf")))
-        one = torch.ones((), device=q.device)
-        dq = torch.empty(B, Hkv, G, Nq, D, dtype=torch.float32, device=q.device)
-        dk = torch.zeros(B, Hkv, Nk, D, dtype=torch.float32, device=q.device)
-        dv = torch.zeros(B, Hkv, Nk, Dv, dtype=torch.float32, device=q.device)
-        step = _block_rows(B, H, Nk, Nq)
-        for i0 in range(0, Nq, step):
-            i1 = min(Nq, i0 + step)
-            bq = i1 - i0
-            hi = _block_keys(i1, Nq, Nk, causal or is_causal)
-            qb = q[:, :, i0:i1].float().reshape(B, Hkv, G, bq, D)
-            x = _block_logits(qb, kf, hi, a, softcap)
-            # d(C tanh(a s)) / ds = scale * (1 - tanh^2), from the unmasked (finite) tanh
-            g = torch.addcmul(one, x, x, value=-1.0) if softcap else None
-            x = _mask_block(x, mask, is_causal, i0, i1, hi, Nq, Nk)
-            p = torch.add(-lse[:, :, :, i0:i1, None], x, alpha=mult, out=x).exp_()
-            p2 = p.reshape(B, Hkv, G * bq, hi)  # the probabilities [B, Hkv, G*bq, hi]
+        lse2 = torch.where(torch.isfinite(lse), lse, torch.full_like(lse, float("inf")))
+        lse2 = lse2.mul_(_LOG2E).add_(softcap * _LOG2E)  # log2 p = z - lse2 (+ C log2 e)
+        dq = torch.zeros(B, Hkv, G, Nq, D, dtype=pl.cdt, device=q.device)
+        dk = torch.zeros(B, Hkv, Nk, D, dtype=pl.cdt, device=q.device)
+        dv = torch.zeros(B, Hkv, Nk, Dv, dtype=pl.cdt, device=q.device)
+        n = pl.sbuf.numel()
+        pbuf = torch.empty(n, dtype=pl.cdt, device=q.device)
+        dpbuf = torch.empty(n, dtype=pl.cdt, device=q.device)
+        for i0, i1, lo, hi, full in pl.blocks(mask, is_causal, causal):
+            bq, w = i1 - i0, hi - lo
+            x, qs = pl.scores(q, kf, i0, i1, lo, hi)  # sig (soft-capping) or z
+            x5 = x.view(B, Hkv, G, bq, w)
+            p = pbuf[: x.numel()].view(B, Hkv, G, bq, w)
+            r = lse2[:, :, :, i0:i1, None]  # [B, Hkv, G, bq, 1]
+            if softcap:
+                torch.add(-r, x5, alpha=pl.k1, out=p)
+                x.addcmul_(x, x, value=-1.0)  # g = sig (1 - sig): d logit / ds = 4 scale g
+            else:
+                torch.sub(x5, r, out=p)
+            p = p.exp2_()
+            if not full:
+                _mask_block(p, mask, is_causal, i0, i1, lo, hi, Nq, Nk, 0.0)
+            p2 = p.view(B, Hkv, G * bq, w)  # the probabilities [B, Hkv, G*bq, w]
             dob = do[:, :, :, i0:i1].reshape(B, Hkv, G * bq, Dv)
-            dv[:, :, :hi] += torch.matmul(p2.transpose(-1, -2), dob)
-            dp = torch.matmul(dob, vf[:, :, :hi].transpose(-1, -2)).reshape(B, Hkv, G, bq, hi)
-            ds = p.mul_(dp.sub_(delta[:, :, :, i0:i1, None]))  # dL / d logit
-            if g is not None:
-                ds = ds.mul_(g)
-            ds2 = ds.reshape(B, Hkv, G * bq, hi)
-            dq[:, :, :, i0:i1] = torch.matmul(ds2, kf[:, :, :hi]).reshape(B, Hkv, G, bq, D)
-            dk[:, :, :hi] += torch.matmul(ds2.transpose(-1, -2), qb.reshape(B, Hkv, G * bq, D))
+            dv[:, :, lo:hi] += torch.matmul(p2.transpose(-1, -2), dob)
+            dp = dpbuf[: x.numel()].view(B, Hkv, G * bq, w)
+            torch.matmul(dob, vf[:, :, lo:hi].transpose(-1, -2), out=dp)
+            dp5 = dp.view(B, Hkv, G, bq, w)
+            ds = dp5.sub_(delta[:, :, :, i0:i1, None]).mul_(p)  # dL / d logit
+            if softcap:
+                ds.mul_(x5)
+            dq[:, :, :, i0:i1] = torch.matmul(dp, kf[:, :, lo:hi]).view(B, Hkv, G, bq, D)
+            dk[:, :, lo:hi] += torch.matmul(dp.transpose(-1, -2), qs)
         dsink = None
         if sinks is not None and ctx.needs_input_grad[3]:
-            t = sinks.float().reshape(1, Hkv, G, 1)
-            dsink = -(torch.exp(t - lse) * delta).sum(dim=(0, 3)).reshape(H).to(sinks.dtype)
+            t = sinks.to(pl.cdt).reshape(1, Hkv, G, 1)
+            dsink = -(torch.exp(t - lse) * delta).sum(dim=(0, 3)).reshape(pl.H).to(sinks.dtype)
         return (
-            dq.mul_(scale).reshape(B, H, Nq, D).to(q.dtype),
-            dk.mul_(scale).to(k.dtype),
+            dq.mul_(pl.gscale).view(B, pl.H, Nq, D).to(q.dtype),
+            dk.mul_(pl.gscale / pl.qscale).to(k.dtype),
             dv.to(v.dtype),
             dsink,
             None,
