@@ -78,9 +78,31 @@ def gather_pages(
     ids = torch.where(need, block_table.to(torch.int64), 0)  # [B, M]
     if NB == 0:  # no blocks at all (every row is empty): zeros of the row shape
         return pool.new_zeros(B, Hkv, M * bs, D)
-    # one copy: gathered head-major, [Hkv, B * M, bs, D], then a view [B, Hkv, M * bs, D]
-    pages = pool.transpose(0, 1).index_select(1, ids.reshape(-1))  # [Hkv, B * M, bs, D]
-    return pages.view(Hkv, B, M * bs, D).transpose(0, 1)  # [B, Hkv, M * bs, D] (a view)
+    # whole blocks gathered (contiguous copies of Hkv * bs * D values each: a gather along
+    # a strided dim is several times slower on the CPU), then a view [B, Hkv, M * bs, D]
+    # whose head-major layout the caller's concatenation with the prefix (or SDPA) copies
+    pages = pool.index_select(0, ids.reshape(-1)).view(B, M, Hkv, bs, D)
+    return pages.transpose(1, 2).reshape(B, Hkv, M * bs, D)  # [B, Hkv, M * bs, D]
+
+
+def trim_pages(call: AttentionCall) -> AttentionCall:
+    """A paged call on the CPU cut to the blocks its longest row needs: ``block_table``
+    [B, M] -> [B, m] (and ``key_padding_mask`` to m * block_size keys), m = cdiv(max
+    cache_seqlens, block_size). The torch backends gather (copy) every block a table
+    names and attend to all of them: an engine's table is as wide as ``max_model_len``,
+    its rows mostly much shorter. The call itself, unchanged, off the CPU (reading the
+    lengths would be a device sync) or when nothing can be cut."""
+    bt, csl = call.block_table, call.cache_seqlens
+    if bt is None or bt.device.type != "cpu" or csl is None or csl.numel() == 0:
+        return call
+    bs, M = call.k.shape[2], bt.shape[1]
+    m = max(1, -(-int(csl.max()) // bs))
+    if m >= M:
+        return call
+    kpm = call.key_padding_mask
+    return call._replace(
+        block_table=bt[:, :m], key_padding_mask=None if kpm is None else kpm[:, : m * bs]
+    )
 
 
 def pool_rows(call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:

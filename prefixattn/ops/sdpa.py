@@ -48,6 +48,7 @@ from .reference import (
     prefix_visible,
     prefix_window_visible,
     reference_prefix_attention,
+    trim_pages,
     varlen_padded,
     varlen_unpad,
     visible_mask,
@@ -206,6 +207,10 @@ def torch_backend(call: AttentionCall, prob: AttnProblem) -> torch.Tensor:
         padded, row, col = varlen_padded(call)
         out = torch_backend(padded, validate(padded, check_values=False))
         return varlen_unpad(out, row, col)
+    if call.block_table is not None:  # pages on the CPU: only the blocks the rows need
+        trimmed = trim_pages(call)
+        if trimmed is not call:
+            return torch_backend(trimmed, validate(trimmed, check_values=False))
     if call.backend == "sdpa":
         return sdpa_prefix_attention(call, prob)
     return reference_prefix_attention(call, prob)
