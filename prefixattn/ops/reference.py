@@ -72,17 +72,24 @@ def gather_pages(
     [B, Hkv, max_blocks * block_size, D], row b's key j from block ``block_table[b, j //
     block_size]``. Entries past a row's last needed block read block 0 (masked anyway by
     ``cache_seqlens``), whatever they hold."""
+    pages = gathered_blocks(pool, block_table, cache_seqlens)  # [B, M, Hkv, bs, D]
+    B, M, Hkv, bs, D = pages.shape
+    return pages.transpose(1, 2).reshape(B, Hkv, M * bs, D)  # [B, Hkv, M * bs, D]
+
+
+def gathered_blocks(
+    pool: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor
+) -> torch.Tensor:
+    """The rows' blocks, gathered whole: [B, M, Hkv, block_size, D] (contiguous copies of
+    Hkv * block_size * D values each: a gather along a strided dim is several times slower
+    on the CPU). Entries past a row's last needed block read block 0."""
     NB, Hkv, bs, D = pool.shape
     B, M = block_table.shape
+    if NB == 0:  # no blocks at all (every row is empty): zeros of the row shape
+        return pool.new_zeros(B, M, Hkv, bs, D)
     need = needed_blocks(block_table, cache_seqlens, bs)  # [B, M]
     ids = torch.where(need, block_table.to(torch.int64), 0)  # [B, M]
-    if NB == 0:  # no blocks at all (every row is empty): zeros of the row shape
-        return pool.new_zeros(B, Hkv, M * bs, D)
-    # whole blocks gathered (contiguous copies of Hkv * bs * D values each: a gather along
-    # a strided dim is several times slower on the CPU), then a view [B, Hkv, M * bs, D]
-    # whose head-major layout the caller's concatenation with the prefix (or SDPA) copies
-    pages = pool.index_select(0, ids.reshape(-1)).view(B, M, Hkv, bs, D)
-    return pages.transpose(1, 2).reshape(B, Hkv, M * bs, D)  # [B, Hkv, M * bs, D]
+    return pool.index_select(0, ids.reshape(-1)).view(B, M, Hkv, bs, D)
 
 
 def trim_pages(call: AttentionCall) -> AttentionCall:

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 from .call import N_TENSORS, AttentionCall
 from .reference import (
+    gathered_blocks,
     pool_rows,
     prefix_visible,
     prefix_window_visible,
@@ -116,6 +117,20 @@ def _row_prefix(
     return prefix  # per row: already [B, Hkv, P, D]
 
 
+def _prefix_and_pages(pre: torch.Tensor, pool: torch.Tensor, call: AttentionCall) -> torch.Tensor:
+    """A paged call's keys (or values) after the rows' prefixes, in one buffer [B, Hkv,
+    P + M * block_size, D]: the blocks gathered whole, then copied once into place (a
+    concatenation would copy the gathered keys a second time). Inference only (paged
+    calls refuse gradients), so the buffer is written in place."""
+    pages = gathered_blocks(pool, call.block_table, call.cache_seqlens)  # [B, M, Hkv, bs, D]
+    B, M, Hkv, bs, D = pages.shape
+    P = pre.shape[2]
+    out = pool.new_empty(B, Hkv, P + M * bs, D)
+    out[:, :, :P] = pre
+    out[:, :, P:].view(B, Hkv, M, bs, D).copy_(pages.transpose(1, 2))
+    return out
+
+
 def _attention_path(call: AttentionCall, prob: AttnProblem) -> Callable[..., torch.Tensor] | None:
     """The SDPA-shaped function this call runs (:func:`~.sdpa_features.feature_path`,
     logged once per path): ``F.scaled_dot_product_attention``, a sink/soft-capping path
@@ -157,15 +172,21 @@ def sdpa_prefix_attention(call: AttentionCall, prob: AttnProblem) -> torch.Tenso
     q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, _sinks = call[
         :N_TENSORS
     ]
-    k, v = pool_rows(call)  # [B, Hkv, Nk, D]
     seqlens = call.cache_seqlens
     causal, dropout_p = call.causal, float(call.dropout_p)
     B, H, Hkv, Nq, Nk, P = prob.B, prob.H, prob.Hkv, prob.Nq, prob.Nk, prob.P
-    if prob.layout != PREFIX_NONE:  # P may be 0: the empty prefix still gets (empty) grads
+    if prob.layout == PREFIX_NONE:
+        k, v = pool_rows(call)  # [B, Hkv, Nk, D]
+    else:  # P may be 0: the empty prefix still gets (empty) grads
         pk = _row_prefix(prefix_k, prefix_index, B, prob.layout)  # [B, Hkv, P, D]
         pv = _row_prefix(prefix_v, prefix_index, B, prob.layout)
-        k = torch.cat([pk, k], dim=2)  # [B, Hkv, P + Nk, D]
-        v = torch.cat([pv, v], dim=2)
+        if call.block_table is not None:  # pages: one buffer, no concatenation
+            k = _prefix_and_pages(pk, call.k, call)  # [B, Hkv, P + Nk, D]
+            v = _prefix_and_pages(pv, call.v, call)
+        else:
+            k, v = pool_rows(call)  # [B, Hkv, Nk, D]
+            k = torch.cat([pk, k], dim=2)  # [B, Hkv, P + Nk, D]
+            v = torch.cat([pv, v], dim=2)
     kw: dict = {"dropout_p": dropout_p, "scale": prob.sm_scale}
     if Hkv != H:
         kw["enable_gqa"] = True  # query head h reads kv head h // (H // Hkv)
