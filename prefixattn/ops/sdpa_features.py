@@ -90,8 +90,9 @@ def describe_paths(device_type: str) -> list[tuple[str, str]]:
 
 def note_path(path: str) -> None:
     """Log ``"sdpa path: <path>"`` at DEBUG once per distinct path (a set lookup per call);
-    a materialising path also warns once."""
-    if path in _seen:
+    a materialising path also warns once. Nothing while ``torch.compile`` traces (a
+    logging call breaks the graph): the first eager call says it."""
+    if path in _seen or torch.compiler.is_compiling():
         return
     _seen.add(path)
     logger.debug("sdpa path: %s", path)
@@ -154,7 +155,11 @@ def _key_span(mask, i0, i1, hi):
     """The keys [lo, hi') some row of block [i0, i1) sees under ``mask`` (bool
     [B|1, 1, Nq, Nk]), within [0, hi): a sliding window's block skips the keys left of
     it; ``None`` when the block sees no key at all (every row masked: the block is skipped).
-    Also whether every key of the span is visible to every row (then no fill is needed)."""
+    Also whether every key of the span is visible to every row (then no fill is needed).
+    Traced (``torch.compile``): every key [0, hi), masked (the span depends on the mask's
+    values: a graph break, or an error under ``fullgraph=True``)."""
+    if torch.compiler.is_compiling():
+        return 0, hi, False
     mb = mask[:, :, i0:i1, :hi]  # [B|1, 1, bq, hi]
     cols = mb.any(dim=2).any(dim=0).view(-1)  # [hi]
     nz = cols.nonzero()

@@ -139,8 +139,8 @@ def repack(out: torch.Tensor, dest: torch.Tensor) -> torch.Tensor:
 
 
 def log_path(S: int, L: int, total: int) -> None:
-    """Say which path a packed call took (DEBUG)."""
-    if _log.isEnabledFor(logging.DEBUG):
+    """Say which path a packed call took (DEBUG; not while torch.compile traces)."""
+    if not torch.compiler.is_compiling() and _log.isEnabledFor(logging.DEBUG):
         _log.debug(
             "prefixattn varlen-unpack path: %d packed sequences, %d tokens -> padded [%d, %d] "
             "(%.0f%% padding)", S, total, S, L, 100.0 * (1 - total / max(S * L, 1)),
