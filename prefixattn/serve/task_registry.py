@@ -187,6 +187,10 @@ class TaskRegistry:
                 return None
         path = self.path_of(name)
         with self._lock:
+            if name in self._lru and name in self.bank:  # loaded since the check above
+                self._lru.move_to_end(name)
+                self._leases[name] += 1
+                return None
             if name in self._lru and name not in self.bank:  # removed by the admin route
                 del self._lru[name]
             self._leases[name] += 1
