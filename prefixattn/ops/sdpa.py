@@ -36,6 +36,7 @@ whatever PyTorch has there. Every other rule of :func:`prefixattn.prefix_attenti
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 
@@ -230,8 +231,9 @@ def torch_backend(call: AttentionCall, prob: AttnProblem) -> torch.Tensor:
         return varlen_unpad(out, row, col)
     if call.block_table is not None:  # pages on the CPU: only the blocks the rows need
         trimmed = trim_pages(call)
-        if trimmed is not call:
-            return torch_backend(trimmed, validate(trimmed, check_values=False))
+        if trimmed is not call:  # a subset of what was validated: only Nk changes
+            nk = trimmed.block_table.shape[1] * call.k.shape[2]
+            return torch_backend(trimmed, dataclasses.replace(prob, Nk=nk))
     if call.backend == "sdpa":
         return sdpa_prefix_attention(call, prob)
     return reference_prefix_attention(call, prob)
