@@ -10,7 +10,8 @@ transformers' continuous batching)::
                                     # cache hits skip their cached blocks), the newest row
                                     # preempted when a running row finds no free block
         logits = runner(plan)       # one decode forward + one forward per prefill chunk
-        tokens = sample(logits)     # per row: greedy, or its own temperature/top-p/generator
+        tokens = sample(logits)     # batched for the step: greedy rows one argmax, sampled
+                                    # rows their own temperature/top-p/generator
         emit each token to its sink; finished rows leave before the next step
 
 The engine is token-level (see :mod:`.request`): the front end turns tokens into text
@@ -49,7 +50,7 @@ from .request import (
     TokenOut,
 )
 from .runner import ModelRunner
-from .sampling import RowSampler, choose_tokens, token_out
+from .sampling import RowSampler, choose_tokens, token_outs
 from .scheduler import Row, Scheduler, StepPlan
 
 __all__ = [
@@ -437,17 +438,24 @@ class Engine:
                 self.decode_steps += 1
             for row in rows:  # full blocks join the prefix cache
                 self.kv.cache_full_blocks(row)
-            if ready:
-                stacked = torch.stack([lg for _, lg in ready])  # [R, V]
-                tokens = choose_tokens(stacked, [r.sampler for r, _ in ready])
-                want_lp = any(r.req.params.logprobs is not None for r, _ in ready)
-                logprobs = torch.log_softmax(stacked, dim=-1) if want_lp else None  # [R, V]
+            outs = self._sample(ready)
         self.step_times.append(time.perf_counter() - t0)
         for row in scored:
             self._finish(row.req, LENGTH, None, row)
-        for i, (row, _) in enumerate(ready):
-            lp = None if logprobs is None else logprobs[i]
-            self._emit(row, tokens[i], lp)
+        for (row, _), out in zip(ready, outs):
+            self._emit(row, out)
+
+    def _sample(self, ready: list[tuple[Row, torch.Tensor]]) -> list[TokenOut]:
+        """Every ready row's token (and its logprobs when asked), in a few batched calls
+        for the step (see :mod:`.sampling`): ``ready`` holds (row, logits [V])."""
+        if not ready:
+            return []
+        stacked = torch.stack([lg for _, lg in ready])  # [R, V]
+        tokens = choose_tokens(stacked, [r.sampler for r, _ in ready])
+        ks = [r.req.params.logprobs for r, _ in ready]
+        want_lp = any(k is not None for k in ks)
+        logprobs = torch.log_softmax(stacked, dim=-1) if want_lp else None  # [R, V]
+        return token_outs(logprobs, tokens, ks)
 
     def _gather_prompt_logprobs(self, row: Row, logits: torch.Tensor, start: int) -> None:
         """Prompt logprobs of a chunk fed from ``start``: logits [n, V] predict the prompt
@@ -455,11 +463,10 @@ class Engine:
         ids, k = row.req.prompt_ids, row.req.params.prompt_logprobs
         if start == 0:
             row.prompt_outs = [None]
-        lp = torch.log_softmax(logits, dim=-1)  # [n, V]
-        for i in range(lp.shape[0]):
-            t = start + i + 1
-            if t < len(ids):
-                row.prompt_outs.append(token_out(lp[i], ids[t], k))
+        m = min(logits.shape[0], len(ids) - start - 1)  # logits that predict a prompt token
+        if m > 0:
+            lp = torch.log_softmax(logits[:m], dim=-1)  # [m, V]
+            row.prompt_outs.extend(token_outs(lp, ids[start + 1 : start + 1 + m], [k] * m))
         if row.decoding:
             row.prompt_sent = True
             self._call(row, lambda: row.req.sink.prompt_logprobs(row.prompt_outs))
@@ -476,9 +483,10 @@ class Engine:
                 )
             return True
 
-    def _emit(self, row: Row, tok: int, logprobs: torch.Tensor | None) -> None:
-        """``row`` produced ``tok``: report it, then end the row or feed it next step."""
-        req, p = row.req, row.req.params
+    def _emit(self, row: Row, out: TokenOut) -> None:
+        """``row`` produced ``out.token_id``: report it, then end the row or feed it next
+        step."""
+        req, p, tok = row.req, row.req.params, out.token_id
         if req.done:
             return
         if req.t_first_token is None:
@@ -489,7 +497,6 @@ class Engine:
             return
         req.out_ids.append(tok)
         self.tokens_generated += 1
-        out: TokenOut = token_out(logprobs, tok, p.logprobs)
         if self._call(row, lambda: req.sink.token(out)):
             self._finish(req, STOP, None, row)
         elif len(req.out_ids) >= p.max_tokens:

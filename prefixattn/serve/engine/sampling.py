@@ -1,19 +1,35 @@
-"""Per-row token choice and log-probabilities.
+"""Token choice and log-probabilities for every row of a step, batched.
 
-Every row of a step is sampled on its own terms: greedy rows take the argmax (one batched
-call), sampled rows apply their temperature and top-p and draw with their *own*
+Every row of a step is sampled on its own terms, in a few batched calls per step (not per
+row): greedy rows take the argmax (one call for the step); sampled rows are grouped by
+temperature (one softmax per distinct temperature, the divisor a Python scalar as it was
+per row, so the values are bit-identical on every device), rows with ``top_p < 1`` are
+sorted and cut in one call, and each sampled row draws with its *own*
 ``torch.Generator``, so a seeded row draws the same numbers whatever else shares the step.
+
+The draw is ``torch.multinomial(p, 1, generator=g)`` spelled out as torch computes it for
+one sample (``argmax(p / q)`` with ``q ~ Exp(1)``, one exponential per vocabulary entry
+drawn from the row's generator into its row of ``q``): the only per-row call left is that
+``exponential_`` (one generator per row), the division and the argmax are one call for
+the step, and the tokens come back in one transfer. ``tests/test_sampling.py`` checks the
+tokens against per-row ``torch.multinomial`` (so a torch that samples differently is
+caught there).
+
 Log-probabilities are the log-softmax of the raw logits (before temperature / top-p), as
-OpenAI and vLLM report them.
+OpenAI and vLLM report them: the chosen tokens' in one gather, the top ``k`` in one
+``topk`` per distinct ``k`` of the step (rows asking the same ``k`` share the call).
 """
 
 from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
 
 import torch
 
 from .request import SamplingParams, TokenOut
 
-__all__ = ["RowSampler", "choose_tokens", "token_out"]
+__all__ = ["RowSampler", "choose_tokens", "token_out", "token_outs"]
 
 
 class RowSampler:
@@ -32,35 +48,114 @@ class RowSampler:
             self.generator.manual_seed(int(seed) & 0xFFFF_FFFF_FFFF_FFFF)
 
     def sample(self, logits: torch.Tensor) -> int:
-        """Draw one token from ``logits`` [V] (float32) with temperature and top-p."""
-        p = self.params
-        probs = torch.softmax(logits / p.temperature, dim=-1)  # [V]
-        if p.top_p < 1.0:
-            sorted_p, order = torch.sort(probs, descending=True)  # [V]
-            # keep the smallest set whose mass reaches top_p (the first token always kept)
-            drop = (sorted_p.cumsum(0) - sorted_p) >= p.top_p
-            sorted_p = sorted_p.masked_fill(drop, 0.0)
-            pick = torch.multinomial(sorted_p, 1, generator=self.generator)
-            return int(order[pick])
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+        """Draw one token from ``logits`` [V] alone (the per-row form of
+        :func:`choose_tokens`, which draws the same token in a batch)."""
+        return choose_tokens(logits.unsqueeze(0), [self])[0]
 
 
-def choose_tokens(logits: torch.Tensor, samplers: list[RowSampler]) -> list[int]:
-    """The next token of each row: ``logits`` [B, V], one sampler per row."""
-    greedy = logits.argmax(dim=-1).tolist()  # [B]
-    out = []
-    for b, s in enumerate(samplers):
-        out.append(greedy[b] if s.generator is None else s.sample(logits[b].float()))
-    return out
+def _check_probs(dist: torch.Tensor) -> None:
+    """What ``torch.multinomial`` checks, for every row of ``dist`` [S, V] in one sync."""
+    ok = (dist.amax(dim=-1) < float("inf")) & (dist.amin(dim=-1) >= 0) & (dist.sum(dim=-1) > 0)
+    if not bool(ok.all()):
+        bad = int((~ok).nonzero()[0, 0])
+        raise RuntimeError(
+            f"sampled row {bad} of the step: its probabilities contain inf, nan or a value "
+            "< 0, or sum to 0 (logits not finite?)"
+        )
+
+
+def choose_tokens(logits: torch.Tensor, samplers: Sequence[RowSampler]) -> list[int]:
+    """The next token of each row: ``logits`` [B, V] (any float dtype), one sampler per row.
+
+    Greedy rows: ``argmax`` (the first maximum). Sampled rows: softmax of
+    ``logits / temperature`` in float32, cut to the smallest set of most likely tokens
+    whose mass reaches ``top_p`` (the first token always kept), one draw from the row's
+    generator. Returns B ints (one host transfer).
+    """
+    if logits.dim() != 2 or logits.shape[0] != len(samplers):
+        raise ValueError(
+            f"logits must be [B, V] with B = len(samplers) = {len(samplers)}, "
+            f"got {tuple(logits.shape)}"
+        )
+    tokens = logits.argmax(dim=-1)  # [B]
+    sampled = [b for b, s in enumerate(samplers) if s.generator is not None]
+    if not sampled:
+        return tokens.tolist()
+    dev, V = logits.device, logits.shape[1]
+    rows = torch.tensor(sampled, device=dev)  # [S]
+    x = logits.index_select(0, rows).float()  # [S, V]
+    probs = torch.empty_like(x)  # [S, V]
+    by_temp: dict[float, list[int]] = defaultdict(list)
+    for i, b in enumerate(sampled):
+        by_temp[samplers[b].params.temperature].append(i)
+    for temp, members in by_temp.items():
+        if len(members) == len(sampled):
+            probs = torch.softmax(x / temp, dim=-1)
+        else:
+            idx = torch.tensor(members, device=dev)
+            probs[idx] = torch.softmax(x.index_select(0, idx) / temp, dim=-1)
+    # top-p rows draw over their probabilities sorted (descending), cut; the others over
+    # the probabilities as they are
+    cut = [i for i, b in enumerate(sampled) if samplers[b].params.top_p < 1.0]
+    order = None
+    if cut:
+        idx = torch.tensor(cut, device=dev)
+        top_p = torch.tensor([samplers[sampled[i]].params.top_p for i in cut], device=dev)
+        sorted_p, order = torch.sort(probs.index_select(0, idx), dim=-1, descending=True)
+        drop = (sorted_p.cumsum(dim=-1) - sorted_p) >= top_p.unsqueeze(1)  # [C, V]
+        probs[idx] = sorted_p.masked_fill(drop, 0.0)
+    _check_probs(probs)
+    q = torch.empty((len(sampled), V), dtype=probs.dtype, device=dev)  # [S, V]
+    for i, b in enumerate(sampled):
+        q[i].exponential_(1, generator=samplers[b].generator)
+    pick = (probs / q).argmax(dim=-1)  # [S]
+    if cut:
+        pick[idx] = order.gather(1, pick[idx].unsqueeze(1)).squeeze(1)
+    tokens[rows] = pick
+    return tokens.tolist()
+
+
+def token_outs(
+    logprobs: torch.Tensor | None, tokens: Sequence[int], ks: Sequence[int | None]
+) -> list[TokenOut]:
+    """``TokenOut`` of each row: its token, the token's log-probability and its top
+    ``k`` alternatives (descending) from the rows' log-softmax ``logprobs`` [R, V].
+
+    ``ks[r]`` None: row r asked no log-probabilities (its ``TokenOut`` has the token
+    only; ``logprobs`` may be None when no row asks). One gather for the chosen tokens
+    and one ``topk`` per distinct ``k`` (rows with the same ``k`` together).
+    """
+    if len(tokens) != len(ks):
+        raise ValueError(f"tokens and ks differ in length: {len(tokens)} != {len(ks)}")
+    outs = [TokenOut(int(t)) for t in tokens]
+    want = [r for r, k in enumerate(ks) if k is not None]
+    if not want:
+        return outs
+    if logprobs is None or logprobs.dim() != 2 or logprobs.shape[0] != len(tokens):
+        shape = None if logprobs is None else tuple(logprobs.shape)
+        raise ValueError(f"logprobs must be [R={len(tokens)}, V] when a row asks, got {shape}")
+    dev, V = logprobs.device, logprobs.shape[1]
+    idx = torch.tensor(want, device=dev)
+    chosen = torch.tensor([tokens[r] for r in want], device=dev)
+    lp = logprobs.index_select(0, idx).gather(1, chosen.unsqueeze(1)).squeeze(1).tolist()
+    by_k: dict[int, list[int]] = defaultdict(list)
+    for j, r in enumerate(want):
+        outs[r].logprob = lp[j]
+        if ks[r] > 0:  # type: ignore[operator]
+            by_k[min(int(ks[r]), V)].append(r)  # type: ignore[arg-type]
+    for k, members in by_k.items():
+        sub = logprobs if len(members) == logprobs.shape[0] else (
+            logprobs.index_select(0, torch.tensor(members, device=dev))
+        )  # fmt: skip
+        vals, ids = sub.topk(k, dim=-1)  # [M, k]
+        for r, i_row, v_row in zip(members, ids.tolist(), vals.tolist()):
+            outs[r].top = list(zip(i_row, v_row))
+    return outs
 
 
 def token_out(logprobs: torch.Tensor | None, token: int, k: int | None) -> TokenOut:
-    """``TokenOut`` for ``token`` given the row's log-softmax ``logprobs`` [V] (None: no
-    log-probabilities asked)."""
+    """``TokenOut`` for ``token`` given one row's log-softmax ``logprobs`` [V] (None: no
+    log-probabilities asked); the one-row form of :func:`token_outs`."""
     if logprobs is None or k is None:
         return TokenOut(token)
-    top = None
-    if k > 0:
-        vals, ids = logprobs.topk(min(k, logprobs.shape[0]))
-        top = list(zip(ids.tolist(), vals.tolist()))
-    return TokenOut(token, float(logprobs[token]), top)
+    return token_outs(logprobs.unsqueeze(0), [token], [k])[0]

@@ -11,10 +11,11 @@ engine's tokens (the engine's thread and the event loop never call the tokenizer
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import itertools
 import json
+import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -44,6 +45,7 @@ GREEDY_BELOW = 1e-5  # temperatures below this are greedy (as vLLM: no inf/nan s
 RETRY_AFTER_S = 1  # what a 429 tells the client to wait
 
 _ids = itertools.count()
+logger = logging.getLogger(__name__)
 
 
 def new_id(prefix: str = "cmpl") -> str:
@@ -77,6 +79,103 @@ class RequestLimits:
     max_stop_token_ids: int = 64
 
 
+class SerialJobs:
+    """Jobs for a one-worker pool, handed over a batch at a time.
+
+    :meth:`submit` appends to a list and hands the pool one drain job only when none is
+    queued or running: the engine's thread pays a list append per token (not a
+    ``Future``, a lock and a queue put per token), and the worker runs the jobs queued
+    so far (typically a whole step's tokens) in order, one after another; jobs queued
+    while a batch runs form the next batch, queued behind the pool's other work.
+    """
+
+    def __init__(self, pool: ThreadPoolExecutor) -> None:
+        self.pool = pool
+        self._lock = threading.Lock()
+        self._jobs: list[Callable[[], None]] = []
+        self._scheduled = False
+        self.batches = 0  # drain batches run (a batch: the jobs queued since the last)
+        self.jobs_run = 0
+
+    def submit(self, job: Callable[[], None]) -> None:
+        """Queue ``job`` (thread-safe).
+
+        Raises:
+            RuntimeError: the pool is shut down.
+        """
+        with self._lock:
+            self._jobs.append(job)
+            if self._scheduled:
+                return
+            self._scheduled = True
+        try:
+            self.pool.submit(self._drain)
+        except RuntimeError:
+            with self._lock:
+                self._scheduled = False
+                self._jobs.clear()
+            raise
+
+    def _drain(self) -> None:
+        with self._lock:
+            batch, self._jobs = self._jobs, []
+        self.batches += 1
+        self.jobs_run += len(batch)
+        for job in batch:
+            try:
+                job()
+            except Exception:  # a job's failure must not drop the jobs after it
+                logger.exception("a job on the tokenizer's thread failed")
+        with self._lock:
+            if not self._jobs:
+                self._scheduled = False
+                return
+        # more came meanwhile: their batch queues behind the pool's other jobs (a prompt
+        # to tokenize waits for one batch at most, never for the whole stream)
+        try:
+            self.pool.submit(self._drain)
+        except RuntimeError:  # shut down (the server stopped)
+            with self._lock:
+                self._scheduled = False
+                self._jobs.clear()
+
+
+class LoopPoster:
+    """Hands items to ``asyncio.Queue`` s of one event loop from other threads, a batch per
+    wake-up: :meth:`post` appends (queue, item) and calls ``call_soon_threadsafe`` only
+    when no hand-over is pending, so a step's events cost the loop one wake-up, not one
+    per token. Items reach each queue in the order they were posted."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._items: list[tuple[asyncio.Queue, Any]] = []
+        self._scheduled = False
+        self.wakeups = 0
+
+    def post(self, q: asyncio.Queue, item: Any) -> None:
+        """Queue ``item`` for ``q`` (thread-safe; dropped if the loop is closed)."""
+        with self._lock:
+            self._items.append((q, item))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        try:
+            self.loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:  # a closed loop (the server stopped): nobody is listening
+            with self._lock:
+                self._scheduled = False
+                self._items.clear()
+
+    def _deliver(self) -> None:
+        with self._lock:
+            items, self._items = self._items, []
+            self._scheduled = False
+        self.wakeups += 1
+        for q, item in items:
+            q.put_nowait(item)
+
+
 @dataclass
 class ServeContext:
     """The pieces every endpoint uses (built once by :func:`~prefixattn.serve.create_app`)."""
@@ -99,14 +198,24 @@ class ServeContext:
 
     def __post_init__(self) -> None:
         self.token_strings = TokenStrings(self.tokenizer)
+        self.jobs = SerialJobs(self.pool)
+        self._poster: LoopPoster | None = None
 
     def on_tokenizer_thread(self, job: Callable[[], None]) -> None:
-        """Queue ``job`` on the tokenizer's thread (jobs run one at a time, in order).
+        """Queue ``job`` on the tokenizer's thread (jobs run one at a time, in order; the
+        jobs queued while one batch runs go over as the next batch, see :class:`SerialJobs`).
 
         Raises:
             RuntimeError: the pool is shut down (the server stopped).
         """
-        self.pool.submit(job)
+        self.jobs.submit(job)
+
+    def poster(self, loop: asyncio.AbstractEventLoop) -> LoopPoster:
+        """The :class:`LoopPoster` of ``loop`` (made on first use; a server has one loop,
+        rows made on an earlier loop keep the poster they were given)."""
+        if self._poster is None or self._poster.loop is not loop:
+            self._poster = LoopPoster(loop)
+        return self._poster
 
     def max_len(self, task: str) -> int | None:
         """Prompt + generated tokens a row of ``task`` may hold: the model's context less
@@ -307,7 +416,8 @@ class OpenAIServing:
     ) -> tuple[list[Choice], asyncio.Queue]:  # fmt: skip
         """``body.n`` rows per prompt, their sinks feeding one queue of (row, Event). The
         stop strings and ids are shared by the rows (one copy per request)."""
-        loop, q = asyncio.get_running_loop(), asyncio.Queue()
+        q: asyncio.Queue = asyncio.Queue()
+        post = self.ctx.poster(asyncio.get_running_loop()).post
         rows: list[Choice] = []
         stops, stop_ids = tuple(body.stop_list()), tuple(body.stop_token_ids or ())
         for p, ids in enumerate(prompts):
@@ -315,9 +425,7 @@ class OpenAIServing:
                 index = len(rows)
 
                 def emit(ev: Event, index: int = index) -> None:
-                    # a closed loop (the server stopped): nobody is listening
-                    with contextlib.suppress(RuntimeError):
-                        loop.call_soon_threadsafe(q.put_nowait, (index, ev))
+                    post(q, (index, ev))
 
                 # with logprobs the sink ends the row on EOS, so that EOS is reported
                 eos = self.ctx.eos_ids if logprobs is not None and not body.ignore_eos else None
