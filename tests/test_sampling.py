@@ -16,7 +16,14 @@ import pytest
 import torch
 
 from prefixattn.serve.engine.request import SamplingParams
-from prefixattn.serve.engine.sampling import RowSampler, choose_tokens, token_out, token_outs
+from prefixattn.serve.engine.sampling import (
+    TOP_P_CANDIDATES,
+    RowSampler,
+    _top_p_sorted,
+    choose_tokens,
+    token_out,
+    token_outs,
+)
 
 
 def _reference_sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator) -> int:
@@ -33,7 +40,7 @@ def _reference_sample(logits: torch.Tensor, params: SamplingParams, gen: torch.G
 def _logits(B: int, V: int, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(B, V, generator=g) * 4
-    x[:, : V // 3] = x[:, :1]  # ties: a third of each row equal to its first logit
+    x[:6, : V // 3] = x[:6, :1]  # ties: a third of rows 0-5 equal to their first logit
     if B > 1:
         x[1] = x[0]  # two identical rows
     return x.to(dtype)
@@ -47,6 +54,8 @@ PARAMS = [
     SamplingParams(8, temperature=1.0, seed=2**40 + 5),
     SamplingParams(8),  # greedy
     SamplingParams(8, temperature=0.05, top_p=0.999, seed=7),
+    SamplingParams(8, temperature=0.6, top_p=0.95, seed=8),  # no ties (row 7): topk cut
+    SamplingParams(8, temperature=9.0, top_p=0.97, seed=9),  # a long tail: the full sort
 ]
 
 
@@ -150,3 +159,37 @@ def test_token_outs_errors() -> None:
     with pytest.raises(ValueError, match="logprobs must be"):
         token_outs(None, [1], [2])
     assert [o.token_id for o in token_outs(None, [4, 5], [None, None])] == [4, 5]
+
+
+def test_top_p_candidates_cut_equals_full_sort(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The top-p cut from ``topk`` candidates equals the full sort's wherever it is taken
+    (a peaked row), and a flat row or a tie inside the kept set takes the full sort."""
+    V = 5000
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(4, V, generator=g, dtype=torch.float64).float()
+    logits[0] *= 8  # peaked, distinct: candidates suffice
+    logits[1] *= 0.01  # flat: the kept set is far beyond the candidates
+    logits[2] *= 8
+    top = int(logits[2].argmax())
+    second = int(logits[2].topk(2).indices[1])
+    logits[2, second] = logits[2, top]  # a tie at the top: the full sort decides its order
+    logits[3] *= 8
+    probs = torch.softmax(logits, dim=-1)
+    top_p = torch.tensor([0.9, 0.9, 0.999, 0.5])
+    sorts: list[int] = []
+    real_sort = torch.sort
+
+    def counting_sort(x: torch.Tensor, *a: object, **k: object) -> object:
+        sorts.append(x.shape[0])
+        return real_sort(x, *a, **k)
+
+    monkeypatch.setattr(torch, "sort", counting_sort)
+    dist, order = _top_p_sorted(probs, top_p)
+    monkeypatch.undo()
+    assert sorts == [2]  # rows 1 and 2 only
+    ref_p, ref_ids = torch.sort(probs, dim=-1, descending=True)
+    ref = ref_p.masked_fill((ref_p.cumsum(-1) - ref_p) >= top_p.unsqueeze(1), 0.0)
+    assert torch.equal(dist, ref)
+    kept = ref > 0
+    assert torch.equal(order[kept], ref_ids[kept])
+    assert 1 < int(kept[0].sum()) < TOP_P_CANDIDATES  # the fast row did cut a tail

@@ -4,7 +4,8 @@ Every row of a step is sampled on its own terms, in a few batched calls per step
 row): greedy rows take the argmax (one call for the step); sampled rows are grouped by
 temperature (one softmax per distinct temperature, the divisor a Python scalar as it was
 per row, so the values are bit-identical on every device), rows with ``top_p < 1`` are
-sorted and cut in one call, and each sampled row draws with its *own*
+cut in one call (a ``topk`` of candidates on the CPU where that decides the cut, else a
+full sort: see :func:`_top_p_sorted`), and each sampled row draws with its *own*
 ``torch.Generator``, so a seeded row draws the same numbers whatever else shares the step.
 
 The draw is ``torch.multinomial(p, 1, generator=g)`` spelled out as torch computes it for
@@ -64,6 +65,42 @@ def _check_probs(dist: torch.Tensor) -> None:
         )
 
 
+#: candidates of the top-p cut taken by ``topk`` before a full sort is needed (CPU)
+TOP_P_CANDIDATES = 256
+
+
+def _top_p_sorted(probs: torch.Tensor, top_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row of ``probs`` [C, V] sorted descending with the tail beyond ``top_p`` [C]
+    zeroed, and the sorted positions' token ids [C, V].
+
+    On the CPU the sort is skipped where it cannot matter: the top
+    ``TOP_P_CANDIDATES`` by ``topk`` suffice for a row whose kept tokens all lie among
+    them (the last candidate is cut) and are strictly decreasing down to the first cut
+    one (no tie whose order ``sort`` might break otherwise); the cut entries are zero and
+    are never drawn, so the draw is the full sort's. Other rows (and every row on other
+    devices, whose scans differ with the row length) take the full sort.
+    """
+    C, V = probs.shape
+    k0 = min(TOP_P_CANDIDATES, V)
+    fast = torch.zeros(C, dtype=torch.bool, device=probs.device)
+    dist = torch.zeros_like(probs)
+    order = torch.zeros((C, V), dtype=torch.int64, device=probs.device)
+    if probs.device.type == "cpu" and k0 < V:
+        vals, ids = probs.topk(k0, dim=-1)  # [C, k0], descending
+        drop = (vals.cumsum(dim=-1) - vals) >= top_p.unsqueeze(1)  # [C, k0]
+        strict = (vals[:, :-1] > vals[:, 1:]) | drop[:, :-1]  # kept j: p_j > p_(j+1)
+        fast = drop[:, -1] & strict.all(dim=-1)
+        dist[:, :k0] = vals.masked_fill(drop, 0.0)
+        order[:, :k0] = ids
+    slow = (~fast).nonzero().flatten()
+    if len(slow):
+        sorted_p, sorted_ids = torch.sort(probs.index_select(0, slow), dim=-1, descending=True)
+        drop = (sorted_p.cumsum(dim=-1) - sorted_p) >= top_p.index_select(0, slow).unsqueeze(1)
+        dist[slow] = sorted_p.masked_fill(drop, 0.0)
+        order[slow] = sorted_ids
+    return dist, order
+
+
 def choose_tokens(logits: torch.Tensor, samplers: Sequence[RowSampler]) -> list[int]:
     """The next token of each row: ``logits`` [B, V] (any float dtype), one sampler per row.
 
@@ -101,9 +138,7 @@ def choose_tokens(logits: torch.Tensor, samplers: Sequence[RowSampler]) -> list[
     if cut:
         idx = torch.tensor(cut, device=dev)
         top_p = torch.tensor([samplers[sampled[i]].params.top_p for i in cut], device=dev)
-        sorted_p, order = torch.sort(probs.index_select(0, idx), dim=-1, descending=True)
-        drop = (sorted_p.cumsum(dim=-1) - sorted_p) >= top_p.unsqueeze(1)  # [C, V]
-        probs[idx] = sorted_p.masked_fill(drop, 0.0)
+        probs[idx], order = _top_p_sorted(probs.index_select(0, idx), top_p)
     _check_probs(probs)
     q = torch.empty((len(sampled), V), dtype=probs.dtype, device=dev)  # [S, V]
     for i, b in enumerate(sampled):
