@@ -50,6 +50,28 @@ def test_buckets_start_at_two_and_cover_the_table() -> None:
         Engine(bank, tok, compile=True, compile_budget_s=0)
 
 
+def test_a_path_noted_eagerly_after_compiling_needs_no_recompile() -> None:
+    """The sdpa path log's set of seen paths is not read while tracing (no guard on it)."""
+    from prefixattn.ops import sdpa_features
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        sdpa_features.note_path("test-path")
+        return x + 1
+
+    saved = set(sdpa_features._seen)
+    sdpa_features._seen.discard("test-path")
+    try:
+        torch._dynamo.reset()
+        fn = torch.compile(f, backend="eager", fullgraph=True)
+        fn(torch.zeros(2))
+        sdpa_features.note_path("test-path")  # an eager call notes it
+        with torch.compiler.set_stance("fail_on_recompile"):
+            assert fn(torch.zeros(2)).tolist() == [1.0, 1.0]
+    finally:
+        sdpa_features._seen.clear()
+        sdpa_features._seen.update(saved)
+
+
 @pytest.mark.slow
 def test_compiled_engine_greedy_tokens_equal_the_eager_engine() -> None:
     with single_thread():
