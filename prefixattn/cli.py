@@ -715,6 +715,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         api_key=api_key, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_queue=args.max_queue,
         kv_slots=args.kv_slots, max_model_len=args.max_model_len, cuda_graphs=args.cuda_graphs,
+        compile=args.compile, compile_budget_s=args.compile_budget,
         max_body_bytes=args.max_body_bytes, backend=args.backend, task_dir=args.task_dir,
         max_loaded_tasks=args.max_loaded_tasks, limits=_request_limits(args),
         block_size=args.block_size, num_blocks=args.num_blocks,
@@ -826,6 +827,23 @@ def _add_serve(sub: Any) -> None:
         action="store_true",
         help="capture the decode step in CUDA graphs for batch sizes 1, 2, 4, ... "
         "--max-num-seqs (CUDA only; elsewhere the same static-shape step runs eagerly)",
+    )
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="compile the decode step with torch.compile (Inductor) for shape buckets up to "
+        "--max-num-seqs rows at start-up (CPU; CUDA graphs on a CUDA device); the compile "
+        "time is logged and in /metrics.json (cuda_graphs.compile_s); a step without a "
+        "compiled bucket runs eagerly, counted. Off by default (start-up time, see "
+        "docs/serving-engine.md)",
+    )
+    p.add_argument(
+        "--compile-budget",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="with --compile: stop compiling further buckets after this many seconds",
     )
     p.add_argument("--max-queue", type=_positive_int, default=256, help="then 429")
     # what one request may ask for (over a limit: 400 naming the field and the limit)

@@ -81,6 +81,7 @@ LAYERS: list[list[str]] = [
     ["prefixattn.serve.engine.scheduler"],
     ["prefixattn.serve.engine.runner"],
     ["prefixattn.serve.engine.cuda_graphs"],
+    ["prefixattn.serve.engine.compiled"],
     ["prefixattn.serve.engine.core"],
     ["prefixattn.serve.engine"],
     # tasks loaded on demand from a folder (over the bank and the engine)

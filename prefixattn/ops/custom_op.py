@@ -318,11 +318,11 @@ def traced_prefix_attention(call: AttentionCall) -> Tensor:
     custom ops above, the reference path as plain tensor ops (Inductor fuses it), the
     sdpa path as SDPA.
     """
-    if call.has_cache:
+    if call.has_cache and call.backend == "triton":
         raise ValueError(
             "cache_seqlens / cache_batch_idx / block_table / cu_seqlens_q (a KV-cache pool) "
-            "are not supported under "
-            "torch.compile; call prefix_attention eagerly"
+            "are not supported under torch.compile on backend='triton' (CUDA graphs capture "
+            "it eagerly); backend='sdpa' / 'reference' trace it"
         )
     prob = validate(call, check_values=False)
     q, prefix_index, prefix_lengths = call.q, call.prefix_index, call.prefix_lengths

@@ -98,9 +98,13 @@ def trim_pages(call: AttentionCall) -> AttentionCall:
     cache_seqlens, block_size). The torch backends gather (copy) every block a table
     names and attend to all of them: an engine's table is as wide as ``max_model_len``,
     its rows mostly much shorter. The call itself, unchanged, off the CPU (reading the
-    lengths would be a device sync) or when nothing can be cut."""
+    lengths would be a device sync), under ``torch.compile`` (reading them would break the
+    graph: the compiled engine step buckets the table's width instead) or when nothing can
+    be cut."""
     bt, csl = call.block_table, call.cache_seqlens
     if bt is None or bt.device.type != "cpu" or csl is None or csl.numel() == 0:
+        return call
+    if torch.compiler.is_compiling():  # a traced step: its table width is its shape bucket
         return call
     bs, M = call.k.shape[2], bt.shape[1]
     m = max(1, -(-int(csl.max()) // bs))

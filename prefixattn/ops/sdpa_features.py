@@ -91,8 +91,10 @@ def describe_paths(device_type: str) -> list[tuple[str, str]]:
 def note_path(path: str) -> None:
     """Log ``"sdpa path: <path>"`` at DEBUG once per distinct path (a set lookup per call);
     a materialising path also warns once. Nothing while ``torch.compile`` traces (a
-    logging call breaks the graph): the first eager call says it."""
-    if path in _seen or torch.compiler.is_compiling():
+    logging call breaks the graph): the first eager call says it. ``is_compiling`` is
+    asked first: reading ``_seen`` while tracing would guard the graph on its contents
+    (an eager call noting a path later would then ask for a recompile)."""
+    if torch.compiler.is_compiling() or path in _seen:
         return
     _seen.add(path)
     logger.debug("sdpa path: %s", path)

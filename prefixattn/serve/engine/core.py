@@ -36,7 +36,8 @@ from typing import Any
 import torch
 
 from ...hf.bank import TaskBank
-from .cuda_graphs import DecodeGraphs
+from .compiled import CompiledDecode
+from .cuda_graphs import DecodeGraphs, buckets_up_to
 from .kv_cache import PagedKVPool
 from .kv_cache_manager import KVCacheManager, TaskKeys, cdiv
 from .request import (
@@ -105,6 +106,13 @@ class Engine:
         decode_buckets: run decode steps padded to these batch sizes over static buffers,
             captured as CUDA graphs at :meth:`start` on a CUDA model (eager elsewhere);
             None: dynamic shapes (see :mod:`.cuda_graphs`).
+        compile: decode steps padded to shape buckets (``decode_buckets``, default powers
+            of two up to ``max_num_seqs``) run through ``torch.compile`` (Inductor), compiled
+            at :meth:`start` (the time logged and in :meth:`metrics` ``cuda_graphs``
+            ``compile_s``); on a CUDA model, CUDA graphs (:mod:`.cuda_graphs`). See
+            :mod:`.compiled`.
+        compile_budget_s: stop compiling further buckets after this many seconds (their
+            steps run eagerly, counted); None: no bound.
 
     Every attention call reads the paged pool through ``cache_seqlens`` + ``block_table``
     (the Triton kernel in place; the torch backends gather the pages) and the rows' task
@@ -128,8 +136,12 @@ class Engine:
         num_blocks: int | None = None,
         kv_cache_memory: int | None = None,
         enable_prefix_caching: bool = True,
+        compile: bool = False,
+        compile_budget_s: float | None = None,
     ) -> None:
         max_num_seqs = max_batch_size if max_num_seqs is None else max_num_seqs
+        if compile and decode_buckets is None:
+            decode_buckets = buckets_up_to(max_num_seqs)
         for name, value in (
             ("max_num_seqs", max_num_seqs),
             ("max_num_batched_tokens", max_num_batched_tokens),
@@ -182,8 +194,12 @@ class Engine:
             self.kv, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens
         )
         self.runner = ModelRunner(model, self.pool)
-        self.graphs = None
-        if decode_buckets is not None:
+        self.graphs: DecodeGraphs | None = None
+        if compile and param.device.type != "cuda":
+            self.graphs = CompiledDecode(
+                self.runner, decode_buckets, self.max_blocks_per_row, compile_budget_s
+            )
+        elif decode_buckets is not None:
             self.graphs = DecodeGraphs(self.runner, decode_buckets, self.max_blocks_per_row)
         self._task_keys = TaskKeys()
         self._rng = random.Random(seed)
@@ -236,13 +252,14 @@ class Engine:
             self._thread.start()
 
     def _maybe_capture(self) -> None:
-        """(Re)capture the decode graphs for the bank as it is (CUDA only)."""
+        """(Re)capture the decode graphs (CUDA) or compile the decode step (torch.compile)
+        for the bank as it is."""
         if self.graphs is None:
             return
         with self.model_lock:  # start() and the worker may both ask: one captures
             snap = self.bank.snapshot()
             if self.graphs.stale(snap):
-                self.graphs.capture(snap)  # CUDA graphs per bucket (a no-op off CUDA)
+                self.graphs.capture(snap)  # CUDA graphs / compiled buckets (else a no-op)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the worker after the step in flight; requests not finished by then finish

@@ -18,6 +18,7 @@ Every forward hands the attention two things through the HF glue:
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -46,6 +47,8 @@ class ModelRunner:
         # transformers >= 5.24 names the cache argument ``cache`` (``past_key_values`` before)
         params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        # the tensors forward() made for the step in flight (cache_seqlens, prefix_index)
+        self._step_tensors: tuple[torch.Tensor, ...] = ()
 
     def provider(self, snapshot: Any, rows: list[Row]) -> PrefixProvider | None:
         """The bank provider of ``rows`` in ``snapshot`` (every row's task is in it: the
@@ -63,26 +66,47 @@ class ModelRunner:
         layout: StepLayout,
         provider: PrefixProvider | None,
         logits_to_keep: int,
+        call: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """One forward: ``ids``/``positions`` int64 [B, N]; returns float32 logits [B, K, V].
-        No host value is read (a CUDA graph may capture it)."""
+        No host value is read (a CUDA graph may capture it). ``call``: what runs the model
+        once the step is set up (default :meth:`model_call`; a compiled step passes its
+        compiled call, see :mod:`.compiled`)."""
         self.cache.set_step(layout)
         set_prefix(self.model, provider)
-        set_kv_pool(self.model, (layout.cache_seqlens, None), block_table=layout.block_table)
+        seqlens = layout.cache_seqlens  # [B]
+        set_kv_pool(self.model, (seqlens, None), block_table=layout.block_table)
+        index = getattr(provider, "prefix_index", None)
+        self._step_tensors = (seqlens,) if index is None else (seqlens, index)
         try:
-            out = self.model(
-                input_ids=ids,
-                position_ids=positions,
-                attention_mask=None,
-                use_cache=True,
-                logits_to_keep=logits_to_keep,
-                **{self._cache_kw: self.cache},
-            )
+            logits = (call or self.model_call)(ids, positions, logits_to_keep)
         finally:
             set_kv_pool(self.model, None)
             set_prefix(self.model, None)
             self.cache.clear_step()
-        return out.logits.float()
+            self._step_tensors = ()
+        return logits.float()
+
+    def model_call(
+        self, ids: torch.Tensor, positions: torch.Tensor, logits_to_keep: int
+    ) -> torch.Tensor:
+        """The model on the step :meth:`forward` set up: logits [B, K, V] (what a compiled
+        step compiles)."""
+        out = self.model(
+            input_ids=ids,
+            position_ids=positions,
+            attention_mask=None,
+            use_cache=True,
+            logits_to_keep=logits_to_keep,
+            **{self._cache_kw: self.cache},
+        )
+        return out.logits
+
+    def step_tensors(self) -> tuple[torch.Tensor, ...]:
+        """The [B] tensors :meth:`forward` made for the step in flight (``cache_seqlens``,
+        and the provider's ``prefix_index`` when it has one): a compiled call marks their
+        batch dimension dynamic."""
+        return self._step_tensors
 
     def block_table(self, rows: list[Row]) -> torch.Tensor:
         """int32 [B, M] of the rows' blocks (M the longest table; the rest never read)."""

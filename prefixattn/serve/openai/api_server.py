@@ -62,6 +62,8 @@ def create_app(
     kv_slots: int | None = None,
     max_model_len: int | None = None,
     cuda_graphs: bool = False,
+    compile: bool = False,
+    compile_budget_s: float | None = None,
     max_body_bytes: int = MAX_BODY_BYTES,
     backend: str = "auto",
     task_dir: str | os.PathLike | None = None,
@@ -86,6 +88,9 @@ def create_app(
             :class:`~prefixattn.serve.Engine`.
         cuda_graphs: decode steps padded to buckets up to ``max_num_seqs`` and replayed
             as CUDA graphs (on a CUDA model; see :mod:`prefixattn.serve.engine.cuda_graphs`).
+        compile, compile_budget_s: decode steps compiled by ``torch.compile`` per shape
+            bucket at start-up (CPU; CUDA graphs on a CUDA model), see
+            :mod:`prefixattn.serve.engine.compiled`.
         max_body_bytes: larger request bodies get 413.
         backend: kernel backend of the bank.
         task_dir: a folder of tasks (one sub-directory each, any saved-tuner format): a
@@ -119,7 +124,8 @@ def create_app(
         kv_slots=kv_slots, max_model_len=max_model_len,
         decode_buckets=buckets_up_to(max_num_seqs) if cuda_graphs else None,
         block_size=block_size, num_blocks=num_blocks, kv_cache_memory=kv_cache_memory,
-        enable_prefix_caching=enable_prefix_caching,
+        enable_prefix_caching=enable_prefix_caching, compile=compile,
+        compile_budget_s=compile_budget_s,
     )  # fmt: skip
     registry = None
     if task_dir is not None:
