@@ -326,6 +326,9 @@ class ChunkedAttention(torch.autograd.Function):
         dq = torch.zeros(B, Hkv, G, Nq, D, dtype=pl.cdt, device=q.device)
         dk = torch.zeros(B, Hkv, Nk, D, dtype=pl.cdt, device=q.device)
         dv = torch.zeros(B, Hkv, Nk, Dv, dtype=pl.cdt, device=q.device)
+        BH = B * Hkv
+        kf3, vf3 = kf.reshape(BH, Nk, D), vf.reshape(BH, Nk, Dv)
+        dk3, dv3 = dk.view(BH, Nk, D), dv.view(BH, Nk, Dv)
         n = pl.sbuf.numel()
         pbuf = torch.empty(n, dtype=pl.cdt, device=q.device)
         dpbuf = torch.empty(n, dtype=pl.cdt, device=q.device)
@@ -343,17 +346,19 @@ class ChunkedAttention(torch.autograd.Function):
             p = p.exp2_()
             if not full:
                 _mask_block(p, mask, is_causal, i0, i1, lo, hi, Nq, Nk, 0.0)
-            p2 = p.view(B, Hkv, G * bq, w)  # the probabilities [B, Hkv, G*bq, w]
-            dob = do[:, :, :, i0:i1].reshape(B, Hkv, G * bq, Dv)
-            dv[:, :, lo:hi] += torch.matmul(p2.transpose(-1, -2), dob)
-            dp = dpbuf[: x.numel()].view(B, Hkv, G * bq, w)
-            torch.matmul(dob, vf[:, :, lo:hi].transpose(-1, -2), out=dp)
+            # [B * Hkv, ...] 3-D views: dk, dv accumulate in place (baddbmm_), no
+            # [hi - lo, D] temporary a block
+            p3 = p.view(BH, G * bq, w)  # the probabilities
+            dob = do[:, :, :, i0:i1].reshape(BH, G * bq, Dv)
+            dv3[:, lo:hi].baddbmm_(p3.transpose(-1, -2), dob)
+            dp = dpbuf[: x.numel()].view(BH, G * bq, w)
+            torch.bmm(dob, vf3[:, lo:hi].transpose(-1, -2), out=dp)
             dp5 = dp.view(B, Hkv, G, bq, w)
             ds = dp5.sub_(delta[:, :, :, i0:i1, None]).mul_(p)  # dL / d logit
             if softcap:
                 ds.mul_(x5)
-            dq[:, :, :, i0:i1] = torch.matmul(dp, kf[:, :, lo:hi]).view(B, Hkv, G, bq, D)
-            dk[:, :, lo:hi] += torch.matmul(dp.transpose(-1, -2), qs)
+            dq[:, :, :, i0:i1] = torch.bmm(dp, kf3[:, lo:hi]).view(B, Hkv, G, bq, D)
+            dk3[:, lo:hi].baddbmm_(dp.transpose(-1, -2), qs.view(BH, G * bq, D))
         dsink = None
         if sinks is not None and ctx.needs_input_grad[3]:
             t = sinks.to(pl.cdt).reshape(1, Hkv, G, 1)
