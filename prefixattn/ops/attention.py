@@ -190,67 +190,73 @@ def prefix_attention(
             prefix_window=prefix_window,
         )  # fmt: skip  # [S, H, L, D]
         return repack(out, dest)  # [1, H, total, D]
-    # SDPA's autocast policy: cast, then run with autocast off (one C check when off)
+    # SDPA's autocast policy: cast, then run with autocast off (one C check when off). The
+    # call below is built once, from the cast tensors, so every input reaches it either way
     cast_to = autocast_dtype(q) if any_autocast() else None
     if cast_to is not None:
         dev = q.device.type
         q, k, v, prefix_k, prefix_v = (
             autocast_cast(t, dev, cast_to) for t in (q, k, v, prefix_k, prefix_v)
         )
-        with autocast_off(dev):
-            return prefix_attention(
-                q, k, v, prefix_k, prefix_v, prefix_index=prefix_index,
-                key_padding_mask=key_padding_mask, causal=causal, sm_scale=sm_scale,
-                dropout_p=dropout_p, backend=backend, prefix_lengths=prefix_lengths,
-                window=window, softcap=softcap, sinks=sinks, prefix_window=prefix_window,
-                cache_seqlens=cache_seqlens, cache_batch_idx=cache_batch_idx,
-                block_table=block_table, cu_seqlens_q=cu_seqlens_q,
-            )  # fmt: skip
+    # "auto" is resolved here, on the (cast) q: the kernel's dtypes decide
+    resolved = backend if backend != "auto" else resolve_backend(backend, q)
     if _is_compiling():
         # imported here: registering the ops imports parts of torch._inductor (~1 s), a
         # cost only compiling callers should pay. The call by keyword: Dynamo traces the
         # NamedTuple's own constructor.
         from .custom_op import traced_prefix_attention
 
-        return traced_prefix_attention(AttentionCall(
+        traced = AttentionCall(
             q=q, k=k, v=v, prefix_k=prefix_k, prefix_v=prefix_v, prefix_index=prefix_index,
             prefix_lengths=prefix_lengths, key_padding_mask=key_padding_mask, sinks=sinks,
             causal=causal, sm_scale=sm_scale, dropout_p=dropout_p, window=window,
-            softcap=softcap, prefix_window=prefix_window,
-            backend=resolve_backend(backend, q), settings=ACTIVE.settings,
-            cache_seqlens=cache_seqlens, cache_batch_idx=cache_batch_idx,
-            block_table=block_table, cu_seqlens_q=cu_seqlens_q,
-        ))  # fmt: skip
-    # the call, once: every layer below takes it (call.py); "auto" is resolved here
+            softcap=softcap, prefix_window=prefix_window, backend=resolved,
+            settings=ACTIVE.settings, cache_seqlens=cache_seqlens,
+            cache_batch_idx=cache_batch_idx, block_table=block_table, cu_seqlens_q=cu_seqlens_q,
+        )  # fmt: skip
+        if cast_to is None:
+            return traced_prefix_attention(traced)
+        with autocast_off(q.device.type):  # Dynamo traces a with-statement only
+            return traced_prefix_attention(traced)
+    # the call, once: every layer below takes it (call.py)
     call = new_call(
         AttentionCall,
         (q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, sinks,
-         causal, sm_scale, dropout_p, window, softcap, prefix_window,
-         backend if backend != "auto" else resolve_backend(backend, q), ACTIVE.settings,
+         causal, sm_scale, dropout_p, window, softcap, prefix_window, resolved, ACTIVE.settings,
          cache_seqlens, cache_batch_idx, block_table, cu_seqlens_q),
     )  # fmt: skip
-    if (
-        cache_seqlens is not None
-        or cache_batch_idx is not None
-        or block_table is not None
-        or cu_seqlens_q is not None
-    ) and _grad_enabled():
-        check_no_grad(call)
-    # the call's plan: validated and set up once per signature (plan.py)
-    plan = lookup_plan(call)
-    if plan.backend == "triton":
-        if _grad_enabled() and (
-            q.requires_grad
-            or k.requires_grad
-            or v.requires_grad
-            or (prefix_k is not None and (prefix_k.requires_grad or prefix_v.requires_grad))
-            or (sinks is not None and sinks.requires_grad)
-        ):
-            if sinks is not None:  # the sinks' gradient too
-                return _apply(
-                    PrefixAttentionFunction, q, k, v, prefix_k, prefix_v, call, plan, sinks
-                )
-            return _apply(PrefixAttentionFunction, q, k, v, prefix_k, prefix_v, call, plan)
-        # inference (decoding): no graph to record, so skip autograd.Function's host cost
-        return plan.forward(call, new_seed() if plan.dropout else 0)[0]
-    return torch_backend(call, plan.prob)
+    # eager: autocast off around the dispatch below without a with-block's extra frame on
+    # the (hot) path without autocast
+    off = None
+    if cast_to is not None:
+        off = autocast_off(q.device.type)
+        off.__enter__()
+    try:
+        if (
+            cache_seqlens is not None
+            or cache_batch_idx is not None
+            or block_table is not None
+            or cu_seqlens_q is not None
+        ) and _grad_enabled():
+            check_no_grad(call)
+        # the call's plan: validated and set up once per signature (plan.py)
+        plan = lookup_plan(call)
+        if plan.backend == "triton":
+            if _grad_enabled() and (
+                q.requires_grad
+                or k.requires_grad
+                or v.requires_grad
+                or (prefix_k is not None and (prefix_k.requires_grad or prefix_v.requires_grad))
+                or (sinks is not None and sinks.requires_grad)
+            ):
+                if sinks is not None:  # the sinks' gradient too
+                    return _apply(
+                        PrefixAttentionFunction, q, k, v, prefix_k, prefix_v, call, plan, sinks
+                    )
+                return _apply(PrefixAttentionFunction, q, k, v, prefix_k, prefix_v, call, plan)
+            # inference (decoding): no graph to record, so skip autograd.Function's host cost
+            return plan.forward(call, new_seed() if plan.dropout else 0)[0]
+        return torch_backend(call, plan.prob)
+    finally:
+        if off is not None:
+            off.__exit__(None, None, None)
