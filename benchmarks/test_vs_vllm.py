@@ -90,8 +90,9 @@ def test_client_against_tiny_server(tmp_path) -> None:
 
 
 def test_public_argv_hides_paths() -> None:
-    argv = ["--vllm-python", "/a/b/python", "--model-dir=/x/m", "--requests", "4", "--tiny"]
+    argv = ["--vllm-python", "/a/b/python", "--model-dir=/x/m", "--requests", "4", "--tiny",
+            "--log-dir", "/l/d"]  # fmt: skip
     out = vs_vllm.public_argv(argv)
     assert out == ["--vllm-python VENV/bin/python", "--model-dir=MODEL_DIR", "--requests", "4",
-                   "--tiny"]  # fmt: skip
-    assert "/a/b" not in " ".join(out)
+                   "--tiny", "--log-dir LOG_DIR"]  # fmt: skip
+    assert "/a/b" not in " ".join(out) and "/l/d" not in " ".join(out)

@@ -268,6 +268,8 @@ def vllm_server(args: argparse.Namespace, model_dir: Path, log: Path) -> Server:
     n = os.cpu_count() or 1
     env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{n - 1}")  # all cores to the model
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(args.vllm_kv_gib))
+    # its engine-core queues would bind the machine's network address: keep them on loopback
+    env.setdefault("VLLM_HOST_IP", "127.0.0.1")
     iomp = sorted(glob.glob(str(py.parent.parent / "lib" / "python*" / "site-packages" / "**"
                                 / "libiomp5.so"), recursive=True))  # fmt: skip
     iomp += sorted(glob.glob(str(py.parent.parent / "lib" / "libiomp5.so")))
@@ -602,7 +604,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 PATH_ARGS = {"--vllm-python": "VENV/bin/python", "--model-dir": "MODEL_DIR",
-             "--out-dir": "OUT_DIR", "--prefix": "PREFIX_DIR"}  # fmt: skip
+             "--out-dir": "OUT_DIR", "--prefix": "PREFIX_DIR", "--log-dir": "LOG_DIR"}  # fmt: skip
 
 
 def public_argv(argv: list[str]) -> list[str]:
@@ -639,10 +641,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--vllm-kv-gib", type=int, default=2)
     p.add_argument("--vllm-bench", action="store_true", help="also vLLM's benchmark client")
     p.add_argument("--rounds", type=int, default=1, help="alternating rounds (A B C, C B A)")
-    p.add_argument("--startup-timeout", type=float, default=600)
+    p.add_argument("--startup-timeout", type=float, default=1200,
+                   help="seconds to /health (vLLM compiles at start-up: 60 s idle, 10+ min "
+                   "under load)")  # fmt: skip
     p.add_argument("--run-timeout", type=float, default=900, help="per run, seconds")
     p.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--tag", default=None, help="file name tag (default: cpu-<date>)")
+    p.add_argument("--log-dir", default=None,
+                   help="keep each server's log here (default: a temporary folder, removed "
+                   "at the end, so a failed start-up's log is gone)")  # fmt: skip
     args = p.parse_args(argv)
     only = [c.strip() for c in args.only.split(",") if c.strip()]
     if bad := [c for c in only if c not in CONFIGS]:
@@ -693,8 +700,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "prefix": "saved: " + Path(args.prefix).name if args.prefix else "random",
         }  # fmt: skip
 
+        log_dir = Path(args.log_dir) if args.log_dir else tmp
+        log_dir.mkdir(parents=True, exist_ok=True)
+
         def one(name: str, rnd: int) -> dict[str, Any]:
-            log = tmp / f"{name}-{rnd}.log"
+            log = log_dir / f"{name}-{rnd}.log"
             if name == "vllm":
                 return run_server(vllm_server(args, Path(model_dir), log), args, SERVED_NAME)
             if name == "prefixattn":
@@ -710,8 +720,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 try:
                     row = {"config": name, "round": rnd, **one(name, rnd)}
                 except (RuntimeError, TimeoutError, OSError) as e:
-                    log = tmp / f"{name}-{rnd}.log"
-                    tail = log.read_text()[-2000:] if log.is_file() else ""
+                    log = log_dir / f"{name}-{rnd}.log"
+                    tail = log.read_text()[-6000:] if log.is_file() else ""
                     print(f"{name} round {rnd} failed: {e}\n{tail}", file=sys.stderr, flush=True)
                     raise
                 row.update(load_before=before, load_after=_load())
