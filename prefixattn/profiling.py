@@ -16,6 +16,7 @@ configs. Both replace every kernel by a stub that only counts, so no GPU is need
 from __future__ import annotations
 
 import contextlib
+import gc
 import sys
 import types
 from collections.abc import Callable, Iterator
@@ -153,18 +154,29 @@ def dispatched_ops(fn: Callable[[], object]) -> list[str]:
 
 def count_calls(fn: Callable[[], object]) -> int:
     """Python-level calls (``call`` + ``c_call`` profile events) of one call of ``fn``;
-    the profiler's own switch-off is not counted."""
+    the profiler's own switch-off is not counted. The cyclic garbage collector is off
+    during the call (and run just before): a collection fires when the process's
+    allocation count says so, and the finalizers and ``gc.callbacks`` it runs are Python
+    calls of whatever died, not of ``fn``, so they would make the count depend on what
+    ran before in the process."""
     n = [0]
 
     def prof(frame, event, arg) -> None:
         if event == "call" or event == "c_call":
             n[0] += 1
 
-    sys.setprofile(prof)
+    was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
     try:
-        fn()
+        sys.setprofile(prof)
+        try:
+            fn()
+        finally:
+            sys.setprofile(None)
     finally:
-        sys.setprofile(None)
+        if was_enabled:
+            gc.enable()
     return n[0] - 1  # sys.setprofile(None)
 
 
