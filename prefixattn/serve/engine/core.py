@@ -210,6 +210,7 @@ class Engine:
         self.prefill_tokens = 0
         self.decode_tokens = 0
         self.cached_prompt_tokens = 0  # prompt tokens whose keys came from the prefix cache
+        self.mixed_steps = 0  # steps whose one forward packed decode rows and prefill chunks
         self.decode_steps = 0  # steps with decode rows (graph replays among them: graph_stats)
         self.latencies: deque[float] = deque(maxlen=4096)
         self.ttfts: deque[float] = deque(maxlen=4096)
@@ -429,6 +430,7 @@ class Engine:
                 decode_logits = self.graphs.decode(plan.decode, snap)  # None: overflow
             if decode_logits is None:  # one packed forward: decode rows + prefill chunks
                 decode_logits, chunk_logits = self.runner.step(plan.decode, chunks, snap)
+                self.mixed_steps += bool(plan.decode and chunks)
             else:
                 chunk_logits = []
             for (row, _, want), start, logits in zip(chunks, starts, chunk_logits):
@@ -586,6 +588,7 @@ class Engine:
                 "time_s": _percentiles(steps),
                 "mean_time_s": sum(steps) / len(steps) if steps else None,
                 "decode_steps": self.decode_steps,
+                "mixed_steps": self.mixed_steps,
                 "static_decode": 0 if self.graphs is None else self.graphs.steps,
                 "graph_replays": 0 if self.graphs is None else self.graphs.replays,
                 "graph_eager_steps": 0 if self.graphs is None else self.graphs.eager_steps,
