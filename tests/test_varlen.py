@@ -235,3 +235,37 @@ def test_paged_row_layout_is_computed_once_per_tensors() -> None:
     assert paged_rows(AttentionCall(**kw, backend="sdpa")) is not first
     got = prefixattn.prefix_attention(**kw, backend="sdpa")
     torch.testing.assert_close(got.double(), _expected(kw), atol=2e-5, rtol=2e-5)
+
+
+def test_decode_rows_of_very_different_lengths_are_split_and_exact() -> None:
+    """Decode rows of 1 and ~20 blocks: the sdpa CPU path cuts them into two groups (the
+    short rows gather 1 block each, not 20) and the output still equals the float64
+    reference row by row."""
+    from prefixattn.ops.call import AttentionCall
+    from prefixattn.ops.paged_rows import paged_rows
+
+    g = torch.Generator().manual_seed(9)
+    k_lens = [300, 5, 290, 3, 310, 16, 17]
+    need = [-(-n // BS) for n in k_lens]
+    perm = torch.randperm(sum(need), generator=g).tolist()
+    table, at = [], 0
+    for n in need:
+        table.append(perm[at : at + n] + [-1] * (max(need) - n))
+        at += n
+    kw = {
+        "q": torch.randn(1, 4, len(k_lens), D, generator=g),
+        "k": torch.randn(sum(need), 2, BS, D, generator=g),
+        "v": torch.randn(sum(need), 2, BS, D, generator=g),
+        "cu_seqlens_q": torch.arange(len(k_lens) + 1, dtype=torch.int32),
+        "cache_seqlens": torch.tensor(k_lens, dtype=torch.int32),
+        "block_table": torch.tensor(table, dtype=torch.int32),
+        "prefix_k": torch.randn(2, 2, 5, D, generator=g),
+        "prefix_v": torch.randn(2, 2, 5, D, generator=g),
+        "prefix_index": torch.tensor([0, 1, 1, 0, 1, 0, 0]),
+        "prefix_lengths": torch.tensor([5, 3]),
+    }
+    layout = paged_rows(AttentionCall(**kw, backend="sdpa"))
+    assert sorted(g.rows.tolist() for g in layout.groups) == [[0, 2, 4], [1, 3, 5, 6]]
+    assert sorted(g.m for g in layout.groups) == [2, 20]
+    got = prefixattn.prefix_attention(**kw, backend="sdpa")
+    torch.testing.assert_close(got.double(), _expected(kw), atol=2e-5, rtol=2e-5)

@@ -69,6 +69,7 @@ class RowGroup:
     seqlens: torch.Tensor
     masks: dict = field(default_factory=dict)
     entries: tuple | None = None  # (the index tensors, the rows' bank entries int64 [Bg])
+    scratch: dict = field(default_factory=dict)  # the key / value buffers (see _keys)
 
 
 @dataclass
@@ -133,27 +134,57 @@ def _build(call: AttentionCall) -> PagedRows:
     for b, n in enumerate(lens):
         if n > 0:  # a row without queries outputs nothing
             by_len.setdefault(n, []).append(b)
+    need_blocks = [max(1, -(-n // bs)) for n in seqlens]  # [B]
     table = bt.to(torch.int64)
     groups = []
-    for nq, rows in by_len.items():
-        m = max(1, max(-(-seqlens[b] // bs) for b in rows))
-        idx = torch.tensor(rows, dtype=torch.int64)
-        sub = table.index_select(0, idx)[:, :m]  # [Bg, m]
-        need = torch.arange(m)[None, :] < torch.tensor(
-            [-(-seqlens[b] // bs) for b in rows]
-        )[:, None]  # [Bg, m]
-        ids = torch.where(need, sub, 0).reshape(-1)  # [Bg * m]
-        consecutive = all(starts[b] == starts[rows[0]] + i * nq for i, b in enumerate(rows))
-        span = (starts[rows[0]], starts[rows[0]] + len(rows) * nq) if consecutive else None
-        tokens = None
-        if span is None:
-            tokens = torch.tensor(
-                [starts[b] + i for b in rows for i in range(nq)], dtype=torch.int64
-            )
-        groups.append(
-            RowGroup(idx, nq, span, tokens, m, ids, torch.tensor([seqlens[b] for b in rows]))
-        )
+    for nq, same in by_len.items():
+        for rows in _split(same, need_blocks, nq):
+            m = max(need_blocks[b] for b in rows)
+            idx = torch.tensor(rows, dtype=torch.int64)
+            sub = table.index_select(0, idx)[:, :m]  # [Bg, m]
+            need = torch.arange(m)[None, :] < torch.tensor([need_blocks[b] for b in rows])[:, None]
+            ids = torch.where(need, sub, 0).reshape(-1)  # [Bg * m]; unneeded: block 0
+            consecutive = all(starts[b] == starts[rows[0]] + i * nq for i, b in enumerate(rows))
+            span = (starts[rows[0]], starts[rows[0]] + len(rows) * nq) if consecutive else None
+            tokens = None
+            if span is None:
+                tokens = torch.tensor(
+                    [starts[b] + i for b in rows for i in range(nq)], dtype=torch.int64
+                )
+            seq = torch.tensor([seqlens[b] for b in rows])
+            groups.append(RowGroup(idx, nq, span, tokens, m, ids, seq))
     return PagedRows(B, total, bs, cu is not None, groups)
+
+
+# the fixed cost of one more group (its ~15 tensor ops and an SDPA call), in units of
+# one row's block of keys (gathered twice, attended by the row's queries): see _split
+GROUP_COST = 12
+
+
+def _split(rows: list[int], need: list[int], nq: int) -> list[list[int]]:
+    """``rows`` (all with ``nq`` queries) cut into groups of similar length: every row of
+    a group gathers and attends to as many blocks as its longest row, so one group of
+    rows of 2 and 20 blocks does 2 x 20 blocks of work. Rows sorted by the blocks they
+    need, then cut where it pays (dynamic programming over the sorted order: minimise
+    sum over groups of rows x longest x (nq + 1) + GROUP_COST). One group when the rows
+    are alike; within a group the rows keep the call's order."""
+    if len(rows) == 1:
+        return [rows]
+    order = sorted(rows, key=lambda b: need[b])
+    n = len(order)
+    best = [0.0] + [float("inf")] * n  # best[i]: cost of the first i sorted rows
+    cut = [0] * (n + 1)
+    for i in range(1, n + 1):
+        longest = need[order[i - 1]]  # the longest of any group ending at row i - 1
+        for j in range(i):
+            c = best[j] + (i - j) * longest * (nq + 1) + GROUP_COST
+            if c < best[i]:
+                best[i], cut[i] = c, j
+    out, i = [], n
+    while i > 0:
+        out.append(sorted(order[cut[i] : i]))  # the call's order inside a group
+        i = cut[i]
+    return out[::-1]
 
 
 def _group_mask(
@@ -184,16 +215,25 @@ def _group_mask(
 
 
 def _keys(
-    pool: torch.Tensor, prefix: torch.Tensor | None, g: RowGroup, bs: int, P: int
+    pool: torch.Tensor, prefix: torch.Tensor | None, g: RowGroup, bs: int, P: int, which: str
 ) -> torch.Tensor:
     """The group's keys (or values): [Bg, Hkv, P + m * bs, D], its rows' prefixes then
-    their blocks (gathered whole, copied once into place)."""
+    their blocks (gathered whole, copied once into place). The buffers are the group's,
+    reused by every layer (layers run one after another; the attention's output never
+    aliases them; paged calls are inference only)."""
     Hkv, D = pool.shape[1], pool.shape[3]
     Bg = g.rows.shape[0]
-    pages = pool.index_select(0, g.block_ids).view(Bg, g.m, Hkv, bs, D)
-    if prefix is None:
+    key = (which, pool.dtype, P if prefix is not None else -1)
+    bufs = g.scratch.get(key)
+    if bufs is None:
+        tmp = pool.new_empty(Bg * g.m, Hkv, bs, D)
+        out = None if prefix is None else pool.new_empty(Bg, Hkv, P + g.m * bs, D)
+        bufs = g.scratch[key] = (tmp, out)
+    tmp, out = bufs
+    torch.index_select(pool, 0, g.block_ids, out=tmp)
+    pages = tmp.view(Bg, g.m, Hkv, bs, D)
+    if out is None:
         return pages.transpose(1, 2).reshape(Bg, Hkv, g.m * bs, D)
-    out = pool.new_empty(Bg, Hkv, P + g.m * bs, D)
     out[:, :, :P] = prefix
     out[:, :, P:].view(Bg, Hkv, g.m, bs, D).copy_(pages.transpose(1, 2))
     return out
@@ -249,8 +289,8 @@ def paged_sdpa_attention(
                     rows = g.entries[1]  # [Bg] the rows' bank entries
                 pk = call.prefix_k.index_select(0, rows)  # [Bg, Hkv, P, D]
                 pv = call.prefix_v.index_select(0, rows)
-        k = _keys(call.k, pk, g, bs, P)
-        v = _keys(call.v, pv, g, bs, P)
+        k = _keys(call.k, pk, g, bs, P, "k")
+        v = _keys(call.v, pv, g, bs, P, "v")
         hit = g.masks.get(mask_key)
         if hit is None or not _same(hit[0], lengths_of):
             plen = None
