@@ -120,8 +120,10 @@ def test_packed_steps_give_each_rows_logits_alone_in_float64(family) -> None:
         vocab = model.config.vocab_size
         ps = prompts(vocab, [5, 23, 9, 30, 2], seed=8)
         lp = [None, None, None, 2, None]  # row 3 asks prompt logprobs: every chunk token
-        reqs = [request(t, p, max_tokens=n, ignore_eos=True, prompt_logprobs=k)
-                for t, p, n, k in zip(["a", "b", "base", "a", "b"], ps, [9, 6, 12, 3, 10], lp)]
+        reqs = [
+            request(t, p, max_tokens=n, ignore_eos=True, prompt_logprobs=k)
+            for t, p, n, k in zip(["a", "b", "base", "a", "b"], ps, [9, 6, 12, 3, 10], lp)
+        ]
         run(eng, reqs)
         assert eng.metrics()["steps"]["mixed_steps"] >= 1
         assert any(k > 1 for *_, k in seen)  # prompt logprobs: a whole chunk's logits

@@ -880,7 +880,8 @@ def prefixattn_attention_forward(
         raise ValueError("prefixattn does not support paged attention caches")
     B = query.shape[0]
     state = module.__dict__.get(_STATE_ATTR)
-    pool = state.kv_pool if state is not None and not getattr(module, "is_cross_attention", False) else None
+    is_cross = getattr(module, "is_cross_attention", False)
+    pool = state.kv_pool if state is not None and not is_cross else None
     cu_q = None if pool is None else state.kv_cu_seqlens_q
     packed = None
     if cu_q is not None:  # packed rows over the pool (a serving step): one prefix per row
@@ -920,7 +921,6 @@ def prefixattn_attention_forward(
 
     prefix_k = prefix_v = prefix_index = prefix_lengths = None
     prefix_window = "all"
-    is_cross = getattr(module, "is_cross_attention", False)
     layer_idx = getattr(module, "layer_idx", None)
     if state is not None and state.recorder is not None and not is_cross and layer_idx is not None:
         state.recorder[int(layer_idx)] = (key.detach(), value.detach())

@@ -144,7 +144,7 @@ class ModelRunner:
         total = cu[-1]
         host = torch.tensor([ids, pos, blk, off], dtype=torch.int64)  # [4, total]
         seqlens = [a + cu[b + 1] - cu[b] for b, a in enumerate(starts)]
-        small = torch.tensor([cu, seqlens + [0], starts + [0]], dtype=torch.int32)  # [3, B + 1]
+        small = torch.tensor([cu, [*seqlens, 0], [*starts, 0]], dtype=torch.int32)  # [3, B + 1]
         if self.device.type != "cpu":
             host, small = host.to(self.device), small.to(self.device)
         layout = StepLayout(
@@ -153,9 +153,8 @@ class ModelRunner:
             slots=(host[2:3], host[3:4]),
         )  # fmt: skip
         keep_t = torch.tensor(keep, dtype=torch.int64, device=self.device)  # [K]
-        logits = self.forward(
-            host[0:1], host[1:2], layout, self.provider(snapshot, rows), keep_t
-        )[0]  # [K, V]
+        provider = self.provider(snapshot, rows)
+        logits = self.forward(host[0:1], host[1:2], layout, provider, keep_t)[0]  # [K, V]
         for r, n, _ in feeds:
             r.num_computed += n
         out, i = [], len(decode)
