@@ -211,7 +211,7 @@ class Engine:
         self.decode_tokens = 0
         self.cached_prompt_tokens = 0  # prompt tokens whose keys came from the prefix cache
         self.mixed_steps = 0  # steps whose one forward packed decode rows and prefill chunks
-        self.decode_steps = 0  # steps with decode rows (graph replays among them: graph_stats)
+        self.decode_steps = 0  # decode-only steps (graph replays among them: graph_stats)
         self.latencies: deque[float] = deque(maxlen=4096)
         self.ttfts: deque[float] = deque(maxlen=4096)
         self.step_times: deque[float] = deque(maxlen=4096)
@@ -444,7 +444,7 @@ class Engine:
             if plan.decode:
                 ready.extend(zip(plan.decode, decode_logits))
                 self.decode_tokens += len(plan.decode)
-                self.decode_steps += 1
+                self.decode_steps += not chunks  # decode-only (a graph's kind of step)
             for row in rows:  # full blocks join the prefix cache
                 self.kv.cache_full_blocks(row)
             if ready:
