@@ -134,7 +134,8 @@ def _build(call: AttentionCall) -> PagedRows:
     for b, n in enumerate(lens):
         if n > 0:  # a row without queries outputs nothing
             by_len.setdefault(n, []).append(b)
-    need_blocks = [max(1, -(-n // bs)) for n in seqlens]  # [B]
+    reads = [-(-n // bs) for n in seqlens]  # [B] the blocks each row reads (0: no key)
+    need_blocks = [max(1, n) for n in reads]  # what its group gathers for it, at least 1
     table = bt.to(torch.int64)
     groups = []
     for nq, same in by_len.items():
@@ -142,8 +143,8 @@ def _build(call: AttentionCall) -> PagedRows:
             m = max(need_blocks[b] for b in rows)
             idx = torch.tensor(rows, dtype=torch.int64)
             sub = table.index_select(0, idx)[:, :m]  # [Bg, m]
-            need = torch.arange(m)[None, :] < torch.tensor([need_blocks[b] for b in rows])[:, None]
-            ids = torch.where(need, sub, 0).reshape(-1)  # [Bg * m]; unneeded: block 0
+            need = torch.arange(m)[None, :] < torch.tensor([reads[b] for b in rows])[:, None]
+            ids = torch.where(need, sub, 0).reshape(-1)  # [Bg * m]; entries not read: block 0
             consecutive = all(starts[b] == starts[rows[0]] + i * nq for i, b in enumerate(rows))
             span = (starts[rows[0]], starts[rows[0]] + len(rows) * nq) if consecutive else None
             tokens = None
