@@ -32,6 +32,7 @@ LAYERS: list[list[str]] = [
     ["prefixattn.ops.validation"],
     ["prefixattn.ops.reference"],
     ["prefixattn.ops.sdpa_features"],
+    ["prefixattn.ops.paged_rows"],
     ["prefixattn.ops.sdpa"],
     ["prefixattn.ops.kernels"],
     ["prefixattn.ops.args"],

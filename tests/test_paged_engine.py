@@ -82,6 +82,57 @@ def test_every_family_mixed_tasks_past_the_window_equal_prefix_tuning_alone(fami
         m = eng.metrics()
         assert m["prefix_cache"]["hits"] >= 1  # "b" hit its block; "a" (other task) did not
         assert m["kv_cache"]["blocks_used"] == 0
+        # some steps packed decode rows and prefill chunks into one forward
+        assert m["steps"]["mixed_steps"] >= 1
+
+
+@pytest.mark.parametrize("family", ["gemma2", "qwen2", "llama"])
+def test_packed_steps_give_each_rows_logits_alone_in_float64(family) -> None:
+    """Every logit the packed steps compute (decode rows and prefill chunks of several
+    tasks in one forward, prompt logprobs asking every chunk token's logits) equals the
+    float64 forward of that row's tokens alone through its PrefixTuning (no cache, no
+    packing): hybrid windows + soft-capping (gemma2), a window on some layers (qwen2), GQA
+    (llama). (gpt-oss's sinks: its experts' grouped matmul has no float64; its greedy
+    tokens are checked by the family tests above and the attention by test_varlen.)"""
+    with single_thread():
+        model = build(family).double()
+        bank = TaskBank(model, backend="sdpa")
+        bank.add_base("base")
+        tuners = {}
+        for i, (name, P) in enumerate({"a": 3, "b": 12}.items()):
+            torch.manual_seed(20 + i)
+            tuners[name] = PrefixTuning(copy.deepcopy(model), P, init="random", backend="sdpa")
+            bank.add(name, tuners[name])
+        eng = Engine(bank, None, max_num_seqs=4, max_num_batched_tokens=20, max_model_len=64,
+                     seed=0)  # fmt: skip
+        seen = []  # (task, the tokens fed so far, logits [K, V], how many tokens K covers)
+        step = eng.runner.step
+
+        def recording(decode, prefill, snapshot):
+            before = [(r.task, list(r.token_ids[: r.num_computed + 1])) for r in decode]
+            chunks = [(r.task, r.token_ids[: r.num_computed + n], n, w) for r, n, w in prefill]
+            dec, outs = step(decode, prefill, snapshot)
+            seen.extend((t, ids, lg[None], 1) for (t, ids), lg in zip(before, dec))
+            seen.extend((t, ids, lg, n if w else 1) for (t, ids, n, w), lg in zip(chunks, outs))
+            return dec, outs
+
+        eng.runner.step = recording
+        vocab = model.config.vocab_size
+        ps = prompts(vocab, [5, 23, 9, 30, 2], seed=8)
+        lp = [None, None, None, 2, None]  # row 3 asks prompt logprobs: every chunk token
+        reqs = [
+            request(t, p, max_tokens=n, ignore_eos=True, prompt_logprobs=k)
+            for t, p, n, k in zip(["a", "b", "base", "a", "b"], ps, [9, 6, 12, 3, 10], lp)
+        ]
+        run(eng, reqs)
+        assert eng.metrics()["steps"]["mixed_steps"] >= 1
+        assert any(k > 1 for *_, k in seen)  # prompt logprobs: a whole chunk's logits
+        for task, ids, logits, k in seen:
+            fwd = bank.model if task == "base" else tuners[task]
+            with torch.no_grad():
+                want = fwd(input_ids=torch.tensor([ids])).logits[0, -k:]  # [k, V]
+            # float64 all the way; the engine hands out float32 logits (its rounding only)
+            torch.testing.assert_close(logits.double(), want, atol=1e-6, rtol=1e-6)
 
 
 def test_kv_bytes_per_row_do_not_grow_with_the_tasks_prefix() -> None:

@@ -168,3 +168,104 @@ def test_triton_rows_longer_than_a_query_tile() -> None:
     with use_settings(fwd=KernelConfig(16, 16, 1, 1)):
         got = prefixattn.prefix_attention(**kw, backend="triton")
     torch.testing.assert_close(got.double(), _expected(kw), atol=2e-3, rtol=2e-3)
+
+
+def _step_case(seed: int = 5) -> dict:
+    """A serving step's shape: decode rows (1 query) and prefill chunks (7 and 20 queries,
+    two of 7) in an order that puts rows of one length apart, over shuffled shared pages,
+    a ragged bank, GQA."""
+    g = torch.Generator().manual_seed(seed)
+    q_lens = [1, 7, 1, 20, 7, 1]
+    k_lens = [40, 7, 17, 52, 30, 1]
+    cu = [0]
+    for n in q_lens:
+        cu.append(cu[-1] + n)
+    table = [[4, 0, 7], [9, -1, -1], [4, 5, -1], [1, 2, 3, 6][:4], [8, 10, -1], [11, -1, -1]]
+    M = max(len(t) for t in table)
+    table = [t + [-1] * (M - len(t)) for t in table]
+
+    def rnd(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g).to(DEVICE)
+
+    return {
+        "q": rnd(1, 4, cu[-1], D),
+        "k": rnd(12, 2, BS, D),
+        "v": rnd(12, 2, BS, D),
+        "cu_seqlens_q": torch.tensor(cu, dtype=torch.int32, device=DEVICE),
+        "cache_seqlens": torch.tensor(k_lens, dtype=torch.int32, device=DEVICE),
+        "block_table": torch.tensor(table, dtype=torch.int32, device=DEVICE),
+        "prefix_k": rnd(3, 2, 6, D),
+        "prefix_v": rnd(3, 2, 6, D),
+        "prefix_index": torch.tensor([0, 1, 2, 1, 0, 2], device=DEVICE),
+        "prefix_lengths": torch.tensor([6, 2, 0], device=DEVICE),
+    }
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_serving_step_with_rows_of_one_length_apart(backend: str) -> None:
+    """Decode rows and chunks mixed, rows of one query count not adjacent (the sdpa
+    backend's CPU path groups them by query count: its gathered-token branch), with a
+    window and with soft-capping + sinks (a hybrid model's two kinds of layer)."""
+    kw = _step_case()
+    sinks = torch.randn(4, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    tol = _tol(backend)
+    for features in ({}, {"window": 5}, {"softcap": 3.0, "sinks": sinks}):
+        got = prefixattn.prefix_attention(**kw, **features, backend=backend)
+        torch.testing.assert_close(got.double(), _expected(kw, **features), atol=tol, rtol=tol)
+
+
+def test_paged_row_layout_is_computed_once_per_tensors() -> None:
+    """The sdpa backend's CPU row layout (gather indices, groups) is built once for the
+    tensors every layer of a step shares, and again after an in-place change of one of
+    them (a new step reusing a buffer): the result then matches the new values."""
+    from prefixattn.ops.call import AttentionCall
+    from prefixattn.ops.paged_rows import paged_rows
+
+    kw = _step_case(seed=7)
+    kw = {k: v.cpu() for k, v in kw.items()}
+    call = AttentionCall(**kw, backend="sdpa")
+    first = paged_rows(call)
+    assert paged_rows(call) is first  # the next layer: the same layout
+    assert sorted(g.nq for g in first.groups) == [1, 7, 20]
+    ones = next(g for g in first.groups if g.nq == 1)
+    assert ones.q_span is None and ones.tokens.tolist() == [0, 8, 36]  # rows 0, 2, 5
+    # rows 0 and 2 swap their keys in place: a new layout, and the output follows
+    kw["block_table"][[0, 2]] = kw["block_table"][[2, 0]].clone()
+    kw["cache_seqlens"][[0, 2]] = kw["cache_seqlens"][[2, 0]].clone()
+    assert paged_rows(AttentionCall(**kw, backend="sdpa")) is not first
+    got = prefixattn.prefix_attention(**kw, backend="sdpa")
+    torch.testing.assert_close(got.double(), _expected(kw), atol=2e-5, rtol=2e-5)
+
+
+def test_decode_rows_of_very_different_lengths_are_split_and_exact() -> None:
+    """Decode rows of 1 and ~20 blocks: the sdpa CPU path cuts them into two groups (the
+    short rows gather 1 block each, not 20) and the output still equals the float64
+    reference row by row."""
+    from prefixattn.ops.call import AttentionCall
+    from prefixattn.ops.paged_rows import paged_rows
+
+    g = torch.Generator().manual_seed(9)
+    k_lens = [300, 5, 290, 3, 310, 16, 17]
+    need = [-(-n // BS) for n in k_lens]
+    perm = torch.randperm(sum(need), generator=g).tolist()
+    table, at = [], 0
+    for n in need:
+        table.append(perm[at : at + n] + [-1] * (max(need) - n))
+        at += n
+    kw = {
+        "q": torch.randn(1, 4, len(k_lens), D, generator=g),
+        "k": torch.randn(sum(need), 2, BS, D, generator=g),
+        "v": torch.randn(sum(need), 2, BS, D, generator=g),
+        "cu_seqlens_q": torch.arange(len(k_lens) + 1, dtype=torch.int32),
+        "cache_seqlens": torch.tensor(k_lens, dtype=torch.int32),
+        "block_table": torch.tensor(table, dtype=torch.int32),
+        "prefix_k": torch.randn(2, 2, 5, D, generator=g),
+        "prefix_v": torch.randn(2, 2, 5, D, generator=g),
+        "prefix_index": torch.tensor([0, 1, 1, 0, 1, 0, 0]),
+        "prefix_lengths": torch.tensor([5, 3]),
+    }
+    layout = paged_rows(AttentionCall(**kw, backend="sdpa"))
+    assert sorted(g.rows.tolist() for g in layout.groups) == [[0, 2, 4], [1, 3, 5, 6]]
+    assert sorted(g.m for g in layout.groups) == [2, 20]
+    got = prefixattn.prefix_attention(**kw, backend="sdpa")
+    torch.testing.assert_close(got.double(), _expected(kw), atol=2e-5, rtol=2e-5)

@@ -272,6 +272,8 @@ class _PatchState:
     kv_pool: tuple[torch.Tensor, torch.Tensor | None] | None = None
     # int32 [B, max_blocks] while that pool is a paged block pool (see set_kv_pool)
     kv_block_table: torch.Tensor | None = None
+    # int32 [B + 1] while the forward packs B rows into one (see set_kv_pool)
+    kv_cu_seqlens_q: torch.Tensor | None = None
 
 
 # --------------------------------------------------------------------------------------
@@ -440,6 +442,7 @@ def set_kv_pool(
     view: tuple[torch.Tensor, torch.Tensor | None] | None,
     *,
     block_table: torch.Tensor | None = None,
+    cu_seqlens_q: torch.Tensor | None = None,
 ) -> None:
     """Tell a patched ``model``'s attention that its cache returns a KV-cache pool.
 
@@ -452,16 +455,25 @@ def set_kv_pool(
     ``block_table`` int32 [B, max_blocks] (with ``cache_batch_idx`` None): the pool is a
     paged block pool [num_blocks, Hkv, block_size, D] (the kernel's paged mode).
 
+    ``cu_seqlens_q`` int32 [B + 1]: the forward packs B rows into one sequence (input
+    [1, total_q]: row b's new tokens are ``cu_seqlens_q[b]:cu_seqlens_q[b + 1]``, the last
+    of its ``cache_seqlens[b]`` keys); the attention gets ``cu_seqlens_q`` and the prefix
+    provider is asked for B rows (a serving step: decode rows and prefill chunks in one
+    forward).
+
     Raises:
-        ValueError: ``model`` is not patched.
+        ValueError: ``model`` is not patched, or ``cu_seqlens_q`` without a view.
     """
     state = getattr(model, _STATE_ATTR, None)
     if not isinstance(state, _PatchState):
         raise ValueError("model must be patched with prefixattn.patch(model) before set_kv_pool")
     if block_table is not None and (view is None or view[1] is not None):
         raise ValueError("set_kv_pool: block_table needs view=(cache_seqlens, None)")
+    if cu_seqlens_q is not None and view is None:
+        raise ValueError("set_kv_pool: cu_seqlens_q needs view=(cache_seqlens, ...)")
     state.kv_pool = view
     state.kv_block_table = None if view is None else block_table
+    state.kv_cu_seqlens_q = None if view is None else cu_seqlens_q
 
 
 def get_prefix(model: nn.Module) -> PrefixProvider | None:
@@ -867,7 +879,15 @@ def prefixattn_attention_forward(
     if cache is not None and type(cache).__name__ == "PagedAttentionCache":
         raise ValueError("prefixattn does not support paged attention caches")
     B = query.shape[0]
-    packed = _packed_call(query, key, attention_mask, kwargs)
+    state = module.__dict__.get(_STATE_ATTR)
+    is_cross = getattr(module, "is_cross_attention", False)
+    pool = state.kv_pool if state is not None and not is_cross else None
+    cu_q = None if pool is None else state.kv_cu_seqlens_q
+    packed = None
+    if cu_q is not None:  # packed rows over the pool (a serving step): one prefix per row
+        B = cu_q.shape[0] - 1
+    else:
+        packed = _packed_call(query, key, attention_mask, kwargs)
     if packed is not None:  # a packed batch: one prefix per sequence (S of them)
         attention_mask = None
         B = packed[0].shape[0] - 1
@@ -896,13 +916,11 @@ def prefixattn_attention_forward(
                 f"{attention_mask.dtype} mask"
             )
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    state = module.__dict__.get(_STATE_ATTR)
     backend = state.backend if state is not None else "auto"
     provider = state.provider if state is not None else None
 
     prefix_k = prefix_v = prefix_index = prefix_lengths = None
     prefix_window = "all"
-    is_cross = getattr(module, "is_cross_attention", False)
     layer_idx = getattr(module, "layer_idx", None)
     if state is not None and state.recorder is not None and not is_cross and layer_idx is not None:
         state.recorder[int(layer_idx)] = (key.detach(), value.detach())
@@ -926,7 +944,6 @@ def prefixattn_attention_forward(
             if got.lengths is not None:  # a ragged bank
                 prefix_lengths = got.lengths.to(query.device)
             prefix_window = provider.prefix_window
-    pool = state.kv_pool if state is not None and not is_cross else None
     kw: dict[str, Any] = {}
     n_keys = key.shape[2]
     if pool is not None:
@@ -934,6 +951,13 @@ def prefixattn_attention_forward(
         if state.kv_block_table is not None:  # a paged pool: the rows' logical keys
             kw["block_table"] = state.kv_block_table
             n_keys = state.kv_block_table.shape[1] * key.shape[2]
+        if cu_q is not None:
+            if attention_mask is not None:
+                raise ValueError(
+                    "prefixattn: packed rows over a KV-cache pool (set_kv_pool(cu_seqlens_q="
+                    "...)) take no attention mask (each row's keys are its cache_seqlens)"
+                )
+            kw["cu_seqlens_q"] = cu_q
     if window is not None and n_keys <= window and (prefix_k is None or prefix_window == "all"):
         window = None  # the window holds every key: plain causal (the faster kernel variant)
 

@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from .call import N_TENSORS, AttentionCall
+from .paged_rows import paged_sdpa_attention
 from .reference import (
     gathered_blocks,
     pool_rows,
@@ -55,7 +56,14 @@ from .reference import (
     varlen_unpad,
     visible_mask,
 )
-from .sdpa_features import PATH_FUSED, PATH_REFERENCE, feature_attention, feature_path, note_path
+from .sdpa_features import (
+    PATH_FUSED,
+    PATH_PAGED_ROWS,
+    PATH_REFERENCE,
+    feature_attention,
+    feature_path,
+    note_path,
+)
 from .validation import PREFIX_BANK, PREFIX_NONE, PREFIX_SHARED, AttnProblem, validate
 
 
@@ -224,7 +232,24 @@ def sdpa_prefix_attention(call: AttentionCall, prob: AttnProblem) -> torch.Tenso
 
 def torch_backend(call: AttentionCall, prob: AttnProblem) -> torch.Tensor:
     """The ``"sdpa"`` or ``"reference"`` backend (``call.backend``) on a validated call:
-    the one route to either, eager or traced."""
+    the one route to either, eager or traced.
+
+    A paged ``"sdpa"`` call on the CPU (``block_table``, packed rows or not, no
+    ``key_padding_mask``) takes :func:`~.paged_rows.paged_sdpa_attention` (rows grouped
+    by their number of queries, the gather indices and masks computed once per step);
+    other packed calls are padded to their longest row, other paged calls cut to the
+    blocks their longest row needs."""
+    if (
+        call.block_table is not None
+        and call.backend == "sdpa"
+        and call.q.device.type == "cpu"
+        and call.key_padding_mask is None
+        and not torch.compiler.is_compiling()
+    ):
+        attend = _attention_path(call, prob)
+        if attend is not None:  # None: the reference path (dropout: refused when paged)
+            note_path(PATH_PAGED_ROWS)
+            return paged_sdpa_attention(call, prob, attend)
     if call.cu_seqlens_q is not None:  # packed rows: padded, run, packed again
         padded, row, col = varlen_padded(call)
         out = torch_backend(padded, validate(padded, check_values=False))

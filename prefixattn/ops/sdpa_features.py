@@ -53,6 +53,8 @@ PATH_FUSED = "fused SDPA"
 PATH_SINK = "flash+lse sink rescale"
 PATH_CHUNKED = "chunked exact (query blocks)"
 PATH_REFERENCE = "reference (materializes [B, H, Nq, P + Nk] scores)"
+# a paged CPU call (block_table, cu_seqlens_q): one call of the path above per row group
+PATH_PAGED_ROWS = "paged rows grouped by query count (CPU)"
 
 # the query rows of one block: a block's float32 scores are B * H * BLOCK_ELEMS / Nk' rows
 BLOCK_ELEMS = 1 << 22  # score elements per block (16 MiB of float32); >= 16 rows
@@ -410,6 +412,7 @@ def feature_attention(
 __all__ = [
     "PATH_CHUNKED",
     "PATH_FUSED",
+    "PATH_PAGED_ROWS",
     "PATH_REFERENCE",
     "PATH_SINK",
     "ChunkedAttention",

@@ -9,7 +9,8 @@ transformers' continuous batching)::
                                     # new rows admitted while KV blocks are free (prefix-
                                     # cache hits skip their cached blocks), the newest row
                                     # preempted when a running row finds no free block
-        logits = runner(plan)       # one decode forward + one forward per prefill chunk
+        logits = runner(plan)       # ONE packed forward: decode rows + prefill chunks (a
+                                    # decode-only step: CUDA graph / compiled bucket if on)
         tokens = sample(logits)     # batched for the step: greedy rows one argmax, sampled
                                     # rows their own temperature/top-p/generator
         emit each token to its sink; finished rows leave before the next step
@@ -103,7 +104,8 @@ class Engine:
             task, same leading tokens; vLLM's automatic prefix caching).
         max_batch_size: the former name of ``max_num_seqs`` (used when that is not given).
         seed: seeds the generators of sampled requests without a seed.
-        decode_buckets: run decode steps padded to these batch sizes over static buffers,
+        decode_buckets: run decode-only steps (no prefill chunk: a step with one runs the
+            packed forward) padded to these batch sizes over static buffers,
             captured as CUDA graphs at :meth:`start` on a CUDA model (eager elsewhere);
             None: dynamic shapes (see :mod:`.cuda_graphs`).
         compile: decode steps padded to shape buckets (``decode_buckets``, default powers
@@ -226,7 +228,8 @@ class Engine:
         self.prefill_tokens = 0
         self.decode_tokens = 0
         self.cached_prompt_tokens = 0  # prompt tokens whose keys came from the prefix cache
-        self.decode_steps = 0  # decode forwards (graph replays among them: graph_stats)
+        self.mixed_steps = 0  # steps whose one forward packed decode rows and prefill chunks
+        self.decode_steps = 0  # decode-only steps (graph replays among them: graph_stats)
         self.latencies: deque[float] = deque(maxlen=4096)
         self.ttfts: deque[float] = deque(maxlen=4096)
         self.step_times: deque[float] = deque(maxlen=4096)
@@ -435,11 +438,22 @@ class Engine:
         ready: list[tuple[Row, torch.Tensor]] = []  # rows that get a token: (row, logits [V])
         scored: list[Row] = []  # max_tokens 0: the prompt scored, nothing to generate
         with self.model_lock, torch.no_grad():
-            for row, n in plan.prefill:
-                want = row.req.params.prompt_logprobs is not None and not row.prompt_sent
-                start = row.num_computed
-                logits = self.runner.prefill(row, n, want, snap)  # [n or 1, V]
-                if want:
+            # (row, n, wants every token's logits: prompt logprobs), fed from where it was
+            chunks = [
+                (row, n, row.req.params.prompt_logprobs is not None and not row.prompt_sent)
+                for row, n in plan.prefill
+            ]
+            starts = [row.num_computed for row, _ in plan.prefill]
+            decode_logits = None  # a decode-only step: the CUDA-graph decode, if any
+            if self.graphs is not None and plan.decode and not plan.prefill:
+                decode_logits = self.graphs.decode(plan.decode, snap)  # None: overflow
+            if decode_logits is None:  # one packed forward: decode rows + prefill chunks
+                decode_logits, chunk_logits = self.runner.step(plan.decode, chunks, snap)
+                self.mixed_steps += bool(plan.decode and chunks)
+            else:
+                chunk_logits = []
+            for (row, _, want), start, logits in zip(chunks, starts, chunk_logits):
+                if want:  # logits [n, V]
                     self._gather_prompt_logprobs(row, logits, start)
                 if row.decoding and row.req.params.max_tokens == 0:
                     scored.append(row)
@@ -447,12 +461,9 @@ class Engine:
                     ready.append((row, logits[-1]))
             self.prefill_tokens += sum(n for _, n in plan.prefill)
             if plan.decode:
-                logits = None if self.graphs is None else self.graphs.decode(plan.decode, snap)
-                if logits is None:  # dynamic shapes, or more rows than the largest bucket
-                    logits = self.runner.decode(plan.decode, snap)  # [B, V]
-                ready.extend(zip(plan.decode, logits))
+                ready.extend(zip(plan.decode, decode_logits))
                 self.decode_tokens += len(plan.decode)
-                self.decode_steps += 1
+                self.decode_steps += not chunks  # decode-only (a graph's kind of step)
             for row in rows:  # full blocks join the prefix cache
                 self.kv.cache_full_blocks(row)
             outs = self._sample(ready)
@@ -602,6 +613,7 @@ class Engine:
                 "time_s": _percentiles(steps),
                 "mean_time_s": sum(steps) / len(steps) if steps else None,
                 "decode_steps": self.decode_steps,
+                "mixed_steps": self.mixed_steps,
                 "static_decode": 0 if self.graphs is None else self.graphs.steps,
                 "graph_replays": 0 if self.graphs is None else self.graphs.replays,
                 "graph_eager_steps": 0 if self.graphs is None else self.graphs.eager_steps,

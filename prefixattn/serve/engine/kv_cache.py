@@ -97,19 +97,33 @@ class StepLayout:
 
     ``block_table`` int32 [B, M]: each row's blocks (entries past a row's last block are
     never read); ``starts`` int64 [B]: the logical position of each row's first new token
-    (its keys so far); ``n_new``: new tokens per row (the same for every row: a decode
-    batch has 1, a prefill chunk is one row). ``kv_len``: the keys the mask functions are
-    told about (``max(starts) + n_new``, or ``M * block_size`` for a static step).
+    (its keys so far); ``n_new``: the forward's tokens per input row (input ``[B,
+    n_new]``); ``kv_len``: the keys the mask functions are told about (``max(starts) +
+    n_new``, or ``M * block_size`` for a static step).
+
+    A **packed** step (``cu_seqlens_q`` given: the engine's step, decode rows and prefill
+    chunks in one forward) has input ``[1, n_new]`` with ``n_new`` = the step's tokens,
+    row b's being ``cu_seqlens_q[b]:cu_seqlens_q[b + 1]``; ``seqlens`` int32 [B] are the
+    rows' keys after the step, ``slots`` the (block, offset) of every new token, int64
+    [1, n_new] each (computed on the host by the runner, which knows the rows), and
+    ``kv_len >= n_new``. Without ``cu_seqlens_q`` every row has ``n_new`` tokens and the
+    slots are computed from ``starts`` by tensor ops (no host value read: a CUDA graph may
+    capture the step).
     """
 
     block_table: torch.Tensor
     starts: torch.Tensor
     n_new: int
     kv_len: int
+    cu_seqlens_q: torch.Tensor | None = None  # int32 [B + 1]: packed rows
+    seqlens: torch.Tensor | None = None  # int32 [B]: keys after the step (packed)
+    slots: tuple[torch.Tensor, torch.Tensor] | None = None  # (block, offset) [1, n_new]
 
     @property
     def cache_seqlens(self) -> torch.Tensor:
         """int32 [B]: each row's keys after this step's tokens."""
+        if self.seqlens is not None:
+            return self.seqlens
         return (self.starts + self.n_new).to(torch.int32)
 
 
@@ -132,7 +146,11 @@ class PagedCache(Cache):
 
     def set_step(self, step: StepLayout) -> None:
         """Aim the next forward at ``step``'s rows (where each new token's key goes is
-        computed here once, by tensor ops: no host value is read, a graph may capture it)."""
+        computed here once, by tensor ops: no host value is read, a graph may capture it;
+        a packed step brings them)."""
+        if step.slots is not None:
+            self.step, self._where = step, step.slots
+            return
         bs = self.pool.block_size
         ar = torch.arange(step.n_new, device=step.starts.device)
         pos = step.starts[:, None] + ar[None, :]  # [B, n_new] logical positions
@@ -149,8 +167,8 @@ class PagedCache(Cache):
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-        """Write the step's keys/values [B, Hkv, n_new, D] into their blocks; return the
-        whole pool [num_blocks, Hkv, block_size, D] (the attention reads it through the
+        """Write the step's keys/values [B, Hkv, n_new, D] (packed: [1, Hkv, n_new, D])
+        into their blocks; return the whole pool [num_blocks, Hkv, block_size, D] (the attention reads it through the
         step's block table)."""
         if self._where is None:
             raise ValueError("PagedCache.update before set_step: the runner sets the step first")

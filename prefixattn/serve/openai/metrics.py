@@ -178,7 +178,7 @@ class _DecodePathCollector:
     def collect(self) -> Iterator[Metric]:
         g = self.engine.graph_stats()
         steps = CounterMetricFamily(
-            "prefixattn:decode_steps", "Decode forwards by path: a replayed CUDA graph, or "
+            "prefixattn:decode_steps", "Decode-only steps by path: a replayed CUDA graph, or "
             "eager (no graphs, no graph for the step's key, or more rows than the largest "
             "bucket).", labels=["path"],
         )  # fmt: skip
