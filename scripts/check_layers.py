@@ -77,6 +77,7 @@ LAYERS: list[list[str]] = [
         "prefixattn.serve.engine.kv_cache",
         "prefixattn.serve.engine.sampling",
         "prefixattn.serve.engine.block_pool",
+        "prefixattn.serve.engine.cpu_linear",
     ],
     ["prefixattn.serve.engine.kv_cache_manager"],
     ["prefixattn.serve.engine.scheduler"],

@@ -1,0 +1,151 @@
+"""oneDNN-packed linear layers for CPU serving (``serve/engine/cpu_linear.py``).
+
+Values against a float64 ``x @ W^T + b`` on awkward shapes; the rules that send a call
+to the module's own forward (gradients, autocast dtypes, empty input); a weight changed
+in place is repacked; ``revert`` gives the modules back exactly; the engine packs while
+it runs, says so in its metrics, reverts at stop, and its greedy rows still equal the
+rows generated alone with plain ``nn.Linear``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from prefixattn.serve.engine.cpu_linear import PackedLinears, onednn_packing, pack_linears
+
+pytestmark = pytest.mark.skipif(
+    onednn_packing(torch.float32) is not None,
+    reason=f"oneDNN cannot pack float32 here: {onednn_packing(torch.float32)}",
+)
+
+
+def _model(k: int, n: int, bias: bool) -> nn.Sequential:
+    torch.manual_seed(k * 1000 + n)
+    return nn.Sequential(nn.Linear(k, n, bias=bias), nn.GELU(), nn.Linear(n, k, bias=bias))
+
+
+def _ref(model: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    l1, l2 = model[0], model[2]
+    x64 = x.double()
+    h = x64 @ l1.weight.double().T + (l1.bias.double() if l1.bias is not None else 0)
+    h = torch.nn.functional.gelu(h)
+    return h @ l2.weight.double().T + (l2.bias.double() if l2.bias is not None else 0)
+
+
+@pytest.mark.parametrize("k,n", [(40, 96), (96, 80), (80, 40)])
+@pytest.mark.parametrize("rows", [(1,), (17,), (113,), (1, 7), (2, 17)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_packed_values_against_float64(k: int, n: int, rows: tuple, bias: bool) -> None:
+    model = _model(k, n, bias)
+    x = torch.randn(*rows, k)
+    with torch.no_grad(), pack_linears(model) as packed:
+        assert packed.num_packed == 2 and packed.active
+        y = model(x)
+        assert packed.packed_calls == 2 and packed.plain_calls == 0, packed.stats()
+    assert y.shape == (*rows, k) and y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), _ref(model, x), rtol=2e-5, atol=2e-5)
+    assert not packed.active and "forward" not in model[0].__dict__
+
+
+def test_training_and_other_dtypes_take_the_modules_own_forward() -> None:
+    model = _model(40, 96, True)
+    x = torch.randn(5, 40)
+    with pack_linears(model) as packed:
+        y = model(x)  # grad enabled, weights require grad: nn.Linear itself
+        assert packed.plain_calls == 2 and packed.packed_calls == 0
+        y.sum().backward()
+        assert model[0].weight.grad is not None
+        g = model[0].weight.grad.clone()
+        with torch.no_grad():
+            model(x.double().float())  # packed now
+            assert packed.packed_calls == 2
+            model(torch.empty(0, 40))  # empty input: plain
+            assert packed.plain_calls == 4
+    model.zero_grad()
+    model(x).sum().backward()  # the same gradient as through the packed module's fallback
+    torch.testing.assert_close(model[0].weight.grad, g, rtol=0, atol=0)
+
+
+def test_bf16_input_on_fp32_weights_is_plain() -> None:
+    model = _model(40, 96, False)
+    with torch.no_grad(), pack_linears(model) as packed:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = model(torch.randn(3, 40))
+        assert y.dtype == torch.bfloat16 and packed.packed_calls == 0 and packed.plain_calls == 2
+
+
+def test_weight_changed_in_place_is_repacked() -> None:
+    model = _model(40, 96, True)
+    x = torch.randn(4, 40)
+    with torch.no_grad(), pack_linears(model) as packed:
+        model(x)
+        model[0].weight.mul_(-0.5)  # an optimizer step / a loaded state dict, in place
+        model[2].weight = nn.Parameter(torch.randn(40, 96))  # replaced
+        y = model(x)
+        assert packed.repacks == 2, packed.stats()
+    torch.testing.assert_close(y.double(), _ref(model, x), rtol=2e-5, atol=2e-5)
+
+
+def test_subclasses_and_wrapped_modules_are_left_alone() -> None:
+    class MyLinear(nn.Linear):
+        pass
+
+    model = nn.Sequential(nn.Linear(8, 8), MyLinear(8, 8), nn.Linear(8, 8))
+    mine = model[2].forward
+    model[2].forward = lambda x: mine(x) * 2  # somebody's hook
+    handle = PackedLinears(model)
+    assert handle.num_packed == 1 and set(handle.skipped) == {"1", "2"}, handle.skipped
+    handle.revert()
+    assert "forward" in model[2].__dict__  # theirs stays
+    with pytest.raises(ValueError, match="batch_hint"):
+        pack_linears(model, batch_hint=0)
+
+
+def test_engine_packs_while_running_and_reverts() -> None:
+    pytest.importorskip("transformers")
+    import copy
+
+    from test_engine import alone, prompts, request, run
+
+    from prefixattn import PrefixTuning, TaskBank
+    from prefixattn.serve.engine import Engine
+    from prefixattn.tiny import tiny_model, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    model = tiny_model(len(tok), arch="llama")
+    bank = TaskBank(model)
+    bank.add_base("base")
+    torch.manual_seed(7)
+    bank.add("p7", PrefixTuning(copy.deepcopy(model), 7, init="random"))
+    eng = Engine(bank, tok, max_num_seqs=4, max_num_batched_tokens=16, max_model_len=64,
+                 cpu_linear="onednn")  # fmt: skip
+    ps = prompts(len(tok), [1, 17, 5, 30])
+    reqs = [request(t, p, max_tokens=5) for t in ("p7", "base") for p in ps]
+    run(eng, reqs)
+    lin = eng.metrics()["linear"]
+    assert lin["path"] == "onednn-packed" and lin["packed_calls"] > 0, lin
+    assert lin["plain_calls"] == 0 and not lin["active"], lin
+    linears = [m for m in bank.model.modules() if isinstance(m, nn.Linear)]
+    assert linears and not any("forward" in m.__dict__ for m in linears)
+    for r in reqs:  # nn.Linear again, each row alone
+        want = alone(bank, r.task, r.prompt_ids, 5, tok.eos_token_id)
+        assert r.sink.ids == want, (r.task, len(r.prompt_ids))
+
+
+def test_engine_cpu_linear_argument() -> None:
+    pytest.importorskip("transformers")
+    from prefixattn import TaskBank
+    from prefixattn.serve.engine import Engine
+    from prefixattn.tiny import tiny_model, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    bank = TaskBank(tiny_model(len(tok), arch="llama"))
+    bank.add_base("base")
+    with pytest.raises(ValueError, match="cpu_linear"):
+        Engine(bank, tok, cpu_linear="mkl")
+    eng = Engine(bank, tok, cpu_linear="torch")
+    eng.start()
+    eng.stop()
+    assert eng.metrics()["linear"] == {"path": "torch"}
