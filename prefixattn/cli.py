@@ -332,22 +332,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------
 
 
-def _print_sdpa_paths(cfg: Any, dev: Any) -> None:
+def _print_sdpa_paths(cfg: Any, dev: Any, dtype: Any = None) -> None:
     """Which path the ``sdpa`` backend takes for each of soft-capping / sinks / dropout on
-    this device, and this model's soft-capping (the path is also logged once per call path
-    at DEBUG on the ``prefixattn`` logger)."""
+    this device with inputs of ``dtype`` (the model's; it picks the chunked path's GEMM
+    dtype), and this model's soft-capping (the path is also logged once per call path at
+    DEBUG on the ``prefixattn`` logger)."""
     import torch
 
     from .ops.sdpa_features import describe_paths, feature_path
 
     kind = torch.device(dev).type
-    rows = "; ".join(f"{feat} -> {path}" for feat, path in describe_paths(kind))
+    rows = "; ".join(f"{feat} -> {path}" for feat, path in describe_paths(kind, dtype))
     print(f"sdpa backend paths on {kind}: {rows}")
     cap = getattr(cfg, "attn_logit_softcapping", None)
     if cap:
-        print(
-            f"this model: attention soft-capping {cap} -> {feature_path(True, False, False, kind)}"
-        )
+        path = feature_path(True, False, False, kind, dtype)
+        print(f"this model: attention soft-capping {cap} -> {path}")
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -371,7 +371,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(
         f"device: {dev}; kernel backend: {describe_backend(kernel_backend(dev, dtype, args.backend))}"
     )
-    _print_sdpa_paths(cfg, dev)
+    _print_sdpa_paths(cfg, dev, dtype)
     if args.artifact is not None:
         method, source = artifact_kind(args.artifact)
         tuner = load_artifact(args.artifact, model, backend=args.backend)

@@ -28,7 +28,9 @@ whatever PyTorch has there. Every other rule of :func:`prefixattn.prefix_attenti
 * logit soft-capping and attention sinks, which SDPA cannot express, take the same K/V
   and mask to :mod:`~prefixattn.ops.sdpa_features` (no score matrix): sinks on the CPU
   are an exact rescaling of the flash kernel's output by its log-sum-exp; soft-capping
-  (and sinks elsewhere) an exact chunked path over query blocks. Only dropout with
+  (and sinks elsewhere) an exact chunked path over query blocks (bf16 / fp16 inputs on a
+  CPU with bf16 / fp16 matrix instructions: its P V, dS K, ... GEMMs in that dtype,
+  ``Settings.cpu_block_gemm``). Only dropout with
   either still runs the materialising reference path, with a one-time warning. The path
   a call takes is logged once per path (``logging.getLogger("prefixattn")``, DEBUG) and
   listed by ``prefixattn info``.
@@ -64,6 +66,7 @@ from .sdpa_features import (
     feature_path,
     note_path,
 )
+from .settings import current_settings
 from .validation import PREFIX_BANK, PREFIX_NONE, PREFIX_SHARED, AttnProblem, validate
 
 
@@ -149,9 +152,11 @@ def _attention_path(call: AttentionCall, prob: AttnProblem) -> Callable[..., tor
     if not softcap and sinks is None:
         note_path(PATH_FUSED)
         return F.scaled_dot_product_attention
+    settings = call.settings if call.settings is not None else current_settings()
     path = feature_path(
-        bool(softcap), sinks is not None, float(call.dropout_p) > 0, call.q.device.type
-    )
+        bool(softcap), sinks is not None, float(call.dropout_p) > 0, call.q.device.type,
+        call.q.dtype, settings.cpu_block_gemm,
+    )  # fmt: skip
     note_path(path)
     if path.startswith(PATH_REFERENCE):
         return None

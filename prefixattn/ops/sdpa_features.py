@@ -35,6 +35,16 @@ C) - C`` in base 2: PyTorch's CPU ``tanh`` and ``exp`` are several times slower 
 ``sigmoid`` and ``exp2``) and, the capped logits being bounded by C, no row max; the
 backward reuses the sigmoid for ``tanh' = 4 sig (1 - sig)`` (see :class:`_Plan`).
 
+The block GEMMs' dtype for bf16 / fp16 inputs on the CPU (:func:`block_gemm_dtype`,
+``Settings.cpu_block_gemm`` / ``PREFIXATTN_CPU_BLOCK_GEMM``): by default float32 operands
+(upcast), except where the CPU has bf16 (fp16) matrix instructions (AVX512-BF16 / AMX,
+:data:`CPU_FAST_GEMM_DTYPES`): there P V, P^T dO, dS K and dS^T Q run on input-dtype
+operands, as PyTorch's fused bf16 flash kernel runs its GEMMs, with per-block results
+summed in float32; q k^T and dO V^T stay float32 on every host. On an AVX2-only CPU
+PyTorch's bf16 GEMMs are a scalar fallback (4-60x slower than float32, measured), so
+they are never chosen there; the speed on a bf16-capable host is not measured. The
+path's name says which (``PATH_CHUNKED_BF16`` / ``PATH_CHUNKED_FP16``).
+
 Dropout with soft-capping or sinks still runs the reference path (the materialising
 one); :func:`feature_path` says so and a one-time warning names the reason.
 """
@@ -43,15 +53,27 @@ from __future__ import annotations
 
 import logging
 import math
+import platform
 import warnings
 
 import torch
+
+from .settings import CPU_BLOCK_GEMM_MODES, current_settings
 
 logger = logging.getLogger("prefixattn")
 
 PATH_FUSED = "fused SDPA"
 PATH_SINK = "flash+lse sink rescale"
-PATH_CHUNKED = "chunked exact (query blocks)"
+PATH_CHUNKED = "chunked exact (query blocks)"  # every block GEMM in float32
+# the same with the P V, P^T dO, dS K and dS^T Q GEMMs on bf16 / fp16 operands (CPU only;
+# see :func:`block_gemm_dtype`)
+PATH_CHUNKED_BF16 = "chunked exact (query blocks, bf16 GEMMs)"
+PATH_CHUNKED_FP16 = "chunked exact (query blocks, fp16 GEMMs)"
+_CHUNKED_GEMM = {
+    PATH_CHUNKED: None,
+    PATH_CHUNKED_BF16: torch.bfloat16,
+    PATH_CHUNKED_FP16: torch.float16,
+}
 PATH_REFERENCE = "reference (materializes [B, H, Nq, P + Nk] scores)"
 # a paged CPU call (block_table, cu_seqlens_q): one call of the path above per row group
 PATH_PAGED_ROWS = "paged rows grouped by query count (CPU)"
@@ -66,27 +88,109 @@ def flash_lse_available() -> bool:
     return hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
 
 
-def feature_path(softcap: bool, sinks: bool, dropout: bool, device_type: str) -> str:
+def _cpu_fast_gemm_dtypes() -> frozenset[torch.dtype]:
+    """The half-precision dtypes whose CPU GEMMs PyTorch runs on matrix / dot-product
+    instructions here: bf16 where oneDNN supports it and the CPU has AVX512-BF16 or
+    AMX-BF16 (x86) or is an ARM64 whose oneDNN check passes (that check is the CPU's BF16
+    extension); fp16 where oneDNN supports it and the CPU has AVX512-FP16 or AMX-FP16.
+    oneDNN's x86 check alone (``_is_mkldnn_bf16_supported``: ISA >= AVX512-core) also
+    passes on AVX512 CPUs without the BF16 extension, where bf16 is emulated. On an
+    AVX2-only x86 (this project's CI host: PyTorch's bf16 GEMMs ran 4-60x slower than
+    float32 there) the set is empty.
+
+    Read once at import (``torch.cpu.get_capabilities``, torch >= 2.13; older torch:
+    ``torch.cpu._is_avx512_bf16_supported`` and friends). A torch without these probes
+    counts as having no fast half-precision GEMMs (float32 blocks, today's choice);
+    ``prefixattn info`` names the path either way."""
+    caps: dict[str, object] = {}
+    get = getattr(torch.cpu, "get_capabilities", None)
+    if get is not None:
+        caps = dict(get())
+    else:  # torch < 2.13
+        for key, probe in (
+            ("avx512_bf16", "_is_avx512_bf16_supported"),
+            ("amx_bf16", "_is_amx_tile_supported"),
+            ("amx_fp16", "_is_amx_fp16_supported"),
+        ):
+            fn = getattr(torch.cpu, probe, None)
+            caps[key] = bool(fn()) if fn is not None else False
+
+    def onednn(name: str) -> bool:
+        try:
+            return bool(getattr(torch.ops.mkldnn, name)())
+        except (AttributeError, RuntimeError):  # no oneDNN in this build
+            return False
+
+    arm = platform.machine().lower() in ("aarch64", "arm64")
+    out = set()
+    if onednn("_is_mkldnn_bf16_supported") and (
+        arm or caps.get("avx512_bf16") or caps.get("amx_bf16")
+    ):
+        out.add(torch.bfloat16)
+    if onednn("_is_mkldnn_fp16_supported") and (caps.get("avx512_fp16") or caps.get("amx_fp16")):
+        out.add(torch.float16)
+    return frozenset(out)
+
+
+# the dtypes whose block GEMMs "auto" runs in the input dtype on this host
+CPU_FAST_GEMM_DTYPES = _cpu_fast_gemm_dtypes()
+
+
+def block_gemm_dtype(dtype: torch.dtype | None, device_type: str, mode: str) -> torch.dtype | None:
+    """The dtype of the chunked path's P V / P^T dO / dS K / dS^T Q block GEMMs for inputs
+    of ``dtype`` on ``device_type`` under ``mode`` (``Settings.cpu_block_gemm``), or None:
+    float32 (float64 for float64 inputs), every GEMM on upcast operands.
+
+    Only bf16 / fp16 inputs on the CPU take half-precision GEMMs: ``"input"`` always,
+    ``"auto"`` where :data:`CPU_FAST_GEMM_DTYPES` holds the dtype, ``"float32"`` never.
+    q k^T (the scores, before the soft-cap) and dO V^T (dP, before dP - Delta) stay float32
+    whatever the mode, as in PyTorch's fused flash kernel. Off the CPU: always None."""
+    if mode not in CPU_BLOCK_GEMM_MODES:
+        raise ValueError(f"cpu_block_gemm must be one of {CPU_BLOCK_GEMM_MODES}, got {mode!r}")
+    if device_type != "cpu" or dtype not in (torch.bfloat16, torch.float16) or mode == "float32":
+        return None
+    if mode == "input" or dtype in CPU_FAST_GEMM_DTYPES:
+        return dtype
+    return None
+
+
+def feature_path(
+    softcap: bool,
+    sinks: bool,
+    dropout: bool,
+    device_type: str,
+    dtype: torch.dtype | None = None,
+    block_gemm: str | None = None,
+) -> str:
     """The path of an ``sdpa``-backend call with these features (one of the PATH_* names,
     with the reason for a materialising one). The one decision :func:`sdpa_prefix_attention`
-    and ``prefixattn info`` both use."""
+    and ``prefixattn info`` both use. ``dtype``: the inputs' (None: float32), which with
+    ``block_gemm`` (``Settings.cpu_block_gemm``; None: the current settings') picks the
+    chunked path's GEMM dtype (:func:`block_gemm_dtype`: ``PATH_CHUNKED_BF16`` /
+    ``PATH_CHUNKED_FP16`` instead of ``PATH_CHUNKED``)."""
     if not softcap and not sinks:
         return PATH_FUSED
     if dropout:
         return PATH_REFERENCE + ": dropout with soft-capping or sinks"
     if sinks and not softcap and device_type == "cpu" and flash_lse_available():
         return PATH_SINK
-    return PATH_CHUNKED
+    if block_gemm is None:
+        block_gemm = current_settings().cpu_block_gemm
+    gemm = block_gemm_dtype(dtype, device_type, block_gemm)
+    if gemm is None:
+        return PATH_CHUNKED
+    return PATH_CHUNKED_BF16 if gemm == torch.bfloat16 else PATH_CHUNKED_FP16
 
 
-def describe_paths(device_type: str) -> list[tuple[str, str]]:
+def describe_paths(device_type: str, dtype: torch.dtype | None = None) -> list[tuple[str, str]]:
     """(features, path) for every combination of soft-capping, sinks and dropout of an
-    ``sdpa``-backend call on ``device_type``: what ``prefixattn info`` prints."""
+    ``sdpa``-backend call on ``device_type`` with inputs of ``dtype`` (None: float32),
+    under the current settings: what ``prefixattn info`` prints."""
     rows = []
     for softcap, sinks in ((False, False), (False, True), (True, False), (True, True)):
         name = "+".join(n for n, on in (("softcap", softcap), ("sinks", sinks)) if on)
-        rows.append((name or "plain", feature_path(softcap, sinks, False, device_type)))
-    rows.append(("softcap|sinks with dropout", feature_path(True, True, True, device_type)))
+        rows.append((name or "plain", feature_path(softcap, sinks, False, device_type, dtype)))
+    rows.append(("softcap|sinks with dropout", feature_path(True, True, True, device_type, dtype)))
     return rows
 
 
@@ -208,7 +312,7 @@ class _Plan:
     ``z = k1 * sig - C log2(e)``, ``k1 = 2 C log2(e)``; ``d logit / ds = 4 scale
     sig (1 - sig)``. Without it the block holds ``z`` itself (q scaled by ``scale log2(e)``)."""
 
-    def __init__(self, q, k, sinks, scale: float, softcap: float):
+    def __init__(self, q, k, sinks, scale: float, softcap: float, gemm=None):
         B, H, Nq, D = q.shape
         self.B, self.H, self.Nq, self.D = B, H, Nq, D
         self.Hkv, self.Nk = k.shape[1], k.shape[2]
@@ -229,6 +333,8 @@ class _Plan:
         n = B * H * self.step
         self.qbuf = torch.empty(n * D, dtype=self.cdt, device=q.device)
         self.sbuf = torch.empty(n * self.Nk, dtype=self.cdt, device=q.device)
+        # one block's P (then dS) rounded to gdt: the half-precision GEMMs' operand
+        self.gbuf = None if gemm is None else torch.empty(n * self.Nk, dtype=gemm, device=q.device)
 
     def blocks(self, mask, is_causal: bool, causal: bool):
         """(i0, i1, lo, hi, full): each query block's rows and its key span [lo, hi)
@@ -263,15 +369,25 @@ class ChunkedAttention(torch.autograd.Function):
     Inputs: q [B, H, Nq, D], k, v [B, Hkv, Nk, D], sinks [H] or None, mask bool
     [B|1, 1, Nq, Nk] or None, is_causal (bottom-right; only with mask None), causal (the
     call is causal: a block reads keys up to its last row's, whatever the mask), scale,
-    softcap (0 = none). Scores in float32 (float64 for float64 inputs), in the base-2 domain (:class:`_Plan`); per block
-    the forward runs one matmul, sigmoid, one scaled add, exp2, a row sum and one matmul
-    (soft-capped logits are bounded, so no row max). Saves q, k, v, out and lse [B, H, Nq]."""
+    softcap (0 = none), gemm (None, or bf16 / fp16: see below). Scores in float32 (float64
+    for float64 inputs), in the base-2 domain (:class:`_Plan`); per block the forward runs
+    one matmul, sigmoid, one scaled add, exp2, a row sum and one matmul (soft-capped logits
+    are bounded, so no row max). Saves q, k, v, out and lse [B, H, Nq].
+
+    ``gemm`` None: every GEMM on float32 operands (upcast). ``gemm`` bf16 / fp16 (the
+    inputs' dtype): the GEMMs whose output is summed or rounded anyway take ``gemm``
+    operands, as PyTorch's fused flash kernel does: the forward's P V (P normalised first,
+    so in [0, 1] also for fp16), and dV += P^T dO, dQ = dS K, dK += dS^T Q in the backward
+    (a block's product comes back in ``gemm``, is added into the float32 dK, dV and
+    written into the float32 dQ). q k^T and dO V^T stay float32 (the scores before the
+    soft-cap; dP before dP - Delta, a cancellation)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, sinks, mask, is_causal, causal, scale, softcap):  # type: ignore[override]
-        pl = _Plan(q, k, sinks, scale, softcap)
+    def forward(ctx, q, k, v, sinks, mask, is_causal, causal, scale, softcap, gemm=None):  # type: ignore[override]
+        pl = _Plan(q, k, sinks, scale, softcap, gemm)
         B, Hkv, G, Nq, Dv = pl.B, pl.Hkv, pl.G, pl.Nq, v.shape[-1]
-        kf, vf = k.to(pl.cdt), v.to(pl.cdt)
+        kf = k.to(pl.cdt)
+        vf = v.to(pl.cdt if gemm is None else gemm)  # the P V GEMM's operand
         out = torch.zeros(B, Hkv, G, Nq, Dv, dtype=q.dtype, device=q.device)
         # a skipped block's rows see no key: lse = the sink's logit (its softmax is the sink
         # alone), or -inf without sinks
@@ -306,21 +422,31 @@ class ChunkedAttention(torch.autograd.Function):
             den = e.sum(dim=-1, keepdim=True)  # [B, Hkv, G, bq, 1]
             if pl.t2 is not None:
                 den = den + torch.exp2(pl.t2 - m)
-            o = torch.matmul(x, vf[:, :, lo:hi]).view(B, Hkv, G, bq, Dv)
-            out[:, :, :, i0:i1] = o.div_(torch.where(den > 0, den, torch.ones_like(den)))
+            den1 = torch.where(den > 0, den, torch.ones_like(den))
+            if gemm is None:
+                o = torch.matmul(x, vf[:, :, lo:hi]).view(B, Hkv, G, bq, Dv)
+                out[:, :, :, i0:i1] = o.div_(den1)
+            else:  # P = e / den rounded once to gemm, then one gemm GEMM
+                pg = pl.gbuf[: x.numel()].view(B, Hkv, G, bq, w)
+                torch.div(e, den1, out=pg)
+                o = torch.matmul(pg.view(B, Hkv, G * bq, w), vf[:, :, lo:hi])
+                out[:, :, :, i0:i1] = o.view(B, Hkv, G, bq, Dv)
             lse[:, :, :, i0:i1] = ((m + torch.log2(den)) * _LN2).squeeze(-1)  # -inf: sees nothing
         ctx.save_for_backward(q, k, v, sinks, mask, out, lse)
-        ctx.flags = (is_causal, causal, scale, softcap)
+        ctx.flags = (is_causal, causal, scale, softcap, gemm)
         return out.view(B, pl.H, Nq, Dv)
 
     @staticmethod
     def backward(ctx, dout):  # type: ignore[override]
         q, k, v, sinks, mask, out, lse = ctx.saved_tensors
-        is_causal, causal, scale, softcap = ctx.flags
-        pl = _Plan(q, k, sinks, scale, softcap)
+        is_causal, causal, scale, softcap, gemm = ctx.flags
+        pl = _Plan(q, k, sinks, scale, softcap, gemm)
         B, Hkv, G, Nq, Nk, D, Dv = pl.B, pl.Hkv, pl.G, pl.Nq, pl.Nk, pl.D, v.shape[-1]
         kf, vf = k.to(pl.cdt), v.to(pl.cdt)
         do = dout.to(pl.cdt).reshape(B, Hkv, G, Nq, Dv)
+        if gemm is not None:  # the half-precision GEMMs' other operands
+            dog = dout.to(gemm).reshape(B, Hkv, G, Nq, Dv)
+            kg3 = k.to(gemm).reshape(B * Hkv, Nk, D)
         delta = (do * out.to(pl.cdt)).sum(-1)  # [B, Hkv, G, Nq]: rowsum(dO * O)
         # a row that sees nothing: lse = -inf; +inf makes its probabilities exp(-inf) = 0
         lse2 = torch.where(torch.isfinite(lse), lse, torch.full_like(lse, float("inf")))
@@ -330,6 +456,7 @@ class ChunkedAttention(torch.autograd.Function):
         dv = torch.zeros(B, Hkv, Nk, Dv, dtype=pl.cdt, device=q.device)
         BH = B * Hkv
         kf3, vf3 = kf.reshape(BH, Nk, D), vf.reshape(BH, Nk, Dv)
+        gb = pl.gbuf
         dk3, dv3 = dk.view(BH, Nk, D), dv.view(BH, Nk, Dv)
         n = pl.sbuf.numel()
         pbuf = torch.empty(n, dtype=pl.cdt, device=q.device)
@@ -352,24 +479,36 @@ class ChunkedAttention(torch.autograd.Function):
             # [hi - lo, D] temporary a block
             p3 = p.view(BH, G * bq, w)  # the probabilities
             dob = do[:, :, :, i0:i1].reshape(BH, G * bq, Dv)
-            dv3[:, lo:hi].baddbmm_(p3.transpose(-1, -2), dob)
+            if gemm is None:
+                dv3[:, lo:hi].baddbmm_(p3.transpose(-1, -2), dob)
+            else:
+                pg = gb[: x.numel()].view(BH, G * bq, w).copy_(p3)
+                dobg = dog[:, :, :, i0:i1].reshape(BH, G * bq, Dv)
+                dv3[:, lo:hi].add_(torch.bmm(pg.transpose(-1, -2), dobg))
             dp = dpbuf[: x.numel()].view(BH, G * bq, w)
             torch.bmm(dob, vf3[:, lo:hi].transpose(-1, -2), out=dp)
             dp5 = dp.view(B, Hkv, G, bq, w)
             ds = dp5.sub_(delta[:, :, :, i0:i1, None]).mul_(p)  # dL / d logit
             if softcap:
                 ds.mul_(x5)
-            dq[:, :, :, i0:i1] = torch.bmm(dp, kf3[:, lo:hi]).view(B, Hkv, G, bq, D)
-            dk3[:, lo:hi].baddbmm_(dp.transpose(-1, -2), qs.view(BH, G * bq, D))
+            if gemm is None:
+                dq[:, :, :, i0:i1] = torch.bmm(dp, kf3[:, lo:hi]).view(B, Hkv, G, bq, D)
+                dk3[:, lo:hi].baddbmm_(dp.transpose(-1, -2), qs.view(BH, G * bq, D))
+            else:  # dS rounded to gemm; q unscaled (exact in gemm): dk's factor is gscale
+                dsg = gb[: x.numel()].view(BH, G * bq, w).copy_(dp)
+                dq[:, :, :, i0:i1] = torch.bmm(dsg, kg3[:, lo:hi]).view(B, Hkv, G, bq, D)
+                qg = q[:, :, i0:i1].to(gemm).reshape(BH, G * bq, D)
+                dk3[:, lo:hi].add_(torch.bmm(dsg.transpose(-1, -2), qg))
         dsink = None
         if sinks is not None and ctx.needs_input_grad[3]:
             t = sinks.to(pl.cdt).reshape(1, Hkv, G, 1)
             dsink = -(torch.exp(t - lse) * delta).sum(dim=(0, 3)).reshape(pl.H).to(sinks.dtype)
         return (
             dq.mul_(pl.gscale).view(B, pl.H, Nq, D).to(q.dtype),
-            dk.mul_(pl.gscale / pl.qscale).to(k.dtype),
+            dk.mul_(pl.gscale / (pl.qscale if gemm is None else 1.0)).to(k.dtype),
             dv.to(v.dtype),
             dsink,
+            None,
             None,
             None,
             None,
@@ -402,21 +541,31 @@ def feature_attention(
         scale = q.shape[-1] ** -0.5
     if path == PATH_SINK:
         return FlashSinkAttention.apply(q, k, v, sinks, attn_mask, is_causal, scale)
-    if path != PATH_CHUNKED:
+    if path not in _CHUNKED_GEMM:
         raise ValueError(f"feature_attention: no such path {path!r}")
+    gemm = _CHUNKED_GEMM[path]
+    if gemm is not None and not (q.dtype == k.dtype == v.dtype == gemm):
+        raise ValueError(
+            f"feature_attention: path {path!r} needs q, k, v in {gemm}, got "
+            f"{q.dtype}, {k.dtype}, {v.dtype}"
+        )
     return ChunkedAttention.apply(
-        q, k, v, sinks, attn_mask, is_causal, causal, float(scale), float(softcap or 0.0)
+        q, k, v, sinks, attn_mask, is_causal, causal, float(scale), float(softcap or 0.0), gemm
     )
 
 
 __all__ = [
+    "CPU_FAST_GEMM_DTYPES",
     "PATH_CHUNKED",
+    "PATH_CHUNKED_BF16",
+    "PATH_CHUNKED_FP16",
     "PATH_FUSED",
     "PATH_PAGED_ROWS",
     "PATH_REFERENCE",
     "PATH_SINK",
     "ChunkedAttention",
     "FlashSinkAttention",
+    "block_gemm_dtype",
     "describe_paths",
     "feature_attention",
     "feature_path",

@@ -116,6 +116,11 @@ INTERPRET_BWD_CONFIG = KernelConfig(32, 32, 1, 1, 32, 32)
 # prefixes.
 PREFIX_BLOCK_N = 64
 BACKWARD_MODES = ("auto", "split", "fused")
+# The dtype of the chunked soft-capping / sinks path's block GEMMs for bf16 / fp16 inputs
+# on the CPU (ops/sdpa_features.py): "auto" (the input dtype where the CPU has bf16 / fp16
+# matrix instructions, float32 elsewhere), "float32" (always), "input" (always the input
+# dtype: slow on a CPU without them, where PyTorch's bf16 GEMMs are a scalar fallback)
+CPU_BLOCK_GEMM_MODES = ("auto", "float32", "input")
 REDUCE_BLOCK = 1024
 # CUDA's limit on grid axis 1, where every kernel puts (batch row, head) pairs
 MAX_GRID_Y = 65535
@@ -141,6 +146,9 @@ class Settings:
             the first fitting config of each list.
         backward: ``"auto"`` (fused up to :data:`FUSED_BWD_MAX_WORK`, split above),
             ``"split"`` or ``"fused"`` (``PREFIXATTN_BWD``).
+        cpu_block_gemm: the dtype of the CPU chunked path's P V / dS K / dS^T Q / P^T dO
+            block GEMMs for bf16 / fp16 inputs (``PREFIXATTN_CPU_BLOCK_GEMM``, see
+            :data:`CPU_BLOCK_GEMM_MODES`; default ``"auto"``).
         interpret: Triton's CPU interpreter was requested (``TRITON_INTERPRET=1``).
         fwd, dkdv, dq, prefix_dkdv, bwd: one config for that kernel instead of the
             normal choice (``bwd``, the fused backward's, needs BLOCK_M2 / BLOCK_N2).
@@ -153,6 +161,7 @@ class Settings:
 
     autotune: bool = True
     backward: str = "auto"
+    cpu_block_gemm: str = "auto"
     interpret: bool = False
     fwd: KernelConfig | None = None
     dkdv: KernelConfig | None = None
@@ -169,6 +178,11 @@ class Settings:
                 f"PREFIXATTN_BWD / Settings.backward must be one of {BACKWARD_MODES}, "
                 f"got {self.backward!r}"
             )
+        if self.cpu_block_gemm not in CPU_BLOCK_GEMM_MODES:
+            raise ValueError(
+                "PREFIXATTN_CPU_BLOCK_GEMM / Settings.cpu_block_gemm must be one of "
+                f"{CPU_BLOCK_GEMM_MODES}, got {self.cpu_block_gemm!r}"
+            )
         if self.bwd is not None and not self.bwd.BLOCK_M2:
             raise ValueError("Settings.bwd needs a config with BLOCK_M2 and BLOCK_N2")
         if self.prefix_splits is not None and self.prefix_splits < 1:
@@ -180,6 +194,7 @@ class Settings:
         env = {
             "autotune": os.environ.get("PREFIXATTN_AUTOTUNE", "1") != "0",
             "backward": os.environ.get("PREFIXATTN_BWD", "auto").strip().lower(),
+            "cpu_block_gemm": os.environ.get("PREFIXATTN_CPU_BLOCK_GEMM", "auto").strip().lower(),
             "interpret": os.environ.get("TRITON_INTERPRET", "0") == "1",
         }
         return cls(**{**env, **changes})
@@ -226,6 +241,7 @@ __all__ = [
     "BACKWARD_MODES",
     "BWD_CONFIGS",
     "CONFIG_LISTS",
+    "CPU_BLOCK_GEMM_MODES",
     "DKDV_CONFIGS",
     "DQ_CONFIGS",
     "ENV_SETTINGS",
