@@ -43,6 +43,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--max-model-len", type=int, default=256)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument(
+        "--pack",
+        action="store_true",
+        help="eager and compiled with the linears oneDNN-packed (as a started "
+        "engine runs them: packed before compiling; see serve/engine/cpu_linear.py)",
+    )
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     from prefixattn import PrefixTuning, TaskBank
@@ -66,6 +72,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     eng = Engine(bank, tok, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                  compile=True)  # fmt: skip
     g, snap = eng.graphs, bank.snapshot()
+    if args.pack:
+        from prefixattn.serve.engine.cpu_linear import pack_linears
+
+        packed = pack_linears(model)
+        print(f"linears: {packed.stats()}")
     load0 = _load()
     t0 = time.perf_counter()
     g.capture(snap)
@@ -77,6 +88,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report: dict[str, Any] = {
         "command": "python benchmarks/compiled_step.py " + " ".join(argv or sys.argv[1:]),
         "model": name, "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "packed_linears": args.pack,
         "compile_s": round(compile_s, 1), "compile_load": [load0, _load()],
         "compile_s_by_bucket": g.compile_s_by_bucket, "shapes": [],
     }  # fmt: skip

