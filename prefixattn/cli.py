@@ -17,8 +17,10 @@ written by ``save_pretrained`` (or holding one ``.gguf`` file). Nothing is downl
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -28,6 +30,7 @@ from typing import Any
 from . import __version__
 from .data import DEMO_MODEL, read_text_records
 from .ops.validation import BACKENDS
+from .serve.engine.config import CPU_LINEAR, EngineConfig, field_help, with_cuda_graphs
 from .tiny import TINY_MODEL
 from .training import encode_records as encode_records  # kept importable from here
 from .training import split_records
@@ -704,6 +707,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for name, path in tasks.items():
         check_task_name(name)
         artifact_kind(path)  # fail early, before loading the model
+    engine = engine_config_from_args(args)  # out-of-range values: before loading the model
     token = args.admin_token or os.environ.get("PREFIXATTN_ADMIN_TOKEN") or None
     api_key = args.api_key or os.environ.get("PREFIXATTN_API_KEY") or None
     dev = resolve_device(args.device)
@@ -711,15 +715,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         _say_loading(args.model)
     model, tok, name = load_base(args.model, device=str(dev), dtype=_torch_dtype(args.dtype))
     app = create_app(
-        model, tok, tasks, model_name=args.model_name or name, admin_token=token,
-        api_key=api_key, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, max_queue=args.max_queue,
-        kv_slots=args.kv_slots, max_model_len=args.max_model_len, cuda_graphs=args.cuda_graphs,
-        compile=args.compile, compile_budget_s=args.compile_budget,
-        max_body_bytes=args.max_body_bytes, backend=args.backend, task_dir=args.task_dir,
-        max_loaded_tasks=args.max_loaded_tasks, limits=_request_limits(args),
-        block_size=args.block_size, num_blocks=args.num_blocks,
-        kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=not args.no_prefix_caching,
+        model, tok, tasks, engine=engine, model_name=args.model_name or name,
+        admin_token=token, api_key=api_key, max_body_bytes=args.max_body_bytes,
+        backend=args.backend, task_dir=args.task_dir, max_loaded_tasks=args.max_loaded_tasks,
+        limits=_request_limits(args),
     )  # fmt: skip
     served = ", ".join(app.state.bank.tasks)
     if app.state.tasks is not None:
@@ -743,6 +742,89 @@ def _request_limits(args: argparse.Namespace) -> Any:
         max_prompts=args.max_prompts, max_n=args.max_n, max_stop=args.max_stop,
         max_stop_chars=args.max_stop_chars, max_stop_token_ids=args.max_stop_token_ids,
     )  # fmt: skip
+
+
+# EngineConfig field -> its `prefixattn serve` flag (the flag's help and default are the
+# field's: EngineConfig is the one place they are written); decode_buckets: --cuda-graphs
+ENGINE_FLAGS = {
+    "max_num_seqs": "--max-num-seqs",
+    "max_num_batched_tokens": "--max-num-batched-tokens",
+    "max_queue": "--max-queue",
+    "kv_slots": "--kv-slots",
+    "max_model_len": "--max-model-len",
+    "block_size": "--block-size",
+    "num_blocks": "--num-blocks",
+    "kv_cache_memory": "--kv-cache-memory",
+    "enable_prefix_caching": "--prefix-caching",
+    "seed": "--seed",
+    "decode_buckets": "--cuda-graphs",
+    "compile": "--compile",
+    "compile_budget_s": "--compile-budget",
+    "cpu_linear": "--cpu-linear",
+}
+
+
+def _engine_help(name: str) -> str:
+    """The help of EngineConfig field ``name``, its ``field`` names written as flags."""
+    names = {**ENGINE_FLAGS, "decode_buckets": "the --cuda-graphs buckets"}
+
+    def flag(m: re.Match[str]) -> str:
+        return names.get(m.group(1), m.group(1))
+
+    return re.sub(r"``(\w+)``", flag, field_help(name))
+
+
+def _engine_default(name: str) -> Any:
+    return next(f.default for f in dataclasses.fields(EngineConfig) if f.name == name)
+
+
+def _add_engine_flags(p: argparse.ArgumentParser) -> None:
+    """The engine's options (:class:`~prefixattn.serve.engine.config.EngineConfig`), one
+    flag per field (:data:`ENGINE_FLAGS`); :func:`engine_config_from_args` reads them."""
+
+    def add(name: str, *extra_flags: str, **kw: Any) -> None:
+        kw.setdefault("default", _engine_default(name))
+        kw.setdefault("help", _engine_help(name))
+        p.add_argument(ENGINE_FLAGS[name], *extra_flags, dest=name, **kw)
+
+    add("max_num_seqs", "--max-batch-size", type=_positive_int)
+    add("max_num_batched_tokens", type=_positive_int)
+    add("max_queue", type=_positive_int)
+    add("kv_slots", type=_positive_int)
+    add("max_model_len", type=_positive_int)
+    add("block_size", type=_positive_int)
+    add("num_blocks", type=_positive_int)
+    add("kv_cache_memory", type=_positive_int, metavar="BYTES")
+    add("enable_prefix_caching", action=argparse.BooleanOptionalAction)
+    add("seed", type=int)
+    p.add_argument(  # decode_buckets, the buckets of --compile's default
+        "--cuda-graphs",
+        action="store_true",
+        help="decode_buckets 1, 2, 4, ... --max-num-seqs: capture the decode step in CUDA "
+        "graphs for these batch sizes (CUDA only; elsewhere the same static-shape step runs "
+        "eagerly)",
+    )
+    add(
+        "compile",
+        action=argparse.BooleanOptionalAction,
+        help=_engine_help("compile") + ". Off by default (start-up time, see "
+        "docs/serving-engine.md)",
+    )
+    add("compile_budget_s", type=_positive_float, metavar="SECONDS")
+    add("cpu_linear", choices=CPU_LINEAR)
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    """The :class:`~prefixattn.serve.engine.config.EngineConfig` of ``prefixattn serve``'s
+    parsed flags (``--cuda-graphs``: ``decode_buckets`` up to ``--max-num-seqs``).
+
+    Raises:
+        ValueError: a value out of range (naming the field).
+    """
+    config = EngineConfig(
+        **{name: getattr(args, name) for name in ENGINE_FLAGS if name != "decode_buckets"}
+    )
+    return with_cuda_graphs(config) if args.cuda_graphs else config
 
 
 def _add_serve(sub: Any) -> None:
@@ -775,77 +857,7 @@ def _add_serve(sub: Any) -> None:
     p.add_argument("--model-name", default=None, help="the base model's name in requests")
     p.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine)")
     p.add_argument("--port", type=_positive_int, default=8000, help="TCP port")
-    p.add_argument(
-        "--max-num-seqs",
-        "--max-batch-size",
-        dest="max_num_seqs",
-        type=_positive_int,
-        default=16,
-        help="rows running at once, each in its own KV slot (continuous batching; default 16)",
-    )
-    p.add_argument(
-        "--max-num-batched-tokens",
-        type=_positive_int,
-        default=512,
-        help="tokens per step: one per decoding row plus prefill chunks (default 512)",
-    )
-    p.add_argument(
-        "--kv-slots",
-        type=_positive_int,
-        default=None,
-        help="size the paged KV cache for this many rows of --max-model-len tokens "
-        "(default --max-num-seqs; --num-blocks or --kv-cache-memory override it)",
-    )
-    p.add_argument(
-        "--max-model-len",
-        type=_positive_int,
-        default=None,
-        help="prompt + max_tokens of one request (the task prefix is not counted: it is "
-        "read from the bank; default the model's context, at most 1024)",
-    )
-    p.add_argument(
-        "--block-size",
-        type=_positive_int,
-        default=16,
-        help="tokens per KV block (a power of two >= 16; default 16)",
-    )
-    p.add_argument("--num-blocks", type=_positive_int, default=None, help="KV blocks preallocated")
-    p.add_argument(
-        "--kv-cache-memory",
-        type=_positive_int,
-        default=None,
-        help="bytes of KV blocks preallocated (instead of --num-blocks)",
-    )
-    p.add_argument(
-        "--no-prefix-caching",
-        action="store_true",
-        help="do not reuse the KV blocks of earlier prompts (automatic prefix caching is "
-        "on by default: same task, same leading tokens)",
-    )
-    p.add_argument(
-        "--cuda-graphs",
-        action="store_true",
-        help="capture the decode step in CUDA graphs for batch sizes 1, 2, 4, ... "
-        "--max-num-seqs (CUDA only; elsewhere the same static-shape step runs eagerly)",
-    )
-    p.add_argument(
-        "--compile",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="compile the decode step with torch.compile (Inductor) for shape buckets up to "
-        "--max-num-seqs rows at start-up (CPU; CUDA graphs on a CUDA device); the compile "
-        "time is logged and in /metrics.json (cuda_graphs.compile_s); a step without a "
-        "compiled bucket runs eagerly, counted. Off by default (start-up time, see "
-        "docs/serving-engine.md)",
-    )
-    p.add_argument(
-        "--compile-budget",
-        type=float,
-        default=None,
-        metavar="SECONDS",
-        help="with --compile: stop compiling further buckets after this many seconds",
-    )
-    p.add_argument("--max-queue", type=_positive_int, default=256, help="then 429")
+    _add_engine_flags(p)
     # what one request may ask for (over a limit: 400 naming the field and the limit)
     p.add_argument("--max-prompts", type=_positive_int, default=64, help="prompts per request")
     p.add_argument("--max-n", type=_positive_int, default=16, help="choices per prompt (n)")

@@ -72,7 +72,8 @@ LAYERS: list[list[str]] = [
     ["prefixattn.serve.*"],
     # serving, the engine (prefixattn.serve.engine): its interface at the bottom, then the
     # data path of one step, the step loop on top
-    ["prefixattn.serve.engine.request"],
+    # (config: the engine's options, pure Python; the command line reads it too)
+    ["prefixattn.serve.engine.config", "prefixattn.serve.engine.request"],
     [
         "prefixattn.serve.engine.kv_cache",
         "prefixattn.serve.engine.sampling",

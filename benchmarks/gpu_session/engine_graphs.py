@@ -293,10 +293,10 @@ def run(ctx: StepContext) -> None:
 
     from .common import Skip
 
-    try:  # the package imports the HTTP app (fastapi: carried as .whl on the GPU)
-        import prefixattn.serve  # noqa: F401
+    try:  # the engine (prefixattn.serve imports its names lazily: the engine needs no fastapi)
+        import prefixattn.serve.engine.core  # noqa: F401
     except ImportError as e:
-        raise Skip(f"prefixattn.serve not importable ({e}): carry the serve wheels (.whl, "
+        raise Skip(f"prefixattn.serve.engine not importable ({e}): carry the serve wheels (.whl, "
                    "python -m benchmarks.gpu_session.prepare)") from e  # fmt: skip
 
     # the first config of each kernel list (autotuning every specialization of the tiny

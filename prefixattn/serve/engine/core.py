@@ -27,9 +27,11 @@ serving never misroutes a running row).
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import threading
 import time
+import warnings
 from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any
@@ -38,8 +40,9 @@ import torch
 
 from ...hf.bank import TaskBank
 from .compiled import CompiledDecode
+from .config import DEFAULT_MAX_MODEL_LEN, EngineConfig, buckets_up_to, merge_overrides
 from .cpu_linear import PackedLinears, onednn_packing, pack_linears
-from .cuda_graphs import DecodeGraphs, buckets_up_to
+from .cuda_graphs import DecodeGraphs
 from .kv_cache import PagedKVPool
 from .kv_cache_manager import KVCacheManager, TaskKeys, cdiv
 from .request import (
@@ -62,16 +65,13 @@ __all__ = [
     "LENGTH",
     "STOP",
     "Engine",
+    "EngineConfig",
     "GenRequest",
     "QueueFullError",
     "SamplingParams",
     "context_limit",
     "eos_token_ids",
 ]
-
-DEFAULT_MAX_MODEL_LEN = 1024
-DEFAULT_BLOCK_SIZE = 16
-CPU_LINEAR = ("auto", "onednn", "torch")
 
 
 def _percentiles(values: Any) -> dict[str, Any]:
@@ -90,139 +90,103 @@ class Engine:
         bank: the bank (its model patched); tasks may be added / removed while serving.
         tokenizer: the model's tokenizer (only its EOS id is used; None: the model's
             generation config's).
-        max_num_seqs: rows running at once.
-        max_num_batched_tokens: tokens per step (decode tokens + prefill chunks).
-        max_queue: waiting requests beyond which :meth:`submit` raises QueueFullError.
-        kv_slots: size the KV pool for this many rows of ``max_model_len`` tokens
-            (default ``max_num_seqs``), when neither ``num_blocks`` nor
-            ``kv_cache_memory`` is given.
-        max_model_len: prompt + ``max_tokens`` of one row (the task prefix is not in the
-            row's KV memory and does not count; default: the model's context, at most
-            1024). A request that needs more finishes with ERROR (the front end answers 400).
-        block_size: tokens per KV block (a power of two >= 16).
-        num_blocks: KV blocks preallocated (overrides ``kv_slots``).
-        kv_cache_memory: bytes of KV blocks preallocated (overrides ``kv_slots``).
-        enable_prefix_caching: reuse the KV blocks of earlier requests' prompts (same
-            task, same leading tokens; vLLM's automatic prefix caching).
-        max_batch_size: the former name of ``max_num_seqs`` (used when that is not given).
-        seed: seeds the generators of sampled requests without a seed.
-        decode_buckets: run decode-only steps (no prefill chunk: a step with one runs the
-            packed forward) padded to these batch sizes over static buffers,
-            captured as CUDA graphs at :meth:`start` on a CUDA model (eager elsewhere);
-            None: dynamic shapes (see :mod:`.cuda_graphs`).
-        compile: decode steps padded to shape buckets (``decode_buckets``, default powers
-            of two up to ``max_num_seqs``) run through ``torch.compile`` (Inductor), compiled
-            at :meth:`start` (the time logged and in :meth:`metrics` ``cuda_graphs``
-            ``compile_s``); on a CUDA model, CUDA graphs (:mod:`.cuda_graphs`). See
-            :mod:`.compiled`.
-        compile_budget_s: stop compiling further buckets after this many seconds (their
-            steps run eagerly, counted); None: no bound.
-        cpu_linear: how the model's ``nn.Linear`` layers run on a CPU model while the
-            engine runs: ``"onednn"``: over weights prepacked once for oneDNN (2-3x faster
-            at a decode step's few rows; :mod:`.cpu_linear`), an error where oneDNN
-            cannot pack the model's dtype; ``"torch"``: ``nn.Linear`` as it is; ``"auto"``
-            (default): ``"onednn"`` where it packs, else ``"torch"`` (logged, and in
-            :meth:`metrics` ``linear``). Packed at :meth:`start`, reverted at :meth:`stop`.
+        config: the engine's options (:class:`~.config.EngineConfig`: each field's help
+            says what it does); None: the defaults.
+        **overrides: :class:`~.config.EngineConfig` fields, winning over ``config``'s
+            (``Engine(bank, tok, max_num_seqs=4)``). ``max_batch_size``: the former name of
+            ``max_num_seqs`` (deprecated; used when ``max_num_seqs`` is not given).
+
+    :attr:`config` holds the options the engine runs with: those given, with the defaults
+    that depend on the model resolved (``max_num_seqs`` from ``max_batch_size``,
+    ``max_model_len`` from the model's context, ``kv_slots``, and ``decode_buckets`` under
+    ``compile``). ``max_queue`` may be changed while serving (assigning it replaces
+    :attr:`config`).
 
     Every attention call reads the paged pool through ``cache_seqlens`` + ``block_table``
     (the Triton kernel in place; the torch backends gather the pages) and the rows' task
     prefixes from the bank (``prefix_index`` / ``prefix_lengths``).
+
+    Raises:
+        TypeError: an override that is not an EngineConfig field (named).
+        ValueError: a value out of range (naming the field), or one this model cannot
+            take (``kv_cache_memory`` below one block, ``cpu_linear='onednn'`` where oneDNN
+            cannot pack the model).
     """
 
     def __init__(
         self,
         bank: TaskBank,
         tokenizer: Any = None,
-        *,
-        max_num_seqs: int | None = None,
-        max_num_batched_tokens: int = 512,
-        max_queue: int = 256,
-        kv_slots: int | None = None,
-        max_model_len: int | None = None,
-        max_batch_size: int = 16,
-        seed: int | None = None,
-        decode_buckets: tuple[int, ...] | None = None,
-        block_size: int = DEFAULT_BLOCK_SIZE,
-        num_blocks: int | None = None,
-        kv_cache_memory: int | None = None,
-        enable_prefix_caching: bool = True,
-        compile: bool = False,
-        compile_budget_s: float | None = None,
-        cpu_linear: str = "auto",
+        config: EngineConfig | None = None,
+        **overrides: Any,
     ) -> None:
-        max_num_seqs = max_batch_size if max_num_seqs is None else max_num_seqs
-        if cpu_linear not in CPU_LINEAR:
-            raise ValueError(f"cpu_linear must be one of {CPU_LINEAR}, got {cpu_linear!r}")
-        if compile and decode_buckets is None:
-            decode_buckets = buckets_up_to(max_num_seqs)
-        for name, value in (
-            ("max_num_seqs", max_num_seqs),
-            ("max_num_batched_tokens", max_num_batched_tokens),
-            ("max_queue", max_queue),
-        ):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if "max_batch_size" in overrides:  # the former name of max_num_seqs
+            warnings.warn(
+                "Engine(max_batch_size=...) is deprecated: use max_num_seqs",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            overrides.setdefault("max_num_seqs", overrides.pop("max_batch_size"))
+        cfg = merge_overrides(config, overrides, caller="Engine")
         model = bank.model
         limit = context_limit(model)
+        max_model_len = cfg.max_model_len
         if max_model_len is None:
             max_model_len = min(limit or DEFAULT_MAX_MODEL_LEN, DEFAULT_MAX_MODEL_LEN)
-        if not isinstance(max_model_len, int) or max_model_len < 2:
-            raise ValueError(f"max_model_len must be an int >= 2, got {max_model_len!r}")
-        kv_slots = max_num_seqs if kv_slots is None else kv_slots
-        if not isinstance(kv_slots, int) or kv_slots < 1:
-            raise ValueError(f"kv_slots must be an int >= 1, got {kv_slots!r}")
-        if not isinstance(block_size, int) or block_size < 16 or block_size & (block_size - 1):
-            raise ValueError(f"block_size must be a power of two >= 16, got {block_size!r}")
+        decode_buckets = cfg.decode_buckets
+        if cfg.compile and decode_buckets is None:
+            decode_buckets = buckets_up_to(cfg.max_num_seqs)
+        cfg = dataclasses.replace(
+            cfg,
+            max_model_len=max_model_len,
+            kv_slots=cfg.max_num_seqs if cfg.kv_slots is None else cfg.kv_slots,
+            decode_buckets=decode_buckets,
+        )
+        self.config = cfg
         self.bank, self.tokenizer = bank, tokenizer
-        self.max_queue = max_queue
         self.context_limit = limit
-        self.max_model_len = max_model_len
         g = bank.geometry
         param = next(model.parameters())
-        self.max_blocks_per_row = cdiv(max_model_len, block_size)
-        if kv_cache_memory is not None:
-            if num_blocks is not None:
-                raise ValueError("give num_blocks or kv_cache_memory, not both")
-            if not isinstance(kv_cache_memory, int) or kv_cache_memory < 1:
-                raise ValueError(f"kv_cache_memory must be an int >= 1, got {kv_cache_memory!r}")
+        self.max_blocks_per_row = cdiv(cfg.max_model_len, cfg.block_size)
+        num_blocks = cfg.num_blocks
+        if cfg.kv_cache_memory is not None:
             per = PagedKVPool.block_bytes(
-                g.num_layers, g.num_kv_heads, g.head_dim, block_size, param.dtype
+                g.num_layers, g.num_kv_heads, g.head_dim, cfg.block_size, param.dtype
             )
-            num_blocks = kv_cache_memory // per
+            num_blocks = cfg.kv_cache_memory // per
             if num_blocks < 1:
                 raise ValueError(
-                    f"kv_cache_memory={kv_cache_memory} bytes holds no KV block ({per} bytes)"
+                    f"kv_cache_memory={cfg.kv_cache_memory} bytes holds no KV block ({per} bytes)"
                 )
         if num_blocks is None:
-            num_blocks = kv_slots * self.max_blocks_per_row
-        if not isinstance(num_blocks, int) or num_blocks < 1:
-            raise ValueError(f"num_blocks must be an int >= 1, got {num_blocks!r}")
+            num_blocks = cfg.kv_slots * self.max_blocks_per_row
         self.pool = PagedKVPool(
             g.num_layers, g.num_kv_heads, g.head_dim, num_blocks=num_blocks,
-            block_size=block_size, dtype=param.dtype, device=param.device,
-            scratch=decode_buckets is not None,
+            block_size=cfg.block_size, dtype=param.dtype, device=param.device,
+            scratch=cfg.decode_buckets is not None,
         )  # fmt: skip
-        self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching)
+        self.kv = KVCacheManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(
-            self.kv, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens
+            self.kv,
+            max_num_seqs=cfg.max_num_seqs,
+            max_num_batched_tokens=cfg.max_num_batched_tokens,
         )
         self.runner = ModelRunner(model, self.pool)
-        self.cpu_linear = cpu_linear
-        if cpu_linear == "onednn":
+        if cfg.cpu_linear == "onednn":
             why = "the model is not on the CPU" if param.device.type != "cpu" else None
             why = why or onednn_packing(param.dtype)
             if why is not None:
                 raise ValueError(f"cpu_linear='onednn': {why}")
         self.linears: PackedLinears | None = None  # packed while the worker runs
         self.graphs: DecodeGraphs | None = None
-        if compile and param.device.type != "cuda":
+        if cfg.compile and param.device.type != "cuda":
             self.graphs = CompiledDecode(
-                self.runner, decode_buckets, self.max_blocks_per_row, compile_budget_s
+                self.runner, cfg.decode_buckets, self.max_blocks_per_row, cfg.compile_budget_s
             )
-        elif decode_buckets is not None:
-            self.graphs = DecodeGraphs(self.runner, decode_buckets, self.max_blocks_per_row)
+        elif cfg.decode_buckets is not None:
+            self.graphs = DecodeGraphs(self.runner, cfg.decode_buckets, self.max_blocks_per_row)
         self._task_keys = TaskKeys()
-        self._rng = random.Random(seed)
+        self._rng = random.Random(cfg.seed)
         self._inbox: deque[GenRequest] = deque()
         self._lock = threading.Lock()  # guards _inbox and the counters submit touches
         self._wake = threading.Event()
@@ -256,15 +220,34 @@ class Engine:
 
     @property
     def max_num_seqs(self) -> int:
-        return self.scheduler.max_num_seqs
+        return self.config.max_num_seqs
 
     @property
     def max_num_batched_tokens(self) -> int:
-        return self.scheduler.max_num_batched_tokens
+        return self.config.max_num_batched_tokens
+
+    @property
+    def max_model_len(self) -> int:
+        """Prompt + ``max_tokens`` of one row (``config.max_model_len``, resolved)."""
+        assert self.config.max_model_len is not None  # resolved in __init__
+        return self.config.max_model_len
+
+    @property
+    def cpu_linear(self) -> str:
+        return self.config.cpu_linear
+
+    @property
+    def max_queue(self) -> int:
+        """Requests waiting beyond which :meth:`submit` refuses (``config.max_queue``)."""
+        return self.config.max_queue
+
+    @max_queue.setter
+    def max_queue(self, value: int) -> None:
+        self.config = dataclasses.replace(self.config, max_queue=value)  # validated
 
     def start(self) -> None:
         """Start the worker thread (idempotent)."""
-        cpu = self.cpu_linear != "torch" and self.runner.device.type == "cpu"
+        cpu = self.config.cpu_linear != "torch" and self.runner.device.type == "cpu"
         if cpu and (self.linears is None or not self.linears.active):
             self.linears = pack_linears(self.bank.model)
         self._maybe_capture()

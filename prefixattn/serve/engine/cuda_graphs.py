@@ -44,6 +44,7 @@ import torch
 
 from ...hf.patching import get_backend
 from ...ops.validation import auto_backend
+from .config import buckets_up_to
 from .kv_cache import StepLayout
 from .runner import ModelRunner
 from .scheduler import Row
@@ -51,12 +52,6 @@ from .scheduler import Row
 __all__ = ["DEFAULT_BUCKETS", "DecodeGraphs", "GraphKey", "buckets_up_to", "pick_bucket"]
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16)
-
-
-def buckets_up_to(n: int) -> tuple[int, ...]:
-    """Powers of two below ``n``, and ``n`` itself: the buckets for ``max_num_seqs = n``."""
-    out = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b < n]
-    return (*out, n)
 
 
 def pick_bucket(n: int, buckets: tuple[int, ...]) -> int | None:

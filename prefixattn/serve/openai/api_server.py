@@ -20,8 +20,8 @@ from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
 from ...hf.bank import TaskBank
+from ..engine.config import EngineConfig, merge_overrides, with_cuda_graphs
 from ..engine.core import Engine, context_limit, eos_token_ids
-from ..engine.cuda_graphs import buckets_up_to
 from ..task_registry import TaskRegistry
 from . import admin
 from .auth import BearerAuth
@@ -48,31 +48,39 @@ def check_task_name(name: str) -> str:
     return name
 
 
+def engine_config(
+    config: EngineConfig | None, overrides: Mapping[str, Any], *, cuda_graphs: bool = False
+) -> EngineConfig:
+    """The engine options of :func:`create_app`: ``config`` with ``overrides`` (EngineConfig
+    fields); ``cuda_graphs``: ``decode_buckets`` = powers of two up to ``max_num_seqs``.
+
+    Raises:
+        TypeError: an override that is not an EngineConfig field (named).
+        ValueError: ``cuda_graphs=True`` with ``decode_buckets`` given, or a value out of
+            range (naming the field).
+    """
+    if not isinstance(cuda_graphs, bool):
+        raise ValueError(f"cuda_graphs must be a bool, got {cuda_graphs!r}")
+    cfg = merge_overrides(config, overrides, caller="create_app")
+    return with_cuda_graphs(cfg) if cuda_graphs else cfg
+
+
 def create_app(
     model: Any,
     tokenizer: Any,
     tasks: Mapping[str, Any] | None = None,
     *,
+    engine: EngineConfig | None = None,
     model_name: str = "base",
     admin_token: str | None = None,
     api_key: str | None = None,
-    max_num_seqs: int = 16,
-    max_num_batched_tokens: int = 512,
-    max_queue: int = 256,
-    kv_slots: int | None = None,
-    max_model_len: int | None = None,
-    cuda_graphs: bool = False,
-    compile: bool = False,
-    compile_budget_s: float | None = None,
     max_body_bytes: int = MAX_BODY_BYTES,
     backend: str = "auto",
     task_dir: str | os.PathLike | None = None,
     max_loaded_tasks: int = 64,
     limits: RequestLimits | None = None,
-    block_size: int = 16,
-    num_blocks: int | None = None,
-    kv_cache_memory: int | None = None,
-    enable_prefix_caching: bool = True,
+    cuda_graphs: bool = False,
+    **engine_overrides: Any,
 ) -> FastAPI:
     """The serving app for one base model and a set of tasks.
 
@@ -80,17 +88,13 @@ def create_app(
         model: a transformers decoder (patched here; it stays frozen).
         tokenizer: its tokenizer (its chat template, if any, serves the chat route).
         tasks: ``{name: PrefixTuning | PromptTuning | saved tuner directory}``.
+        engine: the serving engine's options (:class:`~prefixattn.serve.EngineConfig`:
+            ``max_num_seqs``, ``max_num_batched_tokens``, ``max_queue``, the paged KV cache,
+            ``compile``, ``cpu_linear``, ...); None: the defaults.
         model_name: the ``model`` value that means the base model without prefix.
         admin_token: enables the admin routes, which need ``Authorization: Bearer <token>``;
             None: no admin routes at all.
         api_key: the inference routes need ``Authorization: Bearer <api_key>``; None: open.
-        max_num_seqs, max_num_batched_tokens, max_queue, kv_slots, max_model_len: see
-            :class:`~prefixattn.serve.Engine`.
-        cuda_graphs: decode steps padded to buckets up to ``max_num_seqs`` and replayed
-            as CUDA graphs (on a CUDA model; see :mod:`prefixattn.serve.engine.cuda_graphs`).
-        compile, compile_budget_s: decode steps compiled by ``torch.compile`` per shape
-            bucket at start-up (CPU; CUDA graphs on a CUDA model), see
-            :mod:`prefixattn.serve.engine.compiled`.
         max_body_bytes: larger request bodies get 413.
         backend: kernel backend of the bank.
         task_dir: a folder of tasks (one sub-directory each, any saved-tuner format): a
@@ -100,14 +104,26 @@ def create_app(
             used evicted; a task with requests in flight never is).
         limits: what one request may ask for (stop strings, prompts, ``n``; see
             :class:`~prefixattn.serve.openai.serving.RequestLimits`); None: the defaults.
-        block_size, num_blocks, kv_cache_memory, enable_prefix_caching: the paged KV
-            cache and its prefix caching (see :class:`~prefixattn.serve.Engine`).
+        cuda_graphs: the engine's ``decode_buckets`` = powers of two up to
+            ``max_num_seqs`` (decode steps replayed as CUDA graphs on a CUDA model; see
+            :mod:`prefixattn.serve.engine.cuda_graphs`); an error with ``decode_buckets``.
+        **engine_overrides: :class:`~prefixattn.serve.EngineConfig` fields, winning over
+            ``engine``'s (``create_app(model, tok, max_num_seqs=4)``: the engine options
+            this function took as keywords before the config keep working).
 
     Returns:
         a FastAPI app; its lifespan starts and stops the batching worker. ``app.state``
-        holds ``engine``, ``bank``, ``model_name``, ``metrics`` and ``tasks`` (the
+        holds ``engine`` (its options: ``app.state.engine.config``), ``bank``,
+        ``model_name``, ``metrics`` and ``tasks`` (the
         :class:`~prefixattn.serve.task_registry.TaskRegistry`, None without ``task_dir``).
+
+    Raises:
+        TypeError: a keyword that is neither an argument here nor an EngineConfig field
+            (named).
+        ValueError: a value out of range (naming it); ``cuda_graphs=True`` with
+            ``decode_buckets`` given.
     """
+    config = engine_config(engine, engine_overrides, cuda_graphs=cuda_graphs)
     if max_body_bytes < 1:
         raise ValueError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
     for name in tasks or {}:
@@ -118,21 +134,13 @@ def create_app(
         if name == model_name:
             raise ValueError(f"tasks: the name {name!r} is the base model's model_name")
         bank.add(name, tuner)
-    engine = Engine(
-        bank, tokenizer, max_num_seqs=max_num_seqs,
-        max_num_batched_tokens=max_num_batched_tokens, max_queue=max_queue,
-        kv_slots=kv_slots, max_model_len=max_model_len,
-        decode_buckets=buckets_up_to(max_num_seqs) if cuda_graphs else None,
-        block_size=block_size, num_blocks=num_blocks, kv_cache_memory=kv_cache_memory,
-        enable_prefix_caching=enable_prefix_caching, compile=compile,
-        compile_budget_s=compile_budget_s,
-    )  # fmt: skip
+    eng = Engine(bank, tokenizer, config)
     registry = None
     if task_dir is not None:
-        registry = TaskRegistry(bank, engine, task_dir, max_loaded=max_loaded_tasks)
+        registry = TaskRegistry(bank, eng, task_dir, max_loaded=max_loaded_tasks)
     ctx = ServeContext(
-        engine=engine, bank=bank, tokenizer=tokenizer, model_name=model_name,
-        metrics=ServeMetrics(engine), limit=context_limit(model),
+        engine=eng, bank=bank, tokenizer=tokenizer, model_name=model_name,
+        metrics=ServeMetrics(eng), limit=context_limit(model),
         vocab_size=model.get_input_embeddings().num_embeddings,
         eos_ids=eos_token_ids(model, tokenizer), tasks=registry,
         limits=limits or RequestLimits(),
@@ -144,17 +152,17 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine.start()
+        eng.start()
         try:
             yield
         finally:
-            engine.drain(timeout=10.0)  # SIGTERM: finish the rows taken, refuse new ones
+            eng.drain(timeout=10.0)  # SIGTERM: finish the rows taken, refuse new ones
             ctx.pool.shutdown(wait=False, cancel_futures=True)
             if registry is not None:
                 registry.close()
 
     app = FastAPI(title="prefixattn serve", lifespan=lifespan)
-    app.state.engine, app.state.bank, app.state.model_name = engine, bank, model_name
+    app.state.engine, app.state.bank, app.state.model_name = eng, bank, model_name
     app.state.metrics, app.state.tasks = ctx.metrics, registry
     install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
@@ -162,7 +170,7 @@ def create_app(
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "tasks": len(bank) - 1, "queue_depth": engine.queue_depth}
+        return {"status": "ok", "tasks": len(bank) - 1, "queue_depth": eng.queue_depth}
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -170,7 +178,7 @@ def create_app(
 
     @app.get("/metrics.json")
     async def metrics_json() -> dict[str, Any]:
-        out = engine.metrics()
+        out = eng.metrics()
         if registry is not None:  # tasks loaded on demand (--task-dir)
             out["task_store"] = registry.stats()
         return out
