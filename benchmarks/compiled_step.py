@@ -49,6 +49,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="eager and compiled with the linears oneDNN-packed (as a started "
         "engine runs them: packed before compiling; see serve/engine/cpu_linear.py)",
     )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="print torch.profiler's top ops of 5 compiled steps of each shape",
+    )
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     from prefixattn import PrefixTuning, TaskBank
@@ -111,6 +116,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "argmax_equal": bool(torch.equal(eager.argmax(-1), comp.argmax(-1))),
                 "rounds": [],
             }  # fmt: skip
+            if args.profile:
+                from torch.profiler import ProfilerActivity, profile
+
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    for _ in range(5):
+                        g._static_forward(B, M, snap, compiled=True)
+                print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
             for _ in range(args.rounds):
                 load = _load()
                 ms = {}

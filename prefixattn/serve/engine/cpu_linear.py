@@ -24,9 +24,12 @@ What :func:`pack_linears` does to a model, and how to undo it:
   never by accident: gradients wanted (``torch.is_grad_enabled()`` and the weight or the
   input requires grad: training is untouched), CPU autocast on, an input of another
   dtype or device, an empty input; each such call is counted (:meth:`PackedLinears.stats`
-  ``plain_calls``). Under ``torch.compile`` the module's own forward is traced (not
-  counted: Inductor's graph replaces the Python call; with ``freezing`` Inductor packs the
-  weights itself);
+  ``plain_calls``);
+* under ``torch.compile`` a packed module traces as one opaque op,
+  ``prefixattn::onednn_linear(x, weight, bias)`` (:func:`onednn_linear`), which finds the
+  weight's packed copy at run time: a compiled step fuses the element-wise work around
+  the linears and still reads the packed weights (Inductor's own weight packing needs
+  ``freezing``, whose compile of SmolLM2 did not finish in 20 minutes here);
 * a weight changed in place or replaced since it was packed (``_version`` / identity)
   is packed again before the call: the packed copy never serves stale weights.
 
@@ -45,7 +48,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["PackedLinears", "onednn_packing", "pack_linears"]
+__all__ = ["PackedLinears", "onednn_linear", "onednn_packing", "pack_linears"]
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +80,33 @@ class _Packed:
     weight: torch.Tensor
     version: int
     packed: torch.Tensor
+
+
+# weight.data_ptr() -> its packed state, for the compiled path's op (which sees tensors,
+# not modules); entries added and removed by the PackedLinears that made them
+_REGISTRY: dict[int, _Packed] = {}
+# calls of the op that found no current packed copy (ran torch's linear, the same math)
+OP_FALLBACKS = [0]
+
+
+@torch.library.custom_op("prefixattn::onednn_linear", mutates_args=())
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ weight^T + bias`` over ``weight``'s oneDNN-packed copy (registered by a
+    :class:`PackedLinears`): what a packed module's forward becomes in a
+    ``torch.compile`` graph, an opaque call Inductor keeps (it sees ``weight`` as a graph
+    input, never the packed copy). A weight without a current packed copy (reverted,
+    changed in place) or an empty ``x``: ``torch.nn.functional.linear`` (counted in
+    :data:`OP_FALLBACKS`)."""
+    st = _REGISTRY.get(weight.data_ptr())
+    if st is None or st.version != weight._version or x.numel() == 0:
+        OP_FALLBACKS[0] += 1
+        return torch.nn.functional.linear(x, weight, bias)
+    return torch.ops.mkldnn._linear_pointwise(x, st.packed, bias, "none", [], "")
+
+
+@onednn_linear.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
 class PackedLinears:
@@ -119,31 +149,37 @@ class PackedLinears:
         """Whether the modules run packed now (False after :meth:`revert`)."""
         return bool(self._modules)
 
-    def _pack(self, w: torch.Tensor) -> _Packed:
+    def _pack(self, w: torch.Tensor, old: _Packed | None = None) -> _Packed:
+        if old is not None:
+            _REGISTRY.pop(old.weight.data_ptr(), None)
         with torch.no_grad():
             packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), self.batch_hint)
-        return _Packed(w, w._version, packed)
+        st = _REGISTRY[w.data_ptr()] = _Packed(w, w._version, packed)
+        return st
 
     def _forward_of(self, mod: nn.Linear) -> Callable[[torch.Tensor], torch.Tensor]:
         plain = type(mod).forward.__get__(mod)
         state = self._state
 
         def forward(x: torch.Tensor) -> torch.Tensor:
-            if torch.compiler.is_compiling():  # traced: Inductor packs for itself
-                return plain(x)
             w = mod.weight
             if (
                 x.dtype != w.dtype
                 or x.device != w.device
-                or x.numel() == 0
                 or torch.is_autocast_enabled("cpu")  # autocast picks the dtype: its linear
                 or (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))
             ):
+                if not torch.compiler.is_compiling():
+                    self.plain_calls += 1
+                return plain(x)
+            if torch.compiler.is_compiling():  # traced: the op (no counters in a graph)
+                return torch.ops.prefixattn.onednn_linear(x, w, mod.bias)
+            if x.numel() == 0:
                 self.plain_calls += 1
                 return plain(x)
             st = state[id(mod)]
             if st.weight is not w or st.version != w._version:
-                st = state[id(mod)] = self._pack(w)
+                st = state[id(mod)] = self._pack(w, st)
                 self.repacks += 1
             self.packed_calls += 1
             return torch.ops.mkldnn._linear_pointwise(x, st.packed, mod.bias, "none", [], "")
@@ -154,6 +190,9 @@ class PackedLinears:
         """Give every module its own ``forward`` back and drop the packed copies."""
         for mod in self._modules:
             mod.__dict__.pop("forward", None)
+        for st in self._state.values():
+            if _REGISTRY.get(st.weight.data_ptr()) is st:
+                del _REGISTRY[st.weight.data_ptr()]
         self._modules.clear()
         self._state.clear()
 
