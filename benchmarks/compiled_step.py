@@ -6,9 +6,12 @@ block) bucket (the time reported), then the same padded step of B rows over M bl
 (random tokens, positions, blocks and tasks; every row on a task prefix of the bank) runs
 eagerly and compiled, alternating, ``--rounds`` rounds of ``--steps`` steps; per round the
 median ms/step of each and the ratio, with the load average. The logits of the two are
-compared (max abs difference, argmax equal).
+compared (max abs difference, argmax equal). ``--pack``: the model's linears run over
+oneDNN-packed weights in both (as a started engine runs them, packed before compiling:
+:mod:`prefixattn.serve.engine.cpu_linear`); ``--profile``: torch.profiler's top ops of five
+compiled steps per shape.
 
-    python benchmarks/compiled_step.py --model smollm2 --shapes 8x8,2x4 --out r.json
+    python benchmarks/compiled_step.py --model smollm2 --pack --shapes 8x8,4x4 --out r.json
     python benchmarks/compiled_step.py --tiny        # the tiny random model
 """
 
