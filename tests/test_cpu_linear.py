@@ -103,7 +103,56 @@ def test_subclasses_and_wrapped_modules_are_left_alone() -> None:
         pack_linears(model, batch_hint=0)
 
 
-def test_engine_packs_while_running_and_reverts() -> None:
+def test_transformers_conv1d_is_packed_transposed() -> None:
+    pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(3)
+    model = nn.Sequential(Conv1D(96, 40), nn.GELU(), Conv1D(40, 96))  # GPT-2's layout
+    for m in (model[0], model[2]):
+        nn.init.normal_(m.bias)
+    x = torch.randn(2, 17, 40)
+    with torch.no_grad(), pack_linears(model) as packed:
+        assert packed.num_packed == 2, packed.skipped
+        y = model(x)
+        assert packed.packed_calls == 2 and packed.plain_calls == 0, packed.stats()
+    x64 = x.double()
+    h = torch.nn.functional.gelu(x64 @ model[0].weight.double() + model[0].bias.double())
+    ref = h @ model[2].weight.double() + model[2].bias.double()
+    torch.testing.assert_close(y.double(), ref, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("conv1d", [False, True])
+def test_compiled_graph_reads_the_packed_weights(conv1d: bool) -> None:
+    from prefixattn.serve.engine import cpu_linear
+
+    if conv1d:
+        pytest.importorskip("transformers")
+        from transformers.pytorch_utils import Conv1D
+
+        model = nn.Sequential(Conv1D(96, 40), nn.GELU(), Conv1D(40, 96))
+    else:
+        model = _model(40, 96, True)
+    x = torch.randn(5, 40)
+    with torch.no_grad():
+        want = model(x)  # nn.Linear / Conv1D themselves
+        with pack_linears(model) as packed:
+            fn = torch.compile(model, fullgraph=True, backend="inductor")
+            fn(x)  # compiles
+            before = cpu_linear.OP_FALLBACKS[0]
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as p:
+                got = fn(x)
+            counts = {e.key: e.count for e in p.key_averages()}
+            assert cpu_linear.OP_FALLBACKS[0] == before, "the op fell back to torch's linear"
+            # both layers ran as the op, over their packed copies
+            assert counts.get("prefixattn::onednn_linear") == 2, counts
+            assert counts.get("mkldnn::_linear_pointwise") == 2, counts
+            assert packed.packed_calls == 0  # the graph, not the eager forward, ran
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # nn.Linear / transformers' Conv1D
+def test_engine_packs_while_running_and_reverts(arch: str) -> None:
     pytest.importorskip("transformers")
     import copy
 
@@ -114,7 +163,7 @@ def test_engine_packs_while_running_and_reverts() -> None:
     from prefixattn.tiny import tiny_model, tiny_tokenizer
 
     tok = tiny_tokenizer()
-    model = tiny_model(len(tok), arch="llama")
+    model = tiny_model(len(tok), arch=arch)
     bank = TaskBank(model)
     bank.add_base("base")
     torch.manual_seed(7)
@@ -127,7 +176,10 @@ def test_engine_packs_while_running_and_reverts() -> None:
     lin = eng.metrics()["linear"]
     assert lin["path"] == "onednn-packed" and lin["packed_calls"] > 0, lin
     assert lin["plain_calls"] == 0 and not lin["active"], lin
-    linears = [m for m in bank.model.modules() if isinstance(m, nn.Linear)]
+    # every projection of every layer and the LM head (GPT-2's are Conv1D)
+    assert lin["modules_packed"] > 4 * model.config.num_hidden_layers, lin
+    linears = [m for m in bank.model.modules()
+               if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"]  # fmt: skip
     assert linears and not any("forward" in m.__dict__ for m in linears)
     for r in reqs:  # nn.Linear again, each row alone
         want = alone(bank, r.task, r.prompt_ids, 5, tok.eos_token_id)

@@ -16,7 +16,8 @@ instead of 0.48 ms (``benchmarks/results/cpu-linear-*.md``)::
 
 What :func:`pack_linears` does to a model, and how to undo it:
 
-* every ``nn.Linear`` on the CPU whose dtype oneDNN packs on this machine (float32
+* every ``nn.Linear`` (and transformers' ``Conv1D``, GPT-2's projections, weight stored
+  [in, out]) on the CPU whose dtype oneDNN packs on this machine (float32
   everywhere; bfloat16 / float16 only where the CPU has the instructions) gets an
   instance ``forward`` over its packed weight; :meth:`PackedLinears.revert` (or leaving
   the ``with`` block) restores the modules exactly (the class's ``forward`` again);
@@ -82,6 +83,12 @@ class _Packed:
     packed: torch.Tensor
 
 
+def _is_conv1d(mod: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2's projections): a linear layer with its weight
+    stored transposed, [in, out], ``y = x @ W + b``."""
+    return type(mod).__name__ == "Conv1D" and type(mod).__module__.startswith("transformers")
+
+
 # weight.data_ptr() -> its packed state, for the compiled path's op (which sees tensors,
 # not modules); entries added and removed by the PackedLinears that made them
 _REGISTRY: dict[int, _Packed] = {}
@@ -90,23 +97,28 @@ OP_FALLBACKS = [0]
 
 
 @torch.library.custom_op("prefixattn::onednn_linear", mutates_args=())
-def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def onednn_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool = False
+) -> torch.Tensor:
     """``x @ weight^T + bias`` over ``weight``'s oneDNN-packed copy (registered by a
     :class:`PackedLinears`): what a packed module's forward becomes in a
     ``torch.compile`` graph, an opaque call Inductor keeps (it sees ``weight`` as a graph
     input, never the packed copy). A weight without a current packed copy (reverted,
     changed in place) or an empty ``x``: ``torch.nn.functional.linear`` (counted in
-    :data:`OP_FALLBACKS`)."""
+    :data:`OP_FALLBACKS`). ``transposed``: ``weight`` is [in, out] (transformers'
+    ``Conv1D``), else [out, in]."""
     st = _REGISTRY.get(weight.data_ptr())
     if st is None or st.version != weight._version or x.numel() == 0:
         OP_FALLBACKS[0] += 1
-        return torch.nn.functional.linear(x, weight, bias)
+        return torch.nn.functional.linear(x, weight.t() if transposed else weight, bias)
     return torch.ops.mkldnn._linear_pointwise(x, st.packed, bias, "none", [], "")
 
 
 @onednn_linear.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return x.new_empty(*x.shape[:-1], weight.shape[0])
+def _(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool = False
+) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[1] if transposed else weight.shape[0])
 
 
 class PackedLinears:
@@ -119,14 +131,15 @@ class PackedLinears:
         self.plain_calls = 0
         self.repacks = 0
         self.skipped: dict[str, str] = {}  # module name -> why it was left alone
-        self._modules: list[nn.Linear] = []  # the packed ones
+        self._modules: list[nn.Module] = []  # the packed ones
         self._state: dict[int, _Packed] = {}
         for name, mod in model.named_modules():
-            if not isinstance(mod, nn.Linear):
+            conv1d = _is_conv1d(mod)
+            if not (conv1d or isinstance(mod, nn.Linear)):
                 continue
             w = mod.weight
             why = None
-            if type(mod) is not nn.Linear:  # a subclass (quantized, ...) has its own forward
+            if not conv1d and type(mod) is not nn.Linear:  # a subclass: its own forward
                 why = f"{type(mod).__name__} is not nn.Linear itself"
             elif "forward" in mod.__dict__:  # wrapped by someone else: theirs stays
                 why = "the module has an instance forward already"
@@ -139,8 +152,8 @@ class PackedLinears:
             if why is not None:
                 self.skipped[name] = why
                 continue
-            self._state[id(mod)] = self._pack(w)
-            mod.forward = self._forward_of(mod)  # type: ignore[method-assign]
+            self._state[id(mod)] = self._pack(w, conv1d)
+            mod.forward = self._forward_of(mod, conv1d)  # type: ignore[method-assign]
             self._modules.append(mod)
         self.num_packed = len(self._modules)
 
@@ -149,15 +162,18 @@ class PackedLinears:
         """Whether the modules run packed now (False after :meth:`revert`)."""
         return bool(self._modules)
 
-    def _pack(self, w: torch.Tensor, old: _Packed | None = None) -> _Packed:
+    def _pack(self, w: torch.Tensor, transposed: bool, old: _Packed | None = None) -> _Packed:
         if old is not None:
             _REGISTRY.pop(old.weight.data_ptr(), None)
         with torch.no_grad():
-            packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), self.batch_hint)
+            w2 = w.detach().t().contiguous() if transposed else w.detach()  # [out, in]
+            packed = torch.ops.mkldnn._reorder_linear_weight(w2, self.batch_hint)
         st = _REGISTRY[w.data_ptr()] = _Packed(w, w._version, packed)
         return st
 
-    def _forward_of(self, mod: nn.Linear) -> Callable[[torch.Tensor], torch.Tensor]:
+    def _forward_of(
+        self, mod: nn.Module, transposed: bool
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
         plain = type(mod).forward.__get__(mod)
         state = self._state
 
@@ -173,13 +189,13 @@ class PackedLinears:
                     self.plain_calls += 1
                 return plain(x)
             if torch.compiler.is_compiling():  # traced: the op (no counters in a graph)
-                return torch.ops.prefixattn.onednn_linear(x, w, mod.bias)
+                return torch.ops.prefixattn.onednn_linear(x, w, mod.bias, transposed)
             if x.numel() == 0:
                 self.plain_calls += 1
                 return plain(x)
             st = state[id(mod)]
             if st.weight is not w or st.version != w._version:
-                st = state[id(mod)] = self._pack(w, st)
+                st = state[id(mod)] = self._pack(w, transposed, st)
                 self.repacks += 1
             self.packed_calls += 1
             return torch.ops.mkldnn._linear_pointwise(x, st.packed, mod.bias, "none", [], "")
