@@ -201,3 +201,27 @@ def test_engine_cpu_linear_argument() -> None:
     eng.start()
     eng.stop()
     assert eng.metrics()["linear"] == {"path": "torch"}
+
+
+def test_bf16_model_packs_only_where_onednn_can() -> None:
+    pytest.importorskip("transformers")
+    from test_engine import request, run
+
+    from prefixattn import TaskBank
+    from prefixattn.serve.engine import Engine
+    from prefixattn.tiny import tiny_model, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    bank = TaskBank(tiny_model(len(tok), arch="llama").to(torch.bfloat16))
+    bank.add_base("base")
+    why = onednn_packing(torch.bfloat16)
+    if why is not None:  # this CPU: an error for "onednn" naming the reason
+        with pytest.raises(ValueError, match="cpu_linear='onednn'"):
+            Engine(bank, tok, cpu_linear="onednn")
+    eng = Engine(bank, tok, max_num_seqs=2, max_model_len=32)  # "auto"
+    reqs = [request("base", [5, 9, 2], max_tokens=3)]
+    run(eng, reqs)
+    assert len(reqs[0].sink.ids) == 3
+    lin = eng.metrics()["linear"]
+    assert lin["path"] == ("torch" if why else "onednn-packed"), (lin, why)
+    assert (lin["modules_skipped"] > 0) == (why is not None), lin
