@@ -177,7 +177,13 @@ def test_engine_packs_while_running_and_reverts(arch: str) -> None:
     assert lin["path"] == "onednn-packed" and lin["packed_calls"] > 0, lin
     assert lin["plain_calls"] == 0 and not lin["active"], lin
     # every projection of every layer and the LM head (GPT-2's are Conv1D)
-    assert lin["modules_packed"] > 4 * model.config.num_hidden_layers, lin
+    layers = model.config.num_hidden_layers
+    assert lin["modules_packed"] > 4 * layers, lin
+    # llama: q/k/v and gate/up of each layer as one packed weight, one GEMM per call of
+    # the group (GPT-2's c_attn is one weight already: no groups)
+    assert lin["groups"] == (2 * layers if arch == "llama" else 0), lin
+    if arch == "llama":
+        assert lin["group_gemms"] > 0 and lin["sibling_hits"] == 3 * lin["group_gemms"] // 2, lin
     linears = [m for m in bank.model.modules()
                if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"]  # fmt: skip
     assert linears and not any("forward" in m.__dict__ for m in linears)
@@ -225,3 +231,136 @@ def test_bf16_model_packs_only_where_onednn_can() -> None:
     lin = eng.metrics()["linear"]
     assert lin["path"] == ("torch" if why else "onednn-packed"), (lin, why)
     assert (lin["modules_skipped"] > 0) == (why is not None), lin
+
+
+# ----------------------------------------------------------------- sibling groups
+
+
+class _Attn(nn.Module):
+    """q/k/v (Nq != Nk, biases on two of three) and a gated MLP, as HF layers call them;
+    ``order`` is the order the projections are called in."""
+
+    def __init__(self, k: int = 40, nq: int = 48, nk: int = 24, order: str = "qkv") -> None:
+        super().__init__()
+        torch.manual_seed(k + nq + nk)
+        self.q_proj = nn.Linear(k, nq, bias=True)
+        self.k_proj = nn.Linear(k, nk, bias=False)
+        self.v_proj = nn.Linear(k, nk, bias=True)
+        self.gate_proj = nn.Linear(k, 80, bias=False)
+        self.up_proj = nn.Linear(k, 80, bias=False)
+        self.order = order
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = {c: getattr(self, f"{c}_proj")(x) for c in self.order}
+        mlp = torch.nn.functional.silu(self.gate_proj(x)) * self.up_proj(x)
+        return torch.cat([out["q"], out["k"] * 2, out["v"], mlp], -1)
+
+    def ref(self, x: torch.Tensor) -> torch.Tensor:
+        def lin(m: nn.Linear) -> torch.Tensor:
+            y = x.double() @ m.weight.double().T
+            return y + m.bias.double() if m.bias is not None else y
+
+        mlp = torch.nn.functional.silu(lin(self.gate_proj)) * lin(self.up_proj)
+        return torch.cat([lin(self.q_proj), lin(self.k_proj) * 2, lin(self.v_proj), mlp], -1)
+
+
+@pytest.mark.parametrize("rows", [(1,), (17,), (2, 17), (113,)])
+@pytest.mark.parametrize("dims", [(40, 48, 24), (96, 96, 32), (80, 80, 80)])
+def test_sibling_groups_one_gemm_values_against_float64(rows: tuple, dims: tuple) -> None:
+    m = _Attn(*dims)
+    x = torch.randn(*rows, dims[0])
+    with torch.no_grad(), pack_linears(m) as packed:
+        st = packed.stats()
+        assert st["groups"] == 2 and st["modules_grouped"] == 5, st
+        y = m(x)
+        st = packed.stats()
+        # one GEMM per group; the siblings took their columns of it
+        assert st["group_gemms"] == 2 and st["sibling_hits"] == 3, st
+        assert st["packed_calls"] == 5 and st["plain_calls"] == 0, st
+    torch.testing.assert_close(y.double(), m.ref(x), rtol=2e-5, atol=2e-5)
+    assert not any("forward" in c.__dict__ for c in m.children())
+
+
+def test_sibling_on_another_input_or_a_changed_input_runs_its_own_gemm() -> None:
+    m = _Attn()
+    x, x2 = torch.randn(5, 40), torch.randn(5, 40)
+    with torch.no_grad(), pack_linears(m) as packed:
+        q = m.q_proj(x)
+        k2 = m.k_proj(x2)  # another input: not q's GEMM
+        x.add_(1.0)  # changed in place after q's GEMM: v must see the new values
+        v = m.v_proj(x)
+        assert packed.group_gemms == 3 and packed.sibling_hits == 0, packed.stats()
+        # the same member twice on one input: the second is a fresh GEMM, still right
+        k_a, k_b = m.k_proj(x2), m.k_proj(x2)
+    torch.testing.assert_close(q, torch.nn.functional.linear(x - 1.0, m.q_proj.weight,
+                                                             m.q_proj.bias))  # fmt: skip
+    torch.testing.assert_close(k2, x2 @ m.k_proj.weight.T)
+    torch.testing.assert_close(v, torch.nn.functional.linear(x, m.v_proj.weight, m.v_proj.bias))
+    torch.testing.assert_close(k_a, k_b, rtol=0, atol=0)
+
+
+def test_sibling_weight_changed_or_replaced_is_repacked() -> None:
+    m = _Attn()
+    x = torch.randn(3, 40)
+
+    def changes() -> list:
+        return [
+            lambda: m.k_proj.weight.mul_(-2.0),  # in place
+            lambda: setattr(m.up_proj, "weight", nn.Parameter(torch.randn(80, 40))),  # replaced
+            lambda: m.v_proj.bias.add_(3.0),  # a bias in place
+        ]
+
+    with torch.no_grad(), pack_linears(m) as packed:
+        m(x)
+        for i, change in enumerate(changes(), 1):
+            change()
+            y = m(x)
+            assert packed.repacks == i, packed.stats()
+            torch.testing.assert_close(y.double(), m.ref(x), rtol=2e-5, atol=2e-5)
+
+
+def test_siblings_that_cannot_share_a_weight_are_packed_alone() -> None:
+    m = _Attn()
+    m.v_proj = nn.Linear(24, 24)  # another in_features: q/k/v not a group
+    m.up_proj = type("MyLinear", (nn.Linear,), {})(40, 80)  # a subclass: its own forward
+    with pack_linears(m) as packed:
+        st = packed.stats()
+        assert st["groups"] == 0 and st["modules_grouped"] == 0, st
+        assert st["modules_packed"] == 4 and st["modules_skipped"] == 1, st
+
+
+@pytest.mark.parametrize("order", ["qkv", "vqk"])
+def test_compiled_siblings_run_as_one_group_op(order: str) -> None:
+    """The pass merges the five ops that read x into one group op, which runs the two
+    groups it holds (q/k/v, gate/up: two GEMMs); whatever order the projections are
+    called in, the values are right (Inductor may reorder the graph's nodes: with q/k/v
+    out of the group's order they run as torch's linear, counted)."""
+    from prefixattn.serve.engine import cpu_linear
+    from prefixattn.serve.engine.cpu_linear import GroupSiblingLinears
+
+    m = _Attn(order=order)
+    x = torch.randn(6, 40)
+    with torch.no_grad(), pack_linears(m) as packed:
+        opts = {"post_grad_custom_post_pass": GroupSiblingLinears()}
+        fn = torch.compile(m, fullgraph=True, backend="inductor", options=opts)
+        fn(x)
+        before = cpu_linear.OP_FALLBACKS[0]
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as p:
+            got = fn(x)
+        counts = {e.key: e.count for e in p.key_averages()}
+        assert counts.get("prefixattn::onednn_linear_group") == 1, counts
+        assert "prefixattn::onednn_linear" not in counts, counts
+        fell_back = cpu_linear.OP_FALLBACKS[0] - before
+        assert fell_back == 0 if order == "qkv" else fell_back in (0, 3), fell_back
+        assert counts.get("mkldnn::_linear_pointwise") == (1 if fell_back else 2), counts
+        assert packed.packed_calls == 0
+    torch.testing.assert_close(got.double(), m.ref(x), rtol=2e-5, atol=2e-5)
+    # reverted: the group op finds no packed copies and computes each linear (counted)
+    mods = [getattr(m, f"{c}_proj") for c in ("q", "k", "v", "gate", "up")]
+    before = cpu_linear.OP_FALLBACKS[0]
+    with torch.no_grad():
+        again = cpu_linear.onednn_linear_group(x, [p.weight for p in mods], [p.bias for p in mods])
+    assert cpu_linear.OP_FALLBACKS[0] - before == 5
+    want = torch.cat([x.double() @ p.weight.double().T
+                      + (p.bias.double() if p.bias is not None else 0) for p in mods], -1)  # fmt: skip
+    torch.testing.assert_close(again.double(), want, rtol=2e-5, atol=2e-5)

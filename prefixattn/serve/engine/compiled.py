@@ -47,6 +47,7 @@ from typing import Any
 
 import torch
 
+from .cpu_linear import GroupSiblingLinears
 from .cuda_graphs import DecodeGraphs, pick_bucket
 from .kv_cache import StepLayout
 from .runner import ModelRunner
@@ -109,7 +110,13 @@ class CompiledDecode(DecodeGraphs):
         self.kv_len = max_blocks * runner.pool.block_size
         self.block_buckets = block_buckets(max_blocks)
         self.budget_s = budget_s
-        self.fn = torch.compile(runner.model_call, fullgraph=True, dynamic=None)
+        # sibling linears (q/k/v, gate/up) packed as one weight run as one GEMM in the graph
+        self.fn = torch.compile(
+            runner.model_call,
+            fullgraph=True,
+            dynamic=None,
+            options={"post_grad_custom_post_pass": GroupSiblingLinears()},
+        )
         self.compiled: set[tuple[int, int]] = set()  # (batch, blocks) buckets compiled
         self.bank_shape: tuple | None = None  # the bank's shape they were compiled for
         self.compile_s = 0.0

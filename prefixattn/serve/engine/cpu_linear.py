@@ -32,7 +32,25 @@ What :func:`pack_linears` does to a model, and how to undo it:
   the linears and still reads the packed weights (Inductor's own weight packing needs
   ``freezing``, whose compile of SmolLM2 did not finish in 20 minutes here);
 * a weight changed in place or replaced since it was packed (``_version`` / identity)
-  is packed again before the call: the packed copy never serves stale weights.
+  is packed again before the call: the packed copy never serves stale weights;
+* **sibling projections share one GEMM**: the linears of one parent that read the same
+  input (``q_proj``/``k_proj``/``v_proj``, ``gate_proj``/``up_proj``: :data:`SIBLINGS`,
+  same ``in_features``, dtype and device) are packed as ONE [sum N, K] weight. The first
+  sibling called on an input runs the fused GEMM; the others called on that same tensor
+  (identity and ``_version``) take their columns of its output; a sibling called on
+  another input runs the fused GEMM again (correct, counted in ``group_gemms``). In a
+  compiled graph the siblings trace as separate ops, and :class:`GroupSiblingLinears`
+  (an Inductor post-grad pass; the engine's compiled step uses it) merges the ops that
+  read the same input into one ``prefixattn::onednn_linear_group`` call. A decode step of
+  a Llama layer: 4 GEMMs instead of 7 (the small k/v GEMMs ran at half the bandwidth
+  of the fused one, ``benchmarks/results/cpu-linear-*.md``), and 90 fewer op calls for
+  SmolLM2's 30 layers.
+
+::
+
+    x ─┬─ q_proj ─┐                 x ── [q|k|v] packed ── y[.., :Nq]      -> q
+       ├─ k_proj ─┤  one GEMM:                          └─ y[.., Nq:Nq+Nk] -> k
+       └─ v_proj ─┘                                     └─ y[.., Nq+Nk:]   -> v
 
 The packed copies add the linear weights' bytes once more (the originals stay: tied
 embeddings and the bank read them).
@@ -42,6 +60,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -49,12 +68,27 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["PackedLinears", "onednn_linear", "onednn_packing", "pack_linears"]
+__all__ = [
+    "SIBLINGS",
+    "GroupSiblingLinears",
+    "PackedLinears",
+    "onednn_linear",
+    "onednn_linear_group",
+    "onednn_packing",
+    "pack_linears",
+]
 
 log = logging.getLogger(__name__)
 
 # the M a packed layout is tuned for (oneDNN's hint; any M is served): a decode step's rows
 BATCH_HINT = 16
+
+# names of sibling nn.Linear children that one forward calls on the same input, in the
+# order their outputs are laid side by side in the fused weight
+SIBLINGS: tuple[tuple[str, ...], ...] = (
+    ("q_proj", "k_proj", "v_proj"),  # Llama, Mistral, Qwen, Gemma, Phi, OLMo, ...
+    ("gate_proj", "up_proj"),  # their gated MLPs
+)
 
 
 @functools.cache
@@ -83,6 +117,67 @@ class _Packed:
     packed: torch.Tensor
 
 
+class _Group:
+    """Sibling linears packed as one weight [sum N, K] (their weights side by side, in
+    :data:`SIBLINGS` order), and the last fused output, for the siblings that follow."""
+
+    def __init__(self, modules: list[nn.Module], batch_hint: int) -> None:
+        self.modules = modules
+        self.batch_hint = batch_hint
+        self.sizes = [m.weight.shape[0] for m in modules]
+        self.offsets = [sum(self.sizes[:i]) for i in range(len(modules))]
+        self.x: weakref.ref | None = None  # the input of the last fused GEMM ...
+        self.x_version = -1
+        self.y: torch.Tensor | None = None  # ... and its output, until every sibling took it
+        self.served: set[int] = set()
+        self.pack()
+
+    def pack(self) -> None:
+        """(Re)pack the members' current weights; register the group for the op."""
+        self.drop()
+        mods = self.modules
+        self.weights = [m.weight for m in mods]
+        self.versions = [w._version for w in self.weights]
+        self.key = tuple(w.data_ptr() for w in self.weights)
+        with torch.no_grad():
+            w = torch.cat([m.weight.detach() for m in mods])  # [sum N, K]
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(w, self.batch_hint)
+            if all(m.bias is None for m in mods):
+                self.bias = None
+            else:  # a missing bias adds zeros: exact
+                self.bias = torch.cat([
+                    m.bias.detach() if m.bias is not None else w.new_zeros(n)
+                    for m, n in zip(mods, self.sizes)
+                ])  # fmt: skip
+        self.bias_versions = [m.bias._version if m.bias is not None else 0 for m in mods]
+        _GROUPS[self.key] = self
+
+    def current(self) -> bool:
+        """The members' weights and biases are the ones packed, unchanged."""
+        return all(
+            m.weight is w and w._version == v
+            for m, w, v in zip(self.modules, self.weights, self.versions)
+        ) and self.bias_versions == [
+            m.bias._version if m.bias is not None else 0 for m in self.modules
+        ]
+
+    def drop(self) -> None:
+        """Unregister (and forget the last output)."""
+        key = getattr(self, "key", None)
+        if key is not None and _GROUPS.get(key) is self:
+            del _GROUPS[key]
+        self.x = self.y = None
+        self.served = set()
+
+    def columns(self, i: int, y: torch.Tensor) -> torch.Tensor:
+        """Member ``i``'s columns of a fused output (a view)."""
+        return y[..., self.offsets[i] : self.offsets[i] + self.sizes[i]]
+
+
+# weights' data_ptrs (SIBLINGS order) -> their group, for the compiled path's group op
+_GROUPS: dict[tuple[int, ...], _Group] = {}
+
+
 def _is_conv1d(mod: nn.Module) -> bool:
     """transformers' ``Conv1D`` (GPT-2's projections): a linear layer with its weight
     stored transposed, [in, out], ``y = x @ W + b``."""
@@ -96,17 +191,19 @@ _REGISTRY: dict[int, _Packed] = {}
 OP_FALLBACKS = [0]
 
 
-@torch.library.custom_op("prefixattn::onednn_linear", mutates_args=())
-def onednn_linear(
+# The two ops are defined with torch.library.Library rather than ``custom_op``: a call of
+# a custom_op goes through its Python autograd wrapper, which cost ~50 us per call here
+# (measured: 72-92 us vs 38-44 us per call of an 8x64 linear; a decode step of SmolLM2
+# makes 121 calls). They are inference-only (no autograd formula): the packed forward
+# sends every call that wants gradients to the module's own forward.
+_LIB = torch.library.Library("prefixattn", "FRAGMENT")
+_LIB.define("onednn_linear(Tensor x, Tensor weight, Tensor? bias, bool transposed=False) -> Tensor")
+_LIB.define("onednn_linear_group(Tensor x, Tensor[] weights, Tensor?[] biases) -> Tensor")
+
+
+def _onednn_linear_impl(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool = False
 ) -> torch.Tensor:
-    """``x @ weight^T + bias`` over ``weight``'s oneDNN-packed copy (registered by a
-    :class:`PackedLinears`): what a packed module's forward becomes in a
-    ``torch.compile`` graph, an opaque call Inductor keeps (it sees ``weight`` as a graph
-    input, never the packed copy). A weight without a current packed copy (reverted,
-    changed in place) or an empty ``x``: ``torch.nn.functional.linear`` (counted in
-    :data:`OP_FALLBACKS`). ``transposed``: ``weight`` is [in, out] (transformers'
-    ``Conv1D``), else [out, in]."""
     st = _REGISTRY.get(weight.data_ptr())
     if st is None or st.version != weight._version or x.numel() == 0:
         OP_FALLBACKS[0] += 1
@@ -114,11 +211,201 @@ def onednn_linear(
     return torch.ops.mkldnn._linear_pointwise(x, st.packed, bias, "none", [], "")
 
 
-@onednn_linear.register_fake
-def _(
+def _onednn_linear_fake(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool = False
 ) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], weight.shape[1] if transposed else weight.shape[0])
+
+
+_LIB.impl("onednn_linear", _onednn_linear_impl, "CompositeExplicitAutograd")
+torch.library.register_fake("prefixattn::onednn_linear", _onednn_linear_fake, lib=_LIB)
+
+
+def onednn_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool = False
+) -> torch.Tensor:
+    """``x @ weight^T + bias`` over ``weight``'s oneDNN-packed copy (registered by a
+    :class:`PackedLinears`), as the op ``prefixattn::onednn_linear``: what a packed
+    module's forward becomes in a ``torch.compile`` graph, an opaque call Inductor keeps
+    (it sees ``weight`` as a graph input, never the packed copy). A weight without a
+    current packed copy (reverted, changed in place, a member of a sibling group run
+    alone) or an empty ``x``: ``torch.nn.functional.linear`` (counted in
+    :data:`OP_FALLBACKS`). ``transposed``: ``weight`` is [in, out] (transformers'
+    ``Conv1D``), else [out, in]. Inference only."""
+    return torch.ops.prefixattn.onednn_linear.default(x, weight, bias, transposed)
+
+
+def _group_plan(weights: list[torch.Tensor]) -> list[_Group | _Packed | None]:
+    """How to run ``weights`` side by side: runs of them that are a packed group (in its
+    order), single packed weights, and None (no packed copy: torch's linear)."""
+    key = [w.data_ptr() for w in weights]
+    sizes = sorted({len(k) for k in _GROUPS}, reverse=True)
+    plan: list[_Group | _Packed | None] = []
+    i = 0
+    while i < len(key):
+        g = next((_GROUPS[k] for n in sizes if (k := tuple(key[i : i + n])) in _GROUPS), None)
+        if g is not None:
+            plan.append(g)
+            i += len(g.key)
+        else:
+            plan.append(_REGISTRY.get(key[i]))
+            i += 1
+    return plan
+
+
+def _onednn_linear_group_impl(
+    x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None]
+) -> torch.Tensor:
+    g = _GROUPS.get(tuple(w.data_ptr() for w in weights))
+    if g is not None and g.current() and x.numel():  # the usual case: one group, one GEMM
+        return torch.ops.mkldnn._linear_pointwise(x, g.packed, g.bias, "none", [], "")
+    outs, i = [], 0
+    for part in _group_plan(weights) if x.numel() else [None] * len(weights):
+        n = len(part.key) if isinstance(part, _Group) else 1
+        if isinstance(part, _Group) and part.current():
+            outs.append(
+                torch.ops.mkldnn._linear_pointwise(x, part.packed, part.bias, "none", [], "")
+            )
+        elif isinstance(part, _Packed) and part.version == weights[i]._version:
+            outs.append(
+                torch.ops.mkldnn._linear_pointwise(x, part.packed, biases[i], "none", [], "")
+            )
+        else:  # no current packed copy: torch's linear, counted
+            OP_FALLBACKS[0] += n
+            outs += [torch.nn.functional.linear(x, w, b)
+                     for w, b in zip(weights[i : i + n], biases[i : i + n])]  # fmt: skip
+        i += n
+    return torch.cat(outs, -1)
+
+
+def _onednn_linear_group_fake(
+    x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None]
+) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], sum(w.shape[0] for w in weights))
+
+
+_LIB.impl("onednn_linear_group", _onednn_linear_group_impl, "CompositeExplicitAutograd")
+torch.library.register_fake("prefixattn::onednn_linear_group", _onednn_linear_group_fake, lib=_LIB)
+
+
+def onednn_linear_group(
+    x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None]
+) -> torch.Tensor:
+    """``cat([x @ w^T + b for w, b in zip(weights, biases)], -1)`` as ONE GEMM over the
+    siblings' fused packed weight (a :class:`PackedLinears` group whose weights are
+    ``weights`` in this order), as the op ``prefixattn::onednn_linear_group``: what
+    :class:`GroupSiblingLinears` makes of sibling :func:`onednn_linear` calls on one
+    input. Weights that are not one group (several groups that read the same input, as
+    in a parallel attention + MLP block; another order) run as the groups and packed
+    weights they hold, outputs concatenated; a weight without a current packed copy
+    (reverted, changed in place) or an empty ``x``: ``torch.nn.functional.linear``
+    (counted in :data:`OP_FALLBACKS`, one per weight). Inference only."""
+    return torch.ops.prefixattn.onednn_linear_group.default(x, weights, biases)
+
+
+def _pass_hash() -> Any:
+    try:  # torch >= 2.6: the pass's source keys Inductor's cache
+        from torch._inductor.custom_graph_pass import get_hash_for_files
+
+        return get_hash_for_files((__file__,))
+    except ImportError:  # pragma: no cover - older torch
+        return "prefixattn-group-sibling-linears-1"
+
+
+try:
+    from torch._inductor.custom_graph_pass import CustomGraphPass as _PassBase
+except ImportError:  # pragma: no cover - older torch
+    _PassBase = object  # type: ignore[assignment,misc]
+
+
+class GroupSiblingLinears(_PassBase):  # type: ignore[misc,valid-type]
+    """Inductor post-grad pass: :func:`onednn_linear` calls (not transposed) that read the
+    same input node become one :func:`onednn_linear_group` call and a slice per call::
+
+        q = onednn_linear(x, wq, bq)             qkv = onednn_linear_group(x, [wq, wk, wv],
+        k = onednn_linear(x, wk, bk)      ->                               [bq, bk, bv])
+        v = onednn_linear(x, wv, bv)             q, k, v = qkv[.., 0:Nq], qkv[.., Nq:Nq+Nk], ...
+
+    Which weights are packed groups is known at run time only: the group op runs the
+    groups it finds among its weights (q/k/v and gate/up that read one input: two GEMMs). Use it as
+    ``torch.compile(fn, options={"post_grad_custom_post_pass": GroupSiblingLinears()})``.
+    """
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        single = torch.ops.prefixattn.onednn_linear.default
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        by_input: dict[torch.fx.Node, list[torch.fx.Node]] = {}
+        for n in graph.nodes:
+            if n.op != "call_function" or n.target is not single:
+                continue
+            args = _op_args(n)
+            if args is None or args[3] or not isinstance(args[0], torch.fx.Node):
+                continue
+            by_input.setdefault(args[0], []).append(n)
+        for x, nodes in by_input.items():
+            if len(nodes) < 2:
+                continue
+            first = nodes[0]
+            ws = [_op_args(n)[1] for n in nodes]
+            bs = [_op_args(n)[2] for n in nodes]
+            # every weight / bias must exist before the first call (they are graph inputs)
+            if any(isinstance(a, torch.fx.Node) and order[a] > order[first] for a in ws + bs):
+                continue
+            with graph.inserting_before(first):
+                fused = graph.call_function(_group_op(), (x, ws, bs))
+                _fake(fused, x, ws, bs)
+                start = 0
+                for n in nodes:
+                    width = n.meta["val"].shape[-1] if "val" in n.meta else None
+                    if width is None:
+                        width = _weight_rows(n)
+                    sl = graph.call_function(
+                        torch.ops.aten.slice.Tensor, (fused, -1, start, start + width)
+                    )
+                    if "val" in fused.meta:
+                        sl.meta["val"] = fused.meta["val"][..., start : start + width]
+                    start += width
+                    n.replace_all_uses_with(sl)
+            for n in nodes:
+                graph.erase_node(n)
+
+    def uuid(self) -> Any:
+        return _pass_hash()
+
+
+def _group_op() -> Any:
+    return torch.ops.prefixattn.onednn_linear_group.default
+
+
+def _op_args(n: torch.fx.Node) -> tuple | None:
+    """(x, weight, bias, transposed) of an :func:`onednn_linear` node."""
+    names = ("x", "weight", "bias", "transposed")
+    vals = list(n.args) + [None] * (4 - len(n.args))
+    for i, name in enumerate(names):
+        if name in n.kwargs:
+            vals[i] = n.kwargs[name]
+    if vals[0] is None or vals[1] is None:
+        return None
+    vals[3] = bool(vals[3])
+    return tuple(vals)
+
+
+def _weight_rows(n: torch.fx.Node) -> int:
+    w = _op_args(n)[1]
+    return int(w.meta["val"].shape[0])
+
+
+def _fake(node: torch.fx.Node, x: Any, ws: list, bs: list) -> None:
+    """Set the group node's ``meta['val']`` from its inputs' fake values."""
+
+    def val(a: Any) -> Any:
+        return a.meta.get("val") if isinstance(a, torch.fx.Node) else a
+
+    xv = val(x)
+    if xv is None or not hasattr(xv, "fake_mode"):
+        return
+    with xv.fake_mode:
+        node.meta["val"] = _group_op()(xv, [val(w) for w in ws], [val(b) for b in bs])
 
 
 class PackedLinears:
@@ -130,9 +417,13 @@ class PackedLinears:
         self.packed_calls = 0
         self.plain_calls = 0
         self.repacks = 0
+        self.group_gemms = 0  # fused GEMMs run by a group's eager forward
+        self.sibling_hits = 0  # sibling calls served from that GEMM's output
         self.skipped: dict[str, str] = {}  # module name -> why it was left alone
         self._modules: list[nn.Module] = []  # the packed ones
         self._state: dict[int, _Packed] = {}
+        self._groups: list[_Group] = []
+        packable: dict[int, bool] = {}  # id(module) -> conv1d, for the ones to pack
         for name, mod in model.named_modules():
             conv1d = _is_conv1d(mod)
             if not (conv1d or isinstance(mod, nn.Linear)):
@@ -152,10 +443,30 @@ class PackedLinears:
             if why is not None:
                 self.skipped[name] = why
                 continue
-            self._state[id(mod)] = self._pack(w, conv1d)
+            packable[id(mod)] = conv1d
+        grouped: set[int] = set()
+        for parent in model.modules():
+            children = dict(parent.named_children())
+            for names in SIBLINGS:
+                mods = [children.get(n) for n in names]
+                if not _groupable(mods, packable):
+                    continue
+                group = _Group(mods, batch_hint)  # type: ignore[arg-type]
+                self._groups.append(group)
+                for i, m in enumerate(mods):
+                    m.forward = self._member_forward(m, group, i)  # type: ignore[union-attr]
+                    self._modules.append(m)  # type: ignore[arg-type]
+                    grouped.add(id(m))
+        for mod in model.modules():
+            if id(mod) not in packable or id(mod) in grouped:
+                continue
+            conv1d = packable[id(mod)]
+            self._state[id(mod)] = self._pack(mod.weight, conv1d)
             mod.forward = self._forward_of(mod, conv1d)  # type: ignore[method-assign]
             self._modules.append(mod)
         self.num_packed = len(self._modules)
+        self.num_grouped = len(grouped)
+        self.num_groups = len(self._groups)
 
     @property
     def active(self) -> bool:
@@ -202,6 +513,50 @@ class PackedLinears:
 
         return forward
 
+    def _member_forward(
+        self, mod: nn.Module, group: _Group, i: int
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Member ``i`` of ``group``: its columns of the group's fused GEMM over ``x``
+        (run now, or taken from the sibling's call on this very ``x``)."""
+        plain = type(mod).forward.__get__(mod)
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            w = mod.weight
+            if (
+                x.dtype != w.dtype
+                or x.device != w.device
+                or torch.is_autocast_enabled("cpu")
+                or (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))
+            ):
+                if not torch.compiler.is_compiling():
+                    self.plain_calls += 1
+                return plain(x)
+            if torch.compiler.is_compiling():  # traced: GroupSiblingLinears fuses siblings
+                return torch.ops.prefixattn.onednn_linear(x, w, mod.bias, False)
+            if x.numel() == 0:
+                self.plain_calls += 1
+                return plain(x)
+            if not group.current():
+                group.pack()
+                self.repacks += 1
+            last = group.x() if group.x is not None else None
+            if last is x and group.x_version == x._version and i not in group.served:
+                self.sibling_hits += 1
+            else:
+                group.y = torch.ops.mkldnn._linear_pointwise(
+                    x, group.packed, group.bias, "none", [], ""
+                )
+                group.x, group.x_version, group.served = weakref.ref(x), x._version, set()
+                self.group_gemms += 1
+            y = group.y
+            group.served.add(i)
+            if len(group.served) == len(group.modules):  # every sibling took its part
+                group.x = group.y = None
+            self.packed_calls += 1
+            return group.columns(i, y)
+
+        return forward
+
     def revert(self) -> None:
         """Give every module its own ``forward`` back and drop the packed copies."""
         for mod in self._modules:
@@ -209,8 +564,11 @@ class PackedLinears:
         for st in self._state.values():
             if _REGISTRY.get(st.weight.data_ptr()) is st:
                 del _REGISTRY[st.weight.data_ptr()]
+        for g in self._groups:
+            g.drop()
         self._modules.clear()
         self._state.clear()
+        self._groups.clear()
 
     def stats(self) -> dict[str, Any]:
         """The path and counts (for metrics): modules packed / skipped, calls each way."""
@@ -219,7 +577,11 @@ class PackedLinears:
             "active": self.active,
             "modules_packed": self.num_packed,
             "modules_skipped": len(self.skipped),
+            "modules_grouped": self.num_grouped,
+            "groups": self.num_groups,
             "packed_calls": self.packed_calls,
+            "group_gemms": self.group_gemms,
+            "sibling_hits": self.sibling_hits,
             "plain_calls": self.plain_calls,
             "repacks": self.repacks,
         }
@@ -231,6 +593,15 @@ class PackedLinears:
         self.revert()
 
 
+def _groupable(mods: list[nn.Module | None], packable: dict[int, bool]) -> bool:
+    """Siblings to pack as one weight: all present, packable plain nn.Linear (not
+    Conv1D), one in_features, dtype and device."""
+    if any(m is None or packable.get(id(m), True) for m in mods):  # absent / Conv1D
+        return False
+    ws = [m.weight for m in mods]  # type: ignore[union-attr]
+    return len({(w.shape[1], w.dtype, w.device) for w in ws}) == 1
+
+
 def pack_linears(model: nn.Module, batch_hint: int = BATCH_HINT) -> PackedLinears:
     """Run ``model``'s CPU ``nn.Linear`` modules over oneDNN-packed weights (inference;
     see the module docstring). Returns the handle that reverts it; logs how many modules
@@ -240,7 +611,8 @@ def pack_linears(model: nn.Module, batch_hint: int = BATCH_HINT) -> PackedLinear
     handle = PackedLinears(model, batch_hint)
     reasons = sorted(set(handle.skipped.values()))
     log.info(
-        "linear layers: %d packed for oneDNN, %d left to nn.Linear%s",
-        handle.num_packed, len(handle.skipped), f" ({'; '.join(reasons)})" if reasons else "",
+        "linear layers: %d packed for oneDNN (%d of them as %d sibling groups), %d left to "
+        "nn.Linear%s", handle.num_packed, handle.num_grouped, handle.num_groups,
+        len(handle.skipped), f" ({'; '.join(reasons)})" if reasons else "",
     )  # fmt: skip
     return handle
