@@ -761,6 +761,7 @@ ENGINE_FLAGS = {
     "compile": "--compile",
     "compile_budget_s": "--compile-budget",
     "cpu_linear": "--cpu-linear",
+    "keep_linear_weights": "--keep-linear-weights",
 }
 
 
@@ -812,6 +813,7 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     )
     add("compile_budget_s", type=_positive_float, metavar="SECONDS")
     add("cpu_linear", choices=CPU_LINEAR)
+    add("keep_linear_weights", action="store_true")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:

@@ -176,6 +176,9 @@ def test_engine_packs_while_running_and_reverts(arch: str) -> None:
     lin = eng.metrics()["linear"]
     assert lin["path"] == "onednn-packed" and lin["packed_calls"] > 0, lin
     assert lin["plain_calls"] == 0 and not lin["active"], lin
+    # the originals of the frozen weights were released while it ran (restored at stop:
+    # the rows generated alone below read them)
+    assert lin["weights_released"] >= 4 * model.config.num_hidden_layers, lin
     # every projection of every layer and the LM head (GPT-2's are Conv1D)
     layers = model.config.num_hidden_layers
     assert lin["modules_packed"] > 4 * layers, lin
@@ -364,3 +367,130 @@ def test_compiled_siblings_run_as_one_group_op(order: str) -> None:
     want = torch.cat([x.double() @ p.weight.double().T
                       + (p.bias.double() if p.bias is not None else 0) for p in mods], -1)  # fmt: skip
     torch.testing.assert_close(again.double(), want, rtol=2e-5, atol=2e-5)
+
+
+# ------------------------------------------------------------ released originals
+
+
+class _Tied(nn.Module):
+    """_Attn's projections, an untied head, and a head tied to an embedding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = _Attn()
+        self.emb = nn.Embedding(30, 40)
+        self.head = nn.Linear(40, 30, bias=False)
+        self.tied = nn.Linear(40, 30, bias=False)
+        self.tied.weight = self.emb.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.attn(x), self.head(x), self.tied(x)], -1)
+
+
+def _weights(m: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in m.named_parameters()}
+
+
+@pytest.mark.parametrize("rows", [(1,), (17,), (2, 7)])
+def test_released_weights_same_values_and_restored_exactly(rows: tuple) -> None:
+    for p in (m := _Tied()).parameters():
+        p.requires_grad_(False)
+    before = _weights(m)
+    x = torch.randn(*rows, 40)
+    with torch.no_grad():
+        want = m(x)
+        with pack_linears(m, release_weights=True) as packed:
+            st = packed.stats()
+            # q/k/v, gate/up and the untied head; the tied head keeps its weight
+            assert st["weights_released"] == 6, st
+            # 4 bytes a value: q 48x40, k and v 24x40, gate and up 80x40, head 30x40
+            assert st["released_bytes"] == 4 * 40 * (48 + 24 + 24 + 80 + 80 + 30), st
+            assert m.tied.weight.stride() == (40, 1) and m.emb.weight is m.tied.weight
+            assert m.attn.q_proj.weight.shape == (48, 40)  # a stub of the same shape
+            assert m.attn.q_proj.weight.stride() == (0, 0)
+            got = m(x)
+            # the module's own math where the packed path does not apply (autocast
+            # and gradients here): over a dense copy of the weight, not the stub
+            xg = x.clone().requires_grad_(True)
+            with torch.enable_grad():
+                yg = m.attn.k_proj(xg)
+                yg.sum().backward()
+            auto = torch.nn.functional.linear(x, before["head.weight"])
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                yb = m.head(x)
+            assert packed.plain_calls == 2, packed.stats()
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(yg, x @ before["attn.k_proj.weight"].T)
+    torch.testing.assert_close(xg.grad, before["attn.k_proj.weight"].sum(0).expand_as(x))
+    torch.testing.assert_close(yb.float(), auto, rtol=2e-2, atol=2e-2)
+    after = _weights(m)
+    assert all(torch.equal(after[n], before[n]) for n in before)  # restored exactly
+    assert all(p.stride() == (p.shape[1], 1) for p in m.parameters() if p.dim() == 2)
+
+
+def test_released_weights_default_off_and_weight_gradients_refused() -> None:
+    m = _Tied()  # trainable parameters (what from_pretrained gives)
+    with pack_linears(m) as packed:  # default: the originals stay
+        assert packed.stats()["weights_released"] == 0
+        assert m.attn.q_proj.weight.stride() == (40, 1)
+    x = torch.randn(3, 40)
+    with pack_linears(m, release_weights=True) as packed:
+        assert packed.stats()["weights_released"] == 6
+        with torch.no_grad():
+            y = m.head(x)  # serving: packed
+        with pytest.raises(RuntimeError, match="gradient"):
+            m.head(x)  # wants head.weight's gradient: never silently without it
+        with pytest.raises(RuntimeError, match="gradient"):
+            m.attn.v_proj(x)
+    torch.testing.assert_close(y, x @ m.head.weight.detach().T, rtol=2e-5, atol=2e-5)
+    with pytest.raises(ValueError, match="release_weights"):
+        pack_linears(m, release_weights=1)  # type: ignore[arg-type]
+
+
+def test_released_weight_changed_in_place_is_an_error_and_replacing_works() -> None:
+    m = _Attn()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    x = torch.randn(4, 40)
+    with torch.no_grad(), pack_linears(m, release_weights=True) as packed:
+        with pytest.raises(RuntimeError):  # torch refuses writes into the stub itself
+            m.k_proj.weight.add_(1.0)
+        # and were its version bumped some other way, it is refused, never served stale
+        w = m.k_proj.weight
+        torch._C._autograd._unsafe_set_version_counter((w,), (w._version + 1,))
+        with pytest.raises(RuntimeError, match="release_weights"):
+            m.k_proj(x)
+        with pytest.raises(RuntimeError, match="release_weights"):
+            torch.ops.prefixattn.onednn_linear(x, m.k_proj.weight, None, False)
+        packed.revert()
+    m = _Attn()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    with torch.no_grad(), pack_linears(m, release_weights=True) as packed:
+        old = m.up_proj.weight
+        m.up_proj.weight = nn.Parameter(torch.randn(80, 40), requires_grad=False)
+        y = m(x)  # repacked over the new weight
+        assert packed.repacks == 1
+    # reverted: every weight has its values again (the ref reads them)
+    torch.testing.assert_close(y.double(), m.ref(x), rtol=2e-5, atol=2e-5)
+    assert old.stride() == (40, 1)  # the replaced original got its values back
+
+
+def test_compiled_graph_over_released_weights() -> None:
+    from prefixattn.serve.engine import cpu_linear
+    from prefixattn.serve.engine.cpu_linear import GroupSiblingLinears
+
+    m = _Tied()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    x = torch.randn(6, 40)
+    with torch.no_grad():
+        want = m(x)
+        with pack_linears(m, release_weights=True):
+            opts = {"post_grad_custom_post_pass": GroupSiblingLinears()}
+            fn = torch.compile(m, fullgraph=True, backend="inductor", options=opts)
+            fn(x)
+            before = cpu_linear.OP_FALLBACKS[0]
+            got = fn(x)
+            assert cpu_linear.OP_FALLBACKS[0] == before
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_every_field_has_a_default_and_help() -> None:
     fields = dataclasses.fields(EngineConfig)
-    assert [f.name for f in fields] == list(FIELDS) and len(FIELDS) == 14
+    assert [f.name for f in fields] == list(FIELDS) and len(FIELDS) == 15
     for f in fields:
         assert f.default is not dataclasses.MISSING, f.name
         assert isinstance(f.metadata.get("help"), str) and len(f.metadata["help"]) > 20, f.name
@@ -70,6 +70,7 @@ def test_every_field_has_a_default_and_help() -> None:
         (dict(compile_budget_s=0), "compile_budget_s"),
         (dict(compile_budget_s=-1.0), "compile_budget_s"),
         (dict(cpu_linear="mkl"), "cpu_linear"),
+        (dict(keep_linear_weights="no"), "keep_linear_weights"),
     ],
 )
 def test_a_bad_value_raises_naming_the_field(kw: dict, field: str) -> None:
@@ -273,6 +274,7 @@ def _serve_args(*argv: str) -> argparse.Namespace:
         (["--max-num-seqs", "6", "--cuda-graphs"],
          EngineConfig(max_num_seqs=6, decode_buckets=(1, 2, 4, 6))),
         (["--cpu-linear", "onednn", "--prefix-caching"], EngineConfig(cpu_linear="onednn")),
+        (["--keep-linear-weights"], EngineConfig(keep_linear_weights=True)),
     ],
 )  # fmt: skip
 def test_cli_builds_the_config_of_the_python_call(argv: list[str], want: EngineConfig) -> None:

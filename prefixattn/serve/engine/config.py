@@ -142,6 +142,15 @@ class EngineConfig:
             "choices": CPU_LINEAR,
         },
     )
+    keep_linear_weights: bool = field(
+        default=False,
+        metadata={
+            "help": "with packed linears (``cpu_linear``): keep the original weights beside the "
+            "packed copies (their bytes twice) so code outside the engine can read them while "
+            "it runs; by default the originals of frozen, untied weights are released at start "
+            "(their values live in the packed copies) and restored exactly at stop"
+        },
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.decode_buckets, list):  # a list from JSON / argparse: hashable
@@ -178,7 +187,7 @@ class EngineConfig:
             not isinstance(self.seed, int) or isinstance(self.seed, bool)
         ):
             raise ValueError(f"seed must be an int or None, got {self.seed!r}")
-        for name in ("enable_prefix_caching", "compile"):
+        for name in ("enable_prefix_caching", "compile", "keep_linear_weights"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         b = self.decode_buckets

@@ -249,7 +249,9 @@ class Engine:
         """Start the worker thread (idempotent)."""
         cpu = self.config.cpu_linear != "torch" and self.runner.device.type == "cpu"
         if cpu and (self.linears is None or not self.linears.active):
-            self.linears = pack_linears(self.bank.model)
+            self.linears = pack_linears(
+                self.bank.model, release_weights=not self.config.keep_linear_weights
+            )
         self._maybe_capture()
         if self._thread is None or not self._thread.is_alive():
             self._stop.clear()
