@@ -82,6 +82,8 @@ log = logging.getLogger(__name__)
 
 # the M a packed layout is tuned for (oneDNN's hint; any M is served): a decode step's rows
 BATCH_HINT = 16
+# while releasing originals: bytes released between two trims of the heap
+TRIM_BYTES = 16 * 2**20
 
 # names of sibling nn.Linear children that one forward calls on the same input, in the
 # order their outputs are laid side by side in the fused weight
@@ -503,6 +505,7 @@ class PackedLinears:
         self.batch_hint = batch_hint
         self.released = 0  # weights whose values live in the packed copy only
         self.released_bytes = 0
+        self._trimmed = 0  # released_bytes at the last trim
         self.packed_calls = 0
         self.plain_calls = 0
         self.repacks = 0
@@ -534,6 +537,9 @@ class PackedLinears:
                 self.skipped[name] = why
                 continue
             packable[id(mod)] = conv1d
+        # released as packed, one weight after another: the peak holds one extra copy,
+        # not the model's linear weights twice
+        release = self._release_rule(model) if release_weights else None
         grouped: set[int] = set()
         for parent in model.modules():
             children = dict(parent.named_children())
@@ -543,6 +549,9 @@ class PackedLinears:
                     continue
                 group = _Group(mods, batch_hint)  # type: ignore[arg-type]
                 self._groups.append(group)
+                if release is not None:
+                    self.released_bytes += group.release(release)
+                    self._trim_every(TRIM_BYTES)
                 for i, m in enumerate(mods):
                     m.forward = self._member_forward(m, group, i)  # type: ignore[union-attr]
                     self._modules.append(m)  # type: ignore[arg-type]
@@ -551,19 +560,37 @@ class PackedLinears:
             if id(mod) not in packable or id(mod) in grouped:
                 continue
             conv1d = packable[id(mod)]
-            self._state[id(mod)] = self._pack(mod.weight, conv1d)
+            st = self._state[id(mod)] = self._pack(mod.weight, conv1d)
             self._conv1d[id(mod)] = conv1d
             mod.forward = self._forward_of(mod, conv1d)  # type: ignore[method-assign]
             self._modules.append(mod)
+            if release is not None and release(st.weight):
+                del _REGISTRY[st.weight.data_ptr()]
+                self.released_bytes += _release(st.weight)
+                st.version = st.weight._version
+                _REGISTRY[st.weight.data_ptr()] = st
+                self._trim_every(TRIM_BYTES)
         self.num_packed = len(self._modules)
         self.num_grouped = len(grouped)
         self.num_groups = len(self._groups)
-        if release_weights:
-            self._release_weights(model)
+        if release is not None:
+            self.released = sum(_is_released(w) for w in self._weights())
+            _give_back_to_os()
+            log.info("linear layers: %.0f MB of original weights released (their values in "
+                     "the packed copies)", self.released_bytes / 2**20)  # fmt: skip
 
-    def _release_weights(self, model: nn.Module) -> None:
-        """Free the originals of packed weights not tied to another parameter (an LM head
-        tied to the embeddings stays)."""
+    def _trim_every(self, nbytes: int) -> None:
+        """Give freed pages back to the OS once ``nbytes`` more were released: a packed
+        copy (a group's is larger than each original) does not fit the holes the
+        originals leave, so without it the peak held both (SmolLM2: 1563 MB peak)."""
+        if self.released_bytes - self._trimmed >= nbytes:
+            _give_back_to_os()
+            self._trimmed = self.released_bytes
+
+    @staticmethod
+    def _release_rule(model: nn.Module) -> Callable[[torch.Tensor], bool]:
+        """Which packed weights to release: those not tied to another parameter (an LM
+        head tied to the embeddings stays)."""
         seen: dict[int, int] = {}
         for _, prm in model.named_parameters(remove_duplicate=False):
             seen[id(prm)] = seen.get(id(prm), 0) + 1
@@ -571,19 +598,7 @@ class PackedLinears:
         def ok(w: torch.Tensor) -> bool:
             return seen.get(id(w), 0) == 1 and not _is_released(w)
 
-        before = self.released_bytes
-        for g in self._groups:
-            self.released_bytes += g.release(ok)
-        for st in self._state.values():
-            if ok(st.weight):
-                del _REGISTRY[st.weight.data_ptr()]
-                self.released_bytes += _release(st.weight)
-                st.version = st.weight._version
-                _REGISTRY[st.weight.data_ptr()] = st
-        self.released = sum(_is_released(w) for w in self._weights())
-        _give_back_to_os()
-        log.info("linear layers: %.0f MB of original weights released (in the packed copies)",
-                 (self.released_bytes - before) / 2**20)  # fmt: skip
+        return ok
 
     def _weights(self) -> list[torch.Tensor]:
         return [st.weight for st in self._state.values()] + [
