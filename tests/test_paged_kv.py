@@ -42,6 +42,7 @@ def _case(
     Hkv: int = 2,
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
+    dim: int = D,
 ) -> dict:
     """A paged call: 6 rows of lengths :func:`_lengths`, blocks in shuffled order, row 5's
     first block shared with row 4 (prefix caching), one unused table entry per row at
@@ -61,19 +62,19 @@ def _case(
             row[0] = table[4][0]  # shared with row 4
         table.append(row + [(-1, 0, GARBAGE)[b % 3]] * (M - len(row)))
     kw: dict = {
-        "q": rnd(B, H, Nq, D),
-        "k": rnd(NUM_BLOCKS, Hkv, bs, D),
-        "v": rnd(NUM_BLOCKS, Hkv, bs, D),
+        "q": rnd(B, H, Nq, dim),
+        "k": rnd(NUM_BLOCKS, Hkv, bs, dim),
+        "v": rnd(NUM_BLOCKS, Hkv, bs, dim),
         "cache_seqlens": torch.tensor(lengths, dtype=torch.int32, device=DEVICE),
         "block_table": torch.tensor(table, dtype=torch.int32, device=DEVICE),
     }
     if prefix == "shared":
-        kw["prefix_k"], kw["prefix_v"] = rnd(Hkv, 5, D), rnd(Hkv, 5, D)
+        kw["prefix_k"], kw["prefix_v"] = rnd(Hkv, 5, dim), rnd(Hkv, 5, dim)
     elif prefix == "per_row":  # one prefix per row, rows seeing 0 to 4 of its 4 keys
-        kw["prefix_k"], kw["prefix_v"] = rnd(B, Hkv, 4, D), rnd(B, Hkv, 4, D)
+        kw["prefix_k"], kw["prefix_v"] = rnd(B, Hkv, 4, dim), rnd(B, Hkv, 4, dim)
         kw["prefix_lengths"] = torch.tensor([4, 0, 1, 4, 3, 2], device=DEVICE)
     elif prefix == "bank":  # a ragged bank: entry lengths 7, 0, 3
-        kw["prefix_k"], kw["prefix_v"] = rnd(3, Hkv, 7, D), rnd(3, Hkv, 7, D)
+        kw["prefix_k"], kw["prefix_v"] = rnd(3, Hkv, 7, dim), rnd(3, Hkv, 7, dim)
         kw["prefix_index"] = torch.tensor([0, 1, 2, 0, 2, 1], device=DEVICE)
         kw["prefix_lengths"] = torch.tensor([7, 0, 3], device=DEVICE)
     return kw
@@ -245,6 +246,26 @@ def test_refused_under_torch_compile_by_name() -> None:
     )
     with pytest.raises(ValueError, match="block_table"):
         traced_prefix_attention(call)
+
+
+@pytest.mark.parametrize(
+    "prefix,bs,H,d", [("none", 16, 4, 16), ("shared", 32, 6, 40), ("per_row", 16, 6, 40),
+                      ("bank", 32, 4, 16)]
+)  # fmt: skip
+def test_traced_sdpa_decode_matches_float64(prefix: str, bs: int, H: int, d: int) -> None:
+    """A paged decode call traced by torch.compile on the sdpa backend (what the compiled
+    engine step runs): every prefix layout matches the float64 reference row by row
+    (table entries past a row's blocks hold -1 / 0 / garbage); a row that sees nothing
+    (length 0, no prefix) is exact zeros."""
+    kw = _case(bs, prefix, 1, H=H, Hkv=2, seed=bs + H, dim=d)
+    fn = torch.compile(
+        functools.partial(prefixattn.prefix_attention, backend="sdpa"), fullgraph=True
+    )
+    with torch.no_grad():
+        got = fn(**kw)
+    torch.testing.assert_close(got.double(), _expected(kw), atol=2e-5, rtol=2e-5)
+    if prefix == "none":  # row 0: length 0, no prefix
+        assert torch.count_nonzero(got[0]) == 0
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
