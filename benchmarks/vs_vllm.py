@@ -382,6 +382,27 @@ def summary(rows: list[dict], wall: float) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def engine_metrics(url: str) -> dict[str, Any] | str:
+    """Our server's own account of the run (``/metrics.json``): step times, steps by kind,
+    compiled replays and eager steps, the linear path; where a token's time went."""
+    import httpx
+
+    try:
+        m = httpx.get(url + "/metrics.json", timeout=10).json()
+    except (httpx.HTTPError, ValueError) as e:
+        return f"unavailable: {type(e).__name__}: {e}"
+    engine = m.get("engine", m)
+    steps = engine.get("steps", {})
+    graphs = engine.get("cuda_graphs") or {}
+    keep = ("mode", "replays", "eager_steps", "refused_recompiles", "compile_s")
+    return {
+        "steps": steps,
+        "graphs": {k: graphs[k] for k in keep if k in graphs},
+        "linear_path": (engine.get("linear") or {}).get("path"),
+        "ttft_s": engine.get("ttft_s"),
+    }
+
+
 def run_server(server: Server, args: argparse.Namespace, model_name: str) -> dict[str, Any]:
     try:
         startup = server.start(args.startup_timeout)
@@ -391,6 +412,8 @@ def run_server(server: Server, args: argparse.Namespace, model_name: str) -> dic
         out = summary(rows, wall)
         out.update(startup_s=round(startup, 1), peak_rss_mb=round(server.peak_rss / 2**20, 1),
                    texts=[r["text"] for r in rows])  # fmt: skip
+        if server.name in OURS:
+            out["engine"] = engine_metrics(server.url)
         if args.vllm_bench:
             out["vllm_bench"] = vllm_bench(server, args, model_name)
         return out

@@ -104,6 +104,20 @@ def test_without_buckets_every_decode_step_is_eager(bank: TaskBank) -> None:
     assert g["decode_steps"] > 0
 
 
+def test_step_times_are_split_by_kind(bank: TaskBank) -> None:
+    """``steps.decode_time_s`` counts the decode-only steps, ``steps.prefill_time_s`` the
+    steps that carried a prefill chunk; together every step."""
+    with single_thread():
+        eng = Engine(bank, bank.tok, max_num_seqs=2, max_model_len=64)
+        _serve(eng, [3, 5, 2])
+    st = eng.metrics()["steps"]
+    dec, pre = st["decode_time_s"], st["prefill_time_s"]
+    assert dec["count"] == st["decode_steps"] > 0
+    assert pre["count"] >= 2  # two rows at a time: the third request prefills later
+    assert dec["count"] + pre["count"] == st["time_s"]["count"] == st["count"]
+    assert st["time_s"]["p50"] >= min(dec["p50"], pre["p50"]) > 0
+
+
 @pytest.mark.parametrize("cuda_graphs", [True, False])
 def test_prometheus_and_metrics_json_show_the_decode_path(cuda_graphs: bool) -> None:
     """The server's /metrics (Prometheus) and /metrics.json carry the engine's counters."""

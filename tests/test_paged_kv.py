@@ -249,15 +249,16 @@ def test_refused_under_torch_compile_by_name() -> None:
 
 
 @pytest.mark.parametrize(
-    "prefix,bs,H,d", [("none", 16, 4, 16), ("shared", 32, 6, 40), ("per_row", 16, 6, 40),
-                      ("bank", 32, 4, 16)]
+    "prefix,bs,H,d,nq", [("none", 16, 4, 16, 1), ("shared", 32, 6, 40, 1),
+                         ("per_row", 16, 6, 40, 1), ("bank", 32, 4, 16, 1),
+                         ("bank", 16, 6, 40, 3), ("none", 16, 4, 16, 3)]
 )  # fmt: skip
-def test_traced_sdpa_decode_matches_float64(prefix: str, bs: int, H: int, d: int) -> None:
-    """A paged decode call traced by torch.compile on the sdpa backend (what the compiled
-    engine step runs): every prefix layout matches the float64 reference row by row
-    (table entries past a row's blocks hold -1 / 0 / garbage); a row that sees nothing
-    (length 0, no prefix) is exact zeros."""
-    kw = _case(bs, prefix, 1, H=H, Hkv=2, seed=bs + H, dim=d)
+def test_traced_sdpa_decode_matches_float64(prefix: str, bs: int, H: int, d: int, nq: int) -> None:
+    """A paged call traced by torch.compile on the sdpa backend (what the compiled engine
+    step runs): every prefix layout, decode (1 query) and chunks (3 queries), matches the
+    float64 reference row by row (table entries past a row's blocks hold -1 / 0 /
+    garbage); a row that sees nothing (length 0, no prefix) is exact zeros."""
+    kw = _case(bs, prefix, nq, H=H, Hkv=2, seed=bs + H, dim=d)
     fn = torch.compile(
         functools.partial(prefixattn.prefix_attention, backend="sdpa"), fullgraph=True
     )

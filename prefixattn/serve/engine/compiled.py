@@ -30,7 +30,9 @@ steps, when no row runs).
 
 **Compile time** is reported (log line, :meth:`stats` ``compile_s`` /
 ``compile_s_by_bucket``) and bounded: ``budget_s`` stops compiling further buckets once
-spent (their steps run eagerly, counted in ``eager_steps``).
+spent (their steps run eagerly, counted in ``eager_steps``). Inductor compiles its C++
+kernels one at a time here (``compile_threads=1`` while capturing), which keeps the
+start-up peak memory at one compiler process.
 
 **Exactness.** Inductor fuses the model's element-wise work and reorders float sums, so
 logits differ from the eager forward in the last bits (measured: <= 5e-6 absolute on
@@ -196,8 +198,12 @@ class CompiledDecode(DecodeGraphs):
         self.skipped_buckets = 0
         self.bank_shape = self._bank_shape(snapshot)
         self._reset()
+        import torch._inductor.config as inductor_config
+
         spent = 0.0
-        with torch.no_grad():
+        # one C++ compiler at a time: Inductor's default (a compiler process per core) adds
+        # a compiler's memory per core to the start-up peak (SmolLM2: ~0.2 GB each)
+        with torch.no_grad(), inductor_config.patch(compile_threads=1):
             for B in self.buckets:
                 for M in self.block_buckets:
                     if self.budget_s is not None and spent > self.budget_s:

@@ -215,6 +215,9 @@ class Engine:
         self.latencies: deque[float] = deque(maxlen=4096)
         self.ttfts: deque[float] = deque(maxlen=4096)
         self.step_times: deque[float] = deque(maxlen=4096)
+        # the same, by kind: decode-only steps and steps that carried a prefill chunk
+        self.decode_step_times: deque[float] = deque(maxlen=4096)
+        self.prefill_step_times: deque[float] = deque(maxlen=4096)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -475,7 +478,9 @@ class Engine:
             for row in rows:  # full blocks join the prefix cache
                 self.kv.cache_full_blocks(row)
             outs = self._sample(ready)
-        self.step_times.append(time.perf_counter() - t0)
+        dt = time.perf_counter() - t0
+        self.step_times.append(dt)
+        (self.prefill_step_times if plan.prefill else self.decode_step_times).append(dt)
         for row in scored:
             self._finish(row.req, LENGTH, None, row)
         for (row, _), out in zip(ready, outs):
@@ -620,6 +625,8 @@ class Engine:
                 "decode_tokens": self.decode_tokens,
                 "time_s": _percentiles(steps),
                 "mean_time_s": sum(steps) / len(steps) if steps else None,
+                "decode_time_s": _percentiles(self.decode_step_times),  # decode-only steps
+                "prefill_time_s": _percentiles(self.prefill_step_times),  # with a prefill chunk
                 "decode_steps": self.decode_steps,
                 "mixed_steps": self.mixed_steps,
                 "static_decode": 0 if self.graphs is None else self.graphs.steps,
