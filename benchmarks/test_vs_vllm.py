@@ -54,7 +54,11 @@ def test_client_against_tiny_server(tmp_path) -> None:
     bodies = vs_vllm.bodies_for(args, vs_vllm.SERVED_NAME)
     with serve_load._Server(app) as srv:
         rows, wall = asyncio.run(vs_vllm._drive(srv.url, bodies, 3, timeout=120))
+        engine = vs_vllm.engine_metrics(srv.url)  # the server's own account of the run
     assert len(rows) == args.requests and wall > 0
+    st = engine["steps"]
+    assert st["decode_time_s"]["count"] + st["prefill_time_s"]["count"] == st["count"] > 0
+    assert engine["linear_path"] and engine["ttft_s"]["count"] == args.requests + 1  # + warm-up
     for r in rows:
         assert r["usage"] and r["tokens"] == 3, r  # ignore_eos: every request max_tokens long
         assert 0 < r["ttft"] <= r["latency"]
@@ -72,6 +76,7 @@ def test_client_against_tiny_server(tmp_path) -> None:
         for c, rss in (("vllm", 400.0), ("prefixattn", 100.0), ("hf_cb", None))
     ]  # fmt: skip
     runs[1]["tokens_per_s"] = runs[0]["tokens_per_s"] / 2
+    runs[1]["engine"] = engine
     rat = vs_vllm.ratios(runs)
     assert rat["prefixattn/vllm"]["tokens_per_s"] == 0.5
     assert rat["prefixattn/vllm"]["peak_rss"] == 0.25
@@ -86,6 +91,7 @@ def test_client_against_tiny_server(tmp_path) -> None:
     }  # fmt: skip
     md = vs_vllm.markdown(report)
     assert "u1" in md and "u2" in md and "| prefixattn/vllm | 0.5 |" in md
+    assert f"| 0 | prefixattn | {st['count']} | {st['decode_time_s']['count']} |" in md
     json.dumps(report)
 
 

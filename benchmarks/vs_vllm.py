@@ -623,6 +623,26 @@ def markdown(report: dict[str, Any]) -> str:
     if same:
         lines += ["", "Identical generated text (per request, greedy, same weights):", ""]
         lines += [f"- {k}: {v}" for k, v in same.items()]
+    ours = [r for r in report["runs"] if isinstance(r.get("engine"), dict)]
+    if ours:
+        lines += ["", "Where our servers' time went (their `/metrics.json` after the run): the "
+                  "engine's steps, decode-only and with a prefill chunk; the run's wall time is "
+                  "about the sum of its steps when the engine never waits.", "",
+                  "| round | config | steps | decode-only steps | decode step p50 ms | "
+                  "prefill steps | prefill step p50 ms | steps' sum s | compiled replays | "
+                  "eager decode steps |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in ours:
+            st, gr = r["engine"]["steps"], r["engine"]["graphs"]
+            dec, pre = st.get("decode_time_s") or {}, st.get("prefill_time_s") or {}
+            total = (st.get("mean_time_s") or 0) * st.get("count", 0)
+
+            def ms(v: float | None) -> str:
+                return "-" if v is None else f"{v * 1e3:.0f}"
+
+            lines.append(f"| {r['round']} | {r['config']} | {st.get('count')} | "
+                         f"{dec.get('count')} | {ms(dec.get('p50'))} | {pre.get('count')} | "
+                         f"{ms(pre.get('p50'))} | {total:.1f} | {gr.get('replays', '-')} | "
+                         f"{gr.get('eager_steps', '-')} |")  # fmt: skip
     vb = [r for r in report["runs"] if isinstance(r.get("vllm_bench"), dict)]
     if vb:
         lines += ["", "vLLM's own benchmark client (`vllm.benchmarks.serve`, random dataset, "
