@@ -72,6 +72,30 @@ def test_a_path_noted_eagerly_after_compiling_needs_no_recompile() -> None:
         sdpa_features._seen.update(saved)
 
 
+def test_capture_compiles_one_kernel_at_a_time_and_restores_the_setting() -> None:
+    """Every bucket is compiled with Inductor's ``compile_threads`` at 1 (one C++ compiler
+    process: the start-up peak memory); the user's setting is back afterwards."""
+    import torch._inductor.config as inductor_config
+
+    bank, tok = _bank()
+    eng = Engine(bank, tok, max_num_seqs=2, max_model_len=32, compile=True)
+    g = eng.graphs
+    seen = []
+
+    def record(ids: torch.Tensor, positions: torch.Tensor, k: int) -> torch.Tensor:
+        seen.append(inductor_config.compile_threads)
+        return eng.runner.model_call(ids, positions, k)  # eager: no compile in this test
+
+    g.fn = record
+    before = inductor_config.compile_threads
+    with inductor_config.patch(compile_threads=max(before, 2)):
+        g.capture(bank.snapshot())
+        after = inductor_config.compile_threads
+    assert seen and set(seen) == {1}, seen
+    assert len(seen) == len(g.buckets) * len(g.block_buckets) == len(g.compiled)
+    assert after == max(before, 2)
+
+
 @pytest.mark.slow
 def test_compiled_engine_greedy_tokens_equal_the_eager_engine() -> None:
     with single_thread():
