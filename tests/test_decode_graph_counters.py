@@ -135,6 +135,10 @@ def test_prometheus_and_metrics_json_show_the_decode_path(cuda_graphs: bool) -> 
     assert "prefixattn:cuda_graph_key_misses_total 0.0" in text
     assert "prefixattn:cuda_graph_recaptures_total 0.0" in text
     assert "prefixattn:cuda_graph_captures_total{" not in text  # none captured on the CPU
+    st = eng.metrics()["steps"]
+    for kind in ("decode", "prefill"):
+        p50 = st[f"{kind}_time_s"]["p50"]
+        assert f'prefixattn:step_time_seconds{{kind="{kind}",quantile="0.5"}} {p50}' in text
 
 
 class _StandInGraph:

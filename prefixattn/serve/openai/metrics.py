@@ -7,7 +7,8 @@ outcome (``stop``, ``length``, ``cancelled``, ``error``, ``rejected``: 429, ``in
 another 4xx). The decode path, read from the engine at each scrape:
 ``prefixattn:decode_steps_total{path}`` (``graph``: a CUDA graph replayed, ``eager``),
 ``prefixattn:cuda_graph_captures_total{bucket}``, ``prefixattn:cuda_graph_key_misses_total``,
-``prefixattn:cuda_graph_recaptures_total``.
+``prefixattn:cuda_graph_recaptures_total``; the engine's step time by kind and quantile,
+``prefixattn:step_time_seconds{kind="decode"|"prefill", quantile}``.
 """
 
 from __future__ import annotations
@@ -205,3 +206,15 @@ class _DecodePathCollector:
             "prefixattn:cuda_graph_recaptures", "Decode graph captures after the first "
             "(the task bank changed: tasks added or removed).", value=g.get("recaptures", 0),
         )  # fmt: skip
+        steps_now = self.engine.metrics()["steps"]
+        times = GaugeMetricFamily(
+            "prefixattn:step_time_seconds", "Engine step time over the last 4096 steps of "
+            "each kind (decode: decode-only steps; prefill: steps with a prefill chunk), by "
+            "quantile.", labels=["kind", "quantile"],
+        )  # fmt: skip
+        for kind, key in (("decode", "decode_time_s"), ("prefill", "prefill_time_s")):
+            pct = steps_now.get(key) or {}
+            for q, name in (("0.5", "p50"), ("0.9", "p90"), ("0.99", "p99")):
+                if pct.get(name) is not None:
+                    times.add_metric([kind, q], pct[name])
+        yield times
