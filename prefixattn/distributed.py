@@ -25,9 +25,11 @@ of label tokens in each shard. Rank 0 alone writes the checkpoint and prints.
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import os
 import sys
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -188,6 +190,8 @@ class DistributedContext:
     device: torch.device | None = None  # None: a single process, the caller's device
     backend: str | None = None  # "gloo" / "nccl"; None: not distributed
     _stdout: Any = field(default=None, repr=False)
+    # the DDP modules prepare() made (weak): close() frees their reducers first
+    _ddp: list = field(default_factory=list, repr=False)
 
     @property
     def is_distributed(self) -> bool:
@@ -225,7 +229,9 @@ class DistributedContext:
                     if p.requires_grad:  # the replicated prefix: to this process's device
                         p.data = p.data.to(self.device)
             return tuner
-        return wrap_ddp(tuner, self.device)
+        ddp = wrap_ddp(tuner, self.device)
+        self._ddp.append(weakref.ref(ddp))
+        return ddp
 
     def reduce_result(self, result: Any) -> Any:
         """A :class:`prefixattn.training.TrainResult` of the whole job: per-step losses of
@@ -258,10 +264,22 @@ class DistributedContext:
             dist.barrier()
 
     def close(self) -> None:
-        """Restore standard output and destroy the process group this context created."""
+        """Restore standard output and destroy the process group this context created.
+
+        The DDP modules :meth:`prepare` returned stop working here: their reducers (which
+        hold the group) are freed first, as a Gloo group destroyed under a live reducer
+        can hang in its destructor when the reducer goes later."""
         if self._stdout is not None:
             sys.stdout = self._stdout
             self._stdout = None
+        for ref in self._ddp:
+            ddp = ref()
+            if ddp is not None:
+                for name in ("logger", "reducer"):  # the logger holds the reducer too
+                    if hasattr(ddp, name):
+                        delattr(ddp, name)
+        self._ddp.clear()
+        gc.collect()
         if self.is_distributed and dist.is_initialized():
             with contextlib.suppress(Exception):
                 dist.destroy_process_group()

@@ -8,6 +8,7 @@ gradient all-reduce shows as a different prefix.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import random
@@ -148,6 +149,7 @@ def test_ddp_synchronises_only_the_prefix(tmp_path) -> None:
     import prefixattn
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    ddp = None
     try:
         pt = prefixattn.PrefixTuning(tiny_gpt2(), 3)
         ddp = wrap_ddp(pt)
@@ -160,7 +162,36 @@ def test_ddp_synchronises_only_the_prefix(tmp_path) -> None:
         assert pt.prefix.grad is not None and pt.prefix.grad.abs().max() > 0
         assert all(p.grad is None for p in pt.model.parameters())
     finally:
+        # DDP's reducer holds the group: freed after destroy_process_group, a Gloo group's
+        # destructor can wait forever on a lock (seen: CI hung here at the test's end)
+        del ddp
+        gc.collect()
         dist.destroy_process_group()
+
+
+def test_close_frees_the_ddp_reducers_before_destroying_the_group(tmp_path) -> None:
+    """``DistributedContext.close``: the DDP modules ``prepare`` made lose their reducer
+    (which holds the process group) before the group is destroyed, so nothing frees a
+    reducer over a destroyed Gloo group later (that destructor can hang)."""
+    import prefixattn
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:  # a one-process group under a context that takes itself for a job of two
+        ctx = DistributedContext(rank=0, world_size=2, backend="gloo")
+        pt = prefixattn.PrefixTuning(tiny_gpt2(), 3)
+        ddp = ctx.prepare(pt)
+        assert isinstance(ddp, torch.nn.parallel.DistributedDataParallel)
+        ids = torch.randint(2, 128, (2, 5))
+        ddp(input_ids=ids, labels=ids).loss.backward()
+        assert hasattr(ddp, "reducer")
+        ctx.close()
+        assert not hasattr(ddp, "reducer") and not hasattr(ddp, "logger")
+        assert not dist.is_initialized()
+        del ddp
+        gc.collect()  # nothing left that holds the destroyed group
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def test_context_reduce_result_is_identity_single() -> None:
