@@ -391,15 +391,13 @@ def engine_metrics(url: str) -> dict[str, Any] | str:
         m = httpx.get(url + "/metrics.json", timeout=10).json()
     except (httpx.HTTPError, ValueError) as e:
         return f"unavailable: {type(e).__name__}: {e}"
-    engine = m.get("engine", m)
-    steps = engine.get("steps", {})
-    graphs = engine.get("cuda_graphs") or {}
+    graphs = m.get("cuda_graphs") or {}
     keep = ("mode", "replays", "eager_steps", "refused_recompiles", "compile_s")
     return {
-        "steps": steps,
+        "steps": m.get("steps", {}),
         "graphs": {k: graphs[k] for k in keep if k in graphs},
-        "linear_path": (engine.get("linear") or {}).get("path"),
-        "ttft_s": engine.get("ttft_s"),
+        "linear_path": (m.get("linear") or {}).get("path"),
+        "ttft_s": m.get("ttft_s"),
     }
 
 
@@ -624,6 +622,10 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", "Identical generated text (per request, greedy, same weights):", ""]
         lines += [f"- {k}: {v}" for k, v in same.items()]
     ours = [r for r in report["runs"] if isinstance(r.get("engine"), dict)]
+
+    def ms(v: float | None) -> str:
+        return "-" if v is None else f"{v * 1e3:.0f}"
+
     if ours:
         lines += ["", "Where our servers' time went (their `/metrics.json` after the run): the "
                   "engine's steps, decode-only and with a prefill chunk; the run's wall time is "
@@ -635,10 +637,6 @@ def markdown(report: dict[str, Any]) -> str:
             st, gr = r["engine"]["steps"], r["engine"]["graphs"]
             dec, pre = st.get("decode_time_s") or {}, st.get("prefill_time_s") or {}
             total = (st.get("mean_time_s") or 0) * st.get("count", 0)
-
-            def ms(v: float | None) -> str:
-                return "-" if v is None else f"{v * 1e3:.0f}"
-
             lines.append(f"| {r['round']} | {r['config']} | {st.get('count')} | "
                          f"{dec.get('count')} | {ms(dec.get('p50'))} | {pre.get('count')} | "
                          f"{ms(pre.get('p50'))} | {total:.1f} | {gr.get('replays', '-')} | "

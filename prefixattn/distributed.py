@@ -272,14 +272,15 @@ class DistributedContext:
         if self._stdout is not None:
             sys.stdout = self._stdout
             self._stdout = None
-        for ref in self._ddp:
-            ddp = ref()
-            if ddp is not None:
-                for name in ("logger", "reducer"):  # the logger holds the reducer too
-                    if hasattr(ddp, name):
-                        delattr(ddp, name)
-        self._ddp.clear()
-        gc.collect()
+        if self._ddp:
+            for ref in self._ddp:
+                ddp = ref()
+                if ddp is not None:
+                    for name in ("logger", "reducer"):  # the logger holds the reducer too
+                        if hasattr(ddp, name):
+                            delattr(ddp, name)
+            self._ddp.clear()
+            gc.collect()
         if self.is_distributed and dist.is_initialized():
             with contextlib.suppress(Exception):
                 dist.destroy_process_group()

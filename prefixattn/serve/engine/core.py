@@ -572,6 +572,14 @@ class Engine:
 
     # ------------------------------------------------------------------ metrics
 
+    def step_time_percentiles(self) -> dict[str, dict[str, Any]]:
+        """Step-time percentiles (seconds) of the last 4096 steps of each kind:
+        ``decode_time_s`` (decode-only steps), ``prefill_time_s`` (with a prefill chunk)."""
+        return {
+            "decode_time_s": _percentiles(self.decode_step_times),
+            "prefill_time_s": _percentiles(self.prefill_step_times),
+        }
+
     def graph_stats(self) -> dict[str, Any]:
         """CUDA-graph decode: whether it is on, graphs captured per key, replays, and the
         decode steps that ran eagerly (see :meth:`.cuda_graphs.DecodeGraphs.stats`)."""
@@ -625,8 +633,7 @@ class Engine:
                 "decode_tokens": self.decode_tokens,
                 "time_s": _percentiles(steps),
                 "mean_time_s": sum(steps) / len(steps) if steps else None,
-                "decode_time_s": _percentiles(self.decode_step_times),  # decode-only steps
-                "prefill_time_s": _percentiles(self.prefill_step_times),  # with a prefill chunk
+                **self.step_time_percentiles(),
                 "decode_steps": self.decode_steps,
                 "mixed_steps": self.mixed_steps,
                 "static_decode": 0 if self.graphs is None else self.graphs.steps,

@@ -206,7 +206,7 @@ class _DecodePathCollector:
             "prefixattn:cuda_graph_recaptures", "Decode graph captures after the first "
             "(the task bank changed: tasks added or removed).", value=g.get("recaptures", 0),
         )  # fmt: skip
-        steps_now = self.engine.metrics()["steps"]
+        steps_now = self.engine.step_time_percentiles()
         times = GaugeMetricFamily(
             "prefixattn:step_time_seconds", "Engine step time over the last 4096 steps of "
             "each kind (decode: decode-only steps; prefill: steps with a prefill chunk), by "
