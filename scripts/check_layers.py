@@ -32,7 +32,7 @@ LAYERS: list[list[str]] = [
     ["prefixattn.ops.validation"],
     ["prefixattn.ops.reference"],
     ["prefixattn.ops.sdpa_features"],
-    ["prefixattn.ops.paged_rows"],
+    ["prefixattn.ops.paged_rows", "prefixattn.ops.paged_decode"],
     ["prefixattn.ops.sdpa"],
     ["prefixattn.ops.kernels"],
     ["prefixattn.ops.args"],

@@ -150,3 +150,17 @@ def test_compiled_engine_greedy_tokens_equal_the_eager_engine() -> None:
             got = g.decode([_Row(0), _Row(1)], snap)
         assert g.eager_steps == eager_before + 1 and g.key_misses >= 1
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_compiled_step_asks_inductor_to_compute_reused_results_once() -> None:
+    """The pinned torch's Inductor has the knob the compiled step sets (a rotary q / k
+    computed once into a buffer, not inside every loop that reads it: see compiled.py);
+    a torch without it compiles with its defaults instead of failing."""
+    import torch._inductor.config as inductor_config
+
+    from prefixattn.serve.engine import compiled
+
+    assert hasattr(inductor_config, "realize_opcount_threshold")
+    assert compiled._realize_options() == {
+        "realize_opcount_threshold": compiled.REALIZE_OPCOUNT_THRESHOLD
+    }

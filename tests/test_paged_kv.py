@@ -320,3 +320,158 @@ def test_table_checked_once_per_version(backend: str) -> None:
     kw["cache_seqlens"][2] = 10**4  # in place, another tensor
     with pytest.raises(ValueError, match="cache_seqlens"):
         prefixattn.prefix_attention(**kw, backend=backend)
+
+
+# ------------------------------------------------------------------------------------------
+# the traced CPU decode path (prefixattn/ops/paged_decode.py): reductions over the pages
+# ------------------------------------------------------------------------------------------
+
+
+def _decode_case(prefix: str, P: int, dim: int, H: int, Hkv: int, dtype: torch.dtype) -> dict:
+    """A decode call (one query per row) of :func:`_case` with a prefix of P keys: shared,
+    one per row or a ragged bank (lengths from 0 to P), on the CPU."""
+    kw = _case(16, "none", 1, H=H, Hkv=Hkv, dtype=dtype, seed=P + dim, dim=dim)
+    kw = {n: t.cpu() for n, t in kw.items()}
+    g = torch.Generator().manual_seed(P * 7 + dim)
+    B = kw["q"].shape[0]
+    if prefix == "shared":
+        shape = (Hkv, P, dim)
+    elif prefix == "per_row":
+        shape = (B, Hkv, P, dim)
+        kw["prefix_lengths"] = torch.randint(0, P + 1, (B,), generator=g)
+    elif prefix == "bank":
+        shape = (3, Hkv, P, dim)
+        kw["prefix_index"] = torch.tensor([0, 1, 2, 0, 2, 1])
+        kw["prefix_lengths"] = torch.tensor([P, 0, P // 2])
+    if prefix != "none":
+        kw["prefix_k"] = torch.randn(*shape, generator=g).to(dtype)
+        kw["prefix_v"] = torch.randn(*shape, generator=g).to(dtype)
+    return kw
+
+
+def _decode_call(kw: dict, **features):
+    from prefixattn.ops.call import AttentionCall
+    from prefixattn.ops.validation import validate
+
+    call = AttentionCall(**kw, **features, backend="sdpa")
+    return call, validate(call, check_values=True)
+
+
+@pytest.mark.parametrize(
+    ("prefix", "P"),
+    [("none", 0), ("bank", 0)]
+    + [(p, n) for p in ("shared", "per_row", "bank") for n in (1, 7, 33)],
+)
+@pytest.mark.parametrize(("dim", "H", "Hkv"), [(40, 6, 2), (80, 4, 4), (96, 3, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_paged_decode_reductions_match_float64(
+    prefix: str, P: int, dim: int, H: int, Hkv: int, dtype: torch.dtype
+) -> None:
+    """The traced decode path's math (run eagerly here: the same ops Inductor fuses) against
+    the float64 reference row by row: every prefix layout with P = 0 / 1 / 7 / 33 (ragged
+    lengths down to 0), GQA / MHA / MQA, D = 40 / 80 / 96, float32 / fp16 / bf16 inputs,
+    rows of length 0 / 1 / bs - 1 / bs / bs + 1 / 2 bs + 3 and table entries past a row's
+    blocks holding -1 / 0 / garbage; with window, soft-capping and sinks, and not causal."""
+    from prefixattn.ops import paged_decode
+
+    kw = _decode_case(prefix, P, dim, H, Hkv, dtype)
+    sinks = torch.randn(H, generator=torch.Generator().manual_seed(3))
+    tol = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}[dtype]
+    for features in ({}, {"window": 5}, {"softcap": 2.5, "sinks": sinks}, {"causal": False}):
+        call, prob = _decode_call(kw, **features)
+        assert paged_decode.applies(call, prob)
+        got = paged_decode.paged_decode_attention(call, prob)
+        assert got.dtype == dtype and got.shape == kw["q"].shape
+        want = _expected({**kw, "causal": features.get("causal", True)}, **{
+            n: f for n, f in features.items() if n != "causal"
+        })  # fmt: skip
+        torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
+        if P == 0 and "sinks" not in features:  # row 0 sees nothing: zeros
+            assert torch.count_nonzero(got[0]) == 0
+
+
+def test_paged_decode_applies_only_to_what_it_computes() -> None:
+    """Chunks of several queries, packed rows, a key padding mask or dropout keep the
+    gather + SDPA path."""
+    from prefixattn.ops import paged_decode
+
+    kw = _decode_case("bank", 7, 16, 4, 2, torch.float32)
+    call, prob = _decode_call(kw)
+    assert paged_decode.applies(call, prob)
+    chunk, chunk_prob = _decode_call({**kw, "q": torch.randn(6, 4, 3, 16)})
+    assert not paged_decode.applies(chunk, chunk_prob)
+    kpm = torch.ones(6, kw["block_table"].shape[1] * 16, dtype=torch.bool)
+    masked, masked_prob = _decode_call(kw, key_padding_mask=kpm)
+    assert not paged_decode.applies(masked, masked_prob)
+    assert not paged_decode.applies(call._replace(dropout_p=0.1), prob)
+    assert not paged_decode.applies(call._replace(cu_seqlens_q=torch.arange(7)), prob)
+
+
+def _traced_ops(fn, **kw) -> str:
+    """The code of the FX graph Dynamo hands the backend for ``fn(**kw)``."""
+    graphs: list[torch.fx.GraphModule] = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    with torch.no_grad():
+        torch.compile(fn, backend=backend, fullgraph=True)(**kw)
+    return "\n".join(gm.code for gm in graphs)
+
+
+def test_traced_decode_reads_the_pages_without_sdpa_and_chunks_keep_sdpa() -> None:
+    """Under torch.compile a paged CPU decode call traces to the reductions (no SDPA, no
+    index_select gather: the pages are indexed where the products read them); a chunk of 3
+    queries traces the gather + SDPA path. Both against float64 compiled by Inductor."""
+    torch._dynamo.reset()  # other tests compiled prefix_attention for other shapes
+    attn = functools.partial(prefixattn.prefix_attention, backend="sdpa")
+    kw = _decode_case("bank", 7, 40, 6, 2, torch.float32)
+    code = _traced_ops(attn, **kw)
+    assert "scaled_dot_product" not in code and "index_select" not in code
+    chunk = {**kw, "q": torch.randn(6, 6, 3, 40)}
+    assert "scaled_dot_product" in _traced_ops(attn, **chunk)
+    sinks = torch.randn(6, generator=torch.Generator().manual_seed(1))
+    fn = torch.compile(attn, fullgraph=True)
+    with torch.no_grad():
+        got = fn(**kw, window=9, softcap=3.0, sinks=sinks)
+    want = _expected(kw, window=9, softcap=3.0, sinks=sinks)
+    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)
+
+
+def test_traced_decode_computes_a_rotary_q_once() -> None:
+    """Inductor computes a pointwise q (here rotated by a rotary embedding, as every RoPE
+    model's) into a buffer before the score loop, with batch and table width dynamic as
+    the compiled engine step marks them: the generated score loop reads q, it does not
+    recompute cos / sin for every key (the as_strided in paged_decode.py)."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    kw = _decode_case("none", 0, 16, 4, 2, torch.float32)
+    pos = (kw["cache_seqlens"].to(torch.int64) - 1)[:, None]  # [B, 1]
+    inv = 1.0 / (10000 ** (torch.arange(0, 16, 2).float() / 16))
+
+    def step(q, k, v, cache_seqlens, block_table, pos):
+        f = pos[:, :, None].float() * inv  # [B, 1, D / 2]
+        emb = torch.cat((f, f), -1)  # [B, 1, D]
+        cos, sin = emb.cos()[:, None], emb.sin()[:, None]  # [B, 1, 1, D]
+        q = q * cos + torch.cat((-q[..., 8:], q[..., :8]), -1) * sin
+        return prefixattn.prefix_attention(
+            q, k, v, cache_seqlens=cache_seqlens, block_table=block_table, backend="sdpa"
+        )
+
+    args = (kw["q"], kw["k"], kw["v"], kw["cache_seqlens"], kw["block_table"], pos)
+    for t in (kw["q"], kw["cache_seqlens"], kw["block_table"], pos):
+        torch._dynamo.maybe_mark_dynamic(t, 0)
+    torch._dynamo.maybe_mark_dynamic(kw["block_table"], 1)
+    with torch.no_grad():
+        got, code = run_and_get_code(torch.compile(step, fullgraph=True), *args)
+    src = "\n".join(code)
+    assert ".cos()" in src or "std::cos" in src, "the rotary embedding was not compiled"
+    kernels = [k for k in src.split('extern "C"') if "tmp_acc" in k]
+    assert kernels, "no reduction kernel was generated"
+    for k in kernels:  # cos / sin run before the first reduction loop, never inside one
+        body = k.split("tmp_acc", 1)[1]
+        assert ".cos()" not in body and "std::cos" not in body, "q recomputed per key"
+    want = step(*args)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)

@@ -45,6 +45,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from . import paged_decode
 from .call import N_TENSORS, AttentionCall
 from .paged_rows import paged_sdpa_attention
 from .reference import (
@@ -243,7 +244,9 @@ def torch_backend(call: AttentionCall, prob: AttnProblem) -> torch.Tensor:
     ``key_padding_mask``) takes :func:`~.paged_rows.paged_sdpa_attention` (rows grouped
     by their number of queries, the gather indices and masks computed once per step);
     other packed calls are padded to their longest row, other paged calls cut to the
-    blocks their longest row needs."""
+    blocks their longest row needs. Traced (``torch.compile``), a paged CPU decode call
+    takes :func:`~.paged_decode.paged_decode_attention` (reductions that read the pages in
+    place); other traced paged calls gather their blocks for SDPA."""
     if (
         call.block_table is not None
         and call.backend == "sdpa"
@@ -255,6 +258,13 @@ def torch_backend(call: AttentionCall, prob: AttnProblem) -> torch.Tensor:
         if attend is not None:  # None: the reference path (dropout: refused when paged)
             note_path(PATH_PAGED_ROWS)
             return paged_sdpa_attention(call, prob, attend)
+    if (
+        call.backend == "sdpa"
+        and torch.compiler.is_compiling()
+        and paged_decode.applies(call, prob)
+    ):
+        # a traced CPU decode step: reductions Inductor fuses, reading the pages in place
+        return paged_decode.paged_decode_attention(call, prob)
     if call.cu_seqlens_q is not None:  # packed rows: padded, run, packed again
         padded, row, col = varlen_padded(call)
         out = torch_backend(padded, validate(padded, check_values=False))

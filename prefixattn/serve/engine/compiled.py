@@ -78,6 +78,25 @@ def compile_batch_buckets(buckets: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(sorted({max(b, MIN_BUCKET) for b in buckets}))
 
 
+# Inductor computes a pointwise result inside each kernel that reads it unless it is
+# "heavy" (on the CPU: exp / log / tanh / sigmoid, or more than 50 ops); cos and sin are
+# not on that list. A rotary embedding's q is then recomputed (cos, sin and all) for every
+# key a decode step's attention reads it against (see prefixattn/ops/paged_decode.py),
+# and k's for every place a cache write or a gather reads it. At 10 ops a reused
+# result is computed once into a buffer: SmolLM2's decode step 90 ms instead of 102 ms
+# (docs/serving-engine.md).
+REALIZE_OPCOUNT_THRESHOLD = 10
+
+
+def _realize_options() -> dict[str, int]:
+    """The Inductor option above, where this torch's Inductor has it."""
+    import torch._inductor.config as inductor_config
+
+    if hasattr(inductor_config, "realize_opcount_threshold"):
+        return {"realize_opcount_threshold": REALIZE_OPCOUNT_THRESHOLD}
+    return {}
+
+
 def _mark_dynamic(t: torch.Tensor | None, *dims: int) -> None:
     if t is not None:
         for d in dims:
@@ -117,7 +136,7 @@ class CompiledDecode(DecodeGraphs):
             runner.model_call,
             fullgraph=True,
             dynamic=None,
-            options={"post_grad_custom_post_pass": GroupSiblingLinears()},
+            options={"post_grad_custom_post_pass": GroupSiblingLinears(), **_realize_options()},
         )
         self.compiled: set[tuple[int, int]] = set()  # (batch, blocks) buckets compiled
         self.bank_shape: tuple | None = None  # the bank's shape they were compiled for
