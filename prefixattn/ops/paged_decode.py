@@ -20,10 +20,14 @@ table holds there) are masked; prefix keys follow ``prefix_lengths``. The sums r
 float32 (bf16 / fp16 inputs are upcast, the output cast back, as :mod:`.reference`);
 values equal the other paths within float32 rounding (a sum's order differs).
 
+q is computed into a buffer before the loops (an ``as_strided`` onto itself, see the code):
+a pointwise q, e.g. fresh out of a rotary embedding, would otherwise be recomputed for
+every key it meets.
+
 What it takes: a paged call (``block_table``) with one query per row, unpacked (no
 ``cu_seqlens_q``), no ``key_padding_mask``, no dropout (``prefix_window="sliding"`` is
-refused with a KV cache by validation); any prefix layout (shared, per row, bank, ragged by ``prefix_lengths``), GQA, a causal
-``window``, ``softcap`` and ``sinks``. :func:`applies` says whether a call is one; the
+refused with a KV cache by validation); any prefix layout (shared, per row, bank, ragged
+by ``prefix_lengths``), GQA, a causal ``window``, ``softcap`` and ``sinks``. :func:`applies` says whether a call is one; the
 others keep the gather + SDPA path. Inference only: paged calls refuse gradients.
 """
 
@@ -35,9 +39,7 @@ from .call import AttentionCall
 from .reference import prefix_visible, safe_softmax
 from .validation import PREFIX_BANK, PREFIX_NONE, PREFIX_SHARED, AttnProblem, needed_blocks
 
-__all__ = ["PATH_PAGED_DECODE", "applies", "paged_decode_attention"]
-
-PATH_PAGED_DECODE = "paged decode as fused reductions (CPU, torch.compile)"
+__all__ = ["applies", "paged_decode_attention"]
 
 
 def applies(call: AttentionCall, prob: AttnProblem) -> bool:
