@@ -27,8 +27,8 @@ every key it meets.
 What it takes: a paged call (``block_table``) with one query per row, unpacked (no
 ``cu_seqlens_q``), no ``key_padding_mask``, no dropout (``prefix_window="sliding"`` is
 refused with a KV cache by validation); any prefix layout (shared, per row, bank, ragged
-by ``prefix_lengths``), GQA, a causal ``window``, ``softcap`` and ``sinks``. :func:`applies` says whether a call is one; the
-others keep the gather + SDPA path. Inference only: paged calls refuse gradients.
+by ``prefix_lengths``), GQA, a causal ``window``, ``softcap`` and ``sinks``. :func:`applies`
+says whether a call is one; the others keep the gather + SDPA path. Inference only: paged calls refuse gradients.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 
 from .call import AttentionCall
-from .reference import prefix_visible, safe_softmax
+from .reference import prefix_visible, safe_softmax, scaled_logits, visible_mask
 from .validation import PREFIX_BANK, PREFIX_NONE, PREFIX_SHARED, AttnProblem, needed_blocks
 
 __all__ = ["applies", "paged_decode_attention"]
@@ -69,21 +69,15 @@ def paged_decode_attention(call: AttentionCall, prob: AttnProblem) -> torch.Tens
     # 0.67 vs 0.29 ms per call (SmolLM2's decode shapes, 8 rows of 128 keys).
     qg = qg.as_strided(qg.shape, qg.stride())
 
-    def logits(s: torch.Tensor) -> torch.Tensor:
-        s = s * prob.sm_scale
-        return prob.softcap * torch.tanh(s / prob.softcap) if prob.softcap else s
-
     # the blocks each row reads; entries past them read block 0 (masked below)
     blocks = torch.where(needed_blocks(bt, seqlens, bs), bt.to(torch.int64), 0)  # [B, M]
     kc = pool_k[blocks].to(f32)  # [B, M, Hkv, bs, D]: an indexed load, fused (never copied)
     s_seq = (qg[:, None, :, :, None, :] * kc[:, :, :, None, :, :]).sum(-1)  # [B, M, Hkv, G, bs]
-    s_seq = logits(s_seq.permute(0, 2, 3, 1, 4).reshape(B, Hkv, G, M * bs))  # [B, Hkv, G, N]
-    n = seqlens.to(torch.int64)[:, None]  # [B, 1]
-    j = torch.arange(M * bs, device=q.device)[None, :]  # [1, N]
-    seen = j < n  # [B, N]
-    if prob.window and call.causal:  # the query sits at position n - 1
-        seen = seen & (j > n - 1 - prob.window)
-    s_seq = s_seq.masked_fill(~seen[:, None, None, :], float("-inf"))
+    s_seq = s_seq.permute(0, 2, 3, 1, 4).reshape(B, Hkv, G, M * bs)  # [B, Hkv, G, N]
+    s_seq = scaled_logits(s_seq, prob)
+    # [B, 1, N]: keys before cache_seqlens (and inside the window), the query at its end
+    seen = visible_mask(1, M * bs, call.causal, None, q.device, prob.window, seqlens)
+    s_seq = s_seq.masked_fill(~seen[:, None], float("-inf"))
 
     prefix = prob.layout != PREFIX_NONE and P > 0
     if prefix:
@@ -92,7 +86,8 @@ def paged_decode_attention(call: AttentionCall, prob: AttnProblem) -> torch.Tens
             pk, pv = pk[None], pv[None]  # [Hkv, P, D] -> [1, Hkv, P, D] (broadcast)
         elif prob.layout == PREFIX_BANK:
             pk, pv = pk[call.prefix_index], pv[call.prefix_index]  # [B, Hkv, P, D], fused
-        s_pre = logits((qg[:, :, :, None, :] * pk.to(f32)[:, :, None]).sum(-1))  # [B, Hkv, G, P]
+        s_pre = (qg[:, :, :, None, :] * pk.to(f32)[:, :, None]).sum(-1)  # [B, Hkv, G, P]
+        s_pre = scaled_logits(s_pre, prob)
         if call.prefix_lengths is not None:
             vis = prefix_visible(call.prefix_lengths, call.prefix_index, P)  # [B, P]
             s_pre = s_pre.masked_fill(~vis[:, None, None, :], float("-inf"))

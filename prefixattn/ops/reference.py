@@ -176,6 +176,13 @@ def prefix_window_visible(
     return c - L > pos - window
 
 
+def scaled_logits(s: torch.Tensor, prob: AttnProblem) -> torch.Tensor:
+    """Raw scores q k^T -> logits: times ``prob.sm_scale``, then soft-capped
+    (``C * tanh(s / C)``) when ``prob.softcap`` is set."""
+    s = s * prob.sm_scale
+    return prob.softcap * torch.tanh(s / prob.softcap) if prob.softcap else s
+
+
 def safe_softmax(
     scores: torch.Tensor, sink: torch.Tensor | None = None, dropout_p: float = 0.0
 ) -> torch.Tensor:
@@ -218,11 +225,7 @@ def reference_prefix_attention(call: AttentionCall, prob: AttnProblem) -> torch.
     qf = q.to(cdt).reshape(B, Hkv, G * Nq, D)  # [B, Hkv, G*Nq, D]: a GQA group shares K/V
     kf, vf = k.to(cdt), v.to(cdt)  # [B, Hkv, Nk, D]
 
-    def logits(s: torch.Tensor) -> torch.Tensor:
-        s = s * prob.sm_scale
-        return prob.softcap * torch.tanh(s / prob.softcap) if prob.softcap else s
-
-    s_seq = logits(torch.matmul(qf, kf.transpose(-1, -2)).view(B, Hkv, G, Nq, Nk))
+    s_seq = scaled_logits(torch.matmul(qf, kf.transpose(-1, -2)).view(B, Hkv, G, Nq, Nk), prob)
     mask = visible_mask(Nq, Nk, causal, key_padding_mask, q.device, prob.window, call.cache_seqlens)
     if mask is not None:
         s_seq = s_seq.masked_fill(~mask[:, None, None], float("-inf"))  # [B|1, 1, 1, Nq, Nk]
@@ -233,7 +236,7 @@ def reference_prefix_attention(call: AttentionCall, prob: AttnProblem) -> torch.
         if prob.layout == PREFIX_BANK:
             pk, pv = pk[prefix_index], pv[prefix_index]  # [B, Hkv, P, D]
         # shared [Hkv, P, D] broadcasts over the batch; per-row/bank are [B, Hkv, P, D]
-        s_pre = logits(torch.matmul(qf, pk.transpose(-1, -2)).view(B, Hkv, G, Nq, P))
+        s_pre = scaled_logits(torch.matmul(qf, pk.transpose(-1, -2)).view(B, Hkv, G, Nq, P), prob)
         if prefix_lengths is not None:
             s_pre = s_pre.masked_fill(
                 ~prefix_visible(prefix_lengths, prefix_index, P)[:, None, None, None, :],
