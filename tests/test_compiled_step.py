@@ -92,7 +92,8 @@ def test_capture_compiles_one_kernel_at_a_time_and_restores_the_setting() -> Non
         g.capture(bank.snapshot())
         after = inductor_config.compile_threads
     assert seen and set(seen) == {1}, seen
-    assert len(seen) == len(g.buckets) * len(g.block_buckets) == len(g.compiled)
+    assert len(g.compiled) == len(g.buckets) * len(g.block_buckets)
+    assert len(seen) == len(g._warm_shapes()) > len(g.compiled)  # and a mixed step's shape
     assert after == max(before, 2)
 
 
@@ -113,9 +114,13 @@ def test_compiled_engine_greedy_tokens_equal_the_eager_engine() -> None:
         assert outs[True] == outs[False]
         st = engines[True].graph_stats()
         assert st["mode"] == "torch.compile" and st["compiled_buckets"] == 6
-        assert st["compile_s"] > 0 and set(st["compile_s_by_bucket"]) == {
+        decode_keys = {k for k in st["compile_s_by_bucket"] if not k.startswith("mixed")}
+        assert st["compile_s"] > 0 and decode_keys == {
             f"B{b}/M{m}" for b in (2, 4) for m in (2, 4, 5)
         }
+        # steps with prefill chunks ran compiled too (one row per token), none refused
+        assert st["mixed_steps"] > 0 and not any(st["mixed_eager"].values()), st["mixed_eager"]
+        assert any(k.startswith("mixed") for k in st["compile_s_by_bucket"])
         # every decode step ran compiled, none waited for or refused a compile
         assert st["decode_steps"] > 0 and st["replays"] == st["decode_steps"]
         assert st["eager_steps"] == 0 and st["refused_recompiles"] == 0
@@ -164,3 +169,89 @@ def test_compiled_step_asks_inductor_to_compute_reused_results_once() -> None:
     assert compiled._realize_options() == {
         "realize_opcount_threshold": compiled.REALIZE_OPCOUNT_THRESHOLD
     }
+
+
+def test_mixed_steps_one_row_per_token_equal_the_packed_forward() -> None:
+    """Steps with prefill chunks run the compiled step's static forward, one row per new
+    token with the LM head on the wanted rows only: its logprobs equal the packed forward's
+    (float64 model; the graph's function left eager here: the slow test below compiles);
+    prompt logprobs, too many rows, too much attention run the packed forward, counted."""
+    with single_thread():
+        tok = tiny_tokenizer()
+        model = tiny_model(len(tok), arch="llama").double()
+        bank = TaskBank(model, backend="sdpa")
+        bank.add_base("base")
+        for i, P in enumerate((1, 7)):
+            torch.manual_seed(40 + i)
+            pt = PrefixTuning(copy.deepcopy(model), P, init="random", backend="sdpa")
+            bank.add(f"t{P}", pt)
+        # prompts of 1..33 tokens over 2 tasks and the base: chunks of 1..24 tokens (budget
+        # 24), decode rows beside them, rows over 1..4 blocks of 16
+        ps = prompts(len(tok), [5, 33, 1, 17, 9, 24], seed=3)
+        tasks = ["t7", "base", "t1", "t7", "base", "t1"]
+        outs, engines = {}, {}
+        for compiled in (False, True):
+            eng = Engine(bank, tok, max_num_seqs=3, max_num_batched_tokens=24, max_model_len=64,
+                         seed=0, compile=compiled)  # fmt: skip
+            if compiled:
+                eng.graphs.fn = eng.runner.model_call  # the traced function, run eagerly
+            reqs = [request(t, p, max_tokens=7, ignore_eos=True, logprobs=3)
+                    for t, p in zip(tasks, ps)]  # fmt: skip
+            reqs.append(request("t1", ps[0], max_tokens=2, prompt_logprobs=2))
+            run(eng, reqs, timeout=300)
+            outs[compiled] = [(r.sink.ids, r.sink.tokens) for r in reqs]
+            engines[compiled] = eng
+        st = engines[True].graph_stats()
+        assert st["mixed_steps"] > 0 and st["mixed_tokens"] > st["mixed_steps"], st
+        assert st["mixed_eager"]["prompt_logprobs"] >= 1, st["mixed_eager"]
+        assert st["mixed_eager"]["recompile"] == 0 and st["mixed_eager"]["head"] == 0
+        for (ids0, outs0), (ids1, outs1) in zip(outs[False], outs[True]):
+            assert ids0 == ids1
+            for a, b in zip(outs0, outs1):
+                assert a.token_id == b.token_id
+                assert a.logprob == pytest.approx(b.logprob, abs=1e-9)
+                assert (a.top is None) == (b.top is None)
+                if a.top is not None:
+                    assert [t for t, _ in a.top] == [t for t, _ in b.top]
+                    assert [v for _, v in a.top] == pytest.approx([v for _, v in b.top], abs=1e-9)
+        assert engines[True].metrics()["steps"]["mixed_steps"] > 0  # chunks beside decode rows
+
+
+def test_mixed_steps_the_compiled_step_does_not_take_say_why() -> None:
+    """Prompt logprobs, more rows than the budget, attention over too many keys, a bank of
+    another shape: None (the engine's packed forward runs the step), counted by reason;
+    nothing is written to the rows."""
+    bank, tok = _bank()
+    eng = Engine(bank, tok, max_num_seqs=2, max_num_batched_tokens=40, max_model_len=512,
+                 compile=True)  # fmt: skip
+    g = eng.graphs
+    g.fn = eng.runner.model_call  # no Inductor here
+    snap = bank.snapshot()
+    g.capture(snap)
+    assert g.head_reads_rows is True
+    assert g.max_tokens == 40 and g.attention_budget == max(2 * 32 * 16, 4096)
+
+    class _Row:  # what mixed() reads of a row
+        def __init__(self, n_blocks: int, n_tokens: int, task: str = "t4") -> None:
+            self.blocks, self.token_ids = list(range(n_blocks)), list(range(5, 5 + n_tokens))
+            self.num_computed, self.next_position, self.last_token = 0, 0, 5
+            self.task = task
+
+    def refused(decode: list, chunks: list, snapshot=snap) -> dict:
+        before = dict(g.mixed_eager)
+        assert g.mixed(decode, chunks, snapshot) is None
+        assert all(r.num_computed == 0 for r in [*decode, *(r for r, _, _ in chunks)])
+        return {k: v - before[k] for k, v in g.mixed_eager.items() if v != before[k]}
+
+    assert refused([], [(_Row(1, 9), 9, True)]) == {"prompt_logprobs": 1}
+    assert refused([_Row(1, 1)], [(_Row(3, 40), 40, False)]) == {"tokens": 1}
+    # 32 rows over 16 blocks of 16: 8192 row-keys > 4096
+    assert refused([], [(_Row(16, 32), 32, False)]) == {"attention": 1}
+    bank.add("t12", PrefixTuning(copy.deepcopy(bank.model), 12, init="random", backend="sdpa"))
+    assert refused([], [(_Row(1, 9), 9, False)], bank.snapshot()) == {"not_compiled": 1}
+    # one that fits runs: the rows advance
+    row = _Row(1, 9)
+    with torch.no_grad():
+        got = g.mixed([], [(row, 9, False)], snap)
+    assert got is not None and got[0].shape[0] == 0 and got[1][0].shape == (1, len(tok))
+    assert row.num_computed == 9 and g.mixed_steps == 1 and g.mixed_tokens == 9

@@ -17,8 +17,9 @@ no gathered copy, no mask tensor, no SDPA call (the block id is read once per bl
 the inner loop over ``d`` is vectorised). Keys past a row's ``cache_seqlens`` (and
 entries of its table past the blocks it reads: block 0 is read instead, whatever the
 table holds there) are masked; prefix keys follow ``prefix_lengths``. The sums run in
-float32 (bf16 / fp16 inputs are upcast, the output cast back, as :mod:`.reference`);
-values equal the other paths within float32 rounding (a sum's order differs).
+float32 (bf16 / fp16 inputs are upcast, the output cast back, as :mod:`.reference`;
+float64 stays float64); values equal the other paths within rounding (a sum's order
+differs).
 
 q is computed into a buffer before the loops (an ``as_strided`` onto itself, see the code):
 a pointwise q, e.g. fresh out of a rotary embedding, would otherwise be recomputed for
@@ -61,7 +62,7 @@ def paged_decode_attention(call: AttentionCall, prob: AttnProblem) -> torch.Tens
     bs = pool_k.shape[2]
     bt, seqlens = call.block_table, call.cache_seqlens
     M = bt.shape[1]
-    f32 = torch.float32
+    f32 = torch.promote_types(q.dtype, torch.float32)  # the sums' dtype (float64 stays)
     qg = q.reshape(B, Hkv, G, D).to(f32)  # [B, H, 1, D] -> [B, Hkv, G, D]
     # A view of itself (nothing eagerly), but Inductor computes an as_strided's input into
     # a buffer first: q once per step, not once per key it meets. Without it a rotary

@@ -28,6 +28,24 @@ or removed, another longest prefix) fails the graph's guards: those steps run ea
 (counted) until :meth:`capture` compiles for the new shape (the engine does so between
 steps, when no row runs).
 
+**Steps with prefill chunks** (:meth:`CompiledDecode.mixed`) run through the same graph:
+every new token becomes a row of its own, one query over its row's pages (its keys
+before it, the chunk's earlier tokens included: every row's key is written to the pool
+before any row's attention reads it), and the LM head reads only the rows whose logits
+are wanted (each decode row, each chunk's last token: ``StepLayout.logit_rows``, a
+pre-hook on the model's output embeddings)::
+
+    rows         decode r0 | decode r1 | chunk r2, 3 tokens
+    graph rows   t0 @17    | t1 @40    | p0 @0  p1 @1  p2 @2      (token @ keys before it)
+    LM head      row 0     | row 1     |               row 4     -> logits [3, V]
+
+A mixed step is padded to a multiple of 8 rows (the decode buckets below); it runs
+eagerly (the engine's packed forward, counted by reason in ``mixed_eager``) when it asks
+prompt logprobs, has more rows than ``max_tokens``, or its attention would read more
+(rows x keys) than the largest decode bucket at the longest table (at least 4096):
+per-token queries over the pages cost what a long prompt's matrix-product attention
+does not.
+
 **Compile time** is reported (log line, :meth:`stats` ``compile_s`` /
 ``compile_s_by_bucket``) and bounded: ``budget_s`` stops compiling further buckets once
 spent (their steps run eagerly, counted in ``eager_steps``). Inductor compiles its C++
@@ -42,12 +60,14 @@ that (the tests compare the engine's tokens compiled vs eager).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import Counter
 from typing import Any
 
 import torch
+from torch import nn
 
 from .cpu_linear import GroupSiblingLinears
 from .cuda_graphs import DecodeGraphs, pick_bucket
@@ -60,6 +80,10 @@ __all__ = ["CompiledDecode", "block_buckets", "compile_batch_buckets"]
 logger = logging.getLogger("prefixattn.serve")
 
 MIN_BUCKET = 2  # Dynamo specialises sizes 0 and 1: the dynamic graph starts at 2
+MIXED_ROUND = 8  # a compiled mixed step's rows are padded to a multiple of this
+MIXED_MIN_ATTENTION = 4096  # rows x keys: a 64-token chunk over 4 blocks of 16
+# why a step with prefill chunks ran the engine's packed (eager) forward instead
+MIXED_REASONS = ("prompt_logprobs", "tokens", "attention", "not_compiled", "recompile", "head")
 
 
 def block_buckets(max_blocks: int) -> tuple[int, ...]:
@@ -71,6 +95,10 @@ def block_buckets(max_blocks: int) -> tuple[int, ...]:
         out.append(b)
         b *= 2
     return (*out, top)
+
+
+def _round_up(n: int, k: int) -> int:
+    return -(-n // k) * k
 
 
 def compile_batch_buckets(buckets: tuple[int, ...]) -> tuple[int, ...]:
@@ -103,6 +131,17 @@ def _mark_dynamic(t: torch.Tensor | None, *dims: int) -> None:
             torch._dynamo.maybe_mark_dynamic(t, d)
 
 
+def _no_duck_shapes() -> Any:
+    """Dynamo's "duck shaping" gives dynamic sizes that are equal when traced one symbol
+    (and a guard that they stay equal): a step traced with as many rows as blocks would
+    fail its guards on every other shape. Off while capturing: one graph for all."""
+    from torch.fx.experimental import _config as fx_config
+
+    if hasattr(fx_config, "use_duck_shape"):
+        return fx_config.patch(use_duck_shape=False)
+    return contextlib.nullcontext()  # pragma: no cover - torch without the knob
+
+
 class CompiledDecode(DecodeGraphs):
     """Decode steps of ``runner`` padded to (batch, block) buckets and run through one
     ``torch.compile``'d model call (Inductor; CPU).
@@ -114,6 +153,8 @@ class CompiledDecode(DecodeGraphs):
         max_blocks: block table entries per row (``cdiv(max_model_len, block_size)``).
         budget_s: stop compiling further buckets after this many seconds of compiling
             (None: no bound); their steps run eagerly (counted).
+        max_tokens: rows (new tokens) a compiled step with prefill chunks may have (the
+            engine's ``max_num_batched_tokens``; default: the largest bucket).
     """
 
     def __init__(
@@ -122,13 +163,29 @@ class CompiledDecode(DecodeGraphs):
         buckets: tuple[int, ...],
         max_blocks: int,
         budget_s: float | None = None,
+        max_tokens: int | None = None,
     ) -> None:
         if budget_s is not None and not budget_s > 0:
             raise ValueError(f"budget_s must be > 0 or None, got {budget_s!r}")
+        buckets = compile_batch_buckets(buckets)
+        cap = max(buckets[-1], _round_up(max_tokens or 0, MIXED_ROUND))
         # the static table is at least MIN_BUCKET wide (entries past a row's blocks are
         # scratch); the mask functions are always told max_blocks * block_size keys
-        super().__init__(runner, compile_batch_buckets(buckets), max(max_blocks, MIN_BUCKET))
+        super().__init__(runner, buckets, max(max_blocks, MIN_BUCKET), capacity=cap)
+        self.max_tokens = cap
         self.kv_len = max_blocks * runner.pool.block_size
+        # rows x keys a mixed step's attention may read: the largest decode step's (at
+        # least MIXED_MIN_ATTENTION)
+        self.attention_budget = max(
+            self.buckets[-1] * max(max_blocks, MIN_BUCKET) * runner.pool.block_size,
+            MIXED_MIN_ATTENTION,
+        )
+        self._all_rows = torch.arange(cap, device=runner.device)  # logit_rows of a decode step
+        head = runner.model.get_output_embeddings()
+        self._head_hook = (
+            head.register_forward_pre_hook(self._head_rows) if isinstance(head, nn.Module) else None
+        )
+        self.head_reads_rows: bool | None = None  # the hook is honoured (checked at capture)
         self.block_buckets = block_buckets(max_blocks)
         self.budget_s = budget_s
         # sibling linears (q/k/v, gate/up) packed as one weight run as one GEMM in the graph
@@ -146,6 +203,24 @@ class CompiledDecode(DecodeGraphs):
         self.skipped_buckets = 0  # buckets left eager by the budget (last capture)
         self.replays_by_bucket = Counter({b: 0 for b in self.buckets})
         self.steps_by_blocks: Counter[int] = Counter({m: 0 for m in self.block_buckets})
+        self.mixed_steps = 0  # steps with prefill chunks run compiled
+        self.mixed_tokens = 0  # their new tokens
+        self.mixed_eager: Counter[str] = Counter({r: 0 for r in MIXED_REASONS})
+
+    def close(self) -> None:
+        """Remove the pre-hook on the model's output embeddings (the model as it was)."""
+        if self._head_hook is not None:
+            self._head_hook.remove()
+            self._head_hook = None
+
+    def _head_rows(self, module: nn.Module, args: tuple) -> tuple | None:
+        """The LM head's pre-hook: during this runner's step with ``logit_rows``, only
+        those rows of the hidden states [B, 1, H] go in (a no-op otherwise)."""
+        step = self.runner.cache.step
+        rows = None if step is None else step.logit_rows
+        if rows is None:
+            return None
+        return (args[0].index_select(0, rows), *args[1:])
 
     @staticmethod
     def _bank_shape(snapshot: Any) -> tuple | None:
@@ -171,6 +246,10 @@ class CompiledDecode(DecodeGraphs):
             refused_recompiles=self.refused_recompiles,
             skipped_buckets=self.skipped_buckets,
             steps_by_blocks={str(m): n for m, n in sorted(self.steps_by_blocks.items())},
+            mixed_max_tokens=self.max_tokens,
+            mixed_steps=self.mixed_steps,
+            mixed_tokens=self.mixed_tokens,
+            mixed_eager=dict(self.mixed_eager),
         )
         return out
 
@@ -182,6 +261,7 @@ class CompiledDecode(DecodeGraphs):
         step, where = self.runner.cache.step, self.runner.cache._where
         for t in (ids, positions, step.starts, *(where or ()), *self.runner.step_tensors()):
             _mark_dynamic(t, 0)
+        _mark_dynamic(step.logit_rows, 0)
         _mark_dynamic(step.block_table, 0, 1)
 
     def _call(self, ids: torch.Tensor, positions: torch.Tensor, k: int) -> torch.Tensor:
@@ -196,17 +276,27 @@ class CompiledDecode(DecodeGraphs):
         return self.fn(ids, positions, k)
 
     def _static_forward(
-        self, B: int, M: int, snapshot: Any, compiled: bool, warm: bool = False
+        self,
+        B: int,
+        M: int,
+        snapshot: Any,
+        compiled: bool,
+        warm: bool = False,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The padded decode forward of bucket (B, M): logits [B, V] (``warm``: the
-        compiled call that may compile)."""
+        """The padded forward of B rows of one token over M blocks: logits [K, V] of
+        ``rows`` (int64 [K]; default all B) (``warm``: the compiled call that may
+        compile)."""
         from ...hf.bank import TaskBank
 
+        rows = self._all_rows[:B] if rows is None else rows  # [K]
         table = self.block_table[:B, :M].contiguous()  # [B, M] (one stride for every M)
-        layout = StepLayout(table, self.starts[:B], 1, self.kv_len)
+        layout = StepLayout(table, self.starts[:B], 1, self.kv_len, logit_rows=rows)
         provider = TaskBank.snapshot_provider(snapshot, self.prefix_index[:B])
         call = (self._warm_call if warm else self._call) if compiled else None
         out = self.runner.forward(self.ids[:B], self.positions[:B], layout, provider, 1, call=call)
+        if out.shape[0] != rows.shape[0]:  # the head was not the output embeddings module
+            out = out.index_select(0, rows)
         return out[:, -1]
 
     def capture(self, snapshot: Any) -> None:
@@ -222,18 +312,22 @@ class CompiledDecode(DecodeGraphs):
         spent = 0.0
         # one C++ compiler at a time: Inductor's default (a compiler process per core) adds
         # a compiler's memory per core to the start-up peak (SmolLM2: ~0.2 GB each)
-        with torch.no_grad(), inductor_config.patch(compile_threads=1):
-            for B in self.buckets:
-                for M in self.block_buckets:
-                    if self.budget_s is not None and spent > self.budget_s:
-                        self.skipped_buckets += 1
-                        continue
-                    t0 = time.perf_counter()
-                    self._static_forward(B, M, snapshot, compiled=True, warm=True)
-                    dt = time.perf_counter() - t0
-                    spent += dt
+        with torch.no_grad(), inductor_config.patch(compile_threads=1), _no_duck_shapes():
+            self.head_reads_rows = self._check_head(snapshot)
+            for B, M, K in self._warm_shapes():
+                if self.budget_s is not None and spent > self.budget_s:
+                    self.skipped_buckets += 1
+                    continue
+                t0 = time.perf_counter()
+                rows = None if K is None else self._all_rows[:K].flip(0)
+                self._static_forward(B, M, snapshot, compiled=True, warm=True, rows=rows)
+                dt = time.perf_counter() - t0
+                spent += dt
+                if K is None:
                     self.compiled.add((B, M))
                     self.compile_s_by_bucket[f"B{B}/M{M}"] = round(dt, 3)
+                else:
+                    self.compile_s_by_bucket[f"mixed T{B}/K{K}/M{M}"] = round(dt, 3)
         self.compile_s += spent
         self.capture_runs += 1
         for B in self.buckets:
@@ -245,6 +339,101 @@ class CompiledDecode(DecodeGraphs):
             f" ({self.skipped_buckets} left eager: --compile-budget)" if self.skipped_buckets
             else "",
         )  # fmt: skip
+
+    def _check_head(self, snapshot: Any) -> bool:
+        """Whether the model's LM head honours ``logit_rows`` (its output embeddings
+        module is what the forward calls): one eager forward of 2 padding rows."""
+        if self._head_hook is None:
+            return False
+        B, M = MIN_BUCKET, self.block_buckets[0]
+        table = self.block_table[:B, :M].contiguous()
+        layout = StepLayout(table, self.starts[:B], 1, self.kv_len, logit_rows=self._all_rows[:1])
+        from ...hf.bank import TaskBank
+
+        provider = TaskBank.snapshot_provider(snapshot, self.prefix_index[:B])
+        out = self.runner.forward(self.ids[:B], self.positions[:B], layout, provider, 1)
+        return out.shape[0] == 1
+
+    def _mixed_sizes(self) -> list[int]:
+        """Row counts of a mixed step past the decode buckets that :meth:`capture` runs
+        (one graph serves every count; these check it does without a compile)."""
+        lo = _round_up(self.buckets[-1] + 1, MIXED_ROUND)
+        return sorted({lo, self.max_tokens}) if self.max_tokens >= lo else []
+
+    def _warm_shapes(self) -> list[tuple[int, int, int | None]]:
+        """(rows, blocks, logit rows or None: a decode step) that :meth:`capture` runs."""
+        shapes: list[tuple[int, int, int | None]] = [
+            (B, M, None) for B in self.buckets for M in self.block_buckets
+        ]
+        if not self.head_reads_rows:
+            return shapes
+        bs = self.runner.pool.block_size
+        for M in self.block_buckets:
+            fits = [T for T in self._mixed_sizes() if T * M * bs <= self.attention_budget]
+            for T, K in zip(fits, (MIN_BUCKET, self.buckets[-1] + 1)):
+                shapes.append((T, M, K))
+        return shapes
+
+    def mixed(
+        self, decode: list[Row], chunks: list[tuple[Row, int, bool]], snapshot: Any
+    ) -> tuple[torch.Tensor, list[torch.Tensor]] | None:
+        """A step with prefill chunks ``(row, n, all_logits)`` through the compiled graph,
+        one row per new token (the module doc): ``(logits [len(decode), V], [[1, V] per
+        chunk])``, every row's ``num_computed`` advanced; or None (counted by reason in
+        ``mixed_eager``): the engine's packed forward runs the step."""
+        reason = None
+        T = len(decode) + sum(n for _, n, _ in chunks)
+        B = pick_bucket(T, self.buckets) or _round_up(T, MIXED_ROUND)
+        longest = max(len(r.blocks) for r in [*decode, *(r for r, _, _ in chunks)])
+        M = pick_bucket(max(longest, 1), self.block_buckets)
+        if not self.head_reads_rows:
+            reason = "head"
+        elif any(want for _, _, want in chunks):
+            reason = "prompt_logprobs"
+        elif self.max_tokens < B or M is None:
+            reason = "tokens"
+        elif B * M * self.runner.pool.block_size > self.attention_budget:
+            reason = "attention"
+        elif not self.compiled or self._bank_shape(snapshot) != self.bank_shape:
+            reason = "not_compiled"
+        if reason is not None:
+            self.mixed_eager[reason] += 1
+            return None
+        pos = {name: i for i, name in enumerate(snapshot.names)}
+        tokens = [r.last_token for r in decode]
+        positions = [r.next_position for r in decode]
+        starts = [r.num_computed for r in decode]
+        tasks = [pos[r.task] for r in decode]
+        tables = [r.blocks for r in decode]
+        keep = list(range(len(decode)))  # the rows whose logits are wanted
+        for r, n, _ in chunks:
+            a, p0, ids, t = r.num_computed, r.next_position, r.token_ids, pos[r.task]
+            tokens += ids[a : a + n]
+            positions += range(p0, p0 + n)
+            starts += range(a, a + n)
+            tasks += [t] * n
+            tables += [r.blocks] * n
+            keep.append(len(tokens) - 1)
+        K = len(keep)
+        keep += [0] * (MIN_BUCKET - K)  # Dynamo specialises 1: at least 2 (extra dropped)
+        self._fill_columns(tokens, positions, starts, tasks, tables, B)
+        rows = torch.tensor(keep, dtype=torch.int64, device=self.ids.device)  # [K]
+        try:
+            out = self._static_forward(B, M, snapshot, compiled=True, rows=rows)
+        except RuntimeError as err:
+            if "fail_on_recompile" not in str(err) and "recompile" not in str(err):
+                raise
+            self.refused_recompiles += 1
+            self.mixed_eager["recompile"] += 1
+            return None
+        self.mixed_steps += 1
+        self.mixed_tokens += T
+        for r in decode:
+            r.num_computed += 1
+        for r, n, _ in chunks:
+            r.num_computed += n
+        d = len(decode)
+        return out[:d], [out[d + i : d + i + 1] for i in range(len(chunks))]
 
     def decode(self, rows: list[Row], snapshot: Any) -> torch.Tensor | None:
         """Logits float32 [len(rows), V] of one decode step, or None when the rows exceed

@@ -10,7 +10,8 @@ transformers' continuous batching)::
                                     # cache hits skip their cached blocks), the newest row
                                     # preempted when a running row finds no free block
         logits = runner(plan)       # ONE packed forward: decode rows + prefill chunks (a
-                                    # decode-only step: CUDA graph / compiled bucket if on)
+                                    # decode-only step: CUDA graph / compiled bucket if on;
+                                    # compiled: chunks too, one graph row per token)
         tokens = sample(logits)     # batched for the step: greedy rows one argmax, sampled
                                     # rows their own temperature/top-p/generator
         emit each token to its sink; finished rows leave before the next step
@@ -181,8 +182,9 @@ class Engine:
         self.graphs: DecodeGraphs | None = None
         if cfg.compile and param.device.type != "cuda":
             self.graphs = CompiledDecode(
-                self.runner, cfg.decode_buckets, self.max_blocks_per_row, cfg.compile_budget_s
-            )
+                self.runner, cfg.decode_buckets, self.max_blocks_per_row, cfg.compile_budget_s,
+                max_tokens=cfg.max_num_batched_tokens,
+            )  # fmt: skip
         elif cfg.decode_buckets is not None:
             self.graphs = DecodeGraphs(self.runner, cfg.decode_buckets, self.max_blocks_per_row)
         self._task_keys = TaskKeys()
@@ -455,14 +457,18 @@ class Engine:
                 for row, n in plan.prefill
             ]
             starts = [row.num_computed for row, _ in plan.prefill]
-            decode_logits = None  # a decode-only step: the CUDA-graph decode, if any
-            if self.graphs is not None and plan.decode and not plan.prefill:
-                decode_logits = self.graphs.decode(plan.decode, snap)  # None: overflow
-            if decode_logits is None:  # one packed forward: decode rows + prefill chunks
-                decode_logits, chunk_logits = self.runner.step(plan.decode, chunks, snap)
-                self.mixed_steps += bool(plan.decode and chunks)
-            else:
-                chunk_logits = []
+            # a decode-only step: the CUDA-graph / compiled decode, if any; with chunks:
+            # the compiled step, one row per token, if it takes them (None: it does not)
+            got: tuple[torch.Tensor, list[torch.Tensor]] | None = None
+            if self.graphs is not None and plan.decode and not chunks:
+                logits = self.graphs.decode(plan.decode, snap)  # None: overflow
+                got = None if logits is None else (logits, [])
+            elif self.graphs is not None and chunks:
+                got = self.graphs.mixed(plan.decode, chunks, snap)
+            if got is None:  # one packed forward: decode rows + prefill chunks
+                got = self.runner.step(plan.decode, chunks, snap)
+            decode_logits, chunk_logits = got
+            self.mixed_steps += bool(plan.decode and chunks)
             for (row, _, want), start, logits in zip(chunks, starts, chunk_logits):
                 if want:  # logits [n, V]
                     self._gather_prompt_logprobs(row, logits, start)

@@ -83,10 +83,16 @@ class DecodeGraphs:
             (``PagedKVPool(..., scratch=True)``).
         buckets: batch sizes to pad to, ascending; a step with more rows runs eagerly.
         max_blocks: block table entries per row (``cdiv(max_model_len, block_size)``).
+        capacity: rows of the static buffers (default the largest bucket; a compiled
+            mixed step, :mod:`.compiled`, feeds one row per token).
     """
 
     def __init__(
-        self, runner: ModelRunner, buckets: tuple[int, ...] = DEFAULT_BUCKETS, max_blocks: int = 1
+        self,
+        runner: ModelRunner,
+        buckets: tuple[int, ...] = DEFAULT_BUCKETS,
+        max_blocks: int = 1,
+        capacity: int | None = None,
     ) -> None:
         if not buckets or list(buckets) != sorted(set(buckets)) or buckets[0] < 1:
             raise ValueError(f"buckets must be ascending distinct ints >= 1, got {buckets!r}")
@@ -95,7 +101,7 @@ class DecodeGraphs:
         if not isinstance(max_blocks, int) or max_blocks < 1:
             raise ValueError(f"max_blocks must be an int >= 1, got {max_blocks!r}")
         self.runner, self.buckets, self.max_blocks = runner, tuple(buckets), max_blocks
-        dev, n = runner.device, buckets[-1]
+        dev, n = runner.device, max(buckets[-1], capacity or 0)
         self.ids = torch.zeros(n, 1, dtype=torch.long, device=dev)  # [Bmax, 1]
         self.positions = torch.zeros(n, 1, dtype=torch.long, device=dev)  # [Bmax, 1]
         scratch = runner.pool.scratch_block
@@ -164,19 +170,34 @@ class DecodeGraphs:
     def _fill(self, rows: list[Row], B: int, snapshot: Any) -> None:
         """Copy the rows' inputs into the buffers (one host-to-device copy); rows
         ``len(rows) .. B-1`` are padding on the scratch block."""
-        n, M = len(rows), self.max_blocks
+        pos = {name: i for i, name in enumerate(snapshot.names)}
+        self._fill_columns(
+            [r.last_token for r in rows], [r.next_position for r in rows],
+            [r.num_computed for r in rows], [pos[r.task] for r in rows],
+            [r.blocks for r in rows], B,
+        )  # fmt: skip
+
+    def _fill_columns(
+        self,
+        tokens: list[int],
+        positions: list[int],
+        starts: list[int],
+        tasks: list[int],
+        tables: list[list[int]],
+        B: int,
+    ) -> None:
+        """Copy one token per row into the buffers: its id, position, keys before it
+        (``starts``), task (bank index) and block table; rows ``len(tokens) .. B-1`` are
+        padding on the scratch block."""
+        n, M = len(tokens), self.max_blocks
         pad = B - n
         scratch = self.runner.pool.scratch_block
-        pos = {name: i for i, name in enumerate(snapshot.names)}
         cols = torch.tensor(
-            [[r.last_token for r in rows] + [0] * pad,
-             [r.next_position for r in rows] + [0] * pad,
-             [r.num_computed for r in rows] + [0] * pad,
-             [pos[r.task] for r in rows] + [0] * pad],
+            [tokens + [0] * pad, positions + [0] * pad, starts + [0] * pad, tasks + [0] * pad],
             dtype=torch.long,
-        )  # fmt: skip  # [4, B]
+        )  # [4, B]
         table = torch.tensor(
-            [r.blocks + [scratch] * (M - len(r.blocks)) for r in rows] + [[scratch] * M] * pad,
+            [t + [scratch] * (M - len(t)) for t in tables] + [[scratch] * M] * pad,
             dtype=torch.int32,
         )  # [B, M]
         if self.ids.device.type == "cuda":
@@ -257,3 +278,10 @@ class DecodeGraphs:
         for r in rows:
             r.num_computed += 1
         return out[: len(rows)]
+
+    def mixed(
+        self, decode: list[Row], chunks: list[tuple[Row, int, bool]], snapshot: Any
+    ) -> tuple[torch.Tensor, list[torch.Tensor]] | None:
+        """A step with prefill chunks over the static buffers: not done by CUDA graphs
+        (None: the engine's packed forward runs it; see :meth:`.compiled.CompiledDecode.mixed`)."""
+        return None

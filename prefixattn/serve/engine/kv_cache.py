@@ -109,6 +109,10 @@ class StepLayout:
     ``kv_len >= n_new``. Without ``cu_seqlens_q`` every row has ``n_new`` tokens and the
     slots are computed from ``starts`` by tensor ops (no host value read: a CUDA graph may
     capture the step).
+
+    ``logit_rows`` int64 [K] (unpacked ``n_new == 1`` steps only): the LM head reads these
+    rows' hidden states, not all B (a compiled mixed step feeds one row per token and
+    wants the logits of a few; :mod:`.compiled`), so the logits are [K, 1, V].
     """
 
     block_table: torch.Tensor
@@ -118,6 +122,7 @@ class StepLayout:
     cu_seqlens_q: torch.Tensor | None = None  # int32 [B + 1]: packed rows
     seqlens: torch.Tensor | None = None  # int32 [B]: keys after the step (packed)
     slots: tuple[torch.Tensor, torch.Tensor] | None = None  # (block, offset) [1, n_new]
+    logit_rows: torch.Tensor | None = None  # int64 [K]: the rows the LM head reads
 
     @property
     def cache_seqlens(self) -> torch.Tensor:
