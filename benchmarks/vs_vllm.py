@@ -392,7 +392,8 @@ def engine_metrics(url: str) -> dict[str, Any] | str:
     except (httpx.HTTPError, ValueError) as e:
         return f"unavailable: {type(e).__name__}: {e}"
     graphs = m.get("cuda_graphs") or {}
-    keep = ("mode", "replays", "eager_steps", "refused_recompiles", "compile_s")
+    keep = ("mode", "replays", "eager_steps", "refused_recompiles", "compile_s", "mixed_steps",
+            "mixed_eager")
     return {
         "steps": m.get("steps", {}),
         "graphs": {k: graphs[k] for k in keep if k in graphs},
@@ -632,7 +633,8 @@ def markdown(report: dict[str, Any]) -> str:
                   "about the sum of its steps when the engine never waits.", "",
                   "| round | config | steps | decode-only steps | decode step p50 ms | "
                   "prefill steps | prefill step p50 ms | steps' sum s | compiled replays | "
-                  "eager decode steps |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+                  "eager decode steps | compiled prefill steps |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in ours:
             st, gr = r["engine"]["steps"], r["engine"]["graphs"]
             dec, pre = st.get("decode_time_s") or {}, st.get("prefill_time_s") or {}
@@ -640,7 +642,7 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {r['round']} | {r['config']} | {st.get('count')} | "
                          f"{dec.get('count')} | {ms(dec.get('p50'))} | {pre.get('count')} | "
                          f"{ms(pre.get('p50'))} | {total:.1f} | {gr.get('replays', '-')} | "
-                         f"{gr.get('eager_steps', '-')} |")  # fmt: skip
+                         f"{gr.get('eager_steps', '-')} | {gr.get('mixed_steps', '-')} |")  # fmt: skip
     vb = [r for r in report["runs"] if isinstance(r.get("vllm_bench"), dict)]
     if vb:
         lines += ["", "vLLM's own benchmark client (`vllm.benchmarks.serve`, random dataset, "
