@@ -392,8 +392,15 @@ def engine_metrics(url: str) -> dict[str, Any] | str:
     except (httpx.HTTPError, ValueError) as e:
         return f"unavailable: {type(e).__name__}: {e}"
     graphs = m.get("cuda_graphs") or {}
-    keep = ("mode", "replays", "eager_steps", "refused_recompiles", "compile_s", "mixed_steps",
-            "mixed_eager")
+    keep = (
+        "mode",
+        "replays",
+        "eager_steps",
+        "refused_recompiles",
+        "compile_s",
+        "mixed_steps",
+        "mixed_eager",
+    )
     return {
         "steps": m.get("steps", {}),
         "graphs": {k: graphs[k] for k in keep if k in graphs},
