@@ -287,17 +287,37 @@ class CompiledDecode(DecodeGraphs):
         """The padded forward of B rows of one token over M blocks: logits [K, V] of
         ``rows`` (int64 [K]; default all B) (``warm``: the compiled call that may
         compile)."""
-        from ...hf.bank import TaskBank
-
         rows = self._all_rows[:B] if rows is None else rows  # [K]
-        table = self.block_table[:B, :M].contiguous()  # [B, M] (one stride for every M)
-        layout = StepLayout(table, self.starts[:B], 1, self.kv_len, logit_rows=rows)
-        provider = TaskBank.snapshot_provider(snapshot, self.prefix_index[:B])
         call = (self._warm_call if warm else self._call) if compiled else None
-        out = self.runner.forward(self.ids[:B], self.positions[:B], layout, provider, 1, call=call)
+        out = self._rows_forward(B, M, snapshot, rows, call)
         if out.shape[0] != rows.shape[0]:  # the head was not the output embeddings module
             out = out.index_select(0, rows)
         return out[:, -1]
+
+    def _rows_forward(
+        self, B: int, M: int, snapshot: Any, rows: torch.Tensor, call: Any
+    ) -> torch.Tensor:
+        """The runner's forward over the first B buffer rows and M table entries, the LM
+        head asked for ``rows``: logits [K or B, 1, V] as the model returns them."""
+        from ...hf.bank import TaskBank
+
+        table = self.block_table[:B, :M].contiguous()  # [B, M] (one stride for every M)
+        layout = StepLayout(table, self.starts[:B], 1, self.kv_len, logit_rows=rows)
+        provider = TaskBank.snapshot_provider(snapshot, self.prefix_index[:B])
+        return self.runner.forward(self.ids[:B], self.positions[:B], layout, provider, 1, call=call)
+
+    def _try_compiled(
+        self, B: int, M: int, snapshot: Any, rows: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
+        """The compiled static forward, or None when its guards ask for a recompile
+        (refused while serving: counted in ``refused_recompiles``)."""
+        try:
+            return self._static_forward(B, M, snapshot, compiled=True, rows=rows)
+        except RuntimeError as err:
+            if "fail_on_recompile" not in str(err) and "recompile" not in str(err):
+                raise
+            self.refused_recompiles += 1
+            return None
 
     def capture(self, snapshot: Any) -> None:
         """Compile the step for every (batch, block) bucket on padding rows (the scratch
@@ -345,13 +365,9 @@ class CompiledDecode(DecodeGraphs):
         module is what the forward calls): one eager forward of 2 padding rows."""
         if self._head_hook is None:
             return False
-        B, M = MIN_BUCKET, self.block_buckets[0]
-        table = self.block_table[:B, :M].contiguous()
-        layout = StepLayout(table, self.starts[:B], 1, self.kv_len, logit_rows=self._all_rows[:1])
-        from ...hf.bank import TaskBank
-
-        provider = TaskBank.snapshot_provider(snapshot, self.prefix_index[:B])
-        out = self.runner.forward(self.ids[:B], self.positions[:B], layout, provider, 1)
+        out = self._rows_forward(
+            MIN_BUCKET, self.block_buckets[0], snapshot, self._all_rows[:1], None
+        )
         return out.shape[0] == 1
 
     def _mixed_sizes(self) -> list[int]:
@@ -418,12 +434,8 @@ class CompiledDecode(DecodeGraphs):
         keep += [0] * (MIN_BUCKET - K)  # Dynamo specialises 1: at least 2 (extra dropped)
         self._fill_columns(tokens, positions, starts, tasks, tables, B)
         rows = torch.tensor(keep, dtype=torch.int64, device=self.ids.device)  # [K]
-        try:
-            out = self._static_forward(B, M, snapshot, compiled=True, rows=rows)
-        except RuntimeError as err:
-            if "fail_on_recompile" not in str(err) and "recompile" not in str(err):
-                raise
-            self.refused_recompiles += 1
+        out = self._try_compiled(B, M, snapshot, rows)
+        if out is None:
             self.mixed_eager["recompile"] += 1
             return None
         self.mixed_steps += 1
@@ -449,14 +461,7 @@ class CompiledDecode(DecodeGraphs):
         self.steps += 1
         self.steps_by_blocks[M] += 1
         ready = (B, M) in self.compiled and self._bank_shape(snapshot) == self.bank_shape
-        out = None
-        if ready:
-            try:
-                out = self._static_forward(B, M, snapshot, compiled=True)
-            except RuntimeError as err:
-                if "fail_on_recompile" not in str(err) and "recompile" not in str(err):
-                    raise
-                self.refused_recompiles += 1
+        out = self._try_compiled(B, M, snapshot) if ready else None
         if out is not None:
             self.replays += 1
             self.replays_by_bucket[B] += 1
