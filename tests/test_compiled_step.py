@@ -171,14 +171,23 @@ def test_compiled_step_asks_inductor_to_compute_reused_results_once() -> None:
     }
 
 
-def test_mixed_steps_one_row_per_token_equal_the_packed_forward() -> None:
+@pytest.mark.parametrize("family", ["tiny-llama", "mistral", "gemma2", "qwen2"])
+def test_mixed_steps_one_row_per_token_equal_the_packed_forward(family) -> None:
     """Steps with prefill chunks run the compiled step's static forward, one row per new
     token with the LM head on the wanted rows only: its logprobs equal the packed forward's
     (float64 model; the graph's function left eager here: the slow test below compiles);
-    prompt logprobs, too many rows, too much attention run the packed forward, counted."""
+    prompt logprobs, too many rows, too much attention run the packed forward, counted.
+    RoPE GQA (llama), a sliding window of 8 that the prompts cross (mistral), hybrid
+    windows + soft-capped logits after the head (gemma2), a window on some layers (qwen2)."""
+    from test_families import build
+
     with single_thread():
-        tok = tiny_tokenizer()
-        model = tiny_model(len(tok), arch="llama").double()
+        if family == "tiny-llama":
+            tok = tiny_tokenizer()
+            model = tiny_model(len(tok), arch="llama").double()
+        else:
+            tok, model = None, build(family).double()
+        vocab = model.config.vocab_size
         bank = TaskBank(model, backend="sdpa")
         bank.add_base("base")
         for i, P in enumerate((1, 7)):
@@ -187,7 +196,7 @@ def test_mixed_steps_one_row_per_token_equal_the_packed_forward() -> None:
             bank.add(f"t{P}", pt)
         # prompts of 1..33 tokens over 2 tasks and the base: chunks of 1..24 tokens (budget
         # 24), decode rows beside them, rows over 1..4 blocks of 16
-        ps = prompts(len(tok), [5, 33, 1, 17, 9, 24], seed=3)
+        ps = prompts(vocab, [5, 33, 1, 17, 9, 24], seed=3)
         tasks = ["t7", "base", "t1", "t7", "base", "t1"]
         outs, engines = {}, {}
         for compiled in (False, True):
