@@ -264,3 +264,33 @@ def test_mixed_steps_the_compiled_step_does_not_take_say_why() -> None:
         got = g.mixed([], [(row, 9, False)], snap)
     assert got is not None and got[0].shape[0] == 0 and got[1][0].shape == (1, len(tok))
     assert row.num_computed == 9 and g.mixed_steps == 1 and g.mixed_tokens == 9
+
+
+def test_the_step_keeps_shape_tensor_and_value_guards_and_drops_the_module_structure() -> None:
+    """The compiled step's guard filter (``keep_guard``): a global module hook registered
+    after capture (a guard on the Python structure, dropped) needs no recompile; a bank of
+    another shape handed straight to the graph (tensor / shape guards, kept) is refused,
+    counted, never run on the old graph."""
+    from prefixattn.serve.engine import compiled
+
+    assert compiled._compile_options()["guard_filter_fn"] is compiled.keep_guard
+    bank, tok = _bank()
+    eng = Engine(bank, tok, max_num_seqs=2, max_model_len=32, compile=True)
+    g = eng.graphs
+    torch._dynamo.reset()
+    g.fn = torch.compile(eng.runner.model_call, backend="eager", fullgraph=True,
+                         options={"guard_filter_fn": compiled.keep_guard})  # fmt: skip
+    snap = bank.snapshot()
+    with torch.no_grad():
+        g.capture(snap)
+        B, M = 2, 2
+        # a global module pre-hook (a tracer's, say): dict-keys guards, dropped
+        handle = torch.nn.modules.module.register_module_forward_pre_hook(lambda *a: None)
+        try:
+            assert g._try_compiled(B, M, snap) is not None
+            assert g.refused_recompiles == 0
+        finally:
+            handle.remove()
+        bank.add("t12", PrefixTuning(copy.deepcopy(bank.model), 12, init="random", backend="sdpa"))
+        assert g._try_compiled(B, M, bank.snapshot()) is None
+        assert g.refused_recompiles == 1

@@ -302,6 +302,16 @@ def test_sibling_on_another_input_or_a_changed_input_runs_its_own_gemm() -> None
     torch.testing.assert_close(k_a, k_b, rtol=0, atol=0)
 
 
+def _same_version(old: torch.Tensor, values: torch.Tensor) -> nn.Parameter:
+    """A new parameter of ``values`` whose version counter reads as ``old``'s."""
+    new = nn.Parameter(values)
+    with torch.no_grad():
+        while new._version < old._version:
+            new.add_(0)
+    assert new._version == old._version and new is not old
+    return new
+
+
 def test_sibling_weight_changed_or_replaced_is_repacked() -> None:
     m = _Attn()
     x = torch.randn(3, 40)
@@ -311,6 +321,8 @@ def test_sibling_weight_changed_or_replaced_is_repacked() -> None:
             lambda: m.k_proj.weight.mul_(-2.0),  # in place
             lambda: setattr(m.up_proj, "weight", nn.Parameter(torch.randn(80, 40))),  # replaced
             lambda: m.v_proj.bias.add_(3.0),  # a bias in place
+            # a bias replaced by one of the same version (0): its pointer shows it
+            lambda: setattr(m.q_proj, "bias", _same_version(m.q_proj.bias, torch.randn(48))),
         ]
 
     with torch.no_grad(), pack_linears(m) as packed:
@@ -320,6 +332,38 @@ def test_sibling_weight_changed_or_replaced_is_repacked() -> None:
             y = m(x)
             assert packed.repacks == i, packed.stats()
             torch.testing.assert_close(y.double(), m.ref(x), rtol=2e-5, atol=2e-5)
+
+
+def test_group_op_serves_the_packed_copy_only_while_it_is_current() -> None:
+    """The op the compiled graph calls (it sees tensors, not modules): the packed group's
+    one GEMM while weights and biases are the packed ones, unchanged; a weight or bias
+    changed in place, or replaced (a new tensor, version 0 like the old one), gives the
+    new values (torch's linear, counted), never the stale packed copy."""
+    from prefixattn.serve.engine import cpu_linear
+
+    m = _Attn()
+    x = torch.randn(5, 40)
+    mods = [m.q_proj, m.k_proj, m.v_proj]
+
+    def call() -> tuple[torch.Tensor, int]:
+        before = cpu_linear.OP_FALLBACKS[0]
+        y = cpu_linear.onednn_linear_group(x, [p.weight for p in mods], [p.bias for p in mods])
+        want = torch.cat([x.double() @ p.weight.double().T
+                          + (p.bias.double() if p.bias is not None else 0) for p in mods], -1)  # fmt: skip
+        torch.testing.assert_close(y.double(), want, rtol=2e-5, atol=2e-5)
+        return y, cpu_linear.OP_FALLBACKS[0] - before
+
+    with torch.no_grad(), pack_linears(m):
+        assert call()[1] == 0  # the group's one GEMM
+        m.v_proj.bias.add_(1.0)
+        assert call()[1] == 3
+    with torch.no_grad(), pack_linears(m):
+        assert call()[1] == 0
+        m.q_proj.bias = _same_version(m.q_proj.bias, torch.randn(48))
+        assert call()[1] == 3
+    with torch.no_grad(), pack_linears(m):
+        m.k_proj.weight.mul_(-1.0)
+        assert call()[1] == 3
 
 
 def test_siblings_that_cannot_share_a_weight_are_packed_alone() -> None:

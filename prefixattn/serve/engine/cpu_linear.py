@@ -119,6 +119,11 @@ class _Packed:
     packed: torch.Tensor
 
 
+def _bias_keys(biases: list[torch.Tensor | None]) -> list[tuple[int, int] | None]:
+    """(data pointer, version) of each bias: replaced or changed in place shows."""
+    return [None if b is None else (b.data_ptr(), b._version) for b in biases]
+
+
 class _Group:
     """Sibling linears packed as one weight [sum N, K] (their weights side by side, in
     :data:`SIBLINGS` order), and the last fused output, for the siblings that follow."""
@@ -151,17 +156,26 @@ class _Group:
                     m.bias.detach() if m.bias is not None else w.new_zeros(n)
                     for m, n in zip(mods, self.sizes)
                 ])  # fmt: skip
-        self.bias_versions = [m.bias._version if m.bias is not None else 0 for m in mods]
+        self.biases = [m.bias for m in mods]  # held: no other tensor takes their pointers
+        self.bias_keys = _bias_keys(self.biases)
         _GROUPS[self.key] = self
+
+    def serves(self, weights: list[torch.Tensor], biases: list[torch.Tensor | None]) -> bool:
+        """The op's check (it gets tensors, not modules; looked up by the weights' data
+        pointers, which no other tensor can take while the group holds the weights):
+        the weights and biases are unchanged since they were packed (their versions)."""
+        unchanged = [w._version for w in weights] == self.versions
+        return unchanged and _bias_keys(biases) == self.bias_keys
 
     def current(self) -> bool:
         """The members' weights and biases are the ones packed, unchanged."""
-        return all(
-            m.weight is w and w._version == v
-            for m, w, v in zip(self.modules, self.weights, self.versions)
-        ) and self.bias_versions == [
-            m.bias._version if m.bias is not None else 0 for m in self.modules
-        ]
+        return (
+            all(
+                m.weight is w and w._version == v
+                for m, w, v in zip(self.modules, self.weights, self.versions)
+            )
+            and _bias_keys([m.bias for m in self.modules]) == self.bias_keys
+        )
 
     def drop(self) -> None:
         """Unregister (and forget the last output)."""
@@ -282,6 +296,13 @@ _LIB.define("onednn_linear(Tensor x, Tensor weight, Tensor? bias, bool transpose
 _LIB.define("onednn_linear_group(Tensor x, Tensor[] weights, Tensor?[] biases) -> Tensor")
 
 
+@functools.cache
+def _linear_pointwise() -> Any:
+    """oneDNN's packed linear, the overload itself (the op packet's lookup costs a few
+    microseconds per call: 121 calls per SmolLM2 decode step)."""
+    return torch.ops.mkldnn._linear_pointwise.default
+
+
 def _onednn_linear_impl(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool = False
 ) -> torch.Tensor:
@@ -293,7 +314,7 @@ def _onednn_linear_impl(
             weight, transposed = st.packed.to_dense(), False  # empty x: any dense weight
         OP_FALLBACKS[0] += 1
         return torch.nn.functional.linear(x, weight.t() if transposed else weight, bias)
-    return torch.ops.mkldnn._linear_pointwise(x, st.packed, bias, "none", [], "")
+    return _linear_pointwise()(x, st.packed, bias, "none", [], "")
 
 
 def _onednn_linear_fake(
@@ -341,9 +362,9 @@ def _group_plan(weights: list[torch.Tensor]) -> list[_Group | _Packed | None]:
 def _onednn_linear_group_impl(
     x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None]
 ) -> torch.Tensor:
-    g = _GROUPS.get(tuple(w.data_ptr() for w in weights))
-    if g is not None and g.current() and x.numel():  # the usual case: one group, one GEMM
-        return torch.ops.mkldnn._linear_pointwise(x, g.packed, g.bias, "none", [], "")
+    g = _GROUPS.get(tuple(map(torch.Tensor.data_ptr, weights)))
+    if g is not None and x.numel() and g.serves(weights, biases):  # one group, one GEMM
+        return _linear_pointwise()(x, g.packed, g.bias, "none", [], "")
     outs, i = [], 0
     for part in _group_plan(weights) if x.numel() else [None] * len(weights):
         n = len(part.key) if isinstance(part, _Group) else 1
@@ -390,13 +411,20 @@ def onednn_linear_group(
     return torch.ops.prefixattn.onednn_linear_group.default(x, weights, biases)
 
 
-def _pass_hash() -> Any:
-    try:  # torch >= 2.6: the pass's source keys Inductor's cache
-        from torch._inductor.custom_graph_pass import get_hash_for_files
+@functools.cache
+def _pass_hash() -> str:
+    """What keys Inductor's cache for graphs the pass ran on: the source of the pass and
+    of the helpers it calls, and the ops' schemas. Not the rest of this file: the ops'
+    run-time bodies (what a call does with the packed weights) are not in the compiled
+    graph, so changing them does not cost a user the next start-up's compile."""
+    import hashlib
+    import inspect
 
-        return get_hash_for_files((__file__,))
-    except ImportError:  # pragma: no cover - older torch
-        return "prefixattn-group-sibling-linears-1"
+    parts = [inspect.getsource(f) for f in (GroupSiblingLinears, _group_op, _op_args,
+                                            _weight_rows, _fake)]  # fmt: skip
+    parts += [str(torch.ops.prefixattn.onednn_linear.default._schema),
+              str(torch.ops.prefixattn.onednn_linear_group.default._schema)]  # fmt: skip
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
 try:
