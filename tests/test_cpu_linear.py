@@ -538,3 +538,31 @@ def test_compiled_graph_over_released_weights() -> None:
             got = fn(x)
             assert cpu_linear.OP_FALLBACKS[0] == before
     torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+
+
+def test_the_pass_keys_inductors_cache_by_its_own_source_and_the_schemas(monkeypatch) -> None:
+    """``GroupSiblingLinears.uuid()``: stable, and it follows the pass's own source (a
+    graph the pass rewrote differently is not served from the cache); it is not the
+    whole file's hash (the ops' run-time bodies are not in the compiled graph)."""
+    import inspect
+
+    from prefixattn.serve.engine import cpu_linear
+
+    cpu_linear._pass_hash.cache_clear()
+    first = cpu_linear.GroupSiblingLinears().uuid()
+    assert first == cpu_linear.GroupSiblingLinears().uuid() and len(first) == 64
+    real = inspect.getsource
+
+    def edited(obj: object) -> str:
+        src = real(obj)
+        return src + "\n# edited" if obj is cpu_linear.GroupSiblingLinears else src
+
+    try:
+        monkeypatch.setattr(inspect, "getsource", edited)
+        cpu_linear._pass_hash.cache_clear()
+        assert cpu_linear.GroupSiblingLinears().uuid() != first
+        monkeypatch.setattr(inspect, "getsource", real)
+        cpu_linear._pass_hash.cache_clear()
+        assert cpu_linear.GroupSiblingLinears().uuid() == first
+    finally:
+        cpu_linear._pass_hash.cache_clear()
