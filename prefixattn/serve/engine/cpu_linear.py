@@ -169,12 +169,9 @@ class _Group:
 
     def current(self) -> bool:
         """The members' weights and biases are the ones packed, unchanged."""
-        return (
-            all(
-                m.weight is w and w._version == v
-                for m, w, v in zip(self.modules, self.weights, self.versions)
-            )
-            and _bias_keys([m.bias for m in self.modules]) == self.bias_keys
+        mods = self.modules
+        return all(m.weight is w for m, w in zip(mods, self.weights)) and self.serves(
+            self.weights, [m.bias for m in mods]
         )
 
     def drop(self) -> None:
