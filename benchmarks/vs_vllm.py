@@ -400,6 +400,8 @@ def engine_metrics(url: str) -> dict[str, Any] | str:
         "compile_s",
         "mixed_steps",
         "mixed_eager",
+        "linear_ops",
+        "linear_ops_calls",
     )
     return {
         "steps": m.get("steps", {}),

@@ -730,6 +730,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     admin = "admin routes on" if token else "no admin routes (no --admin-token)"
     key = "API key required" if api_key else "no API key"
     print(f"prefixattn serve: {served} on http://{args.host}:{args.port} ({admin}; {key})")
+    if dev.type == "cpu":
+        print(
+            f"prefixattn serve: CPU threads on {getattr(args, 'openmp', 'the runtime as started')}"
+        )
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
@@ -901,6 +905,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``prefixattn`` console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    # the console script (not a call), serving on the CPU (or where the device is picked)
+    if argv is None and args.command == "serve" and not str(args.device).startswith("cuda"):
+        from ._runtime import reexec_for_serving
+
+        try:  # on the CPU, Intel OpenMP's short spin where installed (re-executes)
+            args.openmp = reexec_for_serving()
+        except ValueError as err:
+            print(f"prefixattn serve: error: {err}", file=sys.stderr)
+            return 2
     try:
         return int(args.func(args))
     except (CLIError, ValueError, TypeError, FileNotFoundError) as err:

@@ -594,3 +594,60 @@ def test_shell_entry_points_export_passive_waiting(script: str) -> None:
     assert export in lines
     runs = [i for i, x in enumerate(lines) if x.startswith(("exec ", "python ", ". "))]
     assert lines.index(export) < min(runs), "set it before anything starts torch"
+
+
+# ------------------------------------------------------------ serving's OpenMP runtime
+
+_LIB = "/venv/lib/libiomp5.so"
+
+
+@pytest.mark.parametrize(
+    ("env", "library", "where", "set_by_us", "why"),
+    [
+        ({"PREFIXATTN_SERVE_OMP_ACTIVE": "x"}, _LIB, "linux/x86_64", (), "Intel OpenMP (x)"),
+        ({"PREFIXATTN_SERVE_OMP": "gnu"}, _LIB, "linux/x86_64", (), "PREFIXATTN_SERVE_OMP=gnu"),
+        ({}, _LIB, "darwin/x86_64", (), "x86-64 Linux only"),
+        ({}, _LIB, "linux/aarch64", (), "x86-64 Linux only"),
+        ({"LD_PRELOAD": "/x/libgomp.so.1"}, _LIB, "linux/x86_64", (), "LD_PRELOAD names"),
+        ({"OMP_WAIT_POLICY": "PASSIVE"}, _LIB, "linux/x86_64", (), "set by the user"),
+        ({}, None, "linux/x86_64", (), "pip install intel-openmp"),
+    ],
+)
+def test_serving_stays_on_its_openmp_runtime_and_says_why(
+    env: dict, library: str | None, where: str, set_by_us: tuple, why: str
+) -> None:
+    from prefixattn._runtime import serving_openmp_env
+
+    platform, machine = where.split("/")
+    new, reason = serving_openmp_env(env, library, platform, machine, frozenset(set_by_us))
+    assert new is None and why in reason, reason
+
+
+def test_serving_moves_to_intel_openmp_with_a_short_spin() -> None:
+    from prefixattn._runtime import serving_openmp_env
+
+    # prefixattn's own PASSIVE default goes (Intel OpenMP's PASSIVE wakes a thread per
+    # parallel region); the user's preload stays after ours
+    env = {"OMP_WAIT_POLICY": "PASSIVE", "LD_PRELOAD": "/x/libjemalloc.so", "HOME": "/h"}
+    new, why = serving_openmp_env(env, _LIB, "linux", "x86_64", frozenset({"OMP_WAIT_POLICY"}))
+    assert new == {
+        "LD_PRELOAD": f"{_LIB}:/x/libjemalloc.so", "HOME": "/h", "KMP_BLOCKTIME": "1",
+        "PREFIXATTN_SERVE_OMP_ACTIVE": f"{_LIB}, KMP_BLOCKTIME=1",
+    }  # fmt: skip
+    assert why == f"Intel OpenMP ({_LIB}, KMP_BLOCKTIME=1)"
+    assert env["OMP_WAIT_POLICY"] == "PASSIVE"  # the caller's dict untouched
+    # the user's own KMP_BLOCKTIME stands
+    new, _ = serving_openmp_env({"KMP_BLOCKTIME": "50"}, _LIB, "linux", "AMD64")
+    assert new is not None and new["KMP_BLOCKTIME"] == "50" and new["LD_PRELOAD"] == _LIB
+    with pytest.raises(ValueError, match="PREFIXATTN_SERVE_OMP"):
+        serving_openmp_env({"PREFIXATTN_SERVE_OMP": "llvm"}, _LIB, "linux", "x86_64")
+
+
+def test_a_user_kmp_blocktime_is_a_wait_choice_too(monkeypatch) -> None:
+    from prefixattn._runtime import prefer_passive_omp_wait
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delitem(sys.modules, "torch")
+    monkeypatch.setenv("KMP_BLOCKTIME", "1")  # as the re-executed server has it
+    assert prefer_passive_omp_wait() is False
+    assert "OMP_WAIT_POLICY" not in os.environ

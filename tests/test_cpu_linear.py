@@ -9,6 +9,10 @@ rows generated alone with plain ``nn.Linear``.
 
 from __future__ import annotations
 
+import os
+import shutil
+from collections.abc import Iterator
+
 import pytest
 import torch
 from torch import nn
@@ -19,6 +23,53 @@ pytestmark = pytest.mark.skipif(
     onednn_packing(torch.float32) is not None,
     reason=f"oneDNN cannot pack float32 here: {onednn_packing(torch.float32)}",
 )
+
+
+@pytest.fixture(params=["python", "c++"])
+def op_kernels(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Which kernels serve the ops (``prefixattn::onednn_linear[_group]``) in the test:
+    the Python ones, or the C++ ones (``cpu_linear_ops.cpp``, built here; skipped only on
+    a machine with no C++ compiler, where they cannot be built)."""
+    from prefixattn.serve.engine import cpu_linear
+
+    if request.param == "c++":
+        _require_native()
+    ext = cpu_linear._NATIVE[0] if cpu_linear._NATIVE else None
+    if ext is not None:
+        ext.set_enabled(request.param == "c++")
+    try:
+        yield request.param
+    finally:
+        if ext is not None:
+            ext.set_enabled(True)
+
+
+def _native_calls() -> tuple[int, int]:
+    """(calls the C++ kernels served, calls they handed to Python) so far."""
+    from prefixattn.serve.engine.cpu_linear import native_linear_stats
+
+    st = native_linear_stats() or {"native_calls": 0, "python_calls": 0}
+    return st["native_calls"], st["python_calls"]
+
+
+def _check_served(before: tuple[int, int], op_kernels: str, native: int, python: int) -> None:
+    """Since ``before``: the C++ kernels served ``native`` calls and handed ``python`` to
+    the Python kernel (with the C++ kernels: exactly; with the Python ones: none native)."""
+    got = tuple(b - a for a, b in zip(before, _native_calls()))
+    if op_kernels == "c++":
+        assert got == (native, python), got
+    else:
+        assert got[0] == 0, got
+
+
+def _require_native() -> None:
+    """The C++ kernels loaded; skipped only where no C++ compiler exists."""
+    from prefixattn.serve.engine import cpu_linear
+
+    if (why := cpu_linear.native_linear_ops()) is not None:
+        if shutil.which(os.environ.get("CXX", "c++")) is None:
+            pytest.skip(f"no C++ compiler: {why}")
+        pytest.fail(f"the C++ kernels did not load: {why}")
 
 
 def _model(k: int, n: int, bias: bool) -> nn.Sequential:
@@ -123,7 +174,7 @@ def test_transformers_conv1d_is_packed_transposed() -> None:
 
 
 @pytest.mark.parametrize("conv1d", [False, True])
-def test_compiled_graph_reads_the_packed_weights(conv1d: bool) -> None:
+def test_compiled_graph_reads_the_packed_weights(conv1d: bool, op_kernels: str) -> None:
     from prefixattn.serve.engine import cpu_linear
 
     if conv1d:
@@ -139,11 +190,12 @@ def test_compiled_graph_reads_the_packed_weights(conv1d: bool) -> None:
         with pack_linears(model) as packed:
             fn = torch.compile(model, fullgraph=True, backend="inductor")
             fn(x)  # compiles
-            before = cpu_linear.OP_FALLBACKS[0]
+            before, calls = cpu_linear.OP_FALLBACKS[0], _native_calls()
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as p:
                 got = fn(x)
             counts = {e.key: e.count for e in p.key_averages()}
             assert cpu_linear.OP_FALLBACKS[0] == before, "the op fell back to torch's linear"
+            _check_served(calls, op_kernels, native=2, python=0)
             # both layers ran as the op, over their packed copies
             assert counts.get("prefixattn::onednn_linear") == 2, counts
             assert counts.get("mkldnn::_linear_pointwise") == 2, counts
@@ -334,7 +386,7 @@ def test_sibling_weight_changed_or_replaced_is_repacked() -> None:
             torch.testing.assert_close(y.double(), m.ref(x), rtol=2e-5, atol=2e-5)
 
 
-def test_group_op_serves_the_packed_copy_only_while_it_is_current() -> None:
+def test_group_op_serves_the_packed_copy_only_while_it_is_current(op_kernels: str) -> None:
     """The op the compiled graph calls (it sees tensors, not modules): the packed group's
     one GEMM while weights and biases are the packed ones, unchanged; a weight or bias
     changed in place, or replaced (a new tensor, version 0 like the old one), gives the
@@ -346,12 +398,16 @@ def test_group_op_serves_the_packed_copy_only_while_it_is_current() -> None:
     mods = [m.q_proj, m.k_proj, m.v_proj]
 
     def call() -> tuple[torch.Tensor, int]:
-        before = cpu_linear.OP_FALLBACKS[0]
+        before, (native, _) = cpu_linear.OP_FALLBACKS[0], _native_calls()
         y = cpu_linear.onednn_linear_group(x, [p.weight for p in mods], [p.bias for p in mods])
         want = torch.cat([x.double() @ p.weight.double().T
                           + (p.bias.double() if p.bias is not None else 0) for p in mods], -1)  # fmt: skip
         torch.testing.assert_close(y.double(), want, rtol=2e-5, atol=2e-5)
-        return y, cpu_linear.OP_FALLBACKS[0] - before
+        fell_back = cpu_linear.OP_FALLBACKS[0] - before
+        # the C++ kernel serves exactly the calls the packed copy can serve
+        want_native = int(op_kernels == "c++" and fell_back == 0)
+        assert _native_calls()[0] - native == want_native
+        return y, fell_back
 
     with torch.no_grad(), pack_linears(m):
         assert call()[1] == 0  # the group's one GEMM
@@ -366,6 +422,106 @@ def test_group_op_serves_the_packed_copy_only_while_it_is_current() -> None:
         assert call()[1] == 3
 
 
+def test_cpp_kernels_serve_current_packed_weights_without_entering_python() -> None:
+    """The C++ kernels (what a compiled step's C++ wrapper calls with the GIL released)
+    serve a group, a single weight and a transposed (``Conv1D``) weight whose packed copy
+    is current without calling into Python at all (the Python kernels are swapped for
+    ones that raise, and the values still come); every other call (a weight changed in
+    place, a bias replaced, an empty input) goes to the Python kernel; the mirrored
+    entries leave with the packing."""
+    pytest.importorskip("transformers")
+    _require_native()
+    from transformers.pytorch_utils import Conv1D
+
+    from prefixattn.serve.engine import cpu_linear
+
+    ext = cpu_linear._NATIVE[0]
+    m = _Attn()
+    m.o_proj = nn.Linear(48, 40, bias=True)
+    m.c_proj = Conv1D(40, 48)  # weight [in, out]: packed transposed
+    nn.init.normal_(m.c_proj.bias)
+    mods = [m.q_proj, m.k_proj, m.v_proj]
+    x = torch.randn(7, 40)
+    xo = torch.randn(7, 48)
+    x64, xo64 = x.double(), xo.double()
+
+    def calls() -> dict[str, torch.Tensor]:
+        return {
+            "group": cpu_linear.onednn_linear_group(
+                x, [p.weight for p in mods], [p.bias for p in mods]
+            ),
+            "single": cpu_linear.onednn_linear(xo, m.o_proj.weight, m.o_proj.bias),
+            "conv1d": cpu_linear.onednn_linear(xo, m.c_proj.weight, m.c_proj.bias, True),
+        }
+
+    def want() -> dict[str, torch.Tensor]:
+        return {
+            "group": torch.cat(
+                [
+                    x64 @ p.weight.double().T + (p.bias.double() if p.bias is not None else 0)
+                    for p in mods
+                ],
+                -1,
+            ),
+            "single": xo64 @ m.o_proj.weight.double().T + m.o_proj.bias.double(),
+            "conv1d": xo64 @ m.c_proj.weight.double() + m.c_proj.bias.double(),
+        }
+
+    def python_called(*args: object) -> None:
+        raise AssertionError("the C++ kernel called into Python")
+
+    before = ext.stats()
+    with torch.no_grad(), pack_linears(m):
+        entries = ext.stats()
+        # mirrored: two groups (q/k/v, gate/up), two single weights (o_proj, c_proj)
+        added = (entries["groups"] - before["groups"], entries["singles"] - before["singles"])
+        assert added == (2, 2), entries
+        ext.set_fallbacks(python_called, python_called)
+        try:
+            n0 = _native_calls()
+            got = calls()
+            assert tuple(b - a for a, b in zip(n0, _native_calls())) == (3, 0)
+        finally:
+            ext.set_fallbacks(cpu_linear._onednn_linear_impl, cpu_linear._onednn_linear_group_impl)
+        for k, v in want().items():
+            torch.testing.assert_close(got[k].double(), v, rtol=2e-5, atol=2e-5, msg=k)
+        # changed or replaced since packing, or nothing to multiply: the Python kernel
+        m.k_proj.weight.mul_(-1.0)
+        m.o_proj.bias = _same_version(m.o_proj.bias, torch.randn(40))  # the call's bias: used
+        m.c_proj.weight.add_(0.5)
+        n0 = _native_calls()
+        got = calls()
+        assert tuple(b - a for a, b in zip(n0, _native_calls())) == (1, 2)  # o_proj: native
+        for k, v in want().items():
+            torch.testing.assert_close(got[k].double(), v, rtol=2e-5, atol=2e-5, msg=k)
+        n0 = _native_calls()
+        empty = cpu_linear.onednn_linear(xo[:0], m.o_proj.weight, m.o_proj.bias)
+        assert empty.shape == (0, 40) and _native_calls()[1] - n0[1] == 1
+    after = ext.stats()
+    assert (after["groups"], after["singles"]) == (before["groups"], before["singles"])
+
+
+def test_cpp_kernels_not_built_say_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``PREFIXATTN_NATIVE_LINEAR=0`` keeps the Python kernels; a failed build (no
+    compiler, no headers) is a reason, not an error: the Python kernels serve the ops."""
+    from torch.utils import cpp_extension
+
+    from prefixattn.serve.engine import cpu_linear
+
+    monkeypatch.setenv(cpu_linear.NATIVE_ENV, "0")
+    assert cpu_linear._load_native() == "PREFIXATTN_NATIVE_LINEAR=0"
+    monkeypatch.setenv(cpu_linear.NATIVE_ENV, "1")
+
+    def no_compiler(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("Error building extension\nc++: command not found")
+
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    loaded = list(cpu_linear._NATIVE)
+    why = cpu_linear._load_native()
+    assert why == "building cpu_linear_ops.cpp failed: c++: command not found"
+    assert loaded == cpu_linear._NATIVE  # nothing new registered
+
+
 def test_siblings_that_cannot_share_a_weight_are_packed_alone() -> None:
     m = _Attn()
     m.v_proj = nn.Linear(24, 24)  # another in_features: q/k/v not a group
@@ -377,7 +533,7 @@ def test_siblings_that_cannot_share_a_weight_are_packed_alone() -> None:
 
 
 @pytest.mark.parametrize("order", ["qkv", "vqk"])
-def test_compiled_siblings_run_as_one_group_op(order: str) -> None:
+def test_compiled_siblings_run_as_one_group_op(order: str, op_kernels: str) -> None:
     """The pass merges the five ops that read x into one group op, which runs the two
     groups it holds (q/k/v, gate/up: two GEMMs); whatever order the projections are
     called in, the values are right (Inductor may reorder the graph's nodes: with q/k/v
@@ -391,7 +547,7 @@ def test_compiled_siblings_run_as_one_group_op(order: str) -> None:
         opts = {"post_grad_custom_post_pass": GroupSiblingLinears()}
         fn = torch.compile(m, fullgraph=True, backend="inductor", options=opts)
         fn(x)
-        before = cpu_linear.OP_FALLBACKS[0]
+        before, calls = cpu_linear.OP_FALLBACKS[0], _native_calls()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as p:
             got = fn(x)
         counts = {e.key: e.count for e in p.key_averages()}
@@ -399,6 +555,9 @@ def test_compiled_siblings_run_as_one_group_op(order: str) -> None:
         assert "prefixattn::onednn_linear" not in counts, counts
         fell_back = cpu_linear.OP_FALLBACKS[0] - before
         assert fell_back == 0 if order == "qkv" else fell_back in (0, 3), fell_back
+        # two groups in one op: two GEMMs, concatenated; q/k/v out of the group's order:
+        # each alone, and none has a packed copy of its own (the Python kernel)
+        _check_served(calls, op_kernels, native=int(not fell_back), python=int(bool(fell_back)))
         assert counts.get("mkldnn::_linear_pointwise") == (1 if fell_back else 2), counts
         assert packed.packed_calls == 0
     torch.testing.assert_close(got.double(), m.ref(x), rtol=2e-5, atol=2e-5)
@@ -437,9 +596,12 @@ def _weights(m: nn.Module) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("rows", [(1,), (17,), (2, 7)])
 def test_released_weights_same_values_and_restored_exactly(rows: tuple) -> None:
+    from prefixattn.serve.engine import cpu_linear
+
     for p in (m := _Tied()).parameters():
         p.requires_grad_(False)
     before = _weights(m)
+    entries = (len(cpu_linear._REGISTRY), len(cpu_linear._GROUPS))
     x = torch.randn(*rows, 40)
     with torch.no_grad():
         want = m(x)
@@ -470,6 +632,9 @@ def test_released_weights_same_values_and_restored_exactly(rows: tuple) -> None:
     after = _weights(m)
     assert all(torch.equal(after[n], before[n]) for n in before)  # restored exactly
     assert all(p.stride() == (p.shape[1], 1) for p in m.parameters() if p.dim() == 2)
+    # no packed copy left registered (under a released weight's old pointer, another
+    # tensor allocated there could be served it)
+    assert (len(cpu_linear._REGISTRY), len(cpu_linear._GROUPS)) == entries
 
 
 def test_released_weights_default_off_and_weight_gradients_refused() -> None:
@@ -491,7 +656,7 @@ def test_released_weights_default_off_and_weight_gradients_refused() -> None:
         pack_linears(m, release_weights=1)  # type: ignore[arg-type]
 
 
-def test_released_weight_changed_in_place_is_an_error_and_replacing_works() -> None:
+def test_released_weight_changed_in_place_is_an_error_and_replacing_works(op_kernels: str) -> None:
     m = _Attn()
     for p in m.parameters():
         p.requires_grad_(False)
@@ -520,7 +685,7 @@ def test_released_weight_changed_in_place_is_an_error_and_replacing_works() -> N
     assert old.stride() == (40, 1)  # the replaced original got its values back
 
 
-def test_compiled_graph_over_released_weights() -> None:
+def test_compiled_graph_over_released_weights(op_kernels: str) -> None:
     from prefixattn.serve.engine import cpu_linear
     from prefixattn.serve.engine.cpu_linear import GroupSiblingLinears
 
@@ -534,9 +699,11 @@ def test_compiled_graph_over_released_weights() -> None:
             opts = {"post_grad_custom_post_pass": GroupSiblingLinears()}
             fn = torch.compile(m, fullgraph=True, backend="inductor", options=opts)
             fn(x)
-            before = cpu_linear.OP_FALLBACKS[0]
+            before, calls = cpu_linear.OP_FALLBACKS[0], _native_calls()
             got = fn(x)
             assert cpu_linear.OP_FALLBACKS[0] == before
+            # one op reads x: q/k/v and gate/up groups, the head and the tied head alone
+            _check_served(calls, op_kernels, native=1, python=0)
     torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
 
 

@@ -38,7 +38,20 @@ def test_serve_arguments_are_checked(tmp_path, capsys) -> None:
     assert "task name 'a/b'" in capsys.readouterr().err
 
 
-def test_serve_process_answers_on_loopback(tmp_path) -> None:
+def _openmp_loaded(pid: int) -> set[str]:
+    """The OpenMP runtimes mapped into process ``pid`` (Linux)."""
+    maps = Path(f"/proc/{pid}/maps").read_text()
+    return {rt for rt in ("libiomp5", "libgomp") if rt in maps}
+
+
+@pytest.mark.parametrize("omp", ["intel", "gnu"])
+def test_serve_process_answers_on_loopback(tmp_path, omp: str) -> None:
+    """Started as users start it (the console script's path): on the CPU it re-executes
+    itself on Intel OpenMP with a short spin where intel-openmp is installed (the serve
+    extra on x86-64 Linux), says which runtime its threads run on, and keeps its PID;
+    ``PREFIXATTN_SERVE_OMP=gnu`` keeps torch's GNU OpenMP."""
+    from prefixattn._runtime import intel_openmp_library
+
     model, _, _ = load_base("tiny")
     torch.manual_seed(0)
     PrefixTuning(model, 4).save(tmp_path / "topic")
@@ -46,10 +59,12 @@ def test_serve_process_answers_on_loopback(tmp_path) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "LD_PRELOAD")},
         "PREFIXATTN_API_KEY": "k",
+        "PREFIXATTN_SERVE_OMP": omp,
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
     }
+    intel = omp == "intel" and sys.platform == "linux" and intel_openmp_library() is not None
     cmd = [
         sys.executable, "-m", "prefixattn.cli", "serve", "--model", "tiny",
         "--task", f"topic={tmp_path / 'topic'}", "--port", str(port), "--device", "cpu",
@@ -88,9 +103,16 @@ def test_serve_process_answers_on_loopback(tmp_path) -> None:
         err = r.json()["error"]
         assert r.status_code == 400 and err["param"] == "stop" and "1" in err["message"], err
         assert httpx.post(url + "/admin/tasks", json={}, timeout=5).status_code == 404
+        if sys.platform == "linux":  # the same process (PID), on the runtime it names
+            # (torch's libgomp is mapped either way; preloaded, libiomp5 serves its calls)
+            assert ("libiomp5" in _openmp_loaded(proc.pid)) == intel
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
     out = proc.stdout.read().decode()
     assert "tiny, topic on http://127.0.0.1" in out and "no admin routes" in out
     assert "API key required" in out
+    runtime = "CPU threads on Intel OpenMP (" if intel else "CPU threads on GNU OpenMP ("
+    assert runtime in out, out
+    if intel:
+        assert "KMP_BLOCKTIME=1" in out, out

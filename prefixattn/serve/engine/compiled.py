@@ -69,7 +69,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .cpu_linear import GroupSiblingLinears
+from .cpu_linear import GroupSiblingLinears, native_linear_ops, native_linear_stats
 from .cuda_graphs import DecodeGraphs, pick_bucket
 from .kv_cache import StepLayout
 from .runner import ModelRunner
@@ -238,6 +238,9 @@ class CompiledDecode(DecodeGraphs):
         self.head_reads_rows: bool | None = None  # the hook is honoured (checked at capture)
         self.block_buckets = block_buckets(max_blocks)
         self.budget_s = budget_s
+        # the packed linears' ops in C++ (no Python, no GIL between the graph's kernels),
+        # or why the Python kernels serve them (built once per source: ~15 s)
+        self.linear_ops_why = native_linear_ops() if runner.device.type == "cpu" else "not CPU"
         # sibling linears (q/k/v, gate/up) packed as one weight run as one GEMM in the graph
         self.fn = torch.compile(
             runner.model_call,
@@ -300,6 +303,8 @@ class CompiledDecode(DecodeGraphs):
             mixed_steps=self.mixed_steps,
             mixed_tokens=self.mixed_tokens,
             mixed_eager=dict(self.mixed_eager),
+            linear_ops="c++" if self.linear_ops_why is None else f"python ({self.linear_ops_why})",
+            linear_ops_calls=native_linear_stats(),
         )
         return out
 

@@ -31,6 +31,13 @@ What :func:`pack_linears` does to a model, and how to undo it:
   weight's packed copy at run time: a compiled step fuses the element-wise work around
   the linears and still reads the packed weights (Inductor's own weight packing needs
   ``freezing``, whose compile of SmolLM2 did not finish in 20 minutes here);
+* the two ops have C++ kernels too (``cpu_linear_ops.cpp``, built at first use by
+  :func:`native_linear_ops`, which the engine's compiled step calls; ~15 s once, then
+  torch's extension cache): a call whose weights have a current packed copy runs oneDNN
+  with no Python and no GIL (Inductor's C++ wrapper calls the ops through the
+  dispatcher, 121 times per SmolLM2 decode step); every other call, and every call
+  where they could not be built (no compiler: said once in the log and in the
+  compiled step's stats), runs the Python kernel;
 * a weight changed in place or replaced since it was packed (``_version`` / identity)
   is packed again before the call: the packed copy never serves stale weights;
 * **sibling projections share one GEMM**: the linears of one parent that read the same
@@ -72,6 +79,8 @@ __all__ = [
     "SIBLINGS",
     "GroupSiblingLinears",
     "PackedLinears",
+    "native_linear_ops",
+    "native_linear_stats",
     "onednn_linear",
     "onednn_linear_group",
     "onednn_packing",
@@ -214,8 +223,55 @@ class _Group:
         return y[..., self.offsets[i] : self.offsets[i] + self.sizes[i]]
 
 
+# the C++ kernels of the two ops once loaded (one element), and why not, once tried
+# (one element): see native_linear_ops
+_NATIVE: list[Any] = []
+_NATIVE_WHY: list[str] = []
+# set to 0 to keep the ops' Python kernels (the C++ ones are then never built or loaded)
+NATIVE_ENV = "PREFIXATTN_NATIVE_LINEAR"
+
+
+class _Mirrored(dict):
+    """A registry the native kernels (:func:`native_linear_ops`) read a copy of: every
+    entry put or removed here is put or removed there too."""
+
+    def __init__(self, put: Callable[[Any, Any, Any], None], remove: Callable[[Any, Any], None]):
+        super().__init__()
+        self._put, self._remove = put, remove
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        super().__setitem__(key, value)
+        if _NATIVE:
+            self._put(_NATIVE[0], key, value)
+
+    def __delitem__(self, key: Any) -> None:
+        super().__delitem__(key)
+        if _NATIVE:
+            self._remove(_NATIVE[0], key)
+
+    def pop(self, key: Any, *default: Any) -> Any:
+        if key in self:
+            value = self[key]
+            del self[key]
+            return value
+        return super().pop(key, *default)
+
+    def sync(self) -> None:
+        """Put every entry (the native side was just loaded)."""
+        for key, value in self.items():
+            self._put(_NATIVE[0], key, value)
+
+
+def _put_group(ext: Any, key: tuple[int, ...], g: _Group) -> None:
+    bias_keys = [k or (0, 0) for k in g.bias_keys]
+    ext.put_group(list(key), g.packed, g.bias, list(g.versions),
+                  [p for p, _ in bias_keys], [v for _, v in bias_keys])  # fmt: skip
+
+
 # weights' data_ptrs (SIBLINGS order) -> their group, for the compiled path's group op
-_GROUPS: dict[tuple[int, ...], _Group] = {}
+_GROUPS: dict[tuple[int, ...], _Group] = _Mirrored(
+    _put_group, lambda ext, key: ext.remove_group(list(key))
+)
 # data_ptr of each released weight's stub (see PackedLinears, ``release_weights``)
 _RELEASED: set[int] = set()
 
@@ -278,7 +334,10 @@ def _is_conv1d(mod: nn.Module) -> bool:
 
 # weight.data_ptr() -> its packed state, for the compiled path's op (which sees tensors,
 # not modules); entries added and removed by the PackedLinears that made them
-_REGISTRY: dict[int, _Packed] = {}
+_REGISTRY: dict[int, _Packed] = _Mirrored(
+    lambda ext, key, st: ext.put_single(key, st.packed, st.version),
+    lambda ext, key: ext.remove_single(key),
+)
 # calls of the op that found no current packed copy (ran torch's linear, the same math)
 OP_FALLBACKS = [0]
 
@@ -406,6 +465,69 @@ def onednn_linear_group(
     (reverted, changed in place) or an empty ``x``: ``torch.nn.functional.linear``
     (counted in :data:`OP_FALLBACKS`, one per weight). Inference only."""
     return torch.ops.prefixattn.onednn_linear_group.default(x, weights, biases)
+
+
+def native_linear_ops() -> str | None:
+    """Build (once per source; torch's extension cache keeps it) and load the C++ CPU
+    kernels of :func:`onednn_linear` and :func:`onednn_linear_group`
+    (``cpu_linear_ops.cpp``). They serve a call whose weights have a current packed
+    copy without Python and without the GIL (a compiled step calls the ops from
+    Inductor's C++ wrapper: 121 calls per SmolLM2 decode step); every other call runs
+    the Python kernel, as before. Returns None when they are loaded, else why not (the
+    Python kernels serve the ops then; the reason is logged once). ``PREFIXATTN_NATIVE_LINEAR=0``
+    keeps the Python kernels."""
+    if _NATIVE:
+        return None
+    if not _NATIVE_WHY:
+        why = _load_native()
+        if why is None:
+            return None
+        _NATIVE_WHY.append(why)
+        log.warning("linear ops: the Python kernels serve the packed linears (%s)", why)
+    return _NATIVE_WHY[0]
+
+
+def _load_native() -> str | None:
+    import os
+    import time
+    from pathlib import Path
+
+    if os.environ.get(NATIVE_ENV, "1") == "0":
+        return f"{NATIVE_ENV}=0"
+    if (why := onednn_packing(torch.float32)) is not None:
+        return why
+    import shutil
+
+    from torch.utils import cpp_extension
+
+    if shutil.which("ninja") is None:  # pip's ninja (the serve extra) off PATH: a venv
+        try:  # run without activating it; torch's builder looks for ninja on PATH
+            import ninja
+
+            os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])
+        except (ImportError, AttributeError):
+            pass  # the build says what is missing
+    src = Path(__file__).with_name("cpu_linear_ops.cpp")
+    t0 = time.perf_counter()
+    try:
+        ext = cpp_extension.load(
+            name="prefixattn_cpu_linear_ops", sources=[str(src)], extra_cflags=["-O2"]
+        )
+    except Exception as e:  # no compiler, no headers, a build error: the Python kernels
+        lines = [ln for ln in str(e).splitlines() if ln.strip()]
+        return f"building {src.name} failed: {lines[-1] if lines else type(e).__name__}"
+    ext.set_fallbacks(_onednn_linear_impl, _onednn_linear_group_impl)
+    _NATIVE.append(ext)
+    _REGISTRY.sync()  # type: ignore[attr-defined]
+    _GROUPS.sync()  # type: ignore[attr-defined]
+    log.info("linear ops: C++ kernels loaded in %.1f s", time.perf_counter() - t0)
+    return None
+
+
+def native_linear_stats() -> dict[str, Any] | None:
+    """The C++ kernels' counters (calls served natively, calls handed to Python; entries
+    mirrored), or None when they are not loaded."""
+    return dict(_NATIVE[0].stats()) if _NATIVE else None
 
 
 @functools.cache
@@ -753,15 +875,14 @@ class PackedLinears:
         back and drop the packed copies."""
         for mod in self._modules:
             mod.__dict__.pop("forward", None)
+        for st in self._state.values():  # unregistered under the pointer it has now,
+            if _REGISTRY.get(st.weight.data_ptr()) is st:  # before a released weight's
+                del _REGISTRY[st.weight.data_ptr()]  # values come back (a new pointer)
         for mid, st in self._state.items():
             if _is_released(st.weight):
                 _unrelease(st.weight, self._dense(st, self._conv1d.get(mid, False)))
         for g in self._groups:
             g.restore()
-        for st in self._state.values():
-            if _REGISTRY.get(st.weight.data_ptr()) is st:
-                del _REGISTRY[st.weight.data_ptr()]
-        for g in self._groups:
             g.drop()
         self._modules.clear()
         self._state.clear()
