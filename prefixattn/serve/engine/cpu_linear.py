@@ -516,7 +516,10 @@ def _load_native() -> str | None:
     except Exception as e:  # no compiler, no headers, a build error: the Python kernels
         lines = [ln for ln in str(e).splitlines() if ln.strip()]
         return f"building {src.name} failed: {lines[-1] if lines else type(e).__name__}"
+    import atexit
+
     ext.set_fallbacks(_onednn_linear_impl, _onednn_linear_group_impl)
+    atexit.register(ext.clear)  # the table's tensors go before the interpreter does
     _NATIVE.append(ext)
     _REGISTRY.sync()  # type: ignore[attr-defined]
     _GROUPS.sync()  # type: ignore[attr-defined]

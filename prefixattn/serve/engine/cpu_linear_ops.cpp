@@ -208,6 +208,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     std::lock_guard<std::mutex> lock(mu);
     if (groups.erase(key) && --group_lengths[key.size()] == 0) group_lengths.erase(key.size());
   });
+  m.def("clear", []() {  // at interpreter exit: no tensor outlives Python in the table
+    std::lock_guard<std::mutex> lock(mu);
+    singles.clear();
+    groups.clear();
+    group_lengths.clear();
+  });
   m.def("stats", []() {
     std::lock_guard<std::mutex> lock(mu);
     py::dict d;
