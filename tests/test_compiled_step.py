@@ -10,14 +10,13 @@
 from __future__ import annotations
 
 import copy
-import os
-import shutil
 
 import pytest
 import torch
 
 pytest.importorskip("transformers")
 
+from test_cpu_linear import cxx_compiler
 from test_engine import prompts, request, run
 
 from prefixattn import PrefixTuning, TaskBank
@@ -128,7 +127,7 @@ def test_compiled_engine_greedy_tokens_equal_the_eager_engine() -> None:
         assert st["eager_steps"] == 0 and st["refused_recompiles"] == 0
         # the graph's linear ops ran in C++ (no Python between its kernels), where a
         # compiler could build them; said either way
-        if shutil.which(os.environ.get("CXX", "c++")) is not None:
+        if cxx_compiler():
             assert st["linear_ops"] == "c++", st["linear_ops"]
             assert st["linear_ops_calls"]["native_calls"] > 0, st["linear_ops_calls"]
         else:

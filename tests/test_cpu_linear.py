@@ -62,12 +62,17 @@ def _check_served(before: tuple[int, int], op_kernels: str, native: int, python:
         assert got[0] == 0, got
 
 
+def cxx_compiler() -> bool:
+    """A C++ compiler here (the C++ kernels can be built)."""
+    return shutil.which(os.environ.get("CXX", "c++")) is not None
+
+
 def _require_native() -> None:
     """The C++ kernels loaded; skipped only where no C++ compiler exists."""
     from prefixattn.serve.engine import cpu_linear
 
     if (why := cpu_linear.native_linear_ops()) is not None:
-        if shutil.which(os.environ.get("CXX", "c++")) is None:
+        if not cxx_compiler():
             pytest.skip(f"no C++ compiler: {why}")
         pytest.fail(f"the C++ kernels did not load: {why}")
 

@@ -65,11 +65,16 @@ embeddings and the bank read them).
 
 from __future__ import annotations
 
+import atexit
 import functools
 import logging
+import os
+import shutil
+import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -488,16 +493,10 @@ def native_linear_ops() -> str | None:
 
 
 def _load_native() -> str | None:
-    import os
-    import time
-    from pathlib import Path
-
     if os.environ.get(NATIVE_ENV, "1") == "0":
         return f"{NATIVE_ENV}=0"
     if (why := onednn_packing(torch.float32)) is not None:
         return why
-    import shutil
-
     from torch.utils import cpp_extension
 
     if shutil.which("ninja") is None:  # pip's ninja (the serve extra) off PATH: a venv
@@ -516,8 +515,6 @@ def _load_native() -> str | None:
     except Exception as e:  # no compiler, no headers, a build error: the Python kernels
         lines = [ln for ln in str(e).splitlines() if ln.strip()]
         return f"building {src.name} failed: {lines[-1] if lines else type(e).__name__}"
-    import atexit
-
     ext.set_fallbacks(_onednn_linear_impl, _onednn_linear_group_impl)
     atexit.register(ext.clear)  # the table's tensors go before the interpreter does
     _NATIVE.append(ext)
